@@ -1,0 +1,146 @@
+"""The AMD backend: ``amd-mi300x``.
+
+Availability is probed with AMD SMI (the ``amdsmi`` Python bindings shipped with ROCm) or, failing that, the
+``rocm-smi`` command; neither is touched at import.
+
+Peak figures (dense, per GPU) from the AMD Instinct MI300X data sheet (2023): BF16 1307.4 TFLOP/s, FP8 2614.9,
+TF32 653.7, FP32 163.4; 192 GB HBM3 at 5.3 TB/s; seven Infinity Fabric links of 128 GB/s bidirectional
+(896 GB/s aggregate), so 448 GB/s per direction.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+from dspark_lab import hookimpl
+from dspark_lab.allocator import HostPool
+from dspark_lab.backend import Availability, Backend, DeviceSpec
+from dspark_lab.collectives import STANDARD_NAMES, make_standard
+
+NAME = "amd-mi300x"
+MARKER = "MI300X"
+MI300X = DeviceSpec(
+    bf16_tflops=1307.4, fp8_tflops=2614.9, tf32_tflops=653.7, fp32_tflops=163.4,
+    memory_gb=192, memory_bandwidth_gb_s=5300, link_gb_s=448, link="Infinity Fabric",
+    source="AMD Instinct MI300X data sheet, dense",
+)
+
+
+def _amdsmi():
+    try:
+        import amdsmi
+    except ImportError:
+        return None
+    return amdsmi
+
+
+def device_names() -> list[str]:
+    """Names of the AMD GPUs present. Raises RuntimeError with the reason when neither tool can tell."""
+    amdsmi = _amdsmi()
+    if amdsmi is not None:
+        try:
+            amdsmi.amdsmi_init()
+        except Exception as exc:
+            raise RuntimeError(f"amdsmi could not start ({exc}): no ROCm driver on this machine") from None
+        try:
+            return [amdsmi.amdsmi_get_gpu_asic_info(h).get("market_name", "")
+                    for h in amdsmi.amdsmi_get_processor_handles()]
+        finally:
+            amdsmi.amdsmi_shut_down()
+    if shutil.which("rocm-smi"):
+        try:
+            out = subprocess.run(["rocm-smi", "--showproductname"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise RuntimeError(f"rocm-smi failed: {exc}") from None
+        return [line.split(":", 2)[-1].strip() for line in out.stdout.splitlines() if "Card series" in line]
+    raise RuntimeError("neither amdsmi (ROCm's Python bindings) nor rocm-smi is installed")
+
+
+def _torch_view() -> str:
+    import torch
+
+    return "torch is not a ROCm build" if torch.version.hip is None else f"torch HIP {torch.version.hip}"
+
+
+def probe() -> Availability:
+    try:
+        names = device_names()
+    except RuntimeError as exc:
+        return Availability.no(f"{exc}; {_torch_view()}")
+    matching = [n for n in names if MARKER in n]
+    if not matching:
+        return Availability.no(f"no {MARKER} among AMD devices ({', '.join(names) or 'none'}); {_torch_view()}")
+    return Availability.yes(len(matching), f"{len(matching)} x {matching[0]}; {_torch_view()}")
+
+
+def make_sampler():
+    """An amdsmi sampler (activity, VRAM, power, temperature); amdsmi is started here, once."""
+    amdsmi = _amdsmi()
+    if amdsmi is None:
+        return None
+    amdsmi.amdsmi_init()
+    handles = amdsmi.amdsmi_get_processor_handles()
+
+    def optional(fn, *args):
+        try:
+            return fn(*args)
+        except Exception:
+            return None
+
+    def sample() -> dict:
+        devices = []
+        for index, handle in enumerate(handles):
+            vram = amdsmi.amdsmi_get_gpu_vram_usage(handle)
+            power = optional(amdsmi.amdsmi_get_power_info, handle) or {}
+            devices.append({
+                "index": index,
+                "name": NAME,
+                "utilization_pct": float(amdsmi.amdsmi_get_gpu_activity(handle)["gfx_activity"]),
+                "memory_used_gb": vram["vram_used"] / 1e3,  # amdsmi reports MB
+                "memory_total_gb": vram["vram_total"] / 1e3,
+                "power_w": power.get("average_socket_power"),
+                "temperature_c": optional(amdsmi.amdsmi_get_temp_metric, handle,
+                                          amdsmi.AmdSmiTemperatureType.HOTSPOT,
+                                          amdsmi.AmdSmiTemperatureMetric.CURRENT),
+            })
+        n = max(len(devices), 1)
+        return {
+            "backend": NAME,
+            "utilization_pct": sum(d["utilization_pct"] for d in devices) / n,
+            "memory_used_gb": sum(d["memory_used_gb"] for d in devices),
+            "memory_total_gb": sum(d["memory_total_gb"] for d in devices),
+            "devices": devices,
+        }
+
+    return sample
+
+
+@hookimpl
+def dspark_register_backends():
+    return [Backend(name=NAME, vendor="amd", spec=MI300X, probe=probe, torch_device="cuda",
+                    description="AMD Instinct MI300X; collectives over RCCL")]
+
+
+@hookimpl
+def dspark_collective_names(backend):
+    return list(STANDARD_NAMES) if backend.name == NAME else None
+
+
+@hookimpl
+def dspark_make_collective(backend, name, group):
+    return make_standard(name, group) if backend.name == NAME else None
+
+
+@hookimpl
+def dspark_make_allocator(backend, config):
+    if backend.name != NAME:
+        return None
+    return HostPool(pinned=config.get("pinned", True), pool_mb=config.get("pool_mb", 4096))
+
+
+@hookimpl
+def dspark_device_sampler(backend):
+    if backend.name != NAME or not backend.availability().available:
+        return None
+    return make_sampler()

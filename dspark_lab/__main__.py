@@ -1,0 +1,3 @@
+from dspark_lab.cli import main
+
+raise SystemExit(main())

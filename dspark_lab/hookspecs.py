@@ -1,0 +1,96 @@
+"""Every hook a DSpark Lab plugin can implement, grouped by when the core calls it.
+
+A plugin is a module or object with functions marked ``@dspark_lab.hookimpl`` whose names match these specs.
+Plugins load through the ``dspark_lab`` entry-point group (built-in backends too), so a third party ships one as
+its own pip package. docs/plugins.md has a section with an example for each hook.
+
+Hooks that take ``backend`` are called once per registered backend; a plugin returns ``None`` for a backend that
+is not its own. ``firstresult`` hooks stop at the first non-``None`` answer: later-registered plugins are asked
+first, so a third-party plugin can override a built-in one.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+from dspark_lab import PROJECT_NAME
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+
+
+# --- discovery: called when the tool starts looking at what is installed -------------------------------------
+
+
+@hookspec
+def dspark_register_backends():
+    """Register device kinds.
+
+    Called once per plugin manager, the first time backends are listed.
+    Returns a list of :class:`dspark_lab.backend.Backend` (each with its ``DeviceSpec`` and a probe that never
+    raises and is never run at import). A backend name registered twice is reported and the later one is skipped.
+    """
+
+
+@hookspec
+def dspark_register_kernels(backend):
+    """Register compute kernels for ``backend`` (a :class:`~dspark_lab.backend.Backend`).
+
+    Called once per backend when the kernel registry is built. Returns a list of
+    :class:`dspark_lab.kernels.registry.Kernel` (name, source file, a launcher for the device path and a CPU
+    reference in torch), or ``None`` when the plugin has no kernels for this backend.
+    """
+
+
+@hookspec
+def dspark_register_policies():
+    """Register policy schemas.
+
+    Called once per plugin manager, when the runtime or the CLI lists policies. Returns a list of
+    :class:`dspark_lab.policy.PolicySpec`. Keys are ``area.name`` and must be unique across plugins.
+    """
+
+
+@hookspec
+def dspark_collective_names(backend):
+    """Name the collective implementations this plugin can make for ``backend``.
+
+    Called when a user lists collectives or validates ``comm.grad_sync``. Returns a list of names (each one a
+    ``name`` that ``dspark_make_collective`` accepts), or ``None``.
+    """
+
+
+# --- construction: called by the runtime when a run starts or a policy changes ------------------------------
+
+
+@hookspec(firstresult=True)
+def dspark_make_allocator(backend, config):
+    """Make the host allocator the runtime uses for staging and activation-offload buffers.
+
+    ``config`` is a dict (``{"pinned": bool | None, "pool_mb": int}``; missing keys mean the plugin's default).
+    Called once per rank when the first policy that needs host buffers is applied. Returns an object with
+    ``empty(shape, dtype) -> torch.Tensor``, ``release(tensor)`` and ``stats() -> dict`` (pinned on CUDA,
+    plain on CPU), or ``None`` when ``backend`` is not the plugin's.
+    """
+
+
+@hookspec(firstresult=True)
+def dspark_make_collective(backend, name, group):
+    """Make the collective called ``name`` for ``backend`` over the process ``group`` (``None``: the world).
+
+    Called by the runtime when ``comm.grad_sync`` selects ``name``, and by benchmarks. Returns an object with
+    ``all_reduce(tensor)`` (in place, sum), ``reduce_scatter(tensor) -> shard`` and ``all_gather(tensor) ->
+    tensor`` (see :mod:`dspark_lab.collectives.base`), or ``None`` when the plugin does not make ``name``.
+    """
+
+
+# --- observation: called while a run is live ---------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def dspark_device_sampler(backend):
+    """Make a sampler of live device metrics for ``backend``.
+
+    Called once per rank (and per dashboard) when sampling starts, never at import. Returns a zero-argument
+    callable that returns a plain dict: ``utilization_pct``, ``memory_used_gb``, ``memory_total_gb`` and, where
+    the vendor exposes them, ``power_w``, ``temperature_c``, ``link_tx_gb_s``/``link_rx_gb_s``; or ``None``.
+    """

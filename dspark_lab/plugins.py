@@ -1,0 +1,250 @@
+"""The plugin manager: loads plugins from the ``dspark_lab`` entry-point group and asks them questions.
+
+Built-in backends are registered exactly like third-party ones (through entry points). A plugin that fails to
+import, that raises when a hook is called, or that implements a hook matching no spec is recorded as a
+:class:`PluginProblem` (``dspark-lab doctor`` shows it) and skipped; the rest of the tool keeps working.
+
+Environment:
+  ``DSPARK_PLUGINS=cpu,nvidia``  load only these entry points (by name).
+  ``DSPARK_TRACE_PLUGINS=1``     write every hook call, its plugin and its time to stderr.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import pluggy
+
+from dspark_lab import PROJECT_NAME, hookspecs
+from dspark_lab.backend import Backend
+from dspark_lab.errors import DSparkError
+
+ENTRY_POINT_GROUP = PROJECT_NAME
+
+
+@dataclass(frozen=True, slots=True)
+class PluginProblem:
+    """Why a plugin (or one of its hooks) was skipped, and what to do about it."""
+
+    plugin: str
+    stage: str  # "import", "register", "unknown hook", or the hook that raised
+    reason: str
+    hint: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {"plugin": self.plugin, "stage": self.stage, "reason": self.reason, "hint": self.hint}
+
+
+class Manager:
+    """One pluggy manager plus the problems met while loading and calling plugins."""
+
+    def __init__(self, trace: bool | None = None):
+        self.pm = pluggy.PluginManager(PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self.problems: list[PluginProblem] = []
+        self._backends: dict[str, Backend] | None = None
+        self._trace = os.environ.get("DSPARK_TRACE_PLUGINS", "") not in ("", "0") if trace is None else trace
+        if self._trace:
+            self.pm.trace.root.setwriter(lambda text: sys.stderr.write(f"dspark-lab plugin trace: {text}"))
+            self.pm.enable_tracing()
+
+    # --- loading ---------------------------------------------------------------------------------------------
+
+    def register(self, plugin: Any, name: str | None = None) -> bool:
+        """Register one plugin object or module; on a problem, record it, leave the plugin out and return False."""
+        name = name or getattr(plugin, "__name__", None) or repr(plugin)
+        unknown = [
+            attr for attr in dir(plugin)
+            if self.pm.parse_hookimpl_opts(plugin, attr) is not None
+            and getattr(getattr(self.pm.hook, attr, None), "spec", None) is None
+        ]
+        if unknown:
+            self.problems.append(PluginProblem(
+                name, "unknown hook", f"implements {', '.join(unknown)}, which match no hookspec",
+                "rename the function to a hook listed in docs/plugins.md or drop its @hookimpl"))
+            return False
+        try:
+            self.pm.register(plugin, name=name)
+        except Exception as exc:  # pluggy's PluginValidationError for a bad signature, or a duplicate name
+            self.problems.append(PluginProblem(name, "register", _one_line(exc),
+                                               "check the hook's parameters against docs/plugins.md"))
+            return False
+        self._backends = None
+        return True
+
+    def load_entry_points(self, only: Iterable[str] | None = None) -> None:
+        """Load every plugin of the ``dspark_lab`` entry-point group (or only the names in ``only``)."""
+        wanted = set(only) if only is not None else _names_from_env()
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if wanted is not None and ep.name not in wanted:
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                dist = ep.dist.name if ep.dist else "its distribution"
+                self.problems.append(PluginProblem(ep.name, "import", _one_line(exc),
+                                                   f"reinstall {dist} or uninstall it"))
+                continue
+            self.register(plugin, name=ep.name)
+
+    def plugin_names(self) -> list[str]:
+        return sorted(self.pm.get_name(p) for p in self.pm.get_plugins())
+
+    # --- calling ---------------------------------------------------------------------------------------------
+
+    def call_each(self, hook_name: str, **kwargs) -> list[tuple[str, Any]]:
+        """Call every implementation of ``hook_name`` in pluggy's order; one that raises is recorded and skipped.
+
+        Returns ``(plugin_name, result)`` for each implementation that answered (``None`` answers dropped).
+        """
+        answers = []
+        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
+            args = [kwargs[arg] for arg in impl.argnames]
+            start = time.perf_counter()
+            try:
+                result = impl.function(*args)
+            except Exception as exc:
+                self.problems.append(PluginProblem(impl.plugin_name, hook_name, _one_line(exc),
+                                                   "the plugin raised; report it to its author"))
+                continue
+            if self._trace:
+                sys.stderr.write(f"dspark-lab plugin trace: {hook_name} -> {impl.plugin_name} "
+                                 f"({(time.perf_counter() - start) * 1e3:.2f} ms): {_summary(result)}\n")
+            if result is not None:
+                answers.append((impl.plugin_name, result))
+        return answers
+
+    def call_first(self, hook_name: str, **kwargs) -> Any:
+        """The first non-``None`` answer of a firstresult hook, skipping implementations that raise."""
+        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
+            try:
+                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+            except Exception as exc:
+                self.problems.append(PluginProblem(impl.plugin_name, hook_name, _one_line(exc),
+                                                   "the plugin raised; report it to its author"))
+                continue
+            if self._trace:
+                sys.stderr.write(f"dspark-lab plugin trace: {hook_name} -> {impl.plugin_name}: {_summary(result)}\n")
+            if result is not None:
+                return result
+        return None
+
+    # --- questions the core asks -----------------------------------------------------------------------------
+
+    def backends(self) -> list[Backend]:
+        """Every registered backend, in name order, each tagged with the plugin that registered it."""
+        if self._backends is None:
+            found: dict[str, Backend] = {}
+            for plugin, answer in self.call_each("dspark_register_backends"):
+                for backend in answer:
+                    if not isinstance(backend, Backend):
+                        self.problems.append(PluginProblem(plugin, "dspark_register_backends",
+                                                           f"returned {type(backend).__name__}, not a Backend"))
+                    elif backend.name in found:
+                        self.problems.append(PluginProblem(
+                            plugin, "dspark_register_backends",
+                            f"backend {backend.name!r} is already registered by {found[backend.name].plugin}",
+                            "rename the backend"))
+                    else:
+                        backend.plugin = plugin
+                        found[backend.name] = backend
+            self._backends = dict(sorted(found.items()))
+        return list(self._backends.values())
+
+    def backend(self, name: str) -> Backend:
+        for backend in self.backends():
+            if backend.name == name:
+                return backend
+        names = ", ".join(b.name for b in self.backends()) or "none"
+        raise DSparkError(f"backend: unknown backend {name!r}; registered: {names}")
+
+    def default_backend(self) -> Backend:
+        """The backend a run uses when none is named: the first available one with a device, else an available cpu-like one."""
+        available = [b for b in self.backends() if b.availability().available]
+        if not available:
+            raise DSparkError("backend: no registered backend is available; run `dspark-lab doctor`")
+        accelerators = [b for b in available if b.torch_device != "cpu"]
+        return (accelerators or available)[0]
+
+    def collective_names(self, backend: Backend) -> list[str]:
+        names: list[str] = []
+        for _, answer in self.call_each("dspark_collective_names", backend=backend):
+            names.extend(n for n in answer if n not in names)
+        return names
+
+    def make_collective(self, backend: Backend, name: str, group=None):
+        collective = self.call_first("dspark_make_collective", backend=backend, name=name, group=group)
+        if collective is None:
+            allowed = " | ".join(self.collective_names(backend)) or "none"
+            raise DSparkError(f"collective: {name!r} is not offered for backend {backend.name}; allowed: {allowed}")
+        return collective
+
+    def make_allocator(self, backend: Backend, config: dict | None = None):
+        allocator = self.call_first("dspark_make_allocator", backend=backend, config=dict(config or {}))
+        if allocator is None:
+            raise DSparkError(f"allocator: no plugin makes a host allocator for backend {backend.name}")
+        return allocator
+
+    def device_sampler(self, backend: Backend):
+        return self.call_first("dspark_device_sampler", backend=backend)
+
+    def policies(self) -> dict:
+        """Every registered policy spec by key; a key registered twice is reported and the later one skipped."""
+        specs: dict = {}
+        for plugin, answer in self.call_each("dspark_register_policies"):
+            for spec in answer:
+                if spec.key in specs:
+                    self.problems.append(PluginProblem(plugin, "dspark_register_policies",
+                                                       f"policy {spec.key!r} is already registered"))
+                else:
+                    specs[spec.key] = spec
+        return dict(sorted(specs.items()))
+
+
+def make_manager(plugins: Iterable[Any] = (), *, entry_points: bool = True, only: Iterable[str] | None = None,
+                 trace: bool | None = None) -> Manager:
+    """Build a manager. Tests pass explicit ``plugins`` with ``entry_points=False`` so nothing installed leaks in."""
+    manager = Manager(trace=trace)
+    if entry_points:
+        manager.load_entry_points(only)
+    for plugin in plugins:
+        manager.register(plugin)
+    return manager
+
+
+_default: Manager | None = None
+
+
+def get_manager() -> Manager:
+    """The process-wide manager the CLI, the runtime and the magics share (entry points, ``DSPARK_PLUGINS``)."""
+    global _default
+    if _default is None:
+        _default = make_manager()
+    return _default
+
+
+def reset_manager() -> None:
+    """Forget the process-wide manager, e.g. after a plugin was installed or registered in a notebook."""
+    global _default
+    _default = None
+
+
+def _names_from_env() -> set[str] | None:
+    raw = os.environ.get("DSPARK_PLUGINS", "").strip()
+    return {n.strip() for n in raw.split(",") if n.strip()} if raw else None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _summary(result: Any) -> str:
+    if isinstance(result, (list, tuple)):
+        return f"{len(result)} item(s)"
+    return type(result).__name__

@@ -1,0 +1,108 @@
+"""The policy schema type: what a policy is called, which values it takes, and how a change is validated.
+
+A *policy* is a named, typed setting (``memory.activation_checkpointing``). Plugins register
+:class:`PolicySpec` objects through ``dspark_register_policies``; the runtime validates every *change* against
+its spec before anything is announced to the ranks, so a bad change is refused in one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from dspark_lab.errors import PolicyError
+
+POLICY_TYPES = ("enum", "int", "float", "bool")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PolicySpec:
+    """One policy's schema.
+
+    ``live``: may change on a running job (else launch-only). ``lossless``: changing it leaves the loss trajectory
+    identical; a lossy one (compression, fp8) is allowed but says so.
+    """
+
+    key: str
+    type: str
+    default: Any
+    doc: str
+    choices: tuple[str, ...] = ()
+    min: float | None = None
+    max: float | None = None
+    live: bool = True
+    lossless: bool = True
+
+    def __post_init__(self):
+        if "." not in self.key:
+            raise ValueError(f"policy key {self.key!r} must be 'area.name'")
+        if self.type not in POLICY_TYPES:
+            raise ValueError(f"policy {self.key}: type must be one of {', '.join(POLICY_TYPES)}, got {self.type!r}")
+        if self.type == "enum" and not self.choices:
+            raise ValueError(f"policy {self.key}: an enum needs choices")
+        self.validate(self.default)
+
+    @property
+    def area(self) -> str:
+        return self.key.split(".", 1)[0]
+
+    def allowed(self) -> str:
+        """The allowed values in words, for error messages and tables."""
+        if self.type == "enum":
+            return " | ".join(self.choices)
+        if self.type == "bool":
+            return "true | false"
+        lo = "-inf" if self.min is None else f"{self.min:g}"
+        hi = "inf" if self.max is None else f"{self.max:g}"
+        return f"{self.type} in [{lo}, {hi}]"
+
+    def validate(self, value: Any) -> Any:
+        """Return ``value`` parsed to this policy's type, or raise :class:`PolicyError` naming key and allowed values."""
+        bad = PolicyError(f"{self.key}: {value!r} is not allowed; allowed: {self.allowed()}")
+        if self.type == "enum":
+            text = str(value).strip()
+            if text not in self.choices:
+                raise bad
+            return text
+        if self.type == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise bad
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = int(str(value).strip()) if self.type == "int" else float(str(value).strip())
+        except ValueError:
+            raise bad from None
+        if (self.min is not None and number < self.min) or (self.max is not None and number > self.max):
+            raise bad
+        return number
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "type": self.type,
+            "default": self.default,
+            "allowed": self.allowed(),
+            "choices": list(self.choices),
+            "min": self.min,
+            "max": self.max,
+            "live": self.live,
+            "lossless": self.lossless,
+            "doc": self.doc,
+        }
+
+
+def parse_assignment(text: str) -> tuple[str, str]:
+    """Split ``key=value``; raise :class:`PolicyError` in one line when it is not of that form."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise PolicyError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
