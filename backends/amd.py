@@ -53,7 +53,8 @@ def device_names() -> list[str]:
             out = subprocess.run(["rocm-smi", "--showproductname"], capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise RuntimeError(f"rocm-smi failed: {exc}") from None
-        return [line.split(":", 2)[-1].strip() for line in out.stdout.splitlines() if "Card series" in line]
+        # "Card series" in older rocm-smi, "Card Series" in newer (ROCm 6): match either.
+        return [line.split(":", 2)[-1].strip() for line in out.stdout.splitlines() if "card series" in line.lower()]
     raise RuntimeError("neither amdsmi (ROCm's Python bindings) nor rocm-smi is installed")
 
 

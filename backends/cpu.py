@@ -111,3 +111,12 @@ def dspark_device_sampler(backend):
         return None
     psutil.cpu_percent(percpu=True)  # prime: the first reading of cpu_percent is meaningless
     return sample
+
+
+@hookimpl
+def dspark_register_kernels(backend):
+    if backend.name != NAME:
+        return None
+    from dspark_lab.kernels.registry import builtin_kernels  # imports torch: only when kernels are listed
+
+    return builtin_kernels(NAME)

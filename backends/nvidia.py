@@ -175,3 +175,13 @@ def dspark_device_sampler(backend):
     if model is None or not backend.availability().available:
         return None
     return make_sampler(model)
+
+
+@hookimpl
+def dspark_register_kernels(backend):
+    arch = {"nvidia-h100": "sm_90", "nvidia-b200": "sm_100"}.get(backend.name)
+    if arch is None:
+        return None
+    from dspark_lab.kernels.registry import builtin_kernels  # imports torch: only when kernels are listed
+
+    return builtin_kernels(backend.name, arch)

@@ -22,14 +22,21 @@ AREA_MODULES = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors go through the same one-line ``error:`` path as every DSparkError."""
+
+    def error(self, message: str):
+        raise DSparkError(f"{self.prog}: {message}")
+
+
 def common_options() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object (with schema_version)")
     return common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dspark-lab", description=__doc__.splitlines()[0].strip("`: "))
+    parser = _Parser(prog="dspark-lab", description="Make a PyTorch training job faster and smaller, and steer it live.")
     parser.add_argument("--version", action="version", version=f"dspark-lab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = common_options()
@@ -46,11 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
     try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
         result = args.func(args)
     except DSparkError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -94,3 +94,18 @@ def dspark_device_sampler(backend):
     callable that returns a plain dict: ``utilization_pct``, ``memory_used_gb``, ``memory_total_gb`` and, where
     the vendor exposes them, ``power_w``, ``temperature_c``, ``link_tx_gb_s``/``link_rx_gb_s``; or ``None``.
     """
+
+
+# --- live runtime: called on every rank at the step boundary where a change applies ------------------------
+
+
+@hookspec(firstresult=True)
+def dspark_apply_policy(job, key, value, old):
+    """Apply policy ``key`` (a key this plugin registered) with the validated ``value`` on this rank.
+
+    ``job`` is the rank's :class:`dspark_lab.runtime.attach.Job` (``job.model``, ``job.optimizer``,
+    ``job.blocks``, ``job.manager``, ``job.backend``); ``old`` is the value in force. Called at a step boundary,
+    on every rank, for each key of a change; to roll back, the runtime calls it again with ``value=old``.
+    Return a short note for the event log (``""`` when there is nothing to say) when the key is the plugin's, or
+    ``None`` when it is not. Raise :class:`dspark_lab.errors.PolicyError` to refuse: every rank then rolls back.
+    """

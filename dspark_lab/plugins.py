@@ -16,13 +16,14 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pluggy
 
 from dspark_lab import PROJECT_NAME, hookspecs
 from dspark_lab.backend import Backend
 from dspark_lab.errors import DSparkError
+from dspark_lab.policy import PolicySpec
 
 ENTRY_POINT_GROUP = PROJECT_NAME
 
@@ -58,24 +59,32 @@ class Manager:
     def register(self, plugin: Any, name: str | None = None) -> bool:
         """Register one plugin object or module; on a problem, record it, leave the plugin out and return False."""
         name = name or getattr(plugin, "__name__", None) or repr(plugin)
-        unknown = [
-            attr for attr in dir(plugin)
-            if self.pm.parse_hookimpl_opts(plugin, attr) is not None
-            and getattr(getattr(self.pm.hook, attr, None), "spec", None) is None
-        ]
+        unknown = []
+        for attr in dir(plugin):
+            opts = self.pm.parse_hookimpl_opts(plugin, attr)
+            if opts and not opts.get("optionalhook") and \
+                    getattr(getattr(self.pm.hook, opts.get("specname") or attr, None), "spec", None) is None:
+                unknown.append(attr)
         if unknown:
-            self.problems.append(PluginProblem(
-                name, "unknown hook", f"implements {', '.join(unknown)}, which match no hookspec",
-                "rename the function to a hook listed in docs/plugins.md or drop its @hookimpl"))
+            self.problem(name, "unknown hook", f"implements {', '.join(unknown)}, which match no hookspec",
+                         "rename the function to a hook listed in docs/plugins.md or drop its @hookimpl")
             return False
         try:
             self.pm.register(plugin, name=name)
         except Exception as exc:  # pluggy's PluginValidationError for a bad signature, or a duplicate name
-            self.problems.append(PluginProblem(name, "register", _one_line(exc),
-                                               "check the hook's parameters against docs/plugins.md"))
+            # pluggy keeps the hooks it registered before the bad one; take them out so the plugin is skipped whole.
+            if self.pm.get_plugin(name) is plugin:
+                self.pm.unregister(plugin, name=name)
+            self.problem(name, "register", _one_line(exc), "check the hook's parameters against docs/plugins.md")
             return False
         self._backends = None
         return True
+
+    def problem(self, plugin: str, stage: str, reason: str, hint: str = "") -> None:
+        """Record a problem once (a hook that raises is called again on every question)."""
+        found = PluginProblem(plugin, stage, reason, hint)
+        if found not in self.problems:
+            self.problems.append(found)
 
     def load_entry_points(self, only: Iterable[str] | None = None) -> None:
         """Load every plugin of the ``dspark_lab`` entry-point group (or only the names in ``only``)."""
@@ -86,9 +95,8 @@ class Manager:
             try:
                 plugin = ep.load()
             except Exception as exc:
-                dist = ep.dist.name if ep.dist else "its distribution"
-                self.problems.append(PluginProblem(ep.name, "import", _one_line(exc),
-                                                   f"reinstall {dist} or uninstall it"))
+                dist = ep.dist.name if getattr(ep, "dist", None) else "its distribution"
+                self.problem(ep.name, "import", _one_line(exc), f"reinstall {dist} or uninstall it")
                 continue
             self.register(plugin, name=ep.name)
 
@@ -102,37 +110,38 @@ class Manager:
 
         Returns ``(plugin_name, result)`` for each implementation that answered (``None`` answers dropped).
         """
-        answers = []
+        return list(self._answers(hook_name, kwargs))
+
+    def call_first(self, hook_name: str, **kwargs) -> Any:
+        """The first non-``None`` answer of a firstresult hook, skipping implementations that raise."""
+        return next((result for _, result in self._answers(hook_name, kwargs)), None)
+
+    def _answers(self, hook_name: str, kwargs: dict) -> Iterator[tuple[str, Any]]:
+        # Implementations are called one by one (not through pluggy's loop) so one that raises is skipped alone.
         for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
-            args = [kwargs[arg] for arg in impl.argnames]
             start = time.perf_counter()
             try:
-                result = impl.function(*args)
+                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
             except Exception as exc:
-                self.problems.append(PluginProblem(impl.plugin_name, hook_name, _one_line(exc),
-                                                   "the plugin raised; report it to its author"))
+                self.problem(impl.plugin_name, hook_name, _one_line(exc), "the plugin raised; report it to its author")
                 continue
             if self._trace:
                 sys.stderr.write(f"dspark-lab plugin trace: {hook_name} -> {impl.plugin_name} "
                                  f"({(time.perf_counter() - start) * 1e3:.2f} ms): {_summary(result)}\n")
             if result is not None:
-                answers.append((impl.plugin_name, result))
-        return answers
+                yield impl.plugin_name, result
 
-    def call_first(self, hook_name: str, **kwargs) -> Any:
-        """The first non-``None`` answer of a firstresult hook, skipping implementations that raise."""
-        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
-            try:
-                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
-            except Exception as exc:
-                self.problems.append(PluginProblem(impl.plugin_name, hook_name, _one_line(exc),
-                                                   "the plugin raised; report it to its author"))
+    def _items(self, hook_name: str, kind: type, answers: list[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+        """``(plugin, item)`` for every item of every list answer of ``hook_name``; other answers are reported."""
+        for plugin, answer in answers:
+            if not isinstance(answer, (list, tuple)):
+                self.problem(plugin, hook_name, f"returned {type(answer).__name__}, not a list")
                 continue
-            if self._trace:
-                sys.stderr.write(f"dspark-lab plugin trace: {hook_name} -> {impl.plugin_name}: {_summary(result)}\n")
-            if result is not None:
-                return result
-        return None
+            for item in answer:
+                if isinstance(item, kind):
+                    yield plugin, item
+                else:
+                    self.problem(plugin, hook_name, f"returned a {type(item).__name__}, not a {kind.__name__}")
 
     # --- questions the core asks -----------------------------------------------------------------------------
 
@@ -140,19 +149,16 @@ class Manager:
         """Every registered backend, in name order, each tagged with the plugin that registered it."""
         if self._backends is None:
             found: dict[str, Backend] = {}
-            for plugin, answer in self.call_each("dspark_register_backends"):
-                for backend in answer:
-                    if not isinstance(backend, Backend):
-                        self.problems.append(PluginProblem(plugin, "dspark_register_backends",
-                                                           f"returned {type(backend).__name__}, not a Backend"))
-                    elif backend.name in found:
-                        self.problems.append(PluginProblem(
-                            plugin, "dspark_register_backends",
-                            f"backend {backend.name!r} is already registered by {found[backend.name].plugin}",
-                            "rename the backend"))
-                    else:
-                        backend.plugin = plugin
-                        found[backend.name] = backend
+            # In registration order, so the first plugin to register a name keeps it.
+            answers = self.call_each("dspark_register_backends")[::-1]
+            for plugin, backend in self._items("dspark_register_backends", Backend, answers):
+                if backend.name in found:
+                    self.problem(plugin, "dspark_register_backends",
+                                 f"backend {backend.name!r} is already registered by {found[backend.name].plugin}",
+                                 "rename the backend")
+                else:
+                    backend.plugin = plugin
+                    found[backend.name] = backend
             self._backends = dict(sorted(found.items()))
         return list(self._backends.values())
 
@@ -173,8 +179,10 @@ class Manager:
 
     def collective_names(self, backend: Backend) -> list[str]:
         names: list[str] = []
-        for _, answer in self.call_each("dspark_collective_names", backend=backend):
-            names.extend(n for n in answer if n not in names)
+        for _, name in self._items("dspark_collective_names", str,
+                                     self.call_each("dspark_collective_names", backend=backend)):
+            if name not in names:
+                names.append(name)
         return names
 
     def make_collective(self, backend: Backend, name: str, group=None):
@@ -196,13 +204,12 @@ class Manager:
     def policies(self) -> dict:
         """Every registered policy spec by key; a key registered twice is reported and the later one skipped."""
         specs: dict = {}
-        for plugin, answer in self.call_each("dspark_register_policies"):
-            for spec in answer:
-                if spec.key in specs:
-                    self.problems.append(PluginProblem(plugin, "dspark_register_policies",
-                                                       f"policy {spec.key!r} is already registered"))
-                else:
-                    specs[spec.key] = spec
+        answers = self.call_each("dspark_register_policies")[::-1]  # registration order: the first keeps a key
+        for plugin, spec in self._items("dspark_register_policies", PolicySpec, answers):
+            if spec.key in specs:
+                self.problem(plugin, "dspark_register_policies", f"policy {spec.key!r} is already registered")
+            else:
+                specs[spec.key] = spec
         return dict(sorted(specs.items()))
 
 
@@ -240,8 +247,9 @@ def _names_from_env() -> set[str] | None:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    # pluggy puts the useful part of a validation error (which argument) on its later lines: keep them, joined.
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return f"{type(exc).__name__}: {text[:300]}".rstrip(": ")
 
 
 def _summary(result: Any) -> str:

@@ -21,8 +21,8 @@ _FALSE = {"0", "false", "no", "off"}
 class PolicySpec:
     """One policy's schema.
 
-    ``live``: may change on a running job (else launch-only). ``lossless``: changing it leaves the loss trajectory
-    identical; a lossy one (compression, fp8) is allowed but says so.
+    ``live``: may change on a running job (else launch-only). ``lossy_values``: the values that change the loss
+    trajectory (compression, fp8); every other value leaves it identical.
     """
 
     key: str
@@ -33,7 +33,7 @@ class PolicySpec:
     min: float | None = None
     max: float | None = None
     live: bool = True
-    lossless: bool = True
+    lossy_values: tuple[str, ...] = ()
 
     def __post_init__(self):
         if "." not in self.key:
@@ -43,6 +43,13 @@ class PolicySpec:
         if self.type == "enum" and not self.choices:
             raise ValueError(f"policy {self.key}: an enum needs choices")
         self.validate(self.default)
+
+    @property
+    def lossless(self) -> bool:
+        return not self.lossy_values
+
+    def is_lossy(self, value) -> bool:
+        return str(value) in self.lossy_values
 
     @property
     def area(self) -> str:
@@ -96,6 +103,7 @@ class PolicySpec:
             "max": self.max,
             "live": self.live,
             "lossless": self.lossless,
+            "lossy_values": list(self.lossy_values),
             "doc": self.doc,
         }
 

@@ -1,0 +1,166 @@
+"""The run dashboard: :class:`~dspark_lab.views.MetricCharts` in a widget, fed from the run directory.
+
+A :class:`~dspark_lab.jupyter.poller.Poller` tails ``metrics.jsonl``/``events.jsonl`` (:class:`~dspark_lab.views.RunFeed`)
+and streams the new records into the bokeh sources, which jupyter_bokeh forwards as small patches. It needs no
+control plane: a finished run shows whole, a live one grows. Each dashboard owns its thread; ``close()`` ends it.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import time
+
+import ipywidgets as widgets
+from dspark_lab.jupyter.plot import BokehPlot
+
+from dspark_lab.jupyter.display import close_tree, ensure_bokehjs
+from dspark_lab.jupyter.poller import Poller
+from dspark_lab.runtime.records import RunDir, find_run
+from dspark_lab.views import MetricCharts, RunFeed
+
+DEFAULT_HZ = 2.0
+EVENT_KINDS_SHOWN = ("pending", "apply", "refuse", "rollback", "stop", "error")
+
+
+def resolve_run(run: str | RunDir) -> RunDir:
+    return run if isinstance(run, RunDir) else find_run(str(run))
+
+
+class RunWatch:
+    """The dashboard's logic without widgets: read what is new, stream it into the charts, describe the state."""
+
+    def __init__(self, run: str | RunDir, charts: MetricCharts | None = None):
+        self.run_dir = resolve_run(run)
+        self.feed = RunFeed(self.run_dir)
+        info = self.feed.info()
+        self.charts = charts or MetricCharts(ranks=int(info.get("ranks") or 1))
+        self.step: int | None = None
+        self.events: list[dict] = []
+        self.done = False
+
+    def tick(self) -> bool:
+        """Read and stream what was appended; False once the run has ended and everything was read."""
+        ended = self.feed.finished()  # checked before reading, so a last read follows the final write
+        metrics, events = self.feed.poll()
+        self.charts.update(metrics, events)
+        steps = [m["step"] for m in metrics if isinstance(m.get("step"), int)]
+        if steps:
+            self.step = max(steps + ([self.step] if self.step is not None else []))
+        self.events.extend(e for e in events if e.get("kind") in EVENT_KINDS_SHOWN)
+        self.done = ended
+        return not ended
+
+    def summary(self) -> str:
+        info = self.feed.info()
+        state = info.get("state", "?")
+        name = info.get("name") or ""
+        step = "-" if self.step is None else self.step
+        extra = " (whole run shown)" if self.done else ""
+        return f"run {self.run_dir.id} {name} | {state}{extra} | step {step} | {self.charts.points} points"
+
+    def event_lines(self, last: int = 6) -> list[str]:
+        out = []
+        for e in self.events[-last:]:
+            rank = "" if e.get("rank") is None else f" rank {e['rank']}"
+            what = f"{e.get('key')}: {e.get('old')} -> {e.get('new')}" if e.get("key") else ""
+            reason = f" ({e['reason']})" if e.get("reason") else ""
+            out.append(f"step {e.get('step')}{rank} {e.get('kind')} {what}{reason}")
+        return out
+
+
+class Dashboard(widgets.VBox):
+    """A live dashboard of one run: charts, a pause toggle, the refresh rate, recent events, stop and close."""
+
+    def __init__(self, run: str | RunDir, refresh_hz: float = DEFAULT_HZ, stop_run=None):
+        ensure_bokehjs()
+        self.watch = RunWatch(run)
+        self._stop_run = stop_run
+        self.header = widgets.HTML()
+        self.pause = widgets.ToggleButton(value=False, description="pause", icon="pause", tooltip="pause updates",
+                                          layout=widgets.Layout(width="90px"))
+        self.rate = widgets.FloatSlider(value=refresh_hz, min=0.2, max=10.0, step=0.2, description="refresh Hz",
+                                        continuous_update=False, readout_format=".1f")
+        self.stop_button = widgets.Button(description="stop run", icon="stop", button_style="danger",
+                                          tooltip="stop the training job", layout=widgets.Layout(width="100px"))
+        self.close_button = widgets.Button(description="close", icon="times", tooltip="close this dashboard",
+                                           layout=widgets.Layout(width="90px"))
+        self.event_log = widgets.HTML()
+        self.plot = BokehPlot(self.watch.charts.layout)
+        self.pause.observe(self._on_pause, "value")
+        self.rate.observe(self._on_rate, "value")
+        self.stop_button.on_click(self._on_stop)
+        self.close_button.on_click(lambda _: self.close())
+        super().__init__([self.header, widgets.HBox([self.pause, self.rate, self.stop_button, self.close_button]),
+                          self.plot, self.event_log])
+        self.add_class("dspark-dashboard")
+        self._lock = threading.Lock()
+        self.poller = Poller(self._tick, 1.0 / refresh_hz, name=f"dspark-dashboard-{self.watch.run_dir.id}")
+        self._tick()  # the history so far, before the first view renders
+        self.poller.start()
+
+    @property
+    def charts(self) -> MetricCharts:
+        return self.watch.charts
+
+    def _tick(self) -> bool:
+        with self._lock:
+            more = self.watch.tick()
+            self._render_text()
+        return more
+
+    def _render_text(self) -> None:
+        error = f' <span style="color:#d62728">read error: {html.escape(str(self.poller.error))}</span>' \
+            if getattr(self, "poller", None) and self.poller.error else ""
+        self.header.value = f"<b>{html.escape(self.watch.summary())}</b>{error}"
+        lines = self.watch.event_lines()
+        markers = ", ".join(f"step {step}: {label}" for step, label in
+                            zip(self.watch.charts.markers.data["step"], self.watch.charts.markers.data["label"]))
+        self.event_log.value = "<br>".join(
+            ([f'<span class="dspark-markers">changes: {html.escape(markers)}</span>'] if markers else [])
+            + [f"<code>{html.escape(line)}</code>" for line in lines])
+        if self.watch.done:
+            self.stop_button.disabled = True
+            self.pause.disabled = True
+
+    def _on_pause(self, change) -> None:
+        self.poller.pause(change["new"])
+        self.pause.description = "resume" if change["new"] else "pause"
+        self.pause.icon = "play" if change["new"] else "pause"
+
+    def _on_rate(self, change) -> None:
+        self.poller.set_interval(1.0 / max(change["new"], 0.01))
+
+    def _on_stop(self, _button) -> None:
+        self.stop_button.disabled = True
+        stop = self._stop_run
+        if stop is None:
+            from dspark_lab import commands
+
+            stop = commands.stop
+        threading.Thread(target=self._stop_in_background, args=(stop,), daemon=True).start()
+
+    def _stop_in_background(self, stop) -> None:
+        try:
+            stop(self.watch.run_dir.id)
+        except Exception as exc:  # a DSparkError has one line; anything else is shown the same way
+            self.event_log.value = f'<span style="color:#d62728">stop: {html.escape(str(exc))}</span>'
+            self.stop_button.disabled = False
+        self.poller.poke()
+
+    def wait_until(self, predicate, timeout: float = 30.0, interval: float = 0.1) -> bool:
+        """Block until ``predicate(self)`` is true (for notebooks and tests that show a state, then read it)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if predicate(self):
+                    return True
+            time.sleep(interval)
+        return False
+
+    def close(self) -> None:
+        """Stop the polling thread, then close the widget and its children."""
+        if getattr(self, "poller", None) is not None:
+            self.poller.stop()
+        close_tree(self.children)
+        super().close()

@@ -1,0 +1,165 @@
+"""``dspark-lab run``: launch an unmodified script through torchrun with the runtime attached to every rank.
+
+The launcher is torch's own (``python -m torch.distributed.run``); we add ``-m dspark_lab.runtime.bootstrap``
+in front of the script and pass torchrun's options through, so multi-node runs (``--nnodes``, ``--rdzv-*``) work
+as they do under plain torchrun. The process that runs this module supervises torchrun: it owns ``run.json``'s
+state from start to finish (finished / failed / stopped), so a crashed rank or a killed job never looks alive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import psutil
+
+from dspark_lab.errors import DSparkError
+from dspark_lab.plugins import get_manager
+from dspark_lab.policy import parse_assignment
+from dspark_lab.runtime.records import JsonlWriter, RunDir, new_run_id, runs_root
+
+TORCHRUN_OPTIONS = ("nnodes", "node_rank", "rdzv_backend", "rdzv_endpoint", "rdzv_id", "max_restarts",
+                    "master_addr", "master_port", "monitor_interval")
+
+
+def parse_policies(assignments: Sequence[str]) -> dict[str, Any]:
+    """``["k=v", ...]`` validated against the registered schemas (launch-only keys allowed)."""
+    specs = get_manager().policies()
+    parsed = {}
+    for text in assignments:
+        key, value = parse_assignment(text)
+        if key not in specs:
+            raise DSparkError(f"--policy: unknown policy {key!r}; known: {', '.join(specs)}")
+        parsed[key] = specs[key].validate(value)
+    return parsed
+
+
+def torchrun_command(script: str, script_args: Sequence[str], nproc: int, options: dict[str, Any]) -> list[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    for name in TORCHRUN_OPTIONS:
+        if options.get(name) is not None:
+            command.append(f"--{name.replace('_', '-')}={options[name]}")
+    if options.get("nnodes") in (None, 1, "1") and not options.get("rdzv_endpoint") and not options.get("master_port"):
+        command.append("--standalone")  # a free port on loopback: several runs can share a machine
+    return [*command, "-m", "dspark_lab.runtime.bootstrap", script, *script_args]
+
+
+def prepare(script: str, script_args: Sequence[str] = (), *, nproc: int = 1, policies: Sequence[str] = (),
+            name: str | None = None, options: dict[str, Any] | None = None, run_id: str | None = None) -> RunDir:
+    """Validate, create the run directory and write run.json; nothing is started yet."""
+    path = Path(script)
+    if not path.is_file():
+        raise DSparkError(f"script: {script} is not a file")
+    if nproc < 1:
+        raise DSparkError(f"--nproc: must be at least 1, got {nproc}")
+    launch_policies = parse_policies(policies)
+    command = torchrun_command(str(path.resolve()), script_args, nproc, options or {})
+    nnodes = int(str((options or {}).get("nnodes") or 1).split(":")[-1])
+    return RunDir.create(run_id or new_run_id(), {
+        "name": name or path.stem, "command": command, "script": str(path.resolve()),
+        "script_args": list(script_args), "cwd": os.getcwd(), "start_time": time.time(),
+        "ranks": nproc * nnodes, "launch_policies": launch_policies,
+    })
+
+
+def supervise(run_dir: RunDir, *, output=None) -> int:
+    """Run torchrun for ``run_dir`` to completion, keeping run.json's state true; returns torchrun's exit code."""
+    info = run_dir.info()
+    env = {**os.environ, "DSPARK_RUN_DIR": str(run_dir.path),
+           "DSPARK_LAUNCH_POLICIES": json.dumps(info.get("launch_policies") or {})}
+    me = psutil.Process()
+    run_dir.update_info(state="running", launcher_pid=me.pid, launcher_start=me.create_time())
+    events = JsonlWriter(run_dir.events_path)
+    proc = subprocess.Popen(info["command"], env=env, stdout=output, stderr=subprocess.STDOUT if output else None)
+
+    def forward(signum, frame):
+        proc.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    stopped = any(e.get("kind") == "stop" for e in run_dir.events())
+    state = "finished" if code == 0 and not stopped else ("stopped" if stopped else "failed")
+    error = None if code == 0 else f"torchrun exited with code {code}"
+    run_dir.update_info(state=state, end_time=time.time(), exit_code=code, error=error, control=None)
+    if code != 0:
+        events.write({"time": time.time(), "step": None, "rank": None, "kind": "error", "reason": error})
+    events.close()
+    return code
+
+
+@dataclass
+class Job:
+    """A run started in the background (``commands.launch`` / ``%dspark run``)."""
+
+    id: str
+    run_dir: RunDir
+    process: subprocess.Popen
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.process.wait(timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        from dspark_lab import commands
+
+        try:
+            commands.stop(self.id)
+            self.process.wait(timeout)
+        except (DSparkError, subprocess.TimeoutExpired):
+            self.process.terminate()
+            self.process.wait(timeout)
+
+    def __repr__(self) -> str:
+        state = "running" if self.poll() is None else f"exited {self.poll()}"
+        return f"<dspark-lab run {self.id} ({state}) {self.run_dir.path}>"
+
+
+def launch_background(script: str, script_args: Sequence[str] = (), *, nproc: int = 1,
+                      policies: Sequence[str] = (), name: str | None = None,
+                      options: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Job:
+    """Start a supervised run in a child process and return at once; output goes to the run's output.log."""
+    run_dir = prepare(script, script_args, nproc=nproc, policies=policies, name=name, options=options)
+    log = open(run_dir.path / "output.log", "ab")
+    process = subprocess.Popen([sys.executable, "-m", "dspark_lab.runtime.launch", str(run_dir.path)],
+                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               env={**os.environ, **(env or {})}, start_new_session=True)
+    log.close()
+    return Job(run_dir.id, run_dir, process)
+
+
+def effective_state(run_dir: RunDir) -> dict[str, Any]:
+    """run.json, with a 'running' run whose supervisor is gone marked failed (and written so)."""
+    info = run_dir.info()
+    if info.get("state") in ("running", "starting") and info.get("launcher_pid"):
+        if not _alive(info["launcher_pid"], info.get("launcher_start")):
+            info = run_dir.update_info(state="failed", control=None, end_time=time.time(),
+                                       error="the launcher process is gone (killed?)")
+    return info
+
+
+def _alive(pid: int, started: float | None) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and (
+            started is None or abs(proc.create_time() - started) < 1.0)
+    except psutil.Error:
+        return False
+
+
+if __name__ == "__main__":  # the background supervisor: python -m dspark_lab.runtime.launch RUN_DIR
+    raise SystemExit(supervise(RunDir(sys.argv[1])))

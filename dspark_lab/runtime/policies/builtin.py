@@ -1,0 +1,80 @@
+"""The built-in policies, registered and applied through the same hooks a third-party plugin would use.
+
+Memory: ``memory.activation_checkpointing``, ``memory.activation_offload``. Communication: ``comm.grad_sync``,
+``comm.bucket_mb`` (launch-only). How each is applied lives in :mod:`.memory` and :mod:`.comm`; this module only
+says which keys exist, when a change must be refused, and routes an apply to the right function.
+"""
+
+from __future__ import annotations
+
+from dspark_lab import hookimpl
+from dspark_lab.errors import PolicyError
+from dspark_lab.policy import PolicySpec
+from dspark_lab.runtime.policies import comm, memory
+
+SPECS = (
+    PolicySpec(key="memory.activation_checkpointing", type="enum", choices=memory.CHECKPOINTING, default="none",
+               doc="recompute the forward of all / every 2nd / every 4th repeated block during backward "
+                   "instead of keeping its activations"),
+    PolicySpec(key="memory.activation_offload", type="enum", choices=memory.OFFLOAD, default="off",
+               lossy_values=("host-fp8",),
+               doc="keep tensors saved for backward in host buffers (host-fp8: as FP8 e4m3 with 1x128 tile "
+                   "scales, ~4x fewer bytes, lossy)"),
+    PolicySpec(key="comm.grad_sync", type="enum", choices=comm.GRAD_SYNC, default="builtin",
+               lossy_values=comm.COMPRESSED,
+               doc="collective that reduces DDP gradient buckets (bf16/fp8: compressed with error feedback, lossy)"),
+    PolicySpec(key="comm.bucket_mb", type="float", min=1, max=1024, default=25.0, live=False,
+               doc="DDP gradient bucket size in MB (launch-only: DDP builds its buckets once)"),
+)
+SPECS_BY_KEY = {spec.key: spec for spec in SPECS}
+
+
+def refusal(job, key: str, value) -> str | None:
+    """Why ``key=value`` cannot apply to this job at all (checked when the request arrives), or None."""
+    if key.startswith("memory."):
+        if job.compiled:
+            return "the script uses torch.compile; changing saved activations would recompile its graphs"
+        if key == "memory.activation_checkpointing" and job.fsdp:
+            return "the model is sharded with FSDP; wrap blocks before fully_shard instead"
+        if key == "memory.activation_checkpointing" and not job.blocks and value != "none":
+            return "no repeated blocks were found in the model; pass blocks= to dspark_lab.attach"
+    if key == "comm.grad_sync":
+        if job.fsdp:
+            return "the model is sharded with FSDP, which reduces gradients itself"
+        if job.grad_sync is None:
+            return "no DistributedDataParallel model in this job: there is no gradient sync to change"
+        if job.grad_sync.refusal():
+            return job.grad_sync.refusal()
+        if value not in comm.COMPRESSED + ("builtin",) and value not in job.manager.collective_names(job.backend):
+            offered = ", ".join(job.manager.collective_names(job.backend))
+            return f"backend {job.backend.name} offers no {value!r} collective (offered: {offered})"
+    return None
+
+
+@hookimpl
+def dspark_register_policies():
+    return list(SPECS)
+
+
+@hookimpl
+def dspark_apply_policy(job, key, value, old):
+    if key not in {spec.key for spec in SPECS}:
+        return None
+    reason = refusal(job, key, value)
+    if reason:
+        raise PolicyError(f"{key}: {reason}")
+    if key == "memory.activation_checkpointing":
+        wrapped = memory.set_checkpointing(job.blocks, value, job.activations)
+        return f"{len(wrapped)} of {len(job.blocks)} blocks checkpointed"
+    if key == "memory.activation_offload":
+        job.activations.mode = value
+        if value != "off" and job.backend.torch_device == "cpu":
+            return ("on a cpu backend host buffers are the same memory: no memory effect"
+                    + ("; fp8 cuts stored bytes ~4x" if value == "host-fp8" else ""))
+        return ""
+    if key == "comm.grad_sync":
+        job.grad_sync.set_mode(value)
+        return ""
+    if key == "comm.bucket_mb":
+        return "applied when DDP was constructed"
+    return None

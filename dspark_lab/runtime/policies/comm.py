@@ -1,0 +1,92 @@
+"""Communication policies: which collective reduces gradients (``comm.grad_sync``) and DDP's bucket size.
+
+DDP accepts one communication hook per model, registered before the first forward, so the runtime installs one
+dispatcher (:class:`GradSync`) when DDP is constructed and switches what it does at step boundaries:
+
+- ``builtin``: torch.distributed's all_reduce after dividing by the world size, which is exactly what DDP does
+  without a hook (torch's ``default_hooks.allreduce_hook``), so numerics are unchanged.
+- ``ring`` / ``tree``: the backend plugin's collectives (``dspark_make_collective``), equal within fp32 rounding.
+- ``bf16`` / ``fp8``: compressed with error feedback (Seide et al. 2014; Karimireddy et al. 2019), lossy.
+
+A script that registers its own comm hook keeps it: the dispatcher forwards to it and ``grad_sync`` changes are
+refused with that reason.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+GRAD_SYNC = ("builtin", "ring", "tree", "bf16", "fp8")
+COMPRESSED = ("bf16", "fp8")
+
+
+class GradSync:
+    """The DDP comm hook the runtime owns; ``mode`` selects the collective for the next step's buckets."""
+
+    def __init__(self, make_collective, group=None):
+        self.mode = "builtin"
+        self.group = group
+        self.user_hook = None  # (state, hook) when the script registered its own
+        self._make_collective = make_collective
+        self._impl = None
+        self.comm_s = 0.0
+
+    def refusal(self) -> str | None:
+        """Why grad_sync cannot change on this model, or None."""
+        if self.user_hook is not None:
+            name = getattr(self.user_hook[1], "__name__", "a hook")
+            return f"the script registered its own DDP comm hook ({name})"
+        return None
+
+    def set_mode(self, mode: str) -> None:
+        """Switch the collective; builds it first so a failure leaves the old mode in force."""
+        if mode == "builtin":
+            impl = None
+        elif mode in COMPRESSED:
+            from dspark_lab.collectives.compress import ErrorFeedbackAllReduce
+
+            impl = ErrorFeedbackAllReduce(mode, group=self.group)
+        else:
+            impl = self._make_collective(mode, self.group)
+        self._impl, self.mode = impl, mode
+
+    def take_comm_time(self) -> float:
+        spent, self.comm_s = self.comm_s, 0.0
+        return spent
+
+    def __call__(self, state, bucket):  # DDP inspects annotations; leave them off
+        if self.user_hook is not None:
+            return self.user_hook[1](self.user_hook[0], bucket)
+        start = time.perf_counter()
+        tensor = bucket.buffer()
+        tensor.div_(dist.get_world_size(self.group))
+        if self._impl is None:
+            def finished(fut):
+                self.comm_s += time.perf_counter() - start
+                return fut.value()[0]
+
+            return dist.all_reduce(tensor, group=self.group, async_op=True).get_future().then(finished)
+        if self.mode in COMPRESSED:
+            self._impl.all_reduce(tensor, key=bucket.index())
+        else:
+            self._impl.all_reduce(tensor)
+        self.comm_s += time.perf_counter() - start
+        done = torch.futures.Future()
+        done.set_result(tensor)
+        return done
+
+
+def install_on_ddp(ddp_module, grad_sync: GradSync) -> None:
+    """Register ``grad_sync`` as the module's comm hook and route a later script registration into it."""
+    def dspark_grad_sync(state, bucket):  # DDP wants a plain function (it reads __name__ and annotations)
+        return grad_sync(state, bucket)
+
+    ddp_module.register_comm_hook(None, dspark_grad_sync)
+
+    def register_comm_hook(state, hook):
+        grad_sync.user_hook = (state, hook)
+
+    ddp_module.register_comm_hook = register_comm_hook

@@ -1,0 +1,225 @@
+"""Memory policies: activation checkpointing and activation offload, plus the saved-activation byte counter.
+
+- Activation checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost") recomputes a block's
+  forward during backward instead of keeping its activations. We use torch's non-reentrant
+  ``torch.utils.checkpoint`` and install it by replacing the block's ``forward`` on the instance, so the module tree
+  and ``state_dict`` keys never change (torch's ``checkpoint_wrapper`` would add a ``_checkpoint_wrapped_module.``
+  prefix to every key).
+- Activation offload (as in ZeRO-Offload / "Capuchin"-style swapping) moves tensors saved for backward into host
+  buffers from the backend's allocator hook, through autograd's saved-tensor hooks; ``host-fp8`` stores them as FP8
+  e4m3 with one scale per 1x128 tile (the DeepSeek-V3 layout), about 4x fewer bytes than fp32, lossy.
+
+One pair of saved-tensor hooks (:class:`SavedActivations`) does both the offload and the counting, so the byte count
+is of what is really held: on a CPU backend ``host`` holds the same bytes and has no memory effect.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+CHECKPOINTING = ("none", "full", "every-2", "every-4")
+OFFLOAD = ("off", "host", "host-fp8")
+MIN_OFFLOAD_BYTES = 1 << 14  # tiny tensors (masks, indices, scalars) are not worth a copy
+
+
+class _Held:
+    """A saved tensor kept as it is; releases its storage's bytes from the count when autograd drops it."""
+
+    __slots__ = ("tensor", "counter", "key", "__weakref__")
+
+    def __init__(self, tensor, counter, key):
+        self.tensor, self.counter, self.key = tensor, counter, key
+
+    def get(self):
+        return self.tensor
+
+    def __del__(self):
+        self.counter.release(self.key)
+
+
+class _Offloaded:
+    """A saved tensor copied to a host buffer (``fp8``: quantized), restored on unpack."""
+
+    __slots__ = ("counter", "key", "payload", "scale", "shape", "dtype", "device", "pool", "__weakref__")
+
+    def __init__(self, counter, key, tensor, pool, fp8):
+        self.counter, self.key, self.pool = counter, key, pool
+        self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
+        if fp8:
+            from dspark_lab.kernels import fp8_quantize
+
+            self.payload, self.scale = fp8_quantize(tensor.detach().reshape(-1).float())
+        else:
+            self.payload = pool.empty(tensor.shape, tensor.dtype)
+            self.payload.copy_(tensor.detach(), non_blocking=True)
+            self.scale = None
+
+    @property
+    def nbytes(self) -> int:
+        extra = self.scale.numel() * self.scale.element_size() if self.scale is not None else 0
+        return self.payload.numel() * self.payload.element_size() + extra
+
+    def get(self):
+        if self.scale is not None:
+            from dspark_lab.kernels import fp8_dequantize
+
+            return fp8_dequantize(self.payload, self.scale, self.dtype).reshape(self.shape).to(self.device)
+        return self.payload.to(self.device, non_blocking=True)
+
+    def __del__(self):
+        if self.scale is None:
+            self.pool.release(self.payload)
+        self.counter.release(self.key)
+
+
+class SavedActivations:
+    """Autograd saved-tensor hooks that count bytes held for backward and, when asked, offload them.
+
+    ``held`` / ``peak`` are bytes of distinct storages kept for backward (a storage saved by several ops counts
+    once); parameters are not activations and are never counted or moved. ``reset_peak()`` starts a new step.
+    """
+
+    def __init__(self, param_storages: Callable[[], set[int]] = set, allocator_factory=None):
+        self.mode = "off"
+        self.held = 0
+        self.peak = 0
+        self._refs: dict[object, list[int]] = {}  # key -> [references, bytes]
+        self._offloaded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._param_storages = param_storages
+        self._allocator_factory = allocator_factory
+        self._pool = None
+        self._hooks = None
+
+    # --- accounting --------------------------------------------------------------------------------------------
+
+    def _hold(self, key, nbytes: int) -> None:
+        ref = self._refs.get(key)
+        if ref is None:
+            self._refs[key] = [1, nbytes]
+            self.held += nbytes
+            if self.held > self.peak:
+                self.peak = self.held
+        else:
+            ref[0] += 1
+
+    def release(self, key) -> None:
+        ref = self._refs.get(key)
+        if ref is None:
+            return
+        ref[0] -= 1
+        if ref[0] == 0:
+            del self._refs[key]
+            self.held -= ref[1]
+
+    def reset_peak(self) -> int:
+        """Return the peak since the last reset and start counting from what is held now."""
+        peak, self.peak = self.peak, self.held
+        return peak
+
+    # --- hooks -------------------------------------------------------------------------------------------------
+
+    def pack(self, tensor: torch.Tensor):
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr == 0 or ptr in self._param_storages():
+            return tensor
+        nbytes = storage.nbytes()
+        if self.mode == "off" or nbytes < MIN_OFFLOAD_BYTES or not tensor.is_floating_point():
+            self._hold(ptr, nbytes)
+            return _Held(tensor, self, ptr)
+        view_key = (ptr, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor._version)
+        packed = self._offloaded.get(view_key)
+        if packed is None:
+            packed = _Offloaded(self, view_key, tensor, self._host_pool(), fp8=self.mode == "host-fp8")
+            self._offloaded[view_key] = packed
+        self._hold(view_key, packed.nbytes)
+        return _Held(packed, self, view_key)
+
+    @staticmethod
+    def unpack(packed):
+        if isinstance(packed, _Held):
+            inner = packed.tensor
+            return inner.get() if isinstance(inner, _Offloaded) else inner
+        return packed
+
+    def _host_pool(self):
+        if self._pool is None:
+            self._pool = self._allocator_factory() if self._allocator_factory else _PlainPool()
+        return self._pool
+
+    def install(self) -> None:
+        """Push the hooks for the rest of this thread's life (forward passes run on the training thread)."""
+        if self._hooks is None:
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+            self._hooks.__enter__()
+
+    def uninstall(self) -> None:
+        if self._hooks is not None:
+            self._hooks.__exit__(None, None, None)
+            self._hooks = None
+
+    def hold_until_backward(self, tensors, output) -> None:
+        """Count ``tensors`` (a checkpointed block's inputs, kept for recomputation) until ``output``'s backward ran."""
+        grad_fn = getattr(output, "grad_fn", None)
+        if grad_fn is None:
+            return
+        held = [self.pack(t) for t in tensors if isinstance(t, torch.Tensor)]
+        def release(*_):
+            held.clear()
+        grad_fn.register_hook(release)
+
+
+class _PlainPool:
+    def empty(self, shape, dtype):
+        return torch.empty(shape, dtype=dtype)
+
+    def release(self, tensor):
+        pass
+
+
+# --- activation checkpointing ------------------------------------------------------------------------------------
+
+
+def blocks_to_checkpoint(policy: str, count: int) -> list[int]:
+    """Indices of the blocks a checkpointing policy wraps: all, every 2nd or every 4th (starting with the first)."""
+    if policy == "none":
+        return []
+    every = 1 if policy == "full" else int(policy.split("-")[1])
+    return list(range(0, count, every))
+
+
+def _checkpointed_forward(block, original, tracker, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return original(*args, **kwargs)
+    output = checkpoint(original, *args, use_reentrant=False, **kwargs)
+    if tracker is not None:
+        first = output[0] if isinstance(output, (tuple, list)) else output
+        tracker.hold_until_backward(args, first)
+    return output
+
+
+def set_checkpointing(blocks, policy: str, tracker: SavedActivations | None = None) -> list[int]:
+    """Make exactly the blocks that ``policy`` names checkpointed (unwrapping the others); returns their indices.
+
+    The wrapper is an instance attribute ``forward``: module hooks, parameters and ``state_dict`` keys stay as they
+    were, and deleting the attribute restores the class's forward.
+    """
+    wanted = set(blocks_to_checkpoint(policy, len(blocks)))
+    for index, block in enumerate(blocks):
+        wrapped = "forward" in block.__dict__ and getattr(block.forward, "_dspark_checkpoint", False)
+        if index in wanted and not wrapped:
+            forward = functools.partial(_checkpointed_forward, block, block.forward, tracker)
+            forward._dspark_checkpoint = True
+            forward._dspark_replaced = block.__dict__.get("forward")  # a script's own instance forward, if any
+            block.forward = forward
+        elif index not in wanted and wrapped:
+            replaced = block.forward._dspark_replaced
+            del block.__dict__["forward"]
+            if replaced is not None:
+                block.forward = replaced
+    return sorted(wanted)

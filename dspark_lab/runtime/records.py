@@ -1,0 +1,167 @@
+"""The run directory: ``run.json``, ``events.jsonl`` and ``metrics.jsonl`` under ``$DSPARK_HOME/runs/<run-id>/``.
+
+Records are append-only JSON lines, flushed per line so they survive a crash of the job; readers skip a torn last
+line. Every record carries ``schema_version``. Field meanings are listed in docs/records.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from dspark_lab.errors import RunNotFound
+from dspark_lab.output import SCHEMA_VERSION
+
+RUN_STATES = ("starting", "running", "finished", "failed", "stopped")
+EVENT_KINDS = ("start", "pending", "apply", "refuse", "rollback", "stop", "error")
+
+
+def dspark_home() -> Path:
+    return Path(os.environ.get("DSPARK_HOME") or Path.home() / ".dspark")
+
+
+def runs_root() -> Path:
+    return dspark_home() / "runs"
+
+
+def new_run_id(name: str | None = None) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+class JsonlWriter:
+    """Append JSON objects one per line, each with a single ``write`` on an ``O_APPEND`` descriptor.
+
+    Every rank appends to the same file: one ``write`` per whole line keeps lines from interleaving, and nothing
+    is buffered in the process, so a crash loses at most the line being written.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps({"schema_version": SCHEMA_VERSION, **record}, default=str) + "\n"
+        os.write(self._fd, line.encode())
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def read_jsonl(path: Path, start: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """Records from byte offset ``start``; returns them and the offset after the last complete line.
+
+    A line without its newline (a write in progress, or torn by a crash) is not returned and not consumed,
+    so a follower calling again with the returned offset reads it once it is whole.
+    """
+    records: list[dict[str, Any]] = []
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read()
+    except FileNotFoundError:
+        return records, start
+    end = data.rfind(b"\n") + 1
+    for line in data[:end].splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash mid-write and later appended to
+    return records, start + end
+
+
+class RunDir:
+    """One run's directory and the files in it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    run_json = property(lambda self: self.path / "run.json")
+    events_path = property(lambda self: self.path / "events.jsonl")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    token_path = property(lambda self: self.path / "token")
+
+    @classmethod
+    def create(cls, run_id: str, info: dict[str, Any], root: Path | None = None) -> "RunDir":
+        path = (root or runs_root()) / run_id
+        path.mkdir(parents=True, exist_ok=False)
+        run = cls(path)
+        token = secrets.token_urlsafe(24)
+        fd = os.open(run.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+        run.write_info({"id": run_id, "state": "starting", **info})
+        return run
+
+    def info(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.run_json.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {"id": self.id, "state": "failed", "error": "run.json is missing or unreadable"}
+
+    def write_info(self, info: dict[str, Any]) -> None:
+        """Replace run.json atomically (write a temporary file, then rename)."""
+        tmp = self.run_json.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"schema_version": SCHEMA_VERSION, **info}, indent=2, default=str))
+        os.replace(tmp, self.run_json)
+
+    def update_info(self, **changes: Any) -> dict[str, Any]:
+        info = {**self.info(), **changes}
+        self.write_info(info)
+        return info
+
+    def token(self) -> str:
+        return self.token_path.read_text().strip()
+
+    def events(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.events_path)[0]
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.metrics_path)[0]
+
+
+def list_runs(root: Path | None = None) -> list[RunDir]:
+    """Every run directory, newest first."""
+    root = root or runs_root()
+    if not root.is_dir():
+        return []
+    return sorted((RunDir(p) for p in root.iterdir() if (p / "run.json").exists()), key=lambda r: r.id, reverse=True)
+
+
+def find_run(ref: str, root: Path | None = None) -> RunDir:
+    """A run by id, name or unique id prefix; :class:`RunNotFound` in one line otherwise."""
+    runs = list_runs(root)
+    exact = [r for r in runs if r.id == ref] or [r for r in runs if r.info().get("name") == ref]
+    if len(exact) == 1:
+        return exact[0]
+    if len(exact) > 1:
+        return exact[0]  # several runs with one name: the newest
+    prefixed = [r for r in runs if r.id.startswith(ref)]
+    if len(prefixed) == 1:
+        return prefixed[0]
+    if not prefixed:
+        raise RunNotFound(f"run: no run matches {ref!r}; see `dspark-lab jobs`")
+    raise RunNotFound(f"run: {ref!r} matches {len(prefixed)} runs ({', '.join(r.id for r in prefixed[:4])}); "
+                      "give more of the id")
+
+
+def iter_follow(path: Path, poll_s: float = 0.5, stop=lambda: False) -> Iterator[dict[str, Any]]:
+    """Yield records as they are appended to ``path`` until ``stop()`` is true."""
+    offset = 0
+    while True:
+        records, offset = read_jsonl(path, offset)
+        yield from records
+        if stop():
+            return
+        time.sleep(poll_s)

@@ -1,0 +1,114 @@
+"""The kernel registry: what each backend's plugin registers through ``dspark_register_kernels`` and in what state.
+
+A :class:`Kernel` is a named compute routine of one backend: its ``.cu`` source (or none for a reference-only
+kernel), the ``__global__`` entries its launcher calls, the architecture it is built for, a launcher and a torch
+reference. :func:`describe_kernels` asks every plugin for every backend and says, per kernel:
+
+- ``runnable``: it can run here (a reference-only kernel, or CuPy can launch the source on a GPU of its arch);
+- ``compiled``: nvcc compiles the source for its arch (``nvcc -ptx`` then ptxas) but it cannot be launched here;
+- ``fallback``: neither; calls take the torch reference, and ``reason`` says why.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from dspark_lab.kernels import cuda, nvcc, reference
+from dspark_lab.plugins import Manager, PluginProblem
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Kernel:
+    """One kernel of one backend.
+
+    ``source`` is a ``.cu`` file name in ``dspark_lab/kernels/`` or an absolute path (a plugin ships its own);
+    ``None`` marks a reference-only kernel. ``entries`` are the ``extern "C" __global__`` functions the launcher
+    calls; ``arch`` is the target (``sm_90``). ``launcher`` and ``reference`` take the same arguments and return
+    the same thing.
+    """
+
+    name: str
+    backend: str
+    reference: Callable[..., Any]
+    launcher: Callable[..., Any] | None = None
+    source: str | os.PathLike | None = None
+    entries: tuple[str, ...] = ()
+    arch: str | None = None
+    doc: str = ""
+
+    def __post_init__(self):
+        if self.source is not None and (self.arch is None or self.launcher is None or not self.entries):
+            raise ValueError(f"Kernel {self.name!r}: a kernel with a source needs arch, entries and a launcher")
+
+
+# The kernels DSpark Lab ships: name -> (launcher, reference, doc); sources and entries are in cuda.ENTRIES.
+_BUILTIN = {
+    "fp8_quantize": (cuda.fp8_quantize, reference.fp8_quantize,
+                     "float -> float8 e4m3 with one float32 scale per 1x128 tile (DeepSeek-V3 layout)"),
+    "fp8_dequantize": (cuda.fp8_dequantize, reference.fp8_dequantize,
+                       "float8 e4m3 x per-tile scale -> float32 | bfloat16 | float16"),
+    "flatten_scale": (cuda.flatten_scale, reference.flatten_scale,
+                      "many tensors -> one flat bucket times a scale, in one launch"),
+}
+
+
+def builtin_kernels(backend: str, arch: str | None = None) -> list[Kernel]:
+    """The shipped kernels for ``backend``: reference-only without ``arch``, the CUDA sources built for it with."""
+    kernels = []
+    for name, (launcher, ref, doc) in _BUILTIN.items():
+        if arch is None:
+            kernels.append(Kernel(name=name, backend=backend, reference=ref, doc=doc))
+        else:
+            source, entry = cuda.ENTRIES[name]
+            kernels.append(Kernel(name=name, backend=backend, reference=ref, launcher=launcher, source=source,
+                                  entries=(entry,), arch=arch, doc=doc))
+    return kernels
+
+
+def kernel_state(kernel: Kernel) -> dict[str, Any]:
+    """The row ``dspark-lab kernels`` shows for one kernel (state, path, reason)."""
+    row = {"backend": kernel.backend, "kernel": kernel.name, "arch": kernel.arch, "doc": kernel.doc,
+           "source": None if kernel.source is None else os.path.basename(kernel.source)}
+    if kernel.source is None:
+        return {**row, "state": "runnable", "path": "reference", "reason": "torch reference; runs on any device"}
+
+    built = nvcc.compile_ptx(kernel.source, kernel.arch)
+    missing = [e for e in kernel.entries if e not in built.entries]
+    if built.ok and missing:
+        built = nvcc.CompileResult(False, kernel.arch, f"{built.detail}, but no entry {', '.join(missing)} in the PTX")
+    launch = _launch_problem(kernel)
+    if launch is None:
+        return {**row, "state": "runnable", "path": "device", "reason": f"{cuda.cupy_status().reason}; {built.detail}"}
+    return {**row, "state": "compiled" if built.ok else "fallback", "path": "reference",
+            "reason": f"{built.detail}; not launchable: {launch}"}
+
+
+def _launch_problem(kernel: Kernel) -> str | None:
+    status = cuda.cupy_status()
+    if not status.ok:
+        return status.reason
+    if status.arch != kernel.arch:
+        return f"this GPU is {status.arch}, the kernel is built for {kernel.arch}"
+    return cuda.load_error(str(kernel.source), tuple(kernel.entries))
+
+
+def registered_kernels(manager: Manager) -> list[Kernel]:
+    """Every kernel every plugin registers, backend by backend; anything that is not a Kernel is reported."""
+    kernels = []
+    for backend in manager.backends():
+        for plugin, answer in manager.call_each("dspark_register_kernels", backend=backend):
+            for kernel in answer:
+                if isinstance(kernel, Kernel):
+                    kernels.append(kernel)
+                else:
+                    manager.problems.append(PluginProblem(plugin, "dspark_register_kernels",
+                                                          f"returned {type(kernel).__name__}, not a Kernel",
+                                                          "return dspark_lab.kernels.Kernel objects"))
+    return kernels
+
+
+def describe_kernels(manager: Manager) -> list[dict[str, Any]]:
+    """One plain dict per registered kernel: backend, kernel, state, path, reason, source, arch, doc."""
+    return [kernel_state(kernel) for kernel in registered_kernels(manager)]

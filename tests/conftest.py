@@ -1,0 +1,84 @@
+"""Shared fixtures: fixture plugins from tests/plugins/, the built-in plugins, and the example plugin installed.
+
+Unit tests build their own plugin manager from explicit plugins (``make_manager(..., entry_points=False)``), so
+whatever happens to be installed never leaks in; only the tests about entry-point loading read the environment.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from dspark_lab import plugins
+
+TESTS = Path(__file__).resolve().parent
+FIXTURE_PLUGINS = TESTS / "plugins"
+EXAMPLE_PLUGIN = TESTS.parent / "plugins" / "dspark-example-backend"
+BUILTIN_MODULES = ("dspark_lab.backends.cpu", "dspark_lab.backends.nvidia", "dspark_lab.backends.amd")
+
+
+def load_fixture_plugin(name: str):
+    """Import tests/plugins/<name>.py as a fresh module (so module-level state starts clean in every test)."""
+    spec = importlib.util.spec_from_file_location(f"dspark_fixture_{name}", FIXTURE_PLUGINS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def fixture_plugin():
+    return load_fixture_plugin
+
+
+@pytest.fixture
+def builtin_plugins():
+    """The built-in backend plugin modules, imported directly (not through entry points)."""
+    return [importlib.import_module(name) for name in BUILTIN_MODULES]
+
+
+@pytest.fixture
+def use_manager(monkeypatch):
+    """Make ``manager`` the process-wide one the CLI and commands use, for this test only."""
+
+    def use(manager):
+        monkeypatch.setattr(plugins, "_default", manager)
+        return manager
+
+    return use
+
+
+def write_dist_info(site: Path, name: str, entry_points: dict[str, str]) -> Path:
+    """A minimal installed distribution (what pip writes) whose ``dspark_lab`` entry points are ``entry_points``."""
+    dist = site / f"{name.replace('-', '_')}-0.0.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.0.0\n")
+    lines = "".join(f"{ep} = {target}\n" for ep, target in entry_points.items())
+    (dist / "entry_points.txt").write_text(f"[{plugins.ENTRY_POINT_GROUP}]\n{lines}")
+    return dist
+
+
+@pytest.fixture(scope="session")
+def example_plugin_paths(tmp_path_factory) -> list[str]:
+    """Make sure the example plugin is installed; return the sys.path entries a subprocess needs to see it.
+
+    CI installs it with ``pip install -e plugins/dspark-example-backend``. Where it is not installed, this does what
+    pip's editable install does, for this session only: a dist-info carrying the entry points of the plugin's own
+    pyproject.toml, plus its source directory on sys.path, so the real entry-point machinery finds it.
+    """
+    if importlib.metadata.entry_points(group=plugins.ENTRY_POINT_GROUP, name="gaudi3"):
+        yield []
+        return
+    project = tomllib.loads((EXAMPLE_PLUGIN / "pyproject.toml").read_text())["project"]
+    site = tmp_path_factory.mktemp("example-plugin-site")
+    write_dist_info(site, project["name"], project["entry-points"][plugins.ENTRY_POINT_GROUP])
+    paths = [str(site), str(EXAMPLE_PLUGIN)]
+    with pytest.MonkeyPatch.context() as patch:
+        for path in paths:
+            patch.syspath_prepend(path)
+        yield paths

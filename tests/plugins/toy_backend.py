@@ -1,0 +1,67 @@
+"""Fixture plugin: a complete plugin for a fake device kind ``toy``, implementing every hook with known answers."""
+
+from dspark_lab import hookimpl
+from dspark_lab.allocator import HostPool
+from dspark_lab.backend import Availability, Backend, DeviceSpec
+from dspark_lab.kernels.registry import Kernel
+from dspark_lab.policy import PolicySpec
+
+NAME = "toy"
+SPEC = DeviceSpec(bf16_tflops=1.5, memory_gb=2, memory_bandwidth_gb_s=30, link_gb_s=4, source="made up for tests")
+APPLIED: list = []  # (key, value, old) for every dspark_apply_policy call
+
+
+class ToyCollective:
+    name = "toy-sum"
+
+    def __init__(self, group):
+        self.group = group
+
+
+def toy_kernel(x):
+    return x * 2
+
+
+@hookimpl
+def dspark_register_backends():
+    return [Backend(name=NAME, vendor="toyco", spec=SPEC, probe=lambda: Availability.yes(3, "3 toys"))]
+
+
+@hookimpl
+def dspark_register_kernels(backend):
+    return [Kernel(name="double", backend=NAME, reference=toy_kernel, doc="x * 2")] if backend.name == NAME else None
+
+
+@hookimpl
+def dspark_register_policies():
+    return [PolicySpec(key="toy.level", type="int", default=1, min=0, max=3, doc="how toy")]
+
+
+@hookimpl
+def dspark_collective_names(backend):
+    return ["toy-sum"] if backend.name == NAME else None
+
+
+@hookimpl
+def dspark_make_collective(backend, name, group):
+    return ToyCollective(group) if backend.name == NAME and name == "toy-sum" else None
+
+
+@hookimpl
+def dspark_make_allocator(backend, config):
+    return HostPool(pinned=False, pool_mb=config.get("pool_mb", 8)) if backend.name == NAME else None
+
+
+@hookimpl
+def dspark_device_sampler(backend):
+    if backend.name != NAME:
+        return None
+    return lambda: {"utilization_pct": 50.0, "memory_used_gb": 1.0, "memory_total_gb": 2.0}
+
+
+@hookimpl
+def dspark_apply_policy(job, key, value, old):
+    if not key.startswith("toy."):
+        return None
+    APPLIED.append((key, value, old))
+    return f"toy level {old} -> {value}"

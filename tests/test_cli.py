@@ -1,0 +1,110 @@
+"""The CLI: --json shapes (schema_version, kind, keys), text output, and the one-line error path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dspark_lab import cli, commands
+from dspark_lab.output import SCHEMA_VERSION
+from dspark_lab.plugins import make_manager, reset_manager
+
+BACKEND_KEYS = {"name", "vendor", "plugin", "available", "devices", "reason", "torch_device", "collectives", "specs"}
+SPEC_KEYS = {"bf16_tflops", "fp8_tflops", "memory_gb", "memory_bandwidth_gb_s", "link_gb_s", "source"}
+
+
+def run_json(capsys, *argv) -> dict:
+    assert cli.main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture
+def builtin_manager(builtin_plugins, use_manager):
+    return use_manager(make_manager(builtin_plugins, entry_points=False))
+
+
+def test_backends_json(builtin_manager, capsys):
+    doc = run_json(capsys, "backends")
+    assert (doc["schema_version"], doc["kind"]) == (SCHEMA_VERSION, "backends")
+    rows = {row["name"]: row for row in doc["backends"]}
+    assert set(rows) == {"cpu", "nvidia-h100", "nvidia-b200", "amd-mi300x"}
+    for row in rows.values():
+        assert set(row) == BACKEND_KEYS and SPEC_KEYS <= set(row["specs"])
+        assert isinstance(row["available"], bool) and isinstance(row["reason"], str)
+    assert rows["cpu"]["available"] is True and "ring" in rows["cpu"]["collectives"]
+    assert rows["nvidia-h100"]["specs"]["link_gb_s"] == 450 and rows["nvidia-h100"]["plugin"].endswith("nvidia")
+
+
+def test_backends_text(builtin_manager, capsys):
+    assert cli.main(["backends"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["name", "vendor", "plugin", "available", "bf16_tflops", "memory_gb", "link_gb_s",
+                                "reason"]
+    assert any(line.startswith("nvidia-h100 ") and " 989.4 " in line for line in lines)
+
+
+def test_doctor_json_reports_plugin_problems_with_hints(builtin_plugins, fixture_plugin, use_manager, capsys):
+    use_manager(make_manager([*builtin_plugins, fixture_plugin("raises_in_hook"), fixture_plugin("unknown_hook")],
+                             entry_points=False))
+    doc = run_json(capsys, "doctor")
+    assert (doc["schema_version"], doc["kind"]) == (SCHEMA_VERSION, "doctor")
+    checks = {c["check"]: c for c in doc["checks"]}
+    assert {"torch", "cuda", "nvml", "cupy", "nvcc", "jupyterlab", "ipywidgets", "plugin dspark_lab.backends.cpu"} \
+        <= set(checks)
+    assert all(set(c) == {"check", "status", "detail", "hint"} for c in doc["checks"])
+    assert all(c["hint"] for c in doc["checks"] if c["status"] != "ok"), "every problem carries a fix hint"
+    problems = [c for c in doc["checks"] if c["status"] == "problem"]
+    assert doc["problems"] == len(problems) == 2
+    assert {c["check"] for c in problems} == {"plugin dspark_fixture_raises_in_hook", "plugin dspark_fixture_unknown_hook"}
+    assert any("vendor library crashed" in c["detail"] for c in problems)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["frobnicate"], "error: dspark-lab: argument COMMAND: invalid choice: 'frobnicate'"),
+    (["backends", "--colour"], "error: dspark-lab: unrecognized arguments: --colour"),
+])
+def test_usage_error_is_one_line_and_exit_2(argv, message, capsys):
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and err.startswith(message)
+
+
+def test_dspark_error_from_a_command_is_one_line(use_manager, monkeypatch, capsys):
+    manager = use_manager(make_manager([], entry_points=False))
+    monkeypatch.setattr(commands, "backends", lambda: manager.backend("nvidia-h100"))  # no plugin registers it
+    assert cli.main(["backends", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "error: backend: unknown backend 'nvidia-h100'; registered: none\n"
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert cli.main([]) == 2
+    assert "usage: dspark-lab" in capsys.readouterr().out
+
+
+def test_example_plugin_seen_by_backends(example_plugin_paths, monkeypatch, capsys):
+    monkeypatch.delenv("DSPARK_PLUGINS", raising=False)
+    reset_manager()
+    try:
+        doc = run_json(capsys, "backends")
+    finally:
+        reset_manager()
+    gaudi = next(row for row in doc["backends"] if row["name"] == "intel-gaudi3")
+    assert (gaudi["plugin"], gaudi["vendor"], gaudi["available"]) == ("gaudi3", "intel", False)
+    assert gaudi["specs"]["bf16_tflops"] == 1835 and gaudi["specs"]["link_gb_s"] == 600
+    assert "hl-smi" in gaudi["reason"]
+
+
+def test_installed_console_entry_sees_every_backend(example_plugin_paths):
+    """A fresh process, as a user runs it: built-ins and the example plugin through the entry-point group."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*example_plugin_paths, os.environ.get("PYTHONPATH", "")])}
+    env.pop("DSPARK_PLUGINS", None)
+    out = subprocess.run([sys.executable, "-m", "dspark_lab", "backends", "--json"], capture_output=True, text=True,
+                         env=env, timeout=120, check=True).stdout
+    names = {row["name"]: row["plugin"] for row in json.loads(out)["backends"]}
+    assert {"cpu": "cpu", "nvidia-h100": "nvidia", "amd-mi300x": "amd", "intel-gaudi3": "gaudi3"}.items() \
+        <= names.items()

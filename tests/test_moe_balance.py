@@ -1,0 +1,180 @@
+"""The expert balancer: valid on every input, node-limited when asked, never below EPLB, few duplicates, move cost,
+argument errors. Seeded random loops stand in for property tests (hypothesis is not a dependency)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dspark_lab.moe import balance as B
+from dspark_lab.moe import eplb_reference, moves, rebalance_experts
+
+README_WEIGHT = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+                              [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])
+README_PHY2LOG = torch.tensor([[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+                               [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]])
+
+
+def synthetic(rng, kind: str, layers: int, experts: int) -> np.ndarray:
+    if kind == "lognormal":
+        return rng.lognormal(0, 1.5, (layers, experts))
+    if kind == "zipf":
+        return rng.zipf(1.5, (layers, experts)).astype(float)
+    if kind == "sparse":
+        return (rng.random((layers, experts)) < 0.3) * rng.integers(0, 100, (layers, experts)).astype(float)
+    return 100 + rng.random((layers, experts))  # near-uniform
+
+
+def random_problems(seed: int, count: int):
+    """Mixed shapes: global and node-limited, with and without redundancy, all load kinds, ties and zeros."""
+    rng = np.random.default_rng(seed)
+    kinds = ("lognormal", "zipf", "sparse", "uniform")
+    for i in range(count):
+        nodes = (1, 2, 4)[i % 3]
+        gpus = nodes * int(rng.integers(1, 4))
+        experts = 4 * gpus * int(rng.integers(1, 3))
+        replicas = experts + gpus * int(rng.integers(0, 3))
+        groups = (1, 2, 4, 8, 3)[i % 5]
+        if experts % groups:
+            groups = 1
+        weight = synthetic(rng, kinds[i % 4], int(rng.integers(1, 4)), experts)
+        yield weight, replicas, groups, nodes, gpus
+
+
+def check_valid(weight, replicas, groups, nodes, gpus, phy2log, log2phy, logcnt):
+    layers, experts = weight.shape
+    assert phy2log.shape == (layers, replicas) and phy2log.dtype == torch.int64
+    assert logcnt.shape == (layers, experts) and (logcnt >= 1).all()
+    assert (torch.bincount((phy2log + torch.arange(layers)[:, None] * experts).flatten(),
+                           minlength=layers * experts).view(layers, experts) == logcnt).all()
+    assert log2phy.shape == (layers, experts, int(logcnt.max()))
+    for layer in range(layers):
+        for expert in range(experts):
+            slots = log2phy[layer, expert]
+            real = slots[slots >= 0]
+            assert len(real) == logcnt[layer, expert] and (slots[len(real):] == -1).all()
+            assert (phy2log[layer, real] == expert).all()
+    if groups % nodes == 0:  # node-limited: every replica of a group's experts on one node
+        node_of_slot = torch.arange(replicas) // (replicas // nodes)
+        group_of_slot = phy2log // (experts // groups)
+        for layer in range(layers):
+            for group in range(groups):
+                assert len(node_of_slot[group_of_slot[layer] == group].unique()) == 1
+
+
+def test_eplb_reference_reproduces_readme_example():
+    phy2log, log2phy, logcnt = eplb_reference.rebalance_experts(README_WEIGHT, 16, 4, 2, 8)
+    assert torch.equal(phy2log, README_PHY2LOG)
+    assert (log2phy.gather(-1, torch.zeros_like(logcnt).unsqueeze(-1)).squeeze(-1) >= 0).all()
+
+
+def test_vectorised_eplb_plan_equals_reference():
+    for weight, replicas, groups, nodes, gpus in random_problems(1, 40):
+        shape = B.check_shape(weight, replicas, groups, nodes, gpus)
+        expected = eplb_reference.rebalance_experts(torch.from_numpy(weight), replicas, groups, nodes, gpus)[0]
+        assert np.array_equal(B.eplb_plan(weight, shape), expected.numpy())
+
+
+def test_valid_on_random_inputs():
+    for problem in random_problems(2, 60):
+        check_valid(torch.from_numpy(problem[0]), *problem[1:], *rebalance_experts(*problem))
+
+
+def test_never_below_eplb_and_better_where_greedy_leaves_slack():
+    gains = []
+    for weight, replicas, groups, nodes, gpus in random_problems(3, 150):
+        ours = rebalance_experts(weight, replicas, groups, nodes, gpus)[0].numpy()
+        eplb = eplb_reference.rebalance_experts(torch.from_numpy(weight), replicas, groups, nodes, gpus)[0].numpy()
+        ours_b, eplb_b = B.balancedness(weight, ours, gpus), B.balancedness(weight, eplb, gpus)
+        assert ours_b >= eplb_b - 1e-9, (weight.shape, replicas, groups, nodes, gpus)
+        gains.append(ours_b - eplb_b)
+    assert sum(g > 1e-6 for g in gains) > len(gains) // 3  # strictly better on many inputs, not just equal
+
+
+def test_readme_example_is_at_least_as_balanced():
+    ours = rebalance_experts(README_WEIGHT, 16, 4, 2, 8)
+    check_valid(README_WEIGHT, 16, 4, 2, 8, *ours)
+    assert B.balancedness(README_WEIGHT, ours[0], 8) >= B.balancedness(README_WEIGHT, README_PHY2LOG, 8) - 1e-12
+
+
+def test_no_same_gpu_duplicates_when_avoidable():
+    rng = np.random.default_rng(4)
+    ours_total = eplb_total = 0
+    for i in range(24):  # DeepSeek-like shapes: every node has E/N * G/N >= R/N, so duplicates are avoidable
+        experts, gpus, nodes, groups = ((64, 8, 2, 8), (64, 16, 4, 4), (128, 16, 4, 8), (64, 8, 2, 3))[i % 4]
+        replicas = experts + gpus * (1 + i % 3)
+        weight = synthetic(rng, ("lognormal", "zipf", "uniform")[i % 3], 4, experts)
+        ours = rebalance_experts(weight, replicas, groups, nodes, gpus)[0]
+        eplb = eplb_reference.rebalance_experts(torch.from_numpy(weight), replicas, groups, nodes, gpus)[0]
+        ours_total += B.same_gpu_duplicates(ours, gpus, experts)
+        eplb_total += B.same_gpu_duplicates(eplb, gpus, experts)
+    assert ours_total == 0 and eplb_total > 0
+
+
+def test_duplicates_when_forced_still_valid():
+    weight = np.array([[10.0, 1.0, 1.0, 1.0]])  # 4 experts, 12 slots on 2 GPUs: duplicates cannot be avoided
+    phy2log, log2phy, logcnt = rebalance_experts(weight, 12, 1, 1, 2)
+    check_valid(torch.from_numpy(weight), 12, 1, 1, 2, phy2log, log2phy, logcnt)
+    assert B.same_gpu_duplicates(phy2log, 2, 4) > 0
+
+
+def test_zero_load_layer_and_balancedness_definition():
+    weight = np.zeros((2, 8))
+    weight[1] = [8, 0, 0, 0, 0, 0, 0, 0]
+    phy2log = rebalance_experts(weight, 8, 1, 1, 2)[0].numpy()
+    # layer 0 has no load (counts as 1); layer 1: one expert, one replica, on one of 2 GPUs: mean 4 / max 8
+    assert B.balancedness(weight, phy2log, 2) == pytest.approx((1 + 0.5) / 2)
+    assert B.balancedness([[4.0, 4.0]], [[0, 1, 1, 1]], 2) == pytest.approx(4 / 5.333333333333)
+
+
+def test_move_cost_reduces_experts_moved():
+    rng = np.random.default_rng(5)
+    old_weight = rng.lognormal(0, 1, (6, 64))
+    new_weight = old_weight * rng.lognormal(0, 0.4, old_weight.shape)
+    current = rebalance_experts(old_weight, 80, 8, 2, 8)[0]
+    old_has = B.presence(current.numpy(), 64, 8) > 0
+    results = []
+    for cost in (0.0, 0.05, 1.0):
+        phy2log, log2phy, logcnt = rebalance_experts(new_weight, 80, 8, 2, 8, current=current, move_cost=cost)
+        check_valid(torch.from_numpy(new_weight), 80, 8, 2, 8, phy2log, log2phy, logcnt)
+        moved = int(moves.experts_moved(phy2log.numpy(), old_has, 64, 8).sum())
+        results.append((moved, B.balancedness(new_weight, phy2log, 8)))
+    (moved0, bal0), (moved1, bal1), (moved2, bal2) = results
+    assert moved0 > moved1 > moved2 and bal0 >= bal1 >= bal2
+    assert bal2 >= B.balancedness(new_weight, current, 8)  # never worse than staying put
+    assert bal0 == pytest.approx(B.balancedness(new_weight, rebalance_experts(new_weight, 80, 8, 2, 8)[0], 8))
+
+
+def test_zero_move_cost_relabels_gpus_to_move_less():
+    weight = np.random.default_rng(6).lognormal(0, 1, (4, 32))
+    placed = rebalance_experts(weight, 40, 1, 1, 4)[0].numpy()
+    shuffled = placed.reshape(4, 4, -1)[:, [2, 0, 3, 1]].reshape(4, -1)  # same placement, GPUs renumbered
+    again = rebalance_experts(weight, 40, 1, 1, 4, current=shuffled)[0].numpy()
+    assert moves.experts_moved(again, B.presence(shuffled, 32, 4) > 0, 32, 4).sum() == 0
+
+
+@pytest.mark.parametrize("args, needle", [
+    (([[1.0, 2.0]], 3, 1, 1, 2), "num_replicas"),          # 3 slots on 2 GPUs
+    (([[1.0, 2.0]], 4, 1, 2, 3), "num_gpus"),              # 3 GPUs on 2 nodes
+    (([[1.0, 2.0, 3.0]], 4, 2, 1, 2), "num_groups"),       # 2 groups of 3 experts
+    (([[1.0, 2.0]], 1, 1, 1, 1), "num_replicas"),          # fewer slots than experts
+    (([[1.0, -2.0]], 2, 1, 1, 1), "weight"),               # negative load
+    (([1.0, 2.0], 2, 1, 1, 1), "weight"),                  # 1-D
+    (([[1.0, float("nan")]], 2, 1, 1, 1), "weight"),
+    (([[1.0, 2.0]], 2, 0, 1, 1), "num_groups"),
+    (([[1.0, 2.0]], 2, 1, 1, 2.5), "num_gpus"),
+])
+def test_bad_arguments_name_the_argument(args, needle):
+    with pytest.raises(ValueError, match=needle):
+        rebalance_experts(*args)
+
+
+def test_bad_current_and_move_cost():
+    weight = [[1.0, 2.0, 3.0, 4.0]]
+    with pytest.raises(ValueError, match="current"):
+        rebalance_experts(weight, 4, 1, 1, 2, current=[[0, 1, 9, 3]])
+    with pytest.raises(ValueError, match="current"):
+        rebalance_experts(weight, 4, 1, 1, 2, current=[[0, 1, 2]])
+    with pytest.raises(ValueError, match="move_cost"):
+        rebalance_experts(weight, 4, 1, 1, 2, current=[[0, 1, 2, 3]], move_cost=-1)

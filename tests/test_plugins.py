@@ -1,0 +1,247 @@
+"""The plugin manager: registration, problems, one test per hook, tracing, and entry-point loading."""
+
+from __future__ import annotations
+
+import pluggy
+import pytest
+
+import dspark_lab
+from dspark_lab import hookspecs
+from dspark_lab.allocator import HostPool
+from dspark_lab.errors import DSparkError
+from dspark_lab.plugins import make_manager
+from dspark_lab.policy import PolicySpec
+
+from conftest import FIXTURE_PLUGINS, write_dist_info
+
+
+def _hooks_of(plugin) -> set[str]:
+    return {name for name in dir(plugin) if name.startswith("dspark_")}
+
+
+def test_hookimpl_is_importable_from_the_package():
+    assert isinstance(dspark_lab.hookimpl, pluggy.HookimplMarker)
+    assert dspark_lab.hookimpl.project_name == dspark_lab.PROJECT_NAME == "dspark_lab"
+
+
+def test_builtin_plugins_register_cleanly(builtin_plugins):
+    manager = make_manager(builtin_plugins, entry_points=False)
+    manager.backends()
+    manager.pm.check_pending()  # raises PluginValidationError for a hookimpl that matches no spec
+    assert manager.problems == []
+    assert {b.name for b in manager.backends()} >= {"cpu", "nvidia-h100", "nvidia-b200", "amd-mi300x"}
+
+
+def test_explicit_manager_loads_nothing_installed(fixture_plugin):
+    manager = make_manager([fixture_plugin("toy_backend")], entry_points=False)
+    assert manager.plugin_names() == ["dspark_fixture_toy_backend"]
+    assert [b.name for b in manager.backends()] == ["toy"]
+
+
+# --- plugins with problems are reported and skipped; the rest keeps working ----------------------------------
+
+
+def test_unknown_hook_is_reported_and_plugin_skipped(fixture_plugin):
+    manager = make_manager([fixture_plugin("unknown_hook"), fixture_plugin("toy_backend")], entry_points=False)
+    [problem] = manager.problems
+    assert (problem.plugin, problem.stage) == ("dspark_fixture_unknown_hook", "unknown hook")
+    assert "dspark_register_backend" in problem.reason and problem.hint
+    assert manager.plugin_names() == ["dspark_fixture_toy_backend"]
+    manager.pm.check_pending()
+
+
+def test_bad_signature_is_reported_and_no_half_of_the_plugin_stays(fixture_plugin):
+    toy = fixture_plugin("toy_backend")
+    manager = make_manager([fixture_plugin("bad_signature"), toy], entry_points=False)
+    [problem] = manager.problems
+    assert problem.stage == "register" and "vendor_config" in problem.reason
+    assert manager.plugin_names() == ["dspark_fixture_toy_backend"]
+    # its valid hook (registered by pluggy before the bad one was met) must be gone too
+    assert manager.collective_names(manager.backend("toy")) == ["toy-sum"]
+    assert all(i.plugin is toy for i in manager.pm.hook.dspark_collective_names.get_hookimpls())
+
+
+def test_raising_hook_is_reported_once_and_skipped(fixture_plugin):
+    manager = make_manager([fixture_plugin("toy_backend"), fixture_plugin("raises_in_hook")], entry_points=False)
+    toy = manager.backend("toy")
+    for _ in range(3):
+        manager._backends = None  # ask again: the problem must not pile up
+        assert [b.name for b in manager.backends()] == ["toy"]
+        assert manager.collective_names(toy) == ["toy-sum"]
+    stages = sorted((p.stage, p.reason) for p in manager.problems)
+    assert stages == [("dspark_collective_names", "KeyError: 'toy'"),
+                      ("dspark_register_backends", "RuntimeError: vendor library crashed")]
+
+
+def test_wrong_answers_are_reported_not_crashing(fixture_plugin):
+    class Sloppy:
+        @dspark_lab.hookimpl
+        def dspark_register_backends(self):
+            return fixture_plugin("toy_backend").dspark_register_backends()[0]  # a Backend, not a list
+
+        @dspark_lab.hookimpl
+        def dspark_register_policies(self):
+            return ["memory.fast=1"]
+
+    manager = make_manager([Sloppy()], entry_points=False)
+    assert manager.backends() == [] and manager.policies() == {}
+    assert sorted(p.reason for p in manager.problems) == ["returned Backend, not a list",
+                                                          "returned a str, not a PolicySpec"]
+
+
+def test_duplicate_backend_name_keeps_the_first(fixture_plugin):
+    first, second = fixture_plugin("toy_backend"), fixture_plugin("toy_backend")
+    manager = make_manager([first], entry_points=False)
+    manager.register(second, name="toy-again")
+    [backend] = manager.backends()
+    assert backend.plugin == "dspark_fixture_toy_backend"
+    [problem] = manager.problems
+    assert problem.plugin == "toy-again" and "already registered" in problem.reason
+
+
+# --- one test per hook -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def toy(fixture_plugin):
+    plugin = fixture_plugin("toy_backend")
+    manager = make_manager([plugin], entry_points=False)
+    return manager, plugin, manager.backend("toy")
+
+
+def test_every_hook_has_a_test_here():
+    specs = {name for name in dir(hookspecs) if name.startswith("dspark_")}
+    tested = {name.removeprefix("test_hook_") for name in globals() if name.startswith("test_hook_")}
+    assert specs == tested
+
+
+def test_hook_dspark_register_backends(toy):
+    manager, _, backend = toy
+    assert (backend.vendor, backend.plugin, backend.spec.bf16_tflops) == ("toyco", "dspark_fixture_toy_backend", 1.5)
+    assert backend.availability().devices == 3
+    with pytest.raises(DSparkError, match="unknown backend 'nope'; registered: toy"):
+        manager.backend("nope")
+
+
+def test_hook_dspark_register_kernels(toy):
+    manager, plugin, backend = toy
+    [(name, [kernel])] = manager.call_each("dspark_register_kernels", backend=backend)
+    assert name == "dspark_fixture_toy_backend"
+    assert (kernel.name, kernel.backend, kernel.reference) == ("double", "toy", plugin.toy_kernel)
+
+
+def test_hook_dspark_register_policies(toy):
+    manager, _, _ = toy
+    [spec] = manager.policies().values()
+    assert isinstance(spec, PolicySpec) and spec.key == "toy.level" and spec.validate("2") == 2
+
+
+def test_hook_dspark_collective_names(toy, builtin_plugins):
+    manager, _, backend = toy
+    assert manager.collective_names(backend) == ["toy-sum"]
+    for plugin in builtin_plugins:
+        manager.register(plugin)
+    assert "toy-sum" not in manager.collective_names(manager.backend("cpu"))
+
+
+def test_hook_dspark_make_collective(toy):
+    manager, plugin, backend = toy
+    collective = manager.make_collective(backend, "toy-sum", group="g")
+    assert isinstance(collective, plugin.ToyCollective) and collective.group == "g"
+    with pytest.raises(DSparkError, match="'ring' is not offered for backend toy; allowed: toy-sum"):
+        manager.make_collective(backend, "ring")
+
+
+def test_later_plugin_overrides_a_firstresult_hook(toy):
+    manager, _, backend = toy
+
+    class Override:
+        @dspark_lab.hookimpl
+        def dspark_make_collective(self, backend, name, group):
+            return "override" if name == "toy-sum" else None
+
+    manager.register(Override())
+    assert manager.make_collective(backend, "toy-sum") == "override"
+
+
+def test_hook_dspark_make_allocator(toy):
+    manager, _, backend = toy
+    pool = manager.make_allocator(backend, {"pool_mb": 1})
+    assert isinstance(pool, HostPool) and pool.limit_bytes == 2**20
+    manager.pm.unregister(name="dspark_fixture_toy_backend")
+    with pytest.raises(DSparkError, match="no plugin makes a host allocator for backend toy"):
+        manager.make_allocator(backend)
+
+
+def test_hook_dspark_device_sampler(toy):
+    manager, _, backend = toy
+    sample = manager.device_sampler(backend)()
+    assert sample == {"utilization_pct": 50.0, "memory_used_gb": 1.0, "memory_total_gb": 2.0}
+
+
+def test_hook_dspark_apply_policy(toy):
+    manager, plugin, _ = toy
+    note = manager.call_first("dspark_apply_policy", job=None, key="toy.level", value=2, old=1)
+    assert note == "toy level 1 -> 2" and plugin.APPLIED == [("toy.level", 2, 1)]
+    assert manager.call_first("dspark_apply_policy", job=None, key="memory.other", value=1, old=0) is None
+
+
+# --- tracing -------------------------------------------------------------------------------------------------
+
+
+def test_trace_writes_each_hook_call(fixture_plugin, monkeypatch, capsys):
+    monkeypatch.setenv("DSPARK_TRACE_PLUGINS", "1")
+    make_manager([fixture_plugin("toy_backend")], entry_points=False).backends()
+    assert "dspark-lab plugin trace: dspark_register_backends -> dspark_fixture_toy_backend" in capsys.readouterr().err
+    monkeypatch.setenv("DSPARK_TRACE_PLUGINS", "0")
+    make_manager([fixture_plugin("toy_backend")], entry_points=False).backends()
+    assert capsys.readouterr().err == ""
+
+
+# --- entry points --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fixture_distribution(tmp_path, monkeypatch):
+    """Install the fixture plugins as one distribution's entry points, found by importlib.metadata for real."""
+    write_dist_info(tmp_path, "dspark-fixture-plugins", {
+        "toy": "toy_backend", "fails-import": "fails_import", "raises": "raises_in_hook",
+        "unknown": "unknown_hook", "badsig": "bad_signature",
+    })
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(FIXTURE_PLUGINS))
+    monkeypatch.delenv("DSPARK_PLUGINS", raising=False)
+    return ["toy", "fails-import", "raises", "unknown", "badsig"]
+
+
+def test_entry_points_load_and_problems_are_reported(fixture_distribution):
+    manager = make_manager(only=fixture_distribution)
+    assert manager.plugin_names() == ["raises", "toy"]
+    assert [b.name for b in manager.backends()] == ["toy"]
+    by_plugin = {p.plugin: p for p in manager.problems}
+    assert set(by_plugin) == {"fails-import", "unknown", "badsig", "raises"}
+    failed = by_plugin["fails-import"]
+    assert failed.stage == "import" and "toy_vendor_sdk" in failed.reason
+    assert failed.hint == "reinstall dspark-fixture-plugins or uninstall it"
+
+
+def test_dspark_plugins_env_restricts_loading(fixture_distribution, monkeypatch):
+    monkeypatch.setenv("DSPARK_PLUGINS", " toy , cpu ")
+    manager = make_manager()
+    assert manager.plugin_names() == ["cpu", "toy"] and manager.problems == []
+
+
+def test_builtins_load_through_the_entry_point_group(monkeypatch):
+    monkeypatch.delenv("DSPARK_PLUGINS", raising=False)
+    manager = make_manager(only=["cpu", "nvidia", "amd"])
+    assert manager.plugin_names() == ["amd", "cpu", "nvidia"] and manager.problems == []
+    assert {b.name: b.plugin for b in manager.backends()} == {
+        "cpu": "cpu", "nvidia-h100": "nvidia", "nvidia-b200": "nvidia", "amd-mi300x": "amd"}
+
+
+def test_example_plugin_loads_through_its_entry_point(example_plugin_paths):
+    manager = make_manager(only=["gaudi3", "cpu"])
+    assert manager.problems == []
+    gaudi = manager.backend("intel-gaudi3")
+    assert gaudi.plugin == "gaudi3" and gaudi.spec.bf16_tflops == 1835
+    assert "halving_doubling" in manager.collective_names(manager.backend("cpu"))

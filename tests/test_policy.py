@@ -1,0 +1,88 @@
+"""PolicySpec: construction checks, validation per type, and the one-line errors that name key and allowed values."""
+
+from __future__ import annotations
+
+import pytest
+
+from dspark_lab.errors import DSparkError, PolicyError
+from dspark_lab.policy import PolicySpec, parse_assignment
+
+
+def spec(**overrides) -> PolicySpec:
+    fields = dict(key="memory.offload", type="enum", default="off", choices=("off", "cpu"), doc="where to offload")
+    return PolicySpec(**{**fields, **overrides})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(key="offload"), "policy key 'offload' must be 'area.name'"),
+    (dict(type="string"), "type must be one of enum, int, float, bool, got 'string'"),
+    (dict(choices=()), "an enum needs choices"),
+])
+def test_bad_spec_is_a_value_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        spec(**overrides)
+
+
+def test_default_must_be_valid():
+    with pytest.raises(PolicyError, match=r"memory.offload: 'disk' is not allowed; allowed: off \| cpu"):
+        spec(default="disk")
+
+
+def test_enum():
+    s = spec()
+    assert s.validate(" cpu ") == "cpu" and s.area == "memory" and s.allowed() == "off | cpu"
+    with pytest.raises(PolicyError, match="allowed: off | cpu"):
+        s.validate("CPU")
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("On", True), ("1", True), (False, False), ("no", False)])
+def test_bool_accepts_words(text, value):
+    assert spec(type="bool", default=False, choices=()).validate(text) is value
+
+
+def test_bool_rejects_other_words():
+    with pytest.raises(PolicyError, match="allowed: true | false"):
+        spec(type="bool", default=False, choices=()).validate("maybe")
+
+
+def test_int_range_and_parsing():
+    s = spec(key="sched.micro_batches", type="int", default=4, choices=(), min=1, max=64)
+    assert s.validate("8") == 8 and s.validate(64) == 64
+    assert s.allowed() == "int in [1, 64]"
+    for bad in ("0", "65", "1.5", "x", True):
+        with pytest.raises(PolicyError, match=r"sched.micro_batches: .* is not allowed; allowed: int in \[1, 64\]"):
+            s.validate(bad)
+
+
+def test_float_open_ended():
+    s = spec(key="comm.bucket_mb", type="float", default=25.0, choices=(), min=0.5)
+    assert s.validate("0.5") == 0.5 and s.validate(1e6) == 1e6
+    assert s.allowed() == "float in [0.5, inf]"
+    with pytest.raises(PolicyError):
+        s.validate("0.25")
+
+
+def test_policy_error_is_a_cli_error():
+    assert issubclass(PolicyError, DSparkError)
+
+
+def test_as_dict_is_the_schema_row():
+    row = spec(live=False, lossy_values=("cpu",)).as_dict()
+    assert {k: row[k] for k in ("key", "type", "default", "allowed", "choices", "min", "max", "live", "lossless",
+                                "doc")} == {
+        "key": "memory.offload", "type": "enum", "default": "off", "allowed": "off | cpu", "choices": ["off", "cpu"],
+        "min": None, "max": None, "live": False, "lossless": False, "doc": "where to offload"}
+
+
+def test_lossy_values():
+    s = spec(lossy_values=("cpu",))
+    assert s.is_lossy("cpu") and not s.is_lossy("off") and not s.lossless
+    assert spec().lossless
+
+
+def test_parse_assignment():
+    assert parse_assignment(" memory.offload = cpu ") == ("memory.offload", "cpu")
+    assert parse_assignment("comm.codec=a=b") == ("comm.codec", "a=b")
+    for bad in ("memory.offload", "=cpu", "memory.offload="):
+        with pytest.raises(PolicyError, match="expected KEY=VALUE, got"):
+            parse_assignment(bad)
