@@ -6,6 +6,8 @@ import, that raises when a hook is called, or that implements a hook matching no
 
 Environment:
   ``DSPARK_PLUGINS=cpu,nvidia``  load only these entry points (by name).
+  ``DSPARK_PLUGIN_MODULES=a.b,c`` also register these importable modules as plugins (as pytest's ``-p`` does),
+                                 e.g. a plugin under development that is not installed yet.
   ``DSPARK_TRACE_PLUGINS=1``     write every hook call, its plugin and its time to stderr.
 """
 
@@ -99,6 +101,19 @@ class Manager:
                 self.problem(ep.name, "import", _one_line(exc), f"reinstall {dist} or uninstall it")
                 continue
             self.register(plugin, name=ep.name)
+
+    def load_modules(self, names: Iterable[str]) -> None:
+        """Import and register each module named (blank names skipped); an import failure is a problem, not a crash."""
+        for name in (n.strip() for n in names):
+            if not name:
+                continue
+            try:
+                module = importlib.import_module(name)
+            except Exception as exc:
+                self.problems.append(PluginProblem(name, "import", _one_line(exc),
+                                                   "check DSPARK_PLUGIN_MODULES and PYTHONPATH"))
+                continue
+            self.register(module, name=name)
 
     def plugin_names(self) -> list[str]:
         return sorted(self.pm.get_name(p) for p in self.pm.get_plugins())
@@ -219,6 +234,7 @@ def make_manager(plugins: Iterable[Any] = (), *, entry_points: bool = True, only
     manager = Manager(trace=trace)
     if entry_points:
         manager.load_entry_points(only)
+        manager.load_modules(os.environ.get("DSPARK_PLUGIN_MODULES", "").split(","))
     for plugin in plugins:
         manager.register(plugin)
     return manager

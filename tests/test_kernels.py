@@ -162,12 +162,12 @@ def test_unflatten_gives_views_in_the_original_shapes():
 # --- the switch --------------------------------------------------------------------------------------------------
 
 def test_auto_on_cpu_tensors_takes_the_reference(monkeypatch):
-    monkeypatch.setattr(cuda, "cupy_status", lambda: cuda.CupyStatus(True, "pretend", "sm_90"))
+    monkeypatch.setattr(cuda, "device_problem", lambda kernel: None)  # as if CuPy could launch
     assert choose_path("fp8_quantize", None, [torch.ones(3)]) == "reference"
 
 
 def test_environment_forces_reference_and_path_argument_beats_it(monkeypatch):
-    monkeypatch.setattr(cuda, "cupy_status", lambda: cuda.CupyStatus(True, "pretend", "sm_90"))
+    monkeypatch.setattr(cuda, "device_problem", lambda kernel: None)  # as if CuPy could launch
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     assert choose_path("fp8_quantize", None, [torch.ones(3)]) == "device"
     monkeypatch.setenv("DSPARK_KERNELS", "reference")
@@ -185,7 +185,7 @@ def test_a_bad_switch_value_names_the_variable(monkeypatch):
 
 
 def test_device_path_refuses_dtypes_the_sources_do_not_handle(monkeypatch):
-    monkeypatch.setattr(cuda, "cupy_status", lambda: cuda.CupyStatus(True, "pretend", "sm_90"))
+    monkeypatch.setattr(cuda, "device_problem", lambda kernel: None)  # as if CuPy could launch
     with pytest.raises(ValueError, match="float64"):
         choose_path("fp8_quantize", "device", [torch.ones(3, dtype=torch.float64)])
 

@@ -62,6 +62,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep per step (slows a live demo)")
     p.add_argument("--loss-file", help="write the per-step losses of rank 0 here as JSON")
+    p.add_argument("--times-file", help="write rank 0's per-step wall times (s) here as JSON")
     p.add_argument("--save", help="save the model's state_dict here at the end (rank 0)")
     args = p.parse_args()
 
@@ -78,7 +79,8 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     data = torch.Generator().manual_seed(args.seed * 1000 + rank + 1)
 
-    losses = []
+    losses, times = [], []
+    last = time.perf_counter()
     for step in range(args.steps):
         tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=data)
         logits = model(tokens[:, :-1])
@@ -89,15 +91,22 @@ def main():
         losses.append(loss.item())
         if args.step_sleep:
             time.sleep(args.step_sleep)
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
     if rank == 0:
         if args.loss_file:
             with open(args.loss_file, "w") as f:
                 json.dump(losses, f)
+        if args.times_file:
+            with open(args.times_file, "w") as f:
+                json.dump(times, f)
         if args.save:
             inner = model.module if distributed else model
             torch.save(inner.state_dict(), args.save)
         print(f"done: {args.steps} steps, final loss {losses[-1]:.4f}")
     if distributed:
+        dist.barrier()  # no rank tears gloo down while another still uses it
         dist.destroy_process_group()
 
 

@@ -240,16 +240,29 @@ class _State:
     """A batch of placements (one row per layer) with the per-slot loads and per-GPU presence kept current."""
 
     def __init__(self, weight: np.ndarray, phy2log: np.ndarray, shape: Shape):
+        self.weight = weight
+        self.shape = shape
         self.assign = phy2log.copy()
         self.S = shape.slots_per_gpu
         self.gpus = shape.gpus
         self.slots_per_domain = shape.replicas // shape.domains
         self.gpus_per_domain = shape.gpus // shape.domains
-        count = replica_counts(phy2log, shape.experts)
-        per_replica = weight / np.maximum(count, 1)
-        self.value = np.take_along_axis(per_replica, phy2log, 1)
-        self.has = presence(phy2log, shape.experts, shape.gpus)
-        self.loads = self.value.reshape(len(weight), shape.gpus, -1).sum(-1)
+        self.value = self.has = self.loads = None
+        self.refresh(slice(None))
+
+    def refresh(self, rows) -> None:
+        """Recompute slot loads, presence and GPU loads of ``rows`` from ``assign`` (after replica counts change)."""
+        if isinstance(rows, np.ndarray) and not len(rows):
+            return
+        assign, weight = self.assign[rows], self.weight[rows]
+        per_replica = weight / np.maximum(replica_counts(assign, self.shape.experts), 1)
+        value = np.take_along_axis(per_replica, assign, 1)
+        has = presence(assign, self.shape.experts, self.gpus)
+        loads = value.reshape(len(weight), self.gpus, -1).sum(-1)
+        if self.value is None:
+            self.value, self.has, self.loads = value, has, loads
+        else:
+            self.value[rows], self.has[rows], self.loads[rows] = value, has, loads
 
     def swap(self, rows, slot_a, slot_b) -> None:
         ga, gb = slot_a // self.S, slot_b // self.S
@@ -347,12 +360,19 @@ def domain_of_experts(phy2log: np.ndarray, shape: Shape) -> np.ndarray:
 
 
 def best_placement(weight: np.ndarray, shape: Shape) -> np.ndarray:
-    """The balance-only placement: the best of EPLB's plan and ours, both after local search, per node."""
+    """The balance-only placement: ours after local search, and, on layers where that is not at least as good as
+    EPLB's plan, EPLB's plan after the same local search; combined node by node."""
     eplb = eplb_plan(weight, shape)
-    ours = own_plan(weight, shape, domain_of_experts(eplb, shape))
     eplb_max = gpu_loads(weight, eplb, shape.gpus).max(1)
-    candidates = [remove_duplicates(weight, descend(weight, plan, shape), shape, eplb_max) for plan in (ours, eplb)]
-    return pick_per_domain(weight, shape, candidates, limit=eplb_max)
+    ours = descend(weight, own_plan(weight, shape, domain_of_experts(eplb, shape)), shape)
+    if duplicates_per_gpu(ours, shape.gpus).any():
+        ours = remove_duplicates(weight, ours, shape, eplb_max)
+    short = np.flatnonzero(gpu_loads(weight, ours, shape.gpus).max(1) > eplb_max * (1 + _REL_TOL))
+    improved = eplb.copy()
+    if len(short):
+        improved[short] = remove_duplicates(weight[short], descend(weight[short], eplb[short], shape), shape,
+                                            eplb_max[short])
+    return pick_per_domain(weight, shape, [ours, improved], limit=eplb_max)
 
 
 def duplicates_per_gpu(phy2log: np.ndarray, gpus: int) -> np.ndarray:

@@ -48,6 +48,7 @@ class PipelineTrainer:
         self._schedule = schedule
         self.rank, self.stages, self.loss_fn, self.act_shape, self.group = rank, stages, loss_fn, act_shape, group
         self.durations: dict[tuple[int, str], list[float]] = defaultdict(list)  # (chunk, kind) -> seconds
+        self.trace: list[tuple[float, float, str]] = []  # last step: (start, end, op label), perf_counter seconds
 
     @property
     def schedule(self) -> Schedule:
@@ -68,24 +69,27 @@ class PipelineTrainer:
         self._local: dict[tuple, torch.Tensor] = {}
         self._sends: list = []
         self._inputs, self._loss = inputs, 0.0
+        self.trace = []
+        # An op's cost runs from the end of the previous op, less the time blocked in recv: the per-op glue
+        # (posting sends, hooks, the loss) is part of what the simulator must charge to it.
+        last = time.perf_counter()
         for op in s.ops[self.rank]:
-            if op.kind == "FB":
-                self._recv_for(op)
-                t0 = time.perf_counter()
-                self._forward(op.mb, op.chunk)
-                self._backward(op.b_mb, op.b_chunk, full=True)
-                self.durations[(op.chunk, "FB")].append(time.perf_counter() - t0)
-                continue
+            wait0 = time.perf_counter()
             self._recv_for(op)
             t0 = time.perf_counter()
-            if op.kind == "F":
+            if op.kind in ("F", "FB"):
                 self._forward(op.mb, op.chunk)
+            if op.kind == "FB":
+                self._backward(op.b_mb, op.b_chunk, full=True)
             elif op.kind == "B":
                 self._backward(op.mb, op.chunk, full=op.full)
-            else:
+            elif op.kind == "W":
                 self._weights(op.mb, op.chunk)
+            t1 = time.perf_counter()
             kind = "Bi" if op.kind == "B" and not op.full else op.kind
-            self.durations[(op.chunk, kind)].append(time.perf_counter() - t0)
+            self.durations[(op.chunk, kind)].append(t1 - last - (t0 - wait0))
+            self.trace.append((t0, t1, op.label()))
+            last = t1
         for handle in self._sends:
             handle.wait()
         return self._loss

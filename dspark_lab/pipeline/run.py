@@ -57,6 +57,9 @@ def run_schedule(cfg: RunConfig) -> dict:
 
 def _worker(rank: int, cfg_dict: dict, port: int, out: str) -> None:
     torch.set_num_threads(1)
+    if hasattr(os, "sched_setaffinity"):  # one core per rank, so ranks do not migrate onto each other's core
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[rank % len(cores)]})
     cfg = RunConfig(**cfg_dict)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cfg.ranks)
     try:
@@ -123,12 +126,15 @@ def _run_one(rank: int, cfg: RunConfig, name: str) -> dict:
     table = {key: statistics.median(t[key] for t in tables) for key in tables[0]}
     total_loss = torch.tensor([loss], dtype=torch.float64)
     dist.all_reduce(total_loss)
+    in_order = torch.tensor([int([label for _, _, label in trainer.trace] == [op.label() for op in schedule.ops[rank]])])
+    dist.all_reduce(in_order, op=dist.ReduceOp.MIN)
     result = {
         "schedule": name, "ranks": cfg.ranks, "microbatches": schedule.microbatches, "chunks": schedule.chunks,
         "measured_step_time": statistics.median(measured), "predicted_step_time": statistics.median(predicted),
         "prediction_error": statistics.median(errors), "step_times": measured, "predicted_step_times": predicted,
         "comm_latency": comm,
         "op_costs": {f"{r},{c},{k}": v for (r, c, k), v in sorted(table.items())}, "loss": float(total_loss.item()),
+        "order_matches_ir": bool(in_order.item()),
     }
     if cfg.check:
         result.update(_grad_check(rank, schedule, mcfg, held, all_stages, cfg, last_step))
@@ -155,7 +161,8 @@ def _grad_check(rank, schedule, mcfg, held, all_stages, cfg, step) -> dict:
     dist.all_reduce(grads)
     if rank != 0:
         return {}
-    _, ref = reference_grads(mcfg, schedule.microbatches, cfg.mb_size, step)
+    ref_loss, ref = reference_grads(mcfg, schedule.microbatches, cfg.mb_size, step)
     ref_flat = torch.cat([g.reshape(-1) for stage in ref for g in stage])
     diff = (grads - ref_flat).abs().max() / ref_flat.abs().max()
-    return {"grad_rel_diff": float(diff), "grad_ok": bool(diff <= 1e-5)}
+    return {"grad_rel_diff": float(diff), "grad_ok": bool(diff <= 1e-5), "reference_loss": ref_loss,
+            "grad_ref_max": float(ref_flat.abs().max())}

@@ -1,0 +1,146 @@
+"""Expert placement: ours (dspark_lab.moe.rebalance_experts) against DeepSeek's EPLB, side by side in one run.
+
+EPLB is upstream's ``eplb.py`` when ``--eplb PATH`` names a checkout (github.com/deepseek-ai/EPLB, commit d52c72d),
+else our faithful re-implementation (dspark_lab.moe.eplb_reference), which is checked against the README example
+first (and, with ``--eplb``, against upstream on every case). Loads are seeded synthetic: lognormal, Zipf,
+near-uniform and sparse, plus DeepSeek-V3 shapes (58 layers, 256 experts, 288 and 320 replicas, 8 and 4 groups,
+4 nodes, 32 GPUs). "Moved" is measured on a drift step: both place for yesterday's loads, then for today's, and we
+count (expert, GPU) pairs today's placement adds; ours gets yesterday's placement as ``current``.
+
+    python benchmarks/moe_balance.py [--eplb PATH] [--repeats 3] [--move-cost 0.02] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dspark_lab.moe import balance, eplb_reference, moves
+
+README_WEIGHT = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+                 [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]
+README_PHY2LOG = [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+                  [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]]
+
+
+def load_eplb(path: str | None):
+    if path is None:
+        return eplb_reference.rebalance_experts, "eplb_reference (re-implementation)"
+    spec = importlib.util.spec_from_file_location("eplb_upstream", Path(path) / "eplb.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.rebalance_experts, f"upstream {path}"
+
+
+def loads(kind: str, rng: np.random.Generator, layers: int, experts: int) -> np.ndarray:
+    if kind == "lognormal":
+        return rng.lognormal(0, 1.0, (layers, experts))
+    if kind == "zipf":
+        return rng.zipf(1.6, (layers, experts)).astype(float)
+    if kind == "near-uniform":
+        return 1000 + rng.normal(0, 10, (layers, experts)).clip(-900)
+    if kind == "sparse":
+        return (rng.random((layers, experts)) < 0.25) * rng.lognormal(0, 1, (layers, experts))
+    raise ValueError(kind)
+
+
+def best_time(fn, repeats: int):
+    result, best = None, float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return result, best
+
+
+def run_case(name, kind, shape, eplb, repeats, move_cost, seed):
+    layers, experts, replicas, groups, nodes, gpus = shape
+    rng = np.random.default_rng(seed)
+    yesterday = loads(kind, rng, layers, experts)
+    today = yesterday * rng.lognormal(0, 0.3, yesterday.shape)
+    args = (replicas, groups, nodes, gpus)
+    theirs, t_theirs = best_time(lambda: eplb(torch.from_numpy(today).float(), *args)[0].numpy(), repeats)
+    ours, t_ours = best_time(lambda: balance.rebalance_experts(today, *args)[0].numpy(), repeats)
+    reference_equal = bool(np.array_equal(theirs, eplb_reference.rebalance_experts(
+        torch.from_numpy(today), *args)[0].numpy()))
+    old_theirs = eplb(torch.from_numpy(yesterday).float(), *args)[0].numpy()
+    old_ours = balance.rebalance_experts(yesterday, *args)[0].numpy()
+    moved_ours = balance.rebalance_experts(today, *args, current=old_ours, move_cost=move_cost)[0].numpy()
+
+    def moved(new, old):
+        return int(moves.experts_moved(new, balance.presence(old, experts, gpus) > 0, experts, gpus).sum())
+
+    row = {
+        "case": name, "loads": kind, "shape": f"{layers}x{experts}->{replicas} g{groups} n{nodes} p{gpus}",
+        "bal_eplb": balance.balancedness(today, theirs, gpus), "bal_ours": balance.balancedness(today, ours, gpus),
+        "dups_eplb": balance.same_gpu_duplicates(theirs, gpus, experts),
+        "dups_ours": balance.same_gpu_duplicates(ours, gpus, experts),
+        "moved_eplb": moved(theirs, old_theirs), "moved_ours": moved(moved_ours, old_ours),
+        "bal_ours_moving": balance.balancedness(today, moved_ours, gpus),
+        "ms_eplb": 1e3 * t_theirs, "ms_ours": 1e3 * t_ours, "reference_equal": reference_equal,
+    }
+    row["bal_ratio"] = row["bal_ours"] / row["bal_eplb"]
+    row["moved_ratio"] = row["moved_ours"] / max(row["moved_eplb"], 1)
+    row["speedup"] = t_theirs / t_ours
+    return row
+
+
+CASES = [
+    ("small-hier", (16, 64, 80, 8, 2, 8)),
+    ("small-global", (16, 64, 72, 3, 2, 8)),
+    ("dsv3-288", (58, 256, 288, 8, 4, 32)),
+    ("dsv3-320", (58, 256, 320, 4, 4, 32)),
+]
+KINDS = ("lognormal", "zipf", "near-uniform", "sparse")
+COLUMNS = ("case", "loads", "bal_eplb", "bal_ours", "bal_ratio", "dups_eplb", "dups_ours", "moved_eplb",
+           "moved_ours", "moved_ratio", "bal_ours_moving", "ms_eplb", "ms_ours", "speedup")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--eplb", help="path to an EPLB checkout (a directory with eplb.py)")
+    parser.add_argument("--repeats", type=int, default=3, help="timing: best of this many runs")
+    parser.add_argument("--move-cost", type=float, default=0.02, help="ours on the drift step")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    readme = eplb_reference.rebalance_experts(torch.tensor(README_WEIGHT), 16, 4, 2, 8)[0].tolist()
+    if readme != README_PHY2LOG:
+        print("eplb_reference does not reproduce EPLB's README example", file=sys.stderr)
+        return 1
+    eplb, source = load_eplb(args.eplb)
+    rows = []
+    for seed, (name, shape) in enumerate(CASES):
+        for k, kind in enumerate(KINDS if not name.startswith("dsv3") else ("lognormal", "zipf")):
+            rows.append(run_case(name, kind, shape, eplb, args.repeats, args.move_cost, 100 * seed + k))
+    ds = [r for r in rows if r["case"].startswith("dsv3")]
+    summary = {
+        "eplb": source, "readme_example_reproduced": True,
+        "reference_equal_to_eplb_on_all_cases": all(r["reference_equal"] for r in rows),
+        "never_below_eplb": all(r["bal_ours"] >= r["bal_eplb"] - 1e-9 for r in rows),
+        "min_speedup_dsv3": min(r["speedup"] for r in ds),
+        "mean_bal_ratio": float(np.mean([r["bal_ratio"] for r in rows])),
+        "dups_total": {"eplb": sum(r["dups_eplb"] for r in rows), "ours": sum(r["dups_ours"] for r in rows)},
+        "moved_total": {"eplb": sum(r["moved_eplb"] for r in rows), "ours": sum(r["moved_ours"] for r in rows)},
+    }
+    if args.json:
+        print(json.dumps({"rows": rows, "summary": summary}, indent=2))
+        return 0
+    from dspark_lab.output import text_table
+
+    print(f"EPLB: {source}; README example reproduced by eplb_reference; move cost {args.move_cost}")
+    print(text_table(rows, COLUMNS))
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

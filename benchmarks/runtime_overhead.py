@@ -1,0 +1,103 @@
+"""Overhead of running a job under ``dspark-lab run`` (default policies) against plain torchrun.
+
+Runs the same 2-rank DDP script (steps of >= 100 ms) under both, interleaved round by round so drift in machine
+speed hits both alike, and compares the median step time over all measured steps (>= 200 per side by default)
+with a bootstrap 95% confidence interval on the ratio. Then times the runtime's own per-step work directly.
+
+    python benchmarks/runtime_overhead.py [--rounds 3] [--steps 80]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "dspark_lab" / "examples" / "demo_train.py"
+MODEL = ["--layers", "4", "--dim", "128", "--seq", "128", "--batch", "8"]
+WARMUP_STEPS = 5
+
+
+def run(kind: str, steps: int, workdir: Path) -> list[float]:
+    times = workdir / f"{kind}-{time.monotonic_ns()}.json"
+    args = [str(SCRIPT), *MODEL, "--steps", str(steps), "--times-file", str(times)]
+    if kind == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args]
+    else:
+        cmd = [sys.executable, "-m", "dspark_lab", "run", "--nproc", "2", *args]
+    env = {**os.environ, "DSPARK_HOME": str(workdir / "home")}
+    subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=900)
+    return json.loads(times.read_text())[WARMUP_STEPS:]
+
+
+def bootstrap_ratio_ci(a: list[float], b: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    rng = random.Random(seed)
+    ratios = sorted(statistics.median(rng.choices(a, k=len(a))) / statistics.median(rng.choices(b, k=len(b)))
+                    for _ in range(reps))
+    return ratios[int(0.025 * reps)], ratios[int(0.975 * reps)]
+
+
+def per_step_work_us(iterations: int = 2000) -> dict[str, float]:
+    """Microseconds the runtime spends at one step boundary on rank 0 and on another rank (its store poll)."""
+    import torch
+    import torch.distributed as dist
+
+    from dspark_lab.runtime.attach import Job
+    from dspark_lab.runtime.records import RunDir, new_run_id
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = RunDir.create(new_run_id(), {"name": "bench"}, root=Path(tmp))
+        model = torch.nn.Linear(4, 4)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        job = Job(run_dir, rank=0, world=1)
+        job.set_model(model)
+        job.optimizer = optimizer
+        start = time.perf_counter()
+        for _ in range(iterations):
+            job.on_step_begin(optimizer)
+            job.on_step_end(optimizer)
+        boundary = (time.perf_counter() - start) / iterations * 1e6
+        store = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=10))
+        start = time.perf_counter()
+        for _ in range(iterations):
+            store.check(["announce/1"])
+        poll = (time.perf_counter() - start) / iterations * 1e6
+    return {"boundary_rank0_us": boundary, "store_poll_us": poll}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=80, help="steps per run (the first 5 are not counted)")
+    args = parser.parse_args()
+    plain: list[float] = []
+    ours: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            order = ("torchrun", "dspark") if r % 2 == 0 else ("dspark", "torchrun")
+            for kind in order:
+                (plain if kind == "torchrun" else ours).extend(run(kind, args.steps, Path(tmp)))
+            print(f"round {r + 1}/{args.rounds}: torchrun median {statistics.median(plain) * 1e3:.1f} ms, "
+                  f"dspark-lab run median {statistics.median(ours) * 1e3:.1f} ms", flush=True)
+    ratio = statistics.median(ours) / statistics.median(plain)
+    low, high = bootstrap_ratio_ci(ours, plain)
+    print(f"\nsteps measured: torchrun {len(plain)}, dspark-lab run {len(ours)}")
+    print(f"median step time: torchrun {statistics.median(plain) * 1e3:.2f} ms, "
+          f"dspark-lab run {statistics.median(ours) * 1e3:.2f} ms")
+    print(f"ratio dspark/torchrun: {ratio:.4f}  (overhead {100 * (ratio - 1):+.2f}%, "
+          f"95% CI {100 * (low - 1):+.2f}% .. {100 * (high - 1):+.2f}%)")
+    work = per_step_work_us()
+    print(f"runtime's own work per step: {work['boundary_rank0_us']:.1f} us at a boundary (rank 0, metrics "
+          f"record included), {work['store_poll_us']:.1f} us for the store poll other ranks add")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""A DDP script whose rank 1 raises at step 4 (a crashed rank)."""
+import os
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+dist.init_process_group("gloo")
+model = nn.parallel.DistributedDataParallel(nn.Linear(8, 8))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for step in range(100):
+    loss = model(torch.randn(4, 8)).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    if step == 3 and dist.get_rank() == 1:
+        raise RuntimeError("rank 1 crashed on purpose")

@@ -1,0 +1,202 @@
+"""The quickstart in a real browser: JupyterLab on loopback (token auth), Debian's chromium through playwright.
+
+Runs every cell of notebooks/01_quickstart.ipynb (a copy, in a temporary root), then checks what a person sees:
+the dashboard's bokeh canvas is present and not blank, its values change between two looks, and changing the policy
+panel's dropdown produces an applied change and a marker. A screenshot is saved under the test's artifact folder
+(``$DSPARK_ARTIFACTS`` or pytest's tmp dir). To refresh the README's picture::
+
+    python tests/test_browser.py docs/img/quickstart.png
+
+Needs chromium (``apt-get install -y chromium``); skipped with a reason when it or playwright is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "notebooks" / "01_quickstart.ipynb"
+CHROMIUM = os.environ.get("DSPARK_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+# A canvas counts as drawn when enough of its pixels are not background (white or fully transparent).
+CANVAS_INK_JS = """c => {
+  const ctx = c.getContext('2d'); if (!ctx || !c.width || !c.height) return 0;
+  const d = ctx.getImageData(0, 0, c.width, c.height).data; let ink = 0;
+  for (let i = 0; i < d.length; i += 4) { if (d[i+3] > 0 && (d[i] < 240 || d[i+1] < 240 || d[i+2] < 240)) ink++; }
+  return ink; }"""
+CANVAS_HASH_JS = """c => { const s = c.toDataURL(); let h = 0;
+  for (let i = 0; i < s.length; i += 7) { h = (h * 31 + s.charCodeAt(i)) | 0; } return h; }"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def jupyterlab(root: Path, home: Path):
+    """A JupyterLab server on 127.0.0.1 with a random port and token, private config/runtime/settings dirs."""
+    port, token = free_port(), secrets.token_hex(16)
+    env = {**os.environ, "DSPARK_HOME": str(home), "JUPYTER_CONFIG_DIR": str(home / "jcfg"),
+           "JUPYTER_RUNTIME_DIR": str(home / "jrun"), "JUPYTERLAB_SETTINGS_DIR": str(home / "jlab-settings"),
+           "JUPYTERLAB_WORKSPACES_DIR": str(home / "jlab-workspaces"), "PYTHONPATH": str(REPO)}
+    env.update({k: v for k, v in notebook_env().items()})
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.port_retries=0",
+           "--LabApp.expose_app_in_browser=True", "--ServerApp.disable_check_xsrf=False",
+           "--LabApp.news_url=", "--allow-root"]
+    log = open(home / "jupyterlab.log", "wb")
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2).read()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"JupyterLab did not start; see {home / 'jupyterlab.log'}")
+                time.sleep(0.3)
+        yield url, token
+    finally:
+        server.terminate()
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def notebook_env() -> dict[str, str]:
+    """The quickstart's quick mode: short sleeps, few threads (the machine has 2 cores)."""
+    return {"DSPARK_NOTEBOOK_QUICK": "1", "OMP_NUM_THREADS": "1"}
+
+
+def stop_runs(home: Path) -> None:
+    """Stop every run the notebook started (the reader's last step, done here by hand)."""
+    env_home = os.environ.get("DSPARK_HOME")
+    os.environ["DSPARK_HOME"] = str(home)
+    try:
+        from dspark_lab import commands
+        from dspark_lab.runtime.launch import effective_state
+        from dspark_lab.runtime.records import list_runs
+
+        for run in list_runs():
+            if effective_state(run).get("state") in ("running", "starting"):
+                with contextlib.suppress(Exception):
+                    commands.stop(run.id)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(
+                effective_state(r).get("state") in ("running", "starting") for r in list_runs()):
+            time.sleep(0.5)
+    finally:
+        if env_home is None:
+            os.environ.pop("DSPARK_HOME", None)
+        else:
+            os.environ["DSPARK_HOME"] = env_home
+
+
+def drive_quickstart(page, url: str, token: str, notebook: str, screenshot: Path) -> dict:
+    """Open the notebook, run all cells, check the dashboard and the panel; returns what was seen."""
+    page.goto(f"{url}/lab/tree/{notebook}?token={token}", wait_until="domcontentloaded")
+    page.wait_for_function("() => window.jupyterapp && document.querySelector('.jp-Notebook')", timeout=60_000)
+    page.wait_for_function(
+        "() => document.querySelector('.jp-Notebook-ExecutionIndicator, .jp-KernelStatus, .jp-Toolbar-kernelStatus')",
+        timeout=60_000)
+    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    dashboard = page.locator(".dspark-dashboard").first
+    dashboard.wait_for(timeout=120_000)
+    canvas = dashboard.locator("canvas").first
+    canvas.wait_for(timeout=60_000)
+    page.wait_for_function("() => !document.querySelector('.jp-Notebook .jp-InputArea-prompt:has-text(\"[*]\")')",
+                           timeout=150_000)
+    seen = {"errors": page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
+            .all_inner_texts()}
+    header = dashboard.locator(".widget-html").first
+    first = (header.inner_text(), canvas.evaluate(CANVAS_HASH_JS))
+    seen["ink"] = canvas.evaluate(CANVAS_INK_JS)
+    time.sleep(3)
+    second = (header.inner_text(), canvas.evaluate(CANVAS_HASH_JS))
+    seen["looks"] = [first, second]
+    panel = page.locator(".dspark-policy-panel").first
+    panel.scroll_into_view_if_needed()
+    select = panel.locator("select").first  # the first enum policy's dropdown
+    options = select.locator("option").all_inner_texts()
+    current = select.input_value()
+    target = next(o for o in options if o != current)
+    markers_before = dashboard.locator(".dspark-markers").all_inner_texts()
+    select.select_option(target)
+    row = select.locator("xpath=ancestor::div[contains(@class,'widget-hbox')][1]")
+    page.wait_for_function(
+        "el => el.innerText.includes('applied at step')", arg=row.element_handle(), timeout=90_000)
+    seen["panel_state"] = row.inner_text()
+    page.wait_for_function(
+        "([el, before]) => el && el.innerText !== before",
+        arg=[dashboard.locator(".dspark-markers").first.element_handle(), (markers_before or [""])[0]],
+        timeout=30_000)
+    seen["markers"] = dashboard.locator(".dspark-markers").first.inner_text()
+    seen["target"] = target
+    dashboard.scroll_into_view_if_needed()
+    time.sleep(1)
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    dashboard.screenshot(path=str(screenshot))
+    return seen
+
+
+def run_in_browser(screenshot: Path, work: Path) -> dict:
+    from playwright.sync_api import sync_playwright
+
+    root, home = work / "root", work / "home"
+    root.mkdir(parents=True)
+    home.mkdir(parents=True)
+    shutil.copy(QUICKSTART, root / QUICKSTART.name)
+    try:
+        with jupyterlab(root, home) as (url, token), sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 1000})
+                return drive_quickstart(page, url, token, QUICKSTART.name, screenshot)
+            finally:
+                browser.close()
+    finally:
+        stop_runs(home)
+
+
+@pytest.mark.slow
+def test_quickstart_renders_live_in_chromium(tmp_path):
+    pytest.importorskip("playwright")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install -y chromium)")
+    artifacts = Path(os.environ.get("DSPARK_ARTIFACTS", tmp_path))
+    shot = artifacts / "quickstart.png"
+    seen = run_in_browser(shot, tmp_path / "work")
+    assert seen["ink"] > 2000, "the dashboard's canvas is blank: BokehJS did not load"
+    (text1, hash1), (text2, hash2) = seen["looks"]
+    assert text1 != text2 and hash1 != hash2, f"the dashboard did not update between two looks: {text1!r}"
+    assert "applied at step" in seen["panel_state"] and seen["target"] in seen["panel_state"]
+    assert f"={seen['target']}" in seen["markers"]
+    assert shot.stat().st_size > 10_000
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/img/quickstart.png").resolve()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print(run_in_browser(out, Path(tmp)))
+    print(f"saved {out}")

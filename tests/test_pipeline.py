@@ -1,0 +1,197 @@
+"""Pipeline schedules: the IR validator, the generators' closed forms through the simulator, and the CLI verbs."""
+
+from __future__ import annotations
+
+import json
+import itertools
+
+import pytest
+
+from dspark_lab.cli import main
+from dspark_lab.pipeline.ir import B, F, Schedule, ScheduleError, W, validate
+from dspark_lab.pipeline.schedules import SCHEDULES, build
+from dspark_lab.pipeline.simulate import Costs, simulate
+
+COSTS = [(1.0, 1.0, 1.0), (1.0, 2.0, 1.0), (2.0, 3.0, 1.0), (1.0, 1.0, 0.5), (3.0, 2.0, 1.0), (0.7, 1.3, 0.4)]
+
+
+def shapes(name: str):
+    """Many (p, m, v) each generator accepts."""
+    for p, m in itertools.product(range(1, 9), range(1, 26)):
+        for v in ([1, 2, 3] if name == "interleaved-1f1b" else [None]):
+            try:
+                yield build(name, p, m, v)
+            except ValueError:
+                continue
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_every_generated_schedule_validates(name):
+    count = 0
+    for schedule in shapes(name):
+        validate(schedule)
+        count += 1
+    assert count >= 20
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_validator_catches_broken_schedules(name):
+    s = build(name, 4, 8 if name not in ("zbv", "dualpipe", "dualpipev") else 16)
+    rank_ops = s.ops[1]
+    # dropping an op leaves a count incomplete
+    with pytest.raises(ScheduleError):
+        validate(Schedule(s.name, s.ranks, s.microbatches, s.chunks, [*s.ops[:1], rank_ops[:-1], *s.ops[2:]],
+                          s.streams))
+    # moving the rank's last op to the front puts a backward before its inputs
+    with pytest.raises(ScheduleError):
+        validate(Schedule(s.name, s.ranks, s.microbatches, s.chunks,
+                          [*s.ops[:1], [rank_ops[-1], *rank_ops[:-1]], *s.ops[2:]], s.streams))
+    # a tighter memory bound than the schedule needs
+    with pytest.raises(ScheduleError, match="peak activations"):
+        validate(Schedule(s.name, s.ranks, s.microbatches, s.chunks, s.ops, s.streams,
+                          memory_bound=[1] * s.ranks))
+
+
+def test_cross_rank_deadlock_is_reported():
+    # rank 1 runs B1 before B0 while rank 0 (1f1b order) waits for B0 first: fine; but a rank-0 forward order that
+    # differs from rank 1's backward needs can deadlock: rank 1 wants F1 first, rank 0 sends F0 only after B1.
+    ops = [[F(1), F(0), B(1), B(0)], [F(0), B(0), F(1), B(1)]]
+    ops[0] = [F(1), B(1), F(0), B(0)]
+    s = Schedule("bad", 2, 2, 1, ops, [[(0, 0), (1, 0)]])
+    with pytest.raises(ScheduleError, match="deadlock"):
+        validate(s)
+
+
+def test_split_backward_needs_its_weight_pass():
+    s = Schedule("x", 1, 1, 1, [[F(0), B(0, full=False)]], [[(0, 0)]])
+    with pytest.raises(ScheduleError, match="W0.0 is missing"):
+        validate(s)
+    validate(Schedule("x", 1, 1, 1, [[F(0), B(0, full=False), W(0)]], [[(0, 0)]]))
+
+
+def closed_form(name, p, f, b, w, fb=None):
+    if name in ("gpipe", "1f1b", "interleaved-1f1b"):
+        return (p - 1) * (f + b + w)
+    if name == "zb-h1":
+        return (p - 1) * (f + b - w)
+    stages = p if name == "dualpipe" else 2 * p
+    fb = f + b + w if fb is None else fb
+    return (stages / 2 - 1) * (fb + (b + w) - 3 * w)
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "zb-h1"])
+def test_bubble_closed_forms(name):
+    for p, m in itertools.product([1, 2, 3, 4, 6, 8], [4, 8, 9, 16, 32]):
+        if m < p:
+            continue
+        for f, b, w in COSTS:
+            sim = simulate(build(name, p, m), Costs(f=f, b=b, w=w))
+            assert max(sim.bubble) == pytest.approx(closed_form(name, p, f, b, w), abs=1e-9), (p, m, f, b, w)
+            assert sim.step_time == pytest.approx(m * (f + b + w) + max(sim.bubble))
+
+
+def test_interleaved_bubble_closed_form_with_per_chunk_costs():
+    for p, k, v in itertools.product([2, 3, 4, 8], [1, 2, 4], [2, 3, 4]):
+        m = k * p
+        for f, b, w in COSTS:
+            sim = simulate(build("interleaved-1f1b", p, m, v), Costs(f=f, b=b, w=w))
+            assert max(sim.bubble) == pytest.approx(closed_form("interleaved-1f1b", p, f, b, w)), (p, m, v)
+
+
+@pytest.mark.parametrize("name", ["dualpipe", "dualpipev"])
+def test_dualpipe_bubble_closed_form_when_w_equals_f(name):
+    # DeepSeek-V3's (PP/2-1)(F&B + B - 3W) holds exactly when B (input grads) and W equal F, for any FB up to F+B+W.
+    for p in [2, 4, 6, 8]:
+        for m in [2 * p, 2 * p + 2, 4 * p, 32]:
+            for f in [0.5, 1.0, 2.0]:
+                for fb in [None, 2.5 * f, 2.0 * f]:
+                    sim = simulate(build(name, p, m), Costs(f=f, b=f, w=f, fb=fb))
+                    assert max(sim.bubble) == pytest.approx(closed_form(name, p, f, f, f, fb)), (p, m, f, fb)
+
+
+@pytest.mark.parametrize("name,peak", [("gpipe", lambda p, m: m), ("1f1b", lambda p, m: p),
+                                       ("zb-h1", lambda p, m: p), ("zb-h2", lambda p, m: 2 * p - 1),
+                                       ("dualpipe", lambda p, m: p + 1), ("dualpipev", lambda p, m: 2 * p + 1),
+                                       ("zbv", lambda p, m: 2 * p)])
+def test_peak_activations(name, peak):
+    for p in [2, 4, 6, 8]:
+        for m in [2 * p, 3 * p, 32]:
+            sim = simulate(build(name, p, m), Costs(f=1, b=1, w=1))
+            assert max(sim.peak) == peak(p, m), (p, m, sim.peak)
+
+
+def test_zero_bubble_beats_1f1b_and_comm_adds_latency():
+    costs = Costs(f=1, b=1, w=1)
+    assert simulate(build("zb-h1", 4, 8), costs).step_time < simulate(build("1f1b", 4, 8), costs).step_time
+    # GPipe's critical path crosses the 3 links once forward and once backward
+    slow = simulate(build("gpipe", 4, 8), Costs(f=1, b=1, w=1, comm=0.5))
+    assert slow.step_time == pytest.approx(simulate(build("gpipe", 4, 8), costs).step_time + 6 * 0.5)
+    # 1F1B waits on a round trip in the steady state too, so it pays more than that
+    slow = simulate(build("1f1b", 4, 8), Costs(f=1, b=1, w=1, comm=0.5))
+    assert slow.step_time > simulate(build("1f1b", 4, 8), costs).step_time + 6 * 0.5
+
+
+def test_bad_input_names_the_field():
+    with pytest.raises(ValueError, match="microbatches: interleaved-1f1b needs a multiple of ranks"):
+        build("interleaved-1f1b", 4, 6)
+    with pytest.raises(ValueError, match="schedule: unknown 'nope'"):
+        build("nope", 2, 2)
+    with pytest.raises(ValueError, match="ranks: dualpipe needs an even number"):
+        build("dualpipe", 3, 12)
+    with pytest.raises(ValueError, match="cost f must be >= 0"):
+        Costs(f=-1, b=1, w=1)
+
+
+def test_cli_simulate_json(capsys):
+    assert main(["schedule", "simulate", "zb-h1", "--ranks", "4", "--microbatches", "8", "--cost-f", "1",
+                 "--cost-b", "2", "--cost-w", "1", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["kind"] == "schedule.simulate" and doc["schema_version"] == 1
+    assert (doc["schedule"], doc["ranks"], doc["microbatches"], doc["chunks"]) == ("zb-h1", 4, 8, 1)
+    assert max(doc["bubble_time"]) == pytest.approx(3 * (1 + 2 - 1))
+    assert doc["peak_activations"] == [4, 3, 2, 1]
+    # rank 0 does W right after its B; the last rank keeps 3 W pending (ZB-H1)
+    assert doc["ops"][0][3:6] == [{"op": "F", "mb": 3, "chunk": 0}, {"op": "B", "mb": 0, "chunk": 0, "full": False},
+                                  {"op": "W", "mb": 0, "chunk": 0}]
+    last = [op["op"] for op in doc["ops"][3]]
+    assert last[:8] == ["F", "B", "F", "B", "F", "B", "F", "B"] and last[-3:] == ["W", "W", "W"]
+
+
+def test_cli_simulate_dualpipe_fb_ops(capsys):
+    assert main(["schedule", "simulate", "dualpipe", "-p", "4", "-m", "8", "--cost-fb", "2.5", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    fbs = [op for op in doc["ops"][0] if op["op"] == "FB"]
+    assert fbs and set(fbs[0]) == {"op", "f_mb", "f_chunk", "b_mb", "b_chunk"}
+    # directions: chunk 0 enters at rank 0, so rank 0's first op is a forward of direction 0, the last rank's of 1
+    assert doc["ops"][0][0] == {"op": "F", "mb": 0, "chunk": 0}
+    assert doc["ops"][3][0] == {"op": "F", "mb": 0, "chunk": 1}
+
+
+def test_cli_bad_input_is_one_line(capsys):
+    assert main(["schedule", "simulate", "zbv", "-p", "4", "-m", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: microbatches: zbv needs") and "\n" not in err
+
+
+def test_show_writes_html_and_png(tmp_path, capsys):
+    assert main(["schedule", "show", "1f1b", "-p", "4", "-m", "8", "--out", str(tmp_path / "t"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    html = (tmp_path / "t.html").read_text()
+    assert "cdn.bokeh.org" not in html and "Bokeh" in html
+    png = (tmp_path / "t.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and doc["png"].endswith("t.png")
+
+
+def test_timeline_figure_has_one_row_per_rank_and_bubbles():
+    from dspark_lab.pipeline.show import timeline_figure
+
+    sim = simulate(build("gpipe", 3, 4), Costs(f=1, b=1, w=1))
+    fig = timeline_figure(sim)
+    ranks = set()
+    covered = 0.0
+    for renderer in fig.renderers:
+        data = renderer.data_source.data
+        ranks.update(data["rank"])
+        covered += sum(e - s for s, e in zip(data["start"], data["end"]))
+    assert ranks == {0, 1, 2}
+    assert covered == pytest.approx(sum(sim.busy)) and covered < 3 * sim.step_time

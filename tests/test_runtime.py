@@ -1,0 +1,222 @@
+"""The live runtime end to end: real 2-rank torchrun jobs over gloo, changed through the real control endpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from dspark_lab import commands
+from dspark_lab.cli import main as cli_main
+from dspark_lab.errors import ControlError, DSparkError, PolicyError
+
+pytestmark = pytest.mark.slow
+
+HERE = Path(__file__).parent
+FIXTURES = HERE / "runtime_fixtures"
+DEMO = Path(commands.__file__).parent / "examples" / "demo_train.py"
+SMALL = ["--layers", "3", "--dim", "32", "--seq", "16", "--batch", "4", "--vocab", "64"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def dspark_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("dspark_home")
+    saved = {k: os.environ.get(k) for k in ("DSPARK_HOME", "DSPARK_PLUGIN_MODULES", "PYTHONPATH")}
+    os.environ["DSPARK_HOME"] = str(home)
+    os.environ["DSPARK_PLUGIN_MODULES"] = "flaky_policy"
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FIXTURES), saved["PYTHONPATH"]]))
+    sys.path.insert(0, str(FIXTURES))
+    from dspark_lab.plugins import reset_manager
+
+    reset_manager()
+    yield home
+    sys.path.remove(str(FIXTURES))
+    for key, value in saved.items():
+        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    reset_manager()
+
+
+def wait_for_step(job, step, timeout=90):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(m["step"] >= step for m in job.run_dir.metrics()):
+            return
+        assert job.poll() is None, (job.run_dir.path / "output.log").read_text()[-3000:]
+        time.sleep(0.1)
+    raise AssertionError(f"step {step} not reached")
+
+
+@pytest.fixture(scope="module")
+def live_job(dspark_home):
+    job = commands.launch(DEMO, [*SMALL, "--steps", "100000", "--step-sleep", "0.02"], nproc=2, name="live")
+    wait_for_step(job, 2)
+    yield job
+    if job.poll() is None:
+        job.stop()
+
+
+def events_of(job, change_id):
+    return [e for e in job.run_dir.events() if e.get("change_id") == change_id]
+
+
+def test_change_applies_on_both_ranks_at_one_step(live_job):
+    report = commands.set_policies(live_job.id, ["memory.activation_checkpointing=full"])
+    assert report.data["state"] == "applied"
+    applied = events_of(live_job, report.data["change_id"])
+    applies = [e for e in applied if e["kind"] == "apply"]
+    assert sorted(e["rank"] for e in applies) == [0, 1]
+    assert {e["step"] for e in applies} == {report.data["step"]}
+    got = commands.get(live_job.id, "memory.activation_checkpointing").data["policies"][0]
+    assert (got["value"], got["since_step"]) == ("full", report.data["step"])
+    # the runtime's own count: checkpointing every block cuts what is held for backward
+    wait_for_step(live_job, report.data["step"] + 2)
+    metrics = live_job.run_dir.metrics()
+    before = [m["peak_activation_bytes"] for m in metrics if 1 < m["step"] < report.data["step"]]
+    after = [m["peak_activation_bytes"] for m in metrics if m["step"] >= report.data["step"]]
+    assert max(after) < 0.6 * min(before)
+    commands.set_policies(live_job.id, ["memory.activation_checkpointing=none"])
+
+
+def test_bad_value_is_refused_in_one_line_and_logged_once(live_job):
+    with pytest.raises(PolicyError) as err:
+        commands.set_policies(live_job.id, ["memory.activation_checkpointing=sometimes"])
+    message = str(err.value)
+    assert "\n" not in message and "none | full | every-2 | every-4" in message
+    refusals = [e for e in live_job.run_dir.events() if e["kind"] == "refuse" and "sometimes" in e["reason"]]
+    assert len(refusals) == 1
+    with pytest.raises(PolicyError, match="launch-only"):
+        commands.set_policies(live_job.id, ["comm.bucket_mb=50"])
+    with pytest.raises(PolicyError, match="unknown policy"):
+        commands.set_policies(live_job.id, ["memory.nonsense=1"])
+    assert live_job.poll() is None  # the job goes on
+
+
+def test_failed_apply_on_one_rank_rolls_back_every_key_on_every_rank(live_job):
+    report = commands.set_policies(live_job.id, ["memory.activation_offload=host", "test.flaky=fail-rank-1"])
+    assert report.data["state"] == "rolled_back"
+    assert "rank 1" in report.data["reason"]
+    rollbacks = [e for e in events_of(live_job, report.data["change_id"]) if e["kind"] == "rollback"]
+    assert sorted((e["rank"], e["key"]) for e in rollbacks) == [
+        (0, "memory.activation_offload"), (0, "test.flaky"), (1, "memory.activation_offload"), (1, "test.flaky")]
+    assert commands.get(live_job.id, "memory.activation_offload").data["policies"][0]["value"] == "off"
+    assert live_job.poll() is None
+
+
+def test_grad_sync_switches_live_and_no_wait_returns_the_pending_step(live_job):
+    report = commands.set_policies(live_job.id, ["comm.grad_sync=tree"], wait=False)
+    assert report.data["state"] in ("pending", "applied") and report.data["step"] > 0
+    wait_for_step(live_job, report.data["step"] + 1)
+    assert commands.get(live_job.id, "comm.grad_sync").data["policies"][0]["value"] == "tree"
+    commands.set_policies(live_job.id, ["comm.grad_sync=builtin"])
+
+
+def test_wrong_token_and_malformed_requests_change_nothing(live_job):
+    control = live_job.run_dir.info()["control"]
+    url = f"http://{control['host']}:{control['port']}"
+
+    def post(path, data, token):
+        req = urllib.request.Request(url + path, data=data, method="POST",
+                                     headers={"Authorization": f"Bearer {token}"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=10)
+        return err.value.code, json.loads(err.value.read())["error"]
+
+    body = json.dumps({"changes": {"memory.activation_checkpointing": "full"}}).encode()
+    assert post("/set", body, "not-the-token")[0] == 401
+    token = live_job.run_dir.token()
+    assert post("/set", b"{not json", token) == (400, "request: body is not JSON")
+    assert post("/set", b'{"changes": {}}', token)[0] == 400
+    assert oct(live_job.run_dir.token_path.stat().st_mode & 0o777) == "0o600"
+    assert commands.get(live_job.id, "memory.activation_checkpointing").data["policies"][0]["value"] == "none"
+
+
+def test_cli_json_outputs(live_job, capsys):
+    assert cli_main(["jobs", "--json"]) == 0
+    jobs = json.loads(capsys.readouterr().out)
+    assert jobs["schema_version"] == 1 and jobs["kind"] == "jobs"
+    mine = next(j for j in jobs["jobs"] if j["id"] == live_job.id)
+    assert mine["state"] == "running" and mine["ranks"] == 2 and mine["step"] >= 2
+    assert cli_main(["status", "live", "--json"]) == 0  # by name
+    status = json.loads(capsys.readouterr().out)
+    assert status["run"]["live"]["step"] >= 2
+    assert cli_main(["policies", live_job.id[:15], "--json"]) == 0  # by prefix
+    keys = {p["key"] for p in json.loads(capsys.readouterr().out)["policies"]}
+    assert {"memory.activation_checkpointing", "comm.grad_sync", "comm.bucket_mb"} <= keys
+    assert cli_main(["metrics", live_job.id, "--tail", "3", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)["metrics"]
+    assert len(records) == 3 and all(r["schema_version"] == 1 for r in records)
+    assert cli_main(["set", live_job.id, "memory.activation_offload=sideways"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: memory.activation_offload") and "\n" not in err
+
+
+def test_stop_ends_every_rank_at_a_boundary(live_job):
+    commands.stop(live_job.id)
+    assert live_job.wait(60) == 0
+    info = live_job.run_dir.info()
+    assert info["state"] == "stopped"
+    stops = [e for e in live_job.run_dir.events() if e["kind"] == "stop"]
+    assert sorted(e["rank"] for e in stops) == [0, 1] and len({e["step"] for e in stops}) == 1
+    with pytest.raises(ControlError, match="stopped"):
+        commands.set_policies(live_job.id, ["memory.activation_checkpointing=full"])
+
+
+def test_losses_and_state_dict_keys_equal_plain_torchrun(tmp_path):
+    args = [*SMALL, "--steps", "12"]
+    plain = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            str(DEMO), *args, "--loss-file", str(tmp_path / "plain.json"),
+                            "--save", str(tmp_path / "plain.pt")], capture_output=True, text=True, timeout=180)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    ours = subprocess.run([sys.executable, "-m", "dspark_lab", "run", "--nproc", "2",
+                           "--policy", "memory.activation_checkpointing=full", str(DEMO), *args,
+                           "--loss-file", str(tmp_path / "ours.json"), "--save", str(tmp_path / "ours.pt")],
+                          capture_output=True, text=True, timeout=180)
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    assert json.loads((tmp_path / "ours.json").read_text()) == json.loads((tmp_path / "plain.json").read_text())
+    assert list(torch.load(tmp_path / "ours.pt")) == list(torch.load(tmp_path / "plain.pt"))
+
+
+def test_crashed_rank_marks_the_run_failed(tmp_path):
+    job = commands.launch(FIXTURES / "crash_train.py", nproc=2, name="crash")
+    assert job.wait(120) != 0
+    jobs = {j["id"]: j for j in commands.jobs().data["jobs"]}
+    assert jobs[job.id]["state"] == "failed"
+    errors = [e for e in job.run_dir.events() if e["kind"] == "error"]
+    assert any("crashed on purpose" in e["reason"] for e in errors)
+    started = time.monotonic()
+    with pytest.raises(DSparkError, match="failed"):
+        commands.set_policies(job.id, ["memory.activation_checkpointing=full"])
+    assert time.monotonic() - started < 5
+
+
+def test_killed_job_is_reported_failed_and_attach_api_works():
+    proc = subprocess.Popen([sys.executable, str(FIXTURES / "attach_train.py"), "100000"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        run_id = proc.stdout.readline().strip()
+        from dspark_lab.runtime.records import find_run
+
+        run_dir = find_run(run_id)
+        deadline = time.monotonic() + 30
+        while not run_dir.metrics() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        report = commands.set_policies(run_id, ["memory.activation_checkpointing=every-2"])
+        assert report.data["state"] == "applied"
+        apply = [e for e in run_dir.events() if e["kind"] == "apply"]
+        assert apply[-1]["reason"] == "2 of 4 blocks checkpointed"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    state = {j["id"]: j["state"] for j in commands.jobs().data["jobs"]}[run_id]
+    assert state == "failed"
+    with pytest.raises(DSparkError):
+        commands.policies(run_id)
