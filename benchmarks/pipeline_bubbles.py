@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                             "closed_frac", "peak", "closed_peak", "note")))
     bad = [r for r in rows if r.get("note") == "MISMATCH"]
     if not args.no_real:
-        print("\nReal runs: 2 gloo ranks, one core each, 8 micro-batches; prediction from per-op costs of the same steps")
+        print("\nReal runs: 2 gloo ranks, one core each, 8 micro-batches; predicted from the same steps' op costs")
         real = real_rows(args.steps)
         print(text_table(real, ("schedule", "ranks", "m", "measured_ms", "predicted_ms", "error", "target", "comm_ms",
                                 "grad_rel_diff")))

@@ -34,8 +34,13 @@ def run(kind: str, steps: int, workdir: Path) -> list[float]:
     else:
         cmd = [sys.executable, "-m", "dspark_lab", "run", "--nproc", "2", *args]
     env = {**os.environ, "DSPARK_HOME": str(workdir / "home")}
-    subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=900)
-    return json.loads(times.read_text())[WARMUP_STEPS:]
+    for attempt in (1, 2):  # a loaded machine can lose a launch to a port race; say so and try once more
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        if done.returncode == 0:
+            return json.loads(times.read_text())[WARMUP_STEPS:]
+        tail = "\n".join(line for line in done.stderr.splitlines() if not line.startswith("[W"))[-1500:]
+        print(f"{kind} run failed (attempt {attempt}):\n{tail}", file=sys.stderr)
+    raise SystemExit(f"{kind} run failed twice")
 
 
 def bootstrap_ratio_ci(a: list[float], b: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float]:

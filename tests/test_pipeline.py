@@ -53,10 +53,8 @@ def test_validator_catches_broken_schedules(name):
 
 
 def test_cross_rank_deadlock_is_reported():
-    # rank 1 runs B1 before B0 while rank 0 (1f1b order) waits for B0 first: fine; but a rank-0 forward order that
-    # differs from rank 1's backward needs can deadlock: rank 1 wants F1 first, rank 0 sends F0 only after B1.
-    ops = [[F(1), F(0), B(1), B(0)], [F(0), B(0), F(1), B(1)]]
-    ops[0] = [F(1), B(1), F(0), B(0)]
+    # each rank's order is fine on its own, but rank 0 waits for B1 before it sends F0, and rank 1 wants F0 first
+    ops = [[F(1), B(1), F(0), B(0)], [F(0), B(0), F(1), B(1)]]
     s = Schedule("bad", 2, 2, 1, ops, [[(0, 0), (1, 0)]])
     with pytest.raises(ScheduleError, match="deadlock"):
         validate(s)

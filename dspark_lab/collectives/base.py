@@ -8,9 +8,31 @@ concatenated in rank order. Implementations may run synchronously (gloo point-to
 from __future__ import annotations
 
 import abc
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+
+
+def flat_view(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a flat contiguous tensor: a view when it is contiguous, else a copy."""
+    return tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
+
+
+def in_place(tensor: torch.Tensor, reduce_flat: Callable[[torch.Tensor], object]) -> torch.Tensor:
+    """Run ``reduce_flat`` on a flat contiguous view of ``tensor`` and make the result land in ``tensor``."""
+    flat = flat_view(tensor)
+    reduce_flat(flat)
+    if not tensor.is_contiguous():
+        tensor.copy_(flat.view(tensor.shape))
+    return tensor
+
+
+def shard_size(numel: int, world_size: int) -> int:
+    """The numel of one ``reduce_scatter`` shard; ``ValueError`` when ``numel`` does not divide by the group."""
+    if numel % world_size:
+        raise ValueError(f"reduce_scatter: numel {numel} must be divisible by the group size {world_size}")
+    return numel // world_size
 
 
 class Collective(abc.ABC):

@@ -164,7 +164,8 @@ class PipelineTrainer:
             del self._live[(mb, chunk)]
         else:
             linear_outs = [y for _, _, y in live.linears]
-            others = [p for n, p in self.stages[chunk].named_parameters() if not _is_linear_param(self.stages[chunk], n)]
+            module = self.stages[chunk]
+            others = [p for n, p in module.named_parameters() if not _is_linear_param(module, n)]
             targets = ([live.inp] if wants_input else []) + linear_outs + others
             grads = torch.autograd.grad(live.out, targets, grad_out, allow_unused=True)
             in_grad = grads[0] if wants_input else None

@@ -114,8 +114,8 @@ def zb_h1(p: int, m: int, v: int = 1) -> Schedule:
 
 @_register("zb-h2")
 def zb_h2(p: int, m: int, v: int = 1) -> Schedule:
-    # Warm up with 2(p-1-r) forwards (plus the first steady one): enough to cover the time until the first B returns (ZB paper, Fig. 3
-    # bottom); W passes trail their B by the same lag so the cool-down is filled from the tail.
+    # Warm up with 2(p-1-r) forwards, plus the first steady one: enough to cover the time until the first B
+    # returns (ZB paper, Fig. 3 bottom); W passes trail their B by the same lag as in ZB-H1.
     _one_chunk("zb-h2", v)
     ops = [_one_f_one_b(p, m, r, min(2 * (p - 1 - r), m), r) for r in range(p)]
     return Schedule("zb-h2", p, m, 1, ops, _line(p), memory_bound=[min(2 * (p - r) - 1, m) for r in range(p)])

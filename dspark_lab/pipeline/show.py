@@ -1,6 +1,8 @@
 """Timeline pictures of a simulated schedule: a bokeh figure (notebooks, HTML) and a PNG drawn with Pillow.
 
-One row per rank, time to the right, ops coloured by kind; the white gaps are the bubbles.
+One row per rank, time to the right, ops coloured by kind; the white gaps are the bubbles. In the PNG each op
+carries its micro-batch number, with a prime per chunk index (``3'`` is micro-batch 3 on chunk 1; FB shows
+forward/backward).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ def _boxes(sim: Simulation) -> list[dict]:
     for rank, row in enumerate(sim.timeline):
         for start, end, op in row:
             kind = "Bi" if op.kind == "B" and not op.full else op.kind
-            rows.append({"rank": rank, "start": start, "end": end, "kind": kind, "label": op.label(),
+            short = f"{op.mb}{chr(39) * op.chunk}" + (f"/{op.b_mb}{chr(39) * op.b_chunk}" if op.kind == "FB" else "")
+            rows.append({"rank": rank, "start": start, "end": end, "kind": kind, "label": op.label(), "short": short,
                          "color": COLORS[kind], "y0": rank - 0.4, "y1": rank + 0.4})
     return rows
 
@@ -79,6 +82,8 @@ def save_png(sim: Simulation, path: str | Path, width: int = 1200, row: int = 36
         y = top + box["rank"] * row
         x0, x1 = left + box["start"] * scale, left + box["end"] * scale
         draw.rectangle([x0, y + 3, max(x0 + 1, x1 - 1), y + row - 3], fill=COLORS[box["kind"]], outline="white")
+        if x1 - x0 >= 7 * len(box["short"]) + 4:  # micro-batch number; a prime marks chunk 1
+            draw.text((x0 + 3, y + row // 3), box["short"], fill="white")
     x = left
     for kind, legend in LEGEND.items():
         y = top + row * s.ranks + 8

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import warnings
 from collections import Counter
 
 import torch
@@ -13,12 +14,14 @@ def model_of_optimizer(optimizer: torch.optim.Optimizer) -> nn.Module | None:
     """The outermost live module that owns the most of the optimizer's parameters (one scan of the heap, once)."""
     wanted = {id(p) for group in optimizer.param_groups for p in group["params"]}
     best, best_key = None, (0, 0)
-    for obj in gc.get_objects():
-        if isinstance(obj, nn.Module):
-            owned = sum(id(p) in wanted for p in obj.parameters())
-            key = (owned, sum(1 for _ in obj.modules()))
-            if owned and key > best_key:
-                best, best_key = obj, key
+    with warnings.catch_warnings():  # isinstance() on torch's deprecated module proxies warns
+        warnings.simplefilter("ignore")
+        modules = [obj for obj in gc.get_objects() if isinstance(obj, nn.Module)]
+    for obj in modules:
+        owned = sum(id(p) in wanted for p in obj.parameters())
+        key = (owned, sum(1 for _ in obj.modules()))
+        if owned and key > best_key:
+            best, best_key = obj, key
     return best
 
 

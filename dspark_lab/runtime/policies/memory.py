@@ -45,10 +45,10 @@ class _Held:
 class _Offloaded:
     """A saved tensor copied to a host buffer (``fp8``: quantized), restored on unpack."""
 
-    __slots__ = ("counter", "key", "payload", "scale", "shape", "dtype", "device", "pool", "__weakref__")
+    __slots__ = ("source", "payload", "scale", "shape", "dtype", "device", "pool", "__weakref__")
 
-    def __init__(self, counter, key, tensor, pool, fp8):
-        self.counter, self.key, self.pool = counter, key, pool
+    def __init__(self, tensor, pool, fp8):
+        self.source, self.pool = weakref.ref(tensor), pool
         self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
         if fp8:
             from dspark_lab.kernels import fp8_quantize
@@ -74,7 +74,6 @@ class _Offloaded:
     def __del__(self):
         if self.scale is None:
             self.pool.release(self.payload)
-        self.counter.release(self.key)
 
 
 class SavedActivations:
@@ -132,13 +131,15 @@ class SavedActivations:
         if self.mode == "off" or nbytes < MIN_OFFLOAD_BYTES or not tensor.is_floating_point():
             self._hold(ptr, nbytes)
             return _Held(tensor, self, ptr)
+        # One copy per tensor saved several times (y * y saves y twice). The original may be freed once copied and
+        # its address reused by another tensor, so a cached copy counts only while its source tensor is alive.
         view_key = (ptr, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor._version)
         packed = self._offloaded.get(view_key)
-        if packed is None:
-            packed = _Offloaded(self, view_key, tensor, self._host_pool(), fp8=self.mode == "host-fp8")
+        if packed is None or packed.source() is not tensor:
+            packed = _Offloaded(tensor, self._host_pool(), fp8=self.mode == "host-fp8")
             self._offloaded[view_key] = packed
-        self._hold(view_key, packed.nbytes)
-        return _Held(packed, self, view_key)
+        self._hold(id(packed), packed.nbytes)
+        return _Held(packed, self, id(packed))
 
     @staticmethod
     def unpack(packed):

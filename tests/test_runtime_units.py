@@ -1,0 +1,199 @@
+"""In-process tests of the runtime's pieces: records, memory policies, refusals, validation, discovery."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dspark_lab.errors import PolicyError, RunNotFound
+from dspark_lab.plugins import make_manager
+from dspark_lab.runtime import discover
+from dspark_lab.runtime.attach import Job
+from dspark_lab.runtime.policies import builtin as builtin_policies
+from dspark_lab.runtime.policies.memory import SavedActivations, blocks_to_checkpoint, set_checkpointing
+from dspark_lab.runtime.records import JsonlWriter, RunDir, find_run, read_jsonl
+
+
+def make_model(layers=4, width=32):
+    """An MLP whose repeated blocks (Linear, GELU, Linear) keep 4x-wide activations inside, as transformers do."""
+    block = lambda: nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+    return nn.Sequential(nn.Linear(8, width), nn.Sequential(*[block() for _ in range(layers)]), nn.Linear(width, 1))
+
+
+@pytest.fixture
+def cpu_job(tmp_path):
+    from dspark_lab.backends import cpu
+
+    manager = make_manager([cpu, builtin_policies], entry_points=False)
+    run_dir = RunDir.create("20260101-000000-abcdef", {"name": "unit"}, root=tmp_path)
+    job = Job(run_dir, rank=0, world=1, manager=manager)
+    model = make_model()
+    job.set_model(model)
+    yield job
+    job.close()
+
+
+# --- records ---------------------------------------------------------------------------------------------------
+
+
+def test_jsonl_reader_skips_a_torn_last_line_and_reads_it_once_whole(tmp_path):
+    path = tmp_path / "m.jsonl"
+    writer = JsonlWriter(path)
+    writer.write({"step": 1})
+    with open(path, "a") as f:
+        f.write('{"step": 2, "lo')
+    records, offset = read_jsonl(path)
+    assert [r["step"] for r in records] == [1] and records[0]["schema_version"] == 1
+    with open(path, "a") as f:
+        f.write('ss": 0.5}\n')
+    more, _ = read_jsonl(path, offset)
+    assert more == [{"step": 2, "loss": 0.5}]
+
+
+def test_run_lookup_by_id_name_and_prefix(tmp_path):
+    a = RunDir.create("20260101-000000-aaaaaa", {"name": "alpha"}, root=tmp_path)
+    RunDir.create("20260101-000001-bbbbbb", {"name": "beta"}, root=tmp_path)
+    assert find_run("alpha", tmp_path).id == a.id
+    assert find_run("20260101-000000", tmp_path).id == a.id
+    with pytest.raises(RunNotFound, match="matches 2 runs"):
+        find_run("2026", tmp_path)
+    with pytest.raises(RunNotFound, match="no run matches"):
+        find_run("gamma", tmp_path)
+    assert oct(os.stat(a.token_path).st_mode & 0o777) == "0o600"
+    assert json.loads(a.run_json.read_text())["state"] == "starting"
+
+
+# --- discovery ---------------------------------------------------------------------------------------------------
+
+
+def test_discovers_model_of_optimizer_and_its_repeated_blocks():
+    model = make_model(layers=5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert discover.model_of_optimizer(optimizer) is model
+    blocks = discover.repeated_blocks(model)
+    assert len(blocks) == 5 and all(b is model[1][i] for i, b in enumerate(blocks))
+
+
+def test_blocks_to_checkpoint():
+    assert blocks_to_checkpoint("none", 8) == []
+    assert blocks_to_checkpoint("full", 3) == [0, 1, 2]
+    assert blocks_to_checkpoint("every-2", 5) == [0, 2, 4]
+    assert blocks_to_checkpoint("every-4", 9) == [0, 4, 8]
+
+
+# --- memory policies --------------------------------------------------------------------------------------------
+
+
+def train_steps(model, steps=3, tracker=None, policy="none", offload="off"):
+    torch.manual_seed(0)
+    blocks = discover.repeated_blocks(model)
+    if tracker is not None:
+        tracker.mode = offload
+    set_checkpointing(blocks, policy, tracker)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses, peaks = [], []
+    for _ in range(steps):
+        loss = model(torch.randn(64, 8)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if tracker is not None:
+            peaks.append(tracker.reset_peak())
+    set_checkpointing(blocks, "none", tracker)
+    return losses, peaks
+
+
+@pytest.mark.parametrize("policy", ["full", "every-2", "every-4"])
+def test_checkpointing_is_lossless_and_keeps_state_dict_keys(policy):
+    torch.manual_seed(1)
+    reference = make_model()
+    model = make_model()
+    model.load_state_dict(reference.state_dict())
+    keys = list(model.state_dict())
+    set_checkpointing(discover.repeated_blocks(model), policy)
+    assert list(model.state_dict()) == keys
+    set_checkpointing(discover.repeated_blocks(model), "none")
+    assert train_steps(model, policy=policy)[0] == train_steps(reference)[0]
+    assert all("forward" not in b.__dict__ for b in discover.repeated_blocks(model))  # fully unwrapped
+
+
+def test_saved_activation_count_drops_with_checkpointing_and_fp8_offload():
+    model = make_model(layers=6, width=256)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    tracker = SavedActivations(lambda: params)
+    tracker.install()
+    try:
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        base_losses, base = train_steps(model, tracker=tracker)
+        model.load_state_dict(state)
+        _, full = train_steps(model, tracker=tracker, policy="full")
+        model.load_state_dict(state)
+        host_losses, host = train_steps(model, tracker=tracker, offload="host")
+        model.load_state_dict(state)
+        fp8_losses, fp8 = train_steps(model, tracker=tracker, offload="host-fp8")
+    finally:
+        tracker.uninstall()
+    assert min(base) > 0 and max(full) < 0.25 * min(base)  # only each block's input is kept
+    assert host_losses == base_losses  # a host copy is exact
+    assert max(fp8) < 0.4 * min(base)  # 1 byte per element plus a scale per 128, against 4 bytes
+    assert fp8_losses != base_losses and abs(fp8_losses[-1] - base_losses[-1]) < 0.05 * abs(base_losses[-1])
+    assert tracker.held == 0  # everything saved was released after backward
+
+
+def test_shared_storage_is_counted_once():
+    tracker = SavedActivations()
+    x = torch.randn(1000, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
+        y = x.exp()  # saves its result
+        z = y * y  # saves y twice
+        w = (z + 1).sin()
+    assert tracker.held == 2 * 4000  # y (saved by exp and twice by the product, counted once) and z + 1
+    w.sum().backward()
+    assert tracker.held == 0
+
+
+# --- refusals and validation ------------------------------------------------------------------------------------
+
+
+def test_validation_refuses_in_one_line_with_allowed_values(cpu_job):
+    with pytest.raises(PolicyError, match=r"^memory.activation_offload: 'disk' is not allowed; allowed: "
+                                          r"off \| host \| host-fp8$"):
+        cpu_job.validate({"memory.activation_offload": "disk"})
+    with pytest.raises(PolicyError, match="launch-only"):
+        cpu_job.validate({"comm.bucket_mb": "50"})
+    with pytest.raises(PolicyError, match="unknown policy"):
+        cpu_job.validate({"memory.nope": "1"})
+    assert cpu_job.validate({"comm.bucket_mb": "50"}, live_only=False) == {"comm.bucket_mb": 50.0}
+
+
+@pytest.mark.parametrize("flag, key, value, reason", [
+    ("compiled", "memory.activation_checkpointing", "full", "torch.compile"),
+    ("compiled", "memory.activation_offload", "host", "torch.compile"),
+    ("fsdp", "memory.activation_checkpointing", "full", "FSDP"),
+    ("fsdp", "comm.grad_sync", "ring", "FSDP"),
+    (None, "comm.grad_sync", "ring", "no DistributedDataParallel"),
+])
+def test_policies_that_cannot_work_are_refused_with_the_reason(cpu_job, flag, key, value, reason):
+    if flag:
+        setattr(cpu_job, flag, True)
+    with pytest.raises(PolicyError, match=reason):
+        cpu_job.validate({key: value})
+    failure, applied = cpu_job.apply_changes({key: value})  # and never half-applied if it got that far
+    assert reason in failure and applied == []
+
+
+def test_a_failing_key_leaves_the_earlier_keys_for_rollback(cpu_job):
+    failure, applied = cpu_job.apply_changes({"memory.activation_checkpointing": "full",
+                                              "comm.grad_sync": "ring"})
+    assert "comm.grad_sync" in failure and [a[0] for a in applied] == ["memory.activation_checkpointing"]
+    cpu_job.rollback_changes(applied, {"step": 3, "changes": {"memory.activation_checkpointing": "full",
+                                                              "comm.grad_sync": "ring"}, "change_id": "c1"},
+                             failure)
+    assert all("forward" not in b.__dict__ for b in cpu_job.blocks)
+    kinds = [(e["kind"], e["key"]) for e in cpu_job.run_dir.events()]
+    assert kinds == [("rollback", "memory.activation_checkpointing"), ("rollback", "comm.grad_sync")]
