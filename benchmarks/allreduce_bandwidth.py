@@ -2,7 +2,7 @@
 
 Launches its own ranks (gloo, loopback) and prints one table: per size, each collective's median time, algbw and
 busbw (nccl-tests definitions, on logical fp32 bytes), the bytes one rank sent, and the ratio of its time to
-builtin's (below 1: faster). Sizes double... rather quadruple from 1 MB up to ``--max-mb``.
+builtin's (below 1: faster). Sizes go from 1 MB up to ``--max-mb``, four times larger each.
 
     python benchmarks/allreduce_bandwidth.py            # 1 MB .. 256 MB, 2 ranks
     python benchmarks/allreduce_bandwidth.py --quick    # 1 MB .. 16 MB, fewer repetitions

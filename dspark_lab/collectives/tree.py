@@ -74,7 +74,9 @@ class TreeCollective(Collective):
 
     def _reduce_up(self, work: list[tuple[TreePosition, torch.Tensor]]) -> None:
         """Sum each chunk over its tree into the tree's root, chunk by chunk; sends stay in flight meanwhile."""
-        widest = max((c.numel() for _, c in work), default=0)
+        if not work:
+            return
+        widest = max(c.numel() for _, c in work)
         scratch = [torch.empty(widest, dtype=work[0][1].dtype, device=work[0][1].device) for _ in range(2)]
         sends = []
         for position, chunk in work:
