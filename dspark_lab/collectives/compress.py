@@ -38,34 +38,36 @@ TILE = 128  # elements per fp8 scale, as the kernels quantize
 class Bf16Codec:
     name = "bf16"
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (x.to(torch.bfloat16),)
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.bfloat16)
 
-    def decode(self, parts: tuple[torch.Tensor, ...], numel: int) -> torch.Tensor:
-        return parts[0].float()
+    def decode(self, encoded: torch.Tensor, numel: int) -> torch.Tensor:
+        return encoded.float()
 
     def encoded_bytes(self, numel: int) -> int:
         return 2 * numel
 
 
 class Fp8Codec:
-    """float8 e4m3 codes (as uint8, so any backend can move them) and one fp32 scale per row of ``TILE``."""
+    """One uint8 message per rank (any backend can move bytes): the float8 e4m3 codes of every row of ``TILE``
+    elements, then the rows' fp32 scales. Its length, ``132`` bytes a row, keeps every rank's scales 4-byte aligned."""
 
     name = "fp8"
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
         from dspark_lab.kernels import fp8_quantize
 
         rows = torch.nn.functional.pad(x, (0, -x.numel() % TILE)).view(-1, TILE)
         q, scale = fp8_quantize(rows)
-        return q.view(torch.uint8).reshape(-1), scale.reshape(-1)
+        return torch.cat([q.view(torch.uint8).reshape(-1), scale.reshape(-1).view(torch.uint8)])
 
-    def decode(self, parts: tuple[torch.Tensor, ...], numel: int) -> torch.Tensor:
+    def decode(self, encoded: torch.Tensor, numel: int) -> torch.Tensor:
         from dspark_lab.kernels import fp8_dequantize
 
-        codes, scale = parts
-        q = codes.view(torch.float8_e4m3fn).view(-1, TILE)
-        return fp8_dequantize(q, scale.view(-1, 1), torch.float32).view(-1)[:numel]
+        tiles = math.ceil(numel / TILE)
+        q = encoded[: tiles * TILE].view(torch.float8_e4m3fn).view(tiles, TILE)
+        scale = encoded[tiles * TILE:].view(torch.float32).view(tiles, 1)
+        return fp8_dequantize(q, scale, torch.float32).view(-1)[:numel]
 
     def encoded_bytes(self, numel: int) -> int:
         tiles = math.ceil(numel / TILE)
@@ -111,11 +113,10 @@ class ErrorFeedbackAllReduce:
                 raise ValueError(f"key: bucket {key!r} had {residual.numel()} elements and now has {x.numel()}; "
                                  "call reset() when the buckets change")
             x = x + residual
-        parts = self.codec.encode(x)
-        gathered = [self.transport.all_gather(p).view(self.world_size, -1) for p in parts]
+        gathered = self.transport.all_gather(self.codec.encode(x)).view(self.world_size, -1)
         total = torch.zeros_like(x)
         for rank in range(self.world_size):
-            decoded = self.codec.decode(tuple(g[rank] for g in gathered), x.numel())
+            decoded = self.codec.decode(gathered[rank], x.numel())
             total += decoded
             if rank == self.transport.rank and self.feedback:
                 self.residuals[key] = x - decoded

@@ -14,6 +14,7 @@ micro-batches and stage placement) — the hook a runtime policy uses to switch 
 from __future__ import annotations
 
 import time
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,6 +24,10 @@ import torch.distributed as dist
 from torch import nn
 
 from dspark_lab.pipeline.ir import Op, Schedule
+
+
+# Every trainer alive in this process: how the runtime's ``sched.pipeline`` policy finds the one to switch.
+LIVE_TRAINERS: "weakref.WeakSet[PipelineTrainer]" = weakref.WeakSet()
 
 
 @dataclass(slots=True)
@@ -49,6 +54,7 @@ class PipelineTrainer:
         self.rank, self.stages, self.loss_fn, self.act_shape, self.group = rank, stages, loss_fn, act_shape, group
         self.durations: dict[tuple[int, str], list[float]] = defaultdict(list)  # (chunk, kind) -> seconds
         self.trace: list[tuple[float, float, str]] = []  # last step: (start, end, op label), perf_counter seconds
+        LIVE_TRAINERS.add(self)
 
     @property
     def schedule(self) -> Schedule:

@@ -233,6 +233,7 @@ class Job:
         self._write_metrics(now)
         self._reset_step_counters(now)
         if self.step == 1:
+            self.policies.update(builtin_policies.observed_values(self))
             self._apply_launch_policies(("memory.", "sched.", "moe."))
         self.coordinator.at_boundary(self.step)
 

@@ -1,8 +1,9 @@
 """The built-in policies, registered and applied through the same hooks a third-party plugin would use.
 
 Memory: ``memory.activation_checkpointing``, ``memory.activation_offload``. Communication: ``comm.grad_sync``,
-``comm.bucket_mb`` (launch-only). How each is applied lives in :mod:`.memory` and :mod:`.comm`; this module only
-says which keys exist, when a change must be refused, and routes an apply to the right function.
+``comm.bucket_mb`` (launch-only). Scheduling: ``sched.pipeline``. How each is applied lives in :mod:`.memory`,
+:mod:`.comm` and :mod:`.sched`; this module only says which keys exist, when a change must be refused, and routes
+an apply to the right function.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dspark_lab import hookimpl
 from dspark_lab.errors import PolicyError
 from dspark_lab.policy import PolicySpec
-from dspark_lab.runtime.policies import comm, memory
+from dspark_lab.runtime.policies import comm, memory, sched
 
 SPECS = (
     PolicySpec(key="memory.activation_checkpointing", type="enum", choices=memory.CHECKPOINTING, default="none",
@@ -25,6 +26,8 @@ SPECS = (
                doc="collective that reduces DDP gradient buckets (bf16/fp8: compressed with error feedback, lossy)"),
     PolicySpec(key="comm.bucket_mb", type="float", min=1, max=1024, default=25.0, live=False,
                doc="DDP gradient bucket size in MB (launch-only: DDP builds its buckets once)"),
+    PolicySpec(key="sched.pipeline", type="enum", choices=(sched.NONE, *sched.schedule_names()), default=sched.NONE,
+               doc="pipeline schedule of the job's pipeline executor; switches keep each rank's stages"),
 )
 SPECS_BY_KEY = {spec.key: spec for spec in SPECS}
 
@@ -48,7 +51,14 @@ def refusal(job, key: str, value) -> str | None:
         if value not in comm.COMPRESSED + ("builtin",) and value not in job.manager.collective_names(job.backend):
             offered = ", ".join(job.manager.collective_names(job.backend))
             return f"backend {job.backend.name} offers no {value!r} collective (offered: {offered})"
+    if key == "sched.pipeline":
+        return sched.refusal(value)
     return None
+
+
+def observed_values(job) -> dict:
+    """Values the script chose itself (read once the first step ran), so `get` shows what is really in force."""
+    return {"sched.pipeline": sched.current()}
 
 
 @hookimpl
@@ -77,4 +87,6 @@ def dspark_apply_policy(job, key, value, old):
         return ""
     if key == "comm.bucket_mb":
         return "applied when DDP was constructed"
+    if key == "sched.pipeline":
+        return sched.apply(value)
     return None
