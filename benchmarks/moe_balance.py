@@ -24,12 +24,6 @@ import torch
 
 from dspark_lab.moe import balance, eplb_reference, moves
 
-README_WEIGHT = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
-                 [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]
-README_PHY2LOG = [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
-                  [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]]
-
-
 def load_eplb(path: str | None):
     if path is None:
         return eplb_reference.rebalance_experts, "eplb_reference (re-implementation)"
@@ -111,8 +105,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    readme = eplb_reference.rebalance_experts(torch.tensor(README_WEIGHT), 16, 4, 2, 8)[0].tolist()
-    if readme != README_PHY2LOG:
+    example = eplb_reference.README_EXAMPLE
+    if eplb_reference.rebalance_experts(torch.tensor(example["weight"]), *example["args"])[0].tolist() \
+            != example["phy2log"]:
         print("eplb_reference does not reproduce EPLB's README example", file=sys.stderr)
         return 1
     eplb, source = load_eplb(args.eplb)

@@ -81,9 +81,8 @@ PANELS: tuple[Panel, ...] = (
     Panel("memory", "Memory (rank 0)", "GB", (
         Series("allocated_gb", "allocated", "memory_allocated_bytes", GB),
         Series("peak_gb", "peak", "memory_peak_bytes", GB),
-        Series("activations_gb", "activations", "peak_activation_bytes", GB),
-        Series("rss_gb", "rss", "rss_bytes", GB),
-    )),
+        Series("activations_gb", "held for backward", "peak_activation_bytes", GB),
+    )),  # process RSS is left out: on CPU it is mostly libraries and would flatten the lines that move
     Panel("device", "Device utilization (rank 0)", "%", (Series("util_pct", "utilization", "device.utilization_pct"),)),
     Panel("comm", "Communication time per rank", "seconds", (Series("comm_s", "comm", "comm_s"),), True),
     Panel("loss", "Loss (rank 0)", "loss", (Series("loss", "loss", "loss"),)),
@@ -188,6 +187,7 @@ class MetricCharts:
         self.sources: dict[int, ColumnDataSource] = {}
         self.markers = ColumnDataSource({"step": [], "label": []})
         self._marker_rows: dict[int, int] = {}
+        self.marker_labels: dict[int, str] = {}  # step -> label, our own record of what the sources were sent
         self.points = 0
         self.figures: dict[str, Any] = {}
         x_range = None
@@ -248,13 +248,16 @@ class MetricCharts:
             else:
                 new_steps.append(step)
                 new_labels.append(label)
+        for step, label in markers:
+            known = self.marker_labels.get(step)
+            self.marker_labels[step] = label if known is None or label in known.split(", ") else f"{known}, {label}"
         if new_steps:
             start = len(self.markers.data["step"])
             self._marker_rows.update({s: start + i for i, s in enumerate(new_steps)})
             self.markers.stream({"step": new_steps, "label": new_labels})
 
     def marker_steps(self) -> list[int]:
-        return list(self.markers.data["step"])
+        return sorted(self.marker_labels)
 
 
 class DeviceCharts:
@@ -332,6 +335,46 @@ def device_rows(samples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                          "memory_used_gb": sample.get("memory_used_gb"),
                          "memory_total_gb": sample.get("memory_total_gb")})
     return rows
+
+
+# --- comparing runs -------------------------------------------------------------------------------------------
+
+
+def run_summary(records: Sequence[dict[str, Any]], gradient_bytes: float, skip: int = 3,
+                rank: int = 0) -> dict[str, float]:
+    """Steady-state figures of one run (the first ``skip`` steps are warm-up): median step time, peak activation
+    memory, and the all-reduce bus bandwidth ``gradient_bytes / comm_s`` (what the gradient collectives moved per
+    second of their own time)."""
+    mine = [r for r in records if (r.get("rank") or 0) == rank and (r.get("step") or 0) >= skip]
+
+    def median(field: str) -> float:
+        values = sorted(v for v in (_number(field_value(r, field)) for r in mine) if not math.isnan(v))
+        return values[len(values) // 2] if values else NAN
+
+    comm = median("comm_s")
+    return {"steps": len(mine), "step_time_s": median("step_time_s"),
+            "peak_activation_mb": median("peak_activation_bytes") / 1e6,
+            "comm_s": comm, "allreduce_gb_s": gradient_bytes / comm / GB if comm and comm > 0 else NAN}
+
+
+COMPARED = (("peak_activation_mb", "Peak activation memory", "MB"), ("step_time_s", "Step time", "seconds"),
+            ("allreduce_gb_s", "All-reduce bandwidth", "GB/s"))
+
+
+def policy_comparison(rows: Sequence[dict[str, Any]], width: int = 300, height: int = 260):
+    """Bar charts of :func:`run_summary` rows side by side, one bar per row's ``label``."""
+    labels = [str(r["label"]) for r in rows]
+    source = ColumnDataSource({"label": labels, **{k: [r.get(k, NAN) for r in rows] for k, _, _ in COMPARED},
+                               "color": [_color(i) for i in range(len(rows))]})
+    figures = []
+    for key, title, unit in COMPARED:
+        fig = figure(title=title, x_range=FactorRange(*labels), width=width, height=height, y_axis_label=unit,
+                     tools="hover,save", tooltips=[("policy", "@label"), (unit, f"@{key}{{0.000}}")])
+        fig.vbar(x="label", top=key, width=0.7, source=source, color="color")
+        fig.xaxis.major_label_orientation = math.pi / 6
+        fig.toolbar.logo = None
+        figures.append(fig)
+    return gridplot([figures], merge_tools=True, toolbar_location="right")
 
 
 # --- whole-run pages (the CLI) ---------------------------------------------------------------------------------

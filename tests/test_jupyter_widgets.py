@@ -13,7 +13,7 @@ from dspark_lab.backend import Availability, Backend, DeviceSpec
 from dspark_lab.errors import PolicyError
 from dspark_lab.jupyter import poller as poller_mod
 from dspark_lab.jupyter.dashboard import Dashboard, RunWatch
-from dspark_lab.jupyter.devices import DeviceView, device_report, sample_all
+from dspark_lab.jupyter.devices import DeviceView, device_report, sample_all, samplers
 from dspark_lab.jupyter.policy_panel import PolicyPanel, PolicyPanelModel, control_for, state_text
 from dspark_lab.output import Report
 from dspark_lab.plugins import make_manager
@@ -211,7 +211,7 @@ def test_device_view_samples_on_its_thread_and_skips_a_broken_sampler():
 
 
 def test_the_cpu_backend_is_shown_here():
-    samples, errors = sample_all(__import__("dspark_lab.jupyter.devices", fromlist=["samplers"]).samplers())
+    samples, errors = sample_all(samplers())
     assert not errors and samples[0]["backend"] == "cpu" and len(samples[0]["devices"]) >= 1
 
 

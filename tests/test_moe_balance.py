@@ -10,6 +10,7 @@ import torch
 from dspark_lab.moe import balance as B
 from dspark_lab.moe import eplb_reference, moves, rebalance_experts
 
+# Upstream EPLB README: its example input and the phy2log it prints (kept literal here, independent of the code).
 README_WEIGHT = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
                               [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])
 README_PHY2LOG = torch.tensor([[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
@@ -66,6 +67,7 @@ def check_valid(weight, replicas, groups, nodes, gpus, phy2log, log2phy, logcnt)
 def test_eplb_reference_reproduces_readme_example():
     phy2log, log2phy, logcnt = eplb_reference.rebalance_experts(README_WEIGHT, 16, 4, 2, 8)
     assert torch.equal(phy2log, README_PHY2LOG)
+    assert eplb_reference.README_EXAMPLE["phy2log"] == README_PHY2LOG.tolist()  # what the benchmark checks
     assert (log2phy.gather(-1, torch.zeros_like(logcnt).unsqueeze(-1)).squeeze(-1) >= 0).all()
 
 

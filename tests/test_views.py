@@ -54,14 +54,14 @@ def home(tmp_path, monkeypatch):
 def test_columns_scale_fill_missing_and_carry_device_forward():
     cols = views.MetricColumns()
     batches = cols.batches([
-        {"step": 0, "rank": 0, "step_time_s": 0.5, "rss_bytes": 2e9, "device": {"utilization_pct": 30.0}},
-        {"step": 1, "rank": 0, "step_time_s": 0.4, "rss_bytes": 3e9, "memory_allocated_bytes": None},
+        {"step": 0, "rank": 0, "step_time_s": 0.5, "peak_activation_bytes": 5e8, "device": {"utilization_pct": 30.0}},
+        {"step": 1, "rank": 0, "step_time_s": 0.4, "peak_activation_bytes": 2.5e8, "memory_allocated_bytes": None},
         {"step": 0, "rank": 1, "step_time_s": 0.6},
         {"kind": "not a step record"},
     ])
     assert sorted(batches) == [0, 1]
     r0 = batches[0]
-    assert r0["step"] == [0.0, 1.0] and r0["rss_gb"] == [2.0, 3.0]
+    assert r0["step"] == [0.0, 1.0] and r0["activations_gb"] == [0.5, 0.25]
     assert r0["util_pct"] == [30.0, 30.0]  # carried forward between device samples
     assert math.isnan(r0["allocated_gb"][1]) and math.isnan(batches[1]["util_pct"][0])
     assert set(r0) == set(views.COLUMNS)
@@ -181,3 +181,14 @@ def test_views_does_not_import_ipywidgets():
     code = "import sys, dspark_lab.views; print('ipywidgets' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_run_summary_and_comparison(home):
+    run = write_run(home, steps=8)
+    summary = views.run_summary(run.metrics(), gradient_bytes=2e9, skip=3)
+    assert summary["steps"] == 5 and summary["step_time_s"] == 0.1
+    assert summary["peak_activation_mb"] == 400.0 and summary["allreduce_gb_s"] == pytest.approx(100.0)
+    assert math.isnan(views.run_summary([], 1.0)["allreduce_gb_s"])
+    layout = views.policy_comparison([{**summary, "label": "none"}, {**summary, "label": "full", "step_time_s": 0.2}])
+    bars = layout.children[0][0].renderers[0].data_source.data
+    assert bars["label"] == ["none", "full"] and bars["step_time_s"] == [0.1, 0.2]

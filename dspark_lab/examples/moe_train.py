@@ -65,8 +65,11 @@ def train(*, steps: int = 20, batch_size: int = 8, policy: str = "static", inter
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-    config = config or MoEConfig()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    config = config or MoEConfig(slots_per_rank=-(-10 // world))  # 10 slots for 8 experts on 1 or 2 ranks
+    if config.slots_per_rank * world < config.experts:
+        raise ValueError(f"slots_per_rank ({config.slots_per_rank}) x ranks ({world}) must be at least "
+                         f"experts ({config.experts})")
     placement = initial_placement(config, world)
     model = TinyMoETransformer(config, placement, rank, world)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)

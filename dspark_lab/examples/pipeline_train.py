@@ -10,7 +10,6 @@ steps::
 
 import argparse
 import json
-import os
 import time
 
 import torch

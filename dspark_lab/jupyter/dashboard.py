@@ -114,8 +114,7 @@ class Dashboard(widgets.VBox):
             if getattr(self, "poller", None) and self.poller.error else ""
         self.header.value = f"<b>{html.escape(self.watch.summary())}</b>{error}"
         lines = self.watch.event_lines()
-        markers = ", ".join(f"step {step}: {label}" for step, label in
-                            zip(self.watch.charts.markers.data["step"], self.watch.charts.markers.data["label"]))
+        markers = ", ".join(f"step {step}: {label}" for step, label in sorted(self.watch.charts.marker_labels.items()))
         self.event_log.value = "<br>".join(
             ([f'<span class="dspark-markers">changes: {html.escape(markers)}</span>'] if markers else [])
             + [f"<code>{html.escape(line)}</code>" for line in lines])

@@ -92,6 +92,13 @@ def _set(args, cell):
     return _commands().set_policies(args.run, list(args.assignments), wait=not args.no_wait, timeout=args.timeout)
 
 
+@magic_arguments(name="%dspark events")
+@argument("run", help="run id, name or id prefix")
+def _events(args, cell):
+    """A run's events: starts, applied / refused / rolled-back changes, stops."""
+    return _commands().events(args.run)
+
+
 @magic_arguments(name="%dspark stop")
 @argument("run", help="run id, name or id prefix")
 def _stop(args, cell):
@@ -160,9 +167,10 @@ def _watch(args, cell):
 @argument("run", help="run id, name or id prefix")
 def _policies(args, cell):
     """The policy panel of a running job (its table in a terminal)."""
+    from dspark_lab.jupyter.policy_panel import PolicyPanel
+
     if not in_notebook():
         return _commands().policies(args.run)
-    from dspark_lab.jupyter.policy_panel import PolicyPanel
 
     _display_widget(PolicyPanel(args.run))
 
@@ -180,7 +188,7 @@ def _devices(args, cell):
 
 VERBS: dict[str, Callable] = {
     "backends": _backends, "kernels": _kernels, "doctor": _doctor, "jobs": _jobs, "status": _status,
-    "get": _get, "set": _set, "stop": _stop, "run": _run, "watch": _watch, "policies": _policies,
+    "get": _get, "set": _set, "events": _events, "stop": _stop, "run": _run, "watch": _watch, "policies": _policies,
     "devices": _devices,
 }
 

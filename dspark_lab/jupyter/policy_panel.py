@@ -76,7 +76,7 @@ class PolicyPanelModel:
         self.timeout = timeout
         self.rows: dict[str, dict[str, Any]] = {}
         self.messages: dict[str, str] = {}
-        self.refresh()
+        self.refresh()  # the control client waits while a just-launched run brings its endpoint up
 
     def refresh(self) -> dict[str, dict[str, Any]]:
         rows = self.client.policies(self.run).data["policies"]

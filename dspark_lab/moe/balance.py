@@ -12,11 +12,13 @@ The algorithm is our own; it keeps EPLB's plan as one candidate so it is never w
    (b) Ours: on the same group-to-node split, replica counts by largest load per replica (as EPLB) but capped at the
    number of GPUs of the node, so no expert needs two replicas on one GPU; replicas dealt heaviest first to the
    lightest GPU that has room and does not hold the expert yet.
-2. Local search on every candidate, all layers at once: swap a replica on the most loaded GPU with a lighter one on
-   another GPU of the same node whenever that lowers the pair's larger load; then remove same-GPU duplicates by
-   swaps that do not raise the layer's maximum.
-3. Per layer keep the candidate with the lowest maximum GPU load (ties: fewer same-GPU duplicates). Balancedness is
-   mean / max GPU load and the mean does not depend on placement, so a lower maximum is a higher balancedness.
+2. Local search (:mod:`dspark_lab.moe.search`), all layers at once: swap a replica on the most loaded GPU with one
+   on another GPU of the same node while that lowers the larger of the two loads; then swap away same-GPU
+   duplicates where that does not raise the layer's maximum. EPLB's plan gets this only on layers where ours,
+   after it, is still worse than EPLB's plan.
+3. Node by node keep a candidate whose node maximum is within EPLB's layer maximum, preferring no same-GPU
+   duplicates, then the lower maximum. Balancedness is mean / max GPU load and the mean does not depend on
+   placement, so this is never below EPLB's balancedness and is above it wherever EPLB's greedy steps leave slack.
 
 With a current placement and ``move_cost > 0`` (:mod:`dspark_lab.moe.moves`), candidates are scored as
 ``balancedness - move_cost * moved / R`` so that a placement which moves few experts can win.
@@ -30,8 +32,13 @@ import numpy as np
 import torch
 
 from dspark_lab.moe import eplb_reference
+from dspark_lab.moe.measures import (balancedness, balancedness_of_loads, duplicates_per_gpu, gpu_loads, presence,
+                                     replica_counts, same_gpu_duplicates)
+from dspark_lab.moe.search import REL_TOL, descend, remove_duplicates
 
-_REL_TOL = 1e-12
+__all__ = ["Shape", "balancedness", "balancedness_of_loads", "best_placement", "check_shape", "check_weight",
+           "descend", "duplicates_per_gpu", "eplb_plan", "gpu_loads", "own_plan", "presence", "rebalance_experts",
+           "remove_duplicates", "replica_counts", "same_gpu_duplicates"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,50 +104,6 @@ def check_shape(weight: np.ndarray, num_replicas, num_groups, num_nodes, num_gpu
     if groups % nodes == 0 and experts % groups:
         raise ValueError(f"num_groups ({groups}) must divide the number of experts ({experts})")
     return Shape(layers=layers, experts=experts, replicas=replicas, groups=groups, nodes=nodes, gpus=gpus)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Measures (plain numpy, also used by the CLI, the benchmark and the tests)
-
-def replica_counts(phy2log: np.ndarray, experts: int) -> np.ndarray:
-    """``[L, E]``: how many slots each expert holds."""
-    layers = phy2log.shape[0]
-    flat = (phy2log + np.arange(layers)[:, None] * experts).ravel()
-    return np.bincount(flat, minlength=layers * experts).reshape(layers, experts)
-
-
-def presence(phy2log: np.ndarray, experts: int, gpus: int) -> np.ndarray:
-    """``[L, G, E]``: how many replicas of each expert each GPU holds."""
-    layers, slots = phy2log.shape
-    gpu = np.arange(slots) // (slots // gpus)
-    flat = ((np.arange(layers)[:, None] * gpus + gpu) * experts + phy2log).ravel()
-    return np.bincount(flat, minlength=layers * gpus * experts).reshape(layers, gpus, experts)
-
-
-def gpu_loads(weight: np.ndarray, phy2log: np.ndarray, gpus: int) -> np.ndarray:
-    """``[L, G]``: per-GPU load, each expert's load split evenly over its replicas."""
-    count = replica_counts(phy2log, weight.shape[1])
-    per_replica = np.divide(weight, count, out=np.zeros_like(weight, dtype=np.float64), where=count > 0)
-    return np.take_along_axis(per_replica, phy2log, 1).reshape(len(weight), gpus, -1).sum(-1)
-
-
-def balancedness_of_loads(loads: np.ndarray) -> np.ndarray:
-    """Per layer mean / max of ``loads [L, G]``; a layer with no load counts as 1."""
-    top = loads.max(1)
-    return np.where(top > 0, loads.mean(1) / np.where(top > 0, top, 1), 1.0)
-
-
-def balancedness(weight, phy2log, num_gpus: int) -> float:
-    """Mean over layers of (mean GPU load / max GPU load)."""
-    weight, phy2log = np.asarray(weight, dtype=np.float64), np.asarray(phy2log)
-    return float(balancedness_of_loads(gpu_loads(weight, phy2log, num_gpus)).mean())
-
-
-def same_gpu_duplicates(phy2log, num_gpus: int, experts: int | None = None) -> int:
-    """Slots that hold an expert its GPU already holds (wasted slots), summed over layers."""
-    phy2log = np.asarray(phy2log)
-    has = presence(phy2log, experts or int(phy2log.max()) + 1, num_gpus)
-    return int(np.maximum(has - 1, 0).sum())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,121 +197,6 @@ def own_plan(weight: np.ndarray, shape: Shape, domain_of_expert: np.ndarray) -> 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Local search
-
-class _State:
-    """A batch of placements (one row per layer) with the per-slot loads and per-GPU presence kept current."""
-
-    def __init__(self, weight: np.ndarray, phy2log: np.ndarray, shape: Shape):
-        self.weight = weight
-        self.shape = shape
-        self.assign = phy2log.copy()
-        self.S = shape.slots_per_gpu
-        self.gpus = shape.gpus
-        self.slots_per_domain = shape.replicas // shape.domains
-        self.gpus_per_domain = shape.gpus // shape.domains
-        self.value = self.has = self.loads = None
-        self.refresh(slice(None))
-
-    def refresh(self, rows) -> None:
-        """Recompute slot loads, presence and GPU loads of ``rows`` from ``assign`` (after replica counts change)."""
-        if isinstance(rows, np.ndarray) and not len(rows):
-            return
-        assign, weight = self.assign[rows], self.weight[rows]
-        per_replica = weight / np.maximum(replica_counts(assign, self.shape.experts), 1)
-        value = np.take_along_axis(per_replica, assign, 1)
-        has = presence(assign, self.shape.experts, self.gpus)
-        loads = value.reshape(len(weight), self.gpus, -1).sum(-1)
-        if self.value is None:
-            self.value, self.has, self.loads = value, has, loads
-        else:
-            self.value[rows], self.has[rows], self.loads[rows] = value, has, loads
-
-    def swap(self, rows, slot_a, slot_b) -> None:
-        ga, gb = slot_a // self.S, slot_b // self.S
-        ea, eb = self.assign[rows, slot_a], self.assign[rows, slot_b]
-        va, vb = self.value[rows, slot_a], self.value[rows, slot_b]
-        self.assign[rows, slot_a], self.assign[rows, slot_b] = eb, ea
-        self.value[rows, slot_a], self.value[rows, slot_b] = vb, va
-        np.subtract.at(self.has, (rows, ga, ea), 1)
-        np.add.at(self.has, (rows, ga, eb), 1)
-        np.subtract.at(self.has, (rows, gb, eb), 1)
-        np.add.at(self.has, (rows, gb, ea), 1)
-        self.loads[rows, ga] += vb - va
-        self.loads[rows, gb] += va - vb
-
-    def partners(self, rows, slots):
-        """For slots ``[A, K]`` on GPU ``g [A]``: every slot of the same domain, with its value, expert and GPU."""
-        gpu = slots[:, 0] // self.S
-        domain = gpu // self.gpus_per_domain
-        others = domain[:, None] * self.slots_per_domain + np.arange(self.slots_per_domain)
-        return gpu, others, self.value[rows[:, None], others], self.assign[rows[:, None], others], others // self.S
-
-    def best_swaps(self, rows, slots, limit):
-        """Best swap partner for each of ``slots [A, K]`` (all on one GPU per row) keeping both GPUs under
-        ``limit [A]`` and creating no same-GPU duplicate. Returns (ok [A], slot_a [A], slot_b [A], pair max [A])."""
-        gpu, others, b, eb, h = self.partners(rows, slots)
-        a = self.value[rows[:, None], slots]
-        ea = self.assign[rows[:, None], slots]
-        here = self.loads[rows, gpu]
-        delta = a[:, :, None] - b[:, None, :]
-        pair = np.maximum(here[:, None, None] - delta, self.loads[rows[:, None], h][:, None, :] + delta)
-        ok = ((h != gpu[:, None])[:, None, :]
-              & (self.has[rows[:, None], gpu[:, None], eb] == 0)[:, None, :]
-              & (self.has[rows[:, None, None], h[:, None, :], ea[:, :, None]] == 0)
-              & (ea[:, :, None] != eb[:, None, :]))
-        pair = np.where(ok & (pair < limit[:, None, None]), pair, np.inf)
-        flat = pair.reshape(len(rows), -1).argmin(1)
-        best = pair.reshape(len(rows), -1)[np.arange(len(rows)), flat]
-        i, j = np.divmod(flat, others.shape[1])
-        return np.isfinite(best), slots[np.arange(len(rows)), i], others[np.arange(len(rows)), j], best
-
-
-def descend(weight: np.ndarray, phy2log: np.ndarray, shape: Shape, max_steps: int | None = None,
-            trace=None) -> np.ndarray:
-    """Swap replicas off the most loaded GPU while that lowers it; returns the improved ``phy2log``.
-
-    ``trace(step, rows, assign)`` is called after each step with the rows that changed (used for move costs).
-    """
-    state = _State(weight, phy2log, shape)
-    active = np.arange(len(weight))
-    steps = max_steps if max_steps is not None else 4 * shape.replicas
-    for step in range(steps):
-        if not len(active):
-            break
-        gpu = state.loads[active].argmax(1)
-        top = state.loads[active, gpu]
-        slots = gpu[:, None] * state.S + np.arange(state.S)
-        ok, slot_a, slot_b, _ = state.best_swaps(active, slots, top * (1 - _REL_TOL))
-        active = active[ok]
-        state.swap(active, slot_a[ok], slot_b[ok])
-        if trace is not None and len(active):
-            trace(step, active, state.assign)
-    return state.assign
-
-
-def remove_duplicates(weight: np.ndarray, phy2log: np.ndarray, shape: Shape,
-                      limit: np.ndarray | None = None) -> np.ndarray:
-    """Swap away same-GPU duplicates where a swap keeps both GPUs at or under ``limit [L]`` (default: the
-    layer's maximum load)."""
-    state = _State(weight, phy2log, shape)
-    layers = len(weight)
-    stuck = np.zeros_like(phy2log, dtype=bool)
-    gpu_of_slot = np.arange(shape.replicas) // state.S
-    limit = (state.loads.max(1) if limit is None else np.maximum(limit, state.loads.max(1))) * (1 + _REL_TOL)
-    for _ in range(shape.replicas):
-        dup = (state.has[np.arange(layers)[:, None], gpu_of_slot, state.assign] > 1) & ~stuck
-        rows = np.flatnonzero(dup.any(1))
-        if not len(rows):
-            break
-        first = dup[rows].argmax(1)
-        ok, slot_a, slot_b, _ = state.best_swaps(rows, first[:, None], limit[rows])
-        stuck[rows[~ok], first[~ok]] = True
-        state.swap(rows[ok], slot_a[ok], slot_b[ok])
-    return state.assign
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Entry point
 
 def domain_of_experts(phy2log: np.ndarray, shape: Shape) -> np.ndarray:
@@ -367,18 +215,12 @@ def best_placement(weight: np.ndarray, shape: Shape) -> np.ndarray:
     ours = descend(weight, own_plan(weight, shape, domain_of_experts(eplb, shape)), shape)
     if duplicates_per_gpu(ours, shape.gpus).any():
         ours = remove_duplicates(weight, ours, shape, eplb_max)
-    short = np.flatnonzero(gpu_loads(weight, ours, shape.gpus).max(1) > eplb_max * (1 + _REL_TOL))
+    short = np.flatnonzero(gpu_loads(weight, ours, shape.gpus).max(1) > eplb_max * (1 + REL_TOL))
     improved = eplb.copy()
     if len(short):
         improved[short] = remove_duplicates(weight[short], descend(weight[short], eplb[short], shape), shape,
                                             eplb_max[short])
     return pick_per_domain(weight, shape, [ours, improved], limit=eplb_max)
-
-
-def duplicates_per_gpu(phy2log: np.ndarray, gpus: int) -> np.ndarray:
-    """``[L, G]``: slots holding an expert already held by another slot of the same GPU."""
-    held = np.sort(phy2log.reshape(len(phy2log), gpus, -1), axis=-1)
-    return (held[..., 1:] == held[..., :-1]).sum(-1)
 
 
 def pick_per_domain(weight: np.ndarray, shape: Shape, candidates: list[np.ndarray],
@@ -398,23 +240,11 @@ def pick_per_domain(weight: np.ndarray, shape: Shape, candidates: list[np.ndarra
     reachable = top.min(0).max(1)                                           # [L]
     if limit is not None:
         reachable = np.maximum(reachable, limit)
-    eligible = top <= (reachable * (1 + _REL_TOL))[None, :, None]
+    eligible = top <= (reachable * (1 + REL_TOL))[None, :, None]
     key = np.where(eligible, dups * (1.0 + top.max()) + top, np.inf)       # fewest duplicates, then lowest max
     choice = key.argmin(0)                                                  # [L, D]
     stacked = np.stack(candidates).reshape(len(candidates), layers, domains, -1)
     return stacked[choice, np.arange(layers)[:, None], np.arange(domains)[None, :]].reshape(layers, -1)
-
-
-def pick(weight: np.ndarray, shape: Shape, candidates: list[np.ndarray], extra_cost=None) -> np.ndarray:
-    """Per layer the candidate with the highest balancedness (minus ``extra_cost [C, L]``), then fewest
-    duplicates; earlier candidates win exact ties."""
-    score = np.stack([balancedness_of_loads(gpu_loads(weight, c, shape.gpus)) for c in candidates])
-    if extra_cost is not None:
-        score = score - extra_cost
-    dups = np.stack([duplicates_per_gpu(c, shape.gpus).sum(1) for c in candidates])
-    best = score.max(0)
-    choice = np.where(score >= best - 1e-12, -dups, -np.inf).argmax(0)
-    return np.stack(candidates)[choice, np.arange(shape.layers)]
 
 
 def log2phy_of(phy2log: np.ndarray, experts: int) -> tuple[np.ndarray, np.ndarray]:

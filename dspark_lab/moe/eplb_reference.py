@@ -22,6 +22,15 @@ import torch
 
 Packer = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
+# Upstream README's example: 2 layers x 12 experts, 16 replicas, 4 groups, 2 nodes, 8 GPUs, and its printed phy2log.
+README_EXAMPLE = {
+    "weight": [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+               [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]],
+    "args": (16, 4, 2, 8),
+    "phy2log": [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+                [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]],
+}
+
 
 def greedy_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Deal the ``n`` items of each row of ``weight [rows, n]`` into ``num_packs`` packs of ``n / num_packs`` items.

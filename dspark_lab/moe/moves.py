@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from dspark_lab.moe.balance import (Shape, balancedness_of_loads, best_placement, descend, duplicates_per_gpu,
-                                    gpu_loads, presence, replica_counts)
+from dspark_lab.moe.balance import Shape, best_placement
+from dspark_lab.moe.measures import balancedness_of_loads, duplicates_per_gpu, gpu_loads, presence, replica_counts
+from dspark_lab.moe.search import descend
 
 
 def check_current(current, shape: Shape) -> np.ndarray:

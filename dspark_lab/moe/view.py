@@ -14,6 +14,8 @@ from bokeh.models import ColorBar, ColumnDataSource, HoverTool, LinearColorMappe
 from bokeh.palettes import Viridis256
 from bokeh.plotting import figure
 
+from dspark_lab.moe.balance import balancedness_of_loads
+
 
 def _heatmap(loads: np.ndarray, title: str, mapper: LinearColorMapper, balancedness: np.ndarray):
     layers, gpus = loads.shape
@@ -42,17 +44,13 @@ def placement_heatmaps(before, after, title: str = "per-GPU load"):
     if before.ndim != 2 or before.shape != after.shape:
         raise ValueError(f"before and after must both be [layers, gpus], got {before.shape} and {after.shape}")
 
-    def balance(loads):
-        top = loads.max(1)
-        return np.where(top > 0, loads.mean(1) / np.where(top > 0, top, 1), 1.0)
-
     def relative_max(loads):
         mean = loads.mean(1, keepdims=True)
         return float(np.divide(loads, mean, out=np.ones_like(loads), where=mean > 0).max())
 
     mapper = LinearColorMapper(palette=Viridis256, low=0.0, high=max(relative_max(before), relative_max(after)))
-    left = _heatmap(before, f"{title}: before", mapper, balance(before))
-    right = _heatmap(after, f"{title}: after", mapper, balance(after))
+    left = _heatmap(before, f"{title}: before", mapper, balancedness_of_loads(before))
+    right = _heatmap(after, f"{title}: after", mapper, balancedness_of_loads(after))
     right.y_range = left.y_range
     right.add_layout(ColorBar(color_mapper=mapper, title="load / mean"), "right")
     return row(left, right)

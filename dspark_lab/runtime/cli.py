@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 from dspark_lab import commands
 from dspark_lab.output import Report

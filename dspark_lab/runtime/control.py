@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +23,7 @@ from urllib.parse import parse_qs, urlparse
 
 from dspark_lab.errors import ControlError, DSparkError, PolicyError
 from dspark_lab.output import SCHEMA_VERSION
-from dspark_lab.runtime.records import RunDir, read_jsonl
+from dspark_lab.runtime.records import RunDir
 
 LOOPBACK = "127.0.0.1"
 
@@ -151,15 +152,28 @@ class ControlServer:
 class ControlClient:
     """Talks to a run's control endpoint; every failure is a one-line :class:`ControlError`."""
 
-    def __init__(self, run_dir: RunDir, timeout: float = 10.0):
+    def __init__(self, run_dir: RunDir, timeout: float = 10.0, start_wait: float = 60.0):
         self.run_dir = run_dir
-        info = run_dir.info()
+        info = self._wait_for_endpoint(run_dir, start_wait)
         control = info.get("control")
         if info.get("state") not in ("running", "starting") or not control:
             raise ControlError(f"run {run_dir.id} is {info.get('state', 'unknown')}: it has no live control "
                                "endpoint (policies change only on a running job)")
         self.url = f"http://{control['host']}:{control['port']}"
         self.timeout = timeout
+
+    @staticmethod
+    def _wait_for_endpoint(run_dir: RunDir, start_wait: float) -> dict[str, Any]:
+        """run.json, once rank 0 has published its endpoint (a run is 'running' a few seconds before that)."""
+        from dspark_lab.runtime.launch import effective_state
+
+        deadline = time.monotonic() + start_wait
+        while True:
+            info = effective_state(run_dir)
+            if info.get("control") or info.get("state") not in ("running", "starting") or \
+                    time.monotonic() > deadline:
+                return info
+            time.sleep(0.2)
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
                 timeout: float | None = None) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import psutil
 from dspark_lab.errors import DSparkError
 from dspark_lab.plugins import get_manager
 from dspark_lab.policy import parse_assignment
-from dspark_lab.runtime.records import JsonlWriter, RunDir, new_run_id, runs_root
+from dspark_lab.runtime.records import JsonlWriter, RunDir, new_run_id
 
 TORCHRUN_OPTIONS = ("nnodes", "node_rank", "rdzv_backend", "rdzv_endpoint", "rdzv_id", "max_restarts",
                     "master_addr", "master_port", "monitor_interval")

@@ -1,5 +1,4 @@
 """A DDP script whose rank 1 raises at step 4 (a crashed rank)."""
-import os
 import torch
 import torch.distributed as dist
 import torch.nn as nn

@@ -1,0 +1,133 @@
+"""Local search over expert placements, all layers at once (rows of ``phy2log [L, R]``, GPU-major).
+
+``descend`` swaps a replica on the most loaded GPU with one on another GPU of the same node (domain) while that
+lowers the larger of the two loads: the classic pairwise-interchange improvement for makespan scheduling, here with
+a fixed number of slots per GPU and no two replicas of one expert on one GPU. ``remove_duplicates`` swaps away
+same-GPU duplicates where that keeps the layer's maximum. Swaps never change replica counts.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from dspark_lab.moe.measures import presence, replica_counts
+
+if TYPE_CHECKING:
+    from dspark_lab.moe.balance import Shape
+
+REL_TOL = 1e-12  # relative: a swap must lower a load by more than this to count as an improvement
+
+
+
+class _State:
+    """A batch of placements (one row per layer) with the per-slot loads and per-GPU presence kept current."""
+
+    def __init__(self, weight: np.ndarray, phy2log: np.ndarray, shape: Shape):
+        self.weight = weight
+        self.shape = shape
+        self.assign = phy2log.copy()
+        self.S = shape.slots_per_gpu
+        self.gpus = shape.gpus
+        self.slots_per_domain = shape.replicas // shape.domains
+        self.gpus_per_domain = shape.gpus // shape.domains
+        self.value = self.has = self.loads = None
+        self.refresh(slice(None))
+
+    def refresh(self, rows) -> None:
+        """Recompute slot loads, presence and GPU loads of ``rows`` from ``assign`` (after replica counts change)."""
+        if isinstance(rows, np.ndarray) and not len(rows):
+            return
+        assign, weight = self.assign[rows], self.weight[rows]
+        per_replica = weight / np.maximum(replica_counts(assign, self.shape.experts), 1)
+        value = np.take_along_axis(per_replica, assign, 1)
+        has = presence(assign, self.shape.experts, self.gpus)
+        loads = value.reshape(len(weight), self.gpus, -1).sum(-1)
+        if self.value is None:
+            self.value, self.has, self.loads = value, has, loads
+        else:
+            self.value[rows], self.has[rows], self.loads[rows] = value, has, loads
+
+    def swap(self, rows, slot_a, slot_b) -> None:
+        ga, gb = slot_a // self.S, slot_b // self.S
+        ea, eb = self.assign[rows, slot_a], self.assign[rows, slot_b]
+        va, vb = self.value[rows, slot_a], self.value[rows, slot_b]
+        self.assign[rows, slot_a], self.assign[rows, slot_b] = eb, ea
+        self.value[rows, slot_a], self.value[rows, slot_b] = vb, va
+        np.subtract.at(self.has, (rows, ga, ea), 1)
+        np.add.at(self.has, (rows, ga, eb), 1)
+        np.subtract.at(self.has, (rows, gb, eb), 1)
+        np.add.at(self.has, (rows, gb, ea), 1)
+        self.loads[rows, ga] += vb - va
+        self.loads[rows, gb] += va - vb
+
+    def partners(self, rows, slots):
+        """For slots ``[A, K]`` on GPU ``g [A]``: every slot of the same domain, with its value, expert and GPU."""
+        gpu = slots[:, 0] // self.S
+        domain = gpu // self.gpus_per_domain
+        others = domain[:, None] * self.slots_per_domain + np.arange(self.slots_per_domain)
+        return gpu, others, self.value[rows[:, None], others], self.assign[rows[:, None], others], others // self.S
+
+    def best_swaps(self, rows, slots, limit):
+        """Best swap partner for each of ``slots [A, K]`` (all on one GPU per row) keeping both GPUs under
+        ``limit [A]`` and creating no same-GPU duplicate. Returns (ok [A], slot_a [A], slot_b [A], pair max [A])."""
+        gpu, others, b, eb, h = self.partners(rows, slots)
+        a = self.value[rows[:, None], slots]
+        ea = self.assign[rows[:, None], slots]
+        here = self.loads[rows, gpu]
+        delta = a[:, :, None] - b[:, None, :]
+        pair = np.maximum(here[:, None, None] - delta, self.loads[rows[:, None], h][:, None, :] + delta)
+        ok = ((h != gpu[:, None])[:, None, :]
+              & (self.has[rows[:, None], gpu[:, None], eb] == 0)[:, None, :]
+              & (self.has[rows[:, None, None], h[:, None, :], ea[:, :, None]] == 0)
+              & (ea[:, :, None] != eb[:, None, :]))
+        pair = np.where(ok & (pair < limit[:, None, None]), pair, np.inf)
+        flat = pair.reshape(len(rows), -1).argmin(1)
+        best = pair.reshape(len(rows), -1)[np.arange(len(rows)), flat]
+        i, j = np.divmod(flat, others.shape[1])
+        return np.isfinite(best), slots[np.arange(len(rows)), i], others[np.arange(len(rows)), j], best
+
+
+def descend(weight: np.ndarray, phy2log: np.ndarray, shape: Shape, max_steps: int | None = None,
+            trace=None) -> np.ndarray:
+    """Swap replicas off the most loaded GPU while that lowers it; returns the improved ``phy2log``.
+
+    ``trace(step, rows, assign)`` is called after each step with the rows that changed (used for move costs).
+    """
+    state = _State(weight, phy2log, shape)
+    active = np.arange(len(weight))
+    steps = max_steps if max_steps is not None else 4 * shape.replicas
+    for step in range(steps):
+        if not len(active):
+            break
+        gpu = state.loads[active].argmax(1)
+        top = state.loads[active, gpu]
+        slots = gpu[:, None] * state.S + np.arange(state.S)
+        ok, slot_a, slot_b, _ = state.best_swaps(active, slots, top * (1 - REL_TOL))
+        active = active[ok]
+        state.swap(active, slot_a[ok], slot_b[ok])
+        if trace is not None and len(active):
+            trace(step, active, state.assign)
+    return state.assign
+
+
+def remove_duplicates(weight: np.ndarray, phy2log: np.ndarray, shape: Shape,
+                      limit: np.ndarray | None = None) -> np.ndarray:
+    """Swap away same-GPU duplicates where a swap keeps both GPUs at or under ``limit [L]`` (default: the
+    layer's maximum load)."""
+    state = _State(weight, phy2log, shape)
+    layers = len(weight)
+    stuck = np.zeros_like(phy2log, dtype=bool)
+    gpu_of_slot = np.arange(shape.replicas) // state.S
+    limit = (state.loads.max(1) if limit is None else np.maximum(limit, state.loads.max(1))) * (1 + REL_TOL)
+    for _ in range(shape.replicas):
+        dup = (state.has[np.arange(layers)[:, None], gpu_of_slot, state.assign] > 1) & ~stuck
+        rows = np.flatnonzero(dup.any(1))
+        if not len(rows):
+            break
+        first = dup[rows].argmax(1)
+        ok, slot_a, slot_b, _ = state.best_swaps(rows, first[:, None], limit[rows])
+        stuck[rows[~ok], first[~ok]] = True
+        state.swap(rows[ok], slot_a[ok], slot_b[ok])
+    return state.assign
