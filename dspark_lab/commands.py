@@ -177,3 +177,14 @@ def _clock(t) -> str | None:
     import time
 
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else None
+
+
+def show(run: str, html: str | None = None) -> Report:
+    """Write a run's charts (step time, throughput, memory, utilization, comm, loss, change markers) as HTML."""
+    from pathlib import Path
+
+    from dspark_lab.views import save_run_html
+
+    run_dir = _run(run)
+    path = save_run_html(run_dir, Path(html) if html else run_dir.path / "charts.html")
+    return Report("show", {"id": run_dir.id, "html": str(path)}, lines=[f"wrote {path} (BokehJS inlined)"])

@@ -86,6 +86,11 @@ def add_parsers(subparsers, common) -> None:
     set_.set_defaults(func=lambda a: commands.set_policies(a.run, a.assignments, wait=not a.no_wait,
                                                            timeout=a.timeout))
 
+    show = subparsers.add_parser("show", parents=[common], help="write a run's charts as a standalone HTML file")
+    show.add_argument("run")
+    show.add_argument("--html", metavar="PATH", help="where to write (default: RUN_DIR/charts.html)")
+    show.set_defaults(func=lambda a: commands.show(a.run, a.html))
+
     metrics = subparsers.add_parser("metrics", parents=[common], help="a run's per-step metrics")
     metrics.add_argument("run")
     metrics.add_argument("--tail", type=int, default=20)
