@@ -121,3 +121,12 @@ def test_single_rank_placement_changes_nothing():
     torch.testing.assert_close(model(tokens), before, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="without a slot"):
         model.blocks[0].moe.set_placement(torch.zeros(10, dtype=torch.int64))
+
+
+def test_single_process_replacement_keeps_the_loss_trajectory():
+    from dspark_lab.examples.moe_train import train
+
+    static = train(steps=6, policy="static")
+    moved = train(steps=6, policy="dspark", interval=100, replace_at=(2, 4))
+    assert moved["placements"][0] != moved["placements"][1]
+    np.testing.assert_allclose(moved["loss"], static["loss"], rtol=1e-5)

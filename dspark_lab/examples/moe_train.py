@@ -2,7 +2,7 @@
 
 Run on 2 CPU ranks (gloo)::
 
-    dspark-lab run --nproc 2 -m dspark_lab.examples.moe_train -- --steps 40 --placement dspark --interval 10
+    dspark-lab run --nproc 2 dspark_lab/examples/moe_train.py --steps 40 --placement dspark --interval 10
     torchrun --nproc-per-node 2 -m dspark_lab.examples.moe_train --steps 40 --placement dspark --interval 10
 
 ``--placement``: ``static`` keeps the initial placement; ``eplb`` re-places with DeepSeek's EPLB
@@ -105,10 +105,7 @@ def train(*, steps: int = 20, batch_size: int = 8, policy: str = "static", inter
         due = policy != "static" and ((step + 1) % interval == 0 or step + 1 in replace_at) and step + 1 < steps
         if due:
             new = new_placement(policy, np.sum(history, 0), placement, world, move_cost)
-            moved = move_experts(layers, optimizer, placement, new, rank, world) if world > 1 else 0
-            if world == 1:
-                for i, layer in enumerate(layers):
-                    layer.set_placement(torch.as_tensor(new[i]))
+            moved = move_experts(layers, optimizer, placement, new, rank, world)
             placement = new
             record["moved"].append({"step": step + 1, "received_by_rank0": moved})
             record["placements"].append(placement.tolist())

@@ -113,17 +113,23 @@ class Coordinator:
         reasons = self._agree(announcement["seq"], failure)
         if reasons:
             self.job.rollback_changes(applied, announcement, "; ".join(reasons))
-            self._finish(announcement, "rolled_back", "; ".join(reasons))
         else:
             late_note = f"applied {late} step(s) late: ranks were not in step" if late > 0 else ""
             self.job.commit_changes(applied, announcement, late_note)
-            self._finish(announcement, "applied", "")
+        # The reply goes out once every rank has logged its apply/rollback, so a reader sees all of them.
+        self._agree(f"{announcement['seq']}/logged", "", wait=self.rank == 0)
+        self._finish(announcement, "rolled_back" if reasons else "applied", "; ".join(reasons))
 
-    def _agree(self, seq: int, failure: str) -> list[str]:
-        """Every rank's failure reason for announcement ``seq`` (empty when all succeeded)."""
+    def _agree(self, seq, failure: str, wait: bool = True) -> list[str]:
+        """Every rank's failure reason for announcement ``seq`` (empty when all succeeded).
+
+        With ``wait=False`` a rank only posts its own answer and goes on.
+        """
         if self.store is None or self.world == 1:
             return [f"rank {self.rank}: {failure}"] if failure else []
         self.store.set(f"result/{seq}/{self.rank}", failure)
+        if not wait:
+            return []
         keys = [f"result/{seq}/{r}" for r in range(self.world)]
         deadline = time.monotonic() + AGREE_TIMEOUT_S
         while not self.store.check(keys):
