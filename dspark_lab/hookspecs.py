@@ -109,3 +109,13 @@ def dspark_apply_policy(job, key, value, old):
     Return a short note for the event log (``""`` when there is nothing to say) when the key is the plugin's, or
     ``None`` when it is not. Raise :class:`dspark_lab.errors.PolicyError` to refuse: every rank then rolls back.
     """
+
+
+@hookspec
+def dspark_step_end(job, step):
+    """Called on every rank at every step boundary, after step ``step`` and before any change applies.
+
+    For per-step work a plugin's policy needs (record loads, re-place experts on a schedule). Must be cheap: it
+    runs every step. Return a dict of extra fields for this rank's metrics record (e.g. ``{"expert_loads": ...}``)
+    or ``None``. A periodic action that every rank must take together is keyed on ``step`` (equal on all ranks).
+    """

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import sys
 import tomllib
 from pathlib import Path
 
@@ -81,3 +82,24 @@ def example_plugin_paths(tmp_path_factory) -> list[str]:
         for path in paths:
             patch.syspath_prepend(path)
         yield paths
+
+
+EXIT_ABORT = "terminate called without an active exception"
+
+
+def plain_torchrun(args, nproc: int = 2, timeout: float = 300):
+    """Run a script under plain torchrun (the reference the runtime is compared with) and return the result.
+
+    On a loaded machine gloo's threads can abort a worker's interpreter exit after its script finished (SIGABRT,
+    "terminate called without an active exception"); `dspark-lab run`'s bootstrap avoids that, plain torchrun
+    does not. Such a run is tried once more; any other failure fails the test.
+    """
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           *map(str, args)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0 and EXIT_ABORT in done.stderr:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import plain_torchrun
 from dspark_lab import commands
 from dspark_lab.errors import PolicyError
 
@@ -22,10 +21,7 @@ ARGS = ["--microbatches", "4", "--d-model", "32", "--seq", "16"]
 def test_live_schedule_switch_keeps_the_loss_trajectory(tmp_path, monkeypatch):
     monkeypatch.setenv("DSPARK_HOME", str(tmp_path / "home"))
     steps = 40
-    plain = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                            str(SCRIPT), *ARGS, "--steps", str(steps), "--loss-file", str(tmp_path / "plain.json")],
-                           capture_output=True, text=True, timeout=240)
-    assert (tmp_path / "plain.json").exists(), plain.stderr[-2000:]
+    plain_torchrun([SCRIPT, *ARGS, "--steps", steps, "--loss-file", tmp_path / "plain.json"])
 
     job = commands.launch(SCRIPT, [*ARGS, "--steps", str(steps), "--step-sleep", "0.05",
                                    "--loss-file", str(tmp_path / "live.json")], nproc=2, name="pipe")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import plain_torchrun
 from dspark_lab import commands
 from dspark_lab.cli import main as cli_main
 from dspark_lab.errors import ControlError, DSparkError, PolicyError
@@ -172,14 +173,7 @@ def test_stop_ends_every_rank_at_a_boundary(live_job):
 
 def test_losses_and_state_dict_keys_equal_plain_torchrun(tmp_path):
     args = [*SMALL, "--steps", "12"]
-    plain_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(DEMO),
-                 *args, "--loss-file", str(tmp_path / "plain.json"), "--save", str(tmp_path / "plain.pt")]
-    plain = subprocess.run(plain_cmd, capture_output=True, text=True, timeout=180)
-    if plain.returncode != 0 and "terminate called without an active exception" in plain.stderr:
-        # plain torchrun on a loaded machine: gloo's threads can abort the interpreter's exit after training
-        # finished (the bootstrap of `dspark-lab run` avoids this); that is not what this test compares
-        plain = subprocess.run(plain_cmd, capture_output=True, text=True, timeout=180)
-    assert plain.returncode == 0, plain.stderr[-2000:]
+    plain_torchrun([DEMO, *args, "--loss-file", tmp_path / "plain.json", "--save", tmp_path / "plain.pt"])
     ours = subprocess.run([sys.executable, "-m", "dspark_lab", "run", "--nproc", "2",
                            "--policy", "memory.activation_checkpointing=full", str(DEMO), *args,
                            "--loss-file", str(tmp_path / "ours.json"), "--save", str(tmp_path / "ours.pt")],

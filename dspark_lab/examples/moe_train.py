@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from collections import deque
 
 import numpy as np
@@ -58,7 +59,7 @@ def new_placement(policy: str, loads: np.ndarray, current: np.ndarray, world: in
 
 def train(*, steps: int = 20, batch_size: int = 8, policy: str = "static", interval: int = 5, window: int = 5,
           move_cost: float = 0.0, replace_at: tuple[int, ...] = (), config: MoEConfig | None = None,
-          lr: float = 3e-3) -> dict:
+          lr: float = 3e-3, step_sleep: float = 0.0) -> dict:
     """Train on this process's rank; returns the global loss, max-rank token load and moves per step.
 
     ``replace_at``: extra steps after which to re-place (in addition to every ``interval`` steps).
@@ -101,6 +102,8 @@ def train(*, steps: int = 20, batch_size: int = 8, policy: str = "static", inter
         record["max_rank_load"].append(float(rank_loads.max(0).values.mean()))
         record["mean_rank_load"].append(float(rank_loads.mean(0).mean()))
         history.append(stats[1:1 + len(layers) * config.experts].view(len(layers), -1).numpy().copy())
+        if step_sleep:
+            time.sleep(step_sleep)
 
         due = policy != "static" and ((step + 1) % interval == 0 or step + 1 in replace_at) and step + 1 < steps
         if due:
@@ -120,12 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=int, default=10, help="re-place every this many steps")
     parser.add_argument("--window", type=int, default=10, help="steps of load history used to place")
     parser.add_argument("--move-cost", type=float, default=0.0)
+    parser.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep per step (a live demo)")
     parser.add_argument("--json", action="store_true", help="print the whole record as JSON (rank 0)")
     args = parser.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
     record = train(steps=args.steps, batch_size=args.batch, policy=args.placement, interval=args.interval,
-                   window=args.window, move_cost=args.move_cost)
+                   window=args.window, move_cost=args.move_cost, step_sleep=args.step_sleep)
     if not dist.is_initialized() or dist.get_rank() == 0:
         if args.json:
             print(json.dumps(record))

@@ -26,6 +26,7 @@ from dspark_lab.plugins import Manager, get_manager
 from dspark_lab.runtime import discover
 from dspark_lab.runtime.coordinator import Coordinator, PendingChange
 from dspark_lab.runtime.policies import builtin as builtin_policies
+from dspark_lab.runtime.policies import moe as moe_policy
 from dspark_lab.runtime.policies.comm import GradSync, install_on_ddp
 from dspark_lab.runtime.policies.memory import SavedActivations
 from dspark_lab.runtime.records import JsonlWriter, RunDir, new_run_id
@@ -72,6 +73,7 @@ class Job:
         self.blocks: list = []
         self.fsdp = self.compiled = False
         self.grad_sync: GradSync | None = None
+        self.moe = None  # ExpertPlacement when the model has expert-parallel MoE layers
         self.step = 0
         self._param_storages: set[int] = set()
         self.activations = SavedActivations(lambda: self._param_storages, self._make_host_allocator)
@@ -163,6 +165,9 @@ class Job:
         if first is not None:
             self.backend = _backend_for(self.manager, first.device.type)
         inner.register_forward_pre_hook(self._count_batch, with_kwargs=True)
+        layers = moe_policy.moe_layers(inner)
+        if layers and self.moe is None:
+            self.moe = moe_policy.ExpertPlacement(layers, self.rank, self.world)
 
     def on_ddp(self, ddp) -> None:
         """Called right after a DistributedDataParallel is constructed."""
@@ -238,6 +243,12 @@ class Job:
         self.coordinator.at_boundary(self.step)
 
     def _write_metrics(self, now: float) -> None:
+        record = self._metrics_record(now)
+        for extra in self.manager.pm.hook.dspark_step_end(job=self, step=self.step):
+            record.update(extra)
+        self._metrics.write(record)
+
+    def _metrics_record(self, now: float) -> dict[str, Any]:
         step_time = now - self._last_boundary
         record: dict[str, Any] = {
             "time": time.time(), "step": self.step, "rank": self.rank,
@@ -259,7 +270,7 @@ class Job:
         if now - self._last_sample >= SAMPLE_EVERY_S:
             record["device"] = self._sample()
             self._last_sample = now
-        self._metrics.write(record)
+        return record
 
     def _sample(self) -> dict | None:
         if self._sampler is None:

@@ -17,7 +17,7 @@ from dspark_lab.errors import RunNotFound
 from dspark_lab.output import SCHEMA_VERSION
 
 RUN_STATES = ("starting", "running", "finished", "failed", "stopped")
-EVENT_KINDS = ("start", "pending", "apply", "refuse", "rollback", "stop", "error")
+EVENT_KINDS = ("start", "pending", "apply", "refuse", "rollback", "placement", "stop", "error")
 
 
 def dspark_home() -> Path:

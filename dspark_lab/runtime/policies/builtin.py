@@ -1,9 +1,9 @@
 """The built-in policies, registered and applied through the same hooks a third-party plugin would use.
 
 Memory: ``memory.activation_checkpointing``, ``memory.activation_offload``. Communication: ``comm.grad_sync``,
-``comm.bucket_mb`` (launch-only). Scheduling: ``sched.pipeline``. How each is applied lives in :mod:`.memory`,
-:mod:`.comm` and :mod:`.sched`; this module only says which keys exist, when a change must be refused, and routes
-an apply to the right function.
+``comm.bucket_mb`` (launch-only). Scheduling: ``sched.pipeline``, ``moe.placement`` with its interval, window and
+move cost. How each is applied lives in :mod:`.memory`, :mod:`.comm`, :mod:`.sched` and :mod:`.moe`; this module
+only says which keys exist, when a change must be refused, and routes an apply to the right function.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dspark_lab import hookimpl
 from dspark_lab.errors import PolicyError
 from dspark_lab.policy import PolicySpec
-from dspark_lab.runtime.policies import comm, memory, sched
+from dspark_lab.runtime.policies import comm, memory, moe, sched
 
 SPECS = (
     PolicySpec(key="memory.activation_checkpointing", type="enum", choices=memory.CHECKPOINTING, default="none",
@@ -28,6 +28,14 @@ SPECS = (
                doc="DDP gradient bucket size in MB (launch-only: DDP builds its buckets once)"),
     PolicySpec(key="sched.pipeline", type="enum", choices=(sched.NONE, *sched.schedule_names()), default=sched.NONE,
                doc="pipeline schedule of the job's pipeline executor; switches keep each rank's stages"),
+    PolicySpec(key="moe.placement", type="enum", choices=moe.PLACEMENT, default="static",
+               doc="re-place MoE experts from recorded loads: keep them (static), DeepSeek's EPLB, or ours (dspark)"),
+    PolicySpec(key="moe.placement_interval", type="int", min=1, max=1_000_000, default=10,
+               doc="re-place every this many steps (while moe.placement is not static)"),
+    PolicySpec(key="moe.placement_window", type="int", min=1, max=10_000, default=10,
+               doc="steps of load history a re-placement balances"),
+    PolicySpec(key="moe.move_cost", type="float", min=0, max=100, default=0.0,
+               doc="dspark only: balance traded per expert moved (0: best balance, larger: fewer moves)"),
 )
 SPECS_BY_KEY = {spec.key: spec for spec in SPECS}
 
@@ -53,12 +61,19 @@ def refusal(job, key: str, value) -> str | None:
             return f"backend {job.backend.name} offers no {value!r} collective (offered: {offered})"
     if key == "sched.pipeline":
         return sched.refusal(value)
+    if key.startswith("moe."):
+        return moe.refusal(job)
     return None
 
 
 def observed_values(job) -> dict:
     """Values the script chose itself (read once the first step ran), so `get` shows what is really in force."""
     return {"sched.pipeline": sched.current()}
+
+
+@hookimpl
+def dspark_step_end(job, step):
+    return moe.step_end(job, step)
 
 
 @hookimpl
@@ -89,4 +104,6 @@ def dspark_apply_policy(job, key, value, old):
         return "applied when DDP was constructed"
     if key == "sched.pipeline":
         return sched.apply(value)
+    if key.startswith("moe."):
+        return ""  # read at each step boundary by dspark_step_end
     return None
