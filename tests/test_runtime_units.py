@@ -197,3 +197,14 @@ def test_a_failing_key_leaves_the_earlier_keys_for_rollback(cpu_job):
     assert all("forward" not in b.__dict__ for b in cpu_job.blocks)
     kinds = [(e["kind"], e["key"]) for e in cpu_job.run_dir.events()]
     assert kinds == [("rollback", "memory.activation_checkpointing"), ("rollback", "comm.grad_sync")]
+
+
+def test_fp8_offload_keeps_tensors_with_infinities_exact():
+    tracker = SavedActivations()
+    tracker.mode = "host-fp8"
+    masked = torch.randn(64, 256)
+    masked[:, 128:] = float("-inf")  # attention scores under a causal mask
+    assert torch.equal(tracker.unpack(tracker.pack(masked)), masked)
+    finite = torch.randn(64, 256)
+    back = tracker.unpack(tracker.pack(finite))
+    assert not torch.equal(back, finite) and torch.allclose(back, finite, rtol=0.07, atol=1e-6)  # really FP8

@@ -8,6 +8,7 @@ from the reference (zero for lossless policies).
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
@@ -70,7 +71,8 @@ def summarize(metrics: list[dict], start: int, end: int, reference: dict[int, fl
         "step_time_ms": 1e3 * statistics.median(step_times) if steps else None,
         "peak_activation_mb": statistics.median(peaks) / 2**20 if steps else None,
         "comm_ms": 1e3 * statistics.median(comms) if steps else None,
-        "loss_deviation": max(deviations) if deviations else None,
+        "loss_deviation": (math.nan if any(math.isnan(d) for d in deviations) else max(deviations))
+        if deviations else None,
     }
 
 

@@ -136,7 +136,9 @@ class SavedActivations:
         view_key = (ptr, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor._version)
         packed = self._offloaded.get(view_key)
         if packed is None or packed.source() is not tensor:
-            packed = _Offloaded(tensor, self._host_pool(), fp8=self.mode == "host-fp8")
+            # A tile holding inf (an attention mask's -inf scores) has no finite FP8 scale: keep such a tensor exact.
+            fp8 = self.mode == "host-fp8" and bool(torch.isfinite(tensor).all())
+            packed = _Offloaded(tensor, self._host_pool(), fp8=fp8)
             self._offloaded[view_key] = packed
         self._hold(id(packed), packed.nbytes)
         return _Held(packed, self, id(packed))
