@@ -218,3 +218,33 @@ def test_killed_job_is_reported_failed_and_attach_api_works():
     assert state == "failed"
     with pytest.raises(DSparkError):
         commands.policies(run_id)
+
+
+def test_single_process_compiled_script_refuses_memory_policies_with_the_reason():
+    job = commands.launch(FIXTURES / "compile_train.py", ["100000"], nproc=1, name="compiled")
+    try:
+        wait_for_step(job, 2)
+        with pytest.raises(PolicyError, match="torch.compile"):
+            commands.set_policies(job.id, ["memory.activation_checkpointing=full"])
+        with pytest.raises(PolicyError, match="no DistributedDataParallel"):
+            commands.set_policies(job.id, ["comm.grad_sync=ring"])
+        assert commands.status(job.id).data["run"]["ranks"] == 1
+        assert job.poll() is None
+    finally:
+        job.stop()
+    assert job.run_dir.info()["state"] == "stopped"
+
+
+def test_torchrun_options_pass_through():
+    from dspark_lab.runtime.launch import torchrun_command
+
+    multi = torchrun_command("/x/train.py", ["--lr", "1"], 4, {"nnodes": "2", "node_rank": "1",
+                                                                "rdzv_backend": "c10d", "rdzv_endpoint": "h:29400",
+                                                                "max_restarts": "3"})
+    assert multi[multi.index("-m") + 1] == "torch.distributed.run"
+    for flag in ("--nproc-per-node=4", "--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d",
+                 "--rdzv-endpoint=h:29400", "--max-restarts=3"):
+        assert flag in multi
+    assert "--standalone" not in multi
+    assert multi[-4:] == ["dspark_lab.runtime.bootstrap", "/x/train.py", "--lr", "1"]
+    assert "--standalone" in torchrun_command("/x/train.py", [], 1, {})

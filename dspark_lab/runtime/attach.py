@@ -24,7 +24,7 @@ import torch.distributed as dist
 from dspark_lab.errors import PolicyError
 from dspark_lab.plugins import Manager, get_manager
 from dspark_lab.runtime import discover
-from dspark_lab.runtime.coordinator import Coordinator, PendingChange
+from dspark_lab.runtime.coordinator import Coordinator, PendingChange, StopRun
 from dspark_lab.runtime.policies import builtin as builtin_policies
 from dspark_lab.runtime.policies import moe as moe_policy
 from dspark_lab.runtime.policies.comm import GradSync, install_on_ddp
@@ -85,6 +85,7 @@ class Job:
         self._last_sample = 0.0
         self._reset_step_counters(time.perf_counter())
         self.server = None
+        self._runtime_error_logged = False
 
     # --- policy state ------------------------------------------------------------------------------------------
 
@@ -297,6 +298,25 @@ class Job:
 # --- process-wide installation -------------------------------------------------------------------------------
 
 
+def _guarded(method: str, *args) -> None:
+    """Call a Job hook from inside the user's training step; a runtime bug is logged, never raised into the job.
+
+    Only :class:`StopRun` (a requested stop) leaves through here.
+    """
+    job = Job.current
+    if job is None:
+        return
+    try:
+        getattr(job, method)(*args)
+    except StopRun:
+        raise
+    except Exception as exc:
+        if not job._runtime_error_logged:
+            job._runtime_error_logged = True
+            job.record_event("error", step=job.step, rank=job.rank,
+                             reason=f"runtime {method} failed, the job goes on: {type(exc).__name__}: {exc}")
+
+
 def _install_patches(job: Job) -> None:
     """Wrap the torch entry points the runtime listens to. Idempotent; the wrappers read ``Job.current``."""
     if getattr(torch, "_dspark_patched", False):
@@ -305,8 +325,8 @@ def _install_patches(job: Job) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-    register_optimizer_step_pre_hook(lambda opt, args, kwargs: Job.current and Job.current.on_step_begin(opt))
-    register_optimizer_step_post_hook(lambda opt, args, kwargs: Job.current and Job.current.on_step_end(opt))
+    register_optimizer_step_pre_hook(lambda opt, args, kwargs: _guarded("on_step_begin", opt))
+    register_optimizer_step_post_hook(lambda opt, args, kwargs: _guarded("on_step_end", opt))
 
     original_init = DDP.__init__
 
@@ -317,7 +337,7 @@ def _install_patches(job: Job) -> None:
             kwargs["bucket_cap_mb"] = current.launch_policies["comm.bucket_mb"]
         original_init(self, module, *args, **kwargs)
         if current is not None and current.ddp is None:
-            current.on_ddp(self)
+            _guarded("on_ddp", self)
 
     DDP.__init__ = ddp_init
 

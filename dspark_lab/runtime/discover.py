@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import warnings
 from collections import Counter
 
 import torch
@@ -14,9 +13,8 @@ def model_of_optimizer(optimizer: torch.optim.Optimizer) -> nn.Module | None:
     """The outermost live module that owns the most of the optimizer's parameters (one scan of the heap, once)."""
     wanted = {id(p) for group in optimizer.param_groups for p in group["params"]}
     best, best_key = None, (0, 0)
-    with warnings.catch_warnings():  # isinstance() on torch's deprecated module proxies warns
-        warnings.simplefilter("ignore")
-        modules = [obj for obj in gc.get_objects() if isinstance(obj, nn.Module)]
+    # type(), not isinstance(): the heap holds dead weak proxies (isinstance raises) and deprecated module proxies
+    modules = [obj for obj in gc.get_objects() if issubclass(type(obj), nn.Module)]
     for obj in modules:
         owned = sum(id(p) in wanted for p in obj.parameters())
         key = (owned, sum(1 for _ in obj.modules()))
