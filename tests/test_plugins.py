@@ -186,6 +186,37 @@ def test_hook_dspark_apply_policy(toy):
     assert manager.call_first("dspark_apply_policy", job=None, key="memory.other", value=1, old=0) is None
 
 
+def test_hook_dspark_step_end(tmp_path):
+    import torch
+
+    from dspark_lab import hookimpl
+    from dspark_lab.backends import cpu
+    from dspark_lab.runtime.attach import Job
+    from dspark_lab.runtime.policies import builtin
+    from dspark_lab.runtime.records import RunDir
+
+    class StepProbe:
+        seen = []
+
+        @hookimpl
+        def dspark_step_end(self, job, step):
+            self.seen.append((job.rank, step))
+            return {"probe_step": step}
+
+    manager = make_manager([cpu, builtin, StepProbe()], entry_points=False)
+    job = Job(RunDir.create("20260101-000000-feed00", {"name": "probe"}, root=tmp_path), rank=0, world=1,
+              manager=manager)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    job.set_model(model)
+    for _ in range(2):
+        job.on_step_begin(optimizer)
+        job.on_step_end(optimizer)
+    job.close()
+    assert StepProbe.seen == [(0, 1), (0, 2)]
+    assert [m["probe_step"] for m in job.run_dir.metrics()] == [1, 2]
+
+
 # --- tracing -------------------------------------------------------------------------------------------------
 
 
