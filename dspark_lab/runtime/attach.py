@@ -1,18 +1,14 @@
 """The per-rank runtime: finds the step boundary, the model and its blocks, owns the policy state, writes records.
 
 ``dspark-lab run`` starts it in every rank before the user's script runs (:mod:`.bootstrap`); a script can also
-opt in with ``dspark_lab.attach(model, optimizer)``. Either way, hooks are installed once per process:
-
-- torch's global optimizer step hooks mark step boundaries (the only place policies change);
-- ``DistributedDataParallel.__init__`` is wrapped so the runtime's gradient-sync dispatcher is DDP's comm hook;
-- ``torch.autograd.backward`` is wrapped to time backward and read the loss;
-- autograd saved-tensor hooks count the bytes held for backward (and offload them when a policy asks).
+opt in with ``dspark_lab.attach(model, optimizer)``. Either way the torch entry points it listens to are wrapped
+once per process (:mod:`.patches`), and autograd saved-tensor hooks count the bytes held for backward (and offload
+them when a policy asks).
 """
 
 from __future__ import annotations
 
 import datetime
-import functools
 import os
 import time
 from typing import Any
@@ -24,7 +20,7 @@ import torch.distributed as dist
 from dspark_lab.errors import PolicyError
 from dspark_lab.plugins import Manager, get_manager
 from dspark_lab.runtime import discover
-from dspark_lab.runtime.coordinator import Coordinator, PendingChange, StopRun
+from dspark_lab.runtime.coordinator import Coordinator, PendingChange
 from dspark_lab.runtime.policies import builtin as builtin_policies
 from dspark_lab.runtime.policies import moe as moe_policy
 from dspark_lab.runtime.policies.comm import GradSync, install_on_ddp
@@ -295,75 +291,6 @@ class Job:
         self.activations.uninstall()
 
 
-# --- process-wide installation -------------------------------------------------------------------------------
-
-
-def _guarded(method: str, *args) -> None:
-    """Call a Job hook from inside the user's training step; a runtime bug is logged, never raised into the job.
-
-    Only :class:`StopRun` (a requested stop) leaves through here.
-    """
-    job = Job.current
-    if job is None:
-        return
-    try:
-        getattr(job, method)(*args)
-    except StopRun:
-        raise
-    except Exception as exc:
-        if not job._runtime_error_logged:
-            job._runtime_error_logged = True
-            job.record_event("error", step=job.step, rank=job.rank,
-                             reason=f"runtime {method} failed, the job goes on: {type(exc).__name__}: {exc}")
-
-
-def _install_patches(job: Job) -> None:
-    """Wrap the torch entry points the runtime listens to. Idempotent; the wrappers read ``Job.current``."""
-    if getattr(torch, "_dspark_patched", False):
-        return
-    torch._dspark_patched = True
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
-    register_optimizer_step_pre_hook(lambda opt, args, kwargs: _guarded("on_step_begin", opt))
-    register_optimizer_step_post_hook(lambda opt, args, kwargs: _guarded("on_step_end", opt))
-
-    original_init = DDP.__init__
-
-    @functools.wraps(original_init)
-    def ddp_init(self, module, *args, **kwargs):
-        current = Job.current
-        if current is not None and current.launch_policies.get("comm.bucket_mb") is not None:
-            kwargs["bucket_cap_mb"] = current.launch_policies["comm.bucket_mb"]
-        original_init(self, module, *args, **kwargs)
-        if current is not None and current.ddp is None:
-            _guarded("on_ddp", self)
-
-    DDP.__init__ = ddp_init
-
-    original_backward = torch.autograd.backward
-
-    @functools.wraps(original_backward)
-    def backward(tensors, *args, **kwargs):
-        current = Job.current
-        if current is None:
-            return original_backward(tensors, *args, **kwargs)
-        return current.on_backward(tensors, lambda: original_backward(tensors, *args, **kwargs))
-
-    torch.autograd.backward = backward
-
-    original_compile = torch.compile
-
-    @functools.wraps(original_compile)
-    def compile(*args, **kwargs):
-        if Job.current is not None:
-            Job.current.compiled = True
-            Job.current.activations.uninstall()  # saved-tensor hooks and compiled graphs do not mix
-        return original_compile(*args, **kwargs)
-
-    torch.compile = compile
-
-
 def start_job(run_dir: RunDir, *, launch_policies: dict[str, Any] | None = None, store=None,
               manager: Manager | None = None) -> Job:
     """Create this process's Job, install the hooks, and (rank 0) serve the control endpoint."""
@@ -371,7 +298,9 @@ def start_job(run_dir: RunDir, *, launch_policies: dict[str, Any] | None = None,
     store = store if store is not None else _connect_store(run_dir.id)
     job = Job(run_dir, rank=rank, world=world, manager=manager, launch_policies=launch_policies, store=store)
     Job.current = job
-    _install_patches(job)
+    from dspark_lab.runtime.patches import install_patches
+
+    install_patches()
     job.activations.install()
     if rank == 0:
         from dspark_lab.runtime.control import ControlServer

@@ -1,0 +1,85 @@
+"""The torch entry points the runtime listens to, wrapped once per process; the wrappers call ``Job.current``.
+
+- torch's global optimizer step hooks mark step boundaries (the only place policies change);
+- ``DistributedDataParallel.__init__`` is wrapped so the runtime's gradient-sync dispatcher is DDP's comm hook and
+  a launch-time ``comm.bucket_mb`` reaches DDP;
+- ``torch.autograd.backward`` is wrapped to time backward and read the loss;
+- ``torch.compile`` is wrapped to notice compiled models (memory policies are refused there).
+
+A failure of the runtime inside these wrappers is logged once and never raised into the user's step.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from dspark_lab.runtime.attach import Job
+from dspark_lab.runtime.coordinator import StopRun
+
+
+def _guarded(method: str, *args) -> None:
+    """Call a Job hook from inside the user's training step; a runtime bug is logged, never raised into the job.
+
+    Only :class:`StopRun` (a requested stop) leaves through here.
+    """
+    job = Job.current
+    if job is None:
+        return
+    try:
+        getattr(job, method)(*args)
+    except StopRun:
+        raise
+    except Exception as exc:
+        if not job._runtime_error_logged:
+            job._runtime_error_logged = True
+            job.record_event("error", step=job.step, rank=job.rank,
+                             reason=f"runtime {method} failed, the job goes on: {type(exc).__name__}: {exc}")
+
+
+def install_patches() -> None:
+    """Wrap the torch entry points the runtime listens to. Idempotent; the wrappers read ``Job.current``."""
+    if getattr(torch, "_dspark_patched", False):
+        return
+    torch._dspark_patched = True
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    register_optimizer_step_pre_hook(lambda opt, args, kwargs: _guarded("on_step_begin", opt))
+    register_optimizer_step_post_hook(lambda opt, args, kwargs: _guarded("on_step_end", opt))
+
+    original_init = DDP.__init__
+
+    @functools.wraps(original_init)
+    def ddp_init(self, module, *args, **kwargs):
+        current = Job.current
+        if current is not None and current.launch_policies.get("comm.bucket_mb") is not None:
+            kwargs["bucket_cap_mb"] = current.launch_policies["comm.bucket_mb"]
+        original_init(self, module, *args, **kwargs)
+        if current is not None and current.ddp is None:
+            _guarded("on_ddp", self)
+
+    DDP.__init__ = ddp_init
+
+    original_backward = torch.autograd.backward
+
+    @functools.wraps(original_backward)
+    def backward(tensors, *args, **kwargs):
+        current = Job.current
+        if current is None:
+            return original_backward(tensors, *args, **kwargs)
+        return current.on_backward(tensors, lambda: original_backward(tensors, *args, **kwargs))
+
+    torch.autograd.backward = backward
+
+    original_compile = torch.compile
+
+    @functools.wraps(original_compile)
+    def compile(*args, **kwargs):
+        if Job.current is not None:
+            Job.current.compiled = True
+            Job.current.activations.uninstall()  # saved-tensor hooks and compiled graphs do not mix
+        return original_compile(*args, **kwargs)
+
+    torch.compile = compile
