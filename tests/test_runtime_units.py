@@ -231,3 +231,18 @@ def test_a_runtime_failure_inside_the_step_is_logged_once_and_never_raised(cpu_j
     monkeypatch.setattr(cpu_job, "on_step_end", stop)
     with pytest.raises(StopRun):  # a requested stop is the one thing that leaves the hook
         patches._guarded("on_step_end", None)
+
+
+def test_metrics_follow_prints_every_record_and_ends_with_the_run(tmp_path, monkeypatch, capsys):
+    from dspark_lab.cli import main as cli_main
+
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path))
+    run_dir = RunDir.create("20260101-000000-f0110e", {"name": "followed", "state": "finished"},
+                            root=tmp_path / "runs")
+    run_dir.update_info(state="finished")
+    writer = JsonlWriter(run_dir.metrics_path)
+    for step in (1, 2, 3):
+        writer.write({"step": step, "rank": 0, "step_time_s": 0.1 * step, "loss": 1.0 / step})
+    assert cli_main(["metrics", "followed", "--follow", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3]
