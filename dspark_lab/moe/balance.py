@@ -13,12 +13,14 @@ The algorithm is our own; it keeps EPLB's plan as one candidate so it is never w
    number of GPUs of the node, so no expert needs two replicas on one GPU; replicas dealt heaviest first to the
    lightest GPU that has room and does not hold the expert yet.
 2. Local search (:mod:`dspark_lab.moe.search`), all layers at once: swap a replica on the most loaded GPU with one
-   on another GPU of the same node while that lowers the larger of the two loads; then swap away same-GPU
-   duplicates where that does not raise the layer's maximum. EPLB's plan gets this only on layers where ours,
-   after it, is still worse than EPLB's plan.
+   on another GPU of the same node while that lowers the larger of the two loads. EPLB's plan gets this only on
+   layers where ours, after it, is still worse than EPLB's plan.
 3. Node by node keep a candidate whose node maximum is within EPLB's layer maximum, preferring no same-GPU
    duplicates, then the lower maximum. Balancedness is mean / max GPU load and the mean does not depend on
    placement, so this is never below EPLB's balancedness and is above it wherever EPLB's greedy steps leave slack.
+4. Remove the same-GPU duplicates left, keeping every GPU within EPLB's layer maximum and each expert on its node
+   (:func:`dspark_lab.moe.search.reassign_duplicates`): give a duplicate slot to another expert (replica counts
+   change) and/or swap it, and where no single move fits, repair such moves by the local search of step 2.
 
 With a current placement and ``move_cost > 0`` (:mod:`dspark_lab.moe.moves`), candidates are scored as
 ``balancedness - move_cost * moved / R`` so that a placement which moves few experts can win.
@@ -34,11 +36,11 @@ import torch
 from dspark_lab.moe import eplb_reference
 from dspark_lab.moe.measures import (balancedness, balancedness_of_loads, duplicates_per_gpu, gpu_loads, presence,
                                      replica_counts, same_gpu_duplicates)
-from dspark_lab.moe.search import REL_TOL, descend, remove_duplicates
+from dspark_lab.moe.search import REL_TOL, descend, reassign_duplicates, remove_duplicates
 
 __all__ = ["Shape", "balancedness", "balancedness_of_loads", "best_placement", "check_shape", "check_weight",
-           "descend", "duplicates_per_gpu", "eplb_plan", "gpu_loads", "own_plan", "presence", "rebalance_experts",
-           "remove_duplicates", "replica_counts", "same_gpu_duplicates"]
+           "descend", "duplicates_per_gpu", "eplb_plan", "gpu_loads", "own_plan", "presence", "reassign_duplicates",
+           "rebalance_experts", "remove_duplicates", "replica_counts", "same_gpu_duplicates"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -209,18 +211,19 @@ def domain_of_experts(phy2log: np.ndarray, shape: Shape) -> np.ndarray:
 
 def best_placement(weight: np.ndarray, shape: Shape) -> np.ndarray:
     """The balance-only placement: ours after local search, and, on layers where that is not at least as good as
-    EPLB's plan, EPLB's plan after the same local search; combined node by node."""
+    EPLB's plan, EPLB's plan after the same local search; combined node by node, then same-GPU duplicates removed
+    within EPLB's maximum."""
     eplb = eplb_plan(weight, shape)
     eplb_max = gpu_loads(weight, eplb, shape.gpus).max(1)
     ours = descend(weight, own_plan(weight, shape, domain_of_experts(eplb, shape)), shape)
-    if duplicates_per_gpu(ours, shape.gpus).any():
-        ours = remove_duplicates(weight, ours, shape, eplb_max)
     short = np.flatnonzero(gpu_loads(weight, ours, shape.gpus).max(1) > eplb_max * (1 + REL_TOL))
     improved = eplb.copy()
     if len(short):
-        improved[short] = remove_duplicates(weight[short], descend(weight[short], eplb[short], shape), shape,
-                                            eplb_max[short])
-    return pick_per_domain(weight, shape, [ours, improved], limit=eplb_max)
+        improved[short] = descend(weight[short], eplb[short], shape)
+    placed = pick_per_domain(weight, shape, [ours, improved], limit=eplb_max)
+    if duplicates_per_gpu(placed, shape.gpus).any():
+        placed = reassign_duplicates(weight, placed, shape, eplb_max)
+    return placed
 
 
 def pick_per_domain(weight: np.ndarray, shape: Shape, candidates: list[np.ndarray],

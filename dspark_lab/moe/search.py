@@ -3,7 +3,9 @@
 ``descend`` swaps a replica on the most loaded GPU with one on another GPU of the same node (domain) while that
 lowers the larger of the two loads: the classic pairwise-interchange improvement for makespan scheduling, here with
 a fixed number of slots per GPU and no two replicas of one expert on one GPU. ``remove_duplicates`` swaps away
-same-GPU duplicates where that keeps the layer's maximum. Swaps never change replica counts.
+same-GPU duplicates where that keeps the layer's maximum; swaps never change replica counts.
+``reassign_duplicates`` also gives a duplicate slot to another expert of its node, which changes two replica counts
+(and so the load of every replica of both experts), and repairs such moves by ``descend`` where they overshoot.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dspark_lab.moe.measures import presence, replica_counts
+from dspark_lab.moe.measures import duplicates_per_gpu, gpu_loads, presence, replica_counts
 
 if TYPE_CHECKING:
     from dspark_lab.moe.balance import Shape
@@ -131,3 +133,190 @@ def remove_duplicates(weight: np.ndarray, phy2log: np.ndarray, shape: Shape,
         stuck[rows[~ok], first[~ok]] = True
         state.swap(rows[ok], slot_a[ok], slot_b[ok])
     return state.assign
+
+
+def _domain_state(weight: np.ndarray, sub: np.ndarray, gpus: int):
+    """Local view of one domain's slots ``sub [slots]``: its experts, their loads and counts, presence, GPU loads."""
+    seen = np.zeros(len(weight), dtype=np.int64)
+    seen[sub] = 1
+    experts = np.flatnonzero(seen)
+    local = (np.cumsum(seen) - 1)[sub]
+    w = weight[experts]
+    count = np.bincount(local, minlength=len(experts))
+    gpu = np.arange(len(sub)) // (len(sub) // gpus)
+    has = np.zeros((gpus, len(experts)), dtype=np.int64)
+    np.add.at(has, (gpu, local), 1)
+    loads = np.bincount(gpu, weights=w[local] / count[local], minlength=gpus)
+    return experts, local, w, count, gpu, has, loads
+
+
+def _best_fix(weight: np.ndarray, sub: np.ndarray, gpus: int, slot: int, keep: int = 3):
+    """Best move removing the same-GPU duplicate in ``slot`` of one domain's slots ``sub``.
+
+    The duplicate holds expert ``e``, held ``k >= 2`` times by its GPU ``g`` and ``c`` times in all. Moves:
+    give the slot to another expert ``f`` of the domain (``c_e -> c - 1``, ``c_f -> c_f + 1``), then optionally
+    swap it with a slot ``t`` on another GPU ``h``; or (``f = e``) only the swap. Exact effect of giving the slot
+    away: ``g``'s load from ``e`` goes from ``k w/c`` to ``(k-1) w/(c-1)`` (never up, as ``k <= c``), every other
+    GPU holding ``e`` gains ``w/(c-1) - w/c`` per replica, every GPU holding ``f`` loses ``w_f/c_f - w_f/(c_f+1)``
+    per replica and ``g`` gains ``w_f/(c_f+1)``. Moves are scored by the domain's new maximum GPU load.
+
+    Returns ``(new max, new sub)`` of the best move (``(inf, None)`` if none), then, as starting points for a
+    repair by local search, the ``keep`` experts ``f`` (global ids) whose plain reassignment gives the lowest
+    maxima and the ``keep`` slots (domain-local) whose swap alone gives the lowest maxima.
+    """
+    experts, local, w, count, gpu, has, loads = _domain_state(weight, sub, gpus)
+    if gpus == 1:
+        return np.inf, None, experts[:0], experts[:0]  # every expert of the domain is on its one GPU: nothing to move to
+    n, e, g = len(experts), local[slot], gpu[slot]
+    per = w / count
+    given = w[e] / (count[e] - 1)                                            # e's load per replica after giving one
+    f = np.concatenate([[e], np.delete(np.arange(n), e)])                   # row 0: no reassignment
+    slot_value = np.where(f == e, per[e], w[f] / (count[f] + 1))             # value of the slot once it holds f
+    loads1 = np.repeat(loads[None, :], n, 0)
+    loads1[1:] += has[:, e] * (given - per[e]) + has[:, f[1:]].T * (slot_value[1:, None] - per[f[1:], None])
+    loads1[1:, g] += slot_value[1:] - given
+    # Without a swap (f != e, f not on g yet).
+    plain = np.where((np.arange(n) > 0) & (has[g, f] == 0), loads1.max(1), np.inf)
+    # With a swap of the slot against slot t on GPU h != g holding x (x not e or f, not on g; f not on h).
+    x, h = local, gpu
+    vx = np.where(x[None, :] == f[:, None], np.inf, per[x][None, :])
+    new_g = loads1[:, g, None] - slot_value[:, None] + vx
+    new_h = loads1[np.arange(n)[:, None], h[None, :]] + slot_value[:, None] - vx
+    rest = loads1.copy()
+    rest[:, g] = -np.inf
+    order = np.argsort(-rest, axis=1)[:, :2]
+    top = np.take_along_axis(rest, order, 1)
+    rest_max = np.where(order[:, [0]] == h[None, :], top[:, [1]], top[:, [0]])   # max over GPUs other than g, h
+    ok = ((h != g)[None, :] & (x != e)[None, :] & (x[None, :] != f[:, None]) & (has[g, x] == 0)[None, :]
+          & (has[h[None, :], f[:, None]] == 0))
+    swapped = np.where(ok, np.maximum(np.maximum(new_g, new_h), rest_max), np.inf)
+    ranked = np.argsort(plain)[:keep]
+    ranked = experts[f[ranked[np.isfinite(plain[ranked])]]]
+    partners = np.argsort(swapped[0])[:keep]                                 # swaps alone (f = e), by new max
+    partners = partners[np.isfinite(swapped[0, partners])]
+    best_plain, best_swap = plain.argmin(), swapped.argmin()
+    i, t = np.divmod(best_swap, len(sub))
+    out = sub.copy()
+    if plain[best_plain] <= swapped[i, t] and np.isfinite(plain[best_plain]):
+        out[slot] = experts[f[best_plain]]
+        return plain[best_plain], out, ranked, partners
+    if np.isfinite(swapped[i, t]):
+        out[slot], out[t] = experts[x[t]], experts[f[i]]
+        return swapped[i, t], out, ranked, partners
+    return np.inf, None, ranked, partners
+
+
+def _collapse(weight: np.ndarray, sub: np.ndarray, gpus: int, slots) -> np.ndarray:
+    """Give each of ``slots`` that is still a same-GPU duplicate to the expert whose plain reassignment gives the
+    lowest domain maximum, limit or not (a start for a repair by local search)."""
+    sub = sub.copy()
+    for slot in slots:
+        _, local, _, _, gpu, has, _ = _domain_state(weight, sub, gpus)
+        if has[gpu[slot], local[slot]] > 1:
+            ranked = _best_fix(weight, sub, gpus, slot, keep=1)[2]
+            if len(ranked):
+                sub[slot] = ranked[0]
+    return sub
+
+
+def _grow(weight: np.ndarray, sub: np.ndarray, gpus: int, slot: int, start: int, keep: int = 1) -> dict:
+    """Starts that shift a replica to the duplicated expert ``e`` from one of the ``keep`` experts with the highest
+    load per replica among those with several (taken on the lightest GPU without ``e``), then make the best move
+    of the duplicate, limit or not."""
+    experts, local, w, count, gpu, has, loads = _domain_state(weight, sub, gpus)
+    e = local[slot]
+    donors = np.flatnonzero((count > 1) & (np.arange(len(experts)) != e))
+    donors = donors[np.argsort(-(w / count)[donors])][:keep]
+    out = {}
+    for f in donors:
+        where = np.flatnonzero((local == f) & (has[gpu, e] == 0))
+        if not len(where):
+            continue
+        trial = sub.copy()
+        trial[where[np.argmin(loads[gpu[where]])]] = experts[e]
+        fixed = _best_fix(weight, trial, gpus, slot)[1]
+        if fixed is not None:
+            out[(start, int(slot), int(f))] = fixed
+    return out
+
+
+def _fix_row(weight: np.ndarray, row: np.ndarray, shape: Shape, bound: float) -> tuple[np.ndarray, list]:
+    """Apply :func:`_best_fix` moves to one layer until none fits under ``bound``; returns the row and, for the
+    duplicates left, starting rows for a repair by local search: each promising single reassignment, each
+    expert's duplicates all reassigned, and all duplicates reassigned."""
+    per_domain = shape.replicas // shape.domains
+    gpus = shape.gpus // shape.domains
+    row = row.copy()
+    singles, collapsed = [], {}
+    for start in range(0, shape.replicas, per_domain):
+        sub = row[start:start + per_domain]
+        if not duplicates_per_gpu(sub[None], gpus).any():
+            continue
+        while True:
+            leads, fixed_one = [], False
+            _, local, _, _, gpu, has, _ = _domain_state(weight, sub, gpus)
+            stuck = np.flatnonzero(has[gpu, local] > 1)
+            stuck = stuck[np.unique(gpu[stuck] * len(sub) + local[stuck], return_index=True)[1]]  # one per pair
+            for slot in stuck:
+                value, fixed, ranked, partners = _best_fix(weight, sub, gpus, slot)
+                if value <= bound:
+                    sub, fixed_one = fixed, True
+                    break  # state changed: start over
+                leads += [((start + slot,), (f,)) for f in ranked]
+                leads += [((start + slot, start + t), (sub[t], sub[slot])) for t in partners]
+            if not fixed_one:
+                break
+        row[start:start + per_domain] = sub
+        singles += leads
+        experts = sub[stuck]
+        for expert in np.unique(experts):  # an expert's several duplicates at once (one alone is a single start)
+            if (experts == expert).sum() > 1:
+                collapsed[(start, expert)] = _collapse(weight, sub, gpus, stuck[experts == expert])
+        if len(np.unique(experts)) > 1:
+            collapsed[(start, -1)] = _collapse(weight, sub, gpus, stuck)
+        for slot in stuck:
+            collapsed.update(_grow(weight, sub, gpus, slot, start))
+    starts = []
+    for slots, experts in singles:
+        starts.append(row.copy())
+        starts[-1][list(slots)] = experts
+    for (start, *_), sub in collapsed.items():
+        starts.append(row.copy())
+        starts[-1][start:start + per_domain] = sub
+    return row, starts
+
+
+def reassign_duplicates(weight: np.ndarray, phy2log: np.ndarray, shape: Shape, limit: np.ndarray,
+                        rounds: int = 4) -> np.ndarray:
+    """Remove same-GPU duplicates while every GPU stays at or under ``limit [L]`` and the expert-to-domain split
+    (node-limited placement) is kept.
+
+    Per layer, exact single moves first (:func:`_best_fix`: give the slot to another expert, optionally with a
+    swap, or only a swap). For duplicates no single move removes, moves that go over the limit (a few single
+    reassignments and swaps, one expert's duplicates at once, all at once, a replica shifted to the duplicated
+    expert first: :func:`_grow`) are repaired by :func:`descend` (all starts of all layers in one batch) and the best one that ends under the limit with fewer duplicates is kept. Repeats
+    while that removes duplicates, at most ``rounds`` times.
+    """
+    assign = phy2log.copy()
+    bound = limit * (1 + REL_TOL)
+    rows = np.flatnonzero(duplicates_per_gpu(assign, shape.gpus).any(1))
+    for _ in range(rounds):
+        owner, starts = [], []
+        for row in rows:
+            assign[row], row_starts = _fix_row(weight[row], assign[row], shape, bound[row])
+            owner += [row] * len(row_starts)
+            starts += row_starts
+        if not starts:
+            break
+        owner = np.array(owner)
+        trial = descend(weight[owner], np.stack(starts), shape)
+        top = gpu_loads(weight[owner], trial, shape.gpus).max(1)
+        dups = duplicates_per_gpu(trial, shape.gpus).sum(1)
+        good = (top <= bound[owner]) & (dups < duplicates_per_gpu(assign[owner], shape.gpus).sum(1))
+        if not good.any():
+            break
+        order = np.lexsort((top, dups))  # per layer: fewest duplicates, then lowest maximum
+        order = order[good[order]]
+        rows, first = np.unique(owner[order], return_index=True)
+        assign[rows] = trial[order[first]]
+    return assign
