@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 
 import torch
@@ -21,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dspark_lab.collectives import make_standard
+from dspark_lab.localhost import free_port
 from dspark_lab.collectives.bandwidth import MB, measure_all_reduce
 from dspark_lab.collectives.compress import ErrorFeedbackAllReduce
 
@@ -51,12 +51,6 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, result_pat
         with open(result_path, "w") as f:
             json.dump([r.as_dict() for r in rows], f)
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def table(rows: list[dict]) -> str:

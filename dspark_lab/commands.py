@@ -166,7 +166,7 @@ def stop(run: str) -> Report:
 
 
 def launch(script, args=(), *, nproc: int = 1, policies=(), name: str | None = None, options=None, env=None):
-    """Start ``script`` under the runtime in the background; returns a Job handle at once."""
+    """Start ``script`` under the runtime in the background; returns a BackgroundRun handle at once."""
     from dspark_lab.runtime.launch import launch_background
 
     return launch_background(str(script), list(args), nproc=nproc, policies=list(policies), name=name,

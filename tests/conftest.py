@@ -103,3 +103,16 @@ def plain_torchrun(args, nproc: int = 2, timeout: float = 300):
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def wait_for_step(job, step: int, timeout: float = 90):
+    """Wait until a background run (``commands.launch``) has written metrics for ``step``; fail if it exits first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(m["step"] >= step for m in job.run_dir.metrics()):
+            return
+        assert job.poll() is None, (job.run_dir.path / "output.log").read_text()[-3000:]
+        time.sleep(0.1)
+    raise AssertionError(f"step {step} not reached in {timeout} s")

@@ -16,7 +16,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from dspark_lab.localhost import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "notebooks" / "01_quickstart.ipynb"
@@ -39,12 +40,6 @@ CANVAS_INK_JS = """c => {
   return ink; }"""
 CANVAS_HASH_JS = """c => { const s = c.toDataURL(); let h = 0;
   for (let i = 0; i < s.length; i += 7) { h = (h * 31 + s.charCodeAt(i)) | 0; } return h; }"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

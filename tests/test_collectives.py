@@ -11,7 +11,6 @@ import datetime
 import json
 import math
 import re
-import socket
 import traceback
 
 import pytest
@@ -20,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dspark_lab.backends import cpu
+from dspark_lab.localhost import free_port
 from dspark_lab.collectives import STANDARD_NAMES, make_standard
 from dspark_lab.collectives.bandwidth import bus_factor, measure_all_reduce
 from dspark_lab.collectives.compress import ErrorFeedbackAllReduce, make_codec, ring_wire_bytes
@@ -224,10 +224,7 @@ def world_results(tmp_path_factory):
     def results(world: int) -> list[dict]:
         if world not in cache:
             out = tmp_path_factory.mktemp(f"world{world}")
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            mp.spawn(_worker, args=(world, port, str(out)), nprocs=world)
+            mp.spawn(_worker, args=(world, free_port(), str(out)), nprocs=world)
             cache[world] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
         return cache[world]
 

@@ -8,23 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from dspark_lab.localhost import free_port
 from dspark_lab.moe.model import MoEConfig, TinyMoETransformer
 from dspark_lab.moe.placement import _pack, plan_transfers
 
 STEPS = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, out_path: str) -> None:
@@ -71,7 +65,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("moe") / "runs.json"
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=2, join=True)
     return json.loads(out.read_text())
 
 

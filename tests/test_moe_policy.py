@@ -4,12 +4,11 @@ the loss trajectory unchanged and the busiest rank's token load lower."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import plain_torchrun
+from conftest import plain_torchrun, wait_for_step
 from dspark_lab import commands
 
 pytestmark = pytest.mark.slow
@@ -29,10 +28,7 @@ def test_live_replacement_keeps_losses_and_lowers_the_max_rank_load(tmp_path, mo
 
     job = commands.launch(SCRIPT, [*args, "--step-sleep", "0.1"], nproc=2, name="moe",
                           policies=["moe.placement_interval=5", "moe.placement_window=5"])
-    deadline = time.monotonic() + 120
-    while not any(m["step"] >= 3 for m in job.run_dir.metrics()):
-        assert job.poll() is None and time.monotonic() < deadline, (job.run_dir.path / "output.log").read_text()
-        time.sleep(0.1)
+    wait_for_step(job, 3, timeout=120)
     report = commands.set_policies(job.id, ["moe.placement=dspark"])
     assert report.data["state"] == "applied"
     assert job.wait(300) == 0

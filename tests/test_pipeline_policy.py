@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import plain_torchrun
+from conftest import plain_torchrun, wait_for_step
 from dspark_lab import commands
 from dspark_lab.errors import PolicyError
 
@@ -25,10 +24,7 @@ def test_live_schedule_switch_keeps_the_loss_trajectory(tmp_path, monkeypatch):
 
     job = commands.launch(SCRIPT, [*ARGS, "--steps", str(steps), "--step-sleep", "0.05",
                                    "--loss-file", str(tmp_path / "live.json")], nproc=2, name="pipe")
-    deadline = time.monotonic() + 120
-    while not any(m["step"] >= 3 for m in job.run_dir.metrics()):
-        assert job.poll() is None and time.monotonic() < deadline, (job.run_dir.path / "output.log").read_text()
-        time.sleep(0.1)
+    wait_for_step(job, 3, timeout=120)
     assert commands.get(job.id, "sched.pipeline").data["policies"][0]["value"] == "1f1b"
     report = commands.set_policies(job.id, ["sched.pipeline=zb-h1"])
     assert report.data["state"] == "applied"

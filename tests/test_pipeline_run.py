@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 
 from dspark_lab.pipeline.execute import PipelineTrainer
 from dspark_lab.pipeline.model import ModelConfig, build_stages, make_batch, mb_loss
-from dspark_lab.pipeline.run import RunConfig, free_port, run_schedule
+from dspark_lab.localhost import free_port
+from dspark_lab.pipeline.run import RunConfig, run_schedule
 from dspark_lab.pipeline.schedules import SCHEDULES, build
 
 TINY = {"d_model": 16, "seq": 8, "heads": 2, "vocab": 32}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import plain_torchrun
+from conftest import plain_torchrun, wait_for_step
 from dspark_lab import commands
 from dspark_lab.cli import main as cli_main
 from dspark_lab.errors import ControlError, DSparkError, PolicyError
@@ -44,16 +44,6 @@ def dspark_home(tmp_path_factory):
     for key, value in saved.items():
         os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
     reset_manager()
-
-
-def wait_for_step(job, step, timeout=90):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(m["step"] >= step for m in job.run_dir.metrics()):
-            return
-        assert job.poll() is None, (job.run_dir.path / "output.log").read_text()[-3000:]
-        time.sleep(0.1)
-    raise AssertionError(f"step {step} not reached")
 
 
 @pytest.fixture(scope="module")

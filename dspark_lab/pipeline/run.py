@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dspark_lab.localhost import free_port
 from dspark_lab.pipeline.execute import PipelineTrainer
 from dspark_lab.pipeline.model import ModelConfig, build_stages, make_batch, mb_loss, reference_grads
 from dspark_lab.pipeline.schedules import build
@@ -41,12 +41,6 @@ class RunConfig:
     mb_size: int = 4
     model: dict = field(default_factory=dict)  # ModelConfig overrides (not ``stages``)
     extra: list[str] = field(default_factory=list)  # more schedules run in the same processes (same layout rules)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_schedule(cfg: RunConfig) -> dict:

@@ -260,7 +260,7 @@ class Job:
             "peak_activation_bytes": self.activations.reset_peak(),
             "rss_bytes": self._process.memory_info().rss,
         }
-        if torch.cuda.is_available() and self.backend.torch_device == "cuda":
+        if self.backend.torch_device == "cuda" and torch.cuda.is_available():
             record["memory_allocated_bytes"] = torch.cuda.memory_allocated()
             record["memory_peak_bytes"] = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()

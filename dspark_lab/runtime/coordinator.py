@@ -9,11 +9,11 @@ ranks then agree through the store: if any rank failed, all roll back, and the e
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,11 +131,10 @@ class Coordinator:
         if not wait:
             return []
         keys = [f"result/{seq}/{r}" for r in range(self.world)]
-        deadline = time.monotonic() + AGREE_TIMEOUT_S
-        while not self.store.check(keys):
-            if time.monotonic() > deadline:
-                return ["not every rank reached the apply step in time"]
-            time.sleep(0.001)
+        try:
+            self.store.wait(keys, datetime.timedelta(seconds=AGREE_TIMEOUT_S))
+        except RuntimeError:  # torch's DistStoreError on timeout
+            return ["not every rank reached the apply step in time"]
         answers = [self.store.get(k).decode() for k in keys]
         return [f"rank {r}: {text}" for r, text in enumerate(answers) if text]
 

@@ -101,7 +101,7 @@ def supervise(run_dir: RunDir, *, output=None) -> int:
 
 
 @dataclass
-class Job:
+class BackgroundRun:
     """A run started in the background (``commands.launch`` / ``%dspark run``)."""
 
     id: str
@@ -131,7 +131,7 @@ class Job:
 
 def launch_background(script: str, script_args: Sequence[str] = (), *, nproc: int = 1,
                       policies: Sequence[str] = (), name: str | None = None,
-                      options: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Job:
+                      options: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> BackgroundRun:
     """Start a supervised run in a child process and return at once; output goes to the run's output.log."""
     run_dir = prepare(script, script_args, nproc=nproc, policies=policies, name=name, options=options)
     log = open(run_dir.path / "output.log", "ab")
@@ -139,7 +139,7 @@ def launch_background(script: str, script_args: Sequence[str] = (), *, nproc: in
                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                env={**os.environ, **(env or {})}, start_new_session=True)
     log.close()
-    return Job(run_dir.id, run_dir, process)
+    return BackgroundRun(run_dir.id, run_dir, process)
 
 
 def effective_state(run_dir: RunDir) -> dict[str, Any]:

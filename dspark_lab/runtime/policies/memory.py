@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from dspark_lab.allocator import HostPool
+
 CHECKPOINTING = ("none", "full", "every-2", "every-4")
 OFFLOAD = ("off", "host", "host-fp8")
 MIN_OFFLOAD_BYTES = 1 << 14  # tiny tensors (masks, indices, scalars) are not worth a copy
@@ -152,7 +154,7 @@ class SavedActivations:
 
     def _host_pool(self):
         if self._pool is None:
-            self._pool = self._allocator_factory() if self._allocator_factory else _PlainPool()
+            self._pool = self._allocator_factory() if self._allocator_factory else HostPool()
         return self._pool
 
     def install(self) -> None:
@@ -175,14 +177,6 @@ class SavedActivations:
         def release(*_):
             held.clear()
         grad_fn.register_hook(release)
-
-
-class _PlainPool:
-    def empty(self, shape, dtype):
-        return torch.empty(shape, dtype=dtype)
-
-    def release(self, tensor):
-        pass
 
 
 # --- activation checkpointing ------------------------------------------------------------------------------------
