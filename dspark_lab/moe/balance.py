@@ -21,6 +21,11 @@ The algorithm is our own; it keeps EPLB's plan as one candidate so it is never w
 4. Remove the same-GPU duplicates left, keeping every GPU within EPLB's layer maximum and each expert on its node
    (:func:`dspark_lab.moe.search.reassign_duplicates`): give a duplicate slot to another expert (replica counts
    change) and/or swap it, and where no single move fits, repair such moves by the local search of step 2.
+5. On a node where a duplicate survives, search the replica counts themselves (:mod:`dspark_lab.moe.recount`):
+   one-replica moves between experts, each count vector dealt and improved by step 2's search.
+6. On a node where one still survives, solve it exactly (:mod:`dspark_lab.moe.exact`, a mixed-integer model with
+   the counts as variables): a duplicate-free placement within EPLB's layer maximum replaces the node's placement
+   and step 2's search lowers its maximum; if the model is infeasible the duplicates are forced and stay.
 
 With a current placement and ``move_cost > 0`` (:mod:`dspark_lab.moe.moves`), candidates are scored as
 ``balancedness - move_cost * moved / R`` so that a placement which moves few experts can win.
@@ -28,44 +33,20 @@ With a current placement and ``move_cost > 0`` (:mod:`dspark_lab.moe.moves`), ca
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from dspark_lab.moe import eplb_reference
+from dspark_lab.moe.exact import place_without_duplicates
+from dspark_lab.moe.recount import place_by_recount
 from dspark_lab.moe.measures import (balancedness, balancedness_of_loads, duplicates_per_gpu, gpu_loads, presence,
                                      replica_counts, same_gpu_duplicates)
-from dspark_lab.moe.search import REL_TOL, descend, reassign_duplicates, remove_duplicates
+from dspark_lab.moe.search import REL_TOL, deal, descend, reassign_duplicates, remove_duplicates
+from dspark_lab.moe.shape import Shape
 
 __all__ = ["Shape", "balancedness", "balancedness_of_loads", "best_placement", "check_shape", "check_weight",
            "descend", "duplicates_per_gpu", "eplb_plan", "gpu_loads", "own_plan", "presence", "reassign_duplicates",
            "rebalance_experts", "remove_duplicates", "replica_counts", "same_gpu_duplicates"]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Shape:
-    """The counts of one balancing problem, validated: L layers, E experts, R slots on G GPUs in N nodes."""
-
-    layers: int
-    experts: int
-    replicas: int
-    groups: int
-    nodes: int
-    gpus: int
-
-    @property
-    def hierarchical(self) -> bool:
-        return self.groups % self.nodes == 0
-
-    @property
-    def domains(self) -> int:
-        """Node-limited domains a replica may not leave: the nodes, or one domain in global mode."""
-        return self.nodes if self.hierarchical else 1
-
-    @property
-    def slots_per_gpu(self) -> int:
-        return self.replicas // self.gpus
 
 
 def _positive_int(name: str, value) -> int:
@@ -156,35 +137,6 @@ def _capped_counts(weight: np.ndarray, slots: int, cap: int) -> np.ndarray:
     return count
 
 
-def _deal(weight: np.ndarray, count: np.ndarray, gpus: int) -> np.ndarray:
-    """Replicas heaviest first onto the lightest GPU with room, avoiding GPUs that already hold the expert.
-    Returns the local expert of each slot ``[rows, slots]``, GPU-major."""
-    rows, n = weight.shape
-    slots = int(count[0].sum())
-    per_gpu = slots // gpus
-    expert = np.repeat(np.tile(np.arange(n), rows), count.ravel()).reshape(rows, slots)
-    value = np.take_along_axis(weight / count, expert, 1)
-    order = np.argsort(-value, axis=1, kind="stable")
-    expert = np.take_along_axis(expert, order, 1)
-    value = np.take_along_axis(value, order, 1)
-    loads = np.zeros((rows, gpus))
-    fill = np.zeros((rows, gpus), dtype=np.int64)
-    has = np.zeros((rows, gpus, n), dtype=bool)
-    out = np.empty((rows, slots), dtype=np.int64)
-    row = np.arange(rows)
-    penalty = weight.sum(1, keepdims=True) * 2 + 1  # above any load: a GPU holding the expert is a last resort
-    for k in range(slots):
-        e = expert[:, k]
-        key = loads + has[row, :, e] * penalty
-        key[fill >= per_gpu] = np.inf
-        g = key.argmin(1)
-        out[row, g * per_gpu + fill[row, g]] = e
-        loads[row, g] += value[:, k]
-        fill[row, g] += 1
-        has[row, g, e] = True
-    return out
-
-
 def own_plan(weight: np.ndarray, shape: Shape, domain_of_expert: np.ndarray) -> np.ndarray:
     """Our candidate on a given expert-to-domain split (``domain_of_expert [L, E]``, E/D experts per domain)."""
     layers, experts = weight.shape
@@ -194,7 +146,7 @@ def own_plan(weight: np.ndarray, shape: Shape, domain_of_expert: np.ndarray) -> 
     members = np.argsort(domain_of_expert, axis=1, kind="stable").reshape(layers * domains, per_domain)
     local_weight = np.take_along_axis(weight, members.reshape(layers, -1), 1).reshape(layers * domains, per_domain)
     count = _capped_counts(local_weight, slots, shape.gpus // domains)
-    local = _deal(local_weight, count, shape.gpus // domains)
+    local = deal(local_weight, count, shape.gpus // domains)
     return np.take_along_axis(members, local, 1).reshape(layers, shape.replicas)
 
 
@@ -212,7 +164,7 @@ def domain_of_experts(phy2log: np.ndarray, shape: Shape) -> np.ndarray:
 def best_placement(weight: np.ndarray, shape: Shape) -> np.ndarray:
     """The balance-only placement: ours after local search, and, on layers where that is not at least as good as
     EPLB's plan, EPLB's plan after the same local search; combined node by node, then same-GPU duplicates removed
-    within EPLB's maximum."""
+    within EPLB's maximum, by search and, on nodes where that fails, by an exact solve."""
     eplb = eplb_plan(weight, shape)
     eplb_max = gpu_loads(weight, eplb, shape.gpus).max(1)
     ours = descend(weight, own_plan(weight, shape, domain_of_experts(eplb, shape)), shape)
@@ -223,6 +175,13 @@ def best_placement(weight: np.ndarray, shape: Shape) -> np.ndarray:
     placed = pick_per_domain(weight, shape, [ours, improved], limit=eplb_max)
     if duplicates_per_gpu(placed, shape.gpus).any():
         placed = reassign_duplicates(weight, placed, shape, eplb_max)
+    left = np.flatnonzero(duplicates_per_gpu(placed, shape.gpus).any(1))
+    if len(left):
+        placed[left] = place_by_recount(weight[left], placed[left], shape, eplb_max[left])
+    left = np.flatnonzero(duplicates_per_gpu(placed, shape.gpus).any(1))
+    if len(left):
+        exact = place_without_duplicates(weight[left], placed[left], shape, eplb_max[left])
+        placed[left] = descend(weight[left], exact, shape)
     return placed
 
 

@@ -10,17 +10,41 @@ same-GPU duplicates where that keeps the layer's maximum; swaps never change rep
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from dspark_lab.moe.measures import duplicates_per_gpu, gpu_loads, presence, replica_counts
-
-if TYPE_CHECKING:
-    from dspark_lab.moe.balance import Shape
+from dspark_lab.moe.shape import Shape
 
 REL_TOL = 1e-12  # relative: a swap must lower a load by more than this to count as an improvement
 
+
+def deal(weight: np.ndarray, count: np.ndarray, gpus: int) -> np.ndarray:
+    """Replicas heaviest first onto the lightest GPU with room, avoiding GPUs that already hold the expert.
+    Returns the local expert of each slot ``[rows, slots]``, GPU-major."""
+    rows, n = weight.shape
+    slots = int(count[0].sum())
+    per_gpu = slots // gpus
+    expert = np.repeat(np.tile(np.arange(n), rows), count.ravel()).reshape(rows, slots)
+    value = np.take_along_axis(weight / count, expert, 1)
+    order = np.argsort(-value, axis=1, kind="stable")
+    expert = np.take_along_axis(expert, order, 1)
+    value = np.take_along_axis(value, order, 1)
+    loads = np.zeros((rows, gpus))
+    fill = np.zeros((rows, gpus), dtype=np.int64)
+    has = np.zeros((rows, gpus, n), dtype=bool)
+    out = np.empty((rows, slots), dtype=np.int64)
+    row = np.arange(rows)
+    penalty = weight.sum(1, keepdims=True) * 2 + 1  # above any load: a GPU holding the expert is a last resort
+    for k in range(slots):
+        e = expert[:, k]
+        key = loads + has[row, :, e] * penalty
+        key[fill >= per_gpu] = np.inf
+        g = key.argmin(1)
+        out[row, g * per_gpu + fill[row, g]] = e
+        loads[row, g] += value[:, k]
+        fill[row, g] += 1
+        has[row, g, e] = True
+    return out
 
 
 class _State:
@@ -219,27 +243,6 @@ def _collapse(weight: np.ndarray, sub: np.ndarray, gpus: int, slots) -> np.ndarr
     return sub
 
 
-def _grow(weight: np.ndarray, sub: np.ndarray, gpus: int, slot: int, start: int, keep: int = 1) -> dict:
-    """Starts that shift a replica to the duplicated expert ``e`` from one of the ``keep`` experts with the highest
-    load per replica among those with several (taken on the lightest GPU without ``e``), then make the best move
-    of the duplicate, limit or not."""
-    experts, local, w, count, gpu, has, loads = _domain_state(weight, sub, gpus)
-    e = local[slot]
-    donors = np.flatnonzero((count > 1) & (np.arange(len(experts)) != e))
-    donors = donors[np.argsort(-(w / count)[donors])][:keep]
-    out = {}
-    for f in donors:
-        where = np.flatnonzero((local == f) & (has[gpu, e] == 0))
-        if not len(where):
-            continue
-        trial = sub.copy()
-        trial[where[np.argmin(loads[gpu[where]])]] = experts[e]
-        fixed = _best_fix(weight, trial, gpus, slot)[1]
-        if fixed is not None:
-            out[(start, int(slot), int(f))] = fixed
-    return out
-
-
 def _fix_row(weight: np.ndarray, row: np.ndarray, shape: Shape, bound: float) -> tuple[np.ndarray, list]:
     """Apply :func:`_best_fix` moves to one layer until none fits under ``bound``; returns the row and, for the
     duplicates left, starting rows for a repair by local search: each promising single reassignment, each
@@ -274,8 +277,6 @@ def _fix_row(weight: np.ndarray, row: np.ndarray, shape: Shape, bound: float) ->
                 collapsed[(start, expert)] = _collapse(weight, sub, gpus, stuck[experts == expert])
         if len(np.unique(experts)) > 1:
             collapsed[(start, -1)] = _collapse(weight, sub, gpus, stuck)
-        for slot in stuck:
-            collapsed.update(_grow(weight, sub, gpus, slot, start))
     starts = []
     for slots, experts in singles:
         starts.append(row.copy())
@@ -293,9 +294,10 @@ def reassign_duplicates(weight: np.ndarray, phy2log: np.ndarray, shape: Shape, l
 
     Per layer, exact single moves first (:func:`_best_fix`: give the slot to another expert, optionally with a
     swap, or only a swap). For duplicates no single move removes, moves that go over the limit (a few single
-    reassignments and swaps, one expert's duplicates at once, all at once, a replica shifted to the duplicated
-    expert first: :func:`_grow`) are repaired by :func:`descend` (all starts of all layers in one batch) and the best one that ends under the limit with fewer duplicates is kept. Repeats
-    while that removes duplicates, at most ``rounds`` times.
+    reassignments and swaps, one expert's duplicates at once, all at once) are repaired by :func:`descend` (all
+    starts of all layers in one batch) and the best one that ends under the limit with fewer duplicates is kept.
+    Repeats while that removes duplicates, at most ``rounds`` times. What this leaves, a count vector of another
+    shape altogether, is :mod:`dspark_lab.moe.recount`'s job.
     """
     assign = phy2log.copy()
     bound = limit * (1 + REL_TOL)
