@@ -173,15 +173,15 @@ def best_placement(weight: np.ndarray, shape: Shape) -> np.ndarray:
     if len(short):
         improved[short] = descend(weight[short], eplb[short], shape)
     placed = pick_per_domain(weight, shape, [ours, improved], limit=eplb_max)
-    if duplicates_per_gpu(placed, shape.gpus).any():
-        placed = reassign_duplicates(weight, placed, shape, eplb_max)
-    left = np.flatnonzero(duplicates_per_gpu(placed, shape.gpus).any(1))
-    if len(left):
-        placed[left] = place_by_recount(weight[left], placed[left], shape, eplb_max[left])
-    left = np.flatnonzero(duplicates_per_gpu(placed, shape.gpus).any(1))
-    if len(left):
-        exact = place_without_duplicates(weight[left], placed[left], shape, eplb_max[left])
-        placed[left] = descend(weight[left], exact, shape)
+
+    def solve_exactly(w, plan, shape, limit):
+        return descend(w, place_without_duplicates(w, plan, shape, limit), shape)
+
+    for remove in (reassign_duplicates, place_by_recount, solve_exactly):  # each on the layers the last one left
+        left = np.flatnonzero(duplicates_per_gpu(placed, shape.gpus).any(1))
+        if not len(left):
+            break
+        placed[left] = remove(weight[left], placed[left], shape, eplb_max[left])
     return placed
 
 

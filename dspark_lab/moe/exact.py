@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dspark_lab.moe.measures import duplicates_per_gpu
+from dspark_lab.moe.measures import domains_with_duplicates, gpu_loads
 from dspark_lab.moe.shape import Shape
 
 TIME_LIMIT_S = 10.0   # per domain; a solve that runs out keeps the search's placement (and its duplicates)
@@ -41,8 +41,9 @@ _RETRY_MARGIN = 1e-6  # HiGHS accepts rows up to its 1e-7 tolerance over; a seco
 
 
 def _constraints(w: np.ndarray, slots: int, gpus: int, bound: float):
-    """The model's ``(matrix, lower, upper, variables, expert of each pair, count of each pair, z index [pairs,
-    gpus])`` for loads ``w`` already divided by the limit, or None when some expert cannot fit."""
+    """The model for loads ``w`` already divided by the limit: ``((row, column, value) of the sparse matrix, lower,
+    upper, number of variables, expert of each (e, k) pair, k of each pair, z's index [pairs, gpus])``, or None
+    when some expert cannot fit."""
     n = len(w)
     low = np.maximum(np.ceil(w / bound - 1e-12), 1).astype(np.int64) if bound > 0 else np.ones(n, np.int64)
     high = min(gpus, slots - n + 1)
@@ -128,9 +129,7 @@ def duplicate_free(weight, slots: int, gpus: int, limit: float,
         status, sub = _solve(w / scale, slots, gpus, bound if limit > 0 else 0.0, time_limit)
         if sub is None:
             return status, None
-        counts = np.bincount(sub, minlength=n)
-        loads = (w / counts)[sub].reshape(gpus, -1).sum(1)
-        if loads.max() <= limit * (1 + _CHECK_TOL):
+        if gpu_loads(w[None], sub[None], gpus).max() <= limit * (1 + _CHECK_TOL):
             return status, sub
     return "unknown", None
 
@@ -144,8 +143,7 @@ def place_without_duplicates(weight: np.ndarray, phy2log: np.ndarray, shape: Sha
     out = phy2log.copy()
     per_domain = shape.replicas // shape.domains
     gpus = shape.gpus // shape.domains
-    dups = duplicates_per_gpu(phy2log, shape.gpus).reshape(len(phy2log), shape.domains, gpus).sum(-1)
-    for layer, domain in zip(*np.nonzero(dups)):
+    for layer, domain in zip(*domains_with_duplicates(phy2log, shape.gpus, shape.domains)):
         held = slice(domain * per_domain, (domain + 1) * per_domain)
         members = np.unique(phy2log[layer, held])
         _, local = duplicate_free(weight[layer, members], per_domain, gpus, float(limit[layer]), time_limit)

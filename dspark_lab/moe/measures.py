@@ -55,3 +55,9 @@ def duplicates_per_gpu(phy2log: np.ndarray, gpus: int) -> np.ndarray:
     """``[L, G]``: slots holding an expert already held by another slot of the same GPU."""
     held = np.sort(phy2log.reshape(len(phy2log), gpus, -1), axis=-1)
     return (held[..., 1:] == held[..., :-1]).sum(-1)
+
+
+def domains_with_duplicates(phy2log: np.ndarray, gpus: int, domains: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(layers, domains)``: every (layer, node) pair of ``phy2log [L, R]`` holding a same-GPU duplicate."""
+    dups = duplicates_per_gpu(phy2log, gpus).reshape(len(phy2log), domains, -1).sum(-1)
+    return np.nonzero(dups)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dspark_lab.moe.measures import duplicates_per_gpu, gpu_loads, replica_counts
+from dspark_lab.moe.measures import domains_with_duplicates, duplicates_per_gpu, gpu_loads, replica_counts
 from dspark_lab.moe.search import REL_TOL, deal, descend
 from dspark_lab.moe.shape import Shape
 
@@ -90,11 +90,9 @@ def _search(weight: np.ndarray, counts: np.ndarray, gpus: int, limit: np.ndarray
             moved[np.arange(len(source)), target] += 1
             owner.append(np.full(len(source), d))
             trial.append(moved)
-        if not owner:
+        if not sum(map(len, owner)):
             break
         owner, trial = np.concatenate(owner), np.concatenate(trial)
-        if not len(owner):
-            break
         keep, trial_local, trial_top, trial_dups = _pack(weight[owner], trial, gpus, screen=owner)
         owner, trial = owner[keep], trial[keep]
         over = trial_top > bound[owner]
@@ -119,8 +117,7 @@ def place_by_recount(weight: np.ndarray, phy2log: np.ndarray, shape: Shape, limi
     out = phy2log.copy()
     per_domain = shape.replicas // shape.domains
     gpus = shape.gpus // shape.domains
-    dups = duplicates_per_gpu(phy2log, shape.gpus).reshape(len(phy2log), shape.domains, gpus).sum(-1)
-    layers, domains = np.nonzero(dups)
+    layers, domains = domains_with_duplicates(phy2log, shape.gpus, shape.domains)
     if not len(layers) or (shape.experts // shape.domains) * gpus < per_domain:
         return out  # nothing to fix, or duplicates forced: fewer (expert, GPU) pairs than slots
     held = phy2log.reshape(len(phy2log), shape.domains, per_domain)[layers, domains]       # [K, slots]
