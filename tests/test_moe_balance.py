@@ -118,7 +118,7 @@ def test_no_same_gpu_duplicates_when_avoidable():
 
 def test_no_duplicates_on_small_heavy_tailed_layers_and_each_layer_at_least_eplb():
     """Small shapes with Zipf loads: one hot expert per node bounds the maximum, and matching EPLB's balance
-    without a duplicate needs replica counts other than EPLB's (the reassignment pass)."""
+    without a duplicate needs replica counts other than EPLB's (dspark_lab.moe.counts, dspark_lab.moe.recount)."""
     rng = np.random.default_rng(7)
     totals = {"ours": 0, "eplb": 0}
     for experts, replicas, groups, nodes, gpus in ((64, 72, 3, 2, 8), (64, 80, 8, 2, 8)):
@@ -130,31 +130,6 @@ def test_no_duplicates_on_small_heavy_tailed_layers_and_each_layer_at_least_eplb
         totals["ours"] += B.same_gpu_duplicates(ours, gpus, experts)
         totals["eplb"] += B.same_gpu_duplicates(eplb, gpus, experts)
     assert totals["ours"] == 0 and totals["eplb"] > 50
-
-
-def test_reassign_duplicates_changes_counts_where_a_swap_cannot():
-    # Expert 0 (load 3) has 3 replicas, two on GPU 0: GPU loads 2 and 2. Every swap moves the duplicate to GPU 1,
-    # which already holds expert 0; giving the duplicate slot to expert 1 (counts 2 and 2) keeps both GPUs at 2.
-    weight, placed = np.array([[3.0, 1.0]]), np.array([[0, 0, 0, 1]])
-    shape = B.check_shape(weight, 4, 1, 1, 2)
-    assert B.same_gpu_duplicates(B.remove_duplicates(weight, placed, shape), 2, 2) == 1
-    fixed = B.reassign_duplicates(weight, placed, shape, np.array([2.0]))
-    assert B.same_gpu_duplicates(fixed, 2, 2) == 0 and B.gpu_loads(weight, fixed, 2).max() <= 2.0 + 1e-12
-    assert sorted(B.replica_counts(fixed, 2)[0]) == [2, 2]
-    assert np.array_equal(B.reassign_duplicates(weight, placed, shape, np.array([1.9])), placed)  # over the limit
-
-
-def test_reassign_duplicates_keeps_node_split_and_limit():
-    rng = np.random.default_rng(8)
-    weight = rng.zipf(1.6, (6, 32)) * 1.0
-    shape = B.check_shape(weight, 48, 4, 2, 8)
-    eplb = B.eplb_plan(weight, shape)
-    limit = B.gpu_loads(weight, eplb, 8).max(1)
-    fixed = B.reassign_duplicates(weight, eplb, shape, limit)
-    assert B.same_gpu_duplicates(fixed, 8, 32) < B.same_gpu_duplicates(eplb, 8, 32)
-    assert (B.gpu_loads(weight, fixed, 8).max(1) <= limit * (1 + 1e-12)).all()
-    assert np.array_equal(B.domain_of_experts(fixed, shape), B.domain_of_experts(eplb, shape))
-    assert (B.replica_counts(fixed, 32) >= 1).all()
 
 
 def test_duplicates_when_forced_still_valid():

@@ -9,21 +9,21 @@ placement is node-limited (every replica of a group's experts sits on one node),
 The algorithm is our own; it keeps EPLB's plan as one candidate so it is never worse:
 
 1. Candidates per layer. (a) EPLB's plan, computed by the same greedy steps with a vectorised packer.
-   (b) Ours: on the same group-to-node split, replica counts by largest load per replica (as EPLB) but capped at the
-   number of GPUs of the node, so no expert needs two replicas on one GPU; replicas dealt heaviest first to the
-   lightest GPU that has room and does not hold the expert yet.
+   (b) Ours, on the same group-to-node split: replica counts from :func:`dspark_lab.moe.counts.bounded_counts`
+   (EPLB's greedy order, stopped where a lower bound on the maximum GPU load is lowest, at most one replica of an
+   expert per GPU, the other slots spread over cold experts), dealt heaviest first to the lightest GPU that has
+   room and does not hold the expert yet.
 2. Local search (:mod:`dspark_lab.moe.search`), all layers at once: swap a replica on the most loaded GPU with one
-   on another GPU of the same node while that lowers the larger of the two loads. EPLB's plan gets this only on
-   layers where ours, after it, is still worse than EPLB's plan.
+   on another GPU of the same node while that lowers the larger of the two loads; then swap away any same-GPU
+   duplicate of ours where that stays within EPLB's layer maximum. EPLB's plan gets the first search only on
+   layers where ours is still worse than EPLB's plan.
 3. Node by node keep a candidate whose node maximum is within EPLB's layer maximum, preferring no same-GPU
    duplicates, then the lower maximum. Balancedness is mean / max GPU load and the mean does not depend on
    placement, so this is never below EPLB's balancedness and is above it wherever EPLB's greedy steps leave slack.
-4. Remove the same-GPU duplicates left, keeping every GPU within EPLB's layer maximum and each expert on its node
-   (:func:`dspark_lab.moe.search.reassign_duplicates`): give a duplicate slot to another expert (replica counts
-   change) and/or swap it, and where no single move fits, repair such moves by the local search of step 2.
-5. On a node where a duplicate survives, search the replica counts themselves (:mod:`dspark_lab.moe.recount`):
-   one-replica moves between experts, each count vector dealt and improved by step 2's search.
-6. On a node where one still survives, solve it exactly (:mod:`dspark_lab.moe.exact`, a mixed-integer model with
+4. On a node where a same-GPU duplicate is left (EPLB's plan was the only one within its maximum), search the
+   replica counts themselves (:mod:`dspark_lab.moe.recount`): three count vectors dealt and searched, then
+   one-replica moves between experts, every node in one batch.
+5. On a node where one still survives, solve it exactly (:mod:`dspark_lab.moe.exact`, a mixed-integer model with
    the counts as variables): a duplicate-free placement within EPLB's layer maximum replaces the node's placement
    and step 2's search lowers its maximum; if the model is infeasible the duplicates are forced and stay.
 
@@ -37,16 +37,17 @@ import numpy as np
 import torch
 
 from dspark_lab.moe import eplb_reference
+from dspark_lab.moe.counts import bounded_counts
 from dspark_lab.moe.exact import place_without_duplicates
 from dspark_lab.moe.recount import place_by_recount
 from dspark_lab.moe.measures import (balancedness, balancedness_of_loads, duplicates_per_gpu, gpu_loads, presence,
                                      replica_counts, same_gpu_duplicates)
-from dspark_lab.moe.search import REL_TOL, deal, descend, reassign_duplicates, remove_duplicates
+from dspark_lab.moe.search import REL_TOL, deal, descend, remove_duplicates
 from dspark_lab.moe.shape import Shape
 
 __all__ = ["Shape", "balancedness", "balancedness_of_loads", "best_placement", "check_shape", "check_weight",
-           "descend", "duplicates_per_gpu", "eplb_plan", "gpu_loads", "own_plan", "presence", "reassign_duplicates",
-           "rebalance_experts", "remove_duplicates", "replica_counts", "same_gpu_duplicates"]
+           "descend", "duplicates_per_gpu", "eplb_plan", "gpu_loads", "own_plan", "presence", "rebalance_experts",
+           "remove_duplicates", "replica_counts", "same_gpu_duplicates"]
 
 
 def _positive_int(name: str, value) -> int:
@@ -99,20 +100,22 @@ def _vector_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor,
     if per_pack == 1:
         return eplb_reference.greedy_packing(weight, num_packs)
     order = weight.float().sort(-1, descending=True).indices.numpy()
-    values = weight.float().numpy()
-    sums = np.zeros((rows, num_packs), dtype=np.float32)
-    sizes = np.zeros((rows, num_packs), dtype=np.int64)
-    pack = np.empty((rows, n), dtype=np.int64)
+    values = np.take_along_axis(weight.float().numpy(), order, 1)
+    open_sums = np.zeros(rows * num_packs, dtype=np.float32)   # a full pack's sum is inf: never the lightest
+    sizes = np.zeros(rows * num_packs, dtype=np.int64)
+    target = np.empty((rows, n), dtype=np.int64)
     position = np.empty((rows, n), dtype=np.int64)
-    row = np.arange(rows)
-    for k in range(n):
-        item = order[:, k]
-        target = np.where(sizes < per_pack, sums, np.float32(np.inf)).argmin(1)
-        pack[row, item] = target
-        position[row, item] = sizes[row, target]
-        sums[row, target] += values[row, item]
-        sizes[row, target] += 1
-    return torch.from_numpy(pack), torch.from_numpy(position)
+    first = np.arange(rows) * num_packs
+    for k in range(n):  # item k of every row (heaviest first)
+        pick = open_sums.reshape(rows, num_packs).argmin(1) + first
+        size = sizes[pick]
+        target[:, k], position[:, k] = pick - first, size
+        open_sums[pick] = np.where(size + 1 < per_pack, open_sums[pick] + values[:, k], np.float32(np.inf))
+        sizes[pick] = size + 1
+    pack, slot = np.empty_like(target), np.empty_like(position)
+    np.put_along_axis(pack, order, target, 1)
+    np.put_along_axis(slot, order, position, 1)
+    return torch.from_numpy(pack), torch.from_numpy(slot)
 
 
 def eplb_plan(weight: np.ndarray, shape: Shape) -> np.ndarray:
@@ -120,21 +123,6 @@ def eplb_plan(weight: np.ndarray, shape: Shape) -> np.ndarray:
     phy2log, _, _ = eplb_reference.rebalance_experts(torch.from_numpy(weight), shape.replicas, shape.groups,
                                                      shape.nodes, shape.gpus, packer=_vector_packing)
     return phy2log.numpy()
-
-
-def _capped_counts(weight: np.ndarray, slots: int, cap: int) -> np.ndarray:
-    """Replica counts per row summing to ``slots``: each extra replica to the highest load per replica, at most
-    ``cap`` replicas per expert while the cap leaves room for every slot."""
-    rows, n = weight.shape
-    count = np.ones((rows, n), dtype=np.int64)
-    row = np.arange(rows)
-    if n * cap < slots:
-        cap = slots  # duplicates on a GPU are forced: no cap
-    for _ in range(slots - n):
-        score = np.where(count < cap, weight / count, -1.0)
-        pick = score.argmax(1)
-        count[row, pick] += 1
-    return count
 
 
 def own_plan(weight: np.ndarray, shape: Shape, domain_of_expert: np.ndarray) -> np.ndarray:
@@ -145,7 +133,7 @@ def own_plan(weight: np.ndarray, shape: Shape, domain_of_expert: np.ndarray) -> 
     slots = shape.replicas // domains
     members = np.argsort(domain_of_expert, axis=1, kind="stable").reshape(layers * domains, per_domain)
     local_weight = np.take_along_axis(weight, members.reshape(layers, -1), 1).reshape(layers * domains, per_domain)
-    count = _capped_counts(local_weight, slots, shape.gpus // domains)
+    count = bounded_counts(local_weight, slots, shape.gpus // domains)
     local = deal(local_weight, count, shape.gpus // domains)
     return np.take_along_axis(members, local, 1).reshape(layers, shape.replicas)
 
@@ -164,10 +152,11 @@ def domain_of_experts(phy2log: np.ndarray, shape: Shape) -> np.ndarray:
 def best_placement(weight: np.ndarray, shape: Shape) -> np.ndarray:
     """The balance-only placement: ours after local search, and, on layers where that is not at least as good as
     EPLB's plan, EPLB's plan after the same local search; combined node by node, then same-GPU duplicates removed
-    within EPLB's maximum, by search and, on nodes where that fails, by an exact solve."""
+    within EPLB's maximum by the count search and, on nodes where that fails, by an exact solve."""
     eplb = eplb_plan(weight, shape)
     eplb_max = gpu_loads(weight, eplb, shape.gpus).max(1)
     ours = descend(weight, own_plan(weight, shape, domain_of_experts(eplb, shape)), shape)
+    ours = remove_duplicates(weight, ours, shape, eplb_max)
     short = np.flatnonzero(gpu_loads(weight, ours, shape.gpus).max(1) > eplb_max * (1 + REL_TOL))
     improved = eplb.copy()
     if len(short):
@@ -177,7 +166,7 @@ def best_placement(weight: np.ndarray, shape: Shape) -> np.ndarray:
     def solve_exactly(w, plan, shape, limit):
         return descend(w, place_without_duplicates(w, plan, shape, limit), shape)
 
-    for remove in (reassign_duplicates, place_by_recount, solve_exactly):  # each on the layers the last one left
+    for remove in (place_by_recount, solve_exactly):  # each on the layers the last one left
         left = np.flatnonzero(duplicates_per_gpu(placed, shape.gpus).any(1))
         if not len(left):
             break

@@ -1,13 +1,21 @@
-"""Replica-count search for nodes the swap search leaves with a same-GPU duplicate.
+"""Replica-count search for nodes that still hold a same-GPU duplicate after the candidates are combined.
 
-Swaps never change how many replicas an expert has, and the duplicate-removal moves change one count at a time
-around the duplicate, so a node can keep a duplicate when the fix is a different count vector altogether
-(typically: fewer replicas of a very hot expert, so they fit on distinct GPUs, and more of some middling or cold
-ones to fill the freed slots). Here the counts themselves are searched: from a start, every move of one replica
-from one expert to another (one of the two among the hottest) is packed (:func:`dspark_lab.moe.search.deal`,
-then :func:`dspark_lab.moe.search.descend`), all moves of all nodes in one batch, and each node takes its best
-move (out of the limit first, then fewest duplicates, then lowest maximum) while that improves. Two starts: the
-node's current counts capped at its GPU count, and the fewest replicas that keep each expert under the limit.
+Swaps never change how many replicas an expert has, so a node keeps a duplicate when the fix is another count
+vector: typically fewer replicas of a very hot expert, so that they fit on distinct GPUs, and more of some middling
+or cold ones. All nodes of all layers are searched in one batch:
+
+1. Starts. Three count vectors per node, dealt (:func:`dspark_lab.moe.search.deal`), improved by the swap search
+   (:func:`dspark_lab.moe.search.descend`) and cleared of duplicates where a swap does it within the limit
+   (:func:`dspark_lab.moe.search.remove_duplicates`): the node's counts capped at its GPU count; the fewest
+   replicas that keep each replica under the limit; and :func:`dspark_lab.moe.counts.bounded_counts` with the
+   finest pieces. Most nodes are done here.
+2. Rounds, on nodes no start fits. Every move of one replica from one expert to another (one of the two among the
+   ``HOT`` hottest, or the first holding a duplicate) is scored exactly, applied to the slot it frees: the
+   ``SCREEN`` best per row go on; the ``DEALT`` moves with the lowest :func:`dspark_lab.moe.counts.counts_bound`
+   (both experts among the 16 hottest: the moves that change the bound) are dealt afresh and the best
+   ``DEALT_KEPT`` go on. All of them get the swap search; each row takes its best while that improves, ranked by
+   (over the limit, duplicates, maximum load). A node stops as soon as one of its rows fits.
+
 What this misses goes to the exact solve (:mod:`dspark_lab.moe.exact`).
 """
 
@@ -15,100 +23,125 @@ from __future__ import annotations
 
 import numpy as np
 
-from dspark_lab.moe.measures import domains_with_duplicates, duplicates_per_gpu, gpu_loads, replica_counts
-from dspark_lab.moe.search import REL_TOL, deal, descend
+from dspark_lab.moe.counts import bounded_counts, capped_counts, counts_bound, fewest_counts
+from dspark_lab.moe.measures import domains_with_duplicates, duplicates_per_gpu, gpu_loads, presence, replica_counts
+from dspark_lab.moe.search import REL_TOL, deal, descend, remove_duplicates
 from dspark_lab.moe.shape import Shape
 
-HOT = 12      # moves involve one of this many hottest experts of the node
-ROUNDS = 20   # improving moves per start
-SCREEN = 16   # count vectors per node and round that get the local search after dealing
+HOT = 12         # single moves involve one of this many hottest experts of the node (or a duplicated one)
+ROUNDS = 20      # improving moves per row at most
+SCREEN = 4       # single moves per row and round that get the swap search
+DEALT = 8        # count vectors per row and round dealt afresh ...
+DEALT_KEPT = 2   # ... of which this many get the swap search
 
 
-def _measure(weight: np.ndarray, local: np.ndarray, gpus: int) -> tuple[np.ndarray, np.ndarray]:
-    return gpu_loads(weight, local, gpus).max(1), duplicates_per_gpu(local, gpus).sum(1)
+def _node_shape(rows: int, weight: np.ndarray, slots: int, gpus: int) -> Shape:
+    return Shape(layers=rows, experts=weight.shape[1], replicas=slots, groups=1, nodes=1, gpus=gpus)
 
 
-def _pack(weight: np.ndarray, counts: np.ndarray, gpus: int, screen: np.ndarray | None = None):
-    """Deal, then descend, all rows at once: ``(rows kept, local placement, max GPU load, duplicates)``.
-
-    With ``screen`` (the owner of each row), only the ``SCREEN`` rows per owner that look best after dealing
-    (fewest duplicates, then lowest maximum) go on to the local search, which costs far more than dealing."""
-    local = deal(weight, counts, gpus)
-    keep = np.arange(len(weight))
-    if screen is not None:
-        top, dups = _measure(weight, local, gpus)
-        order = np.lexsort((top, dups, screen))
-        rank = np.arange(len(order)) - np.searchsorted(screen[order], screen[order])
-        keep = np.sort(order[rank < SCREEN])
-    shape = Shape(layers=len(keep), experts=weight.shape[1], replicas=int(counts[0].sum()), groups=1, nodes=1,
-                  gpus=gpus)
-    local = descend(weight[keep], local[keep], shape)
-    return (keep, local, *_measure(weight[keep], local, gpus))
+def _key(weight: np.ndarray, local: np.ndarray, gpus: int, bound: np.ndarray) -> np.ndarray:
+    """``[3, rows]``: (over ``bound``, same-GPU duplicates, maximum GPU load), compared in that order."""
+    top = gpu_loads(weight, local, gpus).max(1)
+    return np.stack([top > bound, duplicates_per_gpu(local, gpus).sum(1), top])
 
 
-def _capped(weight: np.ndarray, counts: np.ndarray, gpus: int, slots: int) -> np.ndarray:
-    """``counts`` with none above ``gpus``, topped up to ``slots``: each freed slot goes to the expert holding the
-    least load (load x replicas) among those below ``gpus``, since a cold replica is small filler."""
-    counts = np.minimum(counts, gpus)
-    rows = np.arange(len(counts))
-    while (short := counts.sum(1) < slots).any():
-        pick = np.where(counts < gpus, weight * counts, np.inf).argmin(1)
-        counts[rows[short], pick[short]] += 1
-    return counts
+def _single_moves(weight: np.ndarray, local: np.ndarray, gpus: int):
+    """Every move of one replica from expert ``a`` to expert ``b`` of each row, applied to the slot of ``a`` on the
+    GPU holding most copies of ``a`` (then the most loaded) among those without ``b``.
+
+    Returns ``(owner row, slot, b, maximum GPU load after, duplicates after)``. The loads are exact: every GPU
+    holding ``a`` gains ``w_a/(c_a-1) - w_a/c_a`` per replica, every GPU holding ``b`` loses
+    ``w_b/c_b - w_b/(c_b+1)`` per replica, and the slot's GPU swaps one replica of ``a`` for one of ``b``.
+    """
+    rows, n = weight.shape
+    per_gpu = local.shape[1] // gpus
+    count = replica_counts(local, n)
+    has = presence(local, n, gpus)
+    loads = gpu_loads(weight, local, gpus)
+    hot = np.zeros((rows, n), dtype=bool)
+    np.put_along_axis(hot, np.argsort(-weight, 1)[:, :HOT], True, 1)
+    duplicated = (has > 1).any(1)
+    allowed = ((count[:, :, None] > 1) & (count[:, None, :] < gpus)
+               & (hot[:, :, None] | hot[:, None, :] | duplicated[:, :, None]))
+    allowed[:, np.arange(n), np.arange(n)] = False
+    owner, a, b = np.nonzero(allowed)
+    has_a, has_b = has[owner, :, a], has[owner, :, b]                            # [M, G]
+    preference = np.where((has_a > 0) & (has_b == 0), has_a * (loads.max() * 4 + 1) + loads[owner], -np.inf)
+    gpu = preference.argmax(1)
+    fits = np.isfinite(preference[np.arange(len(gpu)), gpu])
+    owner, a, b, gpu, has_a, has_b = owner[fits], a[fits], b[fits], gpu[fits], has_a[fits], has_b[fits]
+    move = np.arange(len(owner))
+    w_a, w_b, c_a, c_b = weight[owner, a], weight[owner, b], count[owner, a], count[owner, b]
+    after_a, after_b = w_a / (c_a - 1), w_b / (c_b + 1)
+    new_loads = loads[owner] + has_a * (after_a - w_a / c_a)[:, None] + has_b * (after_b - w_b / c_b)[:, None]
+    new_loads[move, gpu] += after_b - after_a
+    dups = duplicates_per_gpu(local, gpus).sum(1)[owner] - (has_a[move, gpu] > 1)
+    block = local[owner[:, None], gpu[:, None] * per_gpu + np.arange(per_gpu)]
+    slot = gpu * per_gpu + (block == a[:, None]).argmax(1)
+    return owner, slot, b, new_loads.max(1), dups
 
 
-def fewest_counts(weight: np.ndarray, limit: np.ndarray, gpus: int, slots: int) -> np.ndarray:
-    """Per row of ``weight [K, n]``: the fewest replicas that keep each under ``limit [K]`` (at most ``gpus``),
-    topped up to ``slots`` by :func:`_capped` (from one replica each where the fewest already exceed ``slots``)."""
-    fewest = np.clip(np.ceil(weight / np.maximum(limit[:, None], 1e-300) - 1e-12), 1, gpus).astype(np.int64)
-    fewest[fewest.sum(1) > slots] = 1
-    return _capped(weight, fewest, gpus, slots)
+def _best_per_owner(owner: np.ndarray, keys: list[np.ndarray], keep: int) -> np.ndarray:
+    """Indices of the ``keep`` entries per owner that sort first by ``keys`` (most significant first)."""
+    order = np.lexsort(tuple(reversed(keys)) + (owner,))
+    rank = np.arange(len(order)) - np.searchsorted(owner[order], owner[order])
+    return order[rank < keep]
 
 
-def _moves(weight: np.ndarray, counts: np.ndarray, gpus: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(from, to)`` expert pairs of every one-replica move: from an expert with several, to one below ``gpus``."""
-    n = len(weight)
-    hot = np.zeros(n, dtype=bool)
-    hot[np.argsort(-weight, kind="stable")[:HOT]] = True
-    allowed = (counts[:, None] > 1) & (counts[None, :] < gpus) & (hot[:, None] | hot[None, :])
-    np.fill_diagonal(allowed, False)
-    return np.nonzero(allowed)
+def _trials(weight: np.ndarray, local: np.ndarray, gpus: int, bound: np.ndarray):
+    """One round's trial placements for the rows of ``local``: ``(owner row, placements)`` before the swap search."""
+    owner, slot, expert, top, dups = _single_moves(weight, local, gpus)
+    if not len(owner):
+        return owner, local[:0]
+    chosen = _best_per_owner(owner, [top > bound[owner], dups, top], SCREEN)
+    moved = local[owner[chosen]]
+    moved[np.arange(len(chosen)), slot[chosen]] = expert[chosen]
+    # The same moves as count vectors, dealt afresh: a move the freed slot cannot host well may pack well.
+    rank = np.argsort(np.argsort(-weight, 1), 1)
+    source = local[owner, slot]
+    pairs = np.flatnonzero((rank[owner, source] < 16) & (rank[owner, expert] < 16))
+    counts = replica_counts(local, weight.shape[1])[owner[pairs]]
+    counts[np.arange(len(pairs)), source[pairs]] -= 1
+    counts[np.arange(len(pairs)), expert[pairs]] += 1
+    dealt_owner = owner[pairs]
+    screened = _best_per_owner(dealt_owner, [counts_bound(weight[dealt_owner], counts, gpus)], DEALT)
+    dealt_owner, dealt = dealt_owner[screened], deal(weight[dealt_owner[screened]], counts[screened], gpus)
+    dealt_key = _key(weight[dealt_owner], dealt, gpus, bound[dealt_owner])
+    kept = _best_per_owner(dealt_owner, list(dealt_key), DEALT_KEPT)
+    return np.concatenate([owner[chosen], dealt_owner[kept]]), np.concatenate([moved, dealt[kept]])
 
 
-def _search(weight: np.ndarray, counts: np.ndarray, gpus: int, limit: np.ndarray):
-    """Improve the count vectors of ``weight [D, n]`` from ``counts [D, n]``; returns (local placements, fits [D])."""
-    bound = limit * (1 + REL_TOL)
-    _, local, top, dups = _pack(weight, counts, gpus)
-    key = [(top[d] > bound[d], dups[d], top[d]) for d in range(len(weight))]
-    active = np.array([k[0] or k[1] > 0 for k in key])
+def _improves(new: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """Column-wise: key ``new [3, k]`` sorts before ``old [3, k]``."""
+    return (new[0] < old[0]) | ((new[0] == old[0]) & (
+        (new[1] < old[1]) | ((new[1] == old[1]) & (new[2] < old[2] * (1 - REL_TOL)))))
+
+
+def _search(weight: np.ndarray, local: np.ndarray, gpus: int, bound: np.ndarray, node: np.ndarray):
+    """Improve rows ``local [rows, slots]`` (``node [rows]``: which node each row places) by a move per round and
+    row; returns the rows and their keys."""
+    local = local.copy()
+    key = _key(weight, local, gpus, bound)
+    active = np.ones(len(local), dtype=bool)
     for _ in range(ROUNDS):
-        owner, trial = [], []
-        for d in np.flatnonzero(active):
-            source, target = _moves(weight[d], counts[d], gpus)
-            moved = np.repeat(counts[d][None], len(source), 0)
-            moved[np.arange(len(source)), source] -= 1
-            moved[np.arange(len(source)), target] += 1
-            owner.append(np.full(len(source), d))
-            trial.append(moved)
-        if not sum(map(len, owner)):
+        solved = np.zeros(node.max() + 1, dtype=bool)
+        np.logical_or.at(solved, node, (key[0] == 0) & (key[1] == 0))
+        active &= ~solved[node]
+        rows = np.flatnonzero(active)
+        if not len(rows):
             break
-        owner, trial = np.concatenate(owner), np.concatenate(trial)
-        keep, trial_local, trial_top, trial_dups = _pack(weight[owner], trial, gpus, screen=owner)
-        owner, trial = owner[keep], trial[keep]
-        over = trial_top > bound[owner]
-        order = np.lexsort((trial_top, trial_dups, over))
-        nodes, first = np.unique(owner[order], return_index=True)
-        for d, i in zip(nodes, order[first]):
-            candidate = (over[i], trial_dups[i], trial_top[i])
-            if candidate < key[d]:
-                key[d], counts[d], local[d] = candidate, trial[i], trial_local[i]
-            else:
-                active[d] = False
-            if not candidate[0] and candidate[1] == 0:
-                active[d] = False
-        active[np.setdiff1d(np.flatnonzero(active), nodes)] = False
-    fits = np.array([not k[0] and k[1] == 0 for k in key])
-    return local, fits
+        owner, trial = _trials(weight[rows], local[rows], gpus, bound[rows])
+        if not len(owner):
+            break
+        trial = descend(weight[rows[owner]], trial, _node_shape(len(trial), weight, local.shape[1], gpus))
+        trial_key = _key(weight[rows[owner]], trial, gpus, bound[rows[owner]])
+        best = _best_per_owner(owner, list(trial_key), 1)
+        better = _improves(trial_key[:, best], key[:, rows[owner[best]]])
+        improved = rows[owner[best[better]]]
+        active[np.setdiff1d(rows, improved)] = False
+        local[improved] = trial[best[better]]
+        key[:, improved] = trial_key[:, best[better]]
+    return local, key
 
 
 def place_by_recount(weight: np.ndarray, phy2log: np.ndarray, shape: Shape, limit: np.ndarray) -> np.ndarray:
@@ -122,20 +155,22 @@ def place_by_recount(weight: np.ndarray, phy2log: np.ndarray, shape: Shape, limi
         return out  # nothing to fix, or duplicates forced: fewer (expert, GPU) pairs than slots
     held = phy2log.reshape(len(phy2log), shape.domains, per_domain)[layers, domains]       # [K, slots]
     members = np.stack([np.unique(row) for row in held])                                  # [K, n]
+    nodes = len(layers)
     weight_k = np.take_along_axis(weight[layers], members, 1)
     current = np.take_along_axis(replica_counts(held, shape.experts), members, 1)
-    found = np.zeros(len(layers), dtype=bool)
-    local = np.zeros_like(held)
-    starts = (lambda rows: _capped(weight_k[rows], current[rows], gpus, per_domain),
-              lambda rows: fewest_counts(weight_k[rows], limit[layers[rows]], gpus, per_domain))
-    for start in starts:
-        todo = np.flatnonzero(~found)
-        if not len(todo):
-            break
-        counts = start(todo)
-        placed, fits = _search(weight_k[todo], counts, gpus, limit[layers[todo]])
-        local[todo[fits]] = placed[fits]
-        found[todo[fits]] = True
-    for k in np.flatnonzero(found):
-        out[layers[k], domains[k] * per_domain:(domains[k] + 1) * per_domain] = members[k][local[k]]
+    limit_k = limit[layers]
+    starts = [capped_counts(weight_k, current, gpus, per_domain),
+              fewest_counts(weight_k, limit_k, gpus, per_domain),
+              bounded_counts(weight_k, per_domain, gpus, finest=True)]
+    weight_s = np.tile(weight_k, (len(starts), 1))
+    limit_s = np.tile(limit_k, len(starts))
+    shape_s = _node_shape(len(weight_s), weight_k, per_domain, gpus)
+    local = deal(weight_s, np.concatenate(starts), gpus)
+    local = remove_duplicates(weight_s, descend(weight_s, local, shape_s), shape_s, limit_s)
+    node = np.tile(np.arange(nodes), len(starts))
+    local, key = _search(weight_s, local, gpus, limit_s * (1 + REL_TOL), node)
+    fits = np.flatnonzero((key[0] == 0) & (key[1] == 0))
+    for row in _best_per_owner(node[fits], [key[2, fits]], 1):
+        k = node[fits[row]]
+        out[layers[k], domains[k] * per_domain:(domains[k] + 1) * per_domain] = members[k][local[fits[row]]]
     return out
