@@ -100,6 +100,8 @@ def _trials(weight: np.ndarray, local: np.ndarray, gpus: int, bound: np.ndarray)
     rank = np.argsort(np.argsort(-weight, 1), 1)
     source = local[owner, slot]
     pairs = np.flatnonzero((rank[owner, source] < 16) & (rank[owner, expert] < 16))
+    if not len(pairs) or not DEALT:
+        return owner[chosen], moved
     counts = replica_counts(local, weight.shape[1])[owner[pairs]]
     counts[np.arange(len(pairs)), source[pairs]] -= 1
     counts[np.arange(len(pairs)), expert[pairs]] += 1
@@ -117,12 +119,13 @@ def _improves(new: np.ndarray, old: np.ndarray) -> np.ndarray:
         (new[1] < old[1]) | ((new[1] == old[1]) & (new[2] < old[2] * (1 - REL_TOL)))))
 
 
-def _search(weight: np.ndarray, local: np.ndarray, gpus: int, bound: np.ndarray, node: np.ndarray):
+def _search(weight: np.ndarray, local: np.ndarray, gpus: int, bound: np.ndarray, node: np.ndarray,
+            searched: np.ndarray):
     """Improve rows ``local [rows, slots]`` (``node [rows]``: which node each row places) by a move per round and
-    row; returns the rows and their keys."""
+    row, the ``searched [rows]`` ones only (the others count only as fits); returns the rows and their keys."""
     local = local.copy()
     key = _key(weight, local, gpus, bound)
-    active = np.ones(len(local), dtype=bool)
+    active = searched.copy()
     for _ in range(ROUNDS):
         solved = np.zeros(node.max() + 1, dtype=bool)
         np.logical_or.at(solved, node, (key[0] == 0) & (key[1] == 0))
@@ -168,7 +171,8 @@ def place_by_recount(weight: np.ndarray, phy2log: np.ndarray, shape: Shape, limi
     local = deal(weight_s, np.concatenate(starts), gpus)
     local = remove_duplicates(weight_s, descend(weight_s, local, shape_s), shape_s, limit_s)
     node = np.tile(np.arange(nodes), len(starts))
-    local, key = _search(weight_s, local, gpus, limit_s * (1 + REL_TOL), node)
+    searched = np.repeat([True, False, True], nodes)  # moves from the fewest-counts start rarely fit: not searched
+    local, key = _search(weight_s, local, gpus, limit_s * (1 + REL_TOL), node, searched)
     fits = np.flatnonzero((key[0] == 0) & (key[1] == 0))
     for row in _best_per_owner(node[fits], [key[2, fits]], 1):
         k = node[fits[row]]

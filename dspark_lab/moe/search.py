@@ -87,27 +87,27 @@ class _State:
         self.loads[rows, ga] += vb - va
         self.loads[rows, gb] += va - vb
 
-    def partners(self, rows, slots):
-        """For slots ``[A, K]`` on GPU ``g [A]``: every slot of the same domain, with its value, expert and GPU."""
-        gpu = slots[:, 0] // self.S
-        domain = gpu // self.gpus_per_domain
-        others = domain[:, None] * self.slots_per_domain + np.arange(self.slots_per_domain)
-        return gpu, others, self.value[rows[:, None], others], self.assign[rows[:, None], others], others // self.S
-
     def best_swaps(self, rows, slots, limit):
         """Best swap partner for each of ``slots [A, K]`` (all on one GPU per row) keeping both GPUs under
-        ``limit [A]`` and creating no same-GPU duplicate. Returns (ok [A], slot_a [A], slot_b [A], pair max [A])."""
-        gpu, others, b, eb, h = self.partners(rows, slots)
-        a = self.value[rows[:, None], slots]
-        ea = self.assign[rows[:, None], slots]
-        here = self.loads[rows, gpu]
+        ``limit [A]`` and creating no same-GPU duplicate. Returns (ok [A], slot_a [A], slot_b [A], pair max [A]).
+
+        Partners are every slot of the same domain. A partner on the slot's own GPU, or holding the same expert, is
+        ruled out by the duplicate test: its GPU already holds the slot's expert."""
+        per_domain = self.gpus_per_domain
+        gpu = slots[:, 0] // self.S
+        first_gpu = gpu // per_domain * per_domain
+        others = first_gpu[:, None] * self.S + np.arange(self.slots_per_domain)            # [A, D] partner slots
+        a, ea = self.value[rows[:, None], slots], self.assign[rows[:, None], slots]          # [A, K]
+        b, eb = self.value[rows[:, None], others], self.assign[rows[:, None], others]        # [A, D]
+        domain_gpus = first_gpu[:, None] + np.arange(per_domain)                             # [A, P]
+        # per domain GPU, then repeated over its S slots (partner slots are GPU-major)
+        their_load = np.repeat(self.loads[rows[:, None], domain_gpus], self.S, axis=1)      # [A, D]
+        ea_there = np.repeat(self.has[rows[:, None, None], domain_gpus[:, None, :], ea[:, :, None]], self.S, axis=2)
+        eb_here = self.has[rows[:, None], gpu[:, None], eb]                                  # [A, D]
         delta = a[:, :, None] - b[:, None, :]
-        pair = np.maximum(here[:, None, None] - delta, self.loads[rows[:, None], h][:, None, :] + delta)
-        ok = ((h != gpu[:, None])[:, None, :]
-              & (self.has[rows[:, None], gpu[:, None], eb] == 0)[:, None, :]
-              & (self.has[rows[:, None, None], h[:, None, :], ea[:, :, None]] == 0)
-              & (ea[:, :, None] != eb[:, None, :]))
-        pair = np.where(ok & (pair < limit[:, None, None]), pair, np.inf)
+        pair = np.maximum(self.loads[rows, gpu][:, None, None] - delta, their_load[:, None, :] + delta)
+        blocked = (ea_there > 0) | (eb_here > 0)[:, None, :] | (pair >= limit[:, None, None])
+        pair[blocked] = np.inf
         flat = pair.reshape(len(rows), -1).argmin(1)
         best = pair.reshape(len(rows), -1)[np.arange(len(rows)), flat]
         i, j = np.divmod(flat, others.shape[1])
