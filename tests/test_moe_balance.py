@@ -132,6 +132,21 @@ def test_no_duplicates_on_small_heavy_tailed_layers_and_each_layer_at_least_eplb
     assert totals["ours"] == 0 and totals["eplb"] > 50
 
 
+def test_descend_stops_at_good_enough():
+    rng = np.random.default_rng(6)
+    weight = rng.lognormal(0, 1, (4, 32))
+    shape = B.check_shape(weight, 48, 4, 2, 8)
+    start = B.eplb_plan(weight, shape)
+    full = B.descend(weight, start, shape)
+    top = lambda plan: B.gpu_loads(weight, plan, 8).max(1)
+    assert (top(full) < top(start)).any()
+    assert np.array_equal(B.descend(weight, start, shape, good_enough=top(start)), start)  # already good enough
+    assert np.array_equal(B.descend(weight, start, shape, good_enough=np.zeros(4)), full)
+    middle = (top(start) + top(full)) / 2
+    stopped = B.descend(weight, start, shape, good_enough=middle)
+    assert (top(stopped) <= np.maximum(middle, top(full)) + 1e-12).all() and (top(stopped) >= top(full) - 1e-12).all()
+
+
 def test_duplicates_when_forced_still_valid():
     weight = np.array([[10.0, 1.0, 1.0, 1.0]])  # 4 experts, 12 slots on 2 GPUs: duplicates cannot be avoided
     phy2log, log2phy, logcnt = rebalance_experts(weight, 12, 1, 1, 2)

@@ -13,8 +13,10 @@ or cold ones. All nodes of all layers are searched in one batch:
    ``HOT`` hottest, or the first holding a duplicate) is scored exactly, applied to the slot it frees: the
    ``SCREEN`` best per row go on; the ``DEALT`` moves with the lowest :func:`dspark_lab.moe.counts.counts_bound`
    (both experts among the 16 hottest: the moves that change the bound) are dealt afresh and the best
-   ``DEALT_KEPT`` go on. All of them get the swap search; each row takes its best while that improves, ranked by
-   (over the limit, duplicates, maximum load). A node stops as soon as one of its rows fits.
+   ``DEALT_KEPT`` go on. All of them get the swap search (until they are within the limit); each row takes its best
+   while that improves, ranked by (over the limit, duplicates, maximum load). Rows from the fewest-counts start are
+   not searched (their moves rarely fit). A node stops as soon as one of its rows fits. Nodes this ``NARROW`` pass
+   leaves get a ``WIDE`` one (four times as many trials per row), from where the first stopped.
 
 What this misses goes to the exact solve (:mod:`dspark_lab.moe.exact`).
 """
@@ -30,9 +32,10 @@ from dspark_lab.moe.shape import Shape
 
 HOT = 12         # single moves involve one of this many hottest experts of the node (or a duplicated one)
 ROUNDS = 20      # improving moves per row at most
-SCREEN = 4       # single moves per row and round that get the swap search
-DEALT = 8        # count vectors per row and round dealt afresh ...
-DEALT_KEPT = 2   # ... of which this many get the swap search
+# Per row and round: single moves that get the swap search, count vectors dealt afresh, and how many of those get
+# the swap search. The wide pass runs only on nodes the narrow one leaves.
+NARROW = (4, 8, 2)
+WIDE = (16, None, 16)
 
 
 def _node_shape(rows: int, weight: np.ndarray, slots: int, gpus: int) -> Shape:
@@ -88,28 +91,37 @@ def _best_per_owner(owner: np.ndarray, keys: list[np.ndarray], keep: int) -> np.
     return order[rank < keep]
 
 
-def _trials(weight: np.ndarray, local: np.ndarray, gpus: int, bound: np.ndarray):
+def _trials(weight: np.ndarray, local: np.ndarray, gpus: int, bound: np.ndarray, widths: tuple):
     """One round's trial placements for the rows of ``local``: ``(owner row, placements)`` before the swap search."""
+    screen, dealt_screen, dealt_kept = widths
     owner, slot, expert, top, dups = _single_moves(weight, local, gpus)
     if not len(owner):
         return owner, local[:0]
-    chosen = _best_per_owner(owner, [top > bound[owner], dups, top], SCREEN)
+    chosen = _best_per_owner(owner, [top > bound[owner], dups, top], screen)
     moved = local[owner[chosen]]
     moved[np.arange(len(chosen)), slot[chosen]] = expert[chosen]
     # The same moves as count vectors, dealt afresh: a move the freed slot cannot host well may pack well.
-    rank = np.argsort(np.argsort(-weight, 1), 1)
+    # Narrow: only moves between two of the 16 hottest (the others barely change the bound), the best by bound.
+    # Wide (``dealt_screen`` None): every move.
     source = local[owner, slot]
-    pairs = np.flatnonzero((rank[owner, source] < 16) & (rank[owner, expert] < 16))
-    if not len(pairs) or not DEALT:
+    if dealt_screen is None:
+        pairs = np.arange(len(owner))
+    else:
+        rank = np.argsort(np.argsort(-weight, 1), 1)
+        pairs = np.flatnonzero((rank[owner, source] < 16) & (rank[owner, expert] < 16))
+    if not len(pairs) or dealt_screen == 0:
         return owner[chosen], moved
     counts = replica_counts(local, weight.shape[1])[owner[pairs]]
     counts[np.arange(len(pairs)), source[pairs]] -= 1
     counts[np.arange(len(pairs)), expert[pairs]] += 1
     dealt_owner = owner[pairs]
-    screened = _best_per_owner(dealt_owner, [counts_bound(weight[dealt_owner], counts, gpus)], DEALT)
-    dealt_owner, dealt = dealt_owner[screened], deal(weight[dealt_owner[screened]], counts[screened], gpus)
+    if dealt_screen is not None:
+        screened = _best_per_owner(dealt_owner, [counts_bound(weight[dealt_owner], counts, gpus)], dealt_screen)
+        dealt_owner, counts = dealt_owner[screened], counts[screened]
+    dealt = deal(weight[dealt_owner], counts, gpus)
     dealt_key = _key(weight[dealt_owner], dealt, gpus, bound[dealt_owner])
-    kept = _best_per_owner(dealt_owner, list(dealt_key), DEALT_KEPT)
+    # fewest duplicates first, over the limit or not: the swap search that follows lowers the maximum, not duplicates
+    kept = _best_per_owner(dealt_owner, [dealt_key[1], dealt_key[2]], dealt_kept)
     return np.concatenate([owner[chosen], dealt_owner[kept]]), np.concatenate([moved, dealt[kept]])
 
 
@@ -120,7 +132,7 @@ def _improves(new: np.ndarray, old: np.ndarray) -> np.ndarray:
 
 
 def _search(weight: np.ndarray, local: np.ndarray, gpus: int, bound: np.ndarray, node: np.ndarray,
-            searched: np.ndarray):
+            searched: np.ndarray, widths: tuple):
     """Improve rows ``local [rows, slots]`` (``node [rows]``: which node each row places) by a move per round and
     row, the ``searched [rows]`` ones only (the others count only as fits); returns the rows and their keys."""
     local = local.copy()
@@ -133,10 +145,12 @@ def _search(weight: np.ndarray, local: np.ndarray, gpus: int, bound: np.ndarray,
         rows = np.flatnonzero(active)
         if not len(rows):
             break
-        owner, trial = _trials(weight[rows], local[rows], gpus, bound[rows])
+        owner, trial = _trials(weight[rows], local[rows], gpus, bound[rows], widths)
         if not len(owner):
             break
-        trial = descend(weight[rows[owner]], trial, _node_shape(len(trial), weight, local.shape[1], gpus))
+        # A trial only has to fit: its swap search stops at the limit.
+        trial = descend(weight[rows[owner]], trial, _node_shape(len(trial), weight, local.shape[1], gpus),
+                        good_enough=bound[rows[owner]])
         trial_key = _key(weight[rows[owner]], trial, gpus, bound[rows[owner]])
         best = _best_per_owner(owner, list(trial_key), 1)
         better = _improves(trial_key[:, best], key[:, rows[owner[best]]])
@@ -165,14 +179,23 @@ def place_by_recount(weight: np.ndarray, phy2log: np.ndarray, shape: Shape, limi
     starts = [capped_counts(weight_k, current, gpus, per_domain),
               fewest_counts(weight_k, limit_k, gpus, per_domain),
               bounded_counts(weight_k, per_domain, gpus, finest=True)]
-    weight_s = np.tile(weight_k, (len(starts), 1))
-    limit_s = np.tile(limit_k, len(starts))
-    shape_s = _node_shape(len(weight_s), weight_k, per_domain, gpus)
-    local = deal(weight_s, np.concatenate(starts), gpus)
-    local = remove_duplicates(weight_s, descend(weight_s, local, shape_s), shape_s, limit_s)
-    node = np.tile(np.arange(nodes), len(starts))
-    searched = np.repeat([True, False, True], nodes)  # moves from the fewest-counts start rarely fit: not searched
-    local, key = _search(weight_s, local, gpus, limit_s * (1 + REL_TOL), node, searched)
+    weight_s = np.tile(weight_k, (len(starts) + 1, 1))
+    limit_s = np.tile(limit_k, len(starts) + 1)
+    shape_s = _node_shape(len(starts) * nodes, weight_k, per_domain, gpus)
+    local = deal(weight_s[nodes:], np.concatenate(starts), gpus)
+    local = remove_duplicates(weight_s[nodes:], descend(weight_s[nodes:], local, shape_s), shape_s, limit_s[nodes:])
+    local = np.concatenate([np.stack([np.searchsorted(m, h) for m, h in zip(members, held)]), local])
+    node = np.tile(np.arange(nodes), len(starts) + 1)
+    # Searched rows per pass: the capped and the finest starts (moves from the fewest-counts start rarely fit),
+    # then also the node's own placement, duplicates and all (one move from it often fits on small nodes).
+    searched = {NARROW: np.repeat([False, True, False, True], nodes), WIDE: np.ones(4 * nodes, dtype=bool)}
+    for widths in (NARROW, WIDE):
+        local, key = _search(weight_s, local, gpus, limit_s * (1 + REL_TOL), node, searched[widths], widths)
+        solved = np.zeros(nodes, dtype=bool)
+        np.logical_or.at(solved, node, (key[0] == 0) & (key[1] == 0))
+        if solved.all():
+            break
+        searched[WIDE] &= ~solved[node]
     fits = np.flatnonzero((key[0] == 0) & (key[1] == 0))
     for row in _best_per_owner(node[fits], [key[2, fits]], 1):
         k = node[fits[row]]

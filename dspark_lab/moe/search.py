@@ -115,10 +115,11 @@ class _State:
 
 
 def descend(weight: np.ndarray, phy2log: np.ndarray, shape: Shape, max_steps: int | None = None,
-            trace=None) -> np.ndarray:
+            trace=None, good_enough: np.ndarray | None = None) -> np.ndarray:
     """Swap replicas off the most loaded GPU while that lowers it; returns the improved ``phy2log``.
 
     ``trace(step, rows, assign)`` is called after each step with the rows that changed (used for move costs).
+    ``good_enough [rows]``: a row stops once its maximum load is at or under this.
     """
     state = _State(weight, phy2log, shape)
     active = np.arange(len(weight))
@@ -128,6 +129,11 @@ def descend(weight: np.ndarray, phy2log: np.ndarray, shape: Shape, max_steps: in
             break
         gpu = state.loads[active].argmax(1)
         top = state.loads[active, gpu]
+        if good_enough is not None:
+            going = top > good_enough[active]
+            active, gpu, top = active[going], gpu[going], top[going]
+            if not len(active):
+                break
         slots = gpu[:, None] * state.S + np.arange(state.S)
         ok, slot_a, slot_b, _ = state.best_swaps(active, slots, top * (1 - REL_TOL))
         active = active[ok]
