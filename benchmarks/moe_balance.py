@@ -8,8 +8,11 @@ near-uniform and sparse, plus DeepSeek-V3 shapes (58 layers, 256 experts, 288 an
 count (expert, GPU) pairs today's placement adds; ours gets yesterday's placement as ``current``.
 
     python benchmarks/moe_balance.py [--eplb PATH] [--repeats 3] [--move-cost 0.02] [--threads 1] [--json]
+    python benchmarks/moe_balance.py --sweep 16     # speed only: DeepSeek-V3 shapes over seeds 0..15
 
-Times are the best of ``--repeats`` interleaved runs, wall clock and CPU time of this process.
+Times are the best of ``--repeats`` interleaved runs, wall clock and CPU time of this process. ``--sweep N`` times
+both on the DeepSeek-V3 shapes with lognormal and Zipf loads for seeds 0..N-1 and prints, per shape and load kind,
+the lowest and median speed-up, the slowest seed, and the same-GPU duplicates of both.
 """
 
 from __future__ import annotations
@@ -105,6 +108,32 @@ COLUMNS = ("case", "loads", "bal_eplb", "bal_ours", "bal_ratio", "dups_eplb", "d
            "moved_ours", "moved_ratio", "bal_ours_moving", "ms_eplb", "ms_ours", "speedup", "cpu_speedup")
 
 
+def sweep(seeds: int, eplb, repeats: int) -> list[dict]:
+    """Speed-up and duplicates over seeds 0..seeds-1 per DeepSeek-V3 shape and load kind."""
+    rows = []
+    for name, (layers, experts, replicas, groups, nodes, gpus) in CASES:
+        if not name.startswith("dsv3"):
+            continue
+        args = (replicas, groups, nodes, gpus)
+        for kind in ("lognormal", "zipf"):
+            runs = []
+            for seed in range(seeds):
+                rng = np.random.default_rng(seed)
+                today = loads(kind, rng, layers, experts)
+                today = today * rng.lognormal(0, 0.3, today.shape)
+                (theirs, ours), wall, _ = race([lambda: eplb(torch.from_numpy(today).float(), *args)[0].numpy(),
+                                                lambda: balance.rebalance_experts(today, *args)[0].numpy()], repeats)
+                runs.append((wall[0] / wall[1], seed, balance.same_gpu_duplicates(theirs, gpus, experts),
+                             balance.same_gpu_duplicates(ours, gpus, experts), 1e3 * wall[1]))
+            speedups = [r[0] for r in runs]
+            slowest = min(runs)
+            rows.append({"case": name, "loads": kind, "seeds": seeds, "min_speedup": min(speedups),
+                         "median_speedup": float(np.median(speedups)), "slowest_seed": slowest[1],
+                         "ms_ours_max": max(r[4] for r in runs), "dups_eplb": sum(r[2] for r in runs),
+                         "dups_ours": sum(r[3] for r in runs)})
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--eplb", help="path to an EPLB checkout (a directory with eplb.py)")
@@ -113,9 +142,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads for both sides (default 1: extra threads only contend on a "
                              "small shared machine)")
+    parser.add_argument("--sweep", type=int, metavar="N",
+                        help="only time the DeepSeek-V3 shapes over seeds 0..N-1 (lognormal and Zipf loads)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from dspark_lab.output import text_table
 
     example = eplb_reference.README_EXAMPLE
     if eplb_reference.rebalance_experts(torch.tensor(example["weight"]), *example["args"])[0].tolist() \
@@ -123,6 +155,10 @@ def main(argv=None) -> int:
         print("eplb_reference does not reproduce EPLB's README example", file=sys.stderr)
         return 1
     eplb, source = load_eplb(args.eplb)
+    if args.sweep:
+        rows = sweep(args.sweep, eplb, args.repeats)
+        print(json.dumps(rows, indent=2) if args.json else text_table(rows, tuple(rows[0])))
+        return 0
     rows = []
     for seed, (name, shape) in enumerate(CASES):
         for k, kind in enumerate(KINDS if not name.startswith("dsv3") else ("lognormal", "zipf")):
@@ -141,8 +177,6 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps({"rows": rows, "summary": summary}, indent=2))
         return 0
-    from dspark_lab.output import text_table
-
     print(f"EPLB: {source}; README example reproduced by eplb_reference; move cost {args.move_cost}")
     print(text_table(rows, COLUMNS))
     for key, value in summary.items():

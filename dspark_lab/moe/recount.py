@@ -10,13 +10,15 @@ or cold ones. All nodes of all layers are searched in one batch:
    replicas that keep each replica under the limit; and :func:`dspark_lab.moe.counts.bounded_counts` with the
    finest pieces. Most nodes are done here.
 2. Rounds, on nodes no start fits. Every move of one replica from one expert to another (one of the two among the
-   ``HOT`` hottest, or the first holding a duplicate) is scored exactly, applied to the slot it frees: the
-   ``SCREEN`` best per row go on; the ``DEALT`` moves with the lowest :func:`dspark_lab.moe.counts.counts_bound`
-   (both experts among the 16 hottest: the moves that change the bound) are dealt afresh and the best
-   ``DEALT_KEPT`` go on. All of them get the swap search (until they are within the limit); each row takes its best
-   while that improves, ranked by (over the limit, duplicates, maximum load). Rows from the fewest-counts start are
-   not searched (their moves rarely fit). A node stops as soon as one of its rows fits. Nodes this ``NARROW`` pass
-   leaves get a ``WIDE`` one (four times as many trials per row), from where the first stopped.
+   ``HOT`` hottest, or the first holding a duplicate) is scored exactly, applied to the slot it frees, and the best
+   few per row go on; the same moves as count vectors are dealt afresh, and the best few of those go on. All of
+   them get the swap search (until they are within the limit); each row takes its best while that improves, ranked
+   by (over the limit, duplicates, maximum load). A node stops as soon as one of its rows fits.
+3. Two passes of rounds. ``NARROW``: rows from the capped and the finest starts, 4 single moves and, of the 8
+   count vectors with the lowest :func:`dspark_lab.moe.counts.counts_bound` among moves between two of the 16
+   hottest, 2 dealt ones per row (fast: at DeepSeek-V3 scale this pass leaves nothing). ``WIDE``, on the nodes
+   ``NARROW`` leaves: every row, the node's own placement (duplicates and all) included, 16 single moves and 16
+   of all moves dealt.
 
 What this misses goes to the exact solve (:mod:`dspark_lab.moe.exact`).
 """
