@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dspark_lab.moe.measures import duplicates_per_gpu, gpu_loads, presence, replica_counts
+from dspark_lab.moe.measures import presence, replica_counts
 from dspark_lab.moe.shape import Shape
 
 REL_TOL = 1e-12  # relative: a swap must lower a load by more than this to count as an improvement
