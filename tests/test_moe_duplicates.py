@@ -12,6 +12,7 @@ import torch
 
 from dspark_lab.moe import balance as B
 from dspark_lab.moe import eplb_reference, exact, rebalance_experts, recount
+from dspark_lab.moe.measures import domains_with_duplicates
 
 
 def brute_force_minimum(weight: np.ndarray, slots: int, gpus: int) -> float:
@@ -129,3 +130,20 @@ def test_recount_leaves_a_domain_alone_when_the_limit_cannot_be_met():
     assert np.array_equal(recount.place_by_recount(weight, placed, shape, np.array([1.9])), placed)
     fixed = recount.place_by_recount(weight, placed, shape, np.array([2.0]))
     assert B.same_gpu_duplicates(fixed, 2, 2) == 0 and B.gpu_loads(weight, fixed, 2).max() <= 2.0
+
+
+def test_exact_step_shares_one_time_budget_across_domains(monkeypatch):
+    # Four domains hold a duplicate; a clock that advances 1 s per reading and a 2.5 s budget: the solves get the
+    # time that is left, and domains past the budget keep their placement.
+    rng = np.random.default_rng(8)
+    weight = rng.zipf(1.6, (6, 32)) * 1.0
+    shape = B.check_shape(weight, 48, 4, 2, 8)
+    eplb = B.eplb_plan(weight, shape)
+    assert len(domains_with_duplicates(eplb, 8, 2)[0]) >= 4
+    clock, given = iter(range(1000)), []
+    monkeypatch.setattr(exact.time, "monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr(exact, "duplicate_free", lambda w, s, g, l, left: given.append(left) or ("unknown", None))
+    limit = B.gpu_loads(weight, eplb, 8).max(1)
+    assert np.array_equal(exact.place_without_duplicates(weight, eplb, shape, limit, time_limit=2.5), eplb)
+    assert given == [1.5, 0.5]
+    assert np.array_equal(exact.place_without_duplicates(weight, eplb, shape, limit, time_limit=0.0), eplb)

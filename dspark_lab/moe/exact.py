@@ -30,12 +30,15 @@ be split into equal parts on distinct machines; the split is the "redundant expe
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from dspark_lab.moe.measures import domains_with_duplicates, gpu_loads
 from dspark_lab.moe.shape import Shape
 
-TIME_LIMIT_S = 10.0   # per domain; a solve that runs out keeps the search's placement (and its duplicates)
+TIME_LIMIT_S = 10.0   # for all domains of one call together: placement runs at a training step boundary, so its
+                      # time is bounded; a domain whose solve runs out, or is not reached, keeps its duplicates
 _CHECK_TOL = 1e-12    # relative: a solution's exact float64 loads must be within the limit by this much
 _RETRY_MARGIN = 1e-6  # HiGHS accepts rows up to its 1e-7 tolerance over; a second solve aims this far under
 
@@ -125,8 +128,12 @@ def duplicate_free(weight, slots: int, gpus: int, limit: float,
     if n * gpus < slots or slots < n:
         return "forced", None  # too few (expert, GPU) pairs to fill the slots, or too few slots for the experts
     scale = limit if limit > 0 else 1.0
+    deadline = time.monotonic() + time_limit
     for bound in (1.0, 1.0 - _RETRY_MARGIN):
-        status, sub = _solve(w / scale, slots, gpus, bound if limit > 0 else 0.0, time_limit)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        status, sub = _solve(w / scale, slots, gpus, bound if limit > 0 else 0.0, left)
         if sub is None:
             return status, None
         if gpu_loads(w[None], sub[None], gpus).max() <= limit * (1 + _CHECK_TOL):
@@ -138,15 +145,20 @@ def place_without_duplicates(weight: np.ndarray, phy2log: np.ndarray, shape: Sha
                              time_limit: float = TIME_LIMIT_S) -> np.ndarray:
     """Replace every domain of ``phy2log [L, R]`` that holds a same-GPU duplicate by an exact duplicate-free
     placement of the same experts within ``limit [L]``, where one exists; the expert-to-domain split is kept.
-    Domains where the model is infeasible (duplicates forced) or the time limit runs out stay as they are.
+    Domains where the model is infeasible (duplicates forced), or that ``time_limit`` (seconds, for all domains
+    together) does not cover, stay as they are.
     """
     out = phy2log.copy()
     per_domain = shape.replicas // shape.domains
     gpus = shape.gpus // shape.domains
+    deadline = time.monotonic() + time_limit
     for layer, domain in zip(*domains_with_duplicates(phy2log, shape.gpus, shape.domains)):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
         held = slice(domain * per_domain, (domain + 1) * per_domain)
         members = np.unique(phy2log[layer, held])
-        _, local = duplicate_free(weight[layer, members], per_domain, gpus, float(limit[layer]), time_limit)
+        _, local = duplicate_free(weight[layer, members], per_domain, gpus, float(limit[layer]), left)
         if local is not None:
             out[layer, held] = members[local]
     return out
