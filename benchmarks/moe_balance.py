@@ -63,14 +63,24 @@ def race(fns, repeats: int):
     return results, wall, cpu
 
 
-def run_case(name, kind, shape, eplb, repeats, move_cost, seed):
-    layers, experts, replicas, groups, nodes, gpus = shape
+def drifted_loads(kind: str, seed: int, layers: int, experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(yesterday, today)``: seeded loads of one kind, and the same after a day of multiplicative drift."""
     rng = np.random.default_rng(seed)
     yesterday = loads(kind, rng, layers, experts)
-    today = yesterday * rng.lognormal(0, 0.3, yesterday.shape)
+    return yesterday, yesterday * rng.lognormal(0, 0.3, yesterday.shape)
+
+
+def race_placements(eplb, today: np.ndarray, args: tuple, repeats: int):
+    """EPLB's and our ``phy2log`` for ``today`` under :func:`race`: ``((theirs, ours), wall, cpu)``."""
+    return race([lambda: eplb(torch.from_numpy(today).float(), *args)[0].numpy(),
+                 lambda: balance.rebalance_experts(today, *args)[0].numpy()], repeats)
+
+
+def run_case(name, kind, shape, eplb, repeats, move_cost, seed):
+    layers, experts, replicas, groups, nodes, gpus = shape
+    yesterday, today = drifted_loads(kind, seed, layers, experts)
     args = (replicas, groups, nodes, gpus)
-    (theirs, ours), wall, cpu = race([lambda: eplb(torch.from_numpy(today).float(), *args)[0].numpy(),
-                                      lambda: balance.rebalance_experts(today, *args)[0].numpy()], repeats)
+    (theirs, ours), wall, cpu = race_placements(eplb, today, args, repeats)
     reference_equal = bool(np.array_equal(theirs, eplb_reference.rebalance_experts(
         torch.from_numpy(today), *args)[0].numpy()))
     old_theirs = eplb(torch.from_numpy(yesterday).float(), *args)[0].numpy()
@@ -118,11 +128,8 @@ def sweep(seeds: int, eplb, repeats: int) -> list[dict]:
         for kind in ("lognormal", "zipf"):
             runs = []
             for seed in range(seeds):
-                rng = np.random.default_rng(seed)
-                today = loads(kind, rng, layers, experts)
-                today = today * rng.lognormal(0, 0.3, today.shape)
-                (theirs, ours), wall, _ = race([lambda: eplb(torch.from_numpy(today).float(), *args)[0].numpy(),
-                                                lambda: balance.rebalance_experts(today, *args)[0].numpy()], repeats)
+                _, today = drifted_loads(kind, seed, layers, experts)
+                (theirs, ours), wall, _ = race_placements(eplb, today, args, repeats)
                 runs.append((wall[0] / wall[1], seed, balance.same_gpu_duplicates(theirs, gpus, experts),
                              balance.same_gpu_duplicates(ours, gpus, experts), 1e3 * wall[1]))
             speedups = [r[0] for r in runs]

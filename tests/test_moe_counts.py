@@ -22,12 +22,6 @@ def greedy_capped(weight: np.ndarray, slots: int, cap: int) -> np.ndarray:
     return count
 
 
-def sorted_bound(weight: np.ndarray, count: np.ndarray, gpus: int) -> np.ndarray:
-    value = weight / count
-    order = np.argsort(-value, 1)
-    return C.pair_bound(np.take_along_axis(value, order, 1), np.take_along_axis(count, order, 1), gpus)
-
-
 def best_any_placement(weight: np.ndarray, count: np.ndarray, gpus: int, per_gpu: int) -> float:
     """The lowest maximum GPU load over every assignment of the replicas to GPUs with ``per_gpu`` slots each."""
     replicas = np.repeat(weight / count, count)
@@ -44,7 +38,7 @@ def test_pair_bound_is_below_every_placement():
         gpus, per_gpu, n = 3, 2, 4
         weight = rng.lognormal(0, 1, n)
         count = 1 + np.bincount(rng.integers(0, n, gpus * per_gpu - n), minlength=n)
-        bound = sorted_bound(weight[None], count[None], gpus)[0]
+        bound = C.sorted_pair_bound(weight[None], count[None], gpus)[0]
         best = best_any_placement(weight, count, gpus, per_gpu)
         assert bound <= best + 1e-12
         top = np.sort(np.repeat(weight / count, count))[::-1]
@@ -61,7 +55,7 @@ def test_two_hot_experts_get_one_replica_per_gpu():
     ours = C.bounded_counts(weight, 72, 8)
     assert ours.sum() == 72 and (ours >= 1).all() and (ours <= 8).all()
     assert ours[0, :2].sum() == 8
-    assert sorted_bound(weight, ours, 8)[0] < 0.8 * sorted_bound(weight, eplb, 8)[0]
+    assert C.sorted_pair_bound(weight, ours, 8)[0] < 0.8 * C.sorted_pair_bound(weight, eplb, 8)[0]
 
 
 def test_bounded_counts_never_bound_worse_than_greedy_capped():
@@ -76,18 +70,18 @@ def test_bounded_counts_never_bound_worse_than_greedy_capped():
             assert (ours.sum(1) == slots).all() and (ours >= 1).all() and (ours <= cap).all()
             # finest trades bound for granularity only down to the mean GPU load
             floor = weight.sum(1) / gpus if finest else 0
-            greedy = np.maximum(sorted_bound(weight, greedy_capped(weight, slots, cap), gpus), floor)
-            assert (np.maximum(sorted_bound(weight, ours, gpus), floor) <= greedy * (1 + 1e-12)).all()
+            greedy = np.maximum(C.sorted_pair_bound(weight, greedy_capped(weight, slots, cap), gpus), floor)
+            assert (np.maximum(C.sorted_pair_bound(weight, ours, gpus), floor) <= greedy * (1 + 1e-12)).all()
 
 
 def test_fill_coldest_spreads_slots_over_cold_experts():
     weight = np.array([[9.0, 5.0, 0.0, 0.0, 0.1, 0.2]])
     start = np.array([[3, 1, 1, 1, 1, 1]])
-    assert C.fill_coldest(weight, start, cap=4, slots=12).tolist() == [[3, 1, 2, 2, 2, 2]]  # the four coldest
+    assert C.fill_coldest(weight, start, gpus=4, slots=12).tolist() == [[3, 1, 2, 2, 2, 2]]  # the four coldest
     # one each before any expert gets a second, even the hot expert 1 before a second on a zero-load one
-    assert C.fill_coldest(weight, start, cap=4, slots=14).tolist() == [[3, 2, 3, 2, 2, 2]]
+    assert C.fill_coldest(weight, start, gpus=4, slots=14).tolist() == [[3, 2, 3, 2, 2, 2]]
     # where the cap cannot hold every slot, duplicates are forced and the cap is dropped rather than looping
-    assert C.fill_coldest(np.ones((1, 2)), np.ones((1, 2), dtype=np.int64), cap=2, slots=6).sum() == 6
+    assert C.fill_coldest(np.ones((1, 2)), np.ones((1, 2), dtype=np.int64), gpus=2, slots=6).sum() == 6
 
 
 def test_single_moves_predict_the_loads_of_the_moved_placement():

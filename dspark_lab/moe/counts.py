@@ -16,13 +16,18 @@ from __future__ import annotations
 import numpy as np
 
 
-def fill_coldest(weight: np.ndarray, counts: np.ndarray, cap: int, slots: int) -> np.ndarray:
+def replica_cap(experts: int, gpus: int, slots: int) -> int:
+    """Most replicas an expert may get: one per GPU, unless ``experts * gpus < slots`` forces duplicates."""
+    return gpus if experts * gpus >= slots else slots
+
+
+def fill_coldest(weight: np.ndarray, counts: np.ndarray, gpus: int, slots: int) -> np.ndarray:
     """``counts`` topped up to ``slots`` per row, one replica at a time to the expert with the fewest replicas,
-    then the least load, among those below ``cap``: cold experts absorb the slots, none of them many times."""
+    then the least load, among those below :func:`replica_cap`: cold experts absorb the slots, none of them many
+    times."""
     counts = counts.copy()
     n = weight.shape[1]
-    if n * cap < slots:
-        cap = slots  # duplicates on a GPU are forced: no cap
+    cap = replica_cap(n, gpus, slots)
     big = weight.max(1, keepdims=True) + 1
     while (short := slots - counts.sum(1)).any():
         key = np.where(counts < cap, counts * big + weight, np.inf)
@@ -47,15 +52,20 @@ def pair_bound(value: np.ndarray, count: np.ndarray, gpus: int) -> np.ndarray:
     return np.maximum(value[..., 0], (v_p + v_q)[..., 0])
 
 
+def sorted_pair_bound(weight: np.ndarray, counts: np.ndarray, gpus: int) -> np.ndarray:
+    """:func:`pair_bound` of count vectors ``counts [..., n]`` for loads ``weight`` (broadcast), in any order."""
+    value = weight / counts
+    order = np.argsort(-value, -1)
+    return pair_bound(np.take_along_axis(value, order, -1), np.take_along_axis(counts, order, -1), gpus)
+
+
 def counts_bound(weight: np.ndarray, counts: np.ndarray, gpus: int, width: int = 24) -> np.ndarray:
     """:func:`pair_bound` of each row's count vector, over the ``width`` hottest experts of the row (a screen:
     exact unless a colder expert holds a replica among the ``gpus + 1`` largest)."""
     if weight.shape[1] > width:
         top = np.argpartition(-weight, width - 1, axis=1)[:, :width]
         weight, counts = np.take_along_axis(weight, top, 1), np.take_along_axis(counts, top, 1)
-    value = weight / counts
-    order = np.argsort(-value, 1)
-    return pair_bound(np.take_along_axis(value, order, 1), np.take_along_axis(counts, order, 1), gpus)
+    return sorted_pair_bound(weight, counts, gpus)
 
 
 def bounded_counts(weight: np.ndarray, slots: int, gpus: int, finest: bool = False) -> np.ndarray:
@@ -68,7 +78,7 @@ def bounded_counts(weight: np.ndarray, slots: int, gpus: int, finest: bool = Fal
     """
     rows, n = weight.shape
     extra = slots - n
-    cap = gpus if n * gpus >= slots else slots
+    cap = replica_cap(n, gpus, slots)
     counts = np.ones((rows, n), dtype=np.int64)
     if extra == 0:
         return counts
@@ -85,17 +95,14 @@ def bounded_counts(weight: np.ndarray, slots: int, gpus: int, finest: bool = Fal
         pick = np.where(current < cap, w / current, -1.0).argmax(1)
         steps[:, k + 1] = current
         steps[row, k + 1, pick] += 1
-    value = w[:, None, :] / steps
-    order = np.argsort(-value, -1)
-    flat = (order.reshape(-1, width) + np.arange(rows * (extra + 1))[:, None] * width).reshape(order.shape)
-    bound = pair_bound(value.ravel()[flat], steps.ravel()[flat], gpus)      # [rows, extra + 1]
+    bound = sorted_pair_bound(w[:, None, :], steps, gpus)                   # [rows, extra + 1]
     if finest:
         bound = np.maximum(bound, weight.sum(1, keepdims=True) / gpus)
         best = extra - bound[:, ::-1].argmin(1)
     else:
         best = bound.argmin(1)
     np.put_along_axis(counts, top, steps[row, best], 1)
-    return fill_coldest(weight, counts, cap, slots)
+    return fill_coldest(weight, counts, gpus, slots)
 
 
 def capped_counts(weight: np.ndarray, counts: np.ndarray, gpus: int, slots: int) -> np.ndarray:

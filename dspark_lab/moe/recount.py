@@ -50,21 +50,38 @@ def _key(weight: np.ndarray, local: np.ndarray, gpus: int, bound: np.ndarray) ->
     return np.stack([top > bound, duplicates_per_gpu(local, gpus).sum(1), top])
 
 
-def _single_moves(weight: np.ndarray, local: np.ndarray, gpus: int):
+def _fits(key: np.ndarray) -> np.ndarray:
+    """Rows whose key is within the limit and free of duplicates."""
+    return (key[0] == 0) & (key[1] == 0)
+
+
+def _solved(key: np.ndarray, node: np.ndarray, nodes: int) -> np.ndarray:
+    """``[nodes]``: whether any row of the node fits."""
+    solved = np.zeros(nodes, dtype=bool)
+    np.logical_or.at(solved, node, _fits(key))
+    return solved
+
+
+def _load_rank(weight: np.ndarray) -> np.ndarray:
+    """Each expert's place in its row by load, hottest 0."""
+    return np.argsort(np.argsort(-weight, 1), 1)
+
+
+def _single_moves(weight: np.ndarray, local: np.ndarray, gpus: int, rank: np.ndarray | None = None):
     """Every move of one replica from expert ``a`` to expert ``b`` of each row, applied to the slot of ``a`` on the
     GPU holding most copies of ``a`` (then the most loaded) among those without ``b``.
 
     Returns ``(owner row, slot, b, maximum GPU load after, duplicates after)``. The loads are exact: every GPU
     holding ``a`` gains ``w_a/(c_a-1) - w_a/c_a`` per replica, every GPU holding ``b`` loses
     ``w_b/c_b - w_b/(c_b+1)`` per replica, and the slot's GPU swaps one replica of ``a`` for one of ``b``.
+    ``rank``: :func:`_load_rank` of ``weight``, when the caller has it already.
     """
-    rows, n = weight.shape
+    n = weight.shape[1]
     per_gpu = local.shape[1] // gpus
     count = replica_counts(local, n)
     has = presence(local, n, gpus)
     loads = gpu_loads(weight, local, gpus)
-    hot = np.zeros((rows, n), dtype=bool)
-    np.put_along_axis(hot, np.argsort(-weight, 1)[:, :HOT], True, 1)
+    hot = (_load_rank(weight) if rank is None else rank) < HOT
     duplicated = (has > 1).any(1)
     allowed = ((count[:, :, None] > 1) & (count[:, None, :] < gpus)
                & (hot[:, :, None] | hot[:, None, :] | duplicated[:, :, None]))
@@ -96,7 +113,8 @@ def _best_per_owner(owner: np.ndarray, keys: list[np.ndarray], keep: int) -> np.
 def _trials(weight: np.ndarray, local: np.ndarray, gpus: int, bound: np.ndarray, widths: tuple):
     """One round's trial placements for the rows of ``local``: ``(owner row, placements)`` before the swap search."""
     screen, dealt_screen, dealt_kept = widths
-    owner, slot, expert, top, dups = _single_moves(weight, local, gpus)
+    rank = _load_rank(weight)
+    owner, slot, expert, top, dups = _single_moves(weight, local, gpus, rank)
     if not len(owner):
         return owner, local[:0]
     chosen = _best_per_owner(owner, [top > bound[owner], dups, top], screen)
@@ -109,7 +127,6 @@ def _trials(weight: np.ndarray, local: np.ndarray, gpus: int, bound: np.ndarray,
     if dealt_screen is None:
         pairs = np.arange(len(owner))
     else:
-        rank = np.argsort(np.argsort(-weight, 1), 1)
         pairs = np.flatnonzero((rank[owner, source] < 16) & (rank[owner, expert] < 16))
     if not len(pairs) or dealt_screen == 0:
         return owner[chosen], moved
@@ -141,9 +158,7 @@ def _search(weight: np.ndarray, local: np.ndarray, gpus: int, bound: np.ndarray,
     key = _key(weight, local, gpus, bound)
     active = searched.copy()
     for _ in range(ROUNDS):
-        solved = np.zeros(node.max() + 1, dtype=bool)
-        np.logical_or.at(solved, node, (key[0] == 0) & (key[1] == 0))
-        active &= ~solved[node]
+        active &= ~_solved(key, node, node.max() + 1)[node]
         rows = np.flatnonzero(active)
         if not len(rows):
             break
@@ -193,12 +208,11 @@ def place_by_recount(weight: np.ndarray, phy2log: np.ndarray, shape: Shape, limi
     searched = {NARROW: np.repeat([False, True, False, True], nodes), WIDE: np.ones(4 * nodes, dtype=bool)}
     for widths in (NARROW, WIDE):
         local, key = _search(weight_s, local, gpus, limit_s * (1 + REL_TOL), node, searched[widths], widths)
-        solved = np.zeros(nodes, dtype=bool)
-        np.logical_or.at(solved, node, (key[0] == 0) & (key[1] == 0))
+        solved = _solved(key, node, nodes)
         if solved.all():
             break
         searched[WIDE] &= ~solved[node]
-    fits = np.flatnonzero((key[0] == 0) & (key[1] == 0))
+    fits = np.flatnonzero(_fits(key))
     for row in _best_per_owner(node[fits], [key[2, fits]], 1):
         k = node[fits[row]]
         out[layers[k], domains[k] * per_domain:(domains[k] + 1) * per_domain] = members[k][local[fits[row]]]
