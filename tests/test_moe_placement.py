@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from dspark_lab.localhost import free_port
+from dspark_lab.runtime.bootstrap import exit_now
 from dspark_lab.moe.model import MoEConfig, TinyMoETransformer
 from dspark_lab.moe.placement import _pack, plan_transfers
 
@@ -61,12 +61,9 @@ def _worker(rank: int, port: int, out_path: str) -> None:
         with open(out_path, "w") as f:
             json.dump(results, f)
     dist.destroy_process_group()
-    # Leave without C++ static destructors: gloo's threads can otherwise abort the finished worker's exit (SIGABRT,
-    # "terminate called without an active exception"), which spawn reports as a failure; the runtime's bootstrap
-    # exits the same way.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # gloo's threads can abort a finished worker's exit (SIGABRT), which spawn reports as a failure: leave the way
+    # the runtime's bootstrap makes its ranks leave.
+    exit_now(0)
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
     return code
 
 
-def _exit_now(code: int) -> None:
+def exit_now(code: int) -> None:
     """Run atexit handlers and flush, then leave without C++ static destructors.
 
     Under load, torch's gloo/TCPStore threads can still be joinable when the interpreter tears down, and the
@@ -60,4 +60,4 @@ def _exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
-    _exit_now(main(sys.argv[1:]))
+    exit_now(main(sys.argv[1:]))
