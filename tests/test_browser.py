@@ -90,17 +90,17 @@ def stop_runs(home: Path) -> None:
     env_home = os.environ.get("DSPARK_HOME")
     os.environ["DSPARK_HOME"] = str(home)
     try:
-        from dspark_lab import commands
-        from dspark_lab.runtime.launch import effective_state
+        from dspark_lab.runtime import commands
+        from dspark_lab.runtime.records import run_state
         from dspark_lab.runtime.records import list_runs
 
         for run in list_runs():
-            if effective_state(run).get("state") in ("running", "starting"):
+            if run_state(run).get("state") in ("running", "starting"):
                 with contextlib.suppress(Exception):
                     commands.stop(run.id)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(
-                effective_state(r).get("state") in ("running", "starting") for r in list_runs()):
+                run_state(r).get("state") in ("running", "starting") for r in list_runs()):
             time.sleep(0.5)
     finally:
         if env_home is None:

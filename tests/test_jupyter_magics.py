@@ -13,6 +13,7 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 from dspark_lab import commands
+from dspark_lab.runtime import commands as runtime_commands
 from dspark_lab.errors import PolicyError, RunNotFound
 from dspark_lab.jupyter import magics
 from dspark_lab.output import Report
@@ -37,7 +38,7 @@ def recorder(monkeypatch, tmp_path):
             if error:
                 raise error
             return result if result is not None else Report(name, {"args": list(args)})
-        monkeypatch.setattr(commands, name, verb, raising=False)
+        monkeypatch.setattr(runtime_commands, name, verb, raising=False)
 
     fake.calls = calls
     return fake

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from conftest import plain_torchrun, wait_for_step
-from dspark_lab import commands
+from dspark_lab.runtime import commands
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = Path(commands.__file__).parent / "examples" / "moe_train.py"
+SCRIPT = Path(commands.__file__).parent.parent / "examples" / "moe_train.py"
 
 
 def last_json_line(text: str) -> dict:

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from conftest import plain_torchrun, wait_for_step
-from dspark_lab import commands
+from dspark_lab.runtime import commands
 from dspark_lab.errors import PolicyError
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = Path(commands.__file__).parent / "examples" / "pipeline_train.py"
+SCRIPT = Path(commands.__file__).parent.parent / "examples" / "pipeline_train.py"
 ARGS = ["--microbatches", "4", "--d-model", "32", "--seq", "16"]
 
 

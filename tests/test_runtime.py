@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import plain_torchrun, wait_for_step
-from dspark_lab import commands
+from dspark_lab.runtime import commands
 from dspark_lab.cli import main as cli_main
 from dspark_lab.errors import ControlError, DSparkError, PolicyError
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).parent
 FIXTURES = HERE / "runtime_fixtures"
-DEMO = Path(commands.__file__).parent / "examples" / "demo_train.py"
+DEMO = Path(commands.__file__).parent.parent / "examples" / "demo_train.py"
 SMALL = ["--layers", "3", "--dim", "32", "--seq", "16", "--batch", "4", "--vocab", "64"]
 
 

@@ -134,7 +134,7 @@ class Dashboard(widgets.VBox):
         self.stop_button.disabled = True
         stop = self._stop_run
         if stop is None:
-            from dspark_lab import commands
+            from dspark_lab.runtime import commands
 
             stop = commands.stop
         threading.Thread(target=self._stop_in_background, args=(stop,), daemon=True).start()

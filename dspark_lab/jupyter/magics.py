@@ -32,6 +32,12 @@ def _commands():
     return commands
 
 
+def _runtime():
+    from dspark_lab.runtime import commands
+
+    return commands
+
+
 def _display_widget(widget: Any) -> Any:
     OPEN.append(widget)
     from IPython.display import display
@@ -64,14 +70,14 @@ def _doctor(args, cell):
 @magic_arguments(name="%dspark jobs")
 def _jobs(args, cell):
     """Every run with its state, ranks and step."""
-    return _commands().jobs()
+    return _runtime().jobs()
 
 
 @magic_arguments(name="%dspark status")
 @argument("run", help="run id, name or id prefix")
 def _status(args, cell):
     """One run's record and current step."""
-    return _commands().status(args.run)
+    return _runtime().status(args.run)
 
 
 @magic_arguments(name="%dspark get")
@@ -79,7 +85,7 @@ def _status(args, cell):
 @argument("key", nargs="?", help="one policy key (all when left out)")
 def _get(args, cell):
     """Policies of a run: value in force, since which step, pending changes."""
-    return _commands().get(args.run, args.key)
+    return _runtime().get(args.run, args.key)
 
 
 @magic_arguments(name="%dspark set")
@@ -89,21 +95,21 @@ def _get(args, cell):
 @argument("assignments", nargs="+", metavar="KEY=VALUE", help="policy changes, applied together at one step")
 def _set(args, cell):
     """Change policies of a running job; all ranks switch at one step."""
-    return _commands().set_policies(args.run, list(args.assignments), wait=not args.no_wait, timeout=args.timeout)
+    return _runtime().set_policies(args.run, list(args.assignments), wait=not args.no_wait, timeout=args.timeout)
 
 
 @magic_arguments(name="%dspark events")
 @argument("run", help="run id, name or id prefix")
 def _events(args, cell):
     """A run's events: starts, applied / refused / rolled-back changes, stops."""
-    return _commands().events(args.run)
+    return _runtime().events(args.run)
 
 
 @magic_arguments(name="%dspark stop")
 @argument("run", help="run id, name or id prefix")
 def _stop(args, cell):
     """Stop a running job."""
-    return _commands().stop(args.run)
+    return _runtime().stop(args.run)
 
 
 @magic_arguments(name="%dspark run")
@@ -124,7 +130,7 @@ def _run(args, cell):
         raise DSparkError("script: give a script path, or use %%dspark run with the script as the cell body")
     else:
         script, script_args = args.script, list(args.args)
-    job = _commands().launch(script, script_args, nproc=args.nproc, policies=tuple(args.policy), name=args.name)
+    job = _runtime().launch(script, script_args, nproc=args.nproc, policies=tuple(args.policy), name=args.name)
     if not args.no_dashboard:
         _watch_run(job.id, refresh_hz=2.0)
     return job
@@ -142,7 +148,7 @@ def _cell_script(body: str) -> Path:
 
 def _watch_run(run: str, refresh_hz: float):
     if not in_notebook():
-        return show(_commands().metrics(run))
+        return show(_runtime().metrics(run))
     from dspark_lab.jupyter.dashboard import Dashboard
 
     return _display_widget(Dashboard(run, refresh_hz=refresh_hz))
@@ -170,7 +176,7 @@ def _policies(args, cell):
     from dspark_lab.jupyter.policy_panel import PolicyPanel
 
     if not in_notebook():
-        return _commands().policies(args.run)
+        return _runtime().policies(args.run)
 
     _display_widget(PolicyPanel(args.run))
 

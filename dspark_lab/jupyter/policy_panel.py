@@ -62,7 +62,7 @@ def state_text(policy: dict[str, Any], message: str = "") -> str:
 
 
 def _commands():
-    from dspark_lab import commands
+    from dspark_lab.runtime import commands
 
     return commands
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from dspark_lab import commands
+from dspark_lab.runtime import commands
 from dspark_lab.output import Report
 
 
@@ -26,12 +26,11 @@ def _run(args) -> int:
 def _metrics(args):
     if not args.follow:
         return commands.metrics(args.run, args.tail)
-    from dspark_lab.runtime.launch import effective_state
-    from dspark_lab.runtime.records import find_run, iter_follow
+    from dspark_lab.runtime.records import find_run, iter_follow, run_state
 
     run_dir = find_run(args.run)
     report = commands.metrics(args.run, 0)
-    stop = lambda: effective_state(run_dir).get("state") not in ("running", "starting")
+    stop = lambda: run_state(run_dir).get("state") not in ("running", "starting")
     for record in iter_follow(run_dir.metrics_path, stop=stop):
         print(json.dumps(record) if args.json else Report("metrics", {}, [record], report.columns).to_text()
               .splitlines()[-1], flush=True)

@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlparse
 
 from dspark_lab.errors import ControlError, DSparkError, PolicyError
 from dspark_lab.output import SCHEMA_VERSION
-from dspark_lab.runtime.records import RunDir
+from dspark_lab.runtime.records import RunDir, run_state
 
 LOOPBACK = "127.0.0.1"
 
@@ -165,11 +165,9 @@ class ControlClient:
     @staticmethod
     def _wait_for_endpoint(run_dir: RunDir, start_wait: float) -> dict[str, Any]:
         """run.json, once rank 0 has published its endpoint (a run is 'running' a few seconds before that)."""
-        from dspark_lab.runtime.launch import effective_state
-
         deadline = time.monotonic() + start_wait
         while True:
-            info = effective_state(run_dir)
+            info = run_state(run_dir)
             if info.get("control") or info.get("state") not in ("running", "starting") or \
                     time.monotonic() > deadline:
                 return info

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from dspark_lab import commands
+from dspark_lab.runtime import commands
 from dspark_lab.errors import DSparkError
 from dspark_lab.output import Report
 

@@ -23,6 +23,7 @@ import psutil
 from dspark_lab.errors import DSparkError
 from dspark_lab.plugins import get_manager
 from dspark_lab.policy import parse_assignment
+from dspark_lab.runtime.control import ControlClient
 from dspark_lab.runtime.records import JsonlWriter, RunDir, new_run_id
 
 TORCHRUN_OPTIONS = ("nnodes", "node_rank", "rdzv_backend", "rdzv_endpoint", "rdzv_id", "max_restarts",
@@ -115,10 +116,8 @@ class BackgroundRun:
         return self.process.wait(timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
-        from dspark_lab import commands
-
         try:
-            commands.stop(self.id)
+            ControlClient(self.run_dir).request("POST", "/stop", {})
             self.process.wait(timeout)
         except (DSparkError, subprocess.TimeoutExpired):
             self.process.terminate()
@@ -140,25 +139,6 @@ def launch_background(script: str, script_args: Sequence[str] = (), *, nproc: in
                                env={**os.environ, **(env or {})}, start_new_session=True)
     log.close()
     return BackgroundRun(run_dir.id, run_dir, process)
-
-
-def effective_state(run_dir: RunDir) -> dict[str, Any]:
-    """run.json, with a 'running' run whose supervisor is gone marked failed (and written so)."""
-    info = run_dir.info()
-    if info.get("state") in ("running", "starting") and info.get("launcher_pid"):
-        if not _alive(info["launcher_pid"], info.get("launcher_start")):
-            info = run_dir.update_info(state="failed", control=None, end_time=time.time(),
-                                       error="the launcher process is gone (killed?)")
-    return info
-
-
-def _alive(pid: int, started: float | None) -> bool:
-    try:
-        proc = psutil.Process(pid)
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and (
-            started is None or abs(proc.create_time() - started) < 1.0)
-    except psutil.Error:
-        return False
 
 
 if __name__ == "__main__":  # the background supervisor: python -m dspark_lab.runtime.launch RUN_DIR

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import psutil
+
 from dspark_lab.errors import RunNotFound
 from dspark_lab.output import SCHEMA_VERSION
 
@@ -129,6 +131,27 @@ class RunDir:
 
     def metrics(self) -> list[dict[str, Any]]:
         return read_jsonl(self.metrics_path)[0]
+
+
+def run_state(run_dir: RunDir) -> dict[str, Any]:
+    """run.json as a reader should see it: a 'running' run whose supervisor is gone reads as failed.
+
+    A read never writes: only the supervisor (:mod:`.launch`) writes run.json.
+    """
+    info = run_dir.info()
+    if info.get("state") in ("running", "starting") and info.get("launcher_pid"):
+        if not _alive(info["launcher_pid"], info.get("launcher_start")):
+            info = {**info, "state": "failed", "control": None, "error": "the launcher process is gone (killed?)"}
+    return info
+
+
+def _alive(pid: int, started: float | None) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and (
+            started is None or abs(proc.create_time() - started) < 1.0)
+    except psutil.Error:
+        return False
 
 
 def list_runs(root: Path | None = None) -> list[RunDir]:

@@ -1,0 +1,128 @@
+"""The live runtime's verbs: jobs, status, policies, get, set, metrics, events, stop, show, and a background launch.
+
+Each returns a :class:`~dspark_lab.output.Report`; ``runtime/cli.py`` and the ``%dspark`` magics call them. Reads
+come from the run directory (:mod:`.records`); changes go to rank 0's control endpoint (:mod:`.control`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from dspark_lab.errors import DSparkError
+from dspark_lab.output import Report
+from dspark_lab.policy import parse_assignment
+from dspark_lab.runtime.control import ControlClient
+from dspark_lab.runtime.launch import launch_background
+from dspark_lab.runtime.records import find_run, list_runs, read_jsonl, run_state
+
+
+def _run(ref: str):
+    return find_run(ref)
+
+
+def _last_step(run_dir) -> int | None:
+    size = run_dir.metrics_path.stat().st_size if run_dir.metrics_path.exists() else 0
+    records, _ = read_jsonl(run_dir.metrics_path, max(0, size - 65536))
+    return max((r.get("step", 0) for r in records), default=None)
+
+
+def jobs() -> Report:
+    """Every run under $DSPARK_HOME, newest first, with its state (a dead launcher shows as failed)."""
+    rows = []
+    for run_dir in list_runs():
+        info = run_state(run_dir)
+        rows.append({"id": run_dir.id, "name": info.get("name"), "state": info.get("state"),
+                     "ranks": info.get("ranks"), "step": _last_step(run_dir), "start_time": info.get("start_time")})
+    table = [{**r, "start": _clock(r["start_time"])} for r in rows]
+    return Report("jobs", {"jobs": rows}, rows=table, columns=("id", "name", "state", "ranks", "step", "start"))
+
+
+def status(run: str) -> Report:
+    """One run: run.json, its current step and, while it runs, what rank 0 says."""
+    run_dir = _run(run)
+    info = {**run_state(run_dir), "step": _last_step(run_dir)}
+    if info.get("state") == "running":
+        try:
+            info["live"] = ControlClient(run_dir, timeout=5).request("GET", "/status")
+        except DSparkError as exc:
+            info["live_error"] = str(exc)
+    rows = [{"field": k, "value": info[k]} for k in ("id", "name", "state", "ranks", "step", "script", "error")
+            if info.get(k) is not None]
+    return Report("status", {"run": info}, rows=rows, columns=("field", "value"),
+                  lines=[f"records: {run_dir.path}"])
+
+
+_POLICY_COLUMNS = ("key", "value", "since_step", "state", "allowed", "live", "lossless")
+
+
+def policies(run: str) -> Report:
+    """Every policy of a running job: schema, value in force, since which step, pending changes."""
+    rows = ControlClient(_run(run)).request("GET", "/policies")["policies"]
+    return Report("policies", {"policies": rows}, rows=rows, columns=_POLICY_COLUMNS + ("doc",))
+
+
+def get(run: str, key: str | None = None) -> Report:
+    """The value in force of one policy (or all), and since which step."""
+    report = policies(run)
+    rows = report.data["policies"]
+    if key is not None:
+        rows = [r for r in rows if r["key"] == key]
+        if not rows:
+            known = ", ".join(r["key"] for r in report.data["policies"])
+            raise DSparkError(f"key: unknown policy {key!r}; known: {known}")
+    return Report("get", {"policies": rows}, rows=rows, columns=_POLICY_COLUMNS)
+
+
+def set_policies(run: str, assignments, wait: bool = True, timeout: float = 60.0) -> Report:
+    """Change policies of a running job; all keys apply together at one step, or none do."""
+    if not assignments:
+        raise DSparkError("set: give at least one KEY=VALUE")
+    changes = dict(parse_assignment(a) for a in assignments)
+    reply = ControlClient(_run(run), timeout=timeout + 5).request(
+        "POST", "/set", {"changes": changes, "wait": wait, "timeout": timeout})
+    rows = [{**c, "step": reply["step"], "state": reply["state"]} for c in reply["changes"]]
+    words = {"applied": f"applied at step {reply['step']}", "pending": f"pending: applies at step {reply['step']}",
+             "rolled_back": f"rolled back at step {reply['step']}: {reply['reason']}"}
+    line = words.get(reply["state"], f"{reply['state']}: {reply['reason']}")
+    return Report("set", reply, rows=rows, columns=("key", "old", "new", "step", "state"), lines=[line])
+
+
+def metrics(run: str, tail: int = 20) -> Report:
+    """The last ``tail`` metric records of a run (read from its records, live or not)."""
+    records = _run(run).metrics()[-tail:] if tail > 0 else []
+    columns = ("step", "rank", "step_time_s", "loss", "peak_activation_bytes", "comm_s", "samples_per_s")
+    return Report("metrics", {"metrics": records}, rows=records, columns=columns)
+
+
+def events(run: str) -> Report:
+    """Every event of a run: starts, applied / refused / rolled-back changes, stops and errors."""
+    records = _run(run).events()
+    return Report("events", {"events": records}, rows=records,
+                  columns=("step", "rank", "kind", "key", "old", "new", "reason"))
+
+
+def stop(run: str) -> Report:
+    """Ask every rank to stop at the next step boundary."""
+    run_dir = _run(run)
+    reply = ControlClient(run_dir).request("POST", "/stop", {})
+    return Report("stop", {"id": run_dir.id, **reply}, lines=[f"run {run_dir.id} stops at step {reply['step']}"])
+
+
+def launch(script, args=(), *, nproc: int = 1, policies=(), name: str | None = None, options=None, env=None):
+    """Start ``script`` under the runtime in the background; returns a BackgroundRun handle at once."""
+    return launch_background(str(script), list(args), nproc=nproc, policies=list(policies), name=name,
+                             options=options, env=env)
+
+
+def _clock(t) -> str | None:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else None
+
+
+def show(run: str, html: str | None = None) -> Report:
+    """Write a run's charts (step time, throughput, memory, utilization, comm, loss, change markers) as HTML."""
+    from dspark_lab.views import save_run_html
+
+    run_dir = _run(run)
+    path = save_run_html(run_dir, Path(html) if html else run_dir.path / "charts.html")
+    return Report("show", {"id": run_dir.id, "html": str(path)}, lines=[f"wrote {path} (BokehJS inlined)"])
