@@ -1,8 +1,10 @@
 """The ``cpu`` backend: the host processor, always present.
 
-Peak FP32 throughput is derived from /proc/cpuinfo: cores x clock x FLOPs per cycle, where FLOPs per cycle is
-inferred from the widest FMA vector unit the flags advertise (AVX-512: 64, AVX2+FMA: 32, otherwise SSE: 8),
-assuming two FMA pipes per core. It is an upper bound, as vendors' own peaks are.
+Peak FP32 throughput is derived from /proc/cpuinfo: physical cores x clock x FLOPs per cycle (hyper-threads share
+one core's vector units, so logical cores would double-count). FLOPs per cycle come from the FMA width the flags
+prove: AVX2+FMA cores (Haswell and Zen 2 onwards) have two 256-bit FMA pipes, 32 FLOPs; AVX-512 parts have one or
+two 512-bit pipes, which no flag tells apart, so one is assumed (32; a part with two reaches 64); without FMA, SSE's
+separate add and multiply give 8. The ``source`` field says which rule was used.
 """
 
 from __future__ import annotations
@@ -36,17 +38,29 @@ def _cpuinfo() -> dict[str, str]:
 
 
 def flops_per_cycle(flags: set[str]) -> int:
-    """FP32 FLOPs per cycle per core from the CPU flags (two FMA pipes; an FMA counts two FLOPs)."""
+    """FP32 FLOPs per cycle per physical core that the CPU flags prove (an FMA counts two FLOPs)."""
     if "avx512f" in flags:
-        return 64
+        return 2 * 16 * 1  # 16 lanes, one 512-bit FMA pipe assumed (flags cannot show a second)
     if "avx2" in flags and "fma" in flags:
-        return 32
-    return 8
+        return 2 * 8 * 2  # 8 lanes, two 256-bit FMA pipes
+    return 8  # SSE: one 4-wide add and one 4-wide multiply per cycle
+
+
+def physical_cores() -> int:
+    return psutil.cpu_count(logical=False) or psutil.cpu_count(logical=True) or os.cpu_count() or 1
+
+
+def _fma_rule(flags: set[str]) -> str:
+    if "avx512f" in flags:
+        return "AVX-512, one 512-bit FMA pipe assumed"
+    if "avx2" in flags and "fma" in flags:
+        return "AVX2+FMA, two 256-bit FMA pipes"
+    return "no FMA flag, SSE"
 
 
 def derive_spec() -> DeviceSpec:
     info = _cpuinfo()
-    cores = psutil.cpu_count(logical=True) or os.cpu_count() or 1
+    cores = physical_cores()
     mhz = float(info.get("cpu MHz", 0) or 0)
     freq = psutil.cpu_freq() if hasattr(psutil, "cpu_freq") else None
     if freq and freq.max:
@@ -58,8 +72,8 @@ def derive_spec() -> DeviceSpec:
         memory_gb=round(psutil.virtual_memory().total / 1e9, 2),
         cores=cores,
         link="loopback",
-        source=f"derived from /proc/cpuinfo ({info.get('model name', platform.processor()) or 'unknown CPU'}) "
-               "and /proc/meminfo",
+        source=f"derived from /proc/cpuinfo ({info.get('model name', platform.processor()) or 'unknown CPU'}: "
+               f"{cores} physical cores, {_fma_rule(flags)}) and /proc/meminfo",
     )
 
 

@@ -52,7 +52,7 @@ def cupy_status() -> CupyStatus:
     try:
         import cupy
     except ImportError:
-        return CupyStatus(False, "cupy is not installed (pip install 'dspark-lab[cuda]')")
+        return CupyStatus(False, "cupy is not installed (pip install 'dspark-lab[cuda12]' or 'dspark-lab[cuda13]')")
     except Exception as exc:  # a broken CUDA library install raises more than ImportError
         return CupyStatus(False, f"cupy failed to import: {_one_line(exc)}")
     try:
@@ -64,7 +64,13 @@ def cupy_status() -> CupyStatus:
     if count == 0:
         return CupyStatus(False, "cupy sees no CUDA device")
     arch = f"sm_{major}{minor}"
-    return CupyStatus(True, f"cupy {cupy.__version__} sees {count} device(s), {arch}", arch)
+    # The kernels are compiled at first use by NVRTC, which a driver-only host lacks unless the extra brought it.
+    try:
+        nvrtc = ".".join(map(str, cupy.cuda.nvrtc.getVersion()))
+    except Exception as exc:
+        return CupyStatus(False, f"NVRTC cannot be loaded ({_one_line(exc)}); install the extra that matches the "
+                                 "driver's CUDA major version: pip install 'dspark-lab[cuda12]' or 'dspark-lab[cuda13]'")
+    return CupyStatus(True, f"cupy {cupy.__version__} sees {count} device(s), {arch}, NVRTC {nvrtc}", arch)
 
 
 @functools.lru_cache(maxsize=None)

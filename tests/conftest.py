@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -21,6 +22,16 @@ TESTS = Path(__file__).resolve().parent
 FIXTURE_PLUGINS = TESTS / "plugins"
 EXAMPLE_PLUGIN = TESTS.parent / "plugins" / "dspark-example-backend"
 BUILTIN_MODULES = ("dspark_lab.backends.cpu", "dspark_lab.backends.nvidia", "dspark_lab.backends.amd")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests run only with ``DSPARK_GPU_TESTS=1`` (tests/gpu/check_device.sh sets it); else skipped."""
+    if os.environ.get("DSPARK_GPU_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="gpu test: set DSPARK_GPU_TESTS=1 on a machine with a CUDA device and driver")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 def load_fixture_plugin(name: str):

@@ -52,7 +52,7 @@ def test_spec_keys_carry_units():
 
 def test_cpu_spec_is_derived_from_this_machine(backends):
     spec = backends["cpu"].spec
-    assert spec.cores == psutil.cpu_count(logical=True)
+    assert spec.cores == (psutil.cpu_count(logical=False) or psutil.cpu_count(logical=True))
     assert spec.memory_gb == pytest.approx(psutil.virtual_memory().total / 1e9, rel=0.01)
     mhz = float(cpu._cpuinfo().get("cpu MHz", 0) or 0)
     if mhz:  # /proc/cpuinfo gives a clock: the peak is cores x clock x FLOPs per cycle, at least that
@@ -60,7 +60,7 @@ def test_cpu_spec_is_derived_from_this_machine(backends):
         assert spec.fp32_tflops >= round(spec.cores * mhz * 1e6 * cpu.flops_per_cycle(flags) / 1e12, 3) > 0
 
 
-@pytest.mark.parametrize("flags, expected", [({"avx512f", "avx2", "fma"}, 64), ({"avx2", "fma"}, 32),
+@pytest.mark.parametrize("flags, expected", [({"avx512f", "avx2", "fma"}, 32), ({"avx2", "fma"}, 32),
                                              ({"avx2"}, 8), (set(), 8)])
 def test_cpu_flops_per_cycle(flags, expected):
     assert cpu.flops_per_cycle(flags) == expected
