@@ -59,6 +59,17 @@ def dspark_collective_names(backend):
     """
 
 
+@hookspec(firstresult=True)
+def dspark_topology(backend, devices):
+    """The link graph of the devices a job uses on ``backend``.
+
+    ``devices`` is a list of device indices on this host (for the cpu backend, one per rank). Called by
+    ``dspark-lab backends``, the collectives planner and the ``packed-trees`` collective. Returns the topology file
+    format, a dict ``{"nodes": [name | {"name", "kind": "device" | "switch"}], "links": [{"src", "dst", "gb_s"}]}``
+    with GB/s per direction (see docs/collectives.md), or ``None`` when the plugin cannot tell.
+    """
+
+
 # --- construction: called by the runtime when a run starts or a policy changes ------------------------------
 
 

@@ -216,6 +216,15 @@ class Manager:
     def device_sampler(self, backend: Backend):
         return self.call_first("dspark_device_sampler", backend=backend)
 
+    def topology(self, backend: Backend, devices: list[int]) -> dict | None:
+        """The backend's link graph in the topology file format (see docs/collectives.md), or None."""
+        return self.call_first("dspark_topology", backend=backend, devices=list(devices))
+        try:
+            return from_dict(answer, backend.name)
+        except DSparkError as exc:
+            self.problem(backend.plugin, "dspark_topology", str(exc), "return the topology file format")
+            return None
+
     def policies(self) -> dict:
         """Every registered policy spec by key; a key registered twice is reported and the later one skipped."""
         specs: dict = {}

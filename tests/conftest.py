@@ -21,7 +21,8 @@ from dspark_lab import plugins
 TESTS = Path(__file__).resolve().parent
 FIXTURE_PLUGINS = TESTS / "plugins"
 EXAMPLE_PLUGIN = TESTS.parent / "plugins" / "dspark-example-backend"
-BUILTIN_MODULES = ("dspark_lab.backends.cpu", "dspark_lab.backends.nvidia", "dspark_lab.backends.amd")
+BUILTIN_MODULES = ("dspark_lab.backends.cpu", "dspark_lab.backends.nvidia", "dspark_lab.backends.amd",
+                   "dspark_lab.backends.topology")
 
 
 def pytest_collection_modifyitems(config, items):

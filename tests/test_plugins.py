@@ -164,6 +164,23 @@ def test_later_plugin_overrides_a_firstresult_hook(toy):
     assert manager.make_collective(backend, "toy-sum") == "override"
 
 
+def test_hook_dspark_topology(toy, builtin_plugins):
+    from dspark_lab.collectives.packing import plan
+    from dspark_lab.collectives.topology import backend_topology
+
+    manager, _, backend = toy
+    topo = backend_topology(manager, backend, [0, 1, 2, 3])
+    assert topo.devices == ["toy0", "toy1", "toy2", "toy3"] and topo.capacity()[("toy0", "toy1")] == 40.0
+    # the planner uses what the plugin reported: the cut between the two pairs is four 5 GB/s bridges
+    assert plan(topo).bound_gb_s == pytest.approx(20.0)
+    assert backend_topology(manager, backend, [-1]) is None
+    assert any(p.stage == "dspark_topology" and "links" in p.reason for p in manager.problems)
+    # the cpu backend reports its ranks meeting in shared memory
+    cpu_manager = make_manager(builtin_plugins, entry_points=False)
+    loopback = backend_topology(cpu_manager, cpu_manager.backend("cpu"), [0, 1, 2])
+    assert loopback.devices == ["rank0", "rank1", "rank2"] and loopback.switches == ["loopback"]
+
+
 def test_hook_dspark_make_allocator(toy):
     manager, _, backend = toy
     pool = manager.make_allocator(backend, {"pool_mb": 1})

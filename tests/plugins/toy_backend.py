@@ -48,6 +48,22 @@ def dspark_make_collective(backend, name, group):
 
 
 @hookimpl
+def dspark_topology(backend, devices):
+    """Two toy chips per board: a fast bridge inside a pair, a slow one between pairs; ``devices == [-1]`` is a
+    request for a malformed answer (so a test can check it is recorded as this plugin's problem)."""
+    if backend.name != NAME:
+        return None
+    if devices == [-1]:
+        return {"nodes": ["a"], "links": "not a list"}
+    links = []
+    for i in devices:
+        for j in devices:
+            if i != j:
+                links.append({"src": f"toy{i}", "dst": f"toy{j}", "gb_s": 40.0 if i // 2 == j // 2 else 5.0})
+    return {"nodes": [f"toy{i}" for i in devices], "links": links}
+
+
+@hookimpl
 def dspark_make_allocator(backend, config):
     return HostPool(pinned=False, pool_mb=config.get("pool_mb", 8)) if backend.name == NAME else None
 

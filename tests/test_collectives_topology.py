@@ -1,0 +1,185 @@
+"""Topologies, Blink-style tree packing against the max-flow bound, and the best-ring reference."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import networkx as nx
+import numpy as np
+import pytest
+
+from dspark_lab.collectives.commands import plan_collective
+from dspark_lab.collectives.packing import allocations, best_ring, broadcast_bound, min_arborescence, plan, _Links
+from dspark_lab.collectives.topology import PRESETS, from_dict, load_topology
+from dspark_lab.errors import DSparkError
+
+
+def check_plan(topology, result):
+    """Every tree spans the devices from the root, and together they never load a link beyond its capacity."""
+    capacity = topology.capacity()
+    load = {}
+    for tree, rate in result.trees:
+        assert rate > 0
+        children = {child for _, child in tree.edges}
+        assert children == set(result.devices) - {result.root} and len(tree.edges) == len(result.devices) - 1
+        g = nx.DiGraph(tree.edges)
+        assert nx.is_arborescence(g) and [n for n, d in g.in_degree() if d == 0] == [result.root]
+        for path in tree.paths:
+            hops = list(zip(path, path[1:]))
+            if result.op == "allreduce":
+                hops += [(b, a) for a, b in hops]
+            for hop in hops:
+                load[hop] = load.get(hop, 0.0) + rate
+    assert all(load[hop] <= capacity[hop] * (1 + 1e-6) for hop in load)
+    assert len(result.trees) <= 2 * len(result.devices)
+
+
+def test_dgx1_preset_is_the_hybrid_cube_mesh():
+    topo = load_topology("dgx1-v100")
+    cap = topo.capacity()
+    for gpu in topo.devices:  # six NVLink 2 links of 25 GB/s per GPU, each direction
+        assert sum(v for (a, b), v in cap.items() if a == gpu and b.startswith("gpu")) == 150
+        assert sum(v for (a, b), v in cap.items() if b == gpu and a.startswith("gpu")) == 150
+    assert cap[("gpu0", "gpu3")] == 50 and cap[("gpu0", "gpu1")] == 25 and ("gpu0", "gpu5") not in cap
+    assert all(cap[(b, a)] == v for (a, b), v in cap.items())
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"links": []}, "nodes"), ({"nodes": ["a", "b"], "links": {}}, "links"),
+    ({"nodes": ["a", "b"], "links": [{"src": "a", "dst": "c", "gb_s": 1}]}, "links"),
+    ({"nodes": ["a", "b"], "links": [{"src": "a", "dst": "b", "gb_s": "fast"}]}, "links[0].gb_s"),
+    ({"nodes": ["a", "b"], "links": [{"src": "a", "dst": "b", "gb_s": float("nan")}]}, "gb_s"),
+    ({"nodes": ["a", "b"], "links": [{"src": "a", "dst": "b", "gb_s": -1}]}, "gb_s"),
+    ({"nodes": ["a", {"name": "s", "kind": "router"}], "links": []}, "nodes[1]"),
+    ({"nodes": ["a", "a"], "links": []}, "unique"),
+    ({"nodes": ["a"], "links": []}, "at least 2 devices"),
+    ([1, 2], "JSON object"),
+])
+def test_malformed_topologies_are_refused_naming_the_field(bad, field):
+    with pytest.raises(DSparkError, match=r"^topology") as info:
+        from_dict(bad)
+    assert field in str(info.value) and "\n" not in str(info.value)
+
+
+def test_topology_file_and_cli_refusals(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"nodes": ["x", "y", "z"], "links": [
+        {"src": a, "dst": b, "gb_s": 10} for a in "xyz" for b in "xyz" if a != b]}))
+    report = plan_collective(str(path), op="broadcast")
+    assert report.data["algbw_gb_s"] == pytest.approx(20.0) == report.data["max_flow_bound_gb_s"]
+    (tmp_path / "bad.json").write_text("{nope")
+    with pytest.raises(DSparkError, match="not valid JSON"):
+        load_topology(str(tmp_path / "bad.json"))
+    with pytest.raises(DSparkError, match="--ranks: 8 is not a device"):
+        plan_collective("dgx1-v100", "0,8")
+    with pytest.raises(DSparkError, match="--ranks: a comma-separated"):
+        plan_collective("dgx1-v100", "0,x")
+    with pytest.raises(DSparkError, match="--root"):
+        plan_collective("dgx1-v100", "0,1,2", root=5)
+    with pytest.raises(DSparkError, match="nodes x gpus"):
+        load_topology("nodes:1000,gpus:8")
+
+
+def test_min_arborescence_matches_networkx_on_random_graphs():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(2, 10))
+        cost = rng.random((n, n)) * 10
+        cost[rng.random((n, n)) < 0.3] = np.inf
+        g = nx.DiGraph()
+        g.add_nodes_from(range(n))
+        g.add_weighted_edges_from((u, v, cost[u, v]) for u in range(n) for v in range(1, n)
+                                  if u != v and np.isfinite(cost[u, v]))
+        try:
+            want = sum(cost[u, v] for u, v in nx.minimum_spanning_arborescence(g).edges)
+        except nx.NetworkXException:
+            with pytest.raises(DSparkError):
+                min_arborescence(cost, 0)
+            continue
+        parent = min_arborescence(cost, 0)
+        assert parent[0] == -1 and nx.is_arborescence(nx.DiGraph([(parent[v], v) for v in range(1, n)]))
+        assert sum(cost[parent[v], v] for v in range(1, n)) == pytest.approx(want)
+
+
+def test_a_hand_computed_partial_dgx1_allocation():
+    # GPUs 0, 1, 5, 6: one NVLink chain 0-1-5-6 (25 GB/s), and PCIe (16 GB/s) under it; no NVLink ring exists
+    topo = load_topology("dgx1-v100")
+    result = plan(topo, ["gpu0", "gpu1", "gpu5", "gpu6"])
+    check_plan(topo, result)
+    assert result.bound_gb_s == pytest.approx(41.0) and result.rate_gb_s == pytest.approx(41.0)
+    assert result.ring_rate_gb_s == pytest.approx(16.0)
+
+
+def test_best_ring_is_the_exhaustive_optimum():
+    topo = load_topology("dgx1-v100")
+    for devices in (["gpu0", "gpu1", "gpu2", "gpu4", "gpu6"], topo.devices[:6]):
+        links = _Links(topo.graph(devices), devices)
+        order, rate = best_ring(links)
+        from dspark_lab.collectives.packing import _ring_rate
+
+        brute = max(_ring_rate(links, [devices[0], *p]) + _ring_rate(links, [devices[0], *p][::-1])
+                    for p in itertools.permutations(devices[1:]))
+        assert rate == pytest.approx(brute) and sorted(order) == sorted(devices)
+
+
+@pytest.mark.parametrize("name", [*PRESETS, "nodes:2,gpus:4"])
+@pytest.mark.parametrize("op", ["broadcast", "allreduce"])
+def test_presets_plan_within_capacity(name, op):
+    topo = load_topology(name)
+    result = plan(topo, op=op)
+    check_plan(topo, result)
+    if op == "broadcast":
+        assert result.rate_gb_s >= 0.95 * result.bound_gb_s
+
+
+def test_full_dgx1_broadcast_beats_the_ring_by_the_bound():
+    result = plan(load_topology("dgx1-v100"))
+    assert result.bound_gb_s == pytest.approx(166.0)  # 6 NVLinks + the PCIe uplink
+    assert result.rate_gb_s >= 0.95 * 166.0 and result.rate_gb_s / result.ring_rate_gb_s > 3
+
+
+def sampled_dgx1_cases(count, seed=0):
+    topo = load_topology("dgx1-v100")
+    cases = [(alloc, root) for alloc in allocations(topo.devices, range(3, 9)) for root in alloc]
+    return random.Random(seed).sample(cases, count)
+
+
+def assert_goals(topo, alloc, root):
+    result = plan(topo, alloc, root=root)
+    check_plan(topo, result)
+    assert result.rate_gb_s >= 0.95 * result.bound_gb_s, (alloc, root)
+    if result.bound_gb_s >= 1.5 * result.ring_rate_gb_s:
+        assert result.rate_gb_s >= 1.5 * result.ring_rate_gb_s, (alloc, root)
+
+
+@pytest.mark.parametrize("alloc, root", sampled_dgx1_cases(12))
+def test_sampled_dgx1_allocations_meet_the_goals(alloc, root):
+    assert_goals(load_topology("dgx1-v100"), alloc, root)
+
+
+@pytest.mark.slow
+def test_every_dgx1_allocation_of_3_to_8_gpus_meets_the_goals():
+    topo = load_topology("dgx1-v100")
+    for alloc in allocations(topo.devices, range(3, 9)):
+        assert_goals(topo, alloc, alloc[0])
+
+
+def random_sparse(n, seed):
+    rng = np.random.default_rng(seed)
+    names = [f"d{i}" for i in range(n)]
+    links = []
+    for i, j in itertools.combinations(range(n), 2):
+        if j == i + 1 or rng.random() < 0.3:
+            rate = float(rng.choice([10, 25, 50, 100]))
+            links += [{"src": names[i], "dst": names[j], "gb_s": rate}, {"src": names[j], "dst": names[i], "gb_s": rate}]
+    return from_dict({"nodes": names, "links": links})
+
+
+@pytest.mark.parametrize("n, seed", [(5, 1), (8, 2), (12, 3), (16, 4)])
+def test_random_sparse_graphs_reach_the_bound(n, seed):
+    topo = random_sparse(n, seed)
+    result = plan(topo)
+    check_plan(topo, result)
+    assert result.rate_gb_s >= 0.95 * broadcast_bound(topo, topo.devices, topo.devices[0])
