@@ -119,8 +119,7 @@ def make_sampler():
 
 @hookimpl
 def dspark_register_backends():
-    return [Backend(name=NAME, vendor="amd", spec=MI300X, probe=probe, torch_device="cuda",
-                    description="AMD Instinct MI300X; collectives over RCCL")]
+    return [Backend(name=NAME, vendor="amd", spec=MI300X, probe=probe, torch_device="cuda")]
 
 
 @hookimpl
@@ -145,3 +144,28 @@ def dspark_device_sampler(backend):
     if backend.name != NAME or not backend.availability().available:
         return None
     return make_sampler()
+
+
+def doctor_checks() -> list:
+    """torch's ROCm (HIP) build and the AMD driver, through amdsmi or rocm-smi."""
+    import torch
+
+    from dspark_lab.doctor import Check
+
+    if torch.version.hip:
+        checks = [Check("rocm", "ok", f"torch HIP {torch.version.hip}")]
+    else:
+        checks = [Check("rocm", "missing", "torch is not a ROCm build",
+                        "fine without AMD GPUs; MI300X runs need torch built for ROCm")]
+    try:
+        names = device_names()
+    except RuntimeError as exc:
+        checks.append(Check("amd driver", "missing", str(exc), "install ROCm (amdsmi) on an AMD GPU machine"))
+    else:
+        checks.append(Check("amd driver", "ok", f"{len(names)} AMD GPU(s): {', '.join(names) or 'none'}"))
+    return checks
+
+
+@hookimpl
+def dspark_doctor_checks():
+    return doctor_checks()

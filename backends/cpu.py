@@ -97,8 +97,7 @@ def sample() -> dict:
 
 @hookimpl
 def dspark_register_backends():
-    return [Backend(name=NAME, vendor="generic", spec=derive_spec(), probe=probe, torch_device="cpu",
-                    description="host CPU; collectives over gloo")]
+    return [Backend(name=NAME, vendor="generic", spec=derive_spec(), probe=probe, torch_device="cpu")]
 
 
 @hookimpl

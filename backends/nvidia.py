@@ -145,8 +145,7 @@ def _model(backend) -> _Model | None:
 @hookimpl
 def dspark_register_backends():
     return [
-        Backend(name=m.backend, vendor="nvidia", spec=m.spec, probe=make_probe(m), torch_device="cuda",
-                description=f"NVIDIA {m.marker}; collectives over NCCL")
+        Backend(name=m.backend, vendor="nvidia", spec=m.spec, probe=make_probe(m), torch_device="cuda")
         for m in MODELS
     ]
 
@@ -185,3 +184,73 @@ def dspark_register_kernels(backend):
     from dspark_lab.kernels.registry import builtin_kernels  # imports torch: only when kernels are listed
 
     return builtin_kernels(backend.name, arch)
+
+
+# --- dspark-lab doctor: what the NVIDIA backends need on this machine ------------------------------------------
+
+
+def _check(*args):
+    from dspark_lab.doctor import Check
+
+    return Check(*args)
+
+
+def check_cuda():
+    import torch
+
+    if not torch.version.cuda:
+        return _check("cuda", "missing", "torch is not a CUDA build",
+                      "fine on a CPU machine; GPU runs need a CUDA build of torch")
+    if torch.cuda.is_available():
+        return _check("cuda", "ok", f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} device(s)")
+    return _check("cuda", "missing", f"torch is built for CUDA {torch.version.cuda} but sees no device",
+                  "install the NVIDIA driver, or ignore on a CPU machine")
+
+
+def check_nvml():
+    try:
+        pynvml = _nvml()
+    except ImportError:
+        return _check("nvml", "missing", "nvidia-ml-py is not installed", "pip install 'dspark-lab[cuda]'")
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return _check("nvml", "missing", f"NVML could not start: {exc}",
+                      "needs the NVIDIA driver; fine on a CPU machine")
+    try:
+        return _check("nvml", "ok", f"driver {pynvml.nvmlSystemGetDriverVersion()}, "
+                                    f"{pynvml.nvmlDeviceGetCount()} GPU(s)")
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def check_cupy():
+    try:
+        import cupy
+    except ImportError:
+        return _check("cupy", "missing", "cupy is not installed", "pip install 'dspark-lab[cuda]'")
+    except Exception as exc:  # cupy raises more than ImportError when CUDA libraries are broken
+        return _check("cupy", "problem", f"cupy failed to import: {exc}", "reinstall cupy-cuda12x")
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return _check("cupy", "missing", f"{cupy.__version__} imports, cannot run: {str(exc).splitlines()[0]}",
+                      "kernels fall back to their torch reference; needs an NVIDIA driver to run")
+    return _check("cupy", "ok", f"{cupy.__version__}, {count} device(s)")
+
+
+def check_nvcc():
+    import shutil
+    import subprocess
+
+    path = shutil.which("nvcc")
+    if not path:
+        return _check("nvcc", "missing", "nvcc is not on PATH", "install the CUDA toolkit to compile-check kernels")
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+    release = next((line.strip() for line in out.splitlines() if "release" in line), out.strip()[:60])
+    return _check("nvcc", "ok", f"{path}: {release}")
+
+
+@hookimpl
+def dspark_doctor_checks():
+    return [check_cuda(), check_nvml(), check_cupy(), check_nvcc()]

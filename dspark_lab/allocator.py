@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported on first use: every backend plugin imports this module when it loads
+    import torch
 
 
 class HostPool:
@@ -23,8 +25,11 @@ class HostPool:
         self._pooled = 0
         self._allocations = 0
 
-    def empty(self, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A host tensor of ``shape`` and ``dtype`` (contents undefined), reused from the pool when one fits."""
+    def empty(self, shape, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A host tensor of ``shape`` and ``dtype`` (default float32; contents undefined), reused from the pool."""
+        import torch
+
+        dtype = torch.float32 if dtype is None else dtype
         shape = torch.Size(shape)
         nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
         with self._lock:
@@ -40,6 +45,8 @@ class HostPool:
 
     def release(self, tensor: torch.Tensor) -> None:
         """Give a buffer from :meth:`empty` back; it is kept for reuse while the pool is under its limit."""
+        import torch
+
         raw = tensor.view(-1).view(torch.uint8) if tensor.numel() else tensor.view(torch.uint8)
         nbytes = raw.numel()
         with self._lock:

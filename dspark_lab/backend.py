@@ -56,8 +56,8 @@ class Backend:
     """A device kind registered by a plugin.
 
     ``probe`` is called lazily (never at import) and must not raise: it returns an :class:`Availability`.
-    ``torch_device`` is the torch device type the runtime puts tensors on ("cpu", "cuda").
-    ``collectives`` names the collective implementations its plugin can make (see ``dspark_make_collective``).
+    ``torch_device`` is the torch device type the runtime puts tensors on ("cpu", "cuda"). The collectives a
+    backend offers come from ``dspark_collective_names``, not from this object.
     """
 
     name: str
@@ -65,8 +65,6 @@ class Backend:
     spec: DeviceSpec
     probe: Callable[[], Availability]
     torch_device: str = "cpu"
-    collectives: tuple[str, ...] = ()
-    description: str = ""
     plugin: str = field(default="")  # filled in by the plugin manager
 
     def availability(self) -> Availability:

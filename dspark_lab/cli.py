@@ -2,6 +2,9 @@
 
 Every verb takes ``--json``; user mistakes print one ``error:`` line and exit 2. Areas that add verbs
 (the runtime, pipeline schedules, MoE placement) each own a module with ``add_parsers(subparsers, common)``.
+
+Building the parser imports no command module: each verb imports what it needs when it runs, so ``--version``,
+``--help`` and the record readers (``jobs``, ``status``, ``get``, ...) start without torch.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from dspark_lab import __version__, commands
+from dspark_lab import __version__
 from dspark_lab.errors import DSparkError
 from dspark_lab.output import Report
 
@@ -36,19 +39,29 @@ def common_options() -> argparse.ArgumentParser:
     return common
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dspark-lab", description="Make a PyTorch training job faster and smaller, and steer it live.")
+def _core(verb: str):
+    def run(args):
+        from dspark_lab import commands
+
+        return getattr(commands, verb)()
+
+    return run
+
+
+def build_parser(extra=None, prog: str = "dspark-lab") -> argparse.ArgumentParser:
+    """The ``dspark-lab`` parser; ``extra(subparsers, common)`` may add or rebind verbs (the ``%dspark`` magics do)."""
+    parser = _Parser(prog=prog, description="Make a PyTorch training job faster and smaller, and steer it live.")
     parser.add_argument("--version", action="version", version=f"dspark-lab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = common_options()
-    sub.add_parser("backends", parents=[common], help="registered backends, specs and availability").set_defaults(
-        func=lambda args: commands.backends())
-    sub.add_parser("kernels", parents=[common], help="kernels per backend and their state").set_defaults(
-        func=lambda args: commands.kernels())
-    sub.add_parser("doctor", parents=[common], help="what is installed and how to fix what is not").set_defaults(
-        func=lambda args: commands.doctor())
+    for verb, text in (("backends", "registered backends, specs and availability"),
+                       ("kernels", "kernels per backend and their state"),
+                       ("doctor", "what is installed and how to fix what is not")):
+        sub.add_parser(verb, parents=[common], help=text).set_defaults(func=_core(verb))
     for name in AREA_MODULES:
         importlib.import_module(name).add_parsers(sub, common)
+    if extra is not None:
+        extra(sub, common)
     return parser
 
 

@@ -70,6 +70,16 @@ def dspark_topology(backend, devices):
     """
 
 
+@hookspec
+def dspark_doctor_checks():
+    """Check what this plugin's devices need on this machine (driver, vendor libraries, compilers).
+
+    Called once per ``dspark-lab doctor``, never at import. Returns a list of :class:`dspark_lab.doctor.Check`
+    (``name``, ``status`` "ok" | "missing" | "problem", ``detail``, and a ``hint`` saying how to fix anything not
+    "ok"), or ``None``. A missing optional piece is "missing", not "problem"; a check must not need the device.
+    """
+
+
 # --- construction: called by the runtime when a run starts or a policy changes ------------------------------
 
 

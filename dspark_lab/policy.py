@@ -48,9 +48,6 @@ class PolicySpec:
     def lossless(self) -> bool:
         return not self.lossy_values
 
-    def is_lossy(self, value) -> bool:
-        return str(value) in self.lossy_values
-
     @property
     def area(self) -> str:
         return self.key.split(".", 1)[0]

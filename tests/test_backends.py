@@ -12,7 +12,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dspark_lab import doctor
 from dspark_lab.backend import Availability, Backend, DeviceSpec
 from dspark_lab.backends import amd, cpu, nvidia
 from dspark_lab.plugins import make_manager
@@ -196,12 +195,12 @@ def test_nvidia_probe_without_nvidia_ml_py(backends, monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml raises ImportError
     reason = backends["nvidia-h100"].availability().reason
     assert "nvidia-ml-py is not installed" in reason
-    assert doctor.check_nvml().status == "missing"
+    assert nvidia.check_nvml().status == "missing"
 
 
 def test_doctor_nvml_check_with_a_driver(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", FakeNVML(H100_NODE))
-    check = doctor.check_nvml()
+    check = nvidia.check_nvml()
     assert (check.status, check.detail) == ("ok", "driver 550.54, 3 GPU(s)")
 
 
@@ -290,3 +289,36 @@ def test_cpu_sampler_returns_real_numbers(builtin_plugins):
 def test_samplers_of_other_backends_ignore_cpu(builtin_plugins):
     cpu_backend = make_manager(builtin_plugins, entry_points=False).backend("cpu")
     assert nvidia.dspark_device_sampler(cpu_backend) is None and amd.dspark_device_sampler(cpu_backend) is None
+
+
+# --- doctor: each backend plugin checks its own vendor's pieces ---------------------------------------------
+
+
+def test_vendor_checks_come_from_the_backend_plugins(builtin_plugins, monkeypatch):
+    from dspark_lab import doctor
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML(H100_NODE))
+    monkeypatch.setitem(sys.modules, "amdsmi", FakeAMDSMI(["AMD Instinct MI300X"] * 2))
+    names = lambda manager: [c.name for c in doctor.run_checks(manager)]
+    cpu_only = names(make_manager([cpu], entry_points=False))
+    assert not {"cuda", "nvml", "cupy", "nvcc", "rocm", "amd driver"} & set(cpu_only)
+    checks = {c.name: c for c in doctor.run_checks(make_manager(builtin_plugins, entry_points=False))}
+    assert (checks["nvml"].status, checks["nvml"].detail) == ("ok", "driver 550.54, 3 GPU(s)")
+    assert checks["amd driver"].detail == "2 AMD GPU(s): AMD Instinct MI300X, AMD Instinct MI300X"
+    assert {"torch", "cuda", "cupy", "nvcc", "rocm"} <= set(checks)
+    core = Path(doctor.__file__).read_text()
+    assert not any(word in core for word in ("pynvml", "cupy", "nvcc", "amdsmi", "torch.version.cuda"))
+
+
+def test_a_plugin_check_that_is_not_a_check_is_a_problem_not_a_crash():
+    from dspark_lab import doctor, hookimpl
+
+    class Plugin:
+        @hookimpl
+        def dspark_doctor_checks(self):
+            return [doctor.Check("widget driver", "missing", "not installed", "pip install widget"), "oops"]
+
+    checks = doctor.run_checks(make_manager([Plugin()], entry_points=False))
+    assert doctor.Check("widget driver", "missing", "not installed", "pip install widget") in checks
+    bad = [c for c in checks if c.status == "problem"]
+    assert len(bad) == 1 and "returned a str, not a Check" in bad[0].detail and bad[0].hint

@@ -108,3 +108,81 @@ def test_installed_console_entry_sees_every_backend(example_plugin_paths):
     names = {row["name"]: row["plugin"] for row in json.loads(out)["backends"]}
     assert {"cpu": "cpu", "nvidia-h100": "nvidia", "amd-mi300x": "amd", "intel-gaudi3": "gaudi3"}.items() \
         <= names.items()
+
+
+def write_metrics(home, steps, state="finished"):
+    from dspark_lab.runtime.records import JsonlWriter, RunDir
+
+    run = RunDir.create("20260101-000000-f0110e", {"name": "followed"}, root=home / "runs")
+    run.update_info(state=state)
+    writer = JsonlWriter(run.metrics_path)
+    for step in steps:
+        writer.write({"step": step, "rank": 0, "step_time_s": 0.25, "loss": 1.0 / step})
+    return run
+
+
+def test_metrics_follow_prints_a_header_and_honours_tail(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path))
+    write_metrics(tmp_path, range(1, 8))
+    assert cli.main(["metrics", "followed", "--follow", "--tail", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["step", "rank", "step_time_s", "loss", "peak_activation_bytes", "comm_s",
+                                "samples_per_s"]
+    assert [line.split()[:4] for line in lines[1:]] == [["6", "0", "0.25", "0.1667"], ["7", "0", "0.25", "0.1429"]]
+    assert cli.main(["metrics", "followed", "--follow", "--tail", "3", "--json"]) == 0
+    assert [json.loads(line)["step"] for line in capsys.readouterr().out.splitlines()] == [5, 6, 7]
+    assert cli.main(["metrics", "followed", "--follow", "--tail", "0", "--json"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_metrics_follow_prints_records_appended_while_the_run_lives(tmp_path, monkeypatch, capsys):
+    import threading
+
+    import psutil
+
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path))
+    run = write_metrics(tmp_path, [1, 2, 3], state="running")
+    me = psutil.Process()
+    run.update_info(launcher_pid=me.pid, launcher_start=me.create_time())
+
+    def finish():
+        from dspark_lab.runtime.records import JsonlWriter
+
+        writer = JsonlWriter(run.metrics_path)
+        for step in (4, 5):
+            writer.write({"step": step, "rank": 0})
+        run.update_info(state="finished")
+
+    timer = threading.Timer(1.0, finish)
+    timer.start()
+    try:
+        assert cli.main(["metrics", "followed", "--follow", "--tail", "1", "--json"]) == 0
+    finally:
+        timer.cancel()
+    assert [json.loads(line)["step"] for line in capsys.readouterr().out.splitlines()] == [3, 4, 5]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["metrics", "x", "--tail", "-3"], "argument --tail: must be an integer in [0, 100000], got '-3'"),
+    (["metrics", "x", "--tail", "1e9"], "argument --tail: must be an integer in [0, 100000], got '1e9'"),
+    (["run", "--nproc", "5000", "x.py"], "argument --nproc/--nproc-per-node: must be an integer in [1, 1024]"),
+])
+def test_sizes_are_bounded(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and message in err
+
+
+@pytest.mark.slow
+def test_run_json_prints_one_object_with_id_state_exit_code_and_run_dir(tmp_path):
+    script = tmp_path / "hello.py"
+    script.write_text("print('hello from the script')\n")
+    done = subprocess.run([sys.executable, "-m", "dspark_lab", "run", "--json", "--name", "hello", str(script)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DSPARK_HOME": str(tmp_path / "home")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads(done.stdout[done.stdout.index("{\n"):])
+    assert (doc["schema_version"], doc["kind"], doc["state"], doc["exit_code"]) == (SCHEMA_VERSION, "run",
+                                                                                     "finished", 0)
+    assert doc["run_dir"] == str(tmp_path / "home" / "runs" / doc["id"])
+    assert json.loads((tmp_path / "home" / "runs" / doc["id"] / "run.json").read_text())["name"] == "hello"

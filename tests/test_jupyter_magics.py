@@ -6,6 +6,8 @@ error handling under test are the shipped ones; tests/test_notebooks.py drives t
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -13,10 +15,12 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 from dspark_lab import commands
+from dspark_lab.cli import build_parser
 from dspark_lab.runtime import commands as runtime_commands
 from dspark_lab.errors import PolicyError, RunNotFound
 from dspark_lab.jupyter import magics
-from dspark_lab.output import Report
+from dspark_lab.output import SCHEMA_VERSION, Report
+from dspark_lab.runtime.records import JsonlWriter, RunDir
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +57,47 @@ def test_table_verbs_return_the_same_report_as_the_cli(ip):
     assert ip.run_line_magic("dspark", "kernels").kind == "kernels"
 
 
-def test_help_lists_every_verb(ip, capsys):
-    usage = ip.run_line_magic("dspark", "")
-    assert [r["verb"] for r in usage.rows] == list(magics.VERBS)
+def cli_verbs() -> list[str]:
+    """Every verb of the dspark-lab parser, read from the parser itself."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return list(sub.choices)
+
+
+def test_help_lists_every_cli_verb_and_the_widget_verbs(ip, capsys):
+    assert ip.run_line_magic("dspark", "") is None
+    listing = capsys.readouterr().out
+    for verb in [*cli_verbs(), "watch", "devices"]:
+        assert verb in listing
     ip.run_line_magic("dspark", "set -h")
-    assert "KEY=VALUE" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage: %dspark set" in out and "KEY=VALUE" in out and "--no-wait" in out
+
+
+def arguments(parser: argparse.ArgumentParser) -> list[tuple]:
+    """What a parser accepts: each argument's option strings, destination, count, type and default."""
+    return [(tuple(a.option_strings), a.dest, a.nargs, getattr(a.type, "__name__", a.type), a.default)
+            for a in parser._actions if not isinstance(a, argparse._SubParsersAction)]
+
+
+def subparser(parser: argparse.ArgumentParser, verb: str) -> argparse.ArgumentParser:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[verb]
+
+
+@pytest.mark.parametrize("verb", cli_verbs())
+def test_every_cli_verb_is_a_magic_with_the_cli_arguments(ip, verb, capsys):
+    """The magic parses a verb with the CLI's own arguments (run adds only the dashboard switch)."""
+    ours, theirs = arguments(subparser(magics.magic_parser(), verb)), arguments(subparser(build_parser(), verb))
+    if verb == "run":
+        assert [a for a in ours if a not in theirs] == [(("--no-dashboard",), "no_dashboard", 0, None, False)]
+        ours = [a for a in ours if a in theirs]
+    assert ours == theirs
+    assert ip.run_line_magic("dspark", f"{verb} -h") is None
+    assert f"usage: %dspark {verb}" in capsys.readouterr().out
 
 
 def test_verbs_pass_their_arguments(ip, recorder):
-    for name in ("jobs", "status", "get", "set_policies", "stop", "metrics"):
+    for name in ("jobs", "status", "get", "set_policies", "stop", "metrics", "events", "show"):
         recorder(name)
     ip.run_line_magic("dspark", "jobs")
     ip.run_line_magic("dspark", "status r1")
@@ -70,6 +106,9 @@ def test_verbs_pass_their_arguments(ip, recorder):
     ip.run_line_magic("dspark", "set r1 memory.activation_checkpointing=full comm.grad_sync=ring")
     ip.run_line_magic("dspark", "set --no-wait --timeout 5 r1 a.b=1")
     ip.run_line_magic("dspark", "stop r1")
+    ip.run_line_magic("dspark", "metrics r1 --tail 3")
+    ip.run_line_magic("dspark", "events r1")
+    ip.run_line_magic("dspark", "show r1 --html 'my charts.html'")
     assert recorder.calls == [
         ("jobs", (), {}),
         ("status", ("r1",), {}),
@@ -79,7 +118,30 @@ def test_verbs_pass_their_arguments(ip, recorder):
          {"wait": True, "timeout": 60.0}),
         ("set_policies", ("r1", ["a.b=1"]), {"wait": False, "timeout": 5.0}),
         ("stop", ("r1",), {}),
+        ("metrics", ("r1", 3), {}),
+        ("events", ("r1",), {}),
+        ("show", ("r1", "my charts.html"), {}),
     ]
+
+
+def test_verbs_the_old_magics_lacked_run_for_real(ip, tmp_path, monkeypatch):
+    """schedule, moe and metrics: the CLI's verbs answer through %dspark with the CLI's reports."""
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path))
+    report = ip.run_line_magic("dspark", "schedule simulate 1f1b --ranks 4 --microbatches 8")
+    assert report.kind == "schedule.simulate"
+    cli_doc = build_parser().parse_args(["schedule", "simulate", "1f1b", "--ranks", "4", "--microbatches", "8"])
+    assert report.to_dict() == cli_doc.func(cli_doc).to_dict()
+    loads = tmp_path / "loads.json"
+    loads.write_text(json.dumps([[90, 10, 10, 10, 5, 5, 5, 5]]))
+    doc = ip.run_line_magic("dspark", f"moe balance --loads {loads} --replicas 12 --groups 4 --nodes 1 --gpus 4 --json")
+    assert (doc["kind"], doc["schema_version"]) == ("moe.balance", SCHEMA_VERSION)
+    run = RunDir.create("20260101-000000-abcdef", {"name": "old"}, root=tmp_path / "runs")
+    run.update_info(state="finished")
+    writer = JsonlWriter(run.metrics_path)
+    for step in range(1, 6):
+        writer.write({"step": step, "rank": 0, "step_time_s": 0.5})
+    assert [r["step"] for r in ip.run_line_magic("dspark", "metrics old --tail 2").rows] == [4, 5]
+    assert ip.run_line_magic("dspark", "jobs --json")["jobs"][0]["id"] == run.id
 
 
 def test_run_parses_script_arguments_and_policies(ip, recorder):
@@ -88,11 +150,15 @@ def test_run_parses_script_arguments_and_policies(ip, recorder):
 
     recorder("launch", result=Job())
     job = ip.run_line_magic("dspark", "run --nproc 2 --policy memory.activation_checkpointing=full "
-                                      "--policy comm.grad_sync=ring --no-dashboard train.py --steps 5 --lr 0.1")
+                                      "--policy comm.grad_sync=ring --no-dashboard --nnodes 1 --master-port 29511 "
+                                      "train.py --steps 5 --lr 0.1")
     assert job.id == "r9"
-    assert recorder.calls[-1] == ("launch", ("train.py", ["--steps", "5", "--lr", "0.1"]),
-                                  {"nproc": 2, "policies": ("memory.activation_checkpointing=full",
-                                                            "comm.grad_sync=ring"), "name": None})
+    name, args, kwargs = recorder.calls[-1]
+    assert (name, args) == ("launch", ("train.py", ["--steps", "5", "--lr", "0.1"]))
+    options = kwargs.pop("options")
+    assert kwargs == {"nproc": 2, "policies": ("memory.activation_checkpointing=full", "comm.grad_sync=ring"),
+                      "name": None}
+    assert options["nnodes"] == "1" and options["master_port"] == "29511" and options["rdzv_endpoint"] is None
 
 
 def test_cell_run_writes_the_body_as_the_script(ip, recorder, tmp_path):
@@ -118,12 +184,15 @@ def test_in_a_terminal_watch_policies_and_devices_print_text(ip, recorder, capsy
 
 
 @pytest.mark.parametrize("line, message", [
-    ("bogus", "verb: unknown 'bogus'; allowed: backends | kernels"),
-    ("status", "the following arguments are required: run"),
-    ("run --nproc 0 x.py", "nproc: must be at least 1, got 0"),
-    ("run --nproc two x.py", "argument --nproc: invalid int value: 'two'"),
-    ("run", "script: give a script path"),
+    ("bogus", "argument COMMAND: invalid choice: 'bogus' (choose from 'backends', 'kernels'"),
+    ("status", "%dspark status: the following arguments are required: run"),
+    ("run --nproc 0 x.py", "argument --nproc/--nproc-per-node: must be an integer in [1, 1024], got '0'"),
+    ("run --nproc two x.py", "argument --nproc/--nproc-per-node: must be an integer in [1, 1024], got 'two'"),
+    ("run", "%dspark run: the following arguments are required: script"),
+    ("metrics r1 --tail -1", "argument --tail: must be an integer in [0, 100000], got '-1'"),
     ("watch r1 --hz 100", "hz: must be within [0.05, 20], got 100"),
+    ("devices --hz 0", "hz: must be within [0.05, 20], got 0"),
+    ("status 'r1", "line: No closing quotation"),
 ])
 def test_user_mistakes_are_one_usage_line(ip, line, message):
     with pytest.raises(UsageError) as info:

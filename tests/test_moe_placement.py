@@ -73,6 +73,7 @@ def runs(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # two spawned ranks
 @pytest.mark.parametrize("policy", ["eplb", "dspark"])
 def test_replacement_keeps_the_loss_trajectory(runs, policy):
     static, moved = np.array(runs["static"]["loss"]), np.array(runs[policy]["loss"])
@@ -82,11 +83,13 @@ def test_replacement_keeps_the_loss_trajectory(runs, policy):
     assert static[-1] < static[0]  # and it trains
 
 
+@pytest.mark.slow  # two spawned ranks
 @pytest.mark.parametrize("policy", ["static", "eplb", "dspark"])
 def test_replicas_stay_identical(runs, policy):
     assert runs[policy]["replicas_identical"]
 
 
+@pytest.mark.slow  # two spawned ranks
 def test_max_rank_load_drops(runs):
     before = np.mean(runs["static"]["max_rank_load"][3:])
     for policy in ("eplb", "dspark"):
@@ -121,6 +124,7 @@ def test_single_rank_placement_changes_nothing():
         model.blocks[0].moe.set_placement(torch.zeros(10, dtype=torch.int64))
 
 
+@pytest.mark.slow  # about 14 s on two shared cores
 def test_single_process_replacement_keeps_the_loss_trajectory():
     from dspark_lab.examples.moe_train import train
 

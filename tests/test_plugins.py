@@ -144,6 +144,17 @@ def test_hook_dspark_collective_names(toy, builtin_plugins):
     assert "toy-sum" not in manager.collective_names(manager.backend("cpu"))
 
 
+def test_hook_dspark_doctor_checks(toy):
+    from dspark_lab import commands
+
+    manager, _, _ = toy
+    doc = commands.doctor(manager).to_dict()
+    [row] = [c for c in doc["checks"] if c["check"] == "toy driver"]
+    assert row == {"check": "toy driver", "status": "missing", "detail": "no toy driver here",
+                   "hint": "install toyco's driver"}
+    assert doc["problems"] == 0  # "missing" is not a problem
+
+
 def test_hook_dspark_make_collective(toy):
     manager, plugin, backend = toy
     collective = manager.make_collective(backend, "toy-sum", group="g")

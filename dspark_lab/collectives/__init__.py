@@ -3,7 +3,10 @@ point-to-point send/recv. Backends offer them through ``dspark_make_collective``
 
 from __future__ import annotations
 
-from dspark_lab.collectives.base import Collective
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # base imports torch; backends import this package when they register, long before any use
+    from dspark_lab.collectives.base import Collective
 
 STANDARD_NAMES = ("builtin", "ring", "tree")
 
@@ -23,6 +26,14 @@ def make_standard(name: str, group=None) -> Collective | None:
 
         return TreeCollective(group)
     return None
+
+
+def __getattr__(name: str):
+    if name == "Collective":
+        from dspark_lab.collectives.base import Collective
+
+        return Collective
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["Collective", "STANDARD_NAMES", "make_standard"]

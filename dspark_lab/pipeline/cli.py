@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from dspark_lab.pipeline import commands
 from dspark_lab.pipeline.schedules import SCHEDULES
+
+
+def _commands():
+    from dspark_lab.pipeline import commands  # imported when a verb runs, not when the parser is built
+
+    return commands
 
 
 def _shape_options(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +29,7 @@ def _cost_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args):
+    commands = _commands()
     schedule = commands.build_schedule(args.name, args.ranks, args.microbatches, args.chunks)
     costs = commands.make_costs(args.cost_f, args.cost_b, args.cost_w, args.cost_fb, args.cost_comm)
     return schedule, costs
@@ -37,17 +43,17 @@ def add_parsers(subparsers, common) -> None:
     _shape_options(sim)
     _cost_options(sim)
     sim.add_argument("--timeline", action="store_true", help="include per-op start/end times in --json")
-    sim.set_defaults(func=lambda a: commands.simulate_report(*_prepare(a), timeline=a.timeline))
+    sim.set_defaults(func=lambda a: _commands().simulate_report(*_prepare(a), timeline=a.timeline))
 
     show = verbs.add_parser("show", parents=[common], help="draw the timeline (HTML with bokeh, and PNG)")
     _shape_options(show)
     _cost_options(show)
     show.add_argument("--out", default=None, help="file stem for .html and .png (default schedule-NAME-pP-mM)")
-    show.set_defaults(func=lambda a: commands.show_report(*_prepare(a), out=a.out))
+    show.set_defaults(func=lambda a: _commands().show_report(*_prepare(a), out=a.out))
 
     run = verbs.add_parser("run", parents=[common], help="real multi-process gloo run vs the simulator")
     _shape_options(run)
     run.add_argument("--steps", type=int, default=3, help="measured steps (after profiling)")
     run.add_argument("--no-check", action="store_true", help="skip the single-process gradient check")
-    run.set_defaults(func=lambda a: commands.run_report(a.name, a.ranks, a.microbatches, a.chunks, a.steps,
+    run.set_defaults(func=lambda a: _commands().run_report(a.name, a.ranks, a.microbatches, a.chunks, a.steps,
                                                         not a.no_check))

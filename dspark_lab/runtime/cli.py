@@ -1,4 +1,8 @@
-"""The live runtime's verbs: run, demo, jobs, status, policies, get, set, metrics, events, stop."""
+"""The live runtime's verbs: run, demo, jobs, status, policies, get, set, metrics, events, stop.
+
+Building these parsers imports nothing heavy: each verb imports :mod:`dspark_lab.runtime.commands` (or the launcher)
+when it runs, so the record readers never load torch.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,29 @@ import argparse
 import json
 import sys
 
-from dspark_lab.runtime import commands
-from dspark_lab.output import Report
+from dspark_lab.output import Report, cell
+
+MAX_TAIL = 100_000  # metric records printed by `metrics --tail`
+MAX_NPROC = 1024  # ranks per node of `run`
+
+
+def _commands():
+    from dspark_lab.runtime import commands
+
+    return commands
+
+
+def _bounded(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {text!r}")
+        return value
+
+    return parse
 
 
 def _run(args) -> int:
@@ -19,21 +44,32 @@ def _run(args) -> int:
     print(f"dspark-lab: run {run_dir.id} ({args.nproc} rank(s)); records in {run_dir.path}", file=sys.stderr)
     print(f"dspark-lab: change it live with `dspark-lab set {run_dir.id} KEY=VALUE`", file=sys.stderr)
     code = supervise(run_dir)
-    print(f"dspark-lab: run {run_dir.id} {run_dir.info().get('state')} (exit code {code})", file=sys.stderr)
+    state = run_dir.info().get("state")
+    print(f"dspark-lab: run {run_dir.id} {state} (exit code {code})", file=sys.stderr)
+    if args.json:
+        print(Report("run", {"id": run_dir.id, "state": state, "exit_code": code,
+                             "run_dir": str(run_dir.path)}).to_json(), flush=True)
     return code
 
 
 def _metrics(args):
+    commands = _commands()
     if not args.follow:
         return commands.metrics(args.run, args.tail)
     from dspark_lab.runtime.records import find_run, iter_follow, run_state
 
     run_dir = find_run(args.run)
-    report = commands.metrics(args.run, 0)
+    columns = commands.metrics(args.run, 0).columns
+    widths = [max(len(c), 12) for c in columns]
+    row = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
+    if not args.json:
+        print(row(columns), flush=True)
+    # The last --tail records already written come first, then every new one as it lands.
+    skip = max(0, len(run_dir.metrics()) - args.tail)
     stop = lambda: run_state(run_dir).get("state") not in ("running", "starting")
-    for record in iter_follow(run_dir.metrics_path, stop=stop):
-        print(json.dumps(record) if args.json else Report("metrics", {}, [record], report.columns).to_text()
-              .splitlines()[-1], flush=True)
+    for index, record in enumerate(iter_follow(run_dir.metrics_path, stop=stop)):
+        if index >= skip:
+            print(json.dumps(record) if args.json else row([cell(record.get(c)) for c in columns]), flush=True)
     return 0
 
 
@@ -43,10 +79,22 @@ def _demo(args):
     return run_demo(quick=args.quick, steps_per_phase=args.steps_per_phase)
 
 
+def _verb(name: str, *fields: str):
+    """A verb calling ``commands.<name>`` with the parsed ``fields``, looked up when it runs."""
+
+    def run(args):
+        return getattr(_commands(), name)(*(getattr(args, f) for f in fields))
+
+    return run
+
+
 def add_parsers(subparsers, common) -> None:
-    run = subparsers.add_parser("run", help="launch a training script through torchrun with the runtime attached",
-                                description="Launch SCRIPT on N ranks with torchrun; the script is not modified.")
-    run.add_argument("--nproc", "--nproc-per-node", type=int, default=1, help="ranks per node (default 1)")
+    run = subparsers.add_parser("run", parents=[common],
+                                help="launch a training script through torchrun with the runtime attached",
+                                description="Launch SCRIPT on N ranks with torchrun; the script is not modified. "
+                                            "With --json, one JSON object (id, state, exit_code, run_dir) at the end.")
+    run.add_argument("--nproc", "--nproc-per-node", type=_bounded(1, MAX_NPROC), default=1,
+                     help=f"ranks per node (default 1, at most {MAX_NPROC})")
     run.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE", help="policy at launch")
     run.add_argument("--name", help="a name to find the run by")
     for option in ("nnodes", "node-rank", "rdzv-backend", "rdzv-endpoint", "rdzv-id", "max-restarts",
@@ -62,36 +110,37 @@ def add_parsers(subparsers, common) -> None:
     demo.add_argument("--steps-per-phase", type=int, default=None)
     demo.set_defaults(func=_demo)
 
-    subparsers.add_parser("jobs", parents=[common], help="runs and their state").set_defaults(
-        func=lambda a: commands.jobs())
-    for verb, fn, text in (("status", commands.status, "one run's state"),
-                           ("policies", commands.policies, "policy schemas and values of a running job"),
-                           ("events", commands.events, "a run's events (changes, refusals, stops)"),
-                           ("stop", commands.stop, "stop a running job at the next step boundary")):
+    subparsers.add_parser("jobs", parents=[common], help="runs and their state").set_defaults(func=_verb("jobs"))
+    for verb, name, text in (("status", "status", "one run's state"),
+                             ("policies", "policies", "policy schemas and values of a running job"),
+                             ("events", "events", "a run's events (changes, refusals, stops)"),
+                             ("stop", "stop", "stop a running job at the next step boundary")):
         p = subparsers.add_parser(verb, parents=[common], help=text)
         p.add_argument("run", help="run id, name or unique id prefix")
-        p.set_defaults(func=lambda a, fn=fn: fn(a.run))
+        p.set_defaults(func=_verb(name, "run"))
 
     get = subparsers.add_parser("get", parents=[common], help="a policy's value in force and since which step")
     get.add_argument("run")
     get.add_argument("key", nargs="?")
-    get.set_defaults(func=lambda a: commands.get(a.run, a.key))
+    get.set_defaults(func=_verb("get", "run", "key"))
 
     set_ = subparsers.add_parser("set", parents=[common], help="change policies of a running job")
     set_.add_argument("run")
     set_.add_argument("assignments", nargs="+", metavar="KEY=VALUE")
     set_.add_argument("--no-wait", action="store_true", help="return once the change is announced")
     set_.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the apply (default 60)")
-    set_.set_defaults(func=lambda a: commands.set_policies(a.run, a.assignments, wait=not a.no_wait,
-                                                           timeout=a.timeout))
+    set_.set_defaults(func=lambda a: _commands().set_policies(a.run, a.assignments, wait=not a.no_wait,
+                                                              timeout=a.timeout))
 
     show = subparsers.add_parser("show", parents=[common], help="write a run's charts as a standalone HTML file")
     show.add_argument("run")
     show.add_argument("--html", metavar="PATH", help="where to write (default: RUN_DIR/charts.html)")
-    show.set_defaults(func=lambda a: commands.show(a.run, a.html))
+    show.set_defaults(func=_verb("show", "run", "html"))
 
     metrics = subparsers.add_parser("metrics", parents=[common], help="a run's per-step metrics")
     metrics.add_argument("run")
-    metrics.add_argument("--tail", type=int, default=20)
-    metrics.add_argument("--follow", action="store_true", help="keep printing new records until the run ends")
+    metrics.add_argument("--tail", type=_bounded(0, MAX_TAIL), default=20,
+                         help=f"last N records (default 20, at most {MAX_TAIL})")
+    metrics.add_argument("--follow", action="store_true",
+                         help="print the last --tail records, then each new one until the run ends")
     metrics.set_defaults(func=_metrics)

@@ -30,7 +30,7 @@ def runs_root() -> Path:
     return dspark_home() / "runs"
 
 
-def new_run_id(name: str | None = None) -> str:
+def new_run_id() -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return f"{stamp}-{secrets.token_hex(3)}"
 

@@ -81,3 +81,10 @@ def dspark_apply_policy(job, key, value, old):
         return None
     APPLIED.append((key, value, old))
     return f"toy level {old} -> {value}"
+
+
+@hookimpl
+def dspark_doctor_checks():
+    from dspark_lab.doctor import Check
+
+    return [Check("toy driver", "missing", "no toy driver here", "install toyco's driver")]

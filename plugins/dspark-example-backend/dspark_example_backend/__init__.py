@@ -22,8 +22,7 @@ COLLECTIVE_BACKENDS = (gaudi.NAME, "cpu")
 
 @hookimpl
 def dspark_register_backends():
-    return [Backend(name=gaudi.NAME, vendor="intel", spec=gaudi.GAUDI3, probe=gaudi.probe, torch_device="hpu",
-                    collectives=(COLLECTIVE,), description="Intel Gaudi 3; example third-party plugin")]
+    return [Backend(name=gaudi.NAME, vendor="intel", spec=gaudi.GAUDI3, probe=gaudi.probe, torch_device="hpu")]
 
 
 @hookimpl
