@@ -437,6 +437,22 @@ def plan(topology: Topology, devices: list[str] | None = None, *, root: str | No
                 (time.perf_counter() - start) * 1e3, notes)
 
 
+def chain_plan(topology: Topology, devices: list[str], order: list[str]) -> Plan:
+    """The ring reference as a plan: one tree that is the chain along ``order`` from its first device, each hop on
+    its widest path (what a ring broadcast pipelines through)."""
+    links = _Links(topology.graph(devices), devices)
+    paths = []
+    for u, v in zip(order, order[1:]):
+        if (u, v) not in links.paths:
+            raise DSparkError(f"no path from {u} to {v} in {topology.name}")
+        paths.append(max(links.paths[(u, v)],
+                         key=lambda p: min(links.capacity[links.index[h]] for h in zip(p, p[1:]))))
+    tree = Tree(tuple((p[0], p[-1]) for p in paths), tuple(paths))
+    load = sum(links.path_vector(p) for p in paths)
+    rate = float(np.min(links.capacity[load > 0] / load[load > 0]))
+    return Plan("broadcast", topology.name, list(order), order[0], [(tree, rate)], rate, None, list(order), rate, 0.0)
+
+
 def hierarchical_allreduce_gb_s(topology: Topology, groups: list[list[str]]) -> float:
     """All-reduce algbw of reduce inside each group, all-reduce across groups, broadcast inside: pipelined, the
     slowest stage sets the rate. Across groups each device carries the slice it leads (one tree set per slice)."""

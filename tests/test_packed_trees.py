@@ -1,0 +1,159 @@
+"""The packed-trees collective on gloo: equal to torch's all-reduce within fp32 reordering, at 2 to 6 ranks, odd
+sizes, sub-groups, and paced links whose measured rate follows the plan."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dspark_lab.collectives.packed_trees import PackedTreesCollective
+from dspark_lab.collectives.packing import chain_plan, plan
+from dspark_lab.collectives.topology import from_dict, load_topology
+from dspark_lab.localhost import free_port
+
+WORLDS = (2, 3, 5, 6)
+NUMELS = (0, 1, 2, 7, 1000, 4099, 65_537)
+
+
+def _data(rank, numel, salt=0):
+    return torch.randn(numel, generator=torch.Generator().manual_seed(1000 * rank + numel + salt))
+
+
+def _topologies():
+    return [load_topology("dgx1-v100"), load_topology("mi300x"), load_topology("nodes:2,gpus:3")]
+
+
+def check_all_reduce_equals_torch(rank, world):
+    for topo in _topologies():
+        for chunk_bytes in (64, 1 << 20):
+            collective = PackedTreesCollective(topo, chunk_bytes=chunk_bytes)
+            for numel in NUMELS:
+                want = _data(rank, numel)
+                dist.all_reduce(want)
+                got = _data(rank, numel)
+                assert collective.all_reduce(got) is got
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{topo.name} numel={numel}")
+    x = _data(rank, 35).view(5, 7).t()  # non-contiguous: reduced in place all the same
+    want = x.clone()
+    dist.all_reduce(want)
+    PackedTreesCollective(_topologies()[0]).all_reduce(x)
+    torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-5)
+
+
+def check_broadcast_reduce_scatter_all_gather(rank, world):
+    topo = _topologies()[0]
+    collective = PackedTreesCollective(topo, op="broadcast", chunk_bytes=256)
+    x = _data(rank, 3001)
+    collective.broadcast(x)
+    assert torch.equal(x, _data(0, 3001))
+    data = _data(rank, 6 * world)
+    want = data.clone()
+    dist.all_reduce(want)
+    torch.testing.assert_close(collective.reduce_scatter(data), want.view(world, -1)[rank], rtol=1e-5, atol=1e-5)
+    gathered = collective.all_gather(_data(rank, 5))
+    assert torch.equal(gathered, torch.cat([_data(r, 5) for r in range(world)]))
+
+
+def check_sub_group(rank, world):
+    members = list(range(1, world))
+    group = dist.new_group(members)
+    if rank not in members or len(members) < 2:
+        return
+    collective = PackedTreesCollective(load_topology("mi300x"), group)
+    got = _data(rank, 999)
+    want = got.clone()
+    dist.all_reduce(want, group=group)
+    collective.all_reduce(got)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def check_paced_links_follow_the_plan(rank, world):
+    """Emulated links: a broadcast's measured rate is near the planned one, and packed trees beat the ring chain."""
+    if world < 5:
+        return
+    topo = load_topology("dgx1-v100")
+    devices = topo.devices[:world]
+    scale = 1e-3  # 25 GB/s NVLink -> 25 MB/s
+    trees = PackedTreesCollective(topo, op="broadcast", emulate=scale, chunk_bytes=64 << 10)
+    packed = trees.plan
+    ring = chain_plan(topo, devices, packed.ring_order)
+    ring_collective = PackedTreesCollective(topo, op="broadcast", emulate=scale, chunk_bytes=64 << 10,
+                                            fixed_plan=ring)
+    nbytes = 4 << 20
+    rates = {}
+    for name, collective, planned in (("trees", trees, packed.rate_gb_s), ("ring", ring_collective, ring.rate_gb_s)):
+        x = torch.zeros(nbytes // 4)
+        dist.barrier()
+        start = time.perf_counter()
+        collective.broadcast(x)
+        dist.barrier()
+        rates[name] = (nbytes / (time.perf_counter() - start) / 1e9 / scale, planned)
+    for name, (measured, planned) in rates.items():
+        assert 0.6 * planned <= measured <= 1.1 * planned, (name, measured, planned)
+    assert rates["trees"][0] > 1.5 * rates["ring"][0], rates
+
+
+CHECKS = {name[len("check_"):]: fn for name, fn in dict(globals()).items() if name.startswith("check_")}
+
+
+def _worker(rank, world, port, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    results = {}
+    for name, check in CHECKS.items():
+        try:
+            check(rank, world)
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()
+    dist.destroy_process_group()
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(results, f)
+
+
+@pytest.fixture(scope="module")
+def world_results(tmp_path_factory):
+    cache = {}
+
+    def results(world):
+        if world not in cache:
+            out = tmp_path_factory.mktemp(f"packed{world}")
+            mp.spawn(_worker, args=(world, free_port(), str(out)), nprocs=world)
+            cache[world] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+        return cache[world]
+
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("check", sorted(CHECKS))
+@pytest.mark.parametrize("world", WORLDS)
+def test_in_world(world_results, world, check):
+    failures = {rank: r[check] for rank, r in enumerate(world_results(world)) if r[check] != "ok"}
+    assert not failures, "\n".join(f"rank {rank}:\n{tb}" for rank, tb in failures.items())
+
+
+def test_more_ranks_than_devices_is_refused():
+    topo = from_dict({"nodes": ["a", "b"], "links": [{"src": "a", "dst": "b", "gb_s": 1}, {"src": "b", "dst": "a", "gb_s": 1}]})
+    collective = PackedTreesCollective(topo)
+    collective.__class__ = type("Three", (PackedTreesCollective,), {"world_size": property(lambda self: 3)})
+    with pytest.raises(ValueError, match="3 ranks but topology"):
+        _ = collective.devices
+    with pytest.raises(ValueError, match="emulate"):
+        PackedTreesCollective(topo, emulate=0)
+
+
+def test_chain_plan_is_the_ring_order():
+    topo = load_topology("dgx1-v100")
+    devices = ["gpu0", "gpu1", "gpu2", "gpu3"]
+    order = plan(topo, devices).ring_order
+    chain = chain_plan(topo, devices, order)
+    assert [e for e, in [(t.edges,) for t, _ in chain.trees]][0] == tuple(zip(order, order[1:]))
