@@ -23,8 +23,9 @@ def _cost_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cost-comm", type=float, default=0.0, help="point-to-point latency")
 
 
-def _prepare(args):
-    schedule = commands.build_schedule(args.name, args.ranks, args.microbatches, args.chunks)
+def _prepare(args, limits=commands.LIMITS, max_slots=commands.MAX_SLOTS):
+    schedule = commands.build_schedule(args.name, args.ranks, args.microbatches, args.chunks, limits=limits,
+                                       max_slots=max_slots)
     costs = commands.make_costs(args.cost_f, args.cost_b, args.cost_w, args.cost_fb, args.cost_comm)
     return schedule, costs
 
@@ -43,7 +44,8 @@ def add_parsers(subparsers, common) -> None:
     _shape_options(show)
     _cost_options(show)
     show.add_argument("--out", default=None, help="file stem for .html and .png (default schedule-NAME-pP-mM)")
-    show.set_defaults(func=lambda a: commands.show_report(*_prepare(a), out=a.out))
+    show.set_defaults(func=lambda a: commands.show_report(
+        *_prepare(a, commands.SHOW_LIMITS, commands.SHOW_MAX_SLOTS), out=a.out))
 
     run = verbs.add_parser("run", parents=[common], help="real multi-process gloo run vs the simulator")
     _shape_options(run)
