@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pluggy
 
@@ -127,6 +127,8 @@ class Manager:
         self.pm = pluggy.PluginManager(PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
         self.problems: list[PluginProblem] = []
+        # Called with each new problem, e.g. by a running job to log it as an event (a rank has no doctor to read).
+        self.listeners: list[Callable[[PluginProblem], None]] = []
         self._backends: dict[str, Backend] | None = None
         self._trace = os.environ.get("DSPARK_TRACE_PLUGINS", "") not in ("", "0") if trace is None else trace
         if self._trace:
@@ -170,6 +172,8 @@ class Manager:
         found = PluginProblem(plugin, stage, reason, hint)
         if not any((p.plugin, p.stage) == (plugin, stage) for p in self.problems):
             self.problems.append(found)
+            for listener in self.listeners:
+                listener(found)
         return found
 
     def load_entry_points(self, only: Iterable[str] | None = None) -> None:

@@ -313,6 +313,16 @@ def test_a_raising_step_end_is_recorded_once_and_the_others_still_answer(fixture
     assert problem.reason == "RuntimeError: plugin bug at step 1"
 
 
+def test_listeners_hear_each_new_problem_once(fixture_plugin):
+    manager = make_manager([fixture_plugin("sloppy_answers")], entry_points=False)
+    heard = []
+    manager.listeners.append(heard.append)
+    for step in range(3):
+        manager.dispatch("dspark_step_end", job=None, step=step)
+    assert [(p.plugin, p.stage, p.reason) for p in heard] == [
+        ("dspark_fixture_sloppy_answers", "dspark_step_end", "RuntimeError: plugin bug at step 0")]
+
+
 def test_apply_policy_refusal_propagates_and_a_broken_implementation_is_skipped(toy):
     manager, plugin, _ = toy
 
