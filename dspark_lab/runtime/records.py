@@ -167,7 +167,7 @@ class RunDir:
     def create(cls, run_id: str, info: dict[str, Any], root: Path | None = None) -> "RunDir":
         root = root or runs_root()
         if not root.is_dir():
-            root.mkdir(parents=True, mode=DIR_MODE)
+            root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)  # another run may create it meanwhile
         path = root / run_id
         path.mkdir(mode=DIR_MODE)
         os.chmod(path, DIR_MODE)  # mkdir's mode is masked by the umask; the run directory is the user's alone
