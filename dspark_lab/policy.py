@@ -7,6 +7,8 @@ its spec before anything is announced to the ranks, so a bad change is refused i
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +17,8 @@ from dspark_lab.errors import PolicyError
 POLICY_TYPES = ("enum", "int", "float", "bool")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+_INT64 = 2**63 - 1  # the widest int every JSON reader of the records (and torch) takes
+_SHOWN = 60         # characters of a refused value quoted in the error (a request may carry megabytes)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -42,6 +46,12 @@ class PolicySpec:
             raise ValueError(f"policy {self.key}: type must be one of {', '.join(POLICY_TYPES)}, got {self.type!r}")
         if self.type == "enum" and not self.choices:
             raise ValueError(f"policy {self.key}: an enum needs choices")
+        for name, bound in (("min", self.min), ("max", self.max)):
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))
+                                      or not math.isfinite(bound)):
+                raise ValueError(f"policy {self.key}: {name} must be a finite number or None, got {bound!r}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"policy {self.key}: min {self.min:g} is above max {self.max:g}")
         self.validate(self.default)
 
     @property
@@ -58,13 +68,26 @@ class PolicySpec:
             return " | ".join(self.choices)
         if self.type == "bool":
             return "true | false"
-        lo = "-inf" if self.min is None else f"{self.min:g}"
-        hi = "inf" if self.max is None else f"{self.max:g}"
-        return f"{self.type} in [{lo}, {hi}]"
+        lo = "(-inf" if self.min is None else f"[{self.min:g}"
+        hi = "inf)" if self.max is None else f"{self.max:g}]"
+        return f"{self.type} in {lo}, {hi}"
 
     def validate(self, value: Any) -> Any:
-        """Return ``value`` parsed to this policy's type, or raise :class:`PolicyError` naming key and allowed values."""
-        bad = PolicyError(f"{self.key}: {value!r} is not allowed; allowed: {self.allowed()}")
+        """Return ``value`` parsed to this policy's type, or raise :class:`PolicyError` naming key and allowed values.
+
+        Numbers are finite (no nan / inf, which would reach DDP or the records) and ints fit in 64 bits; what is
+        returned is always plain JSON, since the runtime stores it in run.json and the event log.
+        """
+        shown = repr(value) if len(repr(value)) <= _SHOWN else f"{repr(value)[:_SHOWN]}... ({len(repr(value))} chars)"
+        bad = PolicyError(f"{self.key}: {shown} is not allowed; allowed: {self.allowed()}")
+        parsed = self._parse(value, bad)
+        try:
+            json.dumps(parsed, allow_nan=False)
+        except (TypeError, ValueError):
+            raise bad from None
+        return parsed
+
+    def _parse(self, value: Any, bad: PolicyError) -> Any:
         if self.type == "enum":
             text = str(value).strip()
             if text not in self.choices:
@@ -83,8 +106,10 @@ class PolicySpec:
             if isinstance(value, bool):
                 raise ValueError
             number = int(str(value).strip()) if self.type == "int" else float(str(value).strip())
-        except ValueError:
+        except ValueError:  # not a number, or an int of over 4300 digits
             raise bad from None
+        if not math.isfinite(number) or (self.type == "int" and abs(number) > _INT64):
+            raise bad
         if (self.min is not None and number < self.min) or (self.max is not None and number > self.max):
             raise bad
         return number

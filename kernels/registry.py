@@ -12,35 +12,13 @@ reference. :func:`describe_kernels` asks every plugin for every backend and says
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
+from dspark_lab.kernel import Kernel
 from dspark_lab.kernels import cuda, nvcc, reference
-from dspark_lab.plugins import Manager, PluginProblem
+from dspark_lab.plugins import Manager
 
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Kernel:
-    """One kernel of one backend.
-
-    ``source`` is a ``.cu`` file name in ``dspark_lab/kernels/`` or an absolute path (a plugin ships its own);
-    ``None`` marks a reference-only kernel. ``entries`` are the ``extern "C" __global__`` functions the launcher
-    calls; ``arch`` is the target (``sm_90``). ``launcher`` and ``reference`` take the same arguments and return
-    the same thing.
-    """
-
-    name: str
-    backend: str
-    reference: Callable[..., Any]
-    launcher: Callable[..., Any] | None = None
-    source: str | os.PathLike | None = None
-    entries: tuple[str, ...] = ()
-    arch: str | None = None
-    doc: str = ""
-
-    def __post_init__(self):
-        if self.source is not None and (self.arch is None or self.launcher is None or not self.entries):
-            raise ValueError(f"Kernel {self.name!r}: a kernel with a source needs arch, entries and a launcher")
+__all__ = ["Kernel", "builtin_kernels", "describe_kernels", "kernel_state", "registered_kernels"]
 
 
 # The kernels DSpark Lab ships: name -> (launcher, reference, doc); sources and entries are in cuda.ENTRIES.
@@ -95,18 +73,10 @@ def _launch_problem(kernel: Kernel) -> str | None:
 
 
 def registered_kernels(manager: Manager) -> list[Kernel]:
-    """Every kernel every plugin registers, backend by backend; anything that is not a Kernel is reported."""
-    kernels = []
-    for backend in manager.backends():
-        for plugin, answer in manager.call_each("dspark_register_kernels", backend=backend):
-            for kernel in answer:
-                if isinstance(kernel, Kernel):
-                    kernels.append(kernel)
-                else:
-                    manager.problems.append(PluginProblem(plugin, "dspark_register_kernels",
-                                                          f"returned {type(kernel).__name__}, not a Kernel",
-                                                          "return dspark_lab.kernels.Kernel objects"))
-    return kernels
+    """Every kernel every plugin registers, backend by backend (the manager reports and drops answers that are not
+    lists of Kernel)."""
+    return [kernel for backend in manager.backends()
+            for _, answer in manager.dispatch("dspark_register_kernels", backend=backend) for kernel in answer]
 
 
 def describe_kernels(manager: Manager) -> list[dict[str, Any]]:

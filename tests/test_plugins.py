@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pluggy
 import pytest
 
 import dspark_lab
-from dspark_lab import hookspecs
+from dspark_lab import commands, hookspecs
 from dspark_lab.allocator import HostPool
-from dspark_lab.errors import DSparkError
-from dspark_lab.plugins import make_manager
+from dspark_lab.errors import DSparkError, PolicyError
+from dspark_lab.kernels.registry import registered_kernels
+from dspark_lab.plugins import RETURNS, make_manager
 from dspark_lab.policy import PolicySpec
 
 from conftest import FIXTURE_PLUGINS, write_dist_info
@@ -164,15 +167,15 @@ def test_hook_dspark_make_collective(toy):
 
 
 def test_later_plugin_overrides_a_firstresult_hook(toy):
-    manager, _, backend = toy
+    manager, plugin, backend = toy
 
     class Override:
         @dspark_lab.hookimpl
         def dspark_make_collective(self, backend, name, group):
-            return "override" if name == "toy-sum" else None
+            return plugin.ToyCollective("override") if name == "toy-sum" else None
 
     manager.register(Override())
-    assert manager.make_collective(backend, "toy-sum") == "override"
+    assert manager.make_collective(backend, "toy-sum").group == "override"
 
 
 def test_hook_dspark_topology(toy, builtin_plugins):
@@ -214,14 +217,29 @@ def test_hook_dspark_apply_policy(toy):
     assert manager.call_first("dspark_apply_policy", job=None, key="memory.other", value=1, old=0) is None
 
 
-def test_hook_dspark_step_end(tmp_path):
+def _step_job(tmp_path, manager, steps: int):
+    """A one-rank Job on a tiny model, taken through ``steps`` optimizer steps and closed."""
     import torch
 
+    from dspark_lab.runtime.attach import Job
+    from dspark_lab.runtime.records import RunDir
+
+    job = Job(RunDir.create("20260101-000000-feed00", {"name": "probe"}, root=tmp_path), rank=0, world=1,
+              manager=manager)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    job.set_model(model)
+    for _ in range(steps):
+        job.on_step_begin(optimizer)
+        job.on_step_end(optimizer)
+    job.close()
+    return job
+
+
+def test_hook_dspark_step_end(tmp_path):
     from dspark_lab import hookimpl
     from dspark_lab.backends import cpu
-    from dspark_lab.runtime.attach import Job
     from dspark_lab.runtime.policies import builtin
-    from dspark_lab.runtime.records import RunDir
 
     class StepProbe:
         seen = []
@@ -232,17 +250,166 @@ def test_hook_dspark_step_end(tmp_path):
             return {"probe_step": step}
 
     manager = make_manager([cpu, builtin, StepProbe()], entry_points=False)
-    job = Job(RunDir.create("20260101-000000-feed00", {"name": "probe"}, root=tmp_path), rank=0, world=1,
-              manager=manager)
-    model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    job.set_model(model)
-    for _ in range(2):
-        job.on_step_begin(optimizer)
-        job.on_step_end(optimizer)
-    job.close()
+    job = _step_job(tmp_path, manager, steps=2)
     assert StepProbe.seen == [(0, 1), (0, 2)]
     assert [m["probe_step"] for m in job.run_dir.metrics()] == [1, 2]
+
+
+# --- one dispatch path: every hook call is isolated per implementation and checked against its return type ----
+
+
+@pytest.mark.parametrize("name, hook", [("wrapper_sampler", "dspark_device_sampler"),
+                                        ("old_wrapper", "dspark_step_end")])
+def test_wrappers_are_refused_at_registration(fixture_plugin, name, hook):
+    manager = make_manager([fixture_plugin("toy_backend"), fixture_plugin(name)], entry_points=False)
+    [problem] = manager.problems
+    assert (problem.plugin, problem.stage) == (f"dspark_fixture_{name}", "register")
+    assert problem.reason == f"{hook}: a wrapper implementation" and "no wrappers" in problem.hint
+    assert manager.plugin_names() == ["dspark_fixture_toy_backend"]
+    sampler = manager.device_sampler(manager.backend("toy"))
+    assert sampler()["utilization_pct"] == 50.0  # the toy's own sampler, not a wrapper's generator
+
+
+def test_a_wrapper_registered_behind_the_managers_back_is_skipped(fixture_plugin):
+    manager = make_manager([fixture_plugin("toy_backend")], entry_points=False)
+    manager.pm.register(fixture_plugin("wrapper_sampler"), name="sneaky")
+    assert manager.device_sampler(manager.backend("toy"))()["memory_total_gb"] == 2.0
+    assert [(p.plugin, p.reason) for p in manager.problems] == [("sneaky", "a wrapper implementation")]
+
+
+def test_wrong_answers_of_every_kind_are_problems_and_the_good_answers_stay(fixture_plugin):
+    toy = fixture_plugin("toy_backend")
+    manager = make_manager([toy, fixture_plugin("sloppy_answers")], entry_points=False)
+    backend = manager.backend("toy")
+    assert [k.name for k in registered_kernels(manager)] == ["double"]
+    assert manager.device_sampler(backend)()["memory_used_gb"] == 1.0
+    assert isinstance(manager.make_allocator(backend), HostPool)
+    assert manager.call_first("dspark_apply_policy", job=None, key="toy.level", value=2, old=1) == "toy level 1 -> 2"
+    assert {p.stage: p.reason for p in manager.problems} == {
+        "dspark_register_kernels": "returned Kernel, not a list",
+        "dspark_device_sampler": "returned dict, not a callable",
+        "dspark_make_allocator": "returned object, which has no empty(), release(), stats()",
+        "dspark_apply_policy": "returned int, not a str",
+    }
+
+
+def test_kernels_command_survives_a_plugin_that_returns_one_kernel(fixture_plugin):
+    manager = make_manager([fixture_plugin("toy_backend"), fixture_plugin("sloppy_answers")], entry_points=False)
+    report = commands.kernels(manager)
+    assert [(r["backend"], r["kernel"], r["state"]) for r in report.data["kernels"]] == [("toy", "double", "runnable")]
+    [problem] = manager.problems
+    assert (problem.plugin, problem.reason) == ("dspark_fixture_sloppy_answers", "returned Kernel, not a list")
+
+
+@pytest.mark.parametrize("answer, reason", [
+    (["loads"], "returned list, not a dict"),
+    ({"step": 3}, "returned the core field(s) step"),
+    ({"bad": float("nan")}, "returned a dict that is not plain JSON (ValueError: Out of range float values are not "
+                            "JSON compliant)"),
+    ({"bad": object()}, "returned a dict that is not plain JSON (TypeError: Object of type object is not JSON "
+                        "serializable)"),
+])
+def test_step_end_answers_must_be_plain_json_records(answer, reason):
+    class Probe:
+        @dspark_lab.hookimpl
+        def dspark_step_end(self, job, step):
+            return answer
+
+    class Good:
+        @dspark_lab.hookimpl
+        def dspark_step_end(self, job, step):
+            return {"good": step}
+
+    manager = make_manager([Good(), Probe()], entry_points=False)
+    answers = manager.dispatch("dspark_step_end", job=None, step=7)
+    assert [a for _, a in answers] == [{"good": 7}]
+    assert [p.reason for p in answers.failed] == [reason] and manager.problems == answers.failed
+
+
+def test_a_raising_step_end_is_recorded_once_and_the_others_still_answer(fixture_plugin):
+    class Good:
+        @dspark_lab.hookimpl
+        def dspark_step_end(self, job, step):
+            return {"good": step}
+
+    manager = make_manager([Good(), fixture_plugin("sloppy_answers")], entry_points=False)
+    for step in range(1, 4):
+        answers = manager.dispatch("dspark_step_end", job=None, step=step)
+        assert [a for _, a in answers] == [{"good": step}]
+        assert answers.failed[0].reason == f"RuntimeError: plugin bug at step {step}"
+    [problem] = manager.problems  # one per plugin and hook, though the message changed every step
+    assert problem.reason == "RuntimeError: plugin bug at step 1"
+
+
+def test_listeners_hear_each_new_problem_once(fixture_plugin):
+    manager = make_manager([fixture_plugin("sloppy_answers")], entry_points=False)
+    heard = []
+    manager.listeners.append(heard.append)
+    for step in range(3):
+        manager.dispatch("dspark_step_end", job=None, step=step)
+    assert [(p.plugin, p.stage, p.reason) for p in heard] == [
+        ("dspark_fixture_sloppy_answers", "dspark_step_end", "RuntimeError: plugin bug at step 0")]
+
+
+def test_apply_policy_refusal_propagates_and_a_broken_implementation_is_skipped(toy):
+    manager, plugin, _ = toy
+
+    class Refuses:
+        @dspark_lab.hookimpl
+        def dspark_apply_policy(self, job, key, value, old):
+            if value == 3:
+                raise PolicyError(f"{key}: 3 needs a bigger toy")
+            return None
+
+    class Broken:
+        @dspark_lab.hookimpl
+        def dspark_apply_policy(self, job, key, value, old):
+            raise RuntimeError("broken")
+
+    manager.register(Refuses())
+    manager.register(Broken())
+    answers = manager.dispatch("dspark_apply_policy", job=None, key="toy.level", value=2, old=1)
+    assert [a for _, a in answers] == ["toy level 1 -> 2"] and plugin.APPLIED == [("toy.level", 2, 1)]
+    assert [p.reason for p in answers.failed] == ["RuntimeError: broken"]
+    with pytest.raises(PolicyError, match="3 needs a bigger toy"):
+        manager.dispatch("dspark_apply_policy", job=None, key="toy.level", value=3, old=2)
+    assert plugin.APPLIED == [("toy.level", 2, 1)]  # the refusal stopped the call before the toy applied
+
+
+def test_dispatch_refuses_a_call_that_does_not_match_the_spec(toy):
+    manager, _, backend = toy
+    with pytest.raises(TypeError, match="dspark_device_sampler takes backend, got backend, extra"):
+        manager.dispatch("dspark_device_sampler", backend=backend, extra=1)
+    with pytest.raises(KeyError, match="dspark_nope is not a dspark_lab hook"):
+        manager.dispatch("dspark_nope")
+
+
+def test_every_hook_declares_its_return_type():
+    assert set(RETURNS) == {name for name in dir(hookspecs) if name.startswith("dspark_")}
+
+
+# attach.py is being split by another branch; its three hook calls move to Manager.dispatch at the merge.
+_PENDING = pytest.mark.xfail(strict=True, reason="runtime/attach.py still calls pm.hook (switches at the merge)")
+
+
+@_PENDING
+def test_no_hook_is_called_outside_the_dispatch_path():
+    root = Path(dspark_lab.__file__).parent.parent
+    sources = [p for d in ("dspark_lab", "backends", "kernels", "plugins") for p in (root / d).rglob("*.py")]
+    calls = [f"{p.relative_to(root)}:{n}" for p in sources if p.name != "plugins.py" or p.parent.name != "dspark_lab"
+             for n, line in enumerate(p.read_text().splitlines(), 1) if ".hook." in line]
+    assert calls == []
+
+
+@_PENDING
+def test_a_raising_step_end_plugin_does_not_stop_metrics(tmp_path, fixture_plugin):
+    from dspark_lab.backends import cpu
+    from dspark_lab.runtime.policies import builtin
+
+    manager = make_manager([cpu, builtin, fixture_plugin("sloppy_answers")], entry_points=False)
+    job = _step_job(tmp_path, manager, steps=3)
+    assert [m["step"] for m in job.run_dir.metrics()] == [1, 2, 3]
+    assert "dspark_step_end" in {p.stage for p in manager.problems}
 
 
 # --- tracing -------------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def test_int_range_and_parsing():
 def test_float_open_ended():
     s = spec(key="comm.bucket_mb", type="float", default=25.0, choices=(), min=0.5)
     assert s.validate("0.5") == 0.5 and s.validate(1e6) == 1e6
-    assert s.allowed() == "float in [0.5, inf]"
+    assert s.allowed() == "float in [0.5, inf)"
     with pytest.raises(PolicyError):
         s.validate("0.25")
 
@@ -75,9 +75,50 @@ def test_as_dict_is_the_schema_row():
 
 
 def test_lossy_values():
-    s = spec(lossy_values=("cpu",))
-    assert s.lossy_values == ("cpu",) and not s.lossless
-    assert spec().lossless
+    assert not spec(lossy_values=("cpu",)).lossless and spec().lossless
+
+
+@pytest.mark.parametrize("bad", ["nan", "NaN", "inf", "-inf", "Infinity", float("nan"), float("inf"), "1e400"])
+def test_non_finite_numbers_are_refused(bad):
+    # nan passed every range check (nan < min is False) and reached DDP's bucket size and run.json
+    bucket = spec(key="comm.bucket_mb", type="float", default=25.0, choices=(), min=0.5)
+    unbounded = spec(key="moe.move_cost", type="float", default=0.0, choices=())
+    with pytest.raises(PolicyError, match=r"^comm.bucket_mb: .* is not allowed; allowed: float in \[0.5, inf\)$"):
+        bucket.validate(bad)
+    with pytest.raises(PolicyError, match=r"^moe.move_cost: .* allowed: float in \(-inf, inf\)$"):
+        unbounded.validate(bad)
+
+
+def test_ints_stay_within_64_bits():
+    s = spec(key="sched.micro_batches", type="int", default=4, choices=())
+    assert s.validate(str(2**63 - 1)) == 2**63 - 1
+    for bad in (str(2**63), str(-2**64), "9" * 5000):
+        with pytest.raises(PolicyError, match="sched.micro_batches: "):
+            s.validate(bad)
+
+
+def test_every_validated_value_is_plain_json():
+    import json
+    for s, value in [(spec(), "cpu"), (spec(type="bool", default=False, choices=()), "on"),
+                     (spec(key="a.b", type="float", default=0.0, choices=()), "-1e308")]:
+        parsed = s.validate(value)
+        assert json.loads(json.dumps(parsed, allow_nan=False)) == parsed
+
+
+def test_a_huge_refused_value_is_quoted_short():
+    with pytest.raises(PolicyError) as info:
+        spec().validate("x" * 50_000_000)
+    assert len(str(info.value)) < 200 and "(50000002 chars)" in str(info.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(type="float", default=1.0, choices=(), min=float("nan")), "min must be a finite number or None"),
+    (dict(type="float", default=1.0, choices=(), max=float("inf")), "max must be a finite number or None"),
+    (dict(type="int", default=1, choices=(), min=3, max=2), "min 3 is above max 2"),
+])
+def test_spec_bounds_must_be_finite_and_ordered(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        spec(**overrides)
 
 
 def test_parse_assignment():
@@ -86,3 +127,14 @@ def test_parse_assignment():
     for bad in ("memory.offload", "=cpu", "memory.offload="):
         with pytest.raises(PolicyError, match="expected KEY=VALUE, got"):
             parse_assignment(bad)
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("comm.bucket_mb=nan", r"^comm.bucket_mb: 'nan' is not allowed; allowed: float in \["),
+    ("moe.move_cost=inf", r"^moe.move_cost: 'inf' is not allowed; allowed: float in \["),
+])
+def test_launch_and_live_policies_refuse_non_finite_numbers(assignment, message):
+    from dspark_lab.runtime.launch import parse_policies
+
+    with pytest.raises(PolicyError, match=message):
+        parse_policies([assignment])

@@ -18,6 +18,11 @@ from dspark_lab.moe.balance import (balancedness_of_loads, check_shape, check_we
 from dspark_lab.output import Report
 
 LOAD_SUFFIXES = (".json", ".npy", ".pt")
+# Sizes a user may choose, with room above real MoE models (DeepSeek-V3: 58 MoE layers, 256 experts, 288 slots on
+# 32 GPUs of 4 nodes balance in 0.2 s). The balancer's time grows with layers x slots: 64 x 4096 took 30 s.
+LIMITS = {"--replicas": 16384, "--groups": 4096, "--nodes": 1024, "--gpus": 4096, "layers": 4096, "experts": 4096}
+MAX_LAYER_SLOTS = 2**17   # layers x --replicas
+MAX_FILE_BYTES = 64 * 2**20  # a --loads / --current file (1M float64 loads as JSON is about 20 MB)
 
 # API argument -> CLI option, so a ValueError from the balancer reads as a one-line CLI error.
 _OPTION_OF = {"num_replicas": "--replicas", "num_groups": "--groups", "num_nodes": "--nodes",
@@ -32,6 +37,8 @@ def read_array(path: str | Path, option: str) -> np.ndarray:
         raise DSparkError(f"{option}: {path.name} must end in one of {', '.join(LOAD_SUFFIXES)}")
     if not path.is_file():
         raise DSparkError(f"{option}: no such file {path}")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise DSparkError(f"{option}: {path.name} is {path.stat().st_size} bytes; the limit is {MAX_FILE_BYTES} bytes")
     try:
         if path.suffix == ".json":
             data = json.loads(path.read_text())
@@ -49,6 +56,15 @@ def read_array(path: str | Path, option: str) -> np.ndarray:
     if array.dtype == object or array.ndim not in (1, 2):
         raise DSparkError(f"{option}: expected shape [layers, experts] or [experts], got {list(array.shape)}")
     return np.atleast_2d(array)
+
+
+def check_sizes(sizes: dict[str, int]) -> None:
+    """DSparkError in one line naming the first size outside ``1..LIMITS[name]``."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= LIMITS[name]:
+            if name in ("layers", "experts"):  # the shape of the --loads array
+                raise DSparkError(f"--loads: {value} {name}; allowed: 1..{LIMITS[name]}")
+            raise DSparkError(f"{name}: must be an int in 1..{LIMITS[name]}, got {value!r}")
 
 
 def _cli_error(exc: ValueError) -> DSparkError:
@@ -70,7 +86,12 @@ def _default_current(experts: int, gpus: int, layers: int) -> tuple[np.ndarray, 
 def balance(loads: str, replicas: int, groups: int, nodes: int, gpus: int, current: str | None = None,
             move_cost: float = 0.0) -> Report:
     """``dspark-lab moe balance``: place replicas for the loads in a file and compare with the placement before."""
+    check_sizes({"--replicas": replicas, "--groups": groups, "--nodes": nodes, "--gpus": gpus})
     weight = read_array(loads, "--loads")
+    check_sizes({"layers": weight.shape[0], "experts": weight.shape[1]})
+    if weight.shape[0] * replicas > MAX_LAYER_SLOTS:
+        raise DSparkError(f"--loads x --replicas: {weight.shape[0]} layers x {replicas} slots = "
+                          f"{weight.shape[0] * replicas} is above the limit {MAX_LAYER_SLOTS}")
     try:
         weight = check_weight(weight)
         shape = check_shape(weight, replicas, groups, nodes, gpus)

@@ -7,12 +7,15 @@ that expert (point-to-point over the default group; one message per (layer, expe
 objects keep their identity, so the optimizer needs no rebuilding, and since replicas of one expert are identical
 (see :mod:`dspark_lab.moe.model`) the training math is unchanged: only where experts live changes.
 
-Every rank must call :func:`move_experts` with the same placements (compute them from all-reduced loads).
+Every rank must call :func:`move_experts` with the same placements. Equal loads are not enough: the balancer's
+exact stage stops on a wall-clock budget (:data:`dspark_lab.moe.exact.TIME_LIMIT_S`), so a slower rank can get
+another answer. :func:`placement_from_rank0` therefore has rank 0 compute the placement and broadcasts it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,6 +32,30 @@ class Transfer:
     src: int
     src_slot: int
     dst: int
+
+
+def placement_from_rank0(compute: Callable[[], np.ndarray], shape: tuple[int, ...], group=None) -> np.ndarray:
+    """Rank 0 of ``group`` calls ``compute()`` for the new ``phy2log`` of ``shape``; every rank returns rank 0's
+    answer (one broadcast). If rank 0's computation fails, every rank raises, so none waits for a transfer."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return np.asarray(compute())
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    placement = torch.full(tuple(shape), -1, dtype=torch.int64, device=device)  # all -1: rank 0 failed
+    failure = None
+    if dist.get_rank(group) == 0:
+        try:
+            answer = np.asarray(compute())
+            if answer.shape != tuple(shape):
+                raise ValueError(f"placement shape {list(answer.shape)}, expected {list(shape)}")
+            placement.copy_(torch.from_numpy(answer.astype(np.int64)))
+        except Exception as exc:  # the other ranks are already waiting in the broadcast: tell them, then raise
+            failure = exc
+    dist.broadcast(placement, group=group, group_src=0)
+    if failure is not None:
+        raise failure
+    if (placement < 0).any():
+        raise RuntimeError("rank 0 failed to compute the new expert placement; the placement is unchanged")
+    return placement.cpu().numpy()
 
 
 def plan_transfers(old: np.ndarray, new: np.ndarray, world: int) -> list[Transfer]:

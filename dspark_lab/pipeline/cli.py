@@ -28,9 +28,12 @@ def _cost_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cost-comm", type=float, default=0.0, help="point-to-point latency")
 
 
-def _prepare(args):
+def _prepare(args, for_show: bool = False):
     commands = _commands()
-    schedule = commands.build_schedule(args.name, args.ranks, args.microbatches, args.chunks)
+    limits, max_slots = (commands.SHOW_LIMITS, commands.SHOW_MAX_SLOTS) if for_show else (
+        commands.LIMITS, commands.MAX_SLOTS)
+    schedule = commands.build_schedule(args.name, args.ranks, args.microbatches, args.chunks, limits=limits,
+                                       max_slots=max_slots)
     costs = commands.make_costs(args.cost_f, args.cost_b, args.cost_w, args.cost_fb, args.cost_comm)
     return schedule, costs
 
@@ -49,7 +52,7 @@ def add_parsers(subparsers, common) -> None:
     _shape_options(show)
     _cost_options(show)
     show.add_argument("--out", default=None, help="file stem for .html and .png (default schedule-NAME-pP-mM)")
-    show.set_defaults(func=lambda a: _commands().show_report(*_prepare(a), out=a.out))
+    show.set_defaults(func=lambda a: _commands().show_report(*_prepare(a, for_show=True), out=a.out))
 
     run = verbs.add_parser("run", parents=[common], help="real multi-process gloo run vs the simulator")
     _shape_options(run)

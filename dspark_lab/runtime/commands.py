@@ -14,7 +14,7 @@ from dspark_lab.output import Report
 from dspark_lab.policy import parse_assignment
 from dspark_lab.runtime.control import ControlClient
 from dspark_lab.runtime.launch import launch_background
-from dspark_lab.runtime.records import find_run, list_runs, read_jsonl, run_state
+from dspark_lab.runtime.records import find_run, list_runs, run_state, tail_records
 
 
 def _run(ref: str):
@@ -22,18 +22,22 @@ def _run(ref: str):
 
 
 def _last_step(run_dir) -> int | None:
-    size = run_dir.metrics_path.stat().st_size if run_dir.metrics_path.exists() else 0
-    records, _ = read_jsonl(run_dir.metrics_path, max(0, size - 65536))
-    return max((r.get("step", 0) for r in records), default=None)
+    return max((r["step"] for r in tail_records(run_dir.metrics_path)), default=None)
 
 
 def jobs() -> Report:
     """Every run under $DSPARK_HOME, newest first, with its state (a dead launcher shows as failed)."""
     rows = []
     for run_dir in list_runs():
-        info = run_state(run_dir)
-        rows.append({"id": run_dir.id, "name": info.get("name"), "state": info.get("state"),
-                     "ranks": info.get("ranks"), "step": _last_step(run_dir), "start_time": info.get("start_time")})
+        try:
+            info = run_state(run_dir)
+            row = {"id": run_dir.id, "name": info.get("name"), "state": info.get("state"),
+                   "ranks": info.get("ranks"), "step": _last_step(run_dir), "start_time": info.get("start_time")}
+            _clock(row["start_time"])
+        except (OSError, ValueError, TypeError, OverflowError) as exc:  # one damaged run must not hide the others
+            row = {"id": run_dir.id, "name": None, "state": "failed", "ranks": None, "step": None,
+                   "start_time": None, "error": f"unreadable record: {type(exc).__name__}: {exc}"[:200]}
+        rows.append(row)
     table = [{**r, "start": _clock(r["start_time"])} for r in rows]
     return Report("jobs", {"jobs": rows}, rows=table, columns=("id", "name", "state", "ranks", "step", "start"))
 

@@ -1,7 +1,10 @@
 """The run directory: ``run.json``, ``events.jsonl`` and ``metrics.jsonl`` under ``$DSPARK_HOME/runs/<run-id>/``.
 
 Records are append-only JSON lines, flushed per line so they survive a crash of the job; readers skip a torn last
-line. Every record carries ``schema_version``. Field meanings are listed in docs/records.md.
+line, and skip any other line that is not a record of its file (not UTF-8, not a JSON object, a ``step`` that is
+not an int) with a one-line warning per file. Every record carries ``schema_version``. Field meanings are listed in
+docs/records.md. A run directory is the user's alone (0700, files 0600): it holds command lines, metrics and the
+control token.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,6 +24,14 @@ from dspark_lab.output import SCHEMA_VERSION
 
 RUN_STATES = ("starting", "running", "finished", "failed", "stopped")
 EVENT_KINDS = ("start", "pending", "apply", "refuse", "rollback", "placement", "stop", "error")
+DIR_MODE, FILE_MODE = 0o700, 0o600
+
+# What every record of a file must hold, by file name: field -> the types it may have (bool is never an int here).
+RECORD_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "metrics.jsonl": {"step": (int,), "rank": (int,)},
+    "events.jsonl": {"kind": (str,), "step": (int, type(None)), "rank": (int, type(None))},
+}
+_warned: set[str] = set()  # files already warned about in this process
 
 
 def dspark_home() -> Path:
@@ -44,7 +56,7 @@ class JsonlWriter:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps({"schema_version": SCHEMA_VERSION, **record}, default=str) + "\n"
@@ -60,7 +72,8 @@ def read_jsonl(path: Path, start: int = 0) -> tuple[list[dict[str, Any]], int]:
     """Records from byte offset ``start``; returns them and the offset after the last complete line.
 
     A line without its newline (a write in progress, or torn by a crash) is not returned and not consumed,
-    so a follower calling again with the returned offset reads it once it is whole.
+    so a follower calling again with the returned offset reads it once it is whole. A complete line that is not a
+    record of this file (:data:`RECORD_FIELDS`) is skipped; the first one in each file is named on stderr.
     """
     records: list[dict[str, Any]] = []
     try:
@@ -69,14 +82,70 @@ def read_jsonl(path: Path, start: int = 0) -> tuple[list[dict[str, Any]], int]:
             data = f.read()
     except FileNotFoundError:
         return records, start
+    except OSError as exc:  # a directory, no permission: a bad run must not break readers of all runs
+        _warn_once(Path(path), 0, -1, f"unreadable ({exc.strerror})")
+        return records, start
     end = data.rfind(b"\n") + 1
-    for line in data[:end].splitlines():
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash mid-write and later appended to
+    fields = RECORD_FIELDS.get(Path(path).name, {})
+    for index, line in enumerate(data[:end].split(b"\n")[:-1]):
+        if not line.strip():
+            continue
+        record, problem = _parse(line, fields)
+        if problem is None:
+            records.append(record)
+        else:
+            _warn_once(Path(path), start, index, problem)
     return records, start + end
+
+
+def tail_records(path: Path, max_bytes: int = 65536) -> list[dict[str, Any]]:
+    """The whole records in the last ``max_bytes`` of ``path`` (the line cut by the window is dropped silently)."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return []
+    start = max(0, size - max_bytes)
+    if start:
+        with open(path, "rb") as f:
+            f.seek(start - 1)
+            cut = f.read(max_bytes + 1).find(b"\n")  # the window starts after the newline that ends a line
+        if cut < 0:
+            return []
+        start += cut
+    return read_jsonl(path, start)[0]
+
+
+def _parse(line: bytes, fields: dict[str, tuple[type, ...]]) -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+    except ValueError:
+        return None, "not JSON (torn by a crash?)"
+    if not isinstance(record, dict):
+        return None, f"a JSON {type(record).__name__}, not an object"
+    for name, types in fields.items():
+        value = record.get(name, ...)
+        if value is ... or isinstance(value, bool) or not isinstance(value, types):
+            allowed = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            return None, f"{name!r} is {'missing' if value is ... else repr(value)[:40]}, not {allowed}"
+    return record, None
+
+
+def _warn_once(path: Path, start: int, index: int, problem: str) -> None:
+    key = str(path.resolve())
+    if key in _warned:
+        return
+    _warned.add(key)
+    if index < 0:
+        print(f"dspark-lab: warning: {path}: {problem}", file=sys.stderr)
+        return
+    before = 0
+    if start:  # count the lines before the window, only when there is something to say
+        with open(path, "rb") as f:
+            before = f.read(start).count(b"\n")
+    print(f"dspark-lab: warning: {path}:{before + index + 1}: skipped, {problem}; later bad lines of this file are "
+          "skipped silently", file=sys.stderr)
 
 
 class RunDir:
@@ -96,26 +165,37 @@ class RunDir:
 
     @classmethod
     def create(cls, run_id: str, info: dict[str, Any], root: Path | None = None) -> "RunDir":
-        path = (root or runs_root()) / run_id
-        path.mkdir(parents=True, exist_ok=False)
+        root = root or runs_root()
+        if not root.is_dir():
+            root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)  # another run may create it meanwhile
+        path = root / run_id
+        path.mkdir(mode=DIR_MODE)
+        os.chmod(path, DIR_MODE)  # mkdir's mode is masked by the umask; the run directory is the user's alone
         run = cls(path)
         token = secrets.token_urlsafe(24)
-        fd = os.open(run.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(run.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         with os.fdopen(fd, "w") as f:
             f.write(token)
         run.write_info({"id": run_id, "state": "starting", **info})
         return run
 
     def info(self) -> dict[str, Any]:
+        """run.json; a run whose run.json is missing, unreadable or not a JSON object reads as failed."""
         try:
-            return json.loads(self.run_json.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            info = json.loads(self.run_json.read_bytes().decode("utf-8"))
+        except (OSError, ValueError):  # ValueError: not UTF-8, not JSON
+            info = None
+        if not isinstance(info, dict):
             return {"id": self.id, "state": "failed", "error": "run.json is missing or unreadable"}
+        return info
 
     def write_info(self, info: dict[str, Any]) -> None:
         """Replace run.json atomically (write a temporary file, then rename)."""
         tmp = self.run_json.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"schema_version": SCHEMA_VERSION, **info}, indent=2, default=str))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, FILE_MODE)  # a temporary file left by a crash may have other bits
+            f.write(json.dumps({"schema_version": SCHEMA_VERSION, **info}, indent=2, default=str))
         os.replace(tmp, self.run_json)
 
     def update_info(self, **changes: Any) -> dict[str, Any]:

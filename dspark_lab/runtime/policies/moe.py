@@ -3,7 +3,7 @@
 Expert-parallel MoE layers (:class:`dspark_lab.moe.model.ExpertParallelMoE`) are found in the model; a forward hook
 on each router counts this rank's assignments per expert. Every ``moe.placement_interval`` steps, at the boundary,
 each rank sums its last ``moe.placement_window`` steps of counts, all ranks all-reduce that window (one collective
-per re-placement, none in between), and every rank computes the same new placement: DeepSeek's EPLB
+per re-placement, none in between), and rank 0 computes the new placement and broadcasts it: DeepSeek's EPLB
 (:mod:`dspark_lab.moe.eplb_reference`) or ours (:func:`dspark_lab.moe.rebalance_experts`, weighing experts moved
 by ``moe.move_cost``). :func:`dspark_lab.moe.placement.move_experts` then moves expert weights and optimizer state
 between ranks: the math is unchanged, only which rank computes which expert.
@@ -61,7 +61,7 @@ class ExpertPlacement:
         from dspark_lab.moe import eplb_reference
         from dspark_lab.moe.balance import rebalance_experts
         from dspark_lab.moe.measures import balancedness
-        from dspark_lab.moe.placement import move_experts
+        from dspark_lab.moe.placement import move_experts, placement_from_rank0
 
         recent = list(self.history)[-window:]
         loads = torch.from_numpy(np.sum(recent, axis=0)).double()
@@ -70,11 +70,14 @@ class ExpertPlacement:
         loads = loads.numpy()
         current = self.placement()
         replicas = current.shape[1]
-        if method == "eplb":
-            new = eplb_reference.rebalance_experts(torch.from_numpy(loads), replicas, 1, 1, self.world)[0].numpy()
-        else:
-            new = rebalance_experts(loads, replicas, 1, 1, self.world, current=current, move_cost=move_cost)[0]
-            new = np.asarray(new)
+
+        def compute() -> np.ndarray:  # on rank 0 only: the balancer's time budget could split the ranks' answers
+            if method == "eplb":
+                return eplb_reference.rebalance_experts(torch.from_numpy(loads), replicas, 1, 1, self.world)[0].numpy()
+            return np.asarray(rebalance_experts(loads, replicas, 1, 1, self.world, current=current,
+                                                move_cost=move_cost)[0])
+
+        new = placement_from_rank0(compute, current.shape, self.group)
         before, after = balancedness(loads, current, self.world), balancedness(loads, new, self.world)
         received = move_experts(self.layers, optimizer, current, new, self.rank, self.world, group=self.group)
         return {"balancedness_before": before, "balancedness_after": after, "received": received,

@@ -1,0 +1,101 @@
+"""Live re-placement on 2 gloo ranks whose balancer budgets differ: rank 0's placement is used by both ranks, and the
+expert weights and Adam state land in the slots of that placement.
+
+The balancer's exact stage stops on a wall-clock budget; a rank whose clock runs past it keeps the duplicates the
+earlier stages left, so two ranks given the same loads can compute different placements. Here rank 1's clock jumps
+100 s per reading, as if that rank were far slower.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import types
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dspark_lab.localhost import free_port
+from dspark_lab.runtime.bootstrap import exit_now
+
+# Per-layer loads for which the exact stage changes the answer (8 experts, 10 slots, 2 ranks): with its budget it
+# removes a same-GPU duplicate, without it the duplicate stays.
+LOADS = [1, 4, 1, 1, 2, 6, 1, 6]
+
+
+def _gather_slots(layer, optimizer):
+    import torch.distributed as dist
+
+    from dspark_lab.moe.placement import _pack
+
+    mine = torch.stack([_pack(m, optimizer) for m in layer.experts])
+    every = [torch.empty_like(mine) for _ in range(2)]
+    dist.all_gather(every, mine)
+    return torch.cat(every)
+
+
+def _worker(rank: int, port: int, out_path: str) -> None:
+    import torch.distributed as dist
+
+    from dspark_lab.examples.moe_train import initial_placement
+    from dspark_lab.moe import exact, rebalance_experts
+    from dspark_lab.moe.model import MoEConfig, TinyMoETransformer
+    from dspark_lab.runtime.policies.moe import ExpertPlacement
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=30))
+    config = MoEConfig(slots_per_rank=5)
+    model = TinyMoETransformer(config, initial_placement(config, 2), rank, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for p in model.parameters():  # one step with equal gradients: Adam state exists and replicas stay equal
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    layers = model.moe_layers()
+    placer = ExpertPlacement(layers, rank, 2)
+    before = [_gather_slots(layer, optimizer) for layer in layers]
+    state_of = [{int(e): slots[int(np.flatnonzero(layer.phy2log.numpy() == e)[0])] for e in range(config.experts)}
+                for layer, slots in zip(layers, before)]
+    weight = np.array([LOADS] * len(layers))
+    placer.history.append(weight if rank == 0 else np.zeros_like(weight))  # all-reduced: LOADS on both ranks
+    current = placer.placement()
+    if rank == 1:  # the slow rank: its exact stage finds its budget spent at the first look at the clock
+        clock = itertools.count(0.0, 100.0)
+        exact.time = types.SimpleNamespace(monotonic=lambda: next(clock))
+    alone = np.asarray(rebalance_experts(weight.astype(float), 10, 1, 1, 2, current=current, move_cost=0.0)[0])
+    placer.replace("dspark", window=1, move_cost=0.0, optimizer=optimizer)
+    after = [_gather_slots(layer, optimizer) for layer in layers]
+    placements = [torch.empty(current.shape, dtype=torch.int64) for _ in range(2)]
+    dist.all_gather(placements, torch.from_numpy(placer.placement()))
+    alones = [torch.empty(current.shape, dtype=torch.int64) for _ in range(2)]
+    dist.all_gather(alones, torch.from_numpy(alone.astype(np.int64)))
+    moved_right = all(torch.equal(slots[s], state_of[i][int(e)])
+                      for i, slots in enumerate(after) for s, e in enumerate(placements[0][i].tolist()))
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump({"placements": [p.tolist() for p in placements], "alone": [a.tolist() for a in alones],
+                       "moved_right": moved_right}, f)
+    dist.destroy_process_group()
+    exit_now(0)
+
+
+@pytest.mark.slow
+def test_ranks_with_different_budgets_end_with_rank0s_placement(tmp_path):
+    out = tmp_path / "agreement.json"
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=2, join=True)
+    result = json.loads(out.read_text())
+    alone0, alone1 = result["alone"]
+    assert alone0 != alone1  # the premise: left alone, the two ranks' balancers disagree
+    assert result["placements"][0] == result["placements"][1] == alone0  # both ranks took rank 0's answer
+    assert result["moved_right"]  # every slot holds its expert's weights and Adam state
+
+
+def test_one_process_computes_the_placement_itself():
+    from dspark_lab.moe.placement import placement_from_rank0
+
+    placement = np.array([[0, 1, 2, 0]])
+    assert np.array_equal(placement_from_rank0(lambda: placement, placement.shape), placement)

@@ -1,0 +1,131 @@
+"""Record readers survive damaged records (skip the line, warn once per file naming file and line, one bad run never
+hides the others), and run directories are the user's alone (0700 directories, 0600 files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from dspark_lab.runtime import commands
+from dspark_lab.runtime.records import JsonlWriter, RunDir, read_jsonl, tail_records
+
+GOOD = [{"step": 1, "rank": 0, "loss": 1.0}, {"step": 2, "rank": 0, "loss": 0.5}]
+BAD_LINES = [
+    b"[1, 2, 3]",                                      # JSON, not an object
+    b'{"step": 1, "rank": 0, "note": "\xff\xfe"}',     # not UTF-8
+    b'{"step": null, "rank": 0}',                      # step null
+    b'{"step": true, "rank": 0}',                      # a bool is not a step
+    b'{"rank": 0}',                                    # no step
+    b'"just a string"',
+    b'{"step": 3, "ra',                                # torn by a crash, then appended to
+]
+
+
+def write_lines(path, lines: list[bytes]) -> None:
+    with open(path, "ab") as f:
+        f.write(b"".join(line + b"\n" for line in lines))
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path))
+    return tmp_path
+
+
+def test_bad_lines_are_skipped_with_one_warning_naming_file_and_line(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    write_lines(path, [json.dumps(GOOD[0]).encode(), *BAD_LINES, json.dumps(GOOD[1]).encode()])
+    records, offset = read_jsonl(path)
+    assert records == GOOD and offset == path.stat().st_size
+    [warning] = capsys.readouterr().err.splitlines()
+    assert warning == (f"dspark-lab: warning: {path}:2: skipped, a JSON list, not an object; later bad lines of "
+                       "this file are skipped silently")
+    assert read_jsonl(path)[0] == GOOD and capsys.readouterr().err == ""  # once per file
+
+
+@pytest.mark.parametrize("line, problem", [
+    (BAD_LINES[1], "not UTF-8"),
+    (BAD_LINES[2], "'step' is None, not int"),
+    (BAD_LINES[3], "'step' is True, not int"),
+    (BAD_LINES[4], "'step' is missing, not int"),
+    (BAD_LINES[6], "not JSON (torn by a crash?)"),
+])
+def test_each_kind_of_bad_line_is_named(tmp_path, capsys, line, problem):
+    path = tmp_path / "metrics.jsonl"
+    write_lines(path, [json.dumps(GOOD[0]).encode(), json.dumps(GOOD[1]).encode()])
+    offset = path.stat().st_size
+    write_lines(path, [line])
+    assert read_jsonl(path, offset) == ([], path.stat().st_size)
+    assert f"{path}:3: skipped, {problem};" in capsys.readouterr().err  # line numbers count from the file's start
+
+
+def test_events_may_have_no_step_but_need_a_kind(tmp_path, capsys):
+    path = tmp_path / "events.jsonl"
+    supervisor_error = {"step": None, "rank": None, "kind": "error", "reason": "killed"}
+    write_lines(path, [json.dumps(supervisor_error).encode(), b'{"step": 1, "rank": 0}'])
+    assert read_jsonl(path)[0] == [supervisor_error]
+    assert "events.jsonl:2: skipped, 'kind' is missing, not str" in capsys.readouterr().err
+
+
+def test_tail_drops_the_line_its_window_cuts_without_a_warning(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    writer = JsonlWriter(path)
+    for step in range(1, 200):
+        writer.write({"step": step, "rank": 0, "loss": 1.0})
+    tail = tail_records(path, max_bytes=200)
+    assert tail and tail[-1]["step"] == 199 and [r["step"] for r in tail] == list(range(tail[0]["step"], 200))
+    assert capsys.readouterr().err == ""
+    assert tail_records(tmp_path / "missing.jsonl") == []
+
+
+def make_run(home, run_id: str, name: str) -> RunDir:
+    run = RunDir.create(run_id, {"name": name, "ranks": 1}, root=home / "runs")
+    run.update_info(state="finished")
+    return run
+
+
+def test_one_damaged_run_does_not_break_jobs_for_all_runs(home, capsys):
+    good = make_run(home, "20260101-000000-aaaaaa", "good")
+    JsonlWriter(good.metrics_path).write({"step": 4, "rank": 0})
+    nulls = make_run(home, "20260101-000001-bbbbbb", "nulls")
+    write_lines(nulls.metrics_path, [b'{"step": null, "rank": 0}', b'{"step": 2, "rank": 0}'])
+    make_run(home, "20260101-000002-cccccc", "list").run_json.write_text("[]")
+    make_run(home, "20260101-000003-dddddd", "latin").run_json.write_bytes(b'{"name": "caf\xe9"}')
+    badpid = make_run(home, "20260101-000004-eeeeee", "badpid")
+    badpid.update_info(state="running", launcher_pid="not-a-pid", start_time="yesterday")
+    JsonlWriter(badpid.metrics_path).write({"step": 1, "rank": 0})
+    rows = {r["id"]: r for r in commands.jobs().data["jobs"]}
+    assert len(rows) == 5
+    assert (rows[good.id]["name"], rows[good.id]["state"], rows[good.id]["step"]) == ("good", "finished", 4)
+    assert rows[nulls.id]["step"] == 2
+    for run_id in ("20260101-000002-cccccc", "20260101-000003-dddddd"):
+        assert rows[run_id]["state"] == "failed"
+    assert rows[badpid.id]["state"] == "failed" and "unreadable record" in rows[badpid.id]["error"]
+
+
+def test_metrics_and_events_verbs_skip_bad_lines(home, capsys):
+    run = make_run(home, "20260101-000000-aaaaaa", "damaged")
+    write_lines(run.metrics_path, [json.dumps(GOOD[0]).encode(), *BAD_LINES, json.dumps(GOOD[1]).encode()])
+    write_lines(run.events_path, [b'{"step": 0, "rank": 0, "kind": "start"}', b"\xff", b"null"])
+    assert [r["step"] for r in commands.metrics("damaged").data["metrics"]] == [1, 2]
+    assert [e["kind"] for e in commands.events("damaged").data["events"]] == ["start"]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "metrics.jsonl:2:" in err[0] and "events.jsonl:2: skipped, not UTF-8" in err[1]
+
+
+def test_run_directory_is_0700_and_its_files_0600(tmp_path):
+    old = os.umask(0)  # the most permissive umask: the modes must not depend on it
+    try:
+        run = RunDir.create("20260101-000000-abcdef", {"name": "private"}, root=tmp_path / "runs")
+        run.update_info(state="running")
+        for path in (run.events_path, run.metrics_path):
+            JsonlWriter(path).write({"step": 1, "rank": 0, "kind": "start"})
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "runs") == 0o700 and mode(run.path) == 0o700
+    assert {p.name: mode(p) for p in run.path.iterdir()} == {
+        "run.json": 0o600, "token": 0o600, "events.jsonl": 0o600, "metrics.jsonl": 0o600}
