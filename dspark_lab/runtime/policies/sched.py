@@ -20,32 +20,39 @@ def schedule_names() -> tuple[str, ...]:
     return tuple(SCHEDULES)
 
 
-def trainer():
-    """The pipeline executor of this process, or None (never imports the pipeline package by itself)."""
+def trainer(job=None):
+    """The job's DSpark pipeline executor: the one registered with ``attach(pipeline=...)``, else the live one of
+    this process, or None (never imports the pipeline package by itself)."""
     execute = sys.modules.get("dspark_lab.pipeline.execute")
-    return next(iter(execute.LIVE_TRAINERS), None) if execute else None
+    if execute is None:
+        return None
+    registered = job.registered.get("pipeline") if job is not None else None
+    if isinstance(registered, execute.PipelineTrainer):
+        return registered
+    return next(iter(execute.LIVE_TRAINERS), None) if registered is None else None
 
 
-def current() -> str:
-    found = trainer()
+def current(job=None) -> str:
+    found = trainer(job)
     return found.schedule.name if found is not None else NONE
 
 
-def _build(value: str):
+def _build(value: str, job=None):
     from dspark_lab.pipeline.schedules import build
 
-    schedule = trainer().schedule
+    schedule = trainer(job).schedule
     return build(value, schedule.ranks, schedule.microbatches, None)
 
 
-def refusal(value: str) -> str | None:
-    found = trainer()
+def refusal(value: str, job=None) -> str | None:
+    found = trainer(job)
     if found is None:
-        return "this job runs no pipeline executor (dspark_lab.pipeline.execute.PipelineTrainer)"
+        return ("this job runs no pipeline executor (dspark_lab.pipeline.execute.PipelineTrainer, found live or "
+                "registered with dspark_lab.attach(pipeline=...))")
     if value == NONE:
         return f"the job runs a pipeline; choose a schedule ({', '.join(schedule_names())})"
     try:
-        new = _build(value)
+        new = _build(value, job)
     except ValueError as exc:
         return str(exc)
     if new.layout() != found.schedule.layout():
@@ -54,7 +61,7 @@ def refusal(value: str) -> str | None:
     return None
 
 
-def apply(value: str) -> str:
-    found = trainer()
-    found.schedule = _build(value)
+def apply(value: str, job=None) -> str:
+    found = trainer(job)
+    found.schedule = _build(value, job)
     return f"{found.schedule.name}: {len(found.schedule.ops[found.rank])} ops on this rank"
