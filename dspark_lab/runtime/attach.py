@@ -39,6 +39,7 @@ from dspark_lab.errors import PolicyError
 from dspark_lab.plugins import Manager, get_manager
 from dspark_lab.runtime import discover
 from dspark_lab.runtime.coordinator import Coordinator, PendingChange
+from dspark_lab.runtime.jobinfo import describe
 from dspark_lab.runtime.metering import StepMeter
 from dspark_lab.runtime.policies import builtin as builtin_policies
 from dspark_lab.runtime.policies.memory import SavedActivations
@@ -188,9 +189,10 @@ class Job:
 
     def describe(self) -> dict[str, Any]:
         """What this job is (parallelism, compile, precision, blocks, which policies apply): see :mod:`.jobinfo`."""
-        from dspark_lab.runtime.jobinfo import describe
-
-        return describe(self)
+        try:
+            return describe(self)
+        except Exception as exc:  # read from another thread while the job trains: never fail the status request
+            return {"error": f"discovery failed: {type(exc).__name__}: {exc}"}
 
     # --- per-step bookkeeping ----------------------------------------------------------------------------------
 
@@ -204,12 +206,12 @@ class Job:
     def on_step_end(self, optimizer) -> None:
         if self.optimizer is None:
             self.optimizer = optimizer
-            if self.model is None:
-                model = discover.model_of_optimizer(optimizer)
-                if model is not None:
-                    self.set_model(model)
         elif optimizer is not self.optimizer:
             return
+        if self.model is None and self.step == 0:  # also when attach() handed over only the optimizer
+            model = discover.model_of_optimizer(optimizer)
+            if model is not None:
+                self.set_model(model)
         now = time.perf_counter()
         self.step += 1
         self._write_metrics(now)

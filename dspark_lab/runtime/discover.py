@@ -131,9 +131,12 @@ def compiled_paths(model: nn.Module, compiled_ids: set[int] = frozenset(), root:
     A ``torch.compile`` of a plain function (torchtitan compiles ``flex_attention`` at import) compiles no module
     and is not reported: it changes nothing the memory policies touch.
     """
-    found = []
+    found: list[str] = []
     for name, module in model.named_modules():
+        path = f"{root}.{name}" if name else root
+        if any(path.startswith(f + ".") for f in found):  # inside a compiled module already named
+            continue
         if (type(module).__name__ == "OptimizedModule" or id(module) in compiled_ids
                 or module.__dict__.get("_compiled_call_impl") is not None):
-            found.append(f"{root}.{name}" if name else root)
+            found.append(path)
     return found

@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from dspark_lab.runtime import discover
+from dspark_lab.runtime.policies import sched
 
 
 def _mesh(mesh) -> dict[str, Any] | None:
@@ -75,7 +76,7 @@ def tensor_parallel(model: nn.Module, fsdp_mesh) -> dict[str, Any] | None:
         if not tp_dims:
             continue
         params += 1
-        placements.update(str(param.placements[i]) for i in tp_dims)
+        placements.update(repr(param.placements[i]) for i in tp_dims)
         meshes[tuple(names[i] for i in tp_dims)] = mesh[tuple(names[i] for i in tp_dims)] if mesh.mesh_dim_names \
             and len(tp_dims) < mesh.ndim else mesh
     if not params:
@@ -92,8 +93,6 @@ def pipeline(job) -> dict[str, Any] | None:
                 "stages_on_rank": len([s for s in stages if s is not None]),
                 "stage_indices": [s.stage_index for s in stages if s is not None],
                 "microbatches": getattr(schedule, "_n_microbatches", None)}
-    from dspark_lab.runtime.policies import sched
-
     trainer = sched.trainer(job)
     if trainer is not None:
         return {"kind": "dspark", "schedule": trainer.schedule.name, "microbatches": trainer.schedule.microbatches}

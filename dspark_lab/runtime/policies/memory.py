@@ -36,8 +36,7 @@ MIN_OFFLOAD_BYTES = 1 << 14  # tiny tensors (masks, indices, scalars) are not wo
 
 def _is_wrapper_subclass(tensor: torch.Tensor) -> bool:
     """A tensor subclass with no storage of its own (DTensor, FSDP's views): its ``untyped_storage`` is invalid."""
-    return type(tensor) is not torch.Tensor and type(tensor) is not torch.nn.Parameter and \
-        torch._C._is_wrapper_subclass(tensor)
+    return type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__")
 
 
 class _Held:
@@ -136,6 +135,12 @@ class SavedActivations:
     # --- hooks -------------------------------------------------------------------------------------------------
 
     def pack(self, tensor: torch.Tensor):
+        try:
+            return self._pack(tensor)
+        except RuntimeError:  # a tensor kind we cannot look into: keep it as it is, never fail the user's forward
+            return tensor
+
+    def _pack(self, tensor: torch.Tensor):
         if _is_wrapper_subclass(tensor):  # a DTensor (TP): count its local shard, never move the wrapper
             local = getattr(tensor, "_local_tensor", None)
             if isinstance(local, torch.Tensor) and not _is_wrapper_subclass(local):
