@@ -9,7 +9,6 @@ why, and for every policy whether it can apply here and, if not, the reason.
 
 from __future__ import annotations
 
-import gc
 import sys
 from collections import Counter
 from typing import Any
@@ -86,7 +85,7 @@ def tensor_parallel(model: nn.Module, fsdp_mesh) -> dict[str, Any] | None:
 
 
 def pipeline(job) -> dict[str, Any] | None:
-    schedule = torch_schedule(job)
+    schedule = sched.torch_schedule(job)
     if schedule is not None:
         stages = getattr(schedule, "_stages", None) or [getattr(schedule, "_stage", None)]
         return {"kind": "torch.distributed.pipelining", "schedule": type(schedule).__name__,
@@ -96,23 +95,6 @@ def pipeline(job) -> dict[str, Any] | None:
     trainer = sched.trainer(job)
     if trainer is not None:
         return {"kind": "dspark", "schedule": trainer.schedule.name, "microbatches": trainer.schedule.microbatches}
-    return None
-
-
-def torch_schedule(job):
-    """The job's ``torch.distributed.pipelining`` schedule: the registered one, else the live one (one heap scan)."""
-    registered = job.registered.get("pipeline")
-    schedules = sys.modules.get("torch.distributed.pipelining.schedules")
-    if schedules is None:
-        return None
-    if isinstance(registered, schedules._PipelineSchedule):
-        return registered
-    if registered is None and "pipeline_scanned" not in job.registered:
-        job.registered["pipeline_scanned"] = True
-        found = [o for o in gc.get_objects() if isinstance(o, schedules._PipelineSchedule)]
-        if len(found) == 1:
-            job.registered["pipeline"] = found[0]
-            return found[0]
     return None
 
 
