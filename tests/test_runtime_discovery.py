@@ -154,3 +154,63 @@ def test_autocast_is_reported(job):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randn(2, 8))
     assert job.describe()["mixed_precision"]["autocast"] == "cpu:torch.bfloat16"
+
+
+# --- registration instead of sys.modules scanning ----------------------------------------------------------------
+
+
+class ThirdPartyRouter(nn.Module):
+    def __init__(self, experts):
+        super().__init__()
+        self.gate = nn.Linear(16, experts)
+
+    def forward(self, x):
+        return (self.gate(x).argmax(-1),)
+
+
+class ThirdPartyMoE(nn.Module):
+    """Not DSpark's class: meets the MoE layer contract of docs/runtime.md (router loads out, placement in)."""
+
+    def __init__(self, experts=4):
+        super().__init__()
+        self.config = type("Config", (), {"experts": experts})()
+        self.router = ThirdPartyRouter(experts)
+        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(experts))
+        self.phy2log = torch.arange(experts)
+        self.last_rank_load = 0
+
+    def set_placement(self, phy2log):
+        self.phy2log = phy2log
+
+    def forward(self, x):
+        (chosen,) = self.router(x)
+        self.last_rank_load = len(chosen)
+        return torch.stack([self.experts[int(e)](row) for row, e in zip(x, chosen)])
+
+
+def test_registered_moe_layers_are_steered_and_their_loads_recorded(tmp_path):
+    from dspark_lab.backends import cpu
+
+    layer = ThirdPartyMoE()
+    model = nn.Sequential(nn.Linear(16, 16), layer)
+    job = Job(RunDir.create("20260101-000000-abcdee", {"name": "moe"}, root=tmp_path), rank=0, world=1,
+              manager=make_manager([cpu, builtin_policies], entry_points=False), registered={"moe_layers": [layer]})
+    job.set_model(model)
+    assert job.validate({"moe.placement": "eplb"}) == {"moe.placement": "eplb"}
+    model(torch.randn(6, 16))
+    record = job.manager.pm.hook.dspark_step_end(job=job, step=1)
+    loads = next(r for r in record if r)["expert_loads"]
+    assert sum(loads[0]) == 6 and job.describe()["policies"]["moe.placement"]["applies"] is True
+    job.close()
+
+
+def test_a_registered_layer_missing_the_contract_is_named(tmp_path):
+    from dspark_lab.backends import cpu
+
+    job = Job(RunDir.create("20260101-000000-abcded", {"name": "moe"}, root=tmp_path), rank=0, world=1,
+              manager=make_manager([cpu, builtin_policies], entry_points=False),
+              registered={"moe_layers": [nn.Linear(2, 2)]})
+    with pytest.raises(PolicyError, match=r"^moe_layers\[0\]: Linear lacks config, router, phy2log, experts, "
+                                          r"set_placement, last_rank_load \(the MoE layer contract"):
+        job.set_model(nn.Sequential(nn.Linear(2, 2)))
+    job.close()
