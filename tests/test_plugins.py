@@ -217,6 +217,36 @@ def test_hook_dspark_step_end(tmp_path):
     assert [m["probe_step"] for m in job.run_dir.metrics()] == [1, 2]
 
 
+def test_hook_dspark_job_started(tmp_path):
+    import torch
+
+    from dspark_lab import hookimpl
+    from dspark_lab.backends import cpu
+    from dspark_lab.runtime.attach import Job
+    from dspark_lab.runtime.policies import builtin
+    from dspark_lab.runtime.records import RunDir
+
+    class Counter:
+        def __init__(self):
+            self.models = []
+
+        def on_model(self, job):
+            self.models.append(type(job.model).__name__)
+
+    class StateOwner:
+        @hookimpl
+        def dspark_job_started(self, job):
+            job.state["probe"] = Counter()
+
+    manager = make_manager([cpu, builtin, StateOwner()], entry_points=False)
+    job = Job(RunDir.create("20260101-000000-feed01", {"name": "probe"}, root=tmp_path), rank=0, world=1,
+              manager=manager)
+    assert job.state["probe"].models == []  # created with the job, before any model
+    job.set_model(torch.nn.Linear(2, 2))
+    job.close()
+    assert job.state["probe"].models == ["Linear"] and set(job.state) == {"comm", "moe", "probe"}
+
+
 # --- tracing -------------------------------------------------------------------------------------------------
 
 

@@ -143,7 +143,8 @@ def test_describe_reports_the_model_blocks_and_what_applies(job):
     assert info["data_parallel"] is None and info["tensor_parallel"] is None and info["pipeline"] is None
     policies = info["policies"]
     assert policies["memory.activation_checkpointing"] == {"applies": True, "reason": None}
-    assert not policies["comm.grad_sync"]["applies"] and "DistributedDataParallel" in policies["comm.grad_sync"]["reason"]
+    grad_sync = policies["comm.grad_sync"]
+    assert not grad_sync["applies"] and "DistributedDataParallel" in grad_sync["reason"]
     assert "fully_shard" in policies["memory.reshard_after_forward"]["reason"]
     assert info["mixed_precision"]["param_dtypes"] == {"torch.float32": 25}
 
@@ -214,3 +215,11 @@ def test_a_registered_layer_missing_the_contract_is_named(tmp_path):
                                           r"set_placement, last_rank_load \(the MoE layer contract"):
         job.set_model(nn.Sequential(nn.Linear(2, 2)))
     job.close()
+
+
+def test_module_compile_goes_through_torch_compile_with_the_bound_call(job):
+    block = Block()
+    job.on_compile(block._call_impl)  # what nn.Module.compile() hands torch.compile
+    model = nn.Sequential(nn.Linear(16, 16), block, Block())
+    job.set_model(model)
+    assert job.compiled == ["model.1"] and job.compiled_functions == 0

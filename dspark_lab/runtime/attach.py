@@ -179,6 +179,8 @@ class Job:
 
     def on_compile(self, target) -> None:
         """``torch.compile(target)`` was called: a module is compiled (memory policies refused), a function is not."""
+        owner = getattr(target, "__self__", None)  # module.compile() compiles the bound module._call_impl
+        target = owner if isinstance(owner, torch.nn.Module) else target
         if isinstance(target, torch.nn.Module):
             self.compiled_ids.update(id(m) for m in target.modules())
             self.activations.uninstall()  # saved-tensor hooks and compiled graphs do not mix

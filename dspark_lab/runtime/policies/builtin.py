@@ -2,8 +2,8 @@
 
 Memory: ``memory.activation_checkpointing``, ``memory.activation_offload``, ``memory.reshard_after_forward``
 (FSDP2's ``reshard_after_forward``, switched through ``FSDPModule.set_reshard_after_forward``). Communication:
-``comm.grad_sync``, ``comm.bucket_mb`` (launch-only). Scheduling: ``sched.pipeline``, ``moe.placement`` with its interval, window and
-move cost. How each is applied lives in :mod:`.memory`, :mod:`.comm`, :mod:`.sched` and :mod:`.moe`; this module
+``comm.grad_sync``, ``comm.bucket_mb`` (launch-only). Scheduling: ``sched.pipeline``, ``moe.placement`` with its
+interval, window and move cost. How each is applied lives in :mod:`.memory`, :mod:`.comm`, :mod:`.sched` and :mod:`.moe`; this module
 only says which keys exist, when a change must be refused, and routes an apply to the right function. Their
 per-job state lives in ``job.state`` ("comm", "moe"), made by :func:`dspark_job_started`.
 """
