@@ -223,3 +223,16 @@ def test_module_compile_goes_through_torch_compile_with_the_bound_call(job):
     model = nn.Sequential(nn.Linear(16, 16), block, Block())
     job.set_model(model)
     assert job.compiled == ["model.1"] and job.compiled_functions == 0
+
+
+def test_weights_in_storage_the_runtime_never_saw_are_not_counted_as_activations():
+    """FSDP2 all-gathers weights into new storage each step: they must not count as saved activations."""
+    from dspark_lab.runtime.policies.memory import SavedActivations
+
+    tracker = SavedActivations()  # knows no parameter storage at all
+    layer = nn.Linear(256, 256, bias=False)
+    x = torch.randn(4, 256, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
+        y = layer(x)
+    assert tracker.held == x.untyped_storage().nbytes()  # the input only, not the 256 KiB weight
+    y.sum().backward()

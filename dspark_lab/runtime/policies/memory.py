@@ -149,6 +149,8 @@ class SavedActivations:
                     self._hold(ptr, local.untyped_storage().nbytes())
                     return _Held(tensor, self, ptr)
             return tensor
+        if isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter):
+            return tensor  # a weight or a view of one (FSDP2's unsharded weights live in fresh storage every step)
         storage = tensor.untyped_storage()
         ptr = storage.data_ptr()
         if ptr == 0 or ptr in self._param_storages():

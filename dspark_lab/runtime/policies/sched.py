@@ -44,7 +44,7 @@ def torch_schedule(job):
     registered = job.registered.get("pipeline")
     if isinstance(registered, schedules._PipelineSchedule):
         return registered
-    if registered is None and "pipeline_scanned" not in job.registered:
+    if registered is None and job.discovered and "pipeline_scanned" not in job.registered:
         job.registered["pipeline_scanned"] = True
         found = [o for o in gc.get_objects() if isinstance(o, schedules._PipelineSchedule)]
         if len(found) == 1:
