@@ -86,3 +86,18 @@ def test_checkpointing_goes_live_on_tensor_parallel_blocks_and_reshard_is_refuse
     assert job["tensor_parallel"]["placements"] == {"Shard(dim=0)": 8, "Shard(dim=1)": 4, "Replicate()": 4}
     refusal, = results[0]["refusals"]
     assert "fully_shard" in refusal and refusal.startswith("memory.reshard_after_forward:")
+
+
+def test_fsdp2_with_tp_inside_reports_both_meshes_and_takes_both_memory_policies_at_once(tmp_path):
+    """torchtitan's 2-D layout: TP inside each block on the "tp" mesh dimension, fully_shard on "dp"."""
+    results = run(tmp_path, "fsdp-tp", "memory.activation_checkpointing=full", "memory.reshard_after_forward=false")
+    no_runtime_errors(results)
+    applied_on_both(results, "memory.activation_checkpointing")
+    applied_on_both(results, "memory.reshard_after_forward")
+    for r in results:
+        assert r["live"] == r["reference"]
+    job = results[0]["after"]
+    assert job["data_parallel"]["mesh"] == {"shape": [1], "dim_names": ["dp"], "device_type": "cpu"}
+    assert job["data_parallel"]["reshard_after_forward"] is False
+    assert job["tensor_parallel"]["mesh"] == {"shape": [2], "dim_names": ["tp"], "device_type": "cpu"}
+    assert job["tensor_parallel"]["placements"] == {"Shard(dim=0)": 8, "Shard(dim=1)": 4, "Replicate()": 4}

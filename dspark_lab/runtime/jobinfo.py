@@ -63,25 +63,22 @@ def tensor_parallel(model: nn.Module, fsdp_mesh) -> dict[str, Any] | None:
     if dtensor is None:
         return None
     fsdp_names = set(fsdp_mesh.mesh_dim_names or ()) if fsdp_mesh is not None else set()
-    placements, meshes, params = Counter(), {}, 0
+    placements, tp_mesh, params = Counter(), None, 0
     for param in model.parameters():
-        if not isinstance(param, dtensor.DTensor):
+        if not isinstance(param, dtensor.DTensor) or (fsdp_mesh is not None and param.device_mesh == fsdp_mesh):
             continue
         mesh = param.device_mesh
-        if fsdp_mesh is not None and (mesh == fsdp_mesh or not mesh.mesh_dim_names):
-            continue
         names = mesh.mesh_dim_names or tuple(f"dim{i}" for i in range(mesh.ndim))
-        tp_dims = [i for i, n in enumerate(names) if n not in fsdp_names]
+        tp_dims = [i for i, name in enumerate(names) if name not in fsdp_names]
         if not tp_dims:
             continue
         params += 1
         placements.update(repr(param.placements[i]) for i in tp_dims)
-        meshes[tuple(names[i] for i in tp_dims)] = mesh[tuple(names[i] for i in tp_dims)] if mesh.mesh_dim_names \
-            and len(tp_dims) < mesh.ndim else mesh
+        if tp_mesh is None:  # FSDP2 + TP: the parameter lives on the 2-D mesh; name its TP part
+            tp_mesh = mesh if len(tp_dims) == mesh.ndim else mesh[tuple(names[i] for i in tp_dims)]
     if not params:
         return None
-    return {"dtensor_params": params, "placements": dict(placements),
-            "mesh": _mesh(next(iter(meshes.values())))}
+    return {"dtensor_params": params, "placements": dict(placements), "mesh": _mesh(tp_mesh)}
 
 
 def pipeline(job) -> dict[str, Any] | None:

@@ -39,19 +39,22 @@ class Transformer(nn.Module):
 
 
 def build(mode, mesh):
+    """fsdp: fully_shard over 2 ranks; tp: ColwiseParallel/RowwiseParallel over 2 ranks; fsdp-tp: torchtitan's 2-D
+    (dp=1, tp=2) mesh, TP inside each block, then fully_shard on the dp dimension."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
     torch.manual_seed(0)
     model = Transformer()
-    if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
+    if mode in ("tp", "fsdp-tp"):
+        tp_mesh = mesh["tp"] if mode == "fsdp-tp" else mesh
         for block in model.layers.values():
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-    else:
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
+            parallelize_module(block, tp_mesh, {"w1": ColwiseParallel(), "w2": RowwiseParallel()})
+    if mode in ("fsdp", "fsdp-tp"):
+        dp_mesh = mesh["dp"] if mode == "fsdp-tp" else mesh
         for block in model.layers.values():
-            parallelize_module(block, mesh, {"w1": ColwiseParallel(), "w2": RowwiseParallel()})
+            fully_shard(block, mesh=dp_mesh)
+        fully_shard(model, mesh=dp_mesh)
     return model, torch.optim.SGD(model.parameters(), lr=0.1)
 
 
@@ -73,7 +76,7 @@ def train(model, optimizer, steps, rank, mode, on_step=None):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=("fsdp", "tp"), required=True)
+    parser.add_argument("--mode", choices=("fsdp", "tp", "fsdp-tp"), required=True)
     parser.add_argument("--change", action="append", default=[])
     parser.add_argument("--try", dest="attempt", action="append", default=[],
                         help="a change rank 0 also requests at step 1, expected to be refused")
@@ -83,7 +86,10 @@ def main():
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp" if args.mode == "fsdp" else "tp",))
+    if args.mode == "fsdp-tp":
+        mesh = init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("dp", "tp"))
+    else:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp" if args.mode == "fsdp" else "tp",))
     reference = train(*build(args.mode, mesh), args.steps, rank, args.mode)
 
     import dspark_lab as dl
