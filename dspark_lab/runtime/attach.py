@@ -109,7 +109,11 @@ class Job:
         self.server = None
         self._runtime_error_logged = False
         self.state: dict[str, Any] = {}
-        self.manager.pm.hook.dspark_job_started(job=self)
+        try:
+            self.manager.pm.hook.dspark_job_started(job=self)
+        except Exception as exc:  # a plugin's bug must not stop the job from starting
+            self.record_event("error", step=0, rank=rank, reason=f"dspark_job_started failed: "
+                                                                 f"{type(exc).__name__}: {exc}")
 
     # --- policy state (kept by PolicyState; the coordinator and control endpoint call these) ------------------
 
@@ -164,18 +168,28 @@ class Job:
         if not self.discovered:
             inner.register_forward_pre_hook(self.meter.count_batch, with_kwargs=True)
         self.discovered = True
-        for state in list(self.state.values()):
-            if hasattr(state, "on_model"):
-                state.on_model(self)
+        self.notify_states("on_model")
 
     def on_ddp(self, ddp) -> None:
         """Called right after a DistributedDataParallel is constructed, before its first forward."""
         self.ddp = ddp
         self.set_model(ddp.module)
-        for state in list(self.state.values()):
-            if hasattr(state, "on_ddp"):
-                state.on_ddp(self, ddp)
+        self.notify_states("on_ddp", ddp)
         self.policy_state.apply_launch(("comm.",), self.step + 1)
+
+    def notify_states(self, method: str, *args) -> None:
+        """Call ``method(job, *args)`` on every policy state that has it; one failing state does not stop the
+        others. A :class:`PolicyError` (a registration that breaks a contract) goes to the caller."""
+        for name, state in list(self.state.items()):
+            if not hasattr(state, method):
+                continue
+            try:
+                getattr(state, method)(self, *args)
+            except PolicyError:
+                raise
+            except Exception as exc:
+                self.record_event("error", step=self.step, rank=self.rank,
+                                  reason=f"{name}.{method} failed: {type(exc).__name__}: {exc}")
 
     def on_compile(self, target) -> None:
         """``torch.compile(target)`` was called: a module is compiled (memory policies refused), a function is not."""
@@ -305,9 +319,7 @@ def attach(model=None, optimizer=None, *, blocks=None, policies: dict[str, Any] 
                               "or pass the DDP model's module")
         job.set_model(model, blocks)
     elif registered:
-        for state in list(job.state.values()):
-            if hasattr(state, "on_model"):
-                state.on_model(job)
+        job.notify_states("on_model")
     if optimizer is not None:
         job.optimizer = optimizer
     return job
