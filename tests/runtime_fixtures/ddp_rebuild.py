@@ -1,6 +1,7 @@
 """One-rank DDP whose parameters are registered in the reverse of the order they are used: after the first step
 DDP rebuilds its buckets in gradient-ready order, so bucket 0 changes size (Lightning hit this with bf16 sync).
 Runs the runtime's gradient-sync dispatcher in ``sys.argv[1]`` mode and prints each step's bucket sizes."""
+import os
 import sys
 
 import torch
@@ -32,3 +33,5 @@ for step in range(4):
     optimizer.zero_grad()
     print("step", step, sorted(r.numel() for r in sync._impl.residuals.values()), flush=True)
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # gloo's threads can abort a loaded interpreter's teardown after the work is done

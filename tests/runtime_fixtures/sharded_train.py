@@ -5,6 +5,7 @@ Writes losses of both, the runtime's events and rank 0's ``job`` description to 
 import argparse
 import json
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -123,6 +124,8 @@ def main():
         json.dump(result, f, default=str)
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # gloo's threads can abort a loaded interpreter's teardown after the work is done
 
 
 if __name__ == "__main__":

@@ -5,11 +5,14 @@ after ``--request-at`` steps. ``--layout single`` holds one stage per rank, ``lo
 import argparse
 import gc
 import json
+import os
+import sys
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.pipelining import PipelineStage, schedules
+
 
 DIM, MICROBATCHES = 16, 4
 
@@ -85,6 +88,8 @@ def main():
         json.dump(result, f, default=str)
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # gloo's threads can abort a loaded interpreter's teardown after the work is done
 
 
 if __name__ == "__main__":
