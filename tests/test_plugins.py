@@ -244,7 +244,7 @@ def test_hook_dspark_job_started(tmp_path):
     assert job.state["probe"].models == []  # created with the job, before any model
     job.set_model(torch.nn.Linear(2, 2))
     job.close()
-    assert job.state["probe"].models == ["Linear"] and set(job.state) == {"comm", "moe", "probe"}
+    assert job.state["probe"].models == ["Linear"] and set(job.state) == {"comm", "moe", "pipeline", "probe"}
 
 
 # --- tracing -------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from dspark_lab.runtime import discover
 from dspark_lab.runtime.attach import Job
 from dspark_lab.runtime.policies import builtin as builtin_policies
 from dspark_lab.runtime.policies.comm import CommState
+from dspark_lab.runtime.policies.sched import PipelineState
 from dspark_lab.runtime.policy_state import NOT_DISCOVERED
 from dspark_lab.runtime.records import RunDir
 
@@ -84,6 +85,7 @@ def job(tmp_path):
 
 def test_policies_keep_their_state_through_dspark_job_started(job):
     assert isinstance(job.state["comm"], CommState) and job.state["comm"].grad_sync is None
+    assert isinstance(job.state["pipeline"], PipelineState) and job.state["pipeline"].schedule is None
     assert not hasattr(job, "grad_sync") and not hasattr(job, "moe")
 
 

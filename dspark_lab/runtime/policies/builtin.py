@@ -5,7 +5,7 @@ Memory: ``memory.activation_checkpointing``, ``memory.activation_offload``, ``me
 ``comm.grad_sync``, ``comm.bucket_mb`` (launch-only). Scheduling: ``sched.pipeline``, ``moe.placement`` with its
 interval, window and move cost. How each is applied lives in :mod:`.memory`, :mod:`.comm`, :mod:`.sched` and :mod:`.moe`; this module
 only says which keys exist, when a change must be refused, and routes an apply to the right function. Their
-per-job state lives in ``job.state`` ("comm", "moe"), made by :func:`dspark_job_started`.
+per-job state lives in ``job.state`` ("comm", "moe", "pipeline"), made by :func:`dspark_job_started`.
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ def observed_values(job) -> dict:
 def dspark_job_started(job):
     job.state["comm"] = comm.CommState()
     job.state["moe"] = moe.MoEState()
+    job.state["pipeline"] = sched.PipelineState()
 
 
 @hookimpl

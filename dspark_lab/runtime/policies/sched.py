@@ -35,22 +35,33 @@ TORCH_SCHEDULES = {
 TORCH_ONLY = ("looped-bfs", "interleaved-zb")
 
 
+class PipelineState:
+    """The scheduling policy's per-job state (created by ``dspark_job_started``): the torch pipelining schedule
+    steered, once found. A schedule registered with ``attach(pipeline=...)`` wins; otherwise the heap is scanned
+    once, after discovery, for the process's one live schedule object."""
+
+    def __init__(self):
+        self.schedule = None
+        self.live_schedules = 0  # found by the scan; more than one cannot be steered without a registration
+        self._scanned = False
+
+    def find(self, job, schedules):
+        registered = job.registered.get("pipeline")
+        if isinstance(registered, schedules._PipelineSchedule):
+            return registered
+        if registered is None and job.discovered and not self._scanned:
+            self._scanned = True
+            found = [o for o in gc.get_objects() if isinstance(o, schedules._PipelineSchedule)]
+            self.live_schedules = len(found)
+            self.schedule = found[0] if len(found) == 1 else None
+        return self.schedule
+
+
 def torch_schedule(job):
-    """The job's ``torch.distributed.pipelining`` schedule: the registered one, else the one live schedule object
-    (one heap scan, once), or None. Never imports torch's pipelining package by itself."""
+    """The job's ``torch.distributed.pipelining`` schedule, or None. Never imports torch's pipelining package."""
     schedules = sys.modules.get("torch.distributed.pipelining.schedules")
-    if schedules is None or job is None:
-        return None
-    registered = job.registered.get("pipeline")
-    if isinstance(registered, schedules._PipelineSchedule):
-        return registered
-    if registered is None and job.discovered and "pipeline_scanned" not in job.registered:
-        job.registered["pipeline_scanned"] = True
-        found = [o for o in gc.get_objects() if isinstance(o, schedules._PipelineSchedule)]
-        if len(found) == 1:
-            job.registered["pipeline"] = found[0]
-            return found[0]
-    return None
+    state = job.state.get("pipeline") if job is not None else None
+    return state.find(job, schedules) if schedules is not None and state is not None else None
 
 
 def _torch_value(schedule) -> str | None:
@@ -145,6 +156,10 @@ def refusal(value: str, job=None) -> str | None:
     schedule = torch_schedule(job)
     if schedule is not None:
         return _torch_refusal(schedule, value)
+    live = job.state["pipeline"].live_schedules if job is not None and "pipeline" in job.state else 0
+    if live > 1:
+        return (f"the process holds {live} torch.distributed.pipelining schedules; register the one to steer "
+                "with dspark_lab.attach(pipeline=schedule)")
     if value in TORCH_ONLY:
         return f"{value} is a torch.distributed.pipelining schedule; this job runs no torch pipeline"
     found = trainer(job)
