@@ -53,9 +53,13 @@ class StepMeter:
             self._samples += first.shape[0]
             if not first.is_floating_point() and first.dim() >= 2:
                 self._tokens += first.numel()
-            device = first.device.type
-            if self.autocast is None and torch.is_autocast_enabled(device):
-                self.autocast = f"{device}:{torch.get_autocast_dtype(device)}"
+            if self.autocast is None:
+                device = first.device.type
+                try:
+                    if torch.is_autocast_enabled(device):
+                        self.autocast = f"{device}:{torch.get_autocast_dtype(device)}"
+                except RuntimeError:  # a device type autocast does not know: nothing to report
+                    self.autocast = ""
 
     def on_backward(self, tensors, run):
         start = time.perf_counter()
