@@ -43,6 +43,18 @@ class HFStyle(nn.Module):
         self.lm_head = nn.Linear(16, 32)
 
 
+class LlamaStyle(nn.Module):
+    """``model.model.layers`` as in Hugging Face's LlamaForCausalLM."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(32, 16)
+        self.model.layers = nn.ModuleList(Block() for _ in range(2))
+        self.model.norm = nn.LayerNorm(16)
+        self.lm_head = nn.Linear(16, 32)
+
+
 class TitanStyle(nn.Module):
     """torchtitan's ``model.layers`` is an nn.ModuleDict keyed "0", "1", ..."""
 
@@ -57,6 +69,7 @@ class TitanStyle(nn.Module):
 @pytest.mark.parametrize("model, count, path", [
     (mixed_sequential(), 4, "model[1:5]"),
     (HFStyle(), 3, "model.transformer.h"),
+    (LlamaStyle(), 2, "model.model.layers"),
     (TitanStyle(), 5, "model.layers"),
 ])
 def test_blocks_are_the_longest_same_type_run_in_any_container(model, count, path):
