@@ -120,6 +120,20 @@ def dspark_device_sampler(backend):
 # --- live runtime: called on every rank at the step boundary where a change applies ------------------------
 
 
+@hookspec
+def dspark_job_started(job):
+    """Called once on every rank when the runtime's ``job`` (:class:`dspark_lab.runtime.attach.Job`) is created,
+    before the script's model exists.
+
+    A plugin keeps its per-job policy state here instead of in fields of the job: store one object under
+    ``job.state[name]`` (``name``: the plugin's own key). The runtime then calls that object's optional methods
+    ``on_model(job)`` (the model was found or handed over by ``attach``; ``job.model``, ``job.blocks`` and
+    ``job.registered`` are set) and ``on_ddp(job, ddp)`` (right after a DistributedDataParallel is built, before
+    its first forward: the place to register a comm hook). Returns ``None``.
+    """
+
+
+
 @hookspec(firstresult=True)
 def dspark_apply_policy(job, key, value, old):
     """Apply policy ``key`` (a key this plugin registered) with the validated ``value`` on this rank.

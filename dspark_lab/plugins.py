@@ -101,6 +101,7 @@ RETURNS: dict[str, Returns] = {
     "dspark_make_collective": Returns("return an object with all_reduce(), reduce_scatter() and all_gather()",
                                       methods=("all_reduce", "reduce_scatter", "all_gather")),
     "dspark_device_sampler": Returns("return a zero-argument callable that returns a dict", callable=True),
+    "dspark_job_started": Returns("return None: keep per-job state in job.state", kind=object),
     "dspark_topology": Returns("return the topology file format: a dict with nodes and links", kind=dict),
     # doctor.check_vendors turns a wrong item into this plugin's problem (Check lives above the plugin manager)
     "dspark_doctor_checks": Returns("return a list of dspark_lab.doctor.Check", item=object),

@@ -388,11 +388,6 @@ def test_every_hook_declares_its_return_type():
     assert set(RETURNS) == {name for name in dir(hookspecs) if name.startswith("dspark_")}
 
 
-# attach.py is being split by another branch; its three hook calls move to Manager.dispatch at the merge.
-_PENDING = pytest.mark.xfail(strict=True, reason="runtime/attach.py still calls pm.hook (switches at the merge)")
-
-
-@_PENDING
 def test_no_hook_is_called_outside_the_dispatch_path():
     root = Path(dspark_lab.__file__).parent.parent
     sources = [p for d in ("dspark_lab", "backends", "kernels", "plugins") for p in (root / d).rglob("*.py")]
@@ -401,7 +396,6 @@ def test_no_hook_is_called_outside_the_dispatch_path():
     assert calls == []
 
 
-@_PENDING
 def test_a_raising_step_end_plugin_does_not_stop_metrics(tmp_path, fixture_plugin):
     from dspark_lab.backends import cpu
     from dspark_lab.runtime.policies import builtin
@@ -410,6 +404,36 @@ def test_a_raising_step_end_plugin_does_not_stop_metrics(tmp_path, fixture_plugi
     job = _step_job(tmp_path, manager, steps=3)
     assert [m["step"] for m in job.run_dir.metrics()] == [1, 2, 3]
     assert "dspark_step_end" in {p.stage for p in manager.problems}
+
+
+def test_hook_dspark_job_started(tmp_path):
+    import torch
+
+    from dspark_lab import hookimpl
+    from dspark_lab.backends import cpu
+    from dspark_lab.runtime.attach import Job
+    from dspark_lab.runtime.policies import builtin
+    from dspark_lab.runtime.records import RunDir
+
+    class Counter:
+        def __init__(self):
+            self.models = []
+
+        def on_model(self, job):
+            self.models.append(type(job.model).__name__)
+
+    class StateOwner:
+        @hookimpl
+        def dspark_job_started(self, job):
+            job.state["probe"] = Counter()
+
+    manager = make_manager([cpu, builtin, StateOwner()], entry_points=False)
+    job = Job(RunDir.create("20260101-000000-feed01", {"name": "probe"}, root=tmp_path), rank=0, world=1,
+              manager=manager)
+    assert job.state["probe"].models == []  # created with the job, before any model
+    job.set_model(torch.nn.Linear(2, 2))
+    job.close()
+    assert job.state["probe"].models == ["Linear"] and set(job.state) == {"comm", "moe", "pipeline", "probe"}
 
 
 # --- tracing -------------------------------------------------------------------------------------------------

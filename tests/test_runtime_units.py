@@ -174,7 +174,7 @@ def test_validation_refuses_in_one_line_with_allowed_values(cpu_job):
 @pytest.mark.parametrize("flag, key, value, reason", [
     ("compiled", "memory.activation_checkpointing", "full", "torch.compile"),
     ("compiled", "memory.activation_offload", "host", "torch.compile"),
-    ("fsdp", "memory.activation_checkpointing", "full", "FSDP"),
+    ("fsdp", "memory.activation_checkpointing", "full", "FSDP1"),
     ("fsdp", "comm.grad_sync", "ring", "FSDP"),
     (None, "comm.grad_sync", "ring", "no DistributedDataParallel"),
 ])
@@ -246,3 +246,25 @@ def test_metrics_follow_prints_every_record_and_ends_with_the_run(tmp_path, monk
     assert cli_main(["metrics", "followed", "--follow", "--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["bf16", "fp8"])
+def test_compressed_grad_sync_survives_ddps_bucket_rebuild(mode):
+    """Error-feedback residuals follow DDP's bucket layout: the rebuild after step 1 starts fresh residuals."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(root / "tests" / "runtime_fixtures" / "ddp_rebuild.py"), mode,
+                           str(port)], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = [line for line in done.stdout.splitlines() if line.startswith("step")]
+    # one bucket of 19272 elements at step 0, rebuilt into 16968 + 2304: the stale residual is gone
+    assert steps == ["step 0 [19272]"] + [f"step {i} [2304, 16968]" for i in (1, 2, 3)]

@@ -1,9 +1,27 @@
-"""The per-rank runtime: finds the step boundary, the model and its blocks, owns the policy state, writes records.
+"""The per-rank runtime: one :class:`Job` per process finds the model, owns the step boundary and writes records.
 
 ``dspark-lab run`` starts it in every rank before the user's script runs (:mod:`.bootstrap`); a script can also
 opt in with ``dspark_lab.attach(model, optimizer)``. Either way the torch entry points it listens to are wrapped
 once per process (:mod:`.patches`), and autograd saved-tensor hooks count the bytes held for backward (and offload
 them when a policy asks).
+
+Wrapping order (the one place it is written down; docs/runtime.md repeats it). From the outside in, as a step
+runs through them:
+
+1. ``torch.compile`` (the script's, outermost when it compiles the whole model): a compiled module's graph has
+   its activations baked in, so memory policies are refused on it rather than forcing a recompile; compiling a
+   plain function (torchtitan's ``flex_attention``) touches no module and changes nothing here.
+2. FSDP2 / TP (the script's ``fully_shard`` and ``parallelize_module``, applied before the first step): the
+   runtime never re-wraps these. Their module hooks run around ``module.forward``, so anything the runtime puts
+   inside ``forward`` sees unsharded parameters in forward and, since FSDP2 unshards again before a block's
+   backward, in recompute too.
+3. Activation checkpointing: an instance ``forward`` on each chosen block, inside FSDP2's hooks (what torchtitan
+   gets by wrapping blocks before ``fully_shard``), so ``state_dict`` keys and FSDP units never change.
+4. DDP comm hook: registered once when DDP is constructed (DDP allows one, before the first forward); the
+   runtime's dispatcher switches collectives inside it, so it never has to be re-registered.
+5. Saved-tensor hooks (innermost, a thread-wide context pushed at start): they see every tensor autograd keeps,
+   after checkpointing decided what is kept, so the byte count is of what is really held; parameters (and
+   DTensor shards) are passed through untouched.
 """
 
 from __future__ import annotations
@@ -21,13 +39,12 @@ from dspark_lab.errors import PolicyError
 from dspark_lab.plugins import Manager, get_manager
 from dspark_lab.runtime import discover
 from dspark_lab.runtime.coordinator import Coordinator, PendingChange
+from dspark_lab.runtime.jobinfo import describe
+from dspark_lab.runtime.metering import StepMeter
 from dspark_lab.runtime.policies import builtin as builtin_policies
-from dspark_lab.runtime.policies import moe as moe_policy
-from dspark_lab.runtime.policies.comm import GradSync, install_on_ddp
 from dspark_lab.runtime.policies.memory import SavedActivations
+from dspark_lab.runtime.policy_state import PolicyState
 from dspark_lab.runtime.records import JsonlWriter, RunDir, new_run_id
-
-SAMPLE_EVERY_S = 1.0
 
 
 def _env_int(name: str, default: int) -> int:
@@ -51,55 +68,56 @@ def _backend_for(manager: Manager, device_type: str):
 
 
 class Job:
-    """One rank's view of a run. ``Job.current`` is the process's job once attached."""
+    """One rank's view of a run. ``Job.current`` is the process's job once attached.
+
+    Three pieces do the work: :class:`.policy_state.PolicyState` (values in force, validate / apply / commit /
+    rollback), :class:`.metering.StepMeter` (one metrics record per step) and discovery (:mod:`.discover`, the
+    ``job`` description in :mod:`.jobinfo`). Policies keep their own per-job state in ``job.state``, created by
+    their ``dspark_job_started(job)`` hook; a state object may define ``on_model(job)`` and ``on_ddp(job, ddp)``.
+    """
 
     current: "Job | None" = None
 
     def __init__(self, run_dir: RunDir, *, rank: int, world: int, manager: Manager | None = None,
-                 launch_policies: dict[str, Any] | None = None, store=None):
+                 launch_policies: dict[str, Any] | None = None, store=None,
+                 registered: dict[str, Any] | None = None):
         self.run_dir = run_dir
         self.rank, self.world = rank, world
         self.manager = manager or get_manager()
         self.backend = self.manager.default_backend()
-        self.specs = self.manager.policies()
-        self.policies = {key: spec.default for key, spec in self.specs.items()}
-        self.since = {key: 0 for key in self.specs}
-        self.launch_policies = self.validate(launch_policies or {}, live_only=False)
+        self._events = JsonlWriter(run_dir.events_path)
+        self._metrics = JsonlWriter(run_dir.metrics_path)
         self.model = self.optimizer = self.ddp = None
+        self.discovered = False  # set at the first optimizer step, or when attach() hands over the model
+        self.found_blocks = discover.Blocks()
         self.blocks: list = []
-        self.fsdp = self.compiled = False
-        self.grad_sync: GradSync | None = None
-        self.moe = None  # ExpertPlacement when the model has expert-parallel MoE layers
+        self.fsdp = False
+        self.fsdp_kind = ""  # "fsdp2" (fully_shard) or "fsdp1" (FullyShardedDataParallel) when sharded
+        self.compiled: list[str] | bool = []  # paths of modules running under torch.compile
+        self.compiled_ids: set[int] = set()
+        self.compiled_functions = 0
+        self.registered: dict[str, Any] = dict(registered or {})  # attach(pipeline=..., moe_layers=...)
         self.step = 0
         self._param_storages: set[int] = set()
         self.activations = SavedActivations(lambda: self._param_storages, self._make_host_allocator)
+        self.policy_state = PolicyState(self, launch_policies)
+        self.specs, self.policies, self.since = (self.policy_state.specs, self.policy_state.values,
+                                                 self.policy_state.since)
+        self.launch_policies = self.policy_state.launch
+        self.meter = StepMeter(self)
         self.coordinator = Coordinator(self, store, rank, world)
-        self._events = JsonlWriter(run_dir.events_path)
-        self._metrics = JsonlWriter(run_dir.metrics_path)
-        self._process = psutil.Process()
-        self._sampler = None
-        self._last_sample = 0.0
-        self._reset_step_counters(time.perf_counter())
         self.server = None
         self._runtime_error_logged = False
+        self.state: dict[str, Any] = {}
+        # a plugin's bug must not stop the job from starting: dispatch records it, the job logs it once
+        for problem in self.manager.dispatch("dspark_job_started", job=self).failed:
+            self.record_event("error", step=0, rank=rank, reason=f"dspark_job_started: {problem.plugin} failed: "
+                                                                 f"{problem.reason}")
 
-    # --- policy state ------------------------------------------------------------------------------------------
+    # --- policy state (kept by PolicyState; the coordinator and control endpoint call these) ------------------
 
     def validate(self, changes: dict[str, Any], *, live_only: bool = True) -> dict[str, Any]:
-        """Parse ``changes`` against the schema; raise PolicyError (one line) for the first bad key or value."""
-        parsed = {}
-        for key, value in changes.items():
-            spec = self.specs.get(key)
-            if spec is None:
-                raise PolicyError(f"{key}: unknown policy; known: {', '.join(self.specs)}")
-            parsed[key] = spec.validate(value)
-            if live_only and not spec.live:
-                raise PolicyError(f"{key} is launch-only: set it with `dspark-lab run --policy {key}=VALUE`")
-            if live_only and key in builtin_policies.SPECS_BY_KEY:
-                reason = builtin_policies.refusal(self, key, parsed[key])
-                if reason:
-                    raise PolicyError(f"{key}: {reason}")
-        return parsed
+        return self.policy_state.validate(changes, live_only=live_only)
 
     def request(self, changes: dict[str, Any], kind: str = "change") -> PendingChange:
         """Rank 0: validate and queue a change (or a stop); a refusal is logged once and raised."""
@@ -112,36 +130,13 @@ class Job:
         return self.coordinator.submit(parsed, kind)
 
     def apply_changes(self, changes: dict[str, Any]) -> tuple[str, list[tuple]]:
-        """Apply every key in order; stop at the first failure. Returns (failure reason or "", what was applied)."""
-        applied = []
-        for key, value in changes.items():
-            old = self.policies[key]
-            try:
-                note = self.manager.pm.hook.dspark_apply_policy(job=self, key=key, value=value, old=old)
-                if note is None:
-                    raise PolicyError(f"{key}: no plugin applies this policy")
-            except Exception as exc:  # a failing apply must never take the job down: it rolls back
-                return f"{key}={value}: {exc}", applied
-            applied.append((key, old, value, note))
-        return "", applied
+        return self.policy_state.apply(changes)
 
     def commit_changes(self, applied, announcement, note: str = "") -> None:
-        for key, old, new, apply_note in applied:
-            self.policies[key] = new
-            self.since[key] = announcement["step"]
-            self.record_event("apply", step=announcement["step"], rank=self.rank, key=key, old=old, new=new,
-                              reason="; ".join(n for n in (apply_note, note) if n),
-                              change_id=announcement["change_id"])
+        self.policy_state.commit(applied, announcement, note)
 
     def rollback_changes(self, applied, announcement, reason: str) -> None:
-        for key, old, new, _ in reversed(applied):
-            try:
-                self.manager.pm.hook.dspark_apply_policy(job=self, key=key, value=old, old=new)
-            except Exception as exc:
-                reason += f"; restoring {key}={old} failed: {exc}"
-        for key, new in announcement["changes"].items():
-            self.record_event("rollback", step=announcement["step"], rank=self.rank, key=key,
-                              old=self.policies[key], new=new, reason=reason, change_id=announcement["change_id"])
+        self.policy_state.rollback(applied, announcement, reason)
 
     def pending_changes(self) -> dict[str, PendingChange]:
         return {key: p for p in list(self.coordinator._local.values()) if p.state == "pending" for key in p.changes}
@@ -153,129 +148,101 @@ class Job:
 
     def set_model(self, model, blocks=None) -> None:
         inner = discover.unwrap(model)
-        self.compiled = self.compiled or discover.is_compiled(model)
+        self.compiled = discover.compiled_paths(model, self.compiled_ids) or \
+            discover.compiled_paths(inner, self.compiled_ids)
         self.model = inner
         self.fsdp = discover.is_fsdp(inner)
-        self.blocks = list(blocks) if blocks is not None else discover.repeated_blocks(inner)
-        self._param_storages = {p.untyped_storage().data_ptr() for p in inner.parameters()}
+        self.fsdp_kind = "fsdp2" if discover.fsdp2_modules(inner) else ("fsdp1" if self.fsdp else "")
+        if blocks is not None:
+            blocks = list(blocks)
+            kind = type(blocks[0]).__name__ if blocks else ""
+            self.found_blocks = discover.Blocks(blocks, kind, "blocks=", "passed to dspark_lab.attach(blocks=...)")
+        else:
+            self.found_blocks = discover.find_blocks(inner)
+        self.blocks = self.found_blocks.modules
+        self._param_storages = param_storages(inner)
         first = next(inner.parameters(), None)
         if first is not None:
             self.backend = _backend_for(self.manager, first.device.type)
-        inner.register_forward_pre_hook(self._count_batch, with_kwargs=True)
-        layers = moe_policy.moe_layers(inner)
-        if layers and self.moe is None:
-            self.moe = moe_policy.ExpertPlacement(layers, self.rank, self.world)
+        if not self.discovered:
+            inner.register_forward_pre_hook(self.meter.count_batch, with_kwargs=True)
+        self.discovered = True
+        self.notify_states("on_model")
 
     def on_ddp(self, ddp) -> None:
-        """Called right after a DistributedDataParallel is constructed."""
+        """Called right after a DistributedDataParallel is constructed, before its first forward."""
         self.ddp = ddp
         self.set_model(ddp.module)
-        group = getattr(ddp, "process_group", None)
-        self.grad_sync = GradSync(lambda name, grp: self.manager.make_collective(self.backend, name, grp),
-                                  group=None if group is dist.GroupMember.WORLD else group)
-        install_on_ddp(ddp, self.grad_sync)
-        self._apply_launch_policies(("comm.",))
+        self.notify_states("on_ddp", ddp)
+        self.policy_state.apply_launch(("comm.",), self.step + 1)
 
-    def _apply_launch_policies(self, prefixes: tuple[str, ...]) -> None:
-        changes = {k: v for k, v in self.launch_policies.items() if k.startswith(prefixes)}
-        changes = {k: v for k, v in changes.items() if v != self.policies[k]}
-        if not changes:
-            return
-        failure, applied = self.apply_changes(changes)
-        announcement = {"step": self.step + 1, "changes": changes, "change_id": "launch"}
-        if failure:
-            self.rollback_changes(applied, announcement, failure)
+    def notify_states(self, method: str, *args) -> None:
+        """Call ``method(job, *args)`` on every policy state that has it; one failing state does not stop the
+        others. A :class:`PolicyError` (a registration that breaks a contract) goes to the caller."""
+        for name, state in list(self.state.items()):
+            if not hasattr(state, method):
+                continue
+            try:
+                getattr(state, method)(self, *args)
+            except PolicyError:
+                raise
+            except Exception as exc:
+                self.record_event("error", step=self.step, rank=self.rank,
+                                  reason=f"{name}.{method} failed: {type(exc).__name__}: {exc}")
+
+    def on_compile(self, target) -> None:
+        """``torch.compile(target)`` was called: a module is compiled (memory policies refused), a function is not."""
+        owner = getattr(target, "__self__", None)  # module.compile() compiles the bound module._call_impl
+        target = owner if isinstance(owner, torch.nn.Module) else target
+        if isinstance(target, torch.nn.Module):
+            self.compiled_ids.update(id(m) for m in target.modules())
+            self.activations.uninstall()  # saved-tensor hooks and compiled graphs do not mix
+            if self.model is not None:
+                self.compiled = discover.compiled_paths(self.model, self.compiled_ids)
         else:
-            self.commit_changes(applied, announcement, "set at launch")
+            self.compiled_functions += 1
+
+    def describe(self) -> dict[str, Any]:
+        """What this job is (parallelism, compile, precision, blocks, which policies apply): see :mod:`.jobinfo`."""
+        try:
+            return describe(self)
+        except Exception as exc:  # read from another thread while the job trains: never fail the status request
+            return {"error": f"discovery failed: {type(exc).__name__}: {exc}"}
 
     # --- per-step bookkeeping ----------------------------------------------------------------------------------
 
-    def _reset_step_counters(self, now: float) -> None:
-        self._last_boundary = now
-        self._first_backward = None
-        self._backward_s = 0.0
-        self._optimizer_start = None
-        self._loss = None
-        self._samples = 0
-        self._tokens = 0
-
-    def _count_batch(self, module, args, kwargs):
-        first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        if first is not None and first.dim() > 0:
-            self._samples += first.shape[0]
-            if not first.is_floating_point() and first.dim() >= 2:
-                self._tokens += first.numel()
-
     def on_backward(self, tensors, run):
-        start = time.perf_counter()
-        if self._first_backward is None:
-            self._first_backward = start
-        if isinstance(tensors, torch.Tensor) and tensors.numel() == 1:
-            self._loss = tensors.detach()
-        try:
-            return run()
-        finally:
-            self._backward_s += time.perf_counter() - start
+        return self.meter.on_backward(tensors, run)
 
     def on_step_begin(self, optimizer) -> None:
         if self.optimizer is None or optimizer is self.optimizer:
-            self._optimizer_start = time.perf_counter()
+            self.meter.on_step_begin()
 
     def on_step_end(self, optimizer) -> None:
         if self.optimizer is None:
             self.optimizer = optimizer
-            if self.model is None:
-                model = discover.model_of_optimizer(optimizer)
-                if model is not None:
-                    self.set_model(model)
         elif optimizer is not self.optimizer:
             return
+        if self.model is None and self.step == 0:  # also when attach() handed over only the optimizer
+            model = discover.model_of_optimizer(optimizer)
+            if model is not None:
+                self.set_model(model)
         now = time.perf_counter()
         self.step += 1
         self._write_metrics(now)
-        self._reset_step_counters(now)
+        self.meter.reset(now)
         if self.step == 1:
+            self.discovered = True
             self.policies.update(builtin_policies.observed_values(self))
-            self._apply_launch_policies(("memory.", "sched.", "moe."))
+            self.policy_state.apply_launch(("memory.", "sched.", "moe."), self.step + 1)
         self.coordinator.at_boundary(self.step)
 
     def _write_metrics(self, now: float) -> None:
-        record = self._metrics_record(now)
-        for extra in self.manager.pm.hook.dspark_step_end(job=self, step=self.step):
+        comm = self.state.get("comm")
+        record = self.meter.record(now, self.step, comm.take_comm_time() if comm is not None else None)
+        for _, extra in self.manager.dispatch("dspark_step_end", job=self, step=self.step):
             record.update(extra)
         self._metrics.write(record)
-
-    def _metrics_record(self, now: float) -> dict[str, Any]:
-        step_time = now - self._last_boundary
-        record: dict[str, Any] = {
-            "time": time.time(), "step": self.step, "rank": self.rank,
-            "step_time_s": step_time,
-            "forward_s": (self._first_backward - self._last_boundary) if self._first_backward else None,
-            "backward_s": self._backward_s or None,
-            "optimizer_s": (now - self._optimizer_start) if self._optimizer_start else None,
-            "comm_s": self.grad_sync.take_comm_time() if self.grad_sync else None,
-            "loss": float(self._loss.item()) if self._loss is not None else None,
-            "samples_per_s": self._samples / step_time if self._samples else None,
-            "tokens_per_s": self._tokens / step_time if self._tokens else None,
-            "peak_activation_bytes": self.activations.reset_peak(),
-            "rss_bytes": self._process.memory_info().rss,
-        }
-        if self.backend.torch_device == "cuda" and torch.cuda.is_available():
-            record["memory_allocated_bytes"] = torch.cuda.memory_allocated()
-            record["memory_peak_bytes"] = torch.cuda.max_memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        if now - self._last_sample >= SAMPLE_EVERY_S:
-            record["device"] = self._sample()
-            self._last_sample = now
-        return record
-
-    def _sample(self) -> dict | None:
-        if self._sampler is None:
-            self._sampler = self.manager.device_sampler(self.backend) or (lambda: None)
-        try:
-            return self._sampler()
-        except Exception as exc:  # a vendor library hiccup must not stop training
-            return {"error": str(exc)}
 
     # --- records -----------------------------------------------------------------------------------------------
 
@@ -291,12 +258,25 @@ class Job:
         self.activations.uninstall()
 
 
+def param_storages(model) -> set[int]:
+    """Data pointers of the parameters' storages (a DTensor's local shard; a subclass without storage is skipped)."""
+    found = set()
+    for param in model.parameters():
+        local = getattr(param, "_local_tensor", param)
+        try:
+            found.add(local.untyped_storage().data_ptr())
+        except RuntimeError:  # a tensor subclass with no real storage of its own
+            continue
+    return found
+
+
 def start_job(run_dir: RunDir, *, launch_policies: dict[str, Any] | None = None, store=None,
-              manager: Manager | None = None) -> Job:
+              manager: Manager | None = None, registered: dict[str, Any] | None = None) -> Job:
     """Create this process's Job, install the hooks, and (rank 0) serve the control endpoint."""
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     store = store if store is not None else _connect_store(run_dir.id)
-    job = Job(run_dir, rank=rank, world=world, manager=manager, launch_policies=launch_policies, store=store)
+    job = Job(run_dir, rank=rank, world=world, manager=manager, launch_policies=launch_policies, store=store,
+              registered=registered)
     Job.current = job
     from dspark_lab.runtime.patches import install_patches
 
@@ -312,22 +292,32 @@ def start_job(run_dir: RunDir, *, launch_policies: dict[str, Any] | None = None,
 
 
 def attach(model=None, optimizer=None, *, blocks=None, policies: dict[str, Any] | None = None,
-           name: str | None = None) -> Job:
+           name: str | None = None, pipeline=None, moe_layers=None) -> Job:
     """Opt a script into the live runtime: ``job = dspark_lab.attach(model, optimizer)``.
 
     Under ``dspark-lab run`` this hands the runtime the model and optimizer instead of letting it discover them.
     Run directly (``python train.py`` or plain torchrun), it creates the run directory itself and rank 0 serves
     the control endpoint, so ``dspark-lab set`` works the same. ``blocks`` overrides the repeated-block discovery.
+    ``pipeline`` registers the job's pipeline schedule (a ``torch.distributed.pipelining`` schedule or DSpark's
+    ``PipelineTrainer``) for ``sched.pipeline``; ``moe_layers`` the MoE layers ``moe.placement`` steers (the
+    contract they meet is in docs/runtime.md).
     """
+    registered = {k: v for k, v in (("pipeline", pipeline), ("moe_layers", moe_layers)) if v is not None}
+    if "moe_layers" in registered:
+        registered["moe_layers"] = list(registered["moe_layers"])
     job = Job.current
     if job is None:
         run_dir = _own_run_dir(name, policies or {})
-        job = start_job(run_dir, launch_policies=policies)
+        job = start_job(run_dir, launch_policies=policies, registered=registered)
+    else:
+        job.registered.update(registered)
     if model is not None:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel) and job.ddp is None:
             raise PolicyError("attach: call dspark_lab.attach before wrapping the model in DistributedDataParallel, "
                               "or pass the DDP model's module")
         job.set_model(model, blocks)
+    elif registered:
+        job.notify_states("on_model")
     if optimizer is not None:
         job.optimizer = optimizer
     return job

@@ -117,7 +117,7 @@ class ControlServer:
 
     def status(self, body) -> dict[str, Any]:
         return {"step": self.job.step, "rank_count": self.job.world, "backend": self.job.backend.name,
-                "policies": dict(self.job.policies), "blocks": len(self.job.blocks)}
+                "policies": dict(self.job.policies), "blocks": len(self.job.blocks), "job": self.job.describe()}
 
     def set(self, body) -> dict[str, Any]:
         changes = body.get("changes")

@@ -1,9 +1,17 @@
-"""Find what the runtime needs in a script it did not write: the model behind an optimizer and its repeated blocks."""
+"""Find what the runtime needs in a script it did not write: the model behind an optimizer, its repeated blocks,
+and which wrappers (DDP, FSDP2, torch.compile) sit on it.
+
+Blocks are the longest run of consecutive same-type children with parameters inside any container of the model
+(``nn.ModuleList``, ``nn.ModuleDict``, ``nn.Sequential`` or a plain module's attributes): a transformer's layers
+(HF ``model.transformer.h`` / ``model.model.layers``, torchtitan's ``model.layers`` ModuleDict) as well as the four
+``Block``s of ``nn.Sequential(Linear, Block, Block, Block, Block, Linear)``. Activation checkpointing (Chen et al.
+2016) wraps these.
+"""
 
 from __future__ import annotations
 
 import gc
-from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,29 +35,87 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The user's module under DDP / torch.compile wrappers."""
     while True:
         inner = getattr(model, "module", None) if type(model).__name__ == "DistributedDataParallel" else None
-        inner = inner or getattr(model, "_orig_mod", None)
+        inner = inner or model.__dict__.get("_modules", {}).get("_orig_mod")
         if inner is None:
             return model
         model = inner
 
 
-def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The largest ``nn.ModuleList``/``nn.Sequential`` whose members share one type (a transformer's layers)."""
-    best: list[nn.Module] = []
-    best_key = (1, 0)
-    for module in model.modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
-            continue
-        members = list(module.children())
-        if len(members) < 2:
-            continue
-        kind, count = Counter(type(m) for m in members).most_common(1)[0]
-        if count != len(members) or not any(True for _ in members[0].parameters()):
-            continue
-        key = (count, sum(p.numel() for m in members for p in m.parameters()))
-        if key > best_key:
-            best, best_key = members, key
+def _is_fsdp2_class(cls: type) -> bool:
+    return any(c.__name__ == "FSDPModule" for c in cls.__mro__)
+
+
+def user_class(module: nn.Module) -> type:
+    """The class the script wrote: FSDP2's ``FSDP<Name>`` subclass and compile's OptimizedModule are looked through."""
+    if type(module).__name__ == "OptimizedModule" and "_orig_mod" in module._modules:
+        return user_class(module._modules["_orig_mod"])
+    return next((cls for cls in type(module).__mro__ if not _is_fsdp2_class(cls)), type(module))
+
+
+@dataclass
+class Blocks:
+    """The repeated blocks found: the modules, their class name, where they sit, and why they were chosen."""
+
+    modules: list[nn.Module] = field(default_factory=list)
+    kind: str = ""
+    path: str = ""
+    why: str = "no container holds two or more consecutive same-type modules with parameters"
+
+    def as_dict(self) -> dict:
+        return {"type": self.kind or None, "count": len(self.modules), "path": self.path or None, "why": self.why}
+
+
+def _has_params(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def find_blocks(model: nn.Module, root: str = "model") -> Blocks:
+    """The longest run of consecutive same-type children (with parameters) inside any module of ``model``.
+
+    Ties go to the run holding more parameters. ``path`` names the container (``model.layers``); a run that is
+    only part of its container gets a slice (``model[1:5]``).
+    """
+    best, best_key = Blocks(), (1, 0)
+    for name, container in model.named_modules():
+        children = list(container.children())
+        start = 0
+        while start < len(children):
+            kind = user_class(children[start])
+            end = start + 1
+            while end < len(children) and user_class(children[end]) is kind:
+                end += 1
+            run = children[start:end]
+            if len(run) >= 2 and _has_params(run[0]):
+                key = (len(run), sum(p.numel() for m in run for p in m.parameters()))
+                if key > best_key:
+                    path = f"{root}.{name}" if name else root
+                    if len(run) != len(children):
+                        path += f"[{start}:{end}]"
+                    best_key = key
+                    best = Blocks(run, kind.__name__, path,
+                                  f"longest run of same-type modules with parameters: {len(run)} x {kind.__name__} "
+                                  f"at {path}")
+            start = end
     return best
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    return find_blocks(model).modules
+
+
+def fsdp2_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every module ``fully_shard`` was applied to, root first."""
+    return [(name, m) for name, m in model.named_modules() if _is_fsdp2_class(type(m))
+            and hasattr(m, "_get_fsdp_state")]
+
+
+def fsdp2_groups(module: nn.Module) -> list:
+    """The FSDPParamGroups of one FSDP2 module (empty for a module that holds no parameters of its own)."""
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        groups = [state._fsdp_param_group] if getattr(state, "_fsdp_param_group", None) is not None else []
+    return list(groups)
 
 
 def is_fsdp(model: nn.Module) -> bool:
@@ -58,5 +124,19 @@ def is_fsdp(model: nn.Module) -> bool:
     return bool(names & {"FullyShardedDataParallel", "FSDPModule"})
 
 
-def is_compiled(model: nn.Module) -> bool:
-    return type(model).__name__ == "OptimizedModule" or hasattr(model, "_orig_mod")
+def compiled_paths(model: nn.Module, compiled_ids: set[int] = frozenset(), root: str = "model") -> list[str]:
+    """Paths of the modules of ``model`` that run compiled: ``torch.compile(module)`` (an OptimizedModule or a
+    module the runtime saw passed to torch.compile) or ``module.compile()`` (a compiled ``_call_impl``).
+
+    A ``torch.compile`` of a plain function (torchtitan compiles ``flex_attention`` at import) compiles no module
+    and is not reported: it changes nothing the memory policies touch.
+    """
+    found: list[str] = []
+    for name, module in model.named_modules():
+        path = f"{root}.{name}" if name else root
+        if any(path.startswith(f + ".") for f in found):  # inside a compiled module already named
+            continue
+        if (type(module).__name__ == "OptimizedModule" or id(module) in compiled_ids
+                or module.__dict__.get("_compiled_call_impl") is not None):
+            found.append(path)
+    return found

@@ -4,7 +4,10 @@
 - ``DistributedDataParallel.__init__`` is wrapped so the runtime's gradient-sync dispatcher is DDP's comm hook and
   a launch-time ``comm.bucket_mb`` reaches DDP;
 - ``torch.autograd.backward`` is wrapped to time backward and read the loss;
-- ``torch.compile`` is wrapped to notice compiled models (memory policies are refused there).
+- ``torch.compile`` is wrapped to notice compiled modules (memory policies are refused there); compiling a plain
+  function (torchtitan compiles ``flex_attention`` at import) is counted, not taken for a compiled model.
+
+The order in which the runtime's pieces wrap a step is written down once, in :mod:`.attach`'s docstring.
 
 A failure of the runtime inside these wrappers is logged once and never raised into the user's step.
 """
@@ -78,8 +81,9 @@ def install_patches() -> None:
     @functools.wraps(original_compile)
     def compile(*args, **kwargs):
         if Job.current is not None:
-            Job.current.compiled = True
-            Job.current.activations.uninstall()  # saved-tensor hooks and compiled graphs do not mix
+            target = args[0] if args else kwargs.get("model")
+            if target is not None:
+                _guarded("on_compile", target)
         return original_compile(*args, **kwargs)
 
     torch.compile = compile

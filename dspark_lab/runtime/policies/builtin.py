@@ -1,9 +1,11 @@
 """The built-in policies, registered and applied through the same hooks a third-party plugin would use.
 
-Memory: ``memory.activation_checkpointing``, ``memory.activation_offload``. Communication: ``comm.grad_sync``,
-``comm.bucket_mb`` (launch-only). Scheduling: ``sched.pipeline``, ``moe.placement`` with its interval, window and
-move cost. How each is applied lives in :mod:`.memory`, :mod:`.comm`, :mod:`.sched` and :mod:`.moe`; this module
-only says which keys exist, when a change must be refused, and routes an apply to the right function.
+Memory: ``memory.activation_checkpointing``, ``memory.activation_offload``, ``memory.reshard_after_forward``
+(FSDP2's ``reshard_after_forward``, switched through ``FSDPModule.set_reshard_after_forward``). Communication:
+``comm.grad_sync``, ``comm.bucket_mb`` (launch-only). Scheduling: ``sched.pipeline``, ``moe.placement`` with its
+interval, window and move cost. How each is applied lives in :mod:`.memory`, :mod:`.comm`, :mod:`.sched` and :mod:`.moe`; this module
+only says which keys exist, when a change must be refused, and routes an apply to the right function. Their
+per-job state lives in ``job.state`` ("comm", "moe", "pipeline"), made by :func:`dspark_job_started`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ SPECS = (
                lossy_values=("host-fp8",),
                doc="keep tensors saved for backward in host buffers (host-fp8: as FP8 e4m3 with 1x128 tile "
                    "scales, ~4x fewer bytes, lossy)"),
+    PolicySpec(key="memory.reshard_after_forward", type="bool", default=True,
+               doc="FSDP2: free each block's gathered weights after its forward and gather them again for "
+                   "backward (true, ZeRO-3-like) or keep them until backward (false, ZeRO-2-like: more memory, "
+                   "one all-gather fewer per block)"),
     PolicySpec(key="comm.grad_sync", type="enum", choices=comm.GRAD_SYNC, default="builtin",
                lossy_values=comm.COMPRESSED,
                doc="collective that reduces DDP gradient buckets (bf16/fp8: compressed with error feedback, lossy)"),
@@ -40,27 +46,44 @@ SPECS = (
 SPECS_BY_KEY = {spec.key: spec for spec in SPECS}
 
 
+def _compiled_reason(job) -> str:
+    where = ", ".join(job.compiled[:3]) if isinstance(job.compiled, list) else "the model"
+    return (f"torch.compile compiled {where}: its graphs keep their own saved activations, and changing them "
+            "would recompile (memory policies apply to uncompiled modules)")
+
+
 def refusal(job, key: str, value) -> str | None:
     """Why ``key=value`` cannot apply to this job at all (checked when the request arrives), or None."""
+    if job.model is None and key.startswith("memory."):
+        return ("no model found: the optimizer's parameters belong to no live nn.Module; pass the model to "
+                "dspark_lab.attach")
+    if key == "memory.reshard_after_forward":
+        if job.fsdp_kind != "fsdp2":
+            return ("the model is not sharded with FSDP2's fully_shard: there is no reshard_after_forward to "
+                    "switch (FSDPModule.set_reshard_after_forward)")
+        return None
     if key.startswith("memory."):
         if job.compiled:
-            return "the script uses torch.compile; changing saved activations would recompile its graphs"
-        if key == "memory.activation_checkpointing" and job.fsdp:
-            return "the model is sharded with FSDP; wrap blocks before fully_shard instead"
+            return _compiled_reason(job)
+        if key == "memory.activation_checkpointing" and job.fsdp and job.fsdp_kind != "fsdp2":
+            return ("the model is sharded with FSDP1 (FullyShardedDataParallel), whose wrapper owns forward; "
+                    "wrap blocks with checkpoint_wrapper before FSDP, or use FSDP2's fully_shard")
         if key == "memory.activation_checkpointing" and not job.blocks and value != "none":
-            return "no repeated blocks were found in the model; pass blocks= to dspark_lab.attach"
+            return f"no repeated blocks were found in the model ({job.found_blocks.why}); pass blocks= to " \
+                   "dspark_lab.attach"
     if key == "comm.grad_sync":
         if job.fsdp:
-            return "the model is sharded with FSDP, which reduces gradients itself"
-        if job.grad_sync is None:
+            return "the model is sharded with FSDP, which reduces gradients itself (reduce-scatter in backward)"
+        grad_sync = job.state["comm"].grad_sync if "comm" in job.state else None
+        if grad_sync is None:
             return "no DistributedDataParallel model in this job: there is no gradient sync to change"
-        if job.grad_sync.refusal():
-            return job.grad_sync.refusal()
+        if grad_sync.refusal():
+            return grad_sync.refusal()
         if value not in comm.COMPRESSED + ("builtin",) and value not in job.manager.collective_names(job.backend):
             offered = ", ".join(job.manager.collective_names(job.backend))
             return f"backend {job.backend.name} offers no {value!r} collective (offered: {offered})"
     if key == "sched.pipeline":
-        return sched.refusal(value)
+        return sched.refusal(value, job)
     if key.startswith("moe."):
         return moe.refusal(job)
     return None
@@ -68,7 +91,19 @@ def refusal(job, key: str, value) -> str | None:
 
 def observed_values(job) -> dict:
     """Values the script chose itself (read once the first step ran), so `get` shows what is really in force."""
-    return {"sched.pipeline": sched.current()}
+    found = {"sched.pipeline": sched.current(job)}
+    if job.fsdp_kind == "fsdp2":
+        setting = memory.reshard_after_forward(job.model)
+        if isinstance(setting, bool):
+            found["memory.reshard_after_forward"] = setting
+    return found
+
+
+@hookimpl
+def dspark_job_started(job):
+    job.state["comm"] = comm.CommState()
+    job.state["moe"] = moe.MoEState()
+    job.state["pipeline"] = sched.PipelineState()
 
 
 @hookimpl
@@ -91,6 +126,9 @@ def dspark_apply_policy(job, key, value, old):
     if key == "memory.activation_checkpointing":
         wrapped = memory.set_checkpointing(job.blocks, value, job.activations)
         return f"{len(wrapped)} of {len(job.blocks)} blocks checkpointed"
+    if key == "memory.reshard_after_forward":
+        count = memory.set_reshard_after_forward(job.model, value)
+        return f"{count} FSDP2 modules {'reshard' if value else 'keep gathered weights'} after forward"
     if key == "memory.activation_offload":
         job.activations.mode = value
         if value != "off" and job.backend.torch_device == "cpu":
@@ -98,12 +136,12 @@ def dspark_apply_policy(job, key, value, old):
                     + ("; fp8 cuts stored bytes ~4x" if value == "host-fp8" else ""))
         return ""
     if key == "comm.grad_sync":
-        job.grad_sync.set_mode(value)
+        job.state["comm"].grad_sync.set_mode(value)
         return ""
     if key == "comm.bucket_mb":
         return "applied when DDP was constructed"
     if key == "sched.pipeline":
-        return sched.apply(value)
+        return sched.apply(value, job)
     if key.startswith("moe."):
         return ""  # read at each step boundary by dspark_step_end
     return None

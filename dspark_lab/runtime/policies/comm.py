@@ -10,6 +10,10 @@ dispatcher (:class:`GradSync`) when DDP is constructed and switches what it does
 
 A script that registers its own comm hook keeps it: the dispatcher forwards to it and ``grad_sync`` changes are
 refused with that reason.
+
+DDP rebuilds its buckets once, after the first step, in the order gradients became ready: bucket ``i`` may then
+hold other parameters (and another number of elements). Error-feedback residuals are kept per bucket *layout*
+(the parameters it holds), so a rebuilt bucket starts with a fresh residual instead of adding a stale one.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class GradSync:
         self.user_hook = None  # (state, hook) when the script registered its own
         self._make_collective = make_collective
         self._impl = None
+        self._layouts: dict[int, tuple] = {}  # bucket index -> residual key of its current layout
         self.comm_s = 0.0
 
     def refusal(self) -> str | None:
@@ -51,7 +56,16 @@ class GradSync:
             impl = ErrorFeedbackAllReduce(mode, group=self.group)
         else:
             impl = self._make_collective(mode, self.group)
-        self._impl, self.mode = impl, mode
+        self._impl, self.mode, self._layouts = impl, mode, {}
+
+    def _residual_key(self, bucket) -> tuple:
+        """The bucket's index and the parameters it holds; a rebuilt layout drops the old layout's residual."""
+        key = (bucket.index(), bucket.buffer().numel(), tuple(id(p) for p in bucket.parameters()))
+        old = self._layouts.get(key[0])
+        if old is not None and old != key:
+            self._impl.reset(old)
+        self._layouts[key[0]] = key
+        return key
 
     def take_comm_time(self) -> float:
         spent, self.comm_s = self.comm_s, 0.0
@@ -70,7 +84,7 @@ class GradSync:
 
             return dist.all_reduce(tensor, group=self.group, async_op=True).get_future().then(finished)
         if self.mode in COMPRESSED:
-            self._impl.all_reduce(tensor, key=bucket.index())
+            self._impl.all_reduce(tensor, key=self._residual_key(bucket))
         else:
             self._impl.all_reduce(tensor)
         self.comm_s += time.perf_counter() - start
@@ -90,3 +104,20 @@ def install_on_ddp(ddp_module, grad_sync: GradSync) -> None:
         grad_sync.user_hook = (state, hook)
 
     ddp_module.register_comm_hook = register_comm_hook
+
+
+class CommState:
+    """The comm policies' per-job state (created by ``dspark_job_started``): the gradient-sync dispatcher, once
+    DDP is constructed."""
+
+    def __init__(self):
+        self.grad_sync: GradSync | None = None
+
+    def on_ddp(self, job, ddp) -> None:
+        group = getattr(ddp, "process_group", None)
+        self.grad_sync = GradSync(lambda name, grp: job.manager.make_collective(job.backend, name, grp),
+                                  group=None if group is dist.GroupMember.WORLD else group)
+        install_on_ddp(ddp, self.grad_sync)
+
+    def take_comm_time(self) -> float | None:
+        return self.grad_sync.take_comm_time() if self.grad_sync else None

@@ -11,6 +11,10 @@
 
 One pair of saved-tensor hooks (:class:`SavedActivations`) does both the offload and the counting, so the byte count
 is of what is really held: on a CPU backend ``host`` holds the same bytes and has no memory effect.
+
+- ``reshard_after_forward`` (FSDP2, Zhao et al. 2023 "PyTorch FSDP"; ZeRO-3 vs ZeRO-2 in Rajbhandari et al. 2020):
+  after a block's forward, free its all-gathered weights (gather again for backward) or keep them until backward.
+  Switched through FSDP2's own ``FSDPModule.set_reshard_after_forward``; the math is the same either way.
 """
 
 from __future__ import annotations
@@ -23,10 +27,16 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dspark_lab.allocator import HostPool
+from dspark_lab.runtime.discover import fsdp2_groups, fsdp2_modules
 
 CHECKPOINTING = ("none", "full", "every-2", "every-4")
 OFFLOAD = ("off", "host", "host-fp8")
 MIN_OFFLOAD_BYTES = 1 << 14  # tiny tensors (masks, indices, scalars) are not worth a copy
+
+
+def _is_wrapper_subclass(tensor: torch.Tensor) -> bool:
+    """A tensor subclass with no storage of its own (DTensor, FSDP's views): its ``untyped_storage`` is invalid."""
+    return type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__")
 
 
 class _Held:
@@ -125,6 +135,22 @@ class SavedActivations:
     # --- hooks -------------------------------------------------------------------------------------------------
 
     def pack(self, tensor: torch.Tensor):
+        try:
+            return self._pack(tensor)
+        except RuntimeError:  # a tensor kind we cannot look into: keep it as it is, never fail the user's forward
+            return tensor
+
+    def _pack(self, tensor: torch.Tensor):
+        if _is_wrapper_subclass(tensor):  # a DTensor (TP): count its local shard, never move the wrapper
+            local = getattr(tensor, "_local_tensor", None)
+            if isinstance(local, torch.Tensor) and not _is_wrapper_subclass(local):
+                ptr = local.untyped_storage().data_ptr()
+                if ptr and ptr not in self._param_storages():
+                    self._hold(ptr, local.untyped_storage().nbytes())
+                    return _Held(tensor, self, ptr)
+            return tensor
+        if isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter):
+            return tensor  # a weight or a view of one (FSDP2's unsharded weights live in fresh storage every step)
         storage = tensor.untyped_storage()
         ptr = storage.data_ptr()
         if ptr == 0 or ptr in self._param_storages():
@@ -220,3 +246,28 @@ def set_checkpointing(blocks, policy: str, tracker: SavedActivations | None = No
             if replaced is not None:
                 block.forward = replaced
     return sorted(wanted)
+
+
+# --- FSDP2 resharding --------------------------------------------------------------------------------------------
+
+
+def _reshardable(model) -> list:
+    """The FSDP2 modules whose reshard_after_forward matters: every one but the root (FSDP2 never reshards the
+    root after forward, it would all-gather again at once for backward), or the root when it is the only one."""
+    modules = fsdp2_modules(model)
+    inner = [m for name, m in modules if name]
+    return inner or [m for _, m in modules]
+
+
+def reshard_after_forward(model) -> bool | str | None:
+    """The setting in force: True, False, "mixed", or None when no FSDP2 module holds parameters."""
+    settings = {g.post_forward_mesh_info is not None for m in _reshardable(model) for g in fsdp2_groups(m)}
+    return settings.pop() if len(settings) == 1 else ("mixed" if settings else None)
+
+
+def set_reshard_after_forward(model, value: bool) -> int:
+    """Switch FSDP2's reshard_after_forward through its own API on every module it matters for; returns how many."""
+    modules = _reshardable(model)
+    for module in modules:
+        module.set_reshard_after_forward(bool(value), recurse=False)
+    return len(modules)

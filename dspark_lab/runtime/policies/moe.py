@@ -1,6 +1,10 @@
 """MoE policies: record per-layer expert loads every step and re-place experts from them (``moe.placement``).
 
-Expert-parallel MoE layers (:class:`dspark_lab.moe.model.ExpertParallelMoE`) are found in the model; a forward hook
+The MoE layers are the ones a script registered (``dspark_lab.attach(..., moe_layers=[...])``), else DSpark's own
+:class:`dspark_lab.moe.model.ExpertParallelMoE` found in the model. A layer must meet the contract in
+docs/runtime.md (router loads out, placement in): ``config.experts``, a ``router`` submodule whose forward output's
+first element holds the chosen expert per token, ``phy2log`` (slot -> expert), ``experts`` (this rank's slots,
+modules of one shape), ``set_placement(phy2log)`` and ``last_rank_load``. A forward hook
 on each router counts this rank's assignments per expert. Every ``moe.placement_interval`` steps, at the boundary,
 each rank sums its last ``moe.placement_window`` steps of counts, all ranks all-reduce that window (one collective
 per re-placement, none in between), and rank 0 computes the new placement and broadcasts it: DeepSeek's EPLB
@@ -84,20 +88,55 @@ class ExpertPlacement:
                 "steps_of_load": len(recent)}
 
 
+REQUIRED = ("config", "router", "phy2log", "experts", "set_placement", "last_rank_load")
+
+
+def check_layers(layers) -> list:
+    """The registered layers, or a one-line PolicyError naming the first missing part of the contract."""
+    from dspark_lab.errors import PolicyError
+
+    for index, layer in enumerate(layers):
+        missing = [name for name in REQUIRED if not hasattr(layer, name)]
+        if missing:
+            raise PolicyError(f"moe_layers[{index}]: {type(layer).__name__} lacks {', '.join(missing)} "
+                              "(the MoE layer contract in docs/runtime.md)")
+    return layers
+
+
+class MoEState:
+    """The MoE policies' per-job state (created by ``dspark_job_started``): the placement recorder, once the
+    model (or a registration) shows MoE layers."""
+
+    def __init__(self):
+        self.placement: ExpertPlacement | None = None
+
+    def on_model(self, job) -> None:
+        layers = job.registered.get("moe_layers") or moe_layers(job.model)
+        if layers and self.placement is None:
+            self.placement = ExpertPlacement(check_layers(layers), job.rank, job.world)
+
+
+def _placement(job):
+    state = job.state.get("moe")
+    return state.placement if state is not None else None
+
+
 def refusal(job) -> str | None:
-    if job.moe is None:
-        return "the model has no expert-parallel MoE layers (dspark_lab.moe.model.ExpertParallelMoE)"
+    if _placement(job) is None:
+        return ("the model has no MoE layers: none registered with dspark_lab.attach(moe_layers=...) and no "
+                "dspark_lab.moe.model.ExpertParallelMoE in the model")
     return None
 
 
 def step_end(job, step: int) -> dict | None:
     """Record loads; re-place when the policy says this step is due (the same step on every rank)."""
-    if job.moe is None:
+    placement = _placement(job)
+    if placement is None:
         return None
-    record = job.moe.end_step()
+    record = placement.end_step()
     method = job.policies.get("moe.placement", "static")
     if method != "static" and step % int(job.policies["moe.placement_interval"]) == 0:
-        summary = job.moe.replace(method, int(job.policies["moe.placement_window"]),
+        summary = placement.replace(method, int(job.policies["moe.placement_window"]),
                                   float(job.policies["moe.move_cost"]), job.optimizer)
         job.record_event("placement", step=step + 1, rank=job.rank, key="moe.placement", new=method,
                          reason=f"balancedness {summary['balancedness_before']:.3f} -> "

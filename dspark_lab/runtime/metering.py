@@ -1,0 +1,147 @@
+"""Step metering: what one rank measures between two step boundaries, written as one metrics record per step.
+
+Forward time runs from the boundary to the first backward, backward time is summed over ``torch.autograd.backward``
+calls, optimizer time from the step pre-hook to the boundary; samples and tokens are counted from the model's
+first tensor argument. After a policy change whose effect is worth a number (:data:`MEASURED`), the meter compares
+the :data:`EFFECT_STEPS` steps before the apply with the first :data:`EFFECT_STEPS` after it and logs an ``effect``
+event with the step-time and memory change.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from statistics import median
+from typing import Any
+
+import psutil
+import torch
+
+SAMPLE_EVERY_S = 1.0
+EFFECT_STEPS = 3
+MEASURED = ("memory.reshard_after_forward",)
+
+
+class StepMeter:
+    """Per-step counters of one rank, and the record they become at each boundary."""
+
+    def __init__(self, job):
+        self.job = job
+        self._process = psutil.Process()
+        self._sampler = None
+        self._last_sample = 0.0
+        self.autocast: str | None = None  # "cuda:torch.bfloat16" when a forward ran under autocast
+        self._recent: deque[dict] = deque(maxlen=EFFECT_STEPS)
+        self._watches: list[dict] = []
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self._last_boundary = now
+        self._first_backward = None
+        self._backward_s = 0.0
+        self._optimizer_start = None
+        self._loss = None
+        self._samples = 0
+        self._tokens = 0
+
+    # --- hooks the job installs --------------------------------------------------------------------------------
+
+    def count_batch(self, module, args, kwargs):
+        """Forward pre-hook on the model: samples and tokens of this call, and whether autocast is on."""
+        first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is not None and first.dim() > 0:
+            self._samples += first.shape[0]
+            if not first.is_floating_point() and first.dim() >= 2:
+                self._tokens += first.numel()
+            if self.autocast is None:
+                device = first.device.type
+                try:
+                    if torch.is_autocast_enabled(device):
+                        self.autocast = f"{device}:{torch.get_autocast_dtype(device)}"
+                except RuntimeError:  # a device type autocast does not know: nothing to report
+                    self.autocast = ""
+
+    def on_backward(self, tensors, run):
+        start = time.perf_counter()
+        if self._first_backward is None:
+            self._first_backward = start
+        if isinstance(tensors, torch.Tensor) and tensors.numel() == 1:
+            self._loss = tensors.detach()
+        try:
+            return run()
+        finally:
+            self._backward_s += time.perf_counter() - start
+
+    def on_step_begin(self) -> None:
+        self._optimizer_start = time.perf_counter()
+
+    # --- the record --------------------------------------------------------------------------------------------
+
+    def record(self, now: float, step: int, comm_s: float | None) -> dict[str, Any]:
+        job = self.job
+        step_time = now - self._last_boundary
+        record: dict[str, Any] = {
+            "time": time.time(), "step": step, "rank": job.rank,
+            "step_time_s": step_time,
+            "forward_s": (self._first_backward - self._last_boundary) if self._first_backward else None,
+            "backward_s": self._backward_s or None,
+            "optimizer_s": (now - self._optimizer_start) if self._optimizer_start else None,
+            "comm_s": comm_s,
+            "loss": float(self._loss.item()) if self._loss is not None else None,
+            "samples_per_s": self._samples / step_time if self._samples else None,
+            "tokens_per_s": self._tokens / step_time if self._tokens else None,
+            "peak_activation_bytes": job.activations.reset_peak(),
+            "rss_bytes": self._process.memory_info().rss,
+        }
+        if job.backend.torch_device == "cuda" and torch.cuda.is_available():
+            record["memory_allocated_bytes"] = torch.cuda.memory_allocated()
+            record["memory_peak_bytes"] = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        if now - self._last_sample >= SAMPLE_EVERY_S:
+            record["device"] = self._sample()
+            self._last_sample = now
+        self._recent.append(record)
+        self._check_effects(record)
+        return record
+
+    def _sample(self) -> dict | None:
+        if self._sampler is None:
+            self._sampler = self.job.manager.device_sampler(self.job.backend) or (lambda: None)
+        try:
+            return self._sampler()
+        except Exception as exc:  # a vendor library hiccup must not stop training
+            return {"error": str(exc)}
+
+    # --- effect of a change ------------------------------------------------------------------------------------
+
+    def watch_effect(self, key: str, old: Any, new: Any, step: int) -> None:
+        """After ``key`` changed (effective from ``step``), log an ``effect`` event once EFFECT_STEPS steps ran."""
+        if key in MEASURED and self._recent:
+            self._watches.append({"key": key, "old": old, "new": new, "from": step,
+                                  "before": _summary(list(self._recent)), "after": []})
+
+    def _check_effects(self, record: dict) -> None:
+        for watch in list(self._watches):
+            if record["step"] < watch["from"]:
+                continue
+            watch["after"].append(record)
+            if len(watch["after"]) < EFFECT_STEPS:
+                continue
+            self._watches.remove(watch)
+            before, after = watch["before"], _summary(watch["after"])
+            memory = "memory_peak_bytes" if before.get("memory_peak_bytes") is not None else "rss_bytes"
+            change = {f: (after[f] / before[f] - 1) if before.get(f) and after.get(f) is not None else None
+                      for f in ("step_time_s", memory)}
+            text = ", ".join(f"{f} {v:+.1%}" for f, v in change.items() if v is not None)
+            self.job.record_event("effect", step=record["step"], rank=self.job.rank, key=watch["key"],
+                                  old=watch["old"], new=watch["new"],
+                                  reason=f"median of {EFFECT_STEPS} steps before vs after: {text}",
+                                  before=before, after=after, memory_field=memory)
+
+
+def _summary(records: list[dict]) -> dict[str, float | None]:
+    out = {}
+    for field in ("step_time_s", "memory_peak_bytes", "rss_bytes", "peak_activation_bytes"):
+        values = [r[field] for r in records if r.get(field) is not None]
+        out[field] = median(values) if values else None
+    return out
