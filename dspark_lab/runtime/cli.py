@@ -37,6 +37,12 @@ def _metrics(args):
     return 0
 
 
+def _exit_with(report: Report, args) -> int:
+    """Print a report and exit with the code it carries (set and stop: applied / refused / rolled back / timed out)."""
+    print(report.to_json() if args.json else report.to_text())
+    return report.data.get("exit_code", 0)
+
+
 def _demo(args):
     from dspark_lab.runtime.demo import run_demo
 
@@ -66,11 +72,15 @@ def add_parsers(subparsers, common) -> None:
         func=lambda a: commands.jobs())
     for verb, fn, text in (("status", commands.status, "one run's state"),
                            ("policies", commands.policies, "policy schemas and values of a running job"),
-                           ("events", commands.events, "a run's events (changes, refusals, stops)"),
-                           ("stop", commands.stop, "stop a running job at the next step boundary")):
+                           ("events", commands.events, "a run's events (changes, refusals, stops)")):
         p = subparsers.add_parser(verb, parents=[common], help=text)
         p.add_argument("run", help="run id, name or unique id prefix")
         p.set_defaults(func=lambda a, fn=fn: fn(a.run))
+
+    stop = subparsers.add_parser("stop", parents=[common], help="stop a running job at the next step boundary")
+    stop.add_argument("run", help="run id, name or unique id prefix")
+    stop.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the ranks to stop (default 60)")
+    stop.set_defaults(func=lambda a: _exit_with(commands.stop(a.run, timeout=a.timeout), a))
 
     get = subparsers.add_parser("get", parents=[common], help="a policy's value in force and since which step")
     get.add_argument("run")
@@ -82,8 +92,8 @@ def add_parsers(subparsers, common) -> None:
     set_.add_argument("assignments", nargs="+", metavar="KEY=VALUE")
     set_.add_argument("--no-wait", action="store_true", help="return once the change is announced")
     set_.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the apply (default 60)")
-    set_.set_defaults(func=lambda a: commands.set_policies(a.run, a.assignments, wait=not a.no_wait,
-                                                           timeout=a.timeout))
+    set_.set_defaults(func=lambda a: _exit_with(commands.set_policies(a.run, a.assignments, wait=not a.no_wait,
+                                                                      timeout=a.timeout), a))
 
     show = subparsers.add_parser("show", parents=[common], help="write a run's charts as a standalone HTML file")
     show.add_argument("run")
