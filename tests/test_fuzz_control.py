@@ -131,7 +131,7 @@ authenticated_reads = st.tuples(st.just("GET"), st.one_of(paths, st.sampled_from
                                 st.just("good"), st.just(b""), st.just("absent"))
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(request=st.one_of(anything, authenticated_sets, authenticated_reads))
 def test_random_requests_get_200_or_a_one_line_4xx(live_job, request):
     method, path, auth, body, length = request
@@ -179,7 +179,7 @@ pairs = st.tuples(st.sampled_from(KEYS[:5]),
 assignments = st.lists(st.one_of(pairs, pairs, st.text(max_size=30)), min_size=0, max_size=3)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(args=assignments, timeout=timeouts)
 def test_cli_set_with_random_arguments_exits_with_a_known_code_and_one_line(live_job, capsys, args, timeout):
     capsys.readouterr()
