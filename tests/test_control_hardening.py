@@ -48,20 +48,24 @@ class KnobPlugin:
 class LiveJob:
     """A Job with a ControlServer, stepping on a thread every ``period`` s while ``running`` is set."""
 
-    def __init__(self, run_dir: RunDir, period: float = 0.01):
+    def __init__(self, run_dir: RunDir, period: float = 0.01, paused: bool = False):
         from dspark_lab.backends import cpu
+        from dspark_lab.runtime.policies import builtin
 
-        self.job = Job(run_dir, rank=0, world=1, manager=make_manager([cpu, KnobPlugin()], entry_points=False))
+        manager = make_manager([cpu, builtin, KnobPlugin()], entry_points=False)
+        self.job = Job(run_dir, rank=0, world=1, manager=manager)
         self.job.server = control.ControlServer(self.job)
         self.run_dir, self.period = run_dir, period
         self.running = threading.Event()
-        self.running.set()
+        if not paused:
+            self.running.set()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._train, daemon=True)
         self.thread.start()
 
     def _train(self):
-        model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
+        block = lambda: nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))  # noqa: E731
+        model = nn.Sequential(nn.Linear(4, 8), nn.Sequential(*[block() for _ in range(4)]), nn.Linear(8, 1))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         try:
             while not self.stopped.is_set():
@@ -388,3 +392,40 @@ def test_rank_0_never_writes_run_json(live):
     endpoint_file = live.run_dir.path / liveness.CONTROL_FILE
     assert oct(os.stat(endpoint_file).st_mode & 0o777) == "0o600"
     assert "control" not in json.loads(before)
+
+
+def test_a_change_sent_before_the_first_step_waits_for_the_model_instead_of_a_false_refusal(home):
+    run_dir = RunDir.create("20260101-000000-0f1257", {"name": "early"}, root=home / "runs")
+    early = LiveJob(run_dir, paused=True)  # launched, model not built: no optimizer step has run
+    try:
+        results = {}
+        setter = threading.Thread(target=lambda: results.update(set=call(
+            early, "POST", "/set", set_body({"memory.activation_checkpointing": "full"}, timeout=20))))
+        setter.start()
+        time.sleep(0.5)
+        assert early.job.step == 0 and setter.is_alive()
+        early.running.set()
+        setter.join(30)
+        status, reply, _ = results["set"]
+        assert status == 200 and reply["state"] == "applied", reply
+        assert not [e for e in run_dir.events() if e["kind"] == "refuse"]
+    finally:
+        early.close()
+    never = LiveJob(RunDir.create("20260101-000000-0f1258", {"name": "never"}, root=home / "runs"), paused=True)
+    try:
+        status, body, _ = call(never, "POST", "/set", set_body({"test.knob": "b"}, timeout=0.3))
+        assert status == 409 and "first step" in body["error"]
+    finally:
+        never.close()
+
+
+def test_a_stop_that_outlasts_its_wait_says_so_and_still_happens(live, capsys):
+    live.running.clear()
+    time.sleep(0.1)
+    assert cli_main(["stop", live.run_dir.id, "--timeout", "0.5"]) == 4
+    assert "not done within 0.5 s" in capsys.readouterr().out
+    live.running.set()
+    live.thread.join(10)
+    assert not live.thread.is_alive()
+    stops = [e for e in live.run_dir.events() if e["kind"] == "stop"]
+    assert [e["step"] for e in stops] == [live.job.step]

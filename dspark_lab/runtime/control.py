@@ -271,6 +271,7 @@ class ControlServer:
         wait = body.get("wait", True)
         if not isinstance(wait, bool):
             raise RequestError("wait: must be true or false")
+        self._wait_for_first_step(timeout)
         pending = self.job.request(changes)
         old = {key: self.job.policies[key] for key in changes}
         finished = (pending.done if wait else pending.announced).wait(timeout)
@@ -282,6 +283,16 @@ class ControlServer:
                          reason=f"not {'applied' if wait else 'announced'} within {timeout:g} s; the change is "
                                 f"still {pending.state} (see `dspark-lab events`)")
         return reply
+
+    def _wait_for_first_step(self, timeout: float) -> None:
+        """A change is judged against the model, which the runtime knows once the first optimizer step ran; a
+        request sent right after launch waits for it instead of being refused for a model not yet built."""
+        deadline = time.monotonic() + timeout
+        while self.job.step == 0:
+            if time.monotonic() > deadline:
+                raise RequestError(f"set: the job has not finished its first step within {timeout:g} s, so its "
+                                   "model is not known yet; try again once it trains", 409)
+            time.sleep(0.05)
 
     def metrics(self, body) -> dict[str, Any]:
         tail = _query_int(body, "tail", 20, 1, limits.MAX_TAIL)
