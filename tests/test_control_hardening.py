@@ -20,10 +20,9 @@ import torch.nn as nn
 
 from dspark_lab import hookimpl
 from dspark_lab.cli import main as cli_main
-from dspark_lab.errors import DSparkError, PolicyError
 from dspark_lab.plugins import make_manager
 from dspark_lab.policy import PolicySpec
-from dspark_lab.runtime import commands, control, limits, liveness
+from dspark_lab.runtime import control, limits, liveness
 from dspark_lab.runtime.attach import Job
 from dspark_lab.runtime.coordinator import StopRun
 from dspark_lab.runtime.records import RunDir, run_state

@@ -16,7 +16,6 @@ import hmac
 import json
 import os
 import re
-import socket
 import threading
 import time
 import urllib.error
@@ -271,10 +270,12 @@ class ControlServer:
         wait = body.get("wait", True)
         if not isinstance(wait, bool):
             raise RequestError("wait: must be true or false")
+        started = time.monotonic()
         self._wait_for_first_step(timeout)
         pending = self.job.request(changes)
         old = {key: self.job.policies[key] for key in changes}
-        finished = (pending.done if wait else pending.announced).wait(timeout)
+        left = max(0.0, timeout - (time.monotonic() - started))  # one budget: the client waits timeout + 5 s
+        finished = (pending.done if wait else pending.announced).wait(left)
         reply = {"change_id": pending.change_id, "state": pending.state, "step": pending.step,
                  "changes": [{"key": k, "old": old[k], "new": v} for k, v in pending.changes.items()],
                  "reason": pending.reason}
