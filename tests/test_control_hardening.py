@@ -99,13 +99,31 @@ def home(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """One job for the tests that leave it training; ``fresh`` gives a test its own, to stop or end."""
+    root = tmp_path_factory.mktemp("control_home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DSPARK_HOME", str(root))
+        job = LiveJob(RunDir.create("20260101-000000-c0c0c0", {"name": "inproc"}, root=root / "runs"))
+        job.wait_step(2)
+        yield job
+        job.close()
+
+
 @pytest.fixture
-def live(home):
-    run_dir = RunDir.create("20260101-000000-c0c0c0", {"name": "inproc"}, root=home / "runs")
-    job = LiveJob(run_dir)
+def fresh(home):
+    job = LiveJob(RunDir.create("20260101-000000-c0c0c1", {"name": "fresh"}, root=home / "runs"))
     job.wait_step(2)
     yield job
     job.close()
+
+
+def wait_until(condition, timeout: float = 10):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
 
 
 def url_of(live) -> str:
@@ -176,13 +194,14 @@ def test_a_body_shorter_than_announced_answers_408(live, monkeypatch):
 @pytest.mark.parametrize("timeout", ["inf", "nan", "-1", "0", "3601", "soon", "true"])
 def test_request_timeout_must_be_finite_and_positive(live, timeout):
     value = json.loads(timeout) if timeout in ("true",) else timeout
-    events_before = len(live.run_dir.events())
-    status, body, _ = call(live, "POST", "/set", set_body({"test.knob": "b"}, timeout=value))
+    events_before, knob = len(live.run_dir.events()), live.job.policies["test.knob"]
+    status, body, _ = call(live, "POST", "/set", set_body({"test.knob": "fail" if knob != "fail" else "a"},
+                                                          timeout=value))
     assert status == 400 and body["error"].startswith("timeout:")
     status, body, _ = call(live, "POST", "/set", b'{"changes": {"test.knob": "b"}, "timeout": Infinity}')
     assert status == 400 and "Infinity" in body["error"]
     assert len(live.run_dir.events()) == events_before  # nothing was queued
-    assert live.job.policies["test.knob"] == "a"
+    assert live.job.policies["test.knob"] == knob
 
 
 def test_unknown_methods_and_paths_get_one_line_4xx(live):
@@ -290,18 +309,18 @@ def test_too_many_connections_get_503_and_the_endpoint_recovers(live, monkeypatc
 # --- replies and exit codes -----------------------------------------------------------------------------------
 
 
-def test_set_exit_codes_say_applied_rolled_back_timed_out_and_refused(live, capsys):
-    run = live.run_dir.id
+def test_set_exit_codes_say_applied_rolled_back_timed_out_and_refused(fresh, capsys):
+    run = fresh.run_dir.id
     assert cli_main(["set", run, "test.knob=b"]) == 0
-    assert live.job.policies["test.knob"] == "b" and "applied at step" in capsys.readouterr().out
+    assert fresh.job.policies["test.knob"] == "b" and "applied at step" in capsys.readouterr().out
     assert cli_main(["set", run, "test.knob=fail", "--json"]) == 3
     out = json.loads(capsys.readouterr().out)
     assert out["state"] == "rolled_back" and "breaks on purpose" in out["reason"] and out["exit_code"] == 3
-    live.running.clear()  # a rank that does not step: nothing can apply
+    fresh.running.clear()  # a rank that does not step: nothing can apply
     time.sleep(0.1)
     assert cli_main(["set", run, "test.knob=a", "--timeout", "0.5"]) == 4
     assert "timed out" in capsys.readouterr().out
-    live.running.set()
+    fresh.running.set()
     assert cli_main(["set", run, "test.knob=nonsense"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 
@@ -314,45 +333,45 @@ def test_cli_timeout_must_be_finite(home, value, capsys):
         assert err.startswith("error: --timeout") and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_a_change_after_a_stop_is_refused_with_the_reason_and_stop_agrees_with_its_events(live):
-    live.running.clear()  # hold the job between two boundaries, as when both arrive within one step
+def test_a_change_after_a_stop_is_refused_with_the_reason_and_stop_agrees_with_its_events(fresh):
+    fresh.running.clear()  # hold the job between two boundaries, as when both arrive within one step
     time.sleep(0.1)
     results = {}
-    stopper = threading.Thread(target=lambda: results.update(stop=call(live, "POST", "/stop", b"{}")))
+    stopper = threading.Thread(target=lambda: results.update(stop=call(fresh, "POST", "/stop", b"{}")))
     stopper.start()
-    time.sleep(0.3)
-    status, body, _ = call(live, "POST", "/set", set_body({"test.knob": "b"}))
+    wait_until(lambda: fresh.job.coordinator._stop is not None)
+    status, body, _ = call(fresh, "POST", "/set", set_body({"test.knob": "b"}))
     assert status == 400 and "stopping" in body["error"]
-    live.running.set()
+    fresh.running.set()
     stopper.join(20)
     status, reply, _ = results["stop"]
     assert status == 200 and reply["state"] == "stopped"
-    live.thread.join(10)
-    stops = [e for e in live.run_dir.events() if e["kind"] == "stop"]
-    assert [e["step"] for e in stops] == [reply["step"]] == [live.job.step]
-    refusals = [e for e in live.run_dir.events() if e["kind"] == "refuse"]
+    fresh.thread.join(10)
+    stops = [e for e in fresh.run_dir.events() if e["kind"] == "stop"]
+    assert [e["step"] for e in stops] == [reply["step"]] == [fresh.job.step]
+    refusals = [e for e in fresh.run_dir.events() if e["kind"] == "refuse"]
     assert len(refusals) == 1 and "stopping" in refusals[0]["reason"]
 
 
-def test_a_change_still_queued_when_the_run_ends_is_refused_not_lost(live):
-    live.running.clear()
+def test_a_change_still_queued_when_the_run_ends_is_refused_not_lost(fresh):
+    fresh.running.clear()
     time.sleep(0.1)
     results = {}
-    setter = threading.Thread(target=lambda: results.update(set=call(live, "POST", "/set",
+    setter = threading.Thread(target=lambda: results.update(set=call(fresh, "POST", "/set",
                                                                       set_body({"test.knob": "b"}))))
     setter.start()
-    time.sleep(0.3)
-    live.stopped.set()  # the script returns
-    live.running.set()
-    live.thread.join(10)
-    live.job.close()
+    wait_until(lambda: fresh.job.coordinator.inbox.qsize() == 1)
+    fresh.stopped.set()  # the script returns
+    fresh.running.set()
+    fresh.thread.join(10)
+    fresh.job.close()
     setter.join(10)
     status, reply, _ = results["set"]
     assert status == 200 and reply["state"] == "refused" and "ended" in reply["reason"]
-    kinds = [(e["kind"], e["change_id"]) for e in live.run_dir.events() if e["kind"] in ("pending", "refuse")]
+    kinds = [(e["kind"], e["change_id"]) for e in fresh.run_dir.events() if e["kind"] in ("pending", "refuse")]
     assert kinds == [("refuse", reply["change_id"])]
-    assert liveness.read_endpoint(live.run_dir.path) is None
-    assert liveness.read_heartbeat(live.run_dir.path)["state"] == "ended"
+    assert liveness.read_endpoint(fresh.run_dir.path) is None
+    assert liveness.read_heartbeat(fresh.run_dir.path)["state"] == "ended"
 
 
 # --- liveness -------------------------------------------------------------------------------------------------
@@ -418,13 +437,13 @@ def test_a_change_sent_before_the_first_step_waits_for_the_model_instead_of_a_fa
         never.close()
 
 
-def test_a_stop_that_outlasts_its_wait_says_so_and_still_happens(live, capsys):
-    live.running.clear()
+def test_a_stop_that_outlasts_its_wait_says_so_and_still_happens(fresh, capsys):
+    fresh.running.clear()
     time.sleep(0.1)
-    assert cli_main(["stop", live.run_dir.id, "--timeout", "0.5"]) == 4
+    assert cli_main(["stop", fresh.run_dir.id, "--timeout", "0.5"]) == 4
     assert "not done within 0.5 s" in capsys.readouterr().out
-    live.running.set()
-    live.thread.join(10)
-    assert not live.thread.is_alive()
-    stops = [e for e in live.run_dir.events() if e["kind"] == "stop"]
-    assert [e["step"] for e in stops] == [live.job.step]
+    fresh.running.set()
+    fresh.thread.join(10)
+    assert not fresh.thread.is_alive()
+    stops = [e for e in fresh.run_dir.events() if e["kind"] == "stop"]
+    assert [e["step"] for e in stops] == [fresh.job.step]
