@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if isinstance(result, Report):
         print(result.to_json() if getattr(args, "json", False) else result.to_text())
-        return 0
+        return int(result.data.get("exit_code", 0))  # set and stop: applied / refused / rolled back / timed out
     return int(result or 0)
 
 

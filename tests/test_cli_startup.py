@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import psutil
 import pytest
 
+from dspark_lab.runtime.liveness import CONTROL_FILE, write_private_json
 from dspark_lab.runtime.records import JsonlWriter, RunDir
 
 HEAVY = ("torch", "numpy", "bokeh")
@@ -110,8 +111,8 @@ def records(tmp_path):
     live = RunDir.create("20260101-000001-bbbbbb", {"name": "live", "ranks": 1}, root=root)
     _StandIn.token, _StandIn.calls = live.token(), []
     me = psutil.Process()
-    live.update_info(state="running", launcher_pid=me.pid, launcher_start=me.create_time(),
-                     control={"host": "127.0.0.1", "port": server.server_address[1]})
+    live.update_info(state="running", launcher_pid=me.pid, launcher_start=me.create_time())
+    write_private_json(live.path / CONTROL_FILE, {"host": "127.0.0.1", "port": server.server_address[1]})
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield tmp_path

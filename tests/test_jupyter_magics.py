@@ -117,7 +117,7 @@ def test_verbs_pass_their_arguments(ip, recorder):
         ("set_policies", ("r1", ["memory.activation_checkpointing=full", "comm.grad_sync=ring"]),
          {"wait": True, "timeout": 60.0}),
         ("set_policies", ("r1", ["a.b=1"]), {"wait": False, "timeout": 5.0}),
-        ("stop", ("r1",), {}),
+        ("stop", ("r1",), {"timeout": 60.0}),
         ("metrics", ("r1", 3), {}),
         ("events", ("r1",), {}),
         ("show", ("r1", "my charts.html"), {}),

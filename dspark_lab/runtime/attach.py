@@ -41,6 +41,7 @@ from dspark_lab.runtime import discover
 from dspark_lab.runtime.coordinator import Coordinator, PendingChange
 from dspark_lab.runtime.jobinfo import describe
 from dspark_lab.runtime.metering import StepMeter
+from dspark_lab.runtime.limits import short
 from dspark_lab.runtime.policies import builtin as builtin_policies
 from dspark_lab.runtime.policies.memory import SavedActivations
 from dspark_lab.runtime.policy_state import PolicyState
@@ -124,8 +125,8 @@ class Job:
         try:
             parsed = self.validate(changes) if kind == "change" else {}
         except PolicyError as exc:
-            self.record_event("refuse", step=self.step, rank=None, reason=str(exc),
-                              changes={k: str(v) for k, v in changes.items()})
+            self.record_event("refuse", step=self.step, rank=None, reason=short(str(exc), 300),
+                              changes={short(k): short(v) for k, v in changes.items()})
             raise
         return self.coordinator.submit(parsed, kind)
 
@@ -285,8 +286,7 @@ def start_job(run_dir: RunDir, *, launch_policies: dict[str, Any] | None = None,
     if rank == 0:
         from dspark_lab.runtime.control import ControlServer
 
-        job.server = ControlServer(job)
-        run_dir.update_info(control={"host": job.server.host, "port": job.server.port}, state="running")
+        job.server = ControlServer(job)  # publishes its endpoint in control.json; run.json is the supervisor's
     job.record_event("start", step=0, rank=rank, reason=f"backend {job.backend.name}, world {world}")
     return job
 
@@ -333,7 +333,7 @@ def _own_run_dir(name: str | None, policies: dict[str, Any]) -> RunDir:
     script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else "<interactive>"
     if rank == 0:
         run_dir = RunDir.create(new_run_id(), {
-            "name": name or os.path.basename(script), "command": sys.argv, "script": script,
+            "name": name or os.path.basename(script), "state": "running", "command": sys.argv, "script": script,
             "script_args": sys.argv[1:], "cwd": os.getcwd(), "start_time": time.time(), "ranks": world,
             "launcher_pid": os.getpid(), "launcher_start": psutil.Process().create_time(),
             "launch_policies": policies,

@@ -113,11 +113,15 @@ def add_parsers(subparsers, common) -> None:
     subparsers.add_parser("jobs", parents=[common], help="runs and their state").set_defaults(func=_verb("jobs"))
     for verb, name, text in (("status", "status", "one run's state"),
                              ("policies", "policies", "policy schemas and values of a running job"),
-                             ("events", "events", "a run's events (changes, refusals, stops)"),
-                             ("stop", "stop", "stop a running job at the next step boundary")):
+                             ("events", "events", "a run's events (changes, refusals, stops)")):
         p = subparsers.add_parser(verb, parents=[common], help=text)
         p.add_argument("run", help="run id, name or unique id prefix")
         p.set_defaults(func=_verb(name, "run"))
+
+    stop = subparsers.add_parser("stop", parents=[common], help="stop a running job at the next step boundary")
+    stop.add_argument("run", help="run id, name or unique id prefix")
+    stop.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the ranks to stop (default 60)")
+    stop.set_defaults(func=lambda a: _commands().stop(a.run, timeout=a.timeout))
 
     get = subparsers.add_parser("get", parents=[common], help="a policy's value in force and since which step")
     get.add_argument("run")

@@ -9,11 +9,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from dspark_lab.errors import DSparkError
+from dspark_lab.errors import DSparkError, PolicyError
 from dspark_lab.output import Report
 from dspark_lab.policy import parse_assignment
 from dspark_lab.runtime.control import ControlClient
 from dspark_lab.runtime.launch import launch_background
+from dspark_lab.runtime.limits import check_timeout
 from dspark_lab.runtime.records import find_run, list_runs, run_state, tail_records
 
 
@@ -26,7 +27,7 @@ def _last_step(run_dir) -> int | None:
 
 
 def jobs() -> Report:
-    """Every run under $DSPARK_HOME, newest first, with its state (a dead launcher shows as failed)."""
+    """Every run under $DSPARK_HOME, newest first, with its state (from its supervisor, or its ranks' heartbeat)."""
     rows = []
     for run_dir in list_runs():
         try:
@@ -78,18 +79,31 @@ def get(run: str, key: str | None = None) -> Report:
     return Report("get", {"policies": rows}, rows=rows, columns=_POLICY_COLUMNS)
 
 
+# How `dspark-lab set` and `stop` exit (docs/cli.md): the state the request ended in. A refusal (bad key or value,
+# or a change the run can no longer apply) raises DSparkError, which the CLI prints as one `error:` line, exit 2.
+EXIT_CODES = {"applied": 0, "pending": 0, "stopped": 0, "refused": 2, "rolled_back": 3, "timed_out": 4}
+
+
 def set_policies(run: str, assignments, wait: bool = True, timeout: float = 60.0) -> Report:
-    """Change policies of a running job; all keys apply together at one step, or none do."""
+    """Change policies of a running job; all keys apply together at one step, or none do.
+
+    The report's ``exit_code`` says how it ended: applied (0), rolled back (3) or timed out (4); a refusal raises.
+    """
     if not assignments:
         raise DSparkError("set: give at least one KEY=VALUE")
+    timeout = check_timeout(timeout, "--timeout")
     changes = dict(parse_assignment(a) for a in assignments)
     reply = ControlClient(_run(run), timeout=timeout + 5).request(
         "POST", "/set", {"changes": changes, "wait": wait, "timeout": timeout})
+    if reply["state"] == "refused":
+        raise PolicyError(reply["reason"])
     rows = [{**c, "step": reply["step"], "state": reply["state"]} for c in reply["changes"]]
     words = {"applied": f"applied at step {reply['step']}", "pending": f"pending: applies at step {reply['step']}",
-             "rolled_back": f"rolled back at step {reply['step']}: {reply['reason']}"}
+             "rolled_back": f"rolled back at step {reply['step']}: {reply['reason']}",
+             "timed_out": f"timed out: {reply['reason']}"}
     line = words.get(reply["state"], f"{reply['state']}: {reply['reason']}")
-    return Report("set", reply, rows=rows, columns=("key", "old", "new", "step", "state"), lines=[line])
+    return Report("set", {**reply, "exit_code": EXIT_CODES.get(reply["state"], 1)}, rows=rows,
+                  columns=("key", "old", "new", "step", "state"), lines=[line])
 
 
 def metrics(run: str, tail: int = 20) -> Report:
@@ -106,11 +120,16 @@ def events(run: str) -> Report:
                   columns=("step", "rank", "kind", "key", "old", "new", "reason"))
 
 
-def stop(run: str) -> Report:
-    """Ask every rank to stop at the next step boundary."""
+def stop(run: str, timeout: float = 60.0) -> Report:
+    """Stop every rank at the next step boundary; answers once the ranks stopped (exit_code 4 if not in time)."""
+    timeout = check_timeout(timeout, "--timeout")
     run_dir = _run(run)
-    reply = ControlClient(run_dir).request("POST", "/stop", {})
-    return Report("stop", {"id": run_dir.id, **reply}, lines=[f"run {run_dir.id} stops at step {reply['step']}"])
+    reply = ControlClient(run_dir, timeout=timeout + 5).request("POST", "/stop", {"timeout": timeout})
+    words = {"stopped": f"run {run_dir.id} stopped after step {reply['step']}",
+             "ended": f"run {run_dir.id} ended by itself at step {reply['step']} before the stop applied",
+             "timed_out": f"run {run_dir.id}: {reply['reason']} (last step {reply['step']})"}
+    return Report("stop", {"id": run_dir.id, **reply, "exit_code": EXIT_CODES.get(reply["state"], 0)},
+                  lines=[words.get(reply["state"], f"run {run_dir.id} {reply['state']}")])
 
 
 def launch(script, args=(), *, nproc: int = 1, policies=(), name: str | None = None, options=None, env=None):

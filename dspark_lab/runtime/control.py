@@ -4,28 +4,44 @@ Requests (JSON bodies, ``Authorization: Bearer <token>``):
   GET  /status              run state, current step, policies in force
   GET  /policies            every policy's schema with its value, since-step and pending state
   POST /set   {"changes": {key: value}, "wait": true, "timeout": 60}
-  GET  /metrics?tail=N      the last N metric records
-  POST /stop                stop every rank at a step boundary
-A bad request gets HTTP 4xx with ``{"error": "<one line>"}`` and changes nothing; the job goes on.
+  GET  /metrics?tail=N      the last N metric records (1 <= N <= 1000), read from the end of the file
+  POST /stop  {"timeout": 60}   stop every rank at a step boundary; answers once stopped
+A bad request gets HTTP 4xx with ``{"error": "<one line>"}`` and changes nothing; the job goes on. Sizes, waits and
+connections are bounded (:mod:`.limits`); the endpoint is published in ``control.json`` (:mod:`.liveness`).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import os
+import re
 import threading
 import time
 import urllib.error
 import urllib.request
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from dspark_lab.errors import ControlError, DSparkError, PolicyError
 from dspark_lab.output import SCHEMA_VERSION
+from dspark_lab.runtime import limits, liveness
+from dspark_lab.runtime.limits import check_timeout, one_line, short
 from dspark_lab.runtime.records import RunDir, run_state
 
 LOOPBACK = "127.0.0.1"
+KEY_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+class RequestError(DSparkError):
+    """A client mistake, answered with ``status`` (4xx) and one line."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
 
 
 def policy_rows(job) -> list[dict[str, Any]]:
@@ -40,8 +56,66 @@ def policy_rows(job) -> list[dict[str, Any]]:
     return rows
 
 
+def tail_records(path: Path, count: int) -> list[dict[str, Any]]:
+    """The last ``count`` JSON-object lines of ``path``, read backwards from its end (at most MAX_TAIL_BYTES)."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return []
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        pos, data = end, b""
+        while pos > 0 and data.count(b"\n") <= count and end - pos < limits.MAX_TAIL_BYTES:
+            step = min(65536, pos)
+            pos -= step
+            f.seek(pos)
+            data = f.read(step) + data
+    lines = data[:data.rfind(b"\n") + 1].splitlines()
+    if pos > 0:
+        lines = lines[1:]  # the first line may be cut
+    records = []
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+            if len(records) == count:
+                break
+    return records[::-1]
+
+
+def _query_int(query: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    text = query.get(name)
+    if text is None:
+        return default
+    if not text.isdigit() or not lo <= int(text) <= hi:
+        raise RequestError(f"{name}: {short(text, 40)!r} is not allowed; allowed: a whole number in [{lo}, {hi}]")
+    return int(text)
+
+
+def _changes(body: dict[str, Any]) -> dict[str, Any]:
+    """The ``changes`` object of a /set body, bounded in count and size, with scalar values."""
+    changes = body.get("changes")
+    if not isinstance(changes, dict) or not changes:
+        raise RequestError("set: 'changes' must be a non-empty object of policy keys to values")
+    if len(changes) > limits.MAX_KEYS:
+        raise RequestError(f"set: {len(changes)} keys in one change; allowed: at most {limits.MAX_KEYS}")
+    for key, value in changes.items():
+        if len(key) > limits.MAX_TEXT or not KEY_PATTERN.fullmatch(key):
+            raise RequestError(f"set: key {short(key, 60)!r} is not a policy key; allowed: at most "
+                               f"{limits.MAX_TEXT} letters, digits, '.', '_' or '-'")
+        if not isinstance(value, (str, int, float, bool)):
+            raise RequestError(f"set: {key}: value must be a string, number or boolean, got {type(value).__name__}")
+        if len(str(value)) > limits.MAX_TEXT:
+            raise RequestError(f"{key}: a value of {len(str(value))} characters; allowed: at most {limits.MAX_TEXT}")
+    return changes
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
+    timeout = limits.IDLE_TIMEOUT_S  # the socket's timeout: an idle or trickling client is dropped
 
     def log_message(self, *args):  # keep the training script's output clean
         pass
@@ -54,51 +128,119 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (bad request line, header too long) as one JSON line too."""
+        self.close_connection = True
+        text = message or HTTPStatus(code).phrase
+        self._reply(code, {"error": f"request: {short(text)}"})
+
     def _authorized(self) -> bool:
-        sent = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        return hmac.compare_digest(sent.encode(), self.server.token.encode())
+        scheme, _, sent = self.headers.get("Authorization", "").partition(" ")
+        return scheme == "Bearer" and hmac.compare_digest(sent.strip().encode("utf-8", "replace"),
+                                                          self.server.token.encode())
 
     def _body(self) -> dict[str, Any]:
-        length = int(self.headers.get("Content-Length") or 0)
+        text = self.headers.get("Content-Length") or "0"
+        if not text.isdigit():
+            raise RequestError(f"Content-Length: {short(text, 40)!r} is not a whole number of bytes")
+        length = int(text)
+        if length > limits.MAX_BODY_BYTES:
+            self.close_connection = True  # the body is not read
+            raise RequestError(f"request: a body of {length} bytes; allowed: at most {limits.MAX_BODY_BYTES}", 413)
         try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise DSparkError("request: body is not JSON") from None
+            data = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            raise RequestError(f"request: the body did not arrive within {self.timeout:g} s", 408) from None
+        if len(data) < length:
+            raise RequestError(f"request: the body ended after {len(data)} of {length} bytes")
+
+        def no_constants(name):
+            raise RequestError(f"request: {name} is not JSON; allowed: finite numbers")
+
+        try:
+            body = json.loads(data or b"{}", parse_constant=no_constants)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise RequestError("request: body is not JSON") from None
         if not isinstance(body, dict):
-            raise DSparkError("request: body must be a JSON object")
+            raise RequestError("request: body must be a JSON object")
         return body
 
     def _handle(self, method: str) -> None:
         if not self._authorized():
-            self._reply(401, {"error": "token: wrong or missing token"})
+            self.close_connection = True
+            self._reply(401, {"error": "token: wrong or missing token (send 'Authorization: Bearer <token>')"})
             return
-        url = urlparse(self.path)
+        with self.server.in_flight:
+            self.server.requests += 1
         try:
+            url = urlparse(self.path)
             route = self.server.routes.get((method, url.path))
             if route is None:
-                raise DSparkError(f"request: unknown endpoint {method} {url.path}")
-            body = self._body() if method == "POST" else {k: v[-1] for k, v in parse_qs(url.query).items()}
+                known = any(path == url.path for _, path in self.server.routes)
+                raise RequestError(f"request: no endpoint {short(method, 20)} {short(url.path, 60)}",
+                                   405 if known else 404)
+            if method == "POST":
+                body = self._body()
+            else:
+                try:
+                    query = parse_qs(url.query, max_num_fields=8, strict_parsing=bool(url.query))
+                except ValueError:
+                    raise RequestError("request: the query string is malformed") from None
+                body = {k: v[-1] for k, v in query.items()}
             self._reply(200, route(body))
         except DSparkError as exc:
-            self._reply(400, {"error": str(exc)})
+            self._reply(getattr(exc, "status", 400), {"error": one_line(str(exc))[:400]})
         except Exception as exc:  # whatever goes wrong here, the training thread is untouched
-            self._reply(500, {"error": f"{type(exc).__name__}: {exc}"})
+            self._reply(500, {"error": short(f"{type(exc).__name__}: {exc}", 300)})
+        finally:
+            with self.server.in_flight:
+                self.server.requests -= 1
+                self.server.in_flight.notify_all()
 
-    def do_GET(self):
-        self._handle("GET")
-
-    def do_POST(self):
-        self._handle("POST")
+    def __getattr__(self, name: str):
+        if name.startswith("do_"):  # any method: GET and POST are routed, others get 405 / 404
+            return lambda: self._handle(name[3:])
+        raise AttributeError(name)
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = limits.LISTEN_BACKLOG
     token: str
     routes: dict
 
+    def __init__(self, *args, **kwargs):
+        self.in_flight = threading.Condition()
+        self.requests = 0
+        self._slots = threading.BoundedSemaphore(limits.MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            try:
+                body = json.dumps({"schema_version": SCHEMA_VERSION, "error": "busy: too many connections"})
+                request.sendall(f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
 
 class ControlServer:
-    """Serves a Job's control requests on a daemon thread of rank 0."""
+    """Serves a Job's control requests on a daemon thread of rank 0, and keeps its heartbeat."""
 
     def __init__(self, job, host: str = LOOPBACK, port: int = 0):
         self.job = job
@@ -114,39 +256,80 @@ class ControlServer:
         self.host, self.port = self._server.server_address[:2]
         self._thread = threading.Thread(target=self._server.serve_forever, name="dspark-control", daemon=True)
         self._thread.start()
+        self.heartbeat = liveness.Heartbeat(job.run_dir.path, step=lambda: self.job.step)
+        liveness.write_private_json(job.run_dir.path / liveness.CONTROL_FILE,
+                                    {"host": self.host, "port": self.port, "pid": os.getpid()})
 
     def status(self, body) -> dict[str, Any]:
         return {"step": self.job.step, "rank_count": self.job.world, "backend": self.job.backend.name,
                 "policies": dict(self.job.policies), "blocks": len(self.job.blocks), "job": self.job.describe()}
 
     def set(self, body) -> dict[str, Any]:
-        changes = body.get("changes")
-        if not isinstance(changes, dict) or not changes:
-            raise DSparkError("set: 'changes' must be a non-empty object of policy keys to values")
-        timeout = float(body.get("timeout", 60))
+        changes = _changes(body)
+        timeout = check_timeout(body.get("timeout", 60), "timeout")
+        wait = body.get("wait", True)
+        if not isinstance(wait, bool):
+            raise RequestError("wait: must be true or false")
+        started = time.monotonic()
+        self._wait_for_first_step(timeout)
         pending = self.job.request(changes)
         old = {key: self.job.policies[key] for key in changes}
-        wait_for = pending.done if body.get("wait", True) else pending.announced
-        finished = wait_for.wait(timeout)
+        left = max(0.0, timeout - (time.monotonic() - started))  # one budget: the client waits timeout + 5 s
+        finished = (pending.done if wait else pending.announced).wait(left)
         reply = {"change_id": pending.change_id, "state": pending.state, "step": pending.step,
                  "changes": [{"key": k, "old": old[k], "new": v} for k, v in pending.changes.items()],
                  "reason": pending.reason}
         if not finished:
-            reply["reason"] = f"not {'applied' if body.get('wait', True) else 'announced'} within {timeout:g} s"
+            reply.update(state="timed_out", pending_state=pending.state,
+                         reason=f"not {'applied' if wait else 'announced'} within {timeout:g} s; the change is "
+                                f"still {pending.state} (see `dspark-lab events`)")
         return reply
 
+    def _wait_for_first_step(self, timeout: float) -> None:
+        """A change is judged against the model, which the runtime knows once the first optimizer step ran; a
+        request sent right after launch waits for it instead of being refused for a model not yet built."""
+        deadline = time.monotonic() + timeout
+        while self.job.step == 0:
+            if time.monotonic() > deadline:
+                raise RequestError(f"set: the job has not finished its first step within {timeout:g} s, so its "
+                                   "model is not known yet; try again once it trains", 409)
+            time.sleep(0.05)
+
     def metrics(self, body) -> dict[str, Any]:
-        tail = int(body.get("tail", 20))
-        return {"metrics": self.job.run_dir.metrics()[-tail:]}
+        tail = _query_int(body, "tail", 20, 1, limits.MAX_TAIL)
+        return {"metrics": tail_records(self.job.run_dir.metrics_path, tail)}
 
     def stop(self, body) -> dict[str, Any]:
+        timeout = check_timeout(body.get("timeout", 60), "timeout")
+        wait = body.get("wait", True)
+        if not isinstance(wait, bool):
+            raise RequestError("wait: must be true or false")
         pending = self.job.request({}, kind="stop")
-        pending.announced.wait(float(body.get("timeout", 30)))
-        return {"state": "stopping", "step": pending.step}
+        finished = (pending.done if wait else pending.announced).wait(timeout)
+        last = pending.step - 1 if pending.step is not None else None  # the last step that runs
+        if pending.state == "ended":
+            return {"change_id": pending.change_id, "state": "ended", "step": self.job.step,
+                    "reason": pending.reason}
+        state = "stopped" if pending.done.is_set() else ("stopping" if pending.step is not None else "queued")
+        reply = {"change_id": pending.change_id, "state": state, "step": last, "reason": ""}
+        if not finished:
+            reply.update(state="timed_out", pending_state=state,
+                         reason=f"the stop is {state} but was not done within {timeout:g} s")
+        return reply
 
     def close(self) -> None:
+        """Refuse what will never apply, let the replies in flight go out, then stop serving."""
+        coordinator = self.job.coordinator
+        coordinator.abandon("refused: the run ended before this change applied")
+        with self._server.in_flight:
+            self._server.in_flight.wait_for(lambda: self._server.requests == 0, timeout=5.0)
         self._server.shutdown()
         self._server.server_close()
+        try:
+            (self.job.run_dir.path / liveness.CONTROL_FILE).unlink()
+        except FileNotFoundError:
+            pass
+        self.heartbeat.stop("stopped" if coordinator.stopped else "ended")
 
 
 class ControlClient:
@@ -154,8 +337,7 @@ class ControlClient:
 
     def __init__(self, run_dir: RunDir, timeout: float = 10.0, start_wait: float = 60.0):
         self.run_dir = run_dir
-        info = self._wait_for_endpoint(run_dir, start_wait)
-        control = info.get("control")
+        info, control = self._wait_for_endpoint(run_dir, start_wait)
         if info.get("state") not in ("running", "starting") or not control:
             raise ControlError(f"run {run_dir.id} is {info.get('state', 'unknown')}: it has no live control "
                                "endpoint (policies change only on a running job)")
@@ -163,14 +345,14 @@ class ControlClient:
         self.timeout = timeout
 
     @staticmethod
-    def _wait_for_endpoint(run_dir: RunDir, start_wait: float) -> dict[str, Any]:
-        """run.json, once rank 0 has published its endpoint (a run is 'running' a few seconds before that)."""
+    def _wait_for_endpoint(run_dir: RunDir, start_wait: float):
+        """The run's state and, once rank 0 has published it, its endpoint (a run is 'running' before that)."""
         deadline = time.monotonic() + start_wait
         while True:
             info = run_state(run_dir)
-            if info.get("control") or info.get("state") not in ("running", "starting") or \
-                    time.monotonic() > deadline:
-                return info
+            control = liveness.read_endpoint(run_dir.path)
+            if control or info.get("state") not in ("running", "starting") or time.monotonic() > deadline:
+                return info, control
             time.sleep(0.2)
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,

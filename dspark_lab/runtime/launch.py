@@ -117,7 +117,7 @@ class BackgroundRun:
 
     def stop(self, timeout: float = 30.0) -> None:
         try:
-            ControlClient(self.run_dir).request("POST", "/stop", {})
+            ControlClient(self.run_dir, timeout=timeout + 5).request("POST", "/stop", {"timeout": timeout})
             self.process.wait(timeout)
         except (DSparkError, subprocess.TimeoutExpired):
             self.process.terminate()

@@ -21,6 +21,7 @@ import psutil
 
 from dspark_lab.errors import RunNotFound
 from dspark_lab.output import SCHEMA_VERSION
+from dspark_lab.runtime import liveness
 
 RUN_STATES = ("starting", "running", "finished", "failed", "stopped")
 EVENT_KINDS = ("start", "pending", "apply", "refuse", "rollback", "placement", "stop", "error")
@@ -214,14 +215,23 @@ class RunDir:
 
 
 def run_state(run_dir: RunDir) -> dict[str, Any]:
-    """run.json as a reader should see it: a 'running' run whose supervisor is gone reads as failed.
+    """run.json as a reader should see it, with the ranks' word when the supervisor is gone.
 
-    A read never writes: only the supervisor (:mod:`.launch`) writes run.json.
+    A 'running' run whose supervisor died still runs while rank 0's heartbeat is fresh (:mod:`.liveness`); once
+    rank 0 has ended too, the run reads as its last beat says ('stopped'), or as failed. A read never writes:
+    only the supervisor (:mod:`.launch`) writes run.json.
     """
     info = run_dir.info()
     if info.get("state") in ("running", "starting") and info.get("launcher_pid"):
         if not _alive(info["launcher_pid"], info.get("launcher_start")):
-            info = {**info, "state": "failed", "control": None, "error": "the launcher process is gone (killed?)"}
+            beat = liveness.read_heartbeat(run_dir.path)
+            if liveness.beating(beat):
+                info = {**info, "state": "running", "supervisor": "gone",
+                        "note": f"the supervisor is gone; rank 0 (pid {beat['pid']}) is alive and training"}
+            elif beat and beat.get("state") == "stopped":
+                info = {**info, "state": "stopped", "control": None, "supervisor": "gone"}
+            else:
+                info = {**info, "state": "failed", "control": None, "error": "the launcher process is gone (killed?)"}
     return info
 
 

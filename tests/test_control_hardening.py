@@ -1,0 +1,449 @@
+"""The control endpoint's limits and replies, in process: a one-rank Job trains on a thread behind a real
+ControlServer on loopback, and every request goes over real HTTP. Multi-rank cases are in test_control_live.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dspark_lab import hookimpl
+from dspark_lab.cli import main as cli_main
+from dspark_lab.plugins import make_manager
+from dspark_lab.policy import PolicySpec
+from dspark_lab.runtime import control, limits, liveness
+from dspark_lab.runtime.attach import Job
+from dspark_lab.runtime.coordinator import StopRun
+from dspark_lab.runtime.records import RunDir, run_state
+
+
+class KnobPlugin:
+    """``test.knob``: applies, except the value ``fail``, whose apply raises (so the change rolls back)."""
+
+    @hookimpl
+    def dspark_register_policies(self):
+        return [PolicySpec(key="test.knob", type="enum", choices=("a", "b", "fail"), default="a", doc="a knob")]
+
+    @hookimpl
+    def dspark_apply_policy(self, job, key, value, old):
+        if key != "test.knob":
+            return None
+        if value == "fail":
+            raise RuntimeError("this knob breaks on purpose")
+        return ""
+
+
+class LiveJob:
+    """A Job with a ControlServer, stepping on a thread every ``period`` s while ``running`` is set."""
+
+    def __init__(self, run_dir: RunDir, period: float = 0.01, paused: bool = False):
+        from dspark_lab.backends import cpu
+        from dspark_lab.runtime.policies import builtin
+
+        manager = make_manager([cpu, builtin, KnobPlugin()], entry_points=False)
+        self.job = Job(run_dir, rank=0, world=1, manager=manager)
+        self.job.server = control.ControlServer(self.job)
+        self.run_dir, self.period = run_dir, period
+        self.running = threading.Event()
+        if not paused:
+            self.running.set()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._train, daemon=True)
+        self.thread.start()
+
+    def _train(self):
+        block = lambda: nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))  # noqa: E731
+        model = nn.Sequential(nn.Linear(4, 8), nn.Sequential(*[block() for _ in range(4)]), nn.Linear(8, 1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        try:
+            while not self.stopped.is_set():
+                self.running.wait()
+                if self.stopped.is_set():
+                    break
+                model(torch.randn(2, 4)).sum().backward()
+                optimizer.step()
+                self.job.on_step_end(optimizer)
+                time.sleep(self.period)
+        except StopRun:
+            pass
+        finally:
+            self.stopped.set()
+
+    def wait_step(self, step: int, timeout: float = 20):
+        deadline = time.monotonic() + timeout
+        while self.job.step < step:
+            assert time.monotonic() < deadline, f"step {step} not reached"
+            time.sleep(0.01)
+
+    def close(self):
+        self.stopped.set()
+        self.running.set()
+        self.thread.join(10)
+        self.job.close()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """One job for the tests that leave it training; ``fresh`` gives a test its own, to stop or end."""
+    root = tmp_path_factory.mktemp("control_home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DSPARK_HOME", str(root))
+        job = LiveJob(RunDir.create("20260101-000000-c0c0c0", {"name": "inproc"}, root=root / "runs"))
+        job.wait_step(2)
+        yield job
+        job.close()
+
+
+@pytest.fixture
+def fresh(home):
+    job = LiveJob(RunDir.create("20260101-000000-c0c0c1", {"name": "fresh"}, root=home / "runs"))
+    job.wait_step(2)
+    yield job
+    job.close()
+
+
+def wait_until(condition, timeout: float = 10):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def url_of(live) -> str:
+    endpoint = liveness.read_endpoint(live.run_dir.path)
+    return f"http://{endpoint['host']}:{endpoint['port']}"
+
+
+def call(live, method, path, data=None, headers=None, token=True, timeout=10):
+    """(status, parsed body, raw body) of one request; never raises for an HTTP status."""
+    hdrs = {"Authorization": f"Bearer {live.run_dir.token()}"} if token else {}
+    hdrs.update(headers or {})
+    req = urllib.request.Request(url_of(live) + path, data=data, method=method, headers=hdrs)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw), raw
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        return exc.code, json.loads(raw), raw
+
+
+def raw_request(live, payload: bytes, timeout=10) -> bytes:
+    endpoint = liveness.read_endpoint(live.run_dir.path)
+    with socket.create_connection((endpoint["host"], endpoint["port"]), timeout=timeout) as sock:
+        sock.sendall(payload)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def set_body(changes, **extra) -> bytes:
+    return json.dumps({"changes": changes, **extra}).encode()
+
+
+# --- authentication and 4xx answers -----------------------------------------------------------------------------
+
+
+def test_token_is_accepted_only_with_the_bearer_prefix(live):
+    token = live.run_dir.token()
+    for header in (token, f"bearer {token}", f"Basic {token}", f"Bearer{token}", f"Bearer {token}x"):
+        status, body, _ = call(live, "GET", "/status", headers={"Authorization": header}, token=False)
+        assert status == 401 and "token" in body["error"], header
+    assert call(live, "GET", "/status")[0] == 200
+
+
+@pytest.mark.parametrize("path", ["/metrics?tail=abc", "/metrics?tail=0", "/metrics?tail=-3", "/metrics?tail=1001",
+                                  "/metrics?tail=1e3", "/metrics?tail=%ff", "/metrics?a&&=="])
+def test_bad_query_values_answer_400_in_one_line(live, path):
+    status, body, raw = call(live, "GET", path)
+    assert status == 400 and b"\n" not in raw and body["error"]
+
+
+@pytest.mark.parametrize("header", ["abc", "-1", "1.5", "1 2"])
+def test_bad_content_length_answers_400(live, header):
+    reply = raw_request(live, f"POST /set HTTP/1.0\r\nAuthorization: Bearer {live.run_dir.token()}\r\n"
+                              f"Content-Length: {header}\r\n\r\n{{}}".encode())
+    assert reply.startswith(b"HTTP/1.0 400") and b"Content-Length" in reply
+
+
+def test_a_body_shorter_than_announced_answers_408(live, monkeypatch):
+    monkeypatch.setattr(control._Handler, "timeout", 0.5)
+    reply = raw_request(live, f"POST /set HTTP/1.0\r\nAuthorization: Bearer {live.run_dir.token()}\r\n"
+                              f"Content-Length: 12\r\n\r\n{{}}".encode())
+    assert reply.startswith(b"HTTP/1.0 408")
+
+
+@pytest.mark.parametrize("timeout", ["inf", "nan", "-1", "0", "3601", "soon", "true"])
+def test_request_timeout_must_be_finite_and_positive(live, timeout):
+    value = json.loads(timeout) if timeout in ("true",) else timeout
+    events_before, knob = len(live.run_dir.events()), live.job.policies["test.knob"]
+    status, body, _ = call(live, "POST", "/set", set_body({"test.knob": "fail" if knob != "fail" else "a"},
+                                                          timeout=value))
+    assert status == 400 and body["error"].startswith("timeout:")
+    status, body, _ = call(live, "POST", "/set", b'{"changes": {"test.knob": "b"}, "timeout": Infinity}')
+    assert status == 400 and "Infinity" in body["error"]
+    assert len(live.run_dir.events()) == events_before  # nothing was queued
+    assert live.job.policies["test.knob"] == knob
+
+
+def test_unknown_methods_and_paths_get_one_line_4xx(live):
+    for method, path, code in (("PUT", "/set", 405), ("DELETE", "/status", 405), ("GET", "/nope", 404),
+                               ("BREW", "/status", 405), ("POST", "/status", 405)):
+        status, body, raw = call(live, method, path, data=b"{}" if method != "GET" else None)
+        assert status == code and b"\n" not in raw, (method, path, status)
+    reply = raw_request(live, b"GARBAGE\r\n\r\n")  # http.server answers a request line this bad as HTTP/0.9
+    assert json.loads(reply)["error"].startswith("request: Bad request syntax") and b"\n" not in reply
+    reply = raw_request(live, b"GET /status HTTP/1.0\r\n" + b"X-Big: " + b"h" * 70000 + b"\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.0 431") and reply.split(b"\r\n\r\n", 1)[1].count(b"\n") == 0
+
+
+# --- sizes ----------------------------------------------------------------------------------------------------
+
+
+def test_an_oversized_body_is_refused_unread_and_nothing_is_logged(live):
+    size_before = live.run_dir.events_path.stat().st_size
+    big = set_body({"test.knob": "x" * (limits.MAX_BODY_BYTES + 10)})
+    status, body, _ = call(live, "POST", "/set", big)
+    assert status == 413 and str(limits.MAX_BODY_BYTES) in body["error"]
+    long_value = set_body({"test.knob": "y" * 5000})
+    status, body, _ = call(live, "POST", "/set", long_value)
+    assert status == 400 and len(body["error"]) < 200
+    many = set_body({f"test.k{i}": "a" for i in range(limits.MAX_KEYS + 1)})
+    assert call(live, "POST", "/set", many)[0] == 400
+    assert live.run_dir.events_path.stat().st_size == size_before
+    assert live.thread.is_alive()
+
+
+def test_a_refused_value_is_logged_once_and_truncated(live):
+    value = "z" * 250  # under the request bound, still refused by the schema
+    status, body, _ = call(live, "POST", "/set", set_body({"test.knob": value}))
+    assert status == 400 and "\n" not in body["error"]
+    lines = [line for line in live.run_dir.events_path.read_text().splitlines() if "zzzz" in line]
+    assert len(lines) == 1  # once, and cut: the reason to 300 characters, the value to LOG_CHARS (not 2 x 250)
+    assert lines[0].count("z") <= 300 + limits.LOG_CHARS and len(lines[0]) < 1000
+
+
+def test_metrics_tail_reads_the_end_of_the_file_not_all_of_it(live):
+    live.wait_step(5)
+    with open(live.run_dir.metrics_path, "rb") as f:
+        expected = [json.loads(line) for line in f.read().splitlines()[-3:]]
+    status, body, _ = call(live, "GET", "/metrics?tail=3")
+    assert status == 200 and [r["step"] for r in body["metrics"]][-1] >= expected[-1]["step"]
+    # a history of 40 MB: the endpoint must not read it whole inside rank 0
+    live.running.clear()
+    time.sleep(0.1)
+    padding = json.dumps({"step": -1, "pad": "p" * 1000}) + "\n"
+    with open(live.run_dir.metrics_path, "a") as f:
+        f.write(padding * 40_000)
+        f.write(json.dumps({"step": 10**6, "rank": 0}) + "\n")
+    tracemalloc.start()
+    try:
+        status, body, _ = call(live, "GET", "/metrics?tail=2")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        live.running.set()
+    assert status == 200 and [r["step"] for r in body["metrics"]] == [-1, 10**6]
+    assert peak < 4 * 1024 * 1024, f"peak {peak} bytes while serving a tail of 2"
+
+
+def test_tail_records_skips_bad_lines_and_cut_first_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b"\xff\xfe not json\n" + b"[1, 2]\n" + b'{"step": 1}\n' + b'{"step": 2}\n' + b'{"step": 3, "to')
+    assert control.tail_records(path, 5) == [{"step": 1}, {"step": 2}]
+    assert control.tail_records(path, 1) == [{"step": 2}]
+    assert control.tail_records(tmp_path / "missing", 3) == []
+
+
+# --- connections ----------------------------------------------------------------------------------------------
+
+
+def test_idle_connections_are_closed_by_the_server(live, monkeypatch):
+    monkeypatch.setattr(control._Handler, "timeout", 0.5)
+    endpoint = liveness.read_endpoint(live.run_dir.path)
+    with socket.create_connection((endpoint["host"], endpoint["port"]), timeout=5) as sock:
+        sock.sendall(b"GET /status HTTP/1.0\r\n")  # ...and never the rest
+        started = time.monotonic()
+        assert sock.recv(100) == b""  # closed by the server, not by our 5 s timeout
+        assert time.monotonic() - started < 4
+
+
+def test_too_many_connections_get_503_and_the_endpoint_recovers(live, monkeypatch):
+    monkeypatch.setattr(control._Handler, "timeout", 30)
+    endpoint = liveness.read_endpoint(live.run_dir.path)
+    idle = [socket.create_connection((endpoint["host"], endpoint["port"]), timeout=5)
+            for _ in range(limits.MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        status, body, _ = call(live, "GET", "/status", timeout=5)
+        assert status == 503 and "busy" in body["error"] and time.monotonic() - started < 3
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 5
+    while call(live, "GET", "/status")[0] != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert control._Server.request_queue_size >= 128
+
+
+# --- replies and exit codes -----------------------------------------------------------------------------------
+
+
+def test_set_exit_codes_say_applied_rolled_back_timed_out_and_refused(fresh, capsys):
+    run = fresh.run_dir.id
+    assert cli_main(["set", run, "test.knob=b"]) == 0
+    assert fresh.job.policies["test.knob"] == "b" and "applied at step" in capsys.readouterr().out
+    assert cli_main(["set", run, "test.knob=fail", "--json"]) == 3
+    out = json.loads(capsys.readouterr().out)
+    assert out["state"] == "rolled_back" and "breaks on purpose" in out["reason"] and out["exit_code"] == 3
+    fresh.running.clear()  # a rank that does not step: nothing can apply
+    time.sleep(0.1)
+    assert cli_main(["set", run, "test.knob=a", "--timeout", "0.5"]) == 4
+    assert "timed out" in capsys.readouterr().out
+    fresh.running.set()
+    assert cli_main(["set", run, "test.knob=nonsense"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0", "1e9"])
+def test_cli_timeout_must_be_finite(home, value, capsys):
+    for verb in (["set", "somerun", "a.b=1"], ["stop", "somerun"]):
+        assert cli_main([*verb, "--timeout", value]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --timeout") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_change_after_a_stop_is_refused_with_the_reason_and_stop_agrees_with_its_events(fresh):
+    fresh.running.clear()  # hold the job between two boundaries, as when both arrive within one step
+    time.sleep(0.1)
+    results = {}
+    stopper = threading.Thread(target=lambda: results.update(stop=call(fresh, "POST", "/stop", b"{}")))
+    stopper.start()
+    wait_until(lambda: fresh.job.coordinator._stop is not None)
+    status, body, _ = call(fresh, "POST", "/set", set_body({"test.knob": "b"}))
+    assert status == 400 and "stopping" in body["error"]
+    fresh.running.set()
+    stopper.join(20)
+    status, reply, _ = results["stop"]
+    assert status == 200 and reply["state"] == "stopped"
+    fresh.thread.join(10)
+    stops = [e for e in fresh.run_dir.events() if e["kind"] == "stop"]
+    assert [e["step"] for e in stops] == [reply["step"]] == [fresh.job.step]
+    refusals = [e for e in fresh.run_dir.events() if e["kind"] == "refuse"]
+    assert len(refusals) == 1 and "stopping" in refusals[0]["reason"]
+
+
+def test_a_change_still_queued_when_the_run_ends_is_refused_not_lost(fresh):
+    fresh.running.clear()
+    time.sleep(0.1)
+    results = {}
+    setter = threading.Thread(target=lambda: results.update(set=call(fresh, "POST", "/set",
+                                                                      set_body({"test.knob": "b"}))))
+    setter.start()
+    wait_until(lambda: fresh.job.coordinator.inbox.qsize() == 1)
+    fresh.stopped.set()  # the script returns
+    fresh.running.set()
+    fresh.thread.join(10)
+    fresh.job.close()
+    setter.join(10)
+    status, reply, _ = results["set"]
+    assert status == 200 and reply["state"] == "refused" and "ended" in reply["reason"]
+    kinds = [(e["kind"], e["change_id"]) for e in fresh.run_dir.events() if e["kind"] in ("pending", "refuse")]
+    assert kinds == [("refuse", reply["change_id"])]
+    assert liveness.read_endpoint(fresh.run_dir.path) is None
+    assert liveness.read_heartbeat(fresh.run_dir.path)["state"] == "ended"
+
+
+# --- liveness -------------------------------------------------------------------------------------------------
+
+
+def test_run_state_follows_rank_0_when_the_supervisor_is_gone(home):
+    import psutil
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    run_dir = RunDir.create("20260101-000000-beef00", {"name": "orphan", "state": "running",
+                                                       "launcher_pid": gone.pid, "launcher_start": time.time()},
+                            root=home / "runs")
+    assert run_state(run_dir)["state"] == "failed"  # no heartbeat
+    beat = liveness.Heartbeat(run_dir.path, step=lambda: 7)
+    try:
+        info = run_state(run_dir)
+        assert info["state"] == "running" and info["supervisor"] == "gone"
+        assert oct(os.stat(beat.path).st_mode & 0o777) == "0o600"
+        assert json.loads(run_dir.run_json.read_text())["state"] == "running"  # a read never writes
+    finally:
+        beat.stop("stopped")
+    assert run_state(run_dir)["state"] == "stopped"
+    me = psutil.Process()
+    stale = {"time": time.time() - liveness.FRESH_S - 1, "pid": me.pid, "start": me.create_time(), "state": "running"}
+    liveness.write_private_json(beat.path, stale)
+    assert run_state(run_dir)["state"] == "failed"  # a stale beat says nothing
+    liveness.write_private_json(beat.path, {**stale, "time": time.time(), "pid": gone.pid})
+    assert run_state(run_dir)["state"] == "failed"  # nor does a fresh one from a dead process
+
+
+def test_rank_0_never_writes_run_json(live):
+    before = live.run_dir.run_json.read_bytes()
+    assert call(live, "POST", "/set", set_body({"test.knob": "b"}))[0] == 200
+    assert live.run_dir.run_json.read_bytes() == before
+    endpoint_file = live.run_dir.path / liveness.CONTROL_FILE
+    assert oct(os.stat(endpoint_file).st_mode & 0o777) == "0o600"
+    assert "control" not in json.loads(before)
+
+
+def test_a_change_sent_before_the_first_step_waits_for_the_model_instead_of_a_false_refusal(home):
+    run_dir = RunDir.create("20260101-000000-0f1257", {"name": "early"}, root=home / "runs")
+    early = LiveJob(run_dir, paused=True)  # launched, model not built: no optimizer step has run
+    try:
+        results = {}
+        setter = threading.Thread(target=lambda: results.update(set=call(
+            early, "POST", "/set", set_body({"memory.activation_checkpointing": "full"}, timeout=20))))
+        setter.start()
+        time.sleep(0.5)
+        assert early.job.step == 0 and setter.is_alive()
+        early.running.set()
+        setter.join(30)
+        status, reply, _ = results["set"]
+        assert status == 200 and reply["state"] == "applied", reply
+        assert not [e for e in run_dir.events() if e["kind"] == "refuse"]
+    finally:
+        early.close()
+    never = LiveJob(RunDir.create("20260101-000000-0f1258", {"name": "never"}, root=home / "runs"), paused=True)
+    try:
+        status, body, _ = call(never, "POST", "/set", set_body({"test.knob": "b"}, timeout=0.3))
+        assert status == 409 and "first step" in body["error"]
+    finally:
+        never.close()
+
+
+def test_a_stop_that_outlasts_its_wait_says_so_and_still_happens(fresh, capsys):
+    fresh.running.clear()
+    time.sleep(0.1)
+    assert cli_main(["stop", fresh.run_dir.id, "--timeout", "0.5"]) == 4
+    assert "not done within 0.5 s" in capsys.readouterr().out
+    fresh.running.set()
+    fresh.thread.join(10)
+    assert not fresh.thread.is_alive()
+    stops = [e for e in fresh.run_dir.events() if e["kind"] == "stop"]
+    assert [e["step"] for e in stops] == [fresh.job.step]
