@@ -23,7 +23,7 @@ PLACEMENT = ("static", "eplb", "dspark")
 
 def moe_layers(model) -> list:
     """The model's expert-parallel MoE layers (empty when the MoE package is not in use)."""
-    module = sys.modules.get("dspark_lab.moe.model")
+    module = sys.modules.get("dspark_lab.examples.moe_model")
     if module is None or model is None:
         return []
     return [m for m in model.modules() if isinstance(m, module.ExpertParallelMoE)]
