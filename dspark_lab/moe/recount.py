@@ -17,8 +17,8 @@ or cold ones. All nodes of all layers are searched in one batch:
 3. Two passes of rounds. ``NARROW``: rows from the capped and the finest starts, 4 single moves and, of the 8
    count vectors with the lowest :func:`dspark_lab.moe.counts.counts_bound` among moves between two of the
    ``DEALT_HOT`` hottest, 2 dealt ones per row (fast: at DeepSeek-V3 scale this pass leaves nothing). ``WIDE``, on
-   the nodes ``NARROW`` leaves: every row, the node's own placement (duplicates and all) included, 16 single moves and 16
-   of all moves dealt.
+   the nodes ``NARROW`` leaves: every row, the node's own placement (duplicates and all) included, 16 single moves
+   and 16 of all moves dealt.
 
 What this misses goes to the exact solve (:mod:`dspark_lab.moe.exact`).
 """
