@@ -1,5 +1,5 @@
 """Pipeline schedules side by side: simulated bubble fraction and peak activations next to the closed forms, then
-real gloo runs at 2 ranks (one core each) with the simulator's prediction error.
+real gloo runs at 2 ranks (one core each) with the simulator's prediction error, in sample and out of sample.
 
     python benchmarks/pipeline_bubbles.py                 # both tables
     python benchmarks/pipeline_bubbles.py --no-real       # simulation only (instant)
@@ -7,6 +7,12 @@ real gloo runs at 2 ranks (one core each) with the simulator's prediction error.
 
 Costs for the simulation table: F = B = W = 1 per chunk (B excludes W), FB = F + B + W, no communication cost;
 "bubble fraction" is max over ranks of (step time - busy time) / step time.
+
+Real-run errors, each |predicted - measured| / measured (median over measured steps):
+  replay_err    each step predicted from the op costs measured in that same step (in sample: a replay);
+  forecast_err  each step predicted from the op costs of the warm-up steps (out of sample in time);
+  cross_err     the median step predicted from another schedule's per-stage costs (out of sample in schedule),
+                median (and worst) over every other schedule with the same model stages whose costs cover it.
 """
 
 from __future__ import annotations
@@ -57,16 +63,45 @@ def simulation_rows() -> list[dict]:
     return rows
 
 
-def real_rows(steps: int) -> list[dict]:
+def cross_schedule(results: list[dict], ranks: int, m: int) -> dict[str, list[tuple[str, float]]]:
+    """For each schedule: (source, relative error) of its median step predicted from each other schedule's costs."""
+    from dspark_lab.pipeline.run import transfer_costs
+
+    out: dict[str, list[tuple[str, float]]] = {}
+    for target in results:
+        schedule = build(target["schedule"], ranks, m)
+        for source in results:
+            if source is target:
+                continue
+            costs = {(int(k.split(",")[0]), k.split(",")[1]): v for k, v in source["stage_costs"].items()}
+            table = transfer_costs(costs, schedule)
+            if table is None:
+                continue
+            pred = simulate(schedule, Costs(f=0, b=0, w=0, comm=source["comm_latency"], table=table)).step_time
+            measured = target["measured_step_time"]
+            out.setdefault(target["schedule"], []).append((source["schedule"], abs(pred - measured) / measured))
+    return out
+
+
+def real_rows(steps: int, warmup: int) -> list[dict]:
     from dspark_lab.pipeline.run import RunConfig, run_schedule
 
     names = list(REAL_REQUIRED) + [n for n in SCHEDULES if n not in REAL_REQUIRED]
     results = run_schedule(RunConfig(schedule=names[0], extra=names[1:], ranks=2, microbatches=8, steps=steps,
-                                     warmup=2, mb_size=4, model={"d_model": 192, "seq": 96, "heads": 4}))
-    return [{"schedule": r["schedule"], "ranks": 2, "m": 8, "measured_ms": round(1e3 * r["measured_step_time"], 2),
-             "predicted_ms": round(1e3 * r["predicted_step_time"], 2), "error": round(r["prediction_error"], 3),
-             "target": "<=0.15" if r["schedule"] in REAL_REQUIRED else "-",
-             "comm_ms": round(1e3 * r["comm_latency"], 3), "grad_rel_diff": r["grad_rel_diff"]} for r in results]
+                                     warmup=warmup, mb_size=4, model={"d_model": 192, "seq": 96, "heads": 4}))
+    cross = cross_schedule(results, 2, 8)
+    rows = []
+    for r in results:
+        errs = sorted(e for _, e in cross.get(r["schedule"], []))
+        rows.append({
+            "schedule": r["schedule"], "ranks": 2, "m": 8, "measured_ms": round(1e3 * r["measured_step_time"], 2),
+            "replay_ms": round(1e3 * r["predicted_step_time"], 2), "replay_err": round(r["replay_error"], 3),
+            "forecast_ms": round(1e3 * r["forecast_step_time"], 2), "forecast_err": round(r["forecast_error"], 3),
+            "cross_err": round(errs[len(errs) // 2], 3) if errs else None,
+            "cross_worst": round(errs[-1], 3) if errs else None, "sources": len(errs),
+            "target": "<=0.15" if r["schedule"] in REAL_REQUIRED else "-",
+            "comm_ms": round(1e3 * r["comm_latency"], 3), "grad_rel_diff": r["grad_rel_diff"]})
+    return rows
 
 
 def write_pictures(folder: Path) -> None:
@@ -82,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-real", action="store_true", help="skip the real gloo runs")
     parser.add_argument("--steps", type=int, default=7, help="measured steps per schedule in the real runs")
+    parser.add_argument("--warmup", type=int, default=3, help="warm-up steps (their costs drive the forecast)")
     parser.add_argument("--pictures", type=Path, default=None, help="write timeline PNGs (p=4, m=8) here")
     args = parser.parse_args(argv)
     rows = simulation_rows()
@@ -90,10 +126,14 @@ def main(argv: list[str] | None = None) -> int:
                             "closed_frac", "peak", "closed_peak", "note")))
     bad = [r for r in rows if r.get("note") == "MISMATCH"]
     if not args.no_real:
-        print("\nReal runs: 2 gloo ranks, one core each, 8 micro-batches; predicted from the same steps' op costs")
-        real = real_rows(args.steps)
-        print(text_table(real, ("schedule", "ranks", "m", "measured_ms", "predicted_ms", "error", "target", "comm_ms",
-                                "grad_rel_diff")))
+        if args.steps < 1 or args.warmup < 1:
+            parser.error("--steps and --warmup: need at least 1 each")
+        print(f"\nReal runs: 2 gloo ranks, one core each, 8 micro-batches, {args.warmup} warm-up + {args.steps} "
+              "measured steps; replay = same-step costs (in sample), forecast = warm-up costs, cross = other "
+              "schedules' costs (the target applies to the replay)")
+        real = real_rows(args.steps, args.warmup)
+        print(text_table(real, ("schedule", "measured_ms", "replay_ms", "replay_err", "forecast_ms", "forecast_err",
+                                "cross_err", "cross_worst", "sources", "target", "comm_ms", "grad_rel_diff")))
     if args.pictures:
         write_pictures(args.pictures)
     return 1 if bad else 0

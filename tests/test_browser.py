@@ -111,6 +111,8 @@ def stop_runs(home: Path) -> None:
 
 def drive_quickstart(page, url: str, token: str, notebook: str, screenshot: Path) -> dict:
     """Open the notebook, run all cells, check the dashboard and the panel; returns what was seen."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     page.goto(f"{url}/lab/tree/{notebook}?token={token}", wait_until="domcontentloaded")
     page.wait_for_function("() => window.jupyterapp && document.querySelector('.jp-Notebook .jp-Cell')",
                            timeout=60_000)
@@ -122,10 +124,14 @@ def drive_quickstart(page, url: str, token: str, notebook: str, screenshot: Path
     page.locator(".dspark-devices canvas").first.wait_for(timeout=150_000)  # the last cell that runs has run
     header = dashboard.locator(".widget-html").first
     dashboard.scroll_into_view_if_needed()
-    time.sleep(1)
+    # Wait on conditions, not fixed sleeps: the canvas has drawn something, then both the header and the canvas
+    # changed since a first look (the dashboard refreshes on its own).
+    page.wait_for_function(f"c => ({CANVAS_INK_JS})(c) > 2000", arg=canvas.element_handle(), timeout=60_000)
     seen = {"ink": canvas.evaluate(CANVAS_INK_JS)}
     first = (header.inner_text(), canvas.evaluate(CANVAS_HASH_JS))
-    time.sleep(3)
+    with contextlib.suppress(PlaywrightTimeout):  # on a timeout the assertion on "looks" reports it
+        page.wait_for_function(f"([h, c, text, hash]) => h.innerText !== text && ({CANVAS_HASH_JS})(c) !== hash",
+                               arg=[header.element_handle(), canvas.element_handle(), *first], timeout=60_000)
     seen["looks"] = [first, (header.inner_text(), canvas.evaluate(CANVAS_HASH_JS))]
     row = page.locator(".dspark-policy-panel .widget-hbox", has_text="activation_checkpointing").first
     row.scroll_into_view_if_needed()
@@ -143,7 +149,8 @@ def drive_quickstart(page, url: str, token: str, notebook: str, screenshot: Path
                            arg=target, timeout=30_000)
     seen["markers"] = dashboard.locator(".dspark-markers").first.inner_text()
     dashboard.scroll_into_view_if_needed()
-    time.sleep(1.5)
+    page.wait_for_function(f"c => ({CANVAS_INK_JS})(c) > 2000", arg=canvas.element_handle(), timeout=60_000)
+    page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")  # painted
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     dashboard.screenshot(path=str(screenshot))
     return seen

@@ -43,7 +43,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
 
     from dspark_lab.examples.moe_train import initial_placement
     from dspark_lab.moe import exact, rebalance_experts
-    from dspark_lab.moe.model import MoEConfig, TinyMoETransformer
+    from dspark_lab.examples.moe_model import MoEConfig, TinyMoETransformer
     from dspark_lab.runtime.policies.moe import ExpertPlacement
 
     torch.set_num_threads(1)

@@ -213,3 +213,63 @@ def test_bad_current_and_move_cost():
         rebalance_experts(weight, 4, 1, 1, 2, current=[[0, 1, 2]])
     with pytest.raises(ValueError, match="move_cost"):
         rebalance_experts(weight, 4, 1, 1, 2, current=[[0, 1, 2, 3]], move_cost=-1)
+
+
+def test_vectorised_packer_equals_loop_packer_on_ties():
+    """The benchmark's third column (EPLB with our packer) must place exactly as EPLB: small integer loads make
+    many equal sums, where only the first-lightest rule decides."""
+    rng = np.random.default_rng(11)
+    for packs, per in ((2, 3), (4, 2), (3, 5), (8, 4)):
+        weight = torch.from_numpy(rng.integers(0, 4, (6, packs * per)).astype(np.float32))
+        loop, vec = eplb_reference.greedy_packing(weight, packs), B.vector_packing(weight, packs)
+        assert torch.equal(loop[0], vec[0]) and torch.equal(loop[1], vec[1])
+    for weight, replicas, groups, nodes, gpus in random_problems(12, 20):
+        ties = torch.from_numpy(np.floor(weight * 3 / max(weight.max(), 1e-9)))
+        expected = eplb_reference.rebalance_experts(ties, replicas, groups, nodes, gpus)[0]
+        vec = eplb_reference.rebalance_experts(ties, replicas, groups, nodes, gpus, packer=B.vector_packing)[0]
+        assert torch.equal(vec, expected)
+
+
+def test_relabel_undoes_any_node_preserving_gpu_permutation_exactly():
+    """Renumbered GPUs (nodes swapped as wholes, GPUs shuffled inside) relabel back to zero moves, where a greedy
+    matching can stop short; relabelling never changes balance."""
+    rng = np.random.default_rng(5)
+    weight = rng.lognormal(0, 1, (6, 32))
+    shape = B.check_shape(weight, 48, 4, 2, 8)
+    placed = B.best_placement(weight, shape)
+    for layer_seed in range(4):
+        perm = np.concatenate([4 + rng.permutation(4), rng.permutation(4)])  # nodes swapped, GPUs shuffled
+        shuffled = placed.reshape(6, 8, -1)[:, perm].reshape(6, -1)
+        back = moves.relabel(shuffled, B.presence(placed, 32, 8) > 0, shape)
+        assert moves.experts_moved(back, B.presence(placed, 32, 8) > 0, 32, 8).sum() == 0
+        assert moves.experts_moved(shuffled, B.presence(placed, 32, 8) > 0, 32, 8).sum() > 0
+        assert B.balancedness(weight, back, 8) == B.balancedness(weight, placed, 8)
+
+
+def test_balance_floor_moves_fewest_at_that_balance():
+    rng = np.random.default_rng(8)
+    old = rng.lognormal(0, 1, (8, 64))
+    new = old * rng.lognormal(0, 0.3, old.shape)
+    shape = B.check_shape(new, 80, 8, 2, 8)
+    current = rebalance_experts(old, 80, 8, 2, 8)[0].numpy()
+    old_has = B.presence(current, 64, 8) > 0
+    eplb = B.eplb_plan(new, shape)
+    floor = B.balancedness_of_loads(B.gpu_loads(new, eplb, 8))
+    at_floor = moves.place_with_moves(new, shape, current, 0.0, floor=floor)
+    balance_only = moves.place_with_moves(new, shape, current, 0.0)
+    assert (B.balancedness_of_loads(B.gpu_loads(new, at_floor, 8)) >= floor - 1e-12).all()
+    assert (moves.experts_moved(at_floor, old_has, 64, 8) <= moves.experts_moved(balance_only, old_has, 64, 8)).all()
+    assert moves.experts_moved(at_floor, old_has, 64, 8).sum() < moves.experts_moved(balance_only, old_has, 64, 8).sum()
+
+
+def test_ablation_switches_turn_stages_off():
+    weight = np.random.default_rng(4).zipf(1.6, (8, 64)).astype(float)  # a seed where every stage changes the result
+    shape = B.check_shape(weight, 80, 8, 2, 8)
+    full = B.best_placement(weight, shape)
+    eplb = B.balancedness(weight, B.eplb_plan(weight, shape), 8)
+    for stage in B.STAGES:
+        off = B.best_placement(weight, shape, frozenset({stage}))
+        assert not np.array_equal(off, full), stage  # the switch reaches its stage
+        assert B.balancedness(weight, off, 8) >= eplb - 1e-12, stage
+    with pytest.raises(ValueError, match="skip"):
+        B.best_placement(weight, shape, frozenset({"exact"}))

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from dspark_lab.localhost import free_port
 from dspark_lab.runtime.bootstrap import exit_now
-from dspark_lab.moe.model import MoEConfig, TinyMoETransformer
+from dspark_lab.examples.moe_model import MoEConfig, TinyMoETransformer
 from dspark_lab.moe.placement import _pack, plan_transfers
 
 STEPS = 8

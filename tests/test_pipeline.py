@@ -238,3 +238,20 @@ def test_timeline_figure_has_one_row_per_rank_and_bubbles():
         covered += sum(e - s for s, e in zip(data["start"], data["end"]))
     assert ranks == {0, 1, 2}
     assert covered == pytest.approx(sum(sim.busy)) and covered < 3 * sim.step_time
+
+
+def test_transfer_costs_moves_stage_costs_between_schedules_with_the_same_stages():
+    from dspark_lab.pipeline.run import stage_costs, transfer_costs
+
+    split = {(s, k): v for s in range(2) for k, v in (("F", 1.0), ("Bi", 2.0), ("W", 0.5))}
+    table = transfer_costs(split, build("1f1b", 2, 4))
+    assert set(table.values()) == {1.0, 2.5}  # a full B is Bi + W
+    assert simulate(build("1f1b", 2, 4), Costs(f=0, b=0, w=0, table=table)).step_time == \
+        simulate(build("1f1b", 2, 4), Costs(f=1, b=2, w=0.5)).step_time
+    dual = transfer_costs(split, build("dualpipe", 2, 4))
+    assert 1.0 + 2.5 in dual.values()  # an FB is its F plus its full B
+    full_only = {(s, k): v for s in range(2) for k, v in (("F", 1.0), ("B", 2.5))}
+    assert transfer_costs(full_only, build("zb-h1", 2, 4)) is None  # a full B cannot be split into Bi and W
+    assert transfer_costs(split, build("interleaved-1f1b", 2, 4)) is None  # 4 stages, not 2
+    measured = {(0, 0, "F"): 1.0, (1, 0, "F"): 3.0, (0, 0, "B"): 2.0, (1, 0, "B"): 4.0}
+    assert stage_costs(build("1f1b", 2, 4), measured) == {(0, "F"): 1.0, (1, "F"): 3.0, (0, "B"): 2.0, (1, "B"): 4.0}

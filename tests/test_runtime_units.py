@@ -268,3 +268,49 @@ def test_compressed_grad_sync_survives_ddps_bucket_rebuild(mode):
     steps = [line for line in done.stdout.splitlines() if line.startswith("step")]
     # one bucket of 19272 elements at step 0, rebuilt into 16968 + 2304: the stale residual is gone
     assert steps == ["step 0 [19272]"] + [f"step {i} [2304, 16968]" for i in (1, 2, 3)]
+
+
+def test_host_offload_moves_every_large_saved_tensor_into_the_host_pool():
+    """Equal losses alone would pass with offload as a no-op: check the bytes the host pool holds during the forward
+    pass against what the same step saves with offload off, that backward gives them all back, and that later steps
+    reuse the pooled buffers instead of allocating."""
+    from dspark_lab.allocator import HostPool
+    from dspark_lab.runtime.policies.memory import MIN_OFFLOAD_BYTES
+
+    torch.manual_seed(2)
+    model = make_model(layers=3, width=256)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    pool = HostPool()
+    tracker = SavedActivations(lambda: params, allocator_factory=lambda: pool)
+    x = torch.randn(64, 8)
+    storages = {}  # what autograd saves in one step, by storage, parameters left out (torch's own hooks)
+
+    def note(t):
+        if t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(note, lambda t: t):
+        model(x).pow(2).mean().backward()
+    large = sum(n for n in storages.values() if n >= MIN_OFFLOAD_BYTES)
+    assert large > 1 << 20 and large < sum(storages.values())  # some small ones (the input, the output) stay
+    tracker.install()
+    try:
+        loss = model(x).pow(2).mean()
+        saved_off = tracker.held  # offload off: bytes kept for backward
+        assert saved_off == sum(storages.values()) and pool.stats()["bytes_in_use"] == 0
+        loss.backward()
+        tracker.mode = "host"
+        allocations = []
+        for _ in range(3):
+            loss = model(x).pow(2).mean()
+            moved = pool.stats()["bytes_in_use"]
+            assert moved == large  # every large saved tensor was copied into the pool, once
+            assert tracker.held == saved_off  # the count is of the copies and the small tensors kept
+            loss.backward()
+            stats = pool.stats()
+            assert stats["bytes_in_use"] == 0 and stats["bytes_pooled"] == moved
+            allocations.append(stats["allocations"])
+    finally:
+        tracker.uninstall()
+    assert allocations[0] > 0 and allocations[-1] == allocations[0]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from dspark_lab.moe import eplb_reference
 from dspark_lab.moe.balance import rebalance_experts
-from dspark_lab.moe.model import MoEConfig, TinyMoETransformer, expert_load_hook, sync_gradients
+from dspark_lab.examples.moe_model import MoEConfig, TinyMoETransformer, expert_load_hook, sync_gradients
 from dspark_lab.moe.placement import move_experts
 
 POLICIES = ("static", "eplb", "dspark")

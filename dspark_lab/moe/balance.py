@@ -17,15 +17,17 @@ The algorithm is our own; it keeps EPLB's plan as one candidate so it is never w
    on another GPU of the same node while that lowers the larger of the two loads; then swap away any same-GPU
    duplicate of ours where that stays within EPLB's layer maximum. EPLB's plan gets the first search only on
    layers where ours is still worse than EPLB's plan.
-3. Node by node keep a candidate whose node maximum is within EPLB's layer maximum, preferring no same-GPU
-   duplicates, then the lower maximum. Balancedness is mean / max GPU load and the mean does not depend on
-   placement, so this is never below EPLB's balancedness and is above it wherever EPLB's greedy steps leave slack.
+3. Per layer keep a candidate whose maximum is within EPLB's layer maximum, preferring no same-GPU duplicates,
+   then the lower maximum. Balancedness is mean / max GPU load and the mean does not depend on placement, so this
+   is never below EPLB's balancedness and is above it wherever EPLB's greedy steps leave slack.
 4. On a node where a same-GPU duplicate is left (EPLB's plan was the only one within its maximum), search the
    replica counts themselves (:mod:`dspark_lab.moe.recount`): three count vectors dealt and searched, then
-   one-replica moves between experts, every node in one batch.
-5. On a node where one still survives, solve it exactly (:mod:`dspark_lab.moe.exact`, a mixed-integer model with
-   the counts as variables): a duplicate-free placement within EPLB's layer maximum replaces the node's placement
-   and step 2's search lowers its maximum; if the model is infeasible the duplicates are forced and stay.
+   one-replica moves between experts, every node in one batch. Duplicates it leaves stay; the tests prove with
+   :mod:`dspark_lab.moe.exact` (a mixed-integer model) that they are forced on their shapes.
+
+The ablation in ``benchmarks/moe_balance.py`` measures what each stage buys (docs/moe.md); a node-by-node pick and
+an exact solve as a fifth stage were measured there, bought almost nothing (one wasted slot in 96 small runs)
+and were removed.
 
 With a current placement and ``move_cost > 0`` (:mod:`dspark_lab.moe.moves`), candidates are scored as
 ``balancedness - move_cost * moved / R`` so that a placement which moves few experts can win.
@@ -38,7 +40,6 @@ import torch
 
 from dspark_lab.moe import eplb_reference
 from dspark_lab.moe.counts import bounded_counts
-from dspark_lab.moe.exact import place_without_duplicates
 from dspark_lab.moe.recount import place_by_recount
 from dspark_lab.moe.measures import (balancedness, balancedness_of_loads, duplicates_per_gpu, gpu_loads, presence,
                                      replica_counts, same_gpu_duplicates)
@@ -47,7 +48,11 @@ from dspark_lab.moe.shape import Shape
 
 __all__ = ["Shape", "balancedness", "balancedness_of_loads", "best_placement", "check_shape", "check_weight",
            "descend", "duplicates_per_gpu", "eplb_plan", "gpu_loads", "own_plan", "presence", "rebalance_experts",
-           "remove_duplicates", "replica_counts", "same_gpu_duplicates"]
+           "remove_duplicates", "replica_counts", "same_gpu_duplicates", "STAGES", "vector_packing"]
+
+# The stages of :func:`best_placement` (module docstring), each of which ``skip`` can turn off for the benchmark's
+# ablation (benchmarks/moe_balance.py). A per-node pick and an exact MILP stage were measured there and removed.
+STAGES = ("candidates", "swap search", "count search")
 
 
 def _positive_int(name: str, value) -> int:
@@ -93,7 +98,7 @@ def check_shape(weight: np.ndarray, num_replicas, num_groups, num_nodes, num_gpu
 # ---------------------------------------------------------------------------------------------------------------
 # Candidates
 
-def _vector_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
+def vector_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """EPLB's greedy packing, all rows at once: same float32 sums and the same first-lightest tie rule."""
     rows, n = weight.shape
     per_pack = n // num_packs
@@ -121,7 +126,7 @@ def _vector_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor,
 def eplb_plan(weight: np.ndarray, shape: Shape) -> np.ndarray:
     """EPLB's ``phy2log`` (identical to :func:`eplb_reference.rebalance_experts`, faster)."""
     phy2log, _, _ = eplb_reference.rebalance_experts(torch.from_numpy(weight), shape.replicas, shape.groups,
-                                                     shape.nodes, shape.gpus, packer=_vector_packing)
+                                                     shape.nodes, shape.gpus, packer=vector_packing)
     return phy2log.numpy()
 
 
@@ -149,53 +154,48 @@ def domain_of_experts(phy2log: np.ndarray, shape: Shape) -> np.ndarray:
     return domain
 
 
-def best_placement(weight: np.ndarray, shape: Shape) -> np.ndarray:
+def best_placement(weight: np.ndarray, shape: Shape, skip: frozenset[str] = frozenset()) -> np.ndarray:
     """The balance-only placement: ours after local search, and, on layers where that is not at least as good as
-    EPLB's plan, EPLB's plan after the same local search; combined node by node, then same-GPU duplicates removed
-    within EPLB's maximum by the count search and, on nodes where that fails, by an exact solve."""
+    EPLB's plan, EPLB's plan after the same local search; the better per layer, then same-GPU duplicates removed
+    within EPLB's maximum by the count search.
+
+    ``skip``: names from :data:`STAGES` to turn off, for the benchmark's ablation. The result stays valid and at
+    least as balanced as EPLB's plan (that plan is always a candidate, and every stage keeps within its maximum);
+    it may keep more duplicates or less slack."""
+    unknown = set(skip) - set(STAGES)
+    if unknown:
+        raise ValueError(f"skip: unknown stage {sorted(unknown)}; allowed: {', '.join(STAGES)}")
+    search = "swap search" not in skip
     eplb = eplb_plan(weight, shape)
     eplb_max = gpu_loads(weight, eplb, shape.gpus).max(1)
-    ours = descend(weight, own_plan(weight, shape, domain_of_experts(eplb, shape)), shape)
-    ours = remove_duplicates(weight, ours, shape, eplb_max)
-    short = np.flatnonzero(gpu_loads(weight, ours, shape.gpus).max(1) > eplb_max * (1 + REL_TOL))
+    candidates = []
+    if "candidates" not in skip:
+        ours = own_plan(weight, shape, domain_of_experts(eplb, shape))
+        if search:
+            ours = remove_duplicates(weight, descend(weight, ours, shape), shape, eplb_max)
+        candidates.append(ours)
+        short = np.flatnonzero(gpu_loads(weight, ours, shape.gpus).max(1) > eplb_max * (1 + REL_TOL))
+    else:
+        short = np.arange(shape.layers)
     improved = eplb.copy()
-    if len(short):
+    if len(short) and search:
         improved[short] = descend(weight[short], eplb[short], shape)
-    placed = pick_per_domain(weight, shape, [ours, improved], limit=eplb_max)
-
-    def solve_exactly(w, plan, shape, limit):
-        return descend(w, place_without_duplicates(w, plan, shape, limit), shape)
-
-    for remove in (place_by_recount, solve_exactly):  # each on the layers the last one left
-        left = np.flatnonzero(duplicates_per_gpu(placed, shape.gpus).any(1))
-        if not len(left):
-            break
-        placed[left] = remove(weight[left], placed[left], shape, eplb_max[left])
+    candidates.append(improved)
+    placed = pick(weight, shape, candidates, eplb_max)
+    left = np.flatnonzero(duplicates_per_gpu(placed, shape.gpus).any(1))
+    if len(left) and "count search" not in skip:
+        placed[left] = place_by_recount(weight[left], placed[left], shape, eplb_max[left])
     return placed
 
 
-def pick_per_domain(weight: np.ndarray, shape: Shape, candidates: list[np.ndarray],
-                    limit: np.ndarray | None = None) -> np.ndarray:
-    """Assemble each layer node by node from candidates that share one expert-to-node split.
-
-    A layer's maximum is its worst node's, so the best reachable maximum is ``M = max over nodes of (min over
-    candidates of the node's maximum)``. Each node then takes, among candidates whose node maximum is within
-    ``max(M, limit)`` (``limit [L]``: EPLB's maximum), the one with the fewest same-GPU duplicates, then the lowest
-    maximum: a duplicate-free node is preferred as long as the layer stays at least as balanced as EPLB.
-    """
-    layers, domains = shape.layers, shape.domains
-    gpus_per_domain = shape.gpus // domains
-    top = np.stack([gpu_loads(weight, c, shape.gpus).reshape(layers, domains, gpus_per_domain).max(-1)
-                    for c in candidates])                                   # [C, L, D]
-    dups = np.stack([duplicates_per_gpu(c, shape.gpus).reshape(layers, domains, -1).sum(-1) for c in candidates])
-    reachable = top.min(0).max(1)                                           # [L]
-    if limit is not None:
-        reachable = np.maximum(reachable, limit)
-    eligible = top <= (reachable * (1 + REL_TOL))[None, :, None]
-    key = np.where(eligible, dups * (1.0 + top.max()) + top, np.inf)       # fewest duplicates, then lowest max
-    choice = key.argmin(0)                                                  # [L, D]
-    stacked = np.stack(candidates).reshape(len(candidates), layers, domains, -1)
-    return stacked[choice, np.arange(layers)[:, None], np.arange(domains)[None, :]].reshape(layers, -1)
+def pick(weight: np.ndarray, shape: Shape, candidates: list[np.ndarray], limit: np.ndarray) -> np.ndarray:
+    """Per layer, among candidates whose maximum GPU load is within ``max(limit, the lowest maximum)`` (``limit
+    [L]``: EPLB's maximum), the one with the fewest same-GPU duplicates, then the lowest maximum."""
+    top = np.stack([gpu_loads(weight, c, shape.gpus).max(1) for c in candidates])              # [C, L]
+    dups = np.stack([duplicates_per_gpu(c, shape.gpus).sum(1) for c in candidates])           # [C, L]
+    eligible = top <= np.maximum(top.min(0), limit) * (1 + REL_TOL)
+    key = np.where(eligible, dups * (1.0 + top.max()) + top, np.inf)
+    return np.stack(candidates)[key.argmin(0), np.arange(shape.layers)]
 
 
 def log2phy_of(phy2log: np.ndarray, experts: int) -> tuple[np.ndarray, np.ndarray]:

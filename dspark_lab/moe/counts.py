@@ -59,7 +59,11 @@ def sorted_pair_bound(weight: np.ndarray, counts: np.ndarray, gpus: int) -> np.n
     return pair_bound(np.take_along_axis(value, order, -1), np.take_along_axis(counts, order, -1), gpus)
 
 
-def counts_bound(weight: np.ndarray, counts: np.ndarray, gpus: int, width: int = 24) -> np.ndarray:
+# counts_bound screens count vectors on this many hottest experts of a row: wider is exact more often and slower.
+SCREEN_WIDTH = 24
+
+
+def counts_bound(weight: np.ndarray, counts: np.ndarray, gpus: int, width: int = SCREEN_WIDTH) -> np.ndarray:
     """:func:`pair_bound` of each row's count vector, over the ``width`` hottest experts of the row (a screen:
     exact unless a colder expert holds a replica among the ``gpus + 1`` largest)."""
     if weight.shape[1] > width:

@@ -5,7 +5,8 @@ expert's weights (and optimizer state, in training) sent to a GPU. Per layer the
 ``balancedness - move_cost * moved / R`` is chosen among:
 
 1. the balance-only placement of :func:`dspark_lab.moe.balance.best_placement`, with its GPUs renumbered (inside
-   nodes, nodes as wholes) to overlap the current placement most: relabelling never changes balance;
+   nodes, nodes as wholes) to overlap the current placement most (:func:`relabel`, an exact assignment):
+   relabelling never changes balance;
 2. the current placement itself (nothing moves), when it is a valid placement of the same size;
 3. every intermediate state of the swap local search started from the current placement (each swap moves at
    most two replicas and lowers the most loaded GPU).
@@ -16,10 +17,14 @@ With ``move_cost = 0`` this is the balance-only placement, renumbered so that as
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from dspark_lab.moe.balance import Shape, best_placement
 from dspark_lab.moe.measures import balancedness_of_loads, duplicates_per_gpu, gpu_loads, presence, replica_counts
 from dspark_lab.moe.search import descend
+
+
+SCORE_TOL = 1e-12  # scores within this are ties (then fewer duplicates, then fewer moves, win)
 
 
 def check_current(current, shape: Shape) -> np.ndarray:
@@ -42,38 +47,28 @@ def experts_moved(new: np.ndarray, old_has: np.ndarray, experts: int, gpus: int)
     return ((presence(new, experts, gpus) > 0) & ~old_has).sum((1, 2))
 
 
-def _greedy_match(overlap: np.ndarray) -> np.ndarray:
-    """For ``overlap [B, n, n]`` (new x old), ``target [B, n]``: the old index each new index takes, pairing the
-    largest overlaps first (a greedy assignment; exact matching is not worth its cost here)."""
-    batch, n, _ = overlap.shape
-    score = overlap.astype(np.float64).copy()
-    target = np.empty((batch, n), dtype=np.int64)
-    rows = np.arange(batch)
-    for _ in range(n):
-        flat = score.reshape(batch, -1).argmax(1)
-        new, old = np.divmod(flat, n)
-        target[rows, new] = old
-        score[rows, new, :] = -np.inf
-        score[rows, :, old] = -np.inf
-    return target
-
-
 def relabel(phy2log: np.ndarray, old_has: np.ndarray, shape: Shape) -> np.ndarray:
-    """Renumber GPUs of ``phy2log`` (whole nodes, then GPUs inside a node) to overlap ``old_has`` most."""
+    """Renumber GPUs of ``phy2log`` to overlap ``old_has [L, G, E]`` most: nodes as wholes (a node-limited
+    placement stays node-limited), GPUs inside a node. Exact: the best GPU matching of every (new node, old node)
+    pair (:func:`scipy.optimize.linear_sum_assignment`), then the best node matching on those values."""
     layers, domains = shape.layers, shape.domains
     per = shape.gpus // domains
     new_has = presence(phy2log, shape.experts, shape.gpus) > 0
-    old = old_has.astype(np.float32)
-    gpu_overlap = np.einsum("lge,lhe->lgh", new_has.astype(np.float32), old)     # [L, G_new, G_old]
-    node_overlap = gpu_overlap.reshape(layers, domains, per, domains, per).sum((2, 4))
-    node_target = _greedy_match(node_overlap)                                     # [L, D]
+    gpu_overlap = np.einsum("lge,lhe->lgh", new_has.astype(np.float32), old_has.astype(np.float32))
     blocks = gpu_overlap.reshape(layers, domains, per, domains, per)
-    inner = blocks[np.arange(layers)[:, None], np.arange(domains)[None, :], :, node_target, :]  # [L, D, per, per]
-    gpu_target = _greedy_match(inner.reshape(layers * domains, per, per)).reshape(layers, domains, per)
-    gpu_target = gpu_target + (node_target * per)[:, :, None]                      # new GPU -> old GPU number
+    gpu_target = np.empty((layers, shape.gpus), dtype=np.int64)                     # new GPU -> old GPU number
+    for layer in range(layers):
+        inner = np.empty((domains, domains, per), dtype=np.int64)
+        value = np.empty((domains, domains))
+        for a in range(domains):
+            for b in range(domains):
+                _, inner[a, b] = linear_sum_assignment(blocks[layer, a, :, b, :], maximize=True)
+                value[a, b] = blocks[layer, a, np.arange(per), b, inner[a, b]].sum()
+        _, node_target = linear_sum_assignment(value, maximize=True)
+        gpu_target[layer] = (inner[np.arange(domains), node_target] + node_target[:, None] * per).ravel()
     slots = phy2log.reshape(layers, shape.gpus, -1)
     out = np.empty_like(slots)
-    out[np.arange(layers)[:, None], gpu_target.reshape(layers, -1)] = slots
+    out[np.arange(layers)[:, None], gpu_target] = slots
     return out.reshape(layers, -1)
 
 
@@ -90,14 +85,21 @@ def _valid_as_is(current: np.ndarray, shape: Shape) -> bool:
     return bool((np.take_along_axis(first, group, 1) == slot_domain).all())
 
 
-def place_with_moves(weight: np.ndarray, shape: Shape, current, move_cost: float) -> np.ndarray:
-    """The placement maximising ``balancedness - move_cost * moved / R`` per layer (module docstring)."""
+def place_with_moves(weight: np.ndarray, shape: Shape, current, move_cost: float,
+                     floor: np.ndarray | None = None) -> np.ndarray:
+    """The placement maximising ``balancedness - move_cost * moved / R`` per layer (module docstring).
+
+    ``floor [L]``: instead, the fewest moves among candidates whose balancedness is at least ``floor`` (the
+    balance-only placement is always a candidate, so a floor at or under its balancedness is always met; the
+    benchmark passes EPLB's balancedness to compare moves at equal balance)."""
     current = check_current(current, shape)
     old_has = presence(current, shape.experts, shape.gpus) > 0
 
     def score(plan):
         balance = balancedness_of_loads(gpu_loads(weight, plan, shape.gpus))
         moved = experts_moved(plan, old_has, shape.experts, shape.gpus)
+        if floor is not None:
+            return np.where(balance >= floor - SCORE_TOL, -moved / shape.replicas, -np.inf), moved
         return balance - move_cost * moved / shape.replicas, moved
 
     best = relabel(best_placement(weight, shape), old_has, shape)
@@ -109,7 +111,7 @@ def place_with_moves(weight: np.ndarray, shape: Shape, current, move_cost: float
         nonlocal chosen_score, chosen_moved, chosen_dups
         value, moved = score(plan)
         dups = duplicates_per_gpu(plan, shape.gpus).sum(1)
-        better = (value > chosen_score + 1e-12) | ((value >= chosen_score - 1e-12) & (
+        better = (value > chosen_score + SCORE_TOL) | ((value >= chosen_score - SCORE_TOL) & (
             (dups < chosen_dups) | ((dups == chosen_dups) & (moved < chosen_moved))))
         better &= np.isin(np.arange(shape.layers), rows)
         chosen[better] = plan[better]
@@ -120,6 +122,6 @@ def place_with_moves(weight: np.ndarray, shape: Shape, current, move_cost: float
     if _valid_as_is(current, shape):
         every = np.arange(shape.layers)
         offer(current, every)
-        if move_cost > 0:
+        if move_cost > 0 or floor is not None:
             descend(weight, current, shape, trace=lambda step, rows, plan: offer(plan, rows))
     return chosen

@@ -5,7 +5,7 @@ fills each of its slots with the weights *and* optimizer state (Adam's ``exp_avg
 slot's new logical expert: from a slot it already holds when it can, else received from the lowest rank that holds
 that expert (point-to-point over the default group; one message per (layer, expert, receiving rank)). Parameter
 objects keep their identity, so the optimizer needs no rebuilding, and since replicas of one expert are identical
-(see :mod:`dspark_lab.moe.model`) the training math is unchanged: only where experts live changes.
+(see :mod:`dspark_lab.examples.moe_model`) the training math is unchanged: only where experts live changes.
 
 Every rank must call :func:`move_experts` with the same placements. Equal loads are not enough: the balancer's
 exact stage stops on a wall-clock budget (:data:`dspark_lab.moe.exact.TIME_LIMIT_S`), so a slower rank can get

@@ -15,10 +15,10 @@ or cold ones. All nodes of all layers are searched in one batch:
    them get the swap search (until they are within the limit); each row takes its best while that improves, ranked
    by (over the limit, duplicates, maximum load). A node stops as soon as one of its rows fits.
 3. Two passes of rounds. ``NARROW``: rows from the capped and the finest starts, 4 single moves and, of the 8
-   count vectors with the lowest :func:`dspark_lab.moe.counts.counts_bound` among moves between two of the 16
-   hottest, 2 dealt ones per row (fast: at DeepSeek-V3 scale this pass leaves nothing). ``WIDE``, on the nodes
-   ``NARROW`` leaves: every row, the node's own placement (duplicates and all) included, 16 single moves and 16
-   of all moves dealt.
+   count vectors with the lowest :func:`dspark_lab.moe.counts.counts_bound` among moves between two of the
+   ``DEALT_HOT`` hottest, 2 dealt ones per row (fast: at DeepSeek-V3 scale this pass leaves nothing). ``WIDE``, on
+   the nodes ``NARROW`` leaves: every row, the node's own placement (duplicates and all) included, 16 single moves
+   and 16 of all moves dealt.
 
 What this misses goes to the exact solve (:mod:`dspark_lab.moe.exact`).
 """
@@ -32,8 +32,11 @@ from dspark_lab.moe.measures import domains_with_duplicates, duplicates_per_gpu,
 from dspark_lab.moe.search import REL_TOL, deal, descend, remove_duplicates
 from dspark_lab.moe.shape import Shape
 
-HOT = 12         # single moves involve one of this many hottest experts of the node (or a duplicated one)
-ROUNDS = 20      # improving moves per row at most
+HOT = 12         # single moves involve one of this many hottest experts of the node (or a duplicated one);
+                 # more: more moves scored per round (time) for rarely a fit the rounds would not find
+DEALT_HOT = 16   # narrow pass: count vectors dealt afresh only for moves between two of this many hottest experts
+                 # (colder moves barely change the bound; more: more deals per round)
+ROUNDS = 20      # improving moves per row at most (bounds the time of a node that never fits)
 # Per row and round: single moves that get the swap search, count vectors dealt afresh, and how many of those get
 # the swap search. The wide pass runs only on nodes the narrow one leaves.
 NARROW = (4, 8, 2)
@@ -121,13 +124,13 @@ def _trials(weight: np.ndarray, local: np.ndarray, gpus: int, bound: np.ndarray,
     moved = local[owner[chosen]]
     moved[np.arange(len(chosen)), slot[chosen]] = expert[chosen]
     # The same moves as count vectors, dealt afresh: a move the freed slot cannot host well may pack well.
-    # Narrow: only moves between two of the 16 hottest (the others barely change the bound), the best by bound.
+    # Narrow: only moves between two of the DEALT_HOT hottest, the best by bound.
     # Wide (``dealt_screen`` None): every move.
     source = local[owner, slot]
     if dealt_screen is None:
         pairs = np.arange(len(owner))
     else:
-        pairs = np.flatnonzero((rank[owner, source] < 16) & (rank[owner, expert] < 16))
+        pairs = np.flatnonzero((rank[owner, source] < DEALT_HOT) & (rank[owner, expert] < DEALT_HOT))
     if not len(pairs) or dealt_screen == 0:
         return owner[chosen], moved
     counts = replica_counts(local, weight.shape[1])[owner[pairs]]

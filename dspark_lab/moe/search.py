@@ -15,6 +15,10 @@ from dspark_lab.moe.measures import presence, replica_counts
 from dspark_lab.moe.shape import Shape
 
 REL_TOL = 1e-12  # relative: a swap must lower a load by more than this to count as an improvement
+# Swap steps per slot in one descend call at most: each step lowers a layer's top GPU, so a search stops on its own
+# long before this; the cap bounds the time of a step boundary on adversarial loads (more steps: more time, and
+# rarely a lower maximum).
+STEPS_PER_SLOT = 4
 
 
 def deal(weight: np.ndarray, count: np.ndarray, gpus: int) -> np.ndarray:
@@ -123,7 +127,7 @@ def descend(weight: np.ndarray, phy2log: np.ndarray, shape: Shape, max_steps: in
     """
     state = _State(weight, phy2log, shape)
     active = np.arange(len(weight))
-    steps = max_steps if max_steps is not None else 4 * shape.replicas
+    steps = max_steps if max_steps is not None else STEPS_PER_SLOT * shape.replicas
     for step in range(steps):
         if not len(active):
             break

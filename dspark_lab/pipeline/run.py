@@ -2,11 +2,15 @@
 compare the measured step time with the simulator's prediction from those costs, and the gradients with a
 single-process reference.
 
-Each rank uses one thread (``torch.set_num_threads(1)``) pinned to its own core where the OS allows. Every measured
-step is predicted from its own op costs (the mean duration per (rank, chunk, op kind) in that step, glue included,
-waits excluded), because other load on a shared machine drifts between steps; the point-to-point latency is a
-one-way ping-pong time for one activation. Reported: median measured step, median prediction, median of the
-per-step relative errors.
+Each rank uses one thread (``torch.set_num_threads(1)``) pinned to its own core where the OS allows. Op costs are
+the mean duration per (rank, chunk, op kind) in a step, glue included, waits excluded; the point-to-point latency is
+a one-way ping-pong time for one activation. Three predictions, each a median of per-step relative errors:
+
+- replay: every measured step predicted from its own op costs (in-sample: it checks the simulator's dependency
+  model, not its power to forecast);
+- forecast: every measured step predicted from the costs of the warm-up steps (out of sample in time);
+- cross-schedule (:func:`transfer_costs`): a schedule's costs per model stage predict another schedule with the
+  same stages (out of sample in schedule; the benchmark does this from each result's ``stage_costs``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch.multiprocessing as mp
 from dspark_lab.localhost import free_port
 from dspark_lab.pipeline.execute import PipelineTrainer
 from dspark_lab.pipeline.model import ModelConfig, build_stages, make_batch, mb_loss, reference_grads
+from dspark_lab.pipeline.ir import Schedule
 from dspark_lab.pipeline.schedules import build
 from dspark_lab.pipeline.simulate import Costs, simulate
 
@@ -99,7 +104,7 @@ def _run_one(rank: int, cfg: RunConfig, name: str) -> dict:
         return mb_loss(logits, targets_by_step["now"][index], schedule.microbatches)
 
     trainer = PipelineTrainer(schedule, rank, held, loss_fn, act_shape)
-    measured, predicted, tables, loss = [], [], [], 0.0
+    measured, predicted, tables, warm_tables, loss = [], [], [], [], 0.0
     for step in range(cfg.warmup + cfg.steps):
         tokens, targets = make_batch(mcfg, schedule.microbatches, cfg.mb_size, step)
         targets_by_step["now"] = targets
@@ -112,7 +117,9 @@ def _run_one(rank: int, cfg: RunConfig, name: str) -> dict:
         elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         table = _cost_table(trainer, cfg.ranks)
-        if step >= cfg.warmup:
+        if step < cfg.warmup:
+            warm_tables.append(table)
+        else:
             # Predict each step from its own op costs: other load on the machine drifts between steps.
             measured.append(float(elapsed.item()))
             predicted.append(simulate(schedule, Costs(f=0.0, b=0.0, w=0.0, comm=comm, table=table)).step_time)
@@ -120,6 +127,12 @@ def _run_one(rank: int, cfg: RunConfig, name: str) -> dict:
     last_step = cfg.warmup + cfg.steps - 1
     errors = [abs(p - m) / m for p, m in zip(predicted, measured)]
     table = {key: statistics.median(t[key] for t in tables) for key in tables[0]}
+    if warm_tables:
+        warm = {key: statistics.median(t[key] for t in warm_tables) for key in warm_tables[0]}
+        forecast = simulate(schedule, Costs(f=0.0, b=0.0, w=0.0, comm=comm, table=warm)).step_time
+        forecast_errors = [abs(forecast - m) / m for m in measured]
+    else:
+        forecast, forecast_errors = None, None
     total_loss = torch.tensor([loss], dtype=torch.float64)
     dist.all_reduce(total_loss)
     ran = [label for _, _, label in trainer.trace]
@@ -129,7 +142,10 @@ def _run_one(rank: int, cfg: RunConfig, name: str) -> dict:
         "schedule": name, "ranks": cfg.ranks, "microbatches": schedule.microbatches, "chunks": schedule.chunks,
         "measured_step_time": statistics.median(measured), "predicted_step_time": statistics.median(predicted),
         "prediction_error": statistics.median(errors), "step_times": measured, "predicted_step_times": predicted,
+        "replay_error": statistics.median(errors), "forecast_step_time": forecast,
+        "forecast_error": statistics.median(forecast_errors) if forecast_errors else None,
         "comm_latency": comm,
+        "stage_costs": {f"{st},{k}": v for (st, k), v in sorted(stage_costs(schedule, table).items())},
         "op_costs": {f"{r},{c},{k}": v for (r, c, k), v in sorted(table.items())}, "loss": float(total_loss.item()),
         "order_matches_ir": bool(in_order.item()),
     }
@@ -145,6 +161,39 @@ def _cost_table(trainer: PipelineTrainer, ranks: int) -> dict[tuple[int, int, st
     dist.all_gather_object(gathered, means)
     return {(r, int(key.split(",")[0]), key.split(",")[1]): v for r, med in enumerate(gathered)
             for key, v in med.items()}
+
+
+def stage_costs(schedule: Schedule, table: dict[tuple[int, int, str], float]) -> dict[tuple[int, str], float]:
+    """Mean cost per (model stage, kind) from a ``(rank, chunk, kind)`` table; FB (two stages in one op) is left out."""
+    by_stage: dict[tuple[int, str], list[float]] = {}
+    for (rank, chunk, kind), value in table.items():
+        if kind != "FB":
+            by_stage.setdefault((schedule.where(rank, chunk)[1], kind), []).append(value)
+    return {key: statistics.fmean(values) for key, values in by_stage.items()}
+
+
+def transfer_costs(costs: dict[tuple[int, str], float], target: Schedule) -> dict[tuple[int, int, str], float] | None:
+    """A ``(rank, chunk, kind)`` table for ``target`` from another schedule's per-stage costs, or None where they do
+    not cover it. Derived kinds: a full B is Bi + W when only the split was measured; an FB is its forward's F plus
+    its backward's full B. An input-only B or a W cannot be split out of a full B, so those need a split source."""
+    def cost(stage: int, kind: str) -> float | None:
+        if (stage, kind) in costs:
+            return costs[(stage, kind)]
+        if kind == "B" and (stage, "Bi") in costs and (stage, "W") in costs:
+            return costs[(stage, "Bi")] + costs[(stage, "W")]
+        return None
+
+    if max(stage for stage, _ in costs) + 1 != target.stages:
+        return None
+    table = {}
+    for rank, ops in enumerate(target.ops):
+        for op in ops:
+            parts = [cost(target.where(rank, chunk)[1], kind) for kind, _, chunk in op.parts()]
+            if any(p is None for p in parts):
+                return None
+            kind = "Bi" if op.kind == "B" and not op.full else op.kind
+            table[(rank, op.chunk, kind)] = sum(parts)
+    return table
 
 
 def _grad_check(rank, schedule, mcfg, held, all_stages, cfg, step) -> dict:

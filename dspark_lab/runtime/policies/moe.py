@@ -1,7 +1,7 @@
 """MoE policies: record per-layer expert loads every step and re-place experts from them (``moe.placement``).
 
 The MoE layers are the ones a script registered (``dspark_lab.attach(..., moe_layers=[...])``), else DSpark's own
-:class:`dspark_lab.moe.model.ExpertParallelMoE` found in the model. A layer must meet the contract in
+:class:`dspark_lab.examples.moe_model.ExpertParallelMoE` found in the model. A layer must meet the contract in
 docs/runtime.md (router loads out, placement in): ``config.experts``, a ``router`` submodule whose forward output's
 first element holds the chosen expert per token, ``phy2log`` (slot -> expert), ``experts`` (this rank's slots,
 modules of one shape), ``set_placement(phy2log)`` and ``last_rank_load``. A forward hook
@@ -27,7 +27,7 @@ PLACEMENT = ("static", "eplb", "dspark")
 
 def moe_layers(model) -> list:
     """The model's expert-parallel MoE layers (empty when the MoE package is not in use)."""
-    module = sys.modules.get("dspark_lab.moe.model")
+    module = sys.modules.get("dspark_lab.examples.moe_model")
     if module is None or model is None:
         return []
     return [m for m in model.modules() if isinstance(m, module.ExpertParallelMoE)]
@@ -124,7 +124,7 @@ def _placement(job):
 def refusal(job) -> str | None:
     if _placement(job) is None:
         return ("the model has no MoE layers: none registered with dspark_lab.attach(moe_layers=...) and no "
-                "dspark_lab.moe.model.ExpertParallelMoE in the model")
+                "dspark_lab.examples.moe_model.ExpertParallelMoE in the model")
     return None
 
 
