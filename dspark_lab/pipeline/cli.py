@@ -21,11 +21,20 @@ def _cost_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cost-w", type=float, default=1.0, help="backward cost for weight grads")
     parser.add_argument("--cost-fb", type=float, default=None, help="overlapped F+B cost (default F+B+W)")
     parser.add_argument("--cost-comm", type=float, default=0.0, help="point-to-point latency")
+    parser.add_argument("--costs-from", default=None, metavar="FILE",
+                        help="measured costs: the JSON of `dspark-lab trace costs --json` (overrides --cost-f/b/w)")
 
 
 def _prepare(args):
     schedule = commands.build_schedule(args.name, args.ranks, args.microbatches, args.chunks)
-    costs = commands.make_costs(args.cost_f, args.cost_b, args.cost_w, args.cost_fb, args.cost_comm)
+    f, b, w, table = args.cost_f, args.cost_b, args.cost_w, {}
+    if args.costs_from:
+        from dspark_lab.trace.costs import read_costs
+
+        scalar, table = read_costs(args.costs_from)
+        f, b, w = scalar.get("f", f), scalar.get("b", b), scalar.get("w", w)
+    costs = commands.make_costs(f, b, w, args.cost_fb, args.cost_comm)
+    costs.table.update(table)
     return schedule, costs
 
 
