@@ -271,3 +271,36 @@ def test_deepseek_train_json_deepep_is_communication_and_mostly_overlapped():
     assert r["comm_busy_ms"] > 100 and r["comm_overlap_fraction"] > 0.9
     assert set(r["by_pattern_ms"]) == {"deepep"}
     assert abs(r["compute_ms"] + r["comm_exposed_ms"] + r["wait_ms"] + r["idle_ms"] - r["span_ms"]) < 0.01 * r["span_ms"]
+
+
+def _allreduce_worker(rank, world, port, out):
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    x = torch.ones(1 << 16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            with torch.profiler.record_function("compute(F)"):
+                (torch.randn(256, 256) @ torch.randn(256, 256)).sum()
+            dist.all_reduce(x)
+    prof.export_chrome_trace(f"{out}/rank{rank}.json")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_real_gloo_allreduce_trace_shows_communication(tmp_path):
+    import torch.multiprocessing as mp
+
+    from dspark_lab.localhost import free_port
+
+    mp.spawn(_allreduce_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    result = commands.analyze([str(tmp_path)]).data
+    assert [r["rank"] for r in result["ranks"]] == [0, 1]
+    for r in result["ranks"]:
+        assert r["timeline"] == "cpu" and r["comm_busy_ms"] > 0 and r["compute_ms"] > 0
+        assert r["by_pattern_ms"].get("gloo", 0) > 0  # gloo:all_reduce ranges on gloo's worker thread
+        assert {a["name"]: a["count"] for a in r["annotations"]}["compute(F)"] == 3
+        assert abs(r["compute_ms"] + r["comm_exposed_ms"] + r["wait_ms"] + r["idle_ms"] - r["span_ms"]) \
+            <= 0.01 * r["span_ms"]

@@ -125,5 +125,6 @@ def profile(run: str, steps: int = 2, wait: bool = False, timeout: float = 600.0
     data.update(files=[str(f) for f in files], events=[done[r] for r in sorted(done)],
                 analysis=report.data if report else None)
     lines = [f"rank {r}: {done[r]['file']} ({done[r].get('reason') or 'ok'})" for r in sorted(done)]
+    lines += list(report.lines) if report else []
     return Report("profile", data, rows=report.rows if report else (), columns=report.columns if report else (),
                   title=report.title if report else "", lines=lines)
