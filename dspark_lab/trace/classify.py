@@ -59,7 +59,7 @@ BUILTIN: tuple[Pattern, ...] = (
                 r"|^Context Sync"),
     _wait("collective-wait", "waiting on an async collective's work handle",
           regex=r"^(_?c10d_functional::wait_tensor|c10d::wait|aten::wait$|ProcessGroup\w*::wait)"),
-    _comm("nccl", r"\bnccl(Dev)?Kernel|^nccl:|\bncclKernel", "NCCL kernels and torch's nccl:* ranges"),
+    _comm("nccl", r"\bnccl(Dev)?Kernel|^nccl:", "NCCL kernels and torch's nccl:* ranges"),
     _comm("rccl", r"(?i)\brccl|^rccl:", "RCCL (ROCm) kernels and ranges; its kernels also match nccl"),
     _comm("hccl", r"(?i)\bhccl|^hcom_|^HcclAllReduce", "HCCL (Ascend) collectives"),
     _comm("gloo", r"^gloo:", "gloo collectives, recorded on gloo's worker threads"),
