@@ -304,3 +304,12 @@ def test_real_gloo_allreduce_trace_shows_communication(tmp_path):
         assert {a["name"]: a["count"] for a in r["annotations"]}["compute(F)"] == 3
         assert abs(r["compute_ms"] + r["comm_exposed_ms"] + r["wait_ms"] + r["idle_ms"] - r["span_ms"]) \
             <= 0.01 * r["span_ms"]
+
+
+def test_breakdown_bar_stacks_the_four_parts_of_the_span(tmp_path):
+    from dspark_lab.trace.view import BREAKDOWN, breakdown_figure
+
+    result = analyze([load(write(tmp_path / "rank0.json", TWO_STREAMS))], CLASSIFIER)
+    fig = breakdown_figure(result)
+    data = fig.renderers[0].data_source.data
+    assert [round(data[k][0] * 1e3, 6) for k, _, _ in BREAKDOWN] == [350, 80, 20, 50]  # sums to the 500 µs span

@@ -85,12 +85,14 @@ def costs(refs) -> Report:
 
 def show(refs, out: str | None = None, classifier=None) -> Report:
     """``trace show``: the timeline as standalone HTML (BokehJS inlined)."""
+    from dspark_lab.trace.analyze import analyze as analyze_traces
     from dspark_lab.trace.view import save_html
 
     files = resolve(refs)
     traces = _load(files)
-    path = save_html(traces, _classifier(classifier), out or files[0].parent / "timeline.html",
-                     title=f"{len(traces)} trace(s): {files[0].name}")
+    classifier = _classifier(classifier)
+    path = save_html(traces, classifier, out or files[0].parent / "timeline.html",
+                     title=f"{len(traces)} trace(s): {files[0].name}", result=analyze_traces(traces, classifier))
     return Report("trace.show", {"html": str(path), "traces": [str(f) for f in files]},
                   lines=[f"wrote {path} (BokehJS inlined)"])
 

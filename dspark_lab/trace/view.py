@@ -1,7 +1,8 @@
-"""A bokeh timeline of traces: one row per rank and track (stream or thread), events coloured by category, the
-trace's annotation ranges as translucent bands on a row of their own above each rank; zoom and hover.
+"""Bokeh figures of traces: a timeline (one row per rank and track, stream or thread; events coloured by category;
+the trace's annotation ranges as translucent bands on a row of their own above each rank; zoom and hover), and a
+per-rank bar of where the time goes (compute, exposed communication, waits, idle) from ``trace analyze``'s result.
 
-Returns a bokeh layout, shown inline in a notebook or written as standalone HTML with BokehJS inlined.
+Both take plain data and return bokeh objects, shown inline in a notebook or written as standalone HTML.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from bokeh.layouts import column
 from bokeh.models import ColumnDataSource, HoverTool
 from bokeh.plotting import figure
 
@@ -69,11 +71,40 @@ def timeline_figure(traces: list[Trace], classifier: Classifier, title: str = "t
     return fig
 
 
-def save_html(traces: list[Trace], classifier: Classifier, path: str | Path, title: str = "trace timeline") -> Path:
+BREAKDOWN = (("compute_ms", "compute", COLOURS["compute"]), ("comm_exposed_ms", "exposed comm", COLOURS["comm"]),
+             ("wait_ms", "wait", COLOURS["wait"]), ("idle_ms", "idle", "#d9d9d9"))
+
+
+def breakdown_figure(result: dict, title: str = "where the time goes"):
+    """One stacked bar per rank (ms): compute, exposed communication, waits, idle; hover adds the overlap."""
+    ranks = result.get("ranks", [])
+    labels = [f"rank {r['rank']}" for r in ranks]
+    data = {"rank": labels, "overlap": [r.get("comm_overlap_fraction") for r in ranks],
+            "comm_busy_ms": [r["comm_busy_ms"] for r in ranks]}
+    data.update({key: [r[key] for r in ranks] for key, _, _ in BREAKDOWN})
+    fig = figure(title=title, y_range=list(reversed(labels)) or ["-"], width=900,
+                 height=max(160, 60 + 30 * len(labels)), x_axis_label="ms", toolbar_location=None)
+    fig.hbar_stack([k for k, _, _ in BREAKDOWN], y="rank", height=0.7, source=ColumnDataSource(data),
+                   color=[c for _, _, c in BREAKDOWN], legend_label=[n for _, n, _ in BREAKDOWN])
+    fig.add_tools(HoverTool(tooltips=[("rank", "@rank"), ("compute ms", "@compute_ms{0.000}"),
+                                      ("comm busy ms", "@comm_busy_ms{0.000}"),
+                                      ("comm exposed ms", "@comm_exposed_ms{0.000}"),
+                                      ("overlap", "@overlap{0.000}"), ("wait ms", "@wait_ms{0.000}"),
+                                      ("idle ms", "@idle_ms{0.000}")]))
+    fig.legend.orientation = "horizontal"
+    fig.legend.location = "top_left"
+    return fig
+
+
+def save_html(traces: list[Trace], classifier: Classifier, path: str | Path, title: str = "trace timeline",
+              result: dict | None = None) -> Path:
+    """The timeline, under the per-rank breakdown bar when ``result`` (``trace analyze``'s data) is given."""
     from bokeh.embed import file_html
     from bokeh.resources import INLINE
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(file_html(timeline_figure(traces, classifier, title), INLINE, title=title), encoding="utf-8")
+    timeline = timeline_figure(traces, classifier, title)
+    layout = column(breakdown_figure(result), timeline) if result else timeline
+    path.write_text(file_html(layout, INLINE, title=title), encoding="utf-8")
     return path
