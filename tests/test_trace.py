@@ -87,6 +87,15 @@ def test_cpu_threads_carve_comm_and_waits_out_of_their_parent(tmp_path):
     assert [t["name"] for t in r["top"]["compute"]] == ["aten::backward", "aten::add"]
 
 
+def test_an_async_comm_range_over_a_thread_carves_no_compute(tmp_path):
+    events = [X("aten::mm", "cpu_op", 0, 100, pid=1, tid=1), X("gloo:send", "user_annotation", 50, 300, pid=1, tid=1),
+              X("aten::add", "cpu_op", 200, 250, pid=1, tid=1)]
+    r = analyze_trace(load(write(tmp_path / "t.json", events)), CLASSIFIER)
+    expected = {"span_ms": 300, "compute_ms": 150, "comm_busy_ms": 250, "comm_overlap_ms": 100,
+                "comm_exposed_ms": 150, "wait_ms": 0, "idle_ms": 0}
+    assert {k: us(r, k) for k in expected} == expected
+
+
 def test_hta_view_nccl_only_sees_no_deepep_communication(tmp_path):
     deepep = [X("void cutlass::gemm", "kernel", 0, 1000),
               X("void dpsk::ep::internode::dispatch<false, 8>(int4*)", "kernel", 100, 900, tid=9)]
@@ -190,6 +199,17 @@ def test_pipeline_costs_and_known_bubbles(tmp_path):
     assert table == {(0, 0, "F"): 0.1, (0, 0, "B"): 0.2, (1, 0, "F"): 0.15, (1, 0, "B"): 0.2}
     assert [round(r["bubble_ms"] * 1e3, 6) for r in result["ranks"]] == [400, 300]
     assert (result["f"], result["b"], result["w"]) == (pytest.approx(0.125), 0.2, 0.0)
+
+
+def test_unannotated_pipeline_rank_bubble_is_its_exposed_send_recv_time(tmp_path):
+    events = [X("ProfilerStep#1", "user_annotation", 0, 1000, pid=1, tid=1),
+              X("aten::mm", "cpu_op", 0, 300, pid=1, tid=1),
+              X("c10d::recv_", "cpu_op", 300, 550, pid=1, tid=1),  # blocked waiting for the previous stage
+              X("aten::mm", "cpu_op", 550, 900, pid=1, tid=1),
+              X("gloo:send", "user_annotation", 800, 950, pid=1, tid=1),  # 100 of its 150 µs overlap compute
+              X("c10d::allreduce_", "cpu_op", 950, 1000, pid=1, tid=1)]  # not point-to-point
+    [rank] = costs([load(write(tmp_path / "t.json", events))], CLASSIFIER)["ranks"]
+    assert rank["style"] == "p2p waits" and round(rank["bubble_ms"] * 1e3, 6) == 300
 
 
 def test_part_annotations_sum_per_step(tmp_path):

@@ -3,16 +3,18 @@
 The rank's *timeline* is its device tracks (kernels, copies, memsets, GPU sync records) when the trace has any,
 else its CPU threads (``cpu_op`` events; busy = the union over threads of top-level ops). Annotation ranges
 (``record_function``) are not busy time, except those a pattern names communication or a wait (gloo's ``gloo:*``
-ranges on its worker threads). On each track, communication and waits are carved out of the ops that contain them;
-across tracks::
+ranges, on its worker threads or around an async send). On each track, communication and wait *ops* are carved out
+of the ops that contain them; a communication *range* is work in flight, not the thread being blocked, so it carves
+nothing. Across tracks::
 
     compute  = union of compute time            comm_busy = union of communication time
     overlap  = comm_busy ∩ compute              exposed   = comm_busy − compute
     wait     = waits − compute − comm_busy      idle      = span − (compute ∪ comm_busy ∪ waits)
 
 so ``compute + exposed + wait + idle = span`` exactly. The span runs from the timeline's first event to its last.
-The overlap/exposed split is the one HTA's ``get_comm_comp_overlap`` reports (arXiv:2309.02346 style accounting),
-with communication taken from :mod:`.classify` instead of NCCL names only.
+The overlap is what Holistic Trace Analysis' ``get_comm_comp_overlap`` reports
+(github.com/facebookresearch/HolisticTraceAnalysis), with communication taken from :mod:`.classify` instead of NCCL
+kernel names only.
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ _CODE = {"compute": 1, "comm": 2, "wait": 3}
 _NAME = {v: k for k, v in _CODE.items()}
 
 
-def categorise(trace: Trace, classifier: Classifier) -> tuple[str, np.ndarray, np.ndarray]:
-    """The timeline used (``device`` or ``cpu``), each event's code (0: not on it, 1 compute, 2 comm, 3 wait),
-    and each event's deciding pattern index into ``classifier.patterns`` (-1 for none)."""
+def categorise(trace: Trace, classifier: Classifier) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """The timeline used (``device`` or ``cpu``); per event its code (0: not on it, 1 compute, 2 comm, 3 wait),
+    its deciding pattern's index into ``classifier.patterns`` (-1 for none), and whether it is a range
+    (an annotation) rather than an op."""
     has_device = any(c in ("kernel", "gpu_memcpy") for c in trace.cats)
     timeline = "device" if has_device else "cpu"
     activity, annotation = (DEVICE_ACTIVITY, DEVICE_ANNOTATION) if has_device else (CPU_ACTIVITY, CPU_ANNOTATION)
@@ -59,24 +62,23 @@ def categorise(trace: Trace, classifier: Classifier) -> tuple[str, np.ndarray, n
             continue  # a plain annotation range is not busy time
         codes[i] = _CODE[verdict.category]
         which[i] = index.get(verdict.pattern, -1)
-    return timeline, codes[inverse], which[inverse]
+    range_cats = [i for i, c in enumerate(trace.cats) if c in annotation]
+    return timeline, codes[inverse], which[inverse], np.isin(trace.cat, range_cats)
 
 
-def _track_sets(trace: Trace, code: np.ndarray) -> dict[str, iv.Intervals]:
-    """Per category, the union over tracks of each track's time, with comm and waits carved out of their parents."""
+def _track_sets(trace: Trace, code: np.ndarray, ranges: np.ndarray) -> dict[str, iv.Intervals]:
+    """Per category, the union over tracks of each track's time; comm and wait ops carved out of their parents."""
     found: dict[str, list[iv.Intervals]] = {"compute": [], "comm": [], "wait": []}
     on = code > 0
-    start, end, track = trace.start[on], trace.end[on], trace.track[on]
-    c = code[on]
+    start, end, track, c, is_range = trace.start[on], trace.end[on], trace.track[on], code[on], ranges[on]
     for t in np.unique(track):
         sel = track == t
-        s, e, k = start[sel], end[sel], c[sel]
+        s, e, k, op = start[sel], end[sel], c[sel], ~is_range[sel]
         wait = iv.union(s[k == 3], e[k == 3])
-        comm = iv.subtract(iv.union(s[k == 2], e[k == 2]), wait)
-        busy = iv.union(s, e)
         found["wait"].append(wait)
-        found["comm"].append(comm)
-        found["compute"].append(iv.combine(lambda b, x, w: b & ~x & ~w, busy, comm, wait))
+        found["comm"].append(iv.subtract(iv.union(s[k == 2], e[k == 2]), wait))
+        carved = iv.union(s[op & (k >= 2)], e[op & (k >= 2)])
+        found["compute"].append(iv.subtract(iv.union(s[op], e[op]), carved))
     return {k: iv.union_of(*v) for k, v in found.items()}
 
 
@@ -133,8 +135,8 @@ def steps(trace: Trace) -> list[float]:
 
 def analyze_trace(trace: Trace, classifier: Classifier, rank: int | None = None) -> dict[str, Any]:
     """One rank's breakdown (ms and fractions of the span), top ops per category, and its annotations."""
-    timeline, code, which = categorise(trace, classifier)
-    sets = _track_sets(trace, code)
+    timeline, code, which, ranges = categorise(trace, classifier)
+    sets = _track_sets(trace, code, ranges)
     on = code > 0
     lo = float(trace.start[on].min()) if on.any() else 0.0
     hi = float(trace.end[on].max()) if on.any() else 0.0

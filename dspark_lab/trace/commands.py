@@ -72,13 +72,17 @@ def analyze(refs, classifier=None) -> Report:
                   title="where the time goes (ms)", lines=lines)
 
 
-def costs(refs) -> Report:
+def costs(refs, classifier=None) -> Report:
     """``trace costs``: median F, B, W per rank and chunk, bubbles; ``schedule simulate --costs-from`` reads it."""
     from dspark_lab.trace.costs import costs as measure
 
-    result = measure(_load(refs))
-    lines = [f"f {result['f']}  b {result['b']}  w {result['w']} (ms)"]
-    lines += [f"rank {r['rank']}: bubble {r['bubble_ms']} ms ({r['style']} annotations)" for r in result["ranks"]]
+    result = measure(_load(refs), _classifier(classifier))
+    fmt = lambda v: "-" if v is None else f"{v:.4g}"
+    lines = [f"f {fmt(result['f'])}  b {fmt(result['b'])}  w {fmt(result['w'])} (ms, medians)" if result["table"]
+             else "no F/B/W op annotations: no op costs"]
+    source = {"labels": "op labels", "parts": "pass parts", "p2p waits": "exposed send/recv", "none": "no data"}
+    lines += [f"rank {r['rank']}: bubble {fmt(r['bubble_ms'])} ms per step (from {source[r['style']]})"
+              for r in result["ranks"]]
     return Report("trace.costs", {"costs": result}, rows=result["table"],
                   columns=("rank", "chunk", "kind", "cost", "count"), title="median op cost (ms)", lines=lines)
 

@@ -9,7 +9,9 @@ Two annotation styles are read (``record_function`` ranges, GPU-side ones prefer
   in the name names the chunk (default 0). With ``(W)`` parts present, ``(B)`` is the input-gradient pass (Bi).
 
 A trace is one pipeline rank (its stage or stages). The bubble of a rank is its step time not covered by any op
-range (the idle a schedule leaves, cf. Qi et al., *Zero Bubble Pipeline Parallelism*, arXiv:2401.10241).
+range (the idle a schedule leaves, cf. Qi et al., *Zero Bubble Pipeline Parallelism*, arXiv:2401.10241). A trace
+without op annotations still gets a bubble: the time its point-to-point sends and receives are exposed (no compute
+running), which is where a pipeline rank waits for its neighbours.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ import numpy as np
 
 from dspark_lab.errors import DSparkError
 from dspark_lab.trace import intervals as iv
-from dspark_lab.trace.analyze import CPU_ANNOTATION, DEVICE_ANNOTATION, STEP
+from dspark_lab.trace.analyze import CPU_ANNOTATION, DEVICE_ANNOTATION, STEP, _track_sets, categorise
+from dspark_lab.trace.classify import Classifier
 from dspark_lab.trace.load import Trace
 
 LABEL = re.compile(r"^(F|B|Bi|W)(\d+)\.(\d+)$")
 PART = re.compile(r"\((F|B|W)\)\s*$")
 CHUNK = re.compile(r"chunk[_ ]?(\d+)")
 KINDS = ("F", "B", "Bi", "W")
+P2P = re.compile(r"(?i)(^|[:_])i?(send|recv)|SendRecv")
 MAX_FILE_BYTES = 16 * 2**20
 
 
@@ -65,10 +69,21 @@ def _steps(trace: Trace) -> list[tuple[float, float]]:
     return sorted((float(trace.start[i]), float(trace.start[i] + trace.dur[i])) for i in sel)
 
 
-def rank_costs(trace: Trace, rank: int) -> dict[str, Any]:
+def _p2p_exposed(trace: Trace, classifier: Classifier) -> iv.Intervals:
+    """Time in point-to-point communication with no compute running."""
+    _, code, _, ranges = categorise(trace, classifier)
+    p2p_names = np.array([bool(P2P.search(n)) for n in trace.names], dtype=bool)
+    p2p = (code == 2) & p2p_names[trace.name]
+    compute = _track_sets(trace, code, ranges)["compute"]
+    return iv.subtract(iv.union(trace.start[p2p], trace.end[p2p]), compute)
+
+
+def rank_costs(trace: Trace, rank: int, classifier: Classifier | None = None) -> dict[str, Any]:
     """Median cost per (chunk, kind) in ms, and the rank's bubble per step."""
     ops, style = _ops(trace)
     steps = _steps(trace) or ([(min(o[2] for o in ops), max(o[3] for o in ops))] if ops else [])
+    if not ops and classifier is not None:
+        style = "p2p waits"
     samples: dict[tuple[int, str], list[float]] = defaultdict(list)
     if style == "labels":
         for kind, chunk, s, e in ops:
@@ -87,18 +102,24 @@ def rank_costs(trace: Trace, rank: int) -> dict[str, Any]:
     starts = np.array([o[2] for o in ops]) if ops else np.zeros(0)
     ends = np.array([o[3] for o in ops]) if ops else np.zeros(0)
     covered = iv.union(starts, ends)
+    exposed = _p2p_exposed(trace, classifier) if style == "p2p waits" else iv.EMPTY
     for lo, hi in steps:
-        busy = iv.total(iv.intersect(covered, (np.array([lo]), np.array([hi]))))
-        bubbles.append({"step_ms": (hi - lo) / 1e3, "bubble_ms": (hi - lo - busy) / 1e3})
+        step = (np.array([lo]), np.array([hi]))
+        if style == "p2p waits":
+            bubble = iv.total(iv.intersect(exposed, step))
+        else:
+            bubble = hi - lo - iv.total(iv.intersect(covered, step))
+        bubbles.append({"step_ms": (hi - lo) / 1e3, "bubble_ms": bubble / 1e3})
     return {"rank": rank, "style": style, "table": table, "steps": bubbles,
             "bubble_ms": statistics.median(b["bubble_ms"] for b in bubbles) if bubbles else None,
             "bubble_fraction": (statistics.median(b["bubble_ms"] / b["step_ms"] for b in bubbles if b["step_ms"])
                                 if bubbles else None)}
 
 
-def costs(traces: list[Trace]) -> dict[str, Any]:
-    """Per rank and chunk, the median F, B, W; scalar medians over all of them; the ``schedule simulate`` form."""
-    ranks = [rank_costs(t, t.rank if t.rank is not None else i) for i, t in enumerate(traces)]
+def costs(traces: list[Trace], classifier: Classifier | None = None) -> dict[str, Any]:
+    """Per rank and chunk, the median F, B, W; scalar medians over all of them; the ``schedule simulate`` form.
+    With a ``classifier``, ranks without op annotations get their bubble from exposed send/recv time."""
+    ranks = [rank_costs(t, t.rank if t.rank is not None else i, classifier) for i, t in enumerate(traces)]
     table = [row for r in ranks for row in r["table"]]
     by_kind = {k: [row["cost"] for row in table if row["kind"] == k] for k in KINDS}
     med = {k: statistics.median(v) if v else None for k, v in by_kind.items()}

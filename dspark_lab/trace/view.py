@@ -24,7 +24,7 @@ MAX_DRAWN = 150_000
 
 
 def _rows(trace: Trace, classifier: Classifier, rank: int) -> dict[str, list]:
-    _, code, _ = categorise(trace, classifier)
+    _, code, _, _ = categorise(trace, classifier)
     names = ("compute", "comm", "wait")
     ann_ids = [i for i, c in enumerate(trace.cats) if c in ANNOTATIONS]
     is_ann = np.isin(trace.cat, ann_ids) & (code == 0)
