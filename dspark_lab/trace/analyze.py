@@ -66,7 +66,7 @@ def categorise(trace: Trace, classifier: Classifier) -> tuple[str, np.ndarray, n
     return timeline, codes[inverse], which[inverse], np.isin(trace.cat, range_cats)
 
 
-def _track_sets(trace: Trace, code: np.ndarray, ranges: np.ndarray) -> dict[str, iv.Intervals]:
+def category_sets(trace: Trace, code: np.ndarray, ranges: np.ndarray) -> dict[str, iv.Intervals]:
     """Per category, the union over tracks of each track's time; comm and wait ops carved out of their parents."""
     found: dict[str, list[iv.Intervals]] = {"compute": [], "comm": [], "wait": []}
     on = code > 0
@@ -136,7 +136,7 @@ def steps(trace: Trace) -> list[float]:
 def analyze_trace(trace: Trace, classifier: Classifier, rank: int | None = None) -> dict[str, Any]:
     """One rank's breakdown (ms and fractions of the span), top ops per category, and its annotations."""
     timeline, code, which, ranges = categorise(trace, classifier)
-    sets = _track_sets(trace, code, ranges)
+    sets = category_sets(trace, code, ranges)
     on = code > 0
     lo = float(trace.start[on].min()) if on.any() else 0.0
     hi = float(trace.end[on].max()) if on.any() else 0.0

@@ -27,7 +27,7 @@ import numpy as np
 
 from dspark_lab.errors import DSparkError
 from dspark_lab.trace import intervals as iv
-from dspark_lab.trace.analyze import CPU_ANNOTATION, DEVICE_ANNOTATION, STEP, _track_sets, categorise
+from dspark_lab.trace.analyze import CPU_ANNOTATION, DEVICE_ANNOTATION, STEP, category_sets, categorise
 from dspark_lab.trace.classify import Classifier
 from dspark_lab.trace.load import Trace
 
@@ -74,7 +74,7 @@ def _p2p_exposed(trace: Trace, classifier: Classifier) -> iv.Intervals:
     _, code, _, ranges = categorise(trace, classifier)
     p2p_names = np.array([bool(P2P.search(n)) for n in trace.names], dtype=bool)
     p2p = (code == 2) & p2p_names[trace.name]
-    compute = _track_sets(trace, code, ranges)["compute"]
+    compute = category_sets(trace, code, ranges)["compute"]
     return iv.subtract(iv.union(trace.start[p2p], trace.end[p2p]), compute)
 
 
