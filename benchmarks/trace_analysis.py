@@ -3,6 +3,7 @@
     python benchmarks/trace_analysis.py                      # a synthetic ~100 MB rank trace: load + analyse time
     python benchmarks/trace_analysis.py --size-mb 20         # a smaller one
     python benchmarks/trace_analysis.py --size-mb 20 --with-hta   # and HTA's time on the same file, with the ratio
+    python benchmarks/trace_analysis.py --hook-cost          # per-step cost of the capture plugin when idle
     python benchmarks/trace_analysis.py --hta PATH           # ours vs HTA on a trace file or a directory of them
                                                              # (e.g. DeepSeek's profile-data train.json)
 
@@ -167,15 +168,33 @@ def hta_side_by_side(target: Path) -> None:
           "comm_overlap_% its comp_comm_overlap_pctg")
 
 
+def hook_cost(calls: int = 1_000_000) -> None:
+    """The ``profile.steps`` plugin's ``dspark_step_end`` outside a capture, next to an empty function."""
+    import timeit
+    from types import SimpleNamespace
+
+    from dspark_lab.trace import capture
+
+    job = SimpleNamespace()
+    plugin = timeit.timeit(lambda: capture.dspark_step_end(job, 5), number=calls) / calls
+    empty = timeit.timeit(lambda: None, number=calls) / calls
+    rows = [{"call": "capture.dspark_step_end (idle)", "ns": plugin * 1e9, "empty_lambda_ns": empty * 1e9,
+             "ratio": plugin / empty}]
+    print(text_table(rows, list(rows[0])))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=float, default=100.0, help="synthetic trace size (1..2048 MB)")
     parser.add_argument("--hta", type=Path, default=None, help="trace file or directory: ours vs HTA")
     parser.add_argument("--with-hta", action="store_true", help="also time HTA on the synthetic trace")
+    parser.add_argument("--hook-cost", action="store_true", help="per-step cost of the idle capture plugin")
     args = parser.parse_args(argv)
     if not 1 <= args.size_mb <= 2048:
         parser.error("--size-mb: must be in [1, 2048]")
-    if args.hta is not None:
+    if args.hook_cost:
+        hook_cost()
+    elif args.hta is not None:
         hta_side_by_side(args.hta)
     else:
         speed(args.size_mb, args.with_hta)

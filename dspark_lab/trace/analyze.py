@@ -148,15 +148,14 @@ def analyze_trace(trace: Trace, classifier: Classifier, rank: int | None = None)
     busy = iv.total(iv.union_of(compute, comm, wait))
     comm_busy = iv.total(comm)
     ms = lambda us: us / 1e3
-    fraction = lambda us: us / span if span else 0.0
     figures = {
         "span_ms": ms(span), "compute_ms": ms(iv.total(compute)), "comm_busy_ms": ms(comm_busy),
         "comm_overlap_ms": ms(overlap), "comm_exposed_ms": ms(exposed), "wait_ms": ms(wait_only),
         "idle_ms": ms(span - busy),
         "comm_overlap_fraction": overlap / comm_busy if comm_busy else None,
     }
-    fractions = {f"{k[:-3]}_fraction": fraction(v * 1e3) for k, v in figures.items()
-                 if k in ("compute_ms", "comm_exposed_ms", "wait_ms", "idle_ms", "comm_busy_ms")}
+    fractions = {f"{k[:-3]}_fraction": figures[k] / figures["span_ms"] if span else 0.0
+                 for k in ("compute_ms", "comm_busy_ms", "comm_exposed_ms", "wait_ms", "idle_ms")}
     by_pattern = {}
     for p in np.unique(which[on & (which >= 0)]):
         sel = on & (which == p)
@@ -175,10 +174,7 @@ def analyze_trace(trace: Trace, classifier: Classifier, rank: int | None = None)
 
 def analyze(traces: list[Trace], classifier: Classifier) -> dict[str, Any]:
     """Every rank's breakdown, and across ranks the step-time skew and the slowest rank."""
-    ranks = []
-    for i, trace in enumerate(traces):
-        ranks.append(analyze_trace(trace, classifier, rank=trace.rank if trace.rank is not None else i))
-    step = {r["rank"]: r["step_ms"] for r in ranks}
-    slowest = max(step, key=step.get) if step else None
-    return {"ranks": ranks, "step_skew_ms": (max(step.values()) - min(step.values())) if step else 0.0,
-            "slowest_rank": slowest}
+    ranks = [analyze_trace(t, classifier, rank=t.rank if t.rank is not None else i) for i, t in enumerate(traces)]
+    step = [r["step_ms"] for r in ranks]
+    return {"ranks": ranks, "step_skew_ms": max(step) - min(step) if step else 0.0,
+            "slowest_rank": ranks[step.index(max(step))]["rank"] if step else None}

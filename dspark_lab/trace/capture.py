@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import gzip
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,6 @@ class Capture:
     steps: int
     directory: Path
     step_range: Any = None  # the record_function of the step being recorded
-    notes: list[str] = field(default_factory=list)
 
     @property
     def first_step(self) -> int:
@@ -86,10 +85,10 @@ def start(job, steps: int) -> Capture:
     activities = [ProfilerActivity.CPU]
     if job.backend.torch_device == "cuda" and torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
+    directory = Path(job.run_dir.path) / "profiles" / f"step{job.step + 1}"
+    directory.mkdir(parents=True, exist_ok=True)
     capture = Capture(profiler=profile(activities=activities, record_shapes=True, with_stack=True),
-                      boundary=job.step, steps=steps, directory=Path(job.run_dir.path) / "profiles")
-    capture.directory = capture.directory / capture.id
-    capture.directory.mkdir(parents=True, exist_ok=True)
+                      boundary=job.step, steps=steps, directory=directory)
     capture.profiler.start()
     _open_step(capture, capture.first_step)
     _captures[id(job)] = capture
