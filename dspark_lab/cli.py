@@ -23,6 +23,7 @@ AREA_MODULES = (
     "dspark_lab.pipeline.cli",
     "dspark_lab.moe.cli",
     "dspark_lab.collectives.cli",
+    "dspark_lab.trace.cli",
 )
 
 

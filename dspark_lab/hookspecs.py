@@ -154,3 +154,17 @@ def dspark_step_end(job, step):
     runs every step. Return a dict of extra fields for this rank's metrics record (e.g. ``{"expert_loads": ...}``)
     or ``None``. A periodic action that every rank must take together is keyed on ``step`` (equal on all ranks).
     """
+
+
+# --- analysis: called when a profiler trace is read ------------------------------------------------------------
+
+
+@hookspec
+def dspark_trace_classifiers():
+    """Name the trace events of this plugin's libraries: communication kernels, waits, or compute.
+
+    Called once each time ``dspark-lab trace`` builds its classifier. Returns a list of
+    :class:`dspark_lab.trace.classify.Pattern` (``name``, ``category`` in ``compute | comm | wait``, and a
+    ``regex`` searched in the event name and/or a Kineto ``kineto_cat``), or ``None``. Plugin patterns are tried
+    before the built-in ones, so a plugin can also claim a kernel as compute.
+    """

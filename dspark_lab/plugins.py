@@ -101,6 +101,8 @@ RETURNS: dict[str, Returns] = {
     "dspark_make_collective": Returns("return an object with all_reduce(), reduce_scatter() and all_gather()",
                                       methods=("all_reduce", "reduce_scatter", "all_gather")),
     "dspark_device_sampler": Returns("return a zero-argument callable that returns a dict", callable=True),
+    # trace.classify turns a wrong item into this plugin's problem (Pattern lives in the trace area, above the core)
+    "dspark_trace_classifiers": Returns("return a list of dspark_lab.trace.classify.Pattern", item=object),
     "dspark_job_started": Returns("return None: keep per-job state in job.state", kind=object),
     "dspark_topology": Returns("return the topology file format: a dict with nodes and links", kind=dict),
     # doctor.check_vendors turns a wrong item into this plugin's problem (Check lives above the plugin manager)

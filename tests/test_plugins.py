@@ -495,3 +495,17 @@ def test_example_plugin_loads_through_its_entry_point(example_plugin_paths):
     gaudi = manager.backend("intel-gaudi3")
     assert gaudi.plugin == "gaudi3" and gaudi.spec.bf16_tflops == 1835
     assert "halving_doubling" in manager.collective_names(manager.backend("cpu"))
+
+
+def test_hook_dspark_trace_classifiers():
+    from dspark_lab import hookimpl
+    from dspark_lab.trace.classify import Pattern, default_classifier
+
+    class GaudiTrace:
+        @hookimpl
+        def dspark_trace_classifiers(self):
+            return [Pattern(name="gaudi-hccl", category="comm", regex=r"^hccl_all_reduce")]
+
+    classifier = default_classifier(make_manager([GaudiTrace()], entry_points=False))
+    assert classifier.classify("hccl_all_reduce_bf16").pattern == "gaudi-hccl"
+    assert default_classifier(make_manager([], entry_points=False)).classify("hccl_all_reduce_bf16").pattern == "hccl"

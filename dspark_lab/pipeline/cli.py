@@ -26,6 +26,8 @@ def _cost_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cost-w", type=float, default=1.0, help="backward cost for weight grads")
     parser.add_argument("--cost-fb", type=float, default=None, help="overlapped F+B cost (default F+B+W)")
     parser.add_argument("--cost-comm", type=float, default=0.0, help="point-to-point latency")
+    parser.add_argument("--costs-from", default=None, metavar="FILE",
+                        help="measured costs: the JSON of `dspark-lab trace costs --json` (overrides --cost-f/b/w)")
 
 
 def _prepare(args, for_show: bool = False):
@@ -34,7 +36,14 @@ def _prepare(args, for_show: bool = False):
         commands.LIMITS, commands.MAX_SLOTS)
     schedule = commands.build_schedule(args.name, args.ranks, args.microbatches, args.chunks, limits=limits,
                                        max_slots=max_slots)
-    costs = commands.make_costs(args.cost_f, args.cost_b, args.cost_w, args.cost_fb, args.cost_comm)
+    f, b, w, table = args.cost_f, args.cost_b, args.cost_w, {}
+    if getattr(args, "costs_from", None):
+        from dspark_lab.trace.costs import read_costs
+
+        scalar, table = read_costs(args.costs_from)
+        f, b, w = scalar.get("f", f), scalar.get("b", b), scalar.get("w", w)
+    costs = commands.make_costs(f, b, w, args.cost_fb, args.cost_comm)
+    costs.table.update(table)
     return schedule, costs
 
 

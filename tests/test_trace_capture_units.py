@@ -1,0 +1,81 @@
+"""The ``profile.steps`` policy on one process with a stand-in job: start at a boundary, stop after N steps, refuse
+a second capture, undo on rollback, end early on 0, and cut an oversized trace to the cap."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dspark_lab.errors import PolicyError
+from dspark_lab.trace import capture
+from dspark_lab.trace.load import load
+
+
+class FakeJob:
+    def __init__(self, path: Path):
+        self.run_dir = SimpleNamespace(path=path)
+        self.rank, self.step = 0, 10
+        self.backend = SimpleNamespace(torch_device="cpu")
+        self.policies = {capture.KEY: 0}
+        self.events: list[dict] = []
+
+    def record_event(self, kind, **fields):
+        self.events.append({"kind": kind, **fields})
+
+    def run_step(self):
+        (torch.randn(64, 64) @ torch.randn(64, 64)).sum()
+        self.step += 1
+        capture.dspark_step_end(self, self.step)
+
+
+def apply(job, value):
+    note = capture.dspark_apply_policy(job, capture.KEY, value, job.policies[capture.KEY])
+    job.policies[capture.KEY] = value  # what the runtime does on commit
+    return note
+
+
+def test_capture_records_exactly_n_steps_and_refuses_a_second(tmp_path):
+    job = FakeJob(tmp_path)
+    assert capture.dspark_apply_policy(job, "other.key", 1, 0) is None
+    assert "steps 11..12" in apply(job, 2)
+    job.run_step()
+    with pytest.raises(PolicyError, match="a capture is running"):
+        capture.dspark_apply_policy(job, capture.KEY, 5, 2)
+    job.run_step()
+    assert capture.running(job) is None
+    [event] = job.events
+    assert (event["kind"], event["first_step"], event["last_step"], event["file"]) == \
+        ("profile", 11, 12, "profiles/step11/rank0.json.gz")
+    trace = load(tmp_path / event["file"])
+    names = {trace.names[i] for i in set(trace.name.tolist())}
+    assert {"ProfilerStep#11", "ProfilerStep#12", "aten::mm"} <= names and "ProfilerStep#13" not in names
+    job.run_step()  # outside the window: nothing more is recorded
+    assert len(job.events) == 1
+
+
+def test_rollback_undoes_the_start_and_zero_ends_early(tmp_path):
+    job = FakeJob(tmp_path)
+    capture.dspark_apply_policy(job, capture.KEY, 3, 0)  # applied, not committed: the runtime then rolls back
+    assert capture.dspark_apply_policy(job, capture.KEY, 0, 3) == "capture cancelled"
+    assert capture.running(job) is None and job.events == []
+    assert apply(job, 0) == "no capture running"
+    apply(job, 20)
+    job.run_step()
+    assert "ended early" in apply(job, 0)
+    [event] = job.events
+    assert (event["first_step"], event["last_step"]) == (11, 11) and "ended early" in event["reason"]
+
+
+def test_oversized_trace_is_cut_to_the_cap_and_says_so(tmp_path):
+    path = tmp_path / "rank0.json"
+    events = [{"ph": "X", "name": f"op{i}", "cat": "cpu_op", "ts": i, "dur": 1, "pid": 1, "tid": 1}
+              for i in range(2000)]
+    path.write_text(json.dumps({"traceEvents": events}))
+    note = capture._cut_to(path, 20_000)
+    assert "cut to" in note and path.stat().st_size <= 20_000 + 100
+    kept = json.loads(path.read_text())["traceEvents"]
+    assert [e["name"] for e in kept] == [f"op{i}" for i in range(len(kept))] and 100 < len(kept) < 2000
