@@ -1,0 +1,85 @@
+"""Search training layouts: enumerate the valid ones (tp, pp, vpp, dp, cp, ep, zero, recompute, micro-batch,
+schedule), predict each, and keep the best ``top`` by predicted throughput among those that fit in memory.
+
+The space is pruned the way practitioners prune it (and AutoDDL / Alpa-style searches do): tensor parallelism stays
+inside a node, pipeline stages hold at least one layer, context parallelism is tried only where the sequence is long
+(>= 8192), expert parallelism only for MoE models. Pipeline simulations are cached across layouts
+(``predict.simulate_pipeline``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from dspark_lab.errors import DSparkError
+from dspark_lab.planner.model.config import MAX_SIZE, Cluster, Layout, ModelConfig, check_layout
+from dspark_lab.planner.predict import Inputs, predict_inputs
+
+MAX_GPUS = 1 << 20
+MAX_TOP = 1000
+
+
+def _divisors(n: int, limit: int) -> list[int]:
+    return [k for k in range(1, min(n, limit) + 1) if n % k == 0]
+
+
+def candidates(model: ModelConfig, cluster: Cluster, global_batch: int) -> list[Layout]:
+    """Every layout of the pruned space that passes :func:`check_layout`, in a fixed order."""
+    out = []
+    g = cluster.gpus
+    cps = [c for c in (1, 2, 4, 8, 16) if model.seq_len >= 8192 * c // 2 and model.seq_len % c == 0] or [1]
+    for tp in [t for t in (1, 2, 4, 8) if t <= cluster.gpus_per_node and g % t == 0]:
+        for cp in [c for c in cps if g % (tp * c) == 0]:
+            for pp in _divisors(g // (tp * cp), model.layers):
+                dp = g // (tp * cp * pp)
+                for mb in (1, 2, 4):
+                    if global_batch % (dp * mb):
+                        continue
+                    m = global_batch // (dp * mb)
+                    eps = [e for e in (1, 2, 4, 8, 16, 32, 64) if model.moe and model.experts % e == 0
+                           and (dp * cp) % e == 0] or [1]
+                    schedules = [("1f1b", 1)]
+                    if pp > 1:
+                        schedules += [("interleaved-1f1b", v) for v in (2, 4) if pp * v <= model.layers and m % pp == 0]
+                    for schedule, vpp in schedules:
+                        for ep in eps:
+                            for recompute in ("selective", "full"):
+                                for zero in ((1,) if dp * cp > 1 else (0,)):
+                                    layout = Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, vpp=vpp, micro_batch=mb,
+                                                    global_batch=global_batch, zero=zero, recompute=recompute,
+                                                    sequence_parallel=tp > 1, schedule=schedule)
+                                    try:
+                                        check_layout(model, cluster, layout)
+                                    except DSparkError:
+                                        continue
+                                    out.append(layout)
+    return out
+
+
+def layout_dict(layout: Layout) -> dict[str, Any]:
+    keys = ("tp", "pp", "dp", "cp", "ep", "vpp", "micro_batch", "zero", "recompute", "schedule")
+    return {k: getattr(layout, k) for k in keys}
+
+
+def search(model: ModelConfig, cluster: Cluster, global_batch: int, top: int = 5,
+           max_memory_gb: float | None = None, manager=None) -> dict[str, Any]:
+    if not 1 <= top <= MAX_TOP:
+        raise DSparkError(f"top: must be in 1..{MAX_TOP}, got {top}")
+    if not 1 <= global_batch <= MAX_SIZE:
+        raise DSparkError(f"global_batch: must be in 1..{MAX_SIZE}, got {global_batch}")
+    start = time.perf_counter()
+    layouts = candidates(model, cluster, global_batch)
+    results = []
+    for layout in layouts:
+        pred = predict_inputs(Inputs(model, cluster, layout), manager)
+        limit = max_memory_gb if max_memory_gb is not None else pred["device_memory_gb"]
+        if pred["memory_gb"]["total"] <= limit:
+            results.append((layout, pred))
+    # Highest throughput first; ties broken by less memory, then by the layout's fields (deterministic).
+    results.sort(key=lambda lp: (-round(lp[1]["tokens_per_s_per_gpu"], 9), lp[1]["memory_gb"]["total"],
+                                 tuple(str(v) for v in layout_dict(lp[0]).values())))
+    best = [{"layout": layout_dict(lay), **pred} for lay, pred in results[:top]]
+    return {"model": model.name or "custom", "gpu": cluster.gpu, "gpus": cluster.gpus, "global_batch": global_batch,
+            "seq_len": model.seq_len, "evaluated": len(layouts), "fitting": len(results),
+            "search_time_s": time.perf_counter() - start, "results": best}
