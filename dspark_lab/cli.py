@@ -19,6 +19,7 @@ AREA_MODULES = (
     "dspark_lab.runtime.cli",
     "dspark_lab.pipeline.cli",
     "dspark_lab.moe.cli",
+    "dspark_lab.planner.cli",
 )
 
 
