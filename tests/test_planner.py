@@ -146,3 +146,60 @@ def test_part_lookup_is_exact_and_uses_memory_for_shared_names():
     assert parts.lookup("NVIDIA H100") is None  # no substring matching
     assert parts.lookup("NVIDIA GH200 480GB", 95.0)["part"] == "GH200 96GB"
     assert parts.lookup("NVIDIA GH200 480GB", 143.0)["part"] == "GH200 144GB"
+
+
+# --- activation memory from the schedule's op order ----------------------------------------------------------
+
+def _per_layer_gb(model: dict, tp: int) -> float:
+    s, h, L = model["seq_len"], model["hidden"], model["layers"]
+    return 34 * s * h / tp / 1e9  # Korthikanti: sbh(34)/t with TP+SP, b = 1, scores dropped (flash)
+
+
+def test_interleaved_first_stage_holds_korthikanti_share(manager):
+    # Korthikanti et al. 2022 section 4.2.3: the first stage holds L layers' worth of micro-batches, times
+    # 1 + (p-1)/(p v) interleaved. p=4, v=2, L=16: 16 * (1 + 3/8) = 22 layer-micro-batches.
+    model = dict(layers=16, hidden=4096, heads=32, vocab=1024, seq_len=2048)
+    inter = predict(config(model, gpus=32, tp=8, pp=4, vpp=2, global_batch=16, recompute="none"), manager)
+    plain = predict(config(model, gpus=32, tp=8, pp=4, global_batch=16, recompute="none"), manager)
+    assert inter["memory_gb"]["activations"] == pytest.approx(22 * _per_layer_gb(model, 8), rel=1e-9)
+    assert plain["memory_gb"]["activations"] == pytest.approx(16 * _per_layer_gb(model, 8), rel=1e-9)
+
+
+def test_no_dropout_stores_no_masks():
+    s, b, h, a, t = 8192, 1, 16384, 128, 8
+    with_masks = memory.layer_activation_terms(s, b, h, a, t)
+    without = memory.layer_activation_terms(s, b, h, a, t, dropout=False)
+    assert memory.layer_activation_bytes(with_masks, t, True, False) - \
+        memory.layer_activation_bytes(without, t, True, False) == pytest.approx(2 * s * b * h / t)
+    assert without.scores == pytest.approx(2 * a * s * s * b / t)
+
+
+def test_llama3_405b_meta_layout_fits_in_80_gb(manager):
+    # Llama 3 paper section 3.3.2: TP8 PP16 DP128, 16 sequences per DP rank, interleaved with one layer per chunk
+    # (first chunk only the embedding, last only the output), FSDP sharding optimizer and gradients, no recompute.
+    cfg = {"model": "llama3-405b", "cluster": {"gpu": "nvidia-h100", "gpus": 16384},
+           "layout": {"tp": 8, "pp": 16, "dp": 128, "micro_batch": 1, "global_batch": 2048, "vpp": 8,
+                      "zero": 2, "recompute": "none"}}
+    pred = predict(cfg, manager)
+    assert pred["layers_per_stage"][:2] == [0, 1] and pred["layers_per_stage"][-1] == 0
+    # m = p = 16: every forward runs before the first backward, so a middle rank holds 16 x 8 layers.
+    s, h, ffn, t = 8192, 16384, 53248, 8
+    per_layer = (8 * s * h + (2 + 2 * 2 / 16 + 2) * s * h + 6 * s * ffn) / t  # no dropout, GQA, SwiGLU
+    assert pred["memory_gb"]["activations"] == pytest.approx(16 * 8 * per_layer / 1e9, rel=1e-9)
+    assert pred["fits"]
+    megatron = predict({**cfg, "layout": {**cfg["layout"], "zero": 1}}, manager)  # preallocated fp32 grads
+    assert megatron["memory_gb"]["total"] > pred["memory_gb"]["total"] + 10 and not megatron["fits"]
+
+
+@pytest.mark.slow
+def test_search_llama3_405b_finds_meta_layout(manager):
+    from dspark_lab.planner.model.config import Cluster
+    from dspark_lab.planner.search import search
+
+    model = ModelConfig.from_dict(preset("llama3-405b", 8192))
+    result = search(model, Cluster(gpu="nvidia-h100", gpus=16384), 2048, top=5, manager=manager)
+    assert result["search_time_s"] < 60
+    best = result["results"][0]["tokens_per_s_per_gpu"]
+    meta = [r for r in result["results"] if (r["layout"]["tp"], r["layout"]["pp"], r["layout"]["dp"],
+                                              r["layout"]["cp"]) == (8, 16, 128, 1)]
+    assert meta and meta[0]["tokens_per_s_per_gpu"] >= 0.95 * best

@@ -17,8 +17,9 @@ from functools import lru_cache
 from typing import Any
 
 from dspark_lab.errors import DSparkError
+from dspark_lab.pipeline.simulate import Costs, simulate
 from dspark_lab.planner.hardware import Device, device
-from dspark_lab.planner.model import comm, flops, memory
+from dspark_lab.planner.model import comm, flops, liveness, memory
 from dspark_lab.planner.model.config import Cluster, Layout, ModelConfig, check_layout, refuse
 from dspark_lab.planner.model.efficiency import FP8_GEMM_FACTOR, MEMORY_EFFICIENCY, Efficiency, efficiency
 from dspark_lab.planner.presets import preset
@@ -65,11 +66,8 @@ def parse(obj: Any, where: str = "config") -> Inputs:
 
 @lru_cache(maxsize=4096)
 def _simulate(schedule: str, p: int, m: int, v: int, stage_costs: tuple, comm_s: float):
-    from dspark_lab.pipeline.schedules import build
-    from dspark_lab.pipeline.simulate import Costs, simulate
-
     try:
-        s = build(schedule, p, m, v)
+        s = liveness.schedule(schedule, p, m, v)
     except ValueError as exc:
         raise refuse("layout.schedule", str(exc)) from None
     table = {}
@@ -80,17 +78,17 @@ def _simulate(schedule: str, p: int, m: int, v: int, stage_costs: tuple, comm_s:
             table.update({(r, c, "F"): f, (r, c, "B"): b + w, (r, c, "Bi"): b, (r, c, "W"): w,
                           (r, c, "FB"): f + b + w})
     sim = simulate(s, Costs(f=1.0, b=1.0, w=1.0, comm=comm_s, table=table))
-    return sim.step_time, tuple(sim.busy), tuple(sim.peak), s.chunks
+    return sim.step_time, tuple(sim.busy), s.chunks
 
 
 def simulate_pipeline(schedule: str, p: int, m: int, v: int, costs: list[tuple[float, float, float]],
                       comm_s: float):
-    """(step time, busy per rank, peak live micro-batch-chunks per rank, chunks). Costs are normalised by the
-    largest forward and rounded to 0.1% so layouts with proportional costs share one simulation."""
+    """(step time, busy per rank, chunks per rank). Costs are normalised by the largest forward and rounded to 0.1%
+    so layouts with proportional costs share one simulation."""
     unit = max(f for f, _, _ in costs) or 1.0
     key = tuple(tuple(round(x / unit, 3) for x in c) for c in costs)
-    step, busy, peak, chunks = _simulate(schedule, p, m, v, key, round(comm_s / unit, 3))
-    return step * unit, [b * unit for b in busy], list(peak), chunks
+    step, busy, chunks = _simulate(schedule, p, m, v, key, round(comm_s / unit, 3))
+    return step * unit, [b * unit for b in busy], chunks
 
 
 # --- the model --------------------------------------------------------------------------------------------------
@@ -189,14 +187,12 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
     m = lay.global_batch // (d * b)
     p2p_t = comm.p2p(tokens * h * 2 / (t if sp else 1), t * c * d >= per_node, links) if p > 1 else 0.0
     if p > 1:
-        step, busy, peak_live, chunks = simulate_pipeline(lay.schedule, p, m, v, stage_costs, p2p_t)
+        step, busy, chunks = simulate_pipeline(lay.schedule, p, m, v, stage_costs, p2p_t)
     else:
         f, bb, w = stage_costs[0]
-        step, busy, peak_live, chunks = m * (f + bb + w), [m * (f + bb + w)], [m], 1
+        step, busy, chunks = m * (f + bb + w), [m * (f + bb + w)], 1
     slow = max(range(p), key=lambda r: busy[r])
-    rank_stages = [k for k in range(stages) if k % p == slow] if chunks == v else list(range(stages))
-    if chunks != v:  # V-shaped schedules: rank r holds stages r and 2p-1-r
-        rank_stages = [k for k in (slow, 2 * p - 1 - slow) if k < stages]
+    rank_stages = _rank_stages(slow, p, v, chunks, stages)
     parts = {key: m * sum(stage_parts[k][key] for k in rank_stages) for key in stage_parts[0]}
 
     # Data-parallel gradient reduction and parameter gather, over dp*cp ranks placed tp apart.
@@ -227,8 +223,7 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
     model_flops = flops.model_flops_per_token(model) * tokens_step
     hw_flops = model_flops + flops.recompute_flops_per_token(model, lay.recompute) * tokens_step
     gpus = cluster.gpus
-    mem = _memory(model, lay, counts, starts, rank_stages, stage_params, peak_live[slow] if p > 1 else 1,
-                  chunks, dev, sp)
+    mem = _memory(model, lay, counts, starts, m, chunks, dev, sp)
     return {
         "step_time_s": step_time,
         "tokens_per_s_per_gpu": tokens_step / step_time / gpus,
@@ -266,29 +261,57 @@ def _stage_params(model: ModelConfig, counts, starts, rank_stages, t: int, e: in
     return total
 
 
-def _memory(model, lay: Layout, counts, starts, rank_stages, params: float, live: int, chunks: int, dev: Device,
-            sp: bool) -> dict[str, float]:
-    t, c, b = lay.tp, lay.cp, lay.micro_batch
+def _rank_stages(rank: int, p: int, v: int, chunks: int, stages: int) -> list[int]:
+    if chunks != v:  # V-shaped schedules: rank r holds stages r and 2p-1-r
+        return [k for k in (rank, 2 * p - 1 - rank) if k < stages]
+    return [k for k in range(stages) if k % p == rank]
+
+
+def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device, sp: bool) -> dict[str, float]:
+    """Memory of the fullest pipeline rank: its states, plus activations (and lazily made gradients) at the peak
+    the schedule's op order gives (:mod:`~dspark_lab.planner.model.liveness`)."""
+    t, c, b, p, v, e = lay.tp, lay.cp, lay.micro_batch, lay.pp, lay.vpp, lay.ep
     s = model.seq_len // c
-    weights, grads, optimizer = memory.state_bytes(params, lay.zero, lay.dp * c)
+    stages = len(counts)
     ffn = model.moe_ffn_hidden * model.top_k if model.moe else model.ffn_hidden
     terms = memory.layer_activation_terms(s, b, model.hidden, model.heads, t, model.kv_heads / model.heads, ffn,
-                                          model.ffn_kind == "swiglu")
+                                          model.ffn_kind == "swiglu", model.dropout)
     keep_scores = lay.recompute == "none" and lay.attention == "unfused"
     per_layer = memory.layer_activation_bytes(terms, t, sp, keep_scores)
-    layers_per_chunk = max(counts[k] for k in rank_stages)
+    extra = 0.0
     if lay.recompute == "full":
-        stored = memory.full_recompute_bytes(s, b, model.hidden, t, sp)
-        activations = live * layers_per_chunk * stored + per_layer  # plus one layer being recomputed
+        extra = per_layer  # the one layer being recomputed
+        per_layer = memory.full_recompute_bytes(s, b, model.hidden, t, sp)
+    lazy_grads = lay.zero >= 2  # FSDP / ZeRO-2: fp32 gradients appear with the first backward of each chunk
+    shard = lay.dp * c
+    if p > 1:
+        env = liveness.envelopes((lay.schedule, p, m, v), tuple(counts))
     else:
-        activations = live * layers_per_chunk * per_layer
-    other = OTHER_GB * 1e9
-    if len(counts) - 1 in rank_stages:
-        other += 2 * 4 * b * s * model.vocab / t  # fp32 logits and their gradient for one micro-batch
-    gb = {"params": weights / 1e9, "grads": grads / 1e9, "optimizer": optimizer / 1e9,
-          "activations": activations / 1e9, "other": other / 1e9}
-    gb["total"] = sum(gb.values())
-    return gb
+        env = (((counts[0], frozenset({0})),),)  # one stage: a micro-batch's layers, then its gradients
+    best = None
+    for r in range(p):
+        mine = _rank_stages(r, p, v, chunks, stages)
+        params = _stage_params(model, counts, starts, mine, t, e)
+        weights, grads, optimizer = memory.state_bytes(params, lay.zero, shard)
+        if lazy_grads:
+            chunk_grads = {}
+            sched = liveness.schedule(lay.schedule, p, m, v) if p > 1 else None
+            for ch in range(chunks):
+                stage = sched.where(r, ch)[1] % stages if sched else 0
+                chunk_grads[ch] = memory.GRAD_BYTES * _stage_params(model, counts, starts, [stage], t, e)
+            act, grads = max(((a * per_layer + extra, sum(chunk_grads[x] for x in g)) for a, g in env[r]),
+                             key=sum)
+        else:
+            act = max(a for a, _ in env[r]) * per_layer + extra
+        other = OTHER_GB * 1e9
+        if stages - 1 in mine:
+            other += 2 * 4 * b * s * model.vocab / t  # fp32 logits and their gradient for one micro-batch
+        gb = {"params": weights / 1e9, "grads": grads / 1e9, "optimizer": optimizer / 1e9,
+              "activations": act / 1e9, "other": other / 1e9}
+        gb["total"] = sum(gb.values())
+        if best is None or gb["total"] > best["total"]:
+            best = gb
+    return best
 
 
 def predict(config: Any, manager=None) -> dict[str, Any]:

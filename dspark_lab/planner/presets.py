@@ -11,14 +11,14 @@ from dspark_lab.errors import DSparkError
 PRESETS: dict[str, dict] = {
     "gpt3-175b": dict(layers=96, hidden=12288, heads=96, vocab=50257, seq_len=2048, tied_embeddings=True),
     "llama3-8b": dict(layers=32, hidden=4096, heads=32, kv_heads=8, vocab=128256, seq_len=8192,
-                      ffn_hidden=14336, ffn_kind="swiglu"),
+                      ffn_hidden=14336, ffn_kind="swiglu", dropout=False),
     "llama3-70b": dict(layers=80, hidden=8192, heads=64, kv_heads=8, vocab=128256, seq_len=8192,
-                       ffn_hidden=28672, ffn_kind="swiglu"),
+                       ffn_hidden=28672, ffn_kind="swiglu", dropout=False),
     "llama3-405b": dict(layers=126, hidden=16384, heads=128, kv_heads=8, vocab=128256, seq_len=8192,
-                        ffn_hidden=53248, ffn_kind="swiglu"),
+                        ffn_hidden=53248, ffn_kind="swiglu", dropout=False),
     "deepseek-v3": dict(layers=61, hidden=7168, heads=128, vocab=129280, seq_len=4096, ffn_hidden=18432,
                         ffn_kind="swiglu", experts=256, top_k=8, moe_ffn_hidden=2048, shared_experts=1,
-                        dense_layers=3),
+                        dense_layers=3, dropout=False),
 }
 # Published total parameter counts (billions) the presets are tested against.
 PUBLISHED_B = {"gpt3-175b": 175.0, "llama3-8b": 8.03, "llama3-70b": 70.6, "llama3-405b": 405.0,

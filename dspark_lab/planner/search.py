@@ -3,8 +3,11 @@ schedule), predict each, and keep the best ``top`` by predicted throughput among
 
 The space is pruned the way practitioners prune it (and AutoDDL / Alpa-style searches do): tensor parallelism stays
 inside a node, pipeline stages hold at least one layer, context parallelism is tried only where the sequence is long
-(>= 8192), expert parallelism only for MoE models. Pipeline simulations are cached across layouts
-(``predict.simulate_pipeline``).
+(>= 8192), expert parallelism only for MoE models. Selective recompute is not tried: with a fused (flash) attention
+kernel there are no attention scores to drop, so it costs time and saves nothing (``none`` dominates it). ZeRO 1
+(Megatron's distributed optimizer, preallocated fp32 gradient buffer) and 2 (FSDP-style, gradients made during
+backward, as Llama 3 ran) are both tried. Pipeline simulations and memory walks are cached across layouts
+(``predict.simulate_pipeline``, ``model.liveness``).
 """
 
 from __future__ import annotations
@@ -41,11 +44,12 @@ def candidates(model: ModelConfig, cluster: Cluster, global_batch: int) -> list[
                            and (dp * cp) % e == 0] or [1]
                     schedules = [("1f1b", 1)]
                     if pp > 1:
-                        schedules += [("interleaved-1f1b", v) for v in (2, 4) if pp * v <= model.layers and m % pp == 0]
+                        schedules += [("interleaved-1f1b", v) for v in (2, 4, 8)
+                                      if pp * v <= model.layers + 2 and m % pp == 0]
                     for schedule, vpp in schedules:
                         for ep in eps:
-                            for recompute in ("selective", "full"):
-                                for zero in ((1,) if dp * cp > 1 else (0,)):
+                            for recompute in ("none", "full"):
+                                for zero in ((1, 2) if dp * cp > 1 else (0,)):
                                     layout = Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, vpp=vpp, micro_batch=mb,
                                                     global_batch=global_batch, zero=zero, recompute=recompute,
                                                     sequence_parallel=tp > 1, schedule=schedule)
@@ -62,6 +66,10 @@ def layout_dict(layout: Layout) -> dict[str, Any]:
     return {k: getattr(layout, k) for k in keys}
 
 
+def _without_zero(layout: Layout) -> tuple:
+    return tuple(v for k, v in layout_dict(layout).items() if k != "zero")
+
+
 def search(model: ModelConfig, cluster: Cluster, global_batch: int, top: int = 5,
            max_memory_gb: float | None = None, manager=None) -> dict[str, Any]:
     if not 1 <= top <= MAX_TOP:
@@ -76,6 +84,10 @@ def search(model: ModelConfig, cluster: Cluster, global_batch: int, top: int = 5
         limit = max_memory_gb if max_memory_gb is not None else pred["device_memory_gb"]
         if pred["memory_gb"]["total"] <= limit:
             results.append((layout, pred))
+    # ZeRO 2 is kept only where it saves memory over its ZeRO 1 twin (same communication in this model).
+    zero1 = {_without_zero(lay): pred["memory_gb"]["total"] for lay, pred in results if lay.zero == 1}
+    results = [(lay, pred) for lay, pred in results
+               if lay.zero != 2 or pred["memory_gb"]["total"] < zero1.get(_without_zero(lay), float("inf")) - 1e-6]
     # Highest throughput first; ties broken by less memory, then by the layout's fields (deterministic).
     results.sort(key=lambda lp: (-round(lp[1]["tokens_per_s_per_gpu"], 9), lp[1]["memory_gb"]["total"],
                                  tuple(str(v) for v in layout_dict(lp[0]).values())))

@@ -74,6 +74,7 @@ class ModelConfig:
     shared_experts: int = 0
     dense_layers: int = 0
     tied_embeddings: bool = False
+    dropout: bool = True
     name: str = ""
 
     @classmethod
@@ -100,7 +101,8 @@ class ModelConfig:
                    ffn_kind=_choice(obj, "ffn_kind", where, FFN_KINDS, "gelu"), experts=experts, top_k=top_k,
                    moe_ffn_hidden=_int(obj, "moe_ffn_hidden", where, ffn if experts else 0, low=0),
                    shared_experts=_int(obj, "shared_experts", where, 0, low=0), dense_layers=dense,
-                   tied_embeddings=bool(obj.get("tied_embeddings", False)), name=str(obj.get("name", "")))
+                   tied_embeddings=_choice(obj, "tied_embeddings", where, (True, False), False),
+                   dropout=_choice(obj, "dropout", where, (True, False), True), name=str(obj.get("name", "")))
 
     @property
     def moe(self) -> bool:
@@ -184,8 +186,11 @@ def check_layout(model: ModelConfig, cluster: Cluster, layout: Layout) -> None:
         raise refuse("layout.tp", f"must divide model.heads ({model.heads}), got {t}")
     if model.kv_heads % t and t % model.kv_heads:
         raise refuse("layout.tp", f"must divide or be a multiple of model.kv_heads ({model.kv_heads}), got {t}")
-    if p * layout.vpp > model.layers:
-        raise refuse("layout.pp", f"pp*vpp = {p * layout.vpp} stages is more than model.layers ({model.layers})")
+    if p * layout.vpp > model.layers + (2 if p * layout.vpp > 1 else 0):
+        # Up to two stages may hold no layer: the first and last, which hold the embedding and the output layer
+        # (Llama 3 405B's first chunk holds only the embedding, section 3.3.2).
+        raise refuse("layout.pp", f"pp*vpp = {p * layout.vpp} stages is more than model.layers + 2 "
+                                  f"({model.layers + 2}; only the end stages may hold no layer)")
     if layout.vpp > 1 and layout.schedule not in ("interleaved-1f1b",):
         raise refuse("layout.vpp", f"vpp > 1 needs schedule interleaved-1f1b, got {layout.schedule!r}")
     if layout.schedule in ("zbv", "dualpipev", "dualpipe") and 2 * p > model.layers:

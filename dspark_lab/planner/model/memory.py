@@ -30,16 +30,17 @@ class ActivationTerms:
 
 
 def layer_activation_terms(s: int, b: int, h: int, a: int, t: int, kv_ratio: float = 1.0, ffn: int | None = None,
-                           swiglu: bool = False) -> ActivationTerms:
-    """Korthikanti's per-tensor terms for one layer (2-byte activations, 1-byte dropout masks)."""
+                           swiglu: bool = False, dropout: bool = True) -> ActivationTerms:
+    """Korthikanti's per-tensor terms for one layer (2-byte activations, 1-byte dropout masks). A model trained
+    without dropout (Llama 3, DeepSeek-V3) stores no masks: ``2sbh`` less, and ``2as^2b`` instead of ``5as^2b``."""
     ffn = 4 * h if ffn is None else ffn
     sbh = s * b * h
     # Replicated without SP: two LayerNorm inputs (4sbh), QKV and MLP inputs (2sbh each), two dropout masks (sbh each).
-    replicated = 10 * sbh
+    replicated = (10 if dropout else 8) * sbh
     # Sharded by TP: Q and K for QK^T, V for attention over values, the projection input, the MLP's inner tensors.
     attention = 2 * sbh + 2 * sbh * kv_ratio + 2 * sbh * kv_ratio + 2 * sbh
     mlp = (6 if swiglu else 4) * s * b * ffn
-    scores = 5 * a * s * s * b / t  # softmax output (2), dropout mask (1), dropout output (2)
+    scores = (5 if dropout else 2) * a * s * s * b / t  # softmax output (2), dropout mask (1), dropout output (2)
     return ActivationTerms(replicated, (attention + mlp) / t, scores)
 
 
