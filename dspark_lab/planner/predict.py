@@ -27,7 +27,16 @@ from dspark_lab.planner.presets import preset
 SCHEMA_KIND = "plan.predict"
 GRAD_COMM_BYTES = 2  # gradients are reduced in bf16 (Megatron-Core grad_reduce_in_fp32=False)
 OTHER_GB = 3.0  # CUDA context, NCCL and cuBLAS workspaces, allocator fragmentation
-ELEMENTWISE_H, ELEMENTWISE_F = 20, 4  # element-wise reads+writes per layer, in units of tokens*h and tokens*ffn
+
+
+def elementwise_units(model: ModelConfig) -> tuple[float, float]:
+    """Forward element-wise traffic of one layer (reads + writes, in 2-byte elements) in units of tokens*h and
+    tokens*ffn, counted kernel by kernel as Megatron fuses them: each of the two norms reads x and writes y (2);
+    each fused bias-dropout-add reads the branch output and the residual and writes the sum (3) and, with dropout,
+    a 1-byte mask (0.5). The activation reads its input(s) and writes its output: GeLU 2, SwiGLU 3 (gate, up, out).
+    The backward pass moves about twice this (input, output gradient and the stored tensors)."""
+    h_units = 2 * (2 + 3) + (1.0 if model.dropout else 0.0)
+    return h_units, (3.0 if model.ffn_kind == "swiglu" else 2.0)
 
 
 def split_layers(layers: int, stages: int) -> list[int]:
@@ -126,6 +135,8 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
     cp_fwd = (c - 1) * comm.p2p(kv_bytes, t * c > per_node, links) if c > 1 else 0.0
     ep_overlap = 0.1 if lay.schedule in ("dualpipe", "dualpipev") else 1.0
 
+    elem_h, elem_f = elementwise_units(model)
+
     def layer_costs(index: int) -> dict[str, float]:
         gemms = flops.layer_gemms(model, index, tokens, t, c, e, b, causal_half=flash)
         fwd = sum(_gemm_time(g, peak if g.weights else bf16_peak, eff, fp8) for g in gemms)
@@ -133,7 +144,7 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
         wgrad = sum(_gemm_time(g, peak, eff, fp8) for g in gemms if g.weights)
         core = next(_gemm_time(g, bf16_peak, eff, False) for g in gemms if g.name == "attention")
         ffn = model.moe_ffn_hidden * model.top_k if model.is_moe_layer(index) else model.ffn_hidden
-        elem = (ELEMENTWISE_H * tokens * h / (t if sp else 1) + ELEMENTWISE_F * tokens * ffn / t) * 2
+        elem = (elem_h * tokens * h / (t if sp else 1) + elem_f * tokens * ffn / t) * 2
         if not flash:  # scale-mask-softmax and dropout over the score matrix
             elem += 4 * 2 * b * model.heads / t * (s // c) * s
         elem_t = elem / hbm
@@ -185,7 +196,9 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
         stage_parts.append(parts)
 
     m = lay.global_batch // (d * b)
-    p2p_t = comm.p2p(tokens * h * 2 / (t if sp else 1), t * c * d >= per_node, links) if p > 1 else 0.0
+    # Each TP rank sends its 1/t of the boundary activation (already sharded by SP, else Megatron's scatter-gather
+    # optimisation, Narayanan et al. 2021 section 4.1, whose intra-node all-gather rides NVLink).
+    p2p_t = comm.p2p(tokens * h * 2 / t, t * c * d >= per_node, links) if p > 1 else 0.0
     if p > 1:
         step, busy, chunks = simulate_pipeline(lay.schedule, p, m, v, stage_costs, p2p_t)
     else:
