@@ -203,3 +203,63 @@ def test_search_llama3_405b_finds_meta_layout(manager):
     meta = [r for r in result["results"] if (r["layout"]["tp"], r["layout"]["pp"], r["layout"]["dp"],
                                               r["layout"]["cp"]) == (8, 16, 128, 1)]
     assert meta and meta[0]["tokens_per_s_per_gpu"] >= 0.95 * best
+
+
+# --- plan whatif -----------------------------------------------------------------------------------------------
+
+def _fake_run(tmp_path, info_job: dict, metrics: list[dict]):
+    from dspark_lab.runtime.records import JsonlWriter, RunDir
+
+    run = RunDir.create("r-whatif", {"name": "w", "ranks": 8, "job": info_job}, root=tmp_path)
+    writer = JsonlWriter(run.metrics_path)
+    for record in metrics:
+        writer.write(record)
+    return run
+
+
+def test_whatif_plans_a_parameter_count_on_more_gpus(tmp_path, manager):
+    from dspark_lab.planner.whatif import whatif
+
+    job = {"gpu": "nvidia-h100", "parallelism": {"tp": 8, "pp": 1, "dp": 1}, "params": 8.0e9}
+    run = _fake_run(tmp_path, job, [{"step": 1, "samples_per_s": 4.0, "step_time_s": 1.0}])
+    out = whatif(run, gpus=32, seq=4096, manager=manager)
+    assert out["model_from"] == "parameter count" and out["current"]["global_batch"] == 4
+    model = ModelConfig.from_dict({k: v for k, v in whatif_model(out).items()})
+    assert flops.total_params(model) == pytest.approx(8.0e9, rel=0.15)
+    now = out["current"]["prediction"]["step_time_s"]
+    best = out["target"]["results"][0]
+    assert out["target"]["gpus"] == 32 and best["step_time_s"] < now  # 4x the GPUs finish the step sooner
+
+
+def whatif_model(out):
+    from dspark_lab.planner.whatif import model_from_params
+
+    return {k: v for k, v in model_from_params(8.0e9, 4096).items() if k != "name"}
+
+
+def test_whatif_without_model_or_params_is_refused(tmp_path, manager):
+    from dspark_lab.planner.whatif import whatif
+
+    run = _fake_run(tmp_path, {"gpu": "nvidia-h100"}, [{"step": 1, "samples_per_s": 1.0, "step_time_s": 1.0}])
+    with pytest.raises(DSparkError, match="model: the run publishes no model"):
+        whatif(run, manager=manager)
+    out = whatif(run, model="llama3-8b", gpu="nvidia-b200", gpus=8, seq=2048, manager=manager)
+    assert out["model_from"] == "--model" and out["target"]["gpu"] == "nvidia-b200"
+    assert out["current"]["global_batch"] == 8  # 1 sample per step per rank x 8 data-parallel ranks
+
+
+def test_search_view_marks_the_pareto_front(tmp_path, manager):
+    from dspark_lab.planner.model.config import Cluster
+    from dspark_lab.planner.search import search
+    from dspark_lab.planner.view import pareto, write_html
+
+    points = [{"memory_gb": 10, "tokens_per_s_per_gpu": 5, "fits": True},
+              {"memory_gb": 20, "tokens_per_s_per_gpu": 4, "fits": True},   # dominated by the first
+              {"memory_gb": 30, "tokens_per_s_per_gpu": 9, "fits": True},
+              {"memory_gb": 90, "tokens_per_s_per_gpu": 20, "fits": False}]  # faster but does not fit
+    assert pareto(points) == [0, 2]
+    model = ModelConfig.from_dict(preset("llama3-8b", 4096))
+    result = search(model, Cluster(gpu="nvidia-h100", gpus=16), 32, top=3, manager=manager, points=True)
+    assert len(result["points"]) == result["evaluated"]
+    html = write_html(result, tmp_path / "view.html").read_text()
+    assert "Pareto front" in html and "where the step time goes" in html and "TP" in html

@@ -49,12 +49,33 @@ def add_parsers(subparsers, common) -> None:
     search.add_argument("--max-memory-gb", type=_positive_float, default=None,
                         help="memory limit per GPU (default: the device's)")
     search.add_argument("--gpus-per-node", type=_positive_int, default=8, help="GPUs per node (default 8)")
+    search.add_argument("--html", metavar="PATH", default=None,
+                        help="also write a bokeh view (throughput vs memory, Pareto front, breakdown) to PATH")
 
     def run_search(args):
         from dspark_lab.planner.commands import search_report
 
         return search_report(args.model, args.gpu, args.gpus, args.global_batch, args.seq, args.top,
-                             args.max_memory_gb, args.gpus_per_node)
+                             args.max_memory_gb, args.gpus_per_node, args.html)
 
     search.set_defaults(func=run_search)
+
+    whatif = verbs.add_parser("whatif", parents=[common],
+                              help="a running job's layout predicted, and the best layouts on other GPUs")
+    whatif.add_argument("run", metavar="RUN", help="run id, name or id prefix (see `dspark-lab jobs`)")
+    whatif.add_argument("--model", default=None,
+                        help="a preset or a model JSON file (default: what the run publishes)")
+    whatif.add_argument("--gpu", default=None, help="target backend name (default: the run's)")
+    whatif.add_argument("--gpus", type=_positive_int, default=None, help="target GPU count (default: the run's)")
+    whatif.add_argument("--global-batch", type=_positive_int, default=None,
+                        help="sequences per step (default: from the run's metrics)")
+    whatif.add_argument("--seq", type=_positive_int, default=None, help="sequence length")
+    whatif.add_argument("--top", type=_positive_int, default=3, help="layouts to propose (default 3)")
+
+    def run_whatif(args):
+        from dspark_lab.planner.commands import whatif_report
+
+        return whatif_report(args.run, args.model, args.gpu, args.gpus, args.global_batch, args.seq, args.top)
+
+    whatif.set_defaults(func=run_whatif)
     plan.set_defaults(func=lambda args: plan.print_help() or 2)

@@ -42,8 +42,8 @@ def predict_report(config_path: str) -> Report:
 
 
 def search_report(model: str, gpu: str, gpus: int, global_batch: int, seq: int | None = None, top: int = 5,
-                  max_memory_gb: float | None = None, gpus_per_node: int = 8) -> Report:
-    """``plan search``: the best layouts that fit, by predicted throughput."""
+                  max_memory_gb: float | None = None, gpus_per_node: int = 8, html: str | None = None) -> Report:
+    """``plan search``: the best layouts that fit, by predicted throughput; ``html``: also write the bokeh view."""
     from dspark_lab.planner.model.config import Cluster, ModelConfig
     from dspark_lab.planner.presets import PRESETS, preset
     from dspark_lab.planner.search import search
@@ -55,7 +55,16 @@ def search_report(model: str, gpu: str, gpus: int, global_batch: int, seq: int |
         if seq is not None and isinstance(obj, dict):
             obj = {**obj, "seq_len": seq}
     cluster = Cluster.from_dict({"gpu": gpu, "gpus": gpus, "gpus_per_node": gpus_per_node}, "--gpu/--gpus")
-    result = search(ModelConfig.from_dict(obj, "--model"), cluster, global_batch, top, max_memory_gb)
+    if html is not None and not Path(html).parent.resolve().is_dir():
+        raise DSparkError(f"--html: the folder of {html!r} does not exist")
+    result = search(ModelConfig.from_dict(obj, "--model"), cluster, global_batch, top, max_memory_gb,
+                    points=html is not None)
+    lines = []
+    if html is not None:
+        from dspark_lab.planner.view import write_html
+
+        lines.append(f"view written to {write_html(result, html)}")
+        del result["points"]  # the view holds them; the report stays the size of --top
     rows = [_row(r, {"rank": i + 1, **{k: r["layout"][k] for k in ("tp", "pp", "dp", "cp", "ep", "vpp",
                                                                    "micro_batch", "recompute")}})
             for i, r in enumerate(result["results"])]
@@ -64,4 +73,26 @@ def search_report(model: str, gpu: str, gpus: int, global_batch: int, seq: int |
                            "tok/s/gpu", "mfu", "mem_gb"),
                   title=f"plan search: {result['model']} on {gpus} x {gpu}, global batch {global_batch}",
                   lines=[f"{result['evaluated']} layouts evaluated, {result['fitting']} fit; "
-                         f"search time {result['search_time_s']:.2f} s"])
+                         f"search time {result['search_time_s']:.2f} s", *lines])
+
+
+def whatif_report(run: str, model: str | None = None, gpu: str | None = None, gpus: int | None = None,
+                  global_batch: int | None = None, seq: int | None = None, top: int = 3) -> Report:
+    """``plan whatif RUN``: the job's layout now (predicted) and the best layouts on another GPU count or type."""
+    from dspark_lab.planner.whatif import rows, whatif
+    from dspark_lab.runtime.records import find_run
+
+    from dspark_lab.planner.presets import PRESETS
+
+    model_arg = model if model is None or model in PRESETS else _load_json(model, "--model")
+    result = whatif(find_run(run), model=model_arg, gpu=gpu, gpus=gpus, global_batch=global_batch, seq=seq, top=top)
+    cur, tgt = result["current"], result["target"]
+    lines = [f"model {result['model']} (from {result['model_from']}); now {cur['gpus']} x {cur['gpu'] or '?'}, "
+             f"global batch {cur['global_batch']}"]
+    if "not_planned" in cur:
+        lines.append(f"current layout not predicted: {cur['not_planned']}")
+    lines.append(f"{tgt['evaluated']} layouts evaluated on {tgt['gpus']} x {tgt['gpu']}, {tgt['fitting']} fit; "
+                 f"search time {tgt['search_time_s']:.2f} s")
+    return Report("plan.whatif", result, rows=rows(result),
+                  columns=("what", "gpu", "gpus", "tp", "pp", "dp", "cp", "step_s", "tok/s/gpu", "mfu", "mem_gb"),
+                  title=f"plan whatif: run {result['run']}", lines=lines)

@@ -26,6 +26,7 @@ from dspark_lab.planner.presets import preset
 
 SCHEMA_KIND = "plan.predict"
 GRAD_COMM_BYTES = 2  # gradients are reduced in bf16 (Megatron-Core grad_reduce_in_fp32=False)
+FP8_CAST_BYTES = 5  # per element cast to FP8 with current scaling: read bf16 for amax (2), read again (2), write (1)
 OTHER_GB = 3.0  # CUDA context, NCCL and cuBLAS workspaces, allocator fragmentation
 
 
@@ -145,6 +146,9 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
         core = next(_gemm_time(g, bf16_peak, eff, False) for g in gemms if g.name == "attention")
         ffn = model.moe_ffn_hidden * model.top_k if model.is_moe_layer(index) else model.ffn_hidden
         elem = (elem_h * tokens * h / (t if sp else 1) + elem_f * tokens * ffn / t) * 2
+        if fp8:  # the inputs of the weight GEMMs and the weights cast in forward; output gradients in backward
+            cast = tokens * (2 * h + (h + ffn) / t) + flops.layer_params(model, index, active=True) / t
+            elem += FP8_CAST_BYTES * cast
         if not flash:  # scale-mask-softmax and dropout over the score matrix
             elem += 4 * 2 * b * model.heads / t * (s // c) * s
         elem_t = elem / hbm
@@ -166,7 +170,7 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
     counts = split_layers(model.layers, stages)
     starts = [sum(counts[:i]) for i in range(stages)]
     logits = flops.logits_gemm(model, tokens, t)
-    logits_t = _gemm_time(logits, peak, eff, fp8) + 3 * tokens * model.vocab / t * 4 / hbm  # + softmax/CE
+    logits_t = _gemm_time(logits, bf16_peak, eff, False) + 3 * tokens * model.vocab / t * 4 / hbm  # + softmax/CE
     cache: dict[bool, dict[str, float]] = {}
 
     def cost_of(i: int) -> dict[str, float]:
@@ -196,6 +200,7 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
         stage_parts.append(parts)
 
     m = lay.global_batch // (d * b)
+    # The output layer stays in BF16 under FP8 recipes (Transformer Engine's and torchtitan's float8 skip it).
     # Each TP rank sends its 1/t of the boundary activation (already sharded by SP, else Megatron's scatter-gather
     # optimisation, Narayanan et al. 2021 section 4.1, whose intra-node all-gather rides NVLink).
     p2p_t = comm.p2p(tokens * h * 2 / t, t * c * d >= per_node, links) if p > 1 else 0.0
@@ -295,7 +300,10 @@ def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device
     if lay.recompute == "full":
         extra = per_layer  # the one layer being recomputed
         per_layer = memory.full_recompute_bytes(s, b, model.hidden, t, sp)
-    lazy_grads = lay.zero >= 2  # FSDP / ZeRO-2: fp32 gradients appear with the first backward of each chunk
+    # ZeRO 2 (FSDP without resharding, as Llama 3 and torchtitan with PP run): unsharded fp32 gradients accumulate
+    # over micro-batches and appear with each chunk's first backward. ZeRO 3 reduce-scatters every micro-batch, so
+    # only the shard (state_bytes) stays.
+    lazy_grads = lay.zero == 2
     shard = lay.dp * c
     if p > 1:
         env = liveness.envelopes((lay.schedule, p, m, v), tuple(counts))

@@ -71,19 +71,26 @@ def _without_zero(layout: Layout) -> tuple:
 
 
 def search(model: ModelConfig, cluster: Cluster, global_batch: int, top: int = 5,
-           max_memory_gb: float | None = None, manager=None) -> dict[str, Any]:
+           max_memory_gb: float | None = None, manager=None, points: bool = False) -> dict[str, Any]:
+    """The ``top`` fitting layouts by predicted throughput; ``points``: also every evaluated layout's throughput,
+    memory and whether it fits (what the bokeh view plots)."""
     if not 1 <= top <= MAX_TOP:
         raise DSparkError(f"top: must be in 1..{MAX_TOP}, got {top}")
     if not 1 <= global_batch <= MAX_SIZE:
         raise DSparkError(f"global_batch: must be in 1..{MAX_SIZE}, got {global_batch}")
     start = time.perf_counter()
     layouts = candidates(model, cluster, global_batch)
-    results = []
+    results, scatter = [], []
+    limit = None
     for layout in layouts:
         pred = predict_inputs(Inputs(model, cluster, layout), manager)
         limit = max_memory_gb if max_memory_gb is not None else pred["device_memory_gb"]
-        if pred["memory_gb"]["total"] <= limit:
+        fits = pred["memory_gb"]["total"] <= limit
+        if fits:
             results.append((layout, pred))
+        if points:
+            scatter.append({"layout": layout_dict(layout), "tokens_per_s_per_gpu": pred["tokens_per_s_per_gpu"],
+                            "memory_gb": pred["memory_gb"]["total"], "fits": fits})
     # ZeRO 2 is kept only where it saves memory over its ZeRO 1 twin (same communication in this model).
     zero1 = {_without_zero(lay): pred["memory_gb"]["total"] for lay, pred in results if lay.zero == 1}
     results = [(lay, pred) for lay, pred in results
@@ -92,6 +99,9 @@ def search(model: ModelConfig, cluster: Cluster, global_batch: int, top: int = 5
     results.sort(key=lambda lp: (-round(lp[1]["tokens_per_s_per_gpu"], 9), lp[1]["memory_gb"]["total"],
                                  tuple(str(v) for v in layout_dict(lp[0]).values())))
     best = [{"layout": layout_dict(lay), **pred} for lay, pred in results[:top]]
-    return {"model": model.name or "custom", "gpu": cluster.gpu, "gpus": cluster.gpus, "global_batch": global_batch,
-            "seq_len": model.seq_len, "evaluated": len(layouts), "fitting": len(results),
-            "search_time_s": time.perf_counter() - start, "results": best}
+    out = {"model": model.name or "custom", "gpu": cluster.gpu, "gpus": cluster.gpus, "global_batch": global_batch,
+           "seq_len": model.seq_len, "evaluated": len(layouts), "fitting": len(results), "memory_limit_gb": limit,
+           "search_time_s": time.perf_counter() - start, "results": best}
+    if points:
+        out["points"] = scatter
+    return out
