@@ -117,7 +117,7 @@ def evaluate(name: str, source: dict, calculon: Path | None) -> dict:
                 out["calculon_s"], out["calculon_error"] = step, step / measured - 1
         rows.append(out)
     errors = [abs(r["error"]) for r in rows]
-    tau = kendalltau([1 / r["measured_s"] for r in rows], [1 / r["predicted_s"] for r in rows]).statistic \
+    tau = kendalltau([1 / r["measured_s"] for r in rows], [1 / r["predicted_s"] for r in rows])[0] \
         if len(rows) > 1 else None
     report = {"citation": source["citation"], "assumed": source.get("assumed", ""), "rows": rows,
               "mean_abs_error": statistics.fmean(errors), "median_abs_error": statistics.median(errors),

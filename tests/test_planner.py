@@ -218,23 +218,18 @@ def _fake_run(tmp_path, info_job: dict, metrics: list[dict]):
 
 
 def test_whatif_plans_a_parameter_count_on_more_gpus(tmp_path, manager):
-    from dspark_lab.planner.whatif import whatif
+    from dspark_lab.planner.whatif import model_from_params, whatif
 
     job = {"gpu": "nvidia-h100", "parallelism": {"tp": 8, "pp": 1, "dp": 1}, "params": 8.0e9}
     run = _fake_run(tmp_path, job, [{"step": 1, "samples_per_s": 4.0, "step_time_s": 1.0}])
     out = whatif(run, gpus=32, seq=4096, manager=manager)
     assert out["model_from"] == "parameter count" and out["current"]["global_batch"] == 4
-    model = ModelConfig.from_dict({k: v for k, v in whatif_model(out).items()})
+    assert out["model"] == "gpt-shaped-8b"
+    model = ModelConfig.from_dict(model_from_params(8.0e9, 4096))
     assert flops.total_params(model) == pytest.approx(8.0e9, rel=0.15)
     now = out["current"]["prediction"]["step_time_s"]
     best = out["target"]["results"][0]
     assert out["target"]["gpus"] == 32 and best["step_time_s"] < now  # 4x the GPUs finish the step sooner
-
-
-def whatif_model(out):
-    from dspark_lab.planner.whatif import model_from_params
-
-    return {k: v for k, v in model_from_params(8.0e9, 4096).items() if k != "name"}
 
 
 def test_whatif_without_model_or_params_is_refused(tmp_path, manager):

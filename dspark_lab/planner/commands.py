@@ -94,5 +94,6 @@ def whatif_report(run: str, model: str | None = None, gpu: str | None = None, gp
     lines.append(f"{tgt['evaluated']} layouts evaluated on {tgt['gpus']} x {tgt['gpu']}, {tgt['fitting']} fit; "
                  f"search time {tgt['search_time_s']:.2f} s")
     return Report("plan.whatif", result, rows=rows(result),
-                  columns=("what", "gpu", "gpus", "tp", "pp", "dp", "cp", "step_s", "tok/s/gpu", "mfu", "mem_gb"),
+                  columns=("what", "gpu", "gpus", "tp", "pp", "dp", "cp", "vpp", "mb", "recompute", "step_s",
+                           "tok/s/gpu", "mfu", "mem_gb"),
                   title=f"plan whatif: run {result['run']}", lines=lines)

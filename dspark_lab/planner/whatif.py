@@ -125,12 +125,14 @@ def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     if "prediction" in cur:
         p = cur["prediction"]
         out.append({"what": "now", "gpu": cur["gpu"], "gpus": cur["gpus"],
-                    **{k: cur[k] for k in ("tp", "pp", "dp", "cp")}, "step_s": p["step_time_s"],
+                    **{k: cur[k] for k in ("tp", "pp", "dp", "cp")}, "vpp": 1, "mb": "", "recompute": "",
+                    "step_s": p["step_time_s"],
                     "tok/s/gpu": p["tokens_per_s_per_gpu"], "mfu": p["mfu"], "mem_gb": p["memory_gb"]["total"]})
     for i, r in enumerate(result["target"]["results"]):
         lay = r["layout"]
         out.append({"what": f"#{i + 1}", "gpu": result["target"]["gpu"], "gpus": result["target"]["gpus"],
-                    **{k: lay[k] for k in ("tp", "pp", "dp", "cp")}, "step_s": r["step_time_s"],
+                    **{k: lay[k] for k in ("tp", "pp", "dp", "cp", "vpp")}, "mb": lay["micro_batch"],
+                    "recompute": lay["recompute"], "step_s": r["step_time_s"],
                     "tok/s/gpu": r["tokens_per_s_per_gpu"], "mfu": r["mfu"], "mem_gb": r["memory_gb"]["total"]})
     return out
 
