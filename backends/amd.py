@@ -3,9 +3,7 @@
 Availability is probed with AMD SMI (the ``amdsmi`` Python bindings shipped with ROCm) or, failing that, the
 ``rocm-smi`` command; neither is touched at import.
 
-Peak figures (dense, per GPU) from the AMD Instinct MI300X data sheet (2023): BF16 1307.4 TFLOP/s, FP8 2614.9,
-TF32 653.7, FP32 163.4; 192 GB HBM3 at 5.3 TB/s; seven Infinity Fabric links of 128 GB/s bidirectional
-(896 GB/s aggregate), so 448 GB/s per direction.
+Peak figures (dense, per GPU, from the AMD Instinct MI300X data sheet) are in ``data/gpu_parts.json``.
 """
 
 from __future__ import annotations
@@ -15,16 +13,13 @@ import subprocess
 
 from dspark_lab import hookimpl
 from dspark_lab.allocator import HostPool
-from dspark_lab.backend import Availability, Backend, DeviceSpec
+from dspark_lab.backend import Availability, Backend
+from dspark_lab.backends import parts
 from dspark_lab.collectives import STANDARD_NAMES, make_standard
 
 NAME = "amd-mi300x"
 MARKER = "MI300X"
-MI300X = DeviceSpec(
-    bf16_tflops=1307.4, fp8_tflops=2614.9, tf32_tflops=653.7, fp32_tflops=163.4,
-    memory_gb=192, memory_bandwidth_gb_s=5300, link_gb_s=448, link="Infinity Fabric",
-    source="AMD Instinct MI300X data sheet, dense",
-)
+MI300X = parts.spec(parts.backend_parts("amd-")[NAME])
 
 
 def _amdsmi():

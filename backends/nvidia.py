@@ -1,45 +1,46 @@
-"""NVIDIA backends: ``nvidia-h100`` and ``nvidia-b200``.
+"""NVIDIA backends: one per GPU family of ``data/gpu_parts.json`` (``nvidia-a100``, ``nvidia-h100``, ``nvidia-h200``,
+``nvidia-gh200``, ``nvidia-b200``, ``nvidia-gb200``), plus ``nvidia-unlisted`` for a GPU the table does not know.
 
 Availability is probed through NVML (the ``nvidia-ml-py`` package, ``[cuda]`` extra), never at import: a machine
 without the driver gets an honest "not available" with the reason, not a crash. torch's own view
 (``torch.cuda.is_available()``) is added to the reason.
 
-Peak figures are dense (without 2:4 sparsity), per GPU:
-- H100 SXM5: NVIDIA H100 Tensor Core GPU datasheet (2023): BF16 989.4 TFLOP/s, FP8 1978.9, TF32 494.7, FP32 66.9;
-  80 GB HBM3 at 3.35 TB/s; NVLink 4 at 900 GB/s bidirectional, so 450 GB/s per direction.
-- B200: NVIDIA HGX B200 datasheet (2024), 8-GPU figures with sparsity divided by 8 and by 2 for dense: BF16 2250,
-  FP8 4500, FP4 9000, TF32 1125; 180 GB HBM3e at 8 TB/s; NVLink 5 at 1.8 TB/s bidirectional, 900 GB/s per direction.
+A device is matched on its full NVML name (and its memory size where one name covers two SKUs), never on a
+substring; the peak figures and their datasheet citations are in ``data/gpu_parts.json`` (see ``parts.py``). A GPU
+that matches no entry makes ``nvidia-unlisted`` available, with a warning naming it, so a run is not silently
+moved to the CPU backend and nothing plans on figures that belong to another part.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from dspark_lab import hookimpl
 from dspark_lab.allocator import HostPool
 from dspark_lab.backend import Availability, Backend, DeviceSpec
+from dspark_lab.backends import parts
 from dspark_lab.collectives import STANDARD_NAMES, make_standard
 
-H100 = DeviceSpec(
-    bf16_tflops=989.4, fp8_tflops=1978.9, tf32_tflops=494.7, fp32_tflops=66.9,
-    memory_gb=80, memory_bandwidth_gb_s=3350, link_gb_s=450, link="NVLink 4",
-    source="NVIDIA H100 Tensor Core GPU datasheet, SXM5 column, dense",
-)
-B200 = DeviceSpec(
-    bf16_tflops=2250, fp8_tflops=4500, fp4_tflops=9000, tf32_tflops=1125,
-    memory_gb=180, memory_bandwidth_gb_s=8000, link_gb_s=900, link="NVLink 5",
-    source="NVIDIA HGX B200 datasheet, per GPU, dense",
-)
+UNLISTED = "nvidia-unlisted"
 
 
 @dataclass(frozen=True)
 class _Model:
     backend: str
-    marker: str  # substring of the NVML device name
+    part: str  # the part whose figures are the backend's spec
     spec: DeviceSpec
 
 
-MODELS = (_Model("nvidia-h100", "H100", H100), _Model("nvidia-b200", "B200", B200))
+MODELS = tuple(_Model(name, part["part"], parts.spec(part)) for name, part in parts.backend_parts("nvidia-").items())
+H100 = next(m.spec for m in MODELS if m.backend == "nvidia-h100")
+B200 = next(m.spec for m in MODELS if m.backend == "nvidia-b200")
+
+
+def backend_of(name: str, memory_gb: float | None) -> str:
+    """The backend an NVML device belongs to, or ``nvidia-unlisted``."""
+    part = parts.lookup(name, memory_gb)
+    return part["backend"] if part and part["backend"].startswith("nvidia-") else UNLISTED
 
 
 def _nvml():
@@ -51,8 +52,8 @@ def _nvml():
     return pynvml
 
 
-def nvml_devices() -> list[tuple[int, str]]:
-    """(index, name) of every GPU NVML sees. Raises with a readable reason when NVML cannot start."""
+def nvml_devices() -> list[tuple[int, str, float | None]]:
+    """(index, name, memory GB) of every GPU NVML sees. Raises with a readable reason when NVML cannot start."""
     pynvml = _nvml()
     try:
         pynvml.nvmlInit()
@@ -72,26 +73,32 @@ def _torch_view() -> str:
     return f"torch.cuda.is_available()={torch.cuda.is_available()}"
 
 
-def make_probe(model: _Model):
+def make_probe(backend: str):
     def probe() -> Availability:
         try:
             devices = nvml_devices()
         except (ImportError, RuntimeError) as exc:
             return Availability.no(f"{exc}; {_torch_view()}")
-        matching = [name for _, name in devices if model.marker in name]
+        matching = [name for _, name, gb in devices if backend_of(name, gb) == backend]
+        if backend == UNLISTED and matching:
+            warnings.warn(f"NVIDIA GPU {matching[0]!r} is not in dspark_lab/backends/data/gpu_parts.json: its peak "
+                          "figures are unknown (no planning or MFU for it); add an entry", stacklevel=2)
+            return Availability.yes(len(matching), f"{len(matching)} x {matching[0]}, not in gpu_parts.json: "
+                                                   f"peak figures unknown; {_torch_view()}")
         if not matching:
-            seen = ", ".join(name for _, name in devices) or "no GPUs"
-            return Availability.no(f"no {model.marker} among NVML devices ({seen}); {_torch_view()}")
+            seen = ", ".join(name for _, name, _ in devices) or "no GPUs"
+            return Availability.no(f"no {backend} part among NVML devices ({seen}); {_torch_view()}")
         return Availability.yes(len(matching), f"{len(matching)} x {matching[0]}; {_torch_view()}")
 
     return probe
 
 
-def make_sampler(model: _Model):
-    """An NVML sampler for the GPUs of this model. NVML is started here, once, not at import."""
+def make_sampler(backend: str):
+    """An NVML sampler for the GPUs of this backend. NVML is started here, once, not at import."""
     pynvml = _nvml()
     pynvml.nvmlInit()
-    handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i, name in nvml_devices_open(pynvml) if model.marker in name]
+    handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i, name, gb in nvml_devices_open(pynvml)
+               if backend_of(name, gb) == backend]
 
     def optional(fn, *args, scale=1.0):
         try:
@@ -105,7 +112,7 @@ def make_sampler(model: _Model):
             memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
             devices.append({
                 "index": index,
-                "name": model.backend,
+                "name": backend,
                 "utilization_pct": float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
                 "memory_used_gb": memory.used / 1e9,
                 "memory_total_gb": memory.total / 1e9,
@@ -119,7 +126,7 @@ def make_sampler(model: _Model):
             })
         n = max(len(devices), 1)
         return {
-            "backend": model.backend,
+            "backend": backend,
             "utilization_pct": sum(d["utilization_pct"] for d in devices) / n,
             "memory_used_gb": sum(d["memory_used_gb"] for d in devices),
             "memory_total_gb": sum(d["memory_total_gb"] for d in devices),
@@ -129,25 +136,32 @@ def make_sampler(model: _Model):
     return sample
 
 
-def nvml_devices_open(pynvml) -> list[tuple[int, str]]:
-    """(index, name) of every GPU, with NVML already started."""
+def nvml_devices_open(pynvml) -> list[tuple[int, str, float | None]]:
+    """(index, name, memory GB) of every GPU, with NVML already started."""
     out = []
     for i in range(pynvml.nvmlDeviceGetCount()):
-        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
-        out.append((i, name.decode() if isinstance(name, bytes) else name))
+        handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+        name = pynvml.nvmlDeviceGetName(handle)
+        try:
+            memory_gb = pynvml.nvmlDeviceGetMemoryInfo(handle).total / 1e9
+        except pynvml.NVMLError:
+            memory_gb = None
+        out.append((i, name.decode() if isinstance(name, bytes) else name, memory_gb))
     return out
 
 
-def _model(backend) -> _Model | None:
-    return next((m for m in MODELS if m.backend == backend.name), None)
+def _model(backend) -> str | None:
+    """The backend's name when it is one of ours."""
+    return backend.name if backend.name == UNLISTED or any(m.backend == backend.name for m in MODELS) else None
 
 
 @hookimpl
 def dspark_register_backends():
     return [
-        Backend(name=m.backend, vendor="nvidia", spec=m.spec, probe=make_probe(m), torch_device="cuda")
+        Backend(name=m.backend, vendor="nvidia", spec=m.spec, probe=make_probe(m.backend), torch_device="cuda")
         for m in MODELS
-    ]
+    ] + [Backend(name=UNLISTED, vendor="nvidia", spec=DeviceSpec(source="not in gpu_parts.json"),
+                 probe=make_probe(UNLISTED), torch_device="cuda")]
 
 
 @hookimpl
@@ -170,10 +184,10 @@ def dspark_make_allocator(backend, config):
 
 @hookimpl
 def dspark_device_sampler(backend):
-    model = _model(backend)
-    if model is None or not backend.availability().available:
+    name = _model(backend)
+    if name is None or not backend.availability().available:
         return None
-    return make_sampler(model)
+    return make_sampler(name)
 
 
 @hookimpl

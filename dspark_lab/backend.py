@@ -15,7 +15,8 @@ from typing import Any, Callable
 class DeviceSpec:
     """Peak figures of one device, each key carrying its unit. ``None`` means the vendor publishes no figure.
 
-    Throughputs are dense (no sparsity), per device. Link bandwidth is per direction.
+    Throughputs are dense (no sparsity), per device. Link bandwidth (scale-up ``link_gb_s``, scale-out
+    ``scale_out_gb_s``) is per direction.
     """
 
     bf16_tflops: float | None = None
@@ -27,6 +28,8 @@ class DeviceSpec:
     memory_bandwidth_gb_s: float | None = None
     link_gb_s: float | None = None
     link: str | None = None
+    scale_out_gb_s: float | None = None  # the GPU's share of the node's network, per direction
+    tdp_w: float | None = None
     cores: int | None = None
     source: str = ""
 

@@ -24,6 +24,7 @@ AREA_MODULES = (
     "dspark_lab.moe.cli",
     "dspark_lab.collectives.cli",
     "dspark_lab.trace.cli",
+    "dspark_lab.planner.cli",
 )
 
 

@@ -46,7 +46,7 @@ def test_spec_keys_carry_units():
     keys = set(DeviceSpec().as_dict())
     assert {"bf16_tflops", "memory_gb", "memory_bandwidth_gb_s", "link_gb_s"} <= keys
     numeric = keys - {"link", "source", "cores"}
-    assert all(k.endswith(("_tflops", "_gb", "_gb_s")) for k in numeric), numeric
+    assert all(k.endswith(("_tflops", "_gb", "_gb_s", "_w")) for k in numeric), numeric
 
 
 def test_cpu_spec_is_derived_from_this_machine(backends):
@@ -158,8 +158,12 @@ def test_nvidia_probe_with_h100s_present(backends, monkeypatch):
     h100 = backends["nvidia-h100"].availability()
     assert h100.available and h100.devices == 2 and "NVIDIA H100 80GB HBM3" in h100.reason
     b200 = backends["nvidia-b200"].availability()
-    assert not b200.available and "no B200 among NVML devices" in b200.reason and "NVIDIA A10" in b200.reason
-    assert nvml.inits == nvml.shutdowns == 2
+    assert not b200.available and "no nvidia-b200 part among NVML devices" in b200.reason and "NVIDIA A10" in b200.reason
+    unlisted = backends["nvidia-unlisted"]  # the A10 is in no table entry: reported, not silently dropped
+    with pytest.warns(UserWarning, match="NVIDIA A10.* not in .*gpu_parts.json"):
+        availability = unlisted.availability()
+    assert availability.available and availability.devices == 1 and "peak figures unknown" in availability.reason
+    assert nvml.inits == nvml.shutdowns == 3
 
 
 def test_nvidia_sampler_reads_nvml(builtin_plugins, monkeypatch):

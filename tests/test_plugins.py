@@ -486,7 +486,8 @@ def test_builtins_load_through_the_entry_point_group(monkeypatch):
     manager = make_manager(only=["cpu", "nvidia", "amd"])
     assert manager.plugin_names() == ["amd", "cpu", "nvidia"] and manager.problems == []
     assert {b.name: b.plugin for b in manager.backends()} == {
-        "cpu": "cpu", "nvidia-h100": "nvidia", "nvidia-b200": "nvidia", "amd-mi300x": "amd"}
+        "cpu": "cpu", "amd-mi300x": "amd", "nvidia-unlisted": "nvidia",
+        **{f"nvidia-{part}": "nvidia" for part in ("a100", "h100", "h200", "gh200", "b200", "gb200")}}
 
 
 def test_example_plugin_loads_through_its_entry_point(example_plugin_paths):

@@ -1,0 +1,81 @@
+"""``dspark-lab plan predict|search``, added to ``dspark-lab`` by :mod:`dspark_lab.cli`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if not 1 <= value <= 1 << 20:
+        raise argparse.ArgumentTypeError(f"must be an integer in 1..{1 << 20}, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def add_parsers(subparsers, common) -> None:
+    plan = subparsers.add_parser("plan", help="predict step time, MFU and memory of training layouts; search them")
+    verbs = plan.add_subparsers(dest="plan_verb", metavar="VERB")
+
+    predict = verbs.add_parser("predict", parents=[common], help="predict one layout or a JSON array of them")
+    predict.add_argument("config", metavar="CONFIG.json", help="{model, cluster, layout} or an array of them")
+
+    def run_predict(args):
+        from dspark_lab.planner.commands import predict_report
+
+        return predict_report(args.config)
+
+    predict.set_defaults(func=run_predict)
+
+    search = verbs.add_parser("search", parents=[common], help="the best layouts that fit, by predicted throughput")
+    search.add_argument("--model", required=True, help="a preset (gpt3-175b, llama3-8b, ...) or a model JSON file")
+    search.add_argument("--gpu", required=True, help="a backend name, e.g. nvidia-h100")
+    search.add_argument("--gpus", type=_positive_int, required=True, help="GPUs in all")
+    search.add_argument("--global-batch", type=_positive_int, required=True, help="sequences per step")
+    search.add_argument("--seq", type=_positive_int, default=None, help="sequence length (default: the model's)")
+    search.add_argument("--top", type=_positive_int, default=5, help="layouts to return (default 5)")
+    search.add_argument("--max-memory-gb", type=_positive_float, default=None,
+                        help="memory limit per GPU (default: the device's)")
+    search.add_argument("--gpus-per-node", type=_positive_int, default=8, help="GPUs per node (default 8)")
+    search.add_argument("--html", metavar="PATH", default=None,
+                        help="also write a bokeh view (throughput vs memory, Pareto front, breakdown) to PATH")
+
+    def run_search(args):
+        from dspark_lab.planner.commands import search_report
+
+        return search_report(args.model, args.gpu, args.gpus, args.global_batch, args.seq, args.top,
+                             args.max_memory_gb, args.gpus_per_node, args.html)
+
+    search.set_defaults(func=run_search)
+
+    whatif = verbs.add_parser("whatif", parents=[common],
+                              help="a running job's layout predicted, and the best layouts on other GPUs")
+    whatif.add_argument("run", metavar="RUN", help="run id, name or id prefix (see `dspark-lab jobs`)")
+    whatif.add_argument("--model", default=None,
+                        help="a preset or a model JSON file (default: what the run publishes)")
+    whatif.add_argument("--gpu", default=None, help="target backend name (default: the run's)")
+    whatif.add_argument("--gpus", type=_positive_int, default=None, help="target GPU count (default: the run's)")
+    whatif.add_argument("--global-batch", type=_positive_int, default=None,
+                        help="sequences per step (default: from the run's metrics)")
+    whatif.add_argument("--seq", type=_positive_int, default=None, help="sequence length")
+    whatif.add_argument("--top", type=_positive_int, default=3, help="layouts to propose (default 3)")
+
+    def run_whatif(args):
+        from dspark_lab.planner.commands import whatif_report
+
+        return whatif_report(args.run, args.model, args.gpu, args.gpus, args.global_batch, args.seq, args.top)
+
+    whatif.set_defaults(func=run_whatif)
+    plan.set_defaults(func=lambda args: plan.print_help() or 2)

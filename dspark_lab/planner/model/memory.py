@@ -1,0 +1,62 @@
+"""Memory per GPU: weights, gradients and optimizer state (mixed-precision Adam), and activations after
+Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", section 4).
+
+Per layer and micro-batch, with sequence ``s``, micro-batch ``b``, hidden ``h``, heads ``a`` and tensor-parallel
+size ``t``, a GPT layer stores ``sbh(34 + 5as/h)`` bytes; tensor parallelism with sequence parallelism divides all of
+it by ``t``; without sequence parallelism ``sbh(10 + 24/t + 5as/(ht))``; selective recompute (or a fused attention
+kernel) drops the ``5as^2b`` softmax/dropout term; full recompute keeps only the layer input ``2sbh``. The terms
+below are the same sums written per tensor, so grouped-query attention and other FFN widths fall out of them.
+
+Bytes per parameter (Megatron's mixed precision with fp32 gradient buffers): 2 (bf16 weights) + 4 (fp32 gradient)
++ 12 (fp32 master weights, Adam m and v). ZeRO-1 (distributed optimizer) shards the 12 over data-parallel ranks,
+ZeRO-2 also the gradients, ZeRO-3 / FSDP also the weights (Rajbhandari et al. 2020).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 4, 12
+
+
+@dataclass(frozen=True, slots=True)
+class ActivationTerms:
+    """Bytes stored per layer and micro-batch, split into what sequence parallelism shards (``split_by_sp``), what
+    tensor parallelism always shards (``split_by_tp``) and the attention-score term (``scores``, already / t)."""
+
+    replicated: float
+    split_by_tp: float
+    scores: float
+
+
+def layer_activation_terms(s: int, b: int, h: int, a: int, t: int, kv_ratio: float = 1.0, ffn: int | None = None,
+                           swiglu: bool = False, dropout: bool = True) -> ActivationTerms:
+    """Korthikanti's per-tensor terms for one layer (2-byte activations, 1-byte dropout masks). A model trained
+    without dropout (Llama 3, DeepSeek-V3) stores no masks: ``2sbh`` less, and ``2as^2b`` instead of ``5as^2b``."""
+    ffn = 4 * h if ffn is None else ffn
+    sbh = s * b * h
+    # Replicated without SP: two LayerNorm inputs (4sbh), QKV and MLP inputs (2sbh each), two dropout masks (sbh each).
+    replicated = (10 if dropout else 8) * sbh
+    # Sharded by TP: Q and K for QK^T, V for attention over values, the projection input, the MLP's inner tensors.
+    attention = 2 * sbh + 2 * sbh * kv_ratio + 2 * sbh * kv_ratio + 2 * sbh
+    mlp = (6 if swiglu else 4) * s * b * ffn
+    scores = (5 if dropout else 2) * a * s * s * b / t  # softmax output (2), dropout mask (1), dropout output (2)
+    return ActivationTerms(replicated, (attention + mlp) / t, scores)
+
+
+def layer_activation_bytes(terms: ActivationTerms, t: int, sequence_parallel: bool, keep_scores: bool) -> float:
+    replicated = terms.replicated / t if sequence_parallel else terms.replicated
+    return replicated + terms.split_by_tp + (terms.scores if keep_scores else 0.0)
+
+
+def full_recompute_bytes(s: int, b: int, h: int, t: int, sequence_parallel: bool) -> float:
+    """Full recompute keeps only each layer's input (Korthikanti section 5: 2sbh per layer, / t with SP)."""
+    return 2 * s * b * h / (t if sequence_parallel else 1)
+
+
+def state_bytes(params: float, zero: int, shard: int) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer) bytes for ``params`` local parameters, ZeRO stage ``zero`` over ``shard``."""
+    weights = WEIGHT_BYTES * params / (shard if zero >= 3 else 1)
+    grads = GRAD_BYTES * params / (shard if zero >= 2 else 1)
+    optimizer = OPTIMIZER_BYTES * params / (shard if zero >= 1 else 1)
+    return weights, grads, optimizer

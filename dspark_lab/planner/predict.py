@@ -1,0 +1,354 @@
+"""Predict one training layout: step time, throughput, MFU, memory per GPU and where the time goes.
+
+Per stage, forward (F), input-gradient (B) and weight-gradient (W) times come from per-operator FLOPs against the
+device's peak through the efficiency model, plus memory-bound element-wise traffic and the exposed tensor-, context-
+and expert-parallel communication of that stage's layers. The pipeline step is the project's own simulator
+(``dspark_lab.pipeline.simulate``) run on those per-stage costs, so the bubble of any schedule it knows (1F1B,
+interleaved, zero-bubble, ZB-V, DualPipe) comes from the op order, not a closed form. Exposed data-parallel
+communication and the optimizer step are added after the pipeline drains. Layers that do not divide evenly over
+``pp * vpp`` stages are split as Megatron and torchtitan do (Llama 3's first and last stages hold one layer less,
+since they also hold the embedding and the output layer), and the slowest rank sets the pace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from dspark_lab.errors import DSparkError
+from dspark_lab.pipeline.simulate import Costs, simulate
+from dspark_lab.planner.hardware import Device, device
+from dspark_lab.planner.model import comm, flops, liveness, memory
+from dspark_lab.planner.model.config import Cluster, Layout, ModelConfig, check_layout, refuse
+from dspark_lab.planner.model.efficiency import FP8_GEMM_FACTOR, MEMORY_EFFICIENCY, Efficiency, efficiency
+from dspark_lab.planner.presets import preset
+
+SCHEMA_KIND = "plan.predict"
+GRAD_COMM_BYTES = 2  # gradients are reduced in bf16 (Megatron-Core grad_reduce_in_fp32=False)
+FP8_CAST_BYTES = 5  # per element cast to FP8 with current scaling: read bf16 for amax (2), read again (2), write (1)
+OTHER_GB = 3.0  # CUDA context, NCCL and cuBLAS workspaces, allocator fragmentation
+
+
+def elementwise_units(model: ModelConfig) -> tuple[float, float]:
+    """Forward element-wise traffic of one layer (reads + writes, in 2-byte elements) in units of tokens*h and
+    tokens*ffn, counted kernel by kernel as Megatron fuses them: each of the two norms reads x and writes y (2);
+    each fused bias-dropout-add reads the branch output and the residual and writes the sum (3) and, with dropout,
+    a 1-byte mask (0.5). The activation reads its input(s) and writes its output: GeLU 2, SwiGLU 3 (gate, up, out).
+    The backward pass moves about twice this (input, output gradient and the stored tensors)."""
+    h_units = 2 * (2 + 3) + (1.0 if model.dropout else 0.0)
+    return h_units, (3.0 if model.ffn_kind == "swiglu" else 2.0)
+
+
+def split_layers(layers: int, stages: int) -> list[int]:
+    """Layers per stage: as even as possible, the short stages first at the two ends (which hold the embedding
+    and the output layer), then alternating inwards."""
+    base, extra = divmod(layers, stages)
+    counts = [base] * stages
+    order = sorted(range(stages), key=lambda i: (-min(i, stages - 1 - i), i))  # middle stages first
+    for i in order[:extra]:
+        counts[i] += 1
+    return counts
+
+
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    model: ModelConfig
+    cluster: Cluster
+    layout: Layout
+
+
+def parse(obj: Any, where: str = "config") -> Inputs:
+    if not isinstance(obj, dict):
+        raise refuse(where, f"must be an object with model, cluster, layout; got {type(obj).__name__}")
+    extra = sorted(set(obj) - {"model", "cluster", "layout"})
+    if extra:
+        raise refuse(f"{where}.{extra[0]}", "unknown field; allowed: model, cluster, layout")
+    for key in ("model", "cluster", "layout"):
+        if key not in obj:
+            raise refuse(f"{where}.{key}", "is required")
+    model_obj = preset(obj["model"]) if isinstance(obj["model"], str) else obj["model"]
+    return Inputs(ModelConfig.from_dict(model_obj), Cluster.from_dict(obj["cluster"]),
+                  Layout.from_dict(obj["layout"]))
+
+
+# --- pipeline simulation, cached on normalised costs --------------------------------------------------------------
+
+@lru_cache(maxsize=4096)
+def _simulate(schedule: str, p: int, m: int, v: int, stage_costs: tuple, comm_s: float):
+    try:
+        s = liveness.schedule(schedule, p, m, v)
+    except ValueError as exc:
+        raise refuse("layout.schedule", str(exc)) from None
+    table = {}
+    for r in range(p):
+        for c in range(s.chunks):
+            _, stage = s.where(r, c)
+            f, b, w = stage_costs[stage % len(stage_costs)]
+            table.update({(r, c, "F"): f, (r, c, "B"): b + w, (r, c, "Bi"): b, (r, c, "W"): w,
+                          (r, c, "FB"): f + b + w})
+    sim = simulate(s, Costs(f=1.0, b=1.0, w=1.0, comm=comm_s, table=table))
+    return sim.step_time, tuple(sim.busy), s.chunks
+
+
+def simulate_pipeline(schedule: str, p: int, m: int, v: int, costs: list[tuple[float, float, float]],
+                      comm_s: float):
+    """(step time, busy per rank, chunks per rank). Costs are normalised by the largest forward and rounded to 0.1%
+    so layouts with proportional costs share one simulation."""
+    unit = max(f for f, _, _ in costs) or 1.0
+    key = tuple(tuple(round(x / unit, 3) for x in c) for c in costs)
+    step, busy, chunks = _simulate(schedule, p, m, v, key, round(comm_s / unit, 3))
+    return step * unit, [b * unit for b in busy], chunks
+
+
+# --- the model --------------------------------------------------------------------------------------------------
+
+def _gemm_time(g: flops.Gemm, peak: float, eff: Efficiency, fp8: bool) -> float:
+    e = eff.gemm(g.min_dim) * (FP8_GEMM_FACTOR if fp8 and g.weights else 1.0)
+    return g.flops / (peak * max(e, 1e-3))
+
+
+def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
+    model, cluster, lay = inp.model, inp.cluster, inp.layout
+    check_layout(model, cluster, lay)
+    dev = device(cluster, manager)
+    eff = efficiency(dev.backend)
+    t, p, d, c, e, v, b = lay.tp, lay.pp, lay.dp, lay.cp, lay.ep, lay.vpp, lay.micro_batch
+    s, h = model.seq_len, model.hidden
+    fp8 = lay.precision == "fp8"
+    peak = dev.peak_flops(lay.precision)
+    bf16_peak = dev.peak_flops("bf16")
+    hbm = dev.hbm_gb_s * 1e9 * MEMORY_EFFICIENCY
+    links = dev.links
+    tokens = b * s // c  # tokens of one micro-batch on one GPU (CP splits the sequence)
+    sp = lay.sequence_parallel and t > 1
+    flash = lay.attention == "flash"
+    per_node = links.gpus_per_node
+
+    # Communication of one layer's forward (backward moves the same again).
+    act_bytes = tokens * h * 2
+    tp_fwd = 2 * comm.collective("all_reduce", act_bytes, t, 1, links)
+    if sp:  # an all-gather before and a reduce-scatter after each of attention and MLP
+        tp_fwd = 2 * (comm.collective("all_gather", act_bytes, t, 1, links)
+                      + comm.collective("reduce_scatter", act_bytes, t, 1, links))
+    tp_exposed = 0.2 if lay.overlap_tp_comm else 1.0
+    kv_bytes = 2 * b * (s // c) * h * model.kv_heads // model.heads * 2 / t
+    cp_fwd = (c - 1) * comm.p2p(kv_bytes, t * c > per_node, links) if c > 1 else 0.0
+    ep_overlap = 0.1 if lay.schedule in ("dualpipe", "dualpipev") else 1.0
+
+    elem_h, elem_f = elementwise_units(model)
+
+    def layer_costs(index: int) -> dict[str, float]:
+        gemms = flops.layer_gemms(model, index, tokens, t, c, e, b, causal_half=flash)
+        fwd = sum(_gemm_time(g, peak if g.weights else bf16_peak, eff, fp8) for g in gemms)
+        bgrad = fwd + sum(_gemm_time(g, bf16_peak, eff, False) for g in gemms if not g.weights)  # core: 2x in B
+        wgrad = sum(_gemm_time(g, peak, eff, fp8) for g in gemms if g.weights)
+        core = next(_gemm_time(g, bf16_peak, eff, False) for g in gemms if g.name == "attention")
+        ffn = model.moe_ffn_hidden * model.top_k if model.is_moe_layer(index) else model.ffn_hidden
+        elem = (elem_h * tokens * h / (t if sp else 1) + elem_f * tokens * ffn / t) * 2
+        if fp8:  # the inputs of the weight GEMMs and the weights cast in forward; output gradients in backward
+            cast = tokens * (2 * h + (h + ffn) / t) + flops.layer_params(model, index, active=True) / t
+            elem += FP8_CAST_BYTES * cast
+        if not flash:  # scale-mask-softmax and dropout over the score matrix
+            elem += 4 * 2 * b * model.heads / t * (s // c) * s
+        elem_t = elem / hbm
+        tp_t = tp_fwd * tp_exposed
+        cp_t = max(0.0, cp_fwd - core)
+        ep_t = 0.0
+        if model.is_moe_layer(index) and e > 1:
+            a2a = comm.collective("all_to_all", tokens * model.top_k * h * 2, e, t, links)
+            ep_t = 2 * a2a * ep_overlap
+        recompute = 0.0
+        if lay.recompute == "full":
+            recompute = fwd + elem_t + tp_t + ep_t
+        elif lay.recompute == "selective":
+            recompute = core + (4 * 2 * b * model.heads / t * (s // c) * s / hbm if not flash else 0.0)
+        return {"f": fwd + elem_t, "b": bgrad + 2 * elem_t, "w": wgrad, "tp": tp_t, "cp": cp_t, "ep": ep_t,
+                "recompute": recompute, "compute": fwd + elem_t + bgrad + 2 * elem_t + wgrad}
+
+    stages = p * v
+    counts = split_layers(model.layers, stages)
+    starts = [sum(counts[:i]) for i in range(stages)]
+    logits = flops.logits_gemm(model, tokens, t)
+    logits_t = _gemm_time(logits, bf16_peak, eff, False) + 3 * tokens * model.vocab / t * 4 / hbm  # + softmax/CE
+    cache: dict[bool, dict[str, float]] = {}
+
+    def cost_of(i: int) -> dict[str, float]:
+        key = model.is_moe_layer(i)
+        if key not in cache:
+            cache[key] = layer_costs(i)
+        return cache[key]
+
+    stage_costs, stage_parts = [], []
+    for k in range(stages):
+        parts = {"compute": 0.0, "recompute": 0.0, "tp": 0.0, "cp": 0.0, "ep": 0.0}
+        f = bb = w = 0.0
+        for i in range(starts[k], starts[k] + counts[k]):
+            lc = cost_of(i)
+            f += lc["f"] + lc["tp"] + lc["cp"] + lc["ep"] / 2
+            bb += lc["b"] + lc["recompute"] + lc["tp"] + 2 * lc["cp"] + lc["ep"] / 2
+            w += lc["w"]
+            for key in parts:
+                parts[key] += lc[key] if key != "cp" else 3 * lc["cp"]
+            parts["tp"] += lc["tp"]  # backward's share
+        if k == stages - 1:
+            f += logits_t
+            bb += logits_t
+            w += logits_t
+            parts["compute"] += 3 * logits_t
+        stage_costs.append((f, bb, w))
+        stage_parts.append(parts)
+
+    m = lay.global_batch // (d * b)
+    # The output layer stays in BF16 under FP8 recipes (Transformer Engine's and torchtitan's float8 skip it).
+    # Each TP rank sends its 1/t of the boundary activation (already sharded by SP, else Megatron's scatter-gather
+    # optimisation, Narayanan et al. 2021 section 4.1, whose intra-node all-gather rides NVLink).
+    p2p_t = comm.p2p(tokens * h * 2 / t, t * c * d >= per_node, links) if p > 1 else 0.0
+    if p > 1:
+        step, busy, chunks = simulate_pipeline(lay.schedule, p, m, v, stage_costs, p2p_t)
+    else:
+        f, bb, w = stage_costs[0]
+        step, busy, chunks = m * (f + bb + w), [m * (f + bb + w)], 1
+    slow = max(range(p), key=lambda r: busy[r])
+    rank_stages = _rank_stages(slow, p, v, chunks, stages)
+    parts = {key: m * sum(stage_parts[k][key] for k in rank_stages) for key in stage_parts[0]}
+
+    # Data-parallel gradient reduction and parameter gather, over dp*cp ranks placed tp apart.
+    stage_params = _stage_params(model, counts, starts, rank_stages, t, e)
+    shard = d * c
+    dp_t = 0.0
+    if shard > 1:
+        if lay.zero >= 3:
+            per_mb = (2 * comm.collective("all_gather", 2 * stage_params, shard, t, links)
+                      + comm.collective("reduce_scatter", 2 * stage_params, shard, t, links))
+            mb_compute = sum(sum(stage_costs[k]) for k in rank_stages)
+            dp_t = m * max(0.0, per_mb - 0.8 * mb_compute) + per_mb / max(1, len(rank_stages) * 4)
+        else:
+            kind = "reduce_scatter" if lay.zero >= 1 else "all_reduce"
+            grad = comm.collective(kind, GRAD_COMM_BYTES * stage_params, shard, t, links)
+            gather = comm.collective("all_gather", 2 * stage_params, shard, t, links) if lay.zero >= 1 else 0.0
+            window = sum(stage_costs[k][1] + stage_costs[k][2] for k in rank_stages)  # last micro-batch's backward
+            grad_exposed = max(0.0, grad - window) + 0.05 * grad if lay.overlap_grad_reduce else grad
+            fwd_window = sum(stage_costs[k][0] for k in rank_stages)
+            gather_exposed = max(0.0, gather - fwd_window) + 0.05 * gather if lay.overlap_param_gather else gather
+            dp_t = grad_exposed + gather_exposed
+    opt_params = stage_params / (shard if lay.zero >= 1 else 1)
+    optimizer_t = opt_params * 30 / hbm  # Adam: fp32 master, grad, m, v read; master, m, v, bf16 weight written
+
+    step_time = step + dp_t + optimizer_t
+    busy_slow = busy[slow]
+    tokens_step = lay.global_batch * s
+    model_flops = flops.model_flops_per_token(model) * tokens_step
+    hw_flops = model_flops + flops.recompute_flops_per_token(model, lay.recompute) * tokens_step
+    gpus = cluster.gpus
+    mem = _memory(model, lay, counts, starts, m, chunks, dev, sp)
+    return {
+        "step_time_s": step_time,
+        "tokens_per_s_per_gpu": tokens_step / step_time / gpus,
+        "model_tflops_per_gpu": model_flops / step_time / gpus / 1e12,
+        "hardware_tflops_per_gpu": hw_flops / step_time / gpus / 1e12,
+        "mfu": model_flops / step_time / gpus / bf16_peak,
+        "memory_gb": mem,
+        "fits": mem["total"] <= dev.memory_gb,
+        "device_memory_gb": dev.memory_gb,
+        "breakdown_s": {"compute": parts["compute"], "recompute": parts["recompute"], "tp_comm": parts["tp"],
+                        "cp_comm": parts["cp"], "ep_comm": parts["ep"], "dp_comm": dp_t,
+                        "pipeline_bubble": max(0.0, step - busy_slow), "optimizer": optimizer_t},
+        "layers_per_stage": counts,
+        "microbatches": m,
+        "gpu": dev.backend,
+        "efficiency_from": eff.calibrated_on,
+    }
+
+
+def _stage_params(model: ModelConfig, counts, starts, rank_stages, t: int, e: int) -> float:
+    """Parameters one GPU of the given pipeline rank holds (expert weights split over ep, the rest over tp)."""
+    total = 0.0
+    for k in rank_stages:
+        for i in range(starts[k], starts[k] + counts[k]):
+            dense = flops.layer_params(model, i) - (model.experts * flops.expert_params(model)
+                                                   if model.is_moe_layer(i) else 0)
+            total += dense / t
+            if model.is_moe_layer(i):
+                total += model.experts * flops.expert_params(model) / t / e
+    last = len(counts) - 1
+    if 0 in rank_stages:
+        total += flops.embedding_params(model) / t
+    if last in rank_stages:
+        total += flops.output_params(model) / t
+    return total
+
+
+def _rank_stages(rank: int, p: int, v: int, chunks: int, stages: int) -> list[int]:
+    if chunks != v:  # V-shaped schedules: rank r holds stages r and 2p-1-r
+        return [k for k in (rank, 2 * p - 1 - rank) if k < stages]
+    return [k for k in range(stages) if k % p == rank]
+
+
+def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device, sp: bool) -> dict[str, float]:
+    """Memory of the fullest pipeline rank: its states, plus activations (and lazily made gradients) at the peak
+    the schedule's op order gives (:mod:`~dspark_lab.planner.model.liveness`)."""
+    t, c, b, p, v, e = lay.tp, lay.cp, lay.micro_batch, lay.pp, lay.vpp, lay.ep
+    s = model.seq_len // c
+    stages = len(counts)
+    ffn = model.moe_ffn_hidden * model.top_k if model.moe else model.ffn_hidden
+    terms = memory.layer_activation_terms(s, b, model.hidden, model.heads, t, model.kv_heads / model.heads, ffn,
+                                          model.ffn_kind == "swiglu", model.dropout)
+    keep_scores = lay.recompute == "none" and lay.attention == "unfused"
+    per_layer = memory.layer_activation_bytes(terms, t, sp, keep_scores)
+    extra = 0.0
+    if lay.recompute == "full":
+        extra = per_layer  # the one layer being recomputed
+        per_layer = memory.full_recompute_bytes(s, b, model.hidden, t, sp)
+    # ZeRO 2 (FSDP without resharding, as Llama 3 and torchtitan with PP run): unsharded fp32 gradients accumulate
+    # over micro-batches and appear with each chunk's first backward. ZeRO 3 reduce-scatters every micro-batch, so
+    # only the shard (state_bytes) stays.
+    lazy_grads = lay.zero == 2
+    shard = lay.dp * c
+    if p > 1:
+        env = liveness.envelopes((lay.schedule, p, m, v), tuple(counts))
+    else:
+        env = (((counts[0], frozenset({0})),),)  # one stage: a micro-batch's layers, then its gradients
+    best = None
+    for r in range(p):
+        mine = _rank_stages(r, p, v, chunks, stages)
+        params = _stage_params(model, counts, starts, mine, t, e)
+        weights, grads, optimizer = memory.state_bytes(params, lay.zero, shard)
+        if lazy_grads:
+            chunk_grads = {}
+            sched = liveness.schedule(lay.schedule, p, m, v) if p > 1 else None
+            for ch in range(chunks):
+                stage = sched.where(r, ch)[1] % stages if sched else 0
+                chunk_grads[ch] = memory.GRAD_BYTES * _stage_params(model, counts, starts, [stage], t, e)
+            act, grads = max(((a * per_layer + extra, sum(chunk_grads[x] for x in g)) for a, g in env[r]),
+                             key=sum)
+        else:
+            act = max(a for a, _ in env[r]) * per_layer + extra
+        other = OTHER_GB * 1e9
+        if stages - 1 in mine:
+            other += 2 * 4 * b * s * model.vocab / t  # fp32 logits and their gradient for one micro-batch
+        gb = {"params": weights / 1e9, "grads": grads / 1e9, "optimizer": optimizer / 1e9,
+              "activations": act / 1e9, "other": other / 1e9}
+        gb["total"] = sum(gb.values())
+        if best is None or gb["total"] > best["total"]:
+            best = gb
+    return best
+
+
+def predict(config: Any, manager=None) -> dict[str, Any]:
+    return predict_inputs(parse(config), manager)
+
+
+def predict_many(configs: Any, manager=None) -> list[dict[str, Any]]:
+    items = configs if isinstance(configs, list) else [configs]
+    if not items:
+        raise DSparkError("config: an empty array; give one object or a non-empty array of them")
+    if len(items) > 10000:
+        raise DSparkError(f"config: at most 10000 layouts per call, got {len(items)}")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(predict(item, manager))
+        except DSparkError as exc:
+            raise DSparkError(f"[{i}] {exc}" if isinstance(configs, list) else str(exc)) from None
+    return out

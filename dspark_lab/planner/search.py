@@ -1,0 +1,107 @@
+"""Search training layouts: enumerate the valid ones (tp, pp, vpp, dp, cp, ep, zero, recompute, micro-batch,
+schedule), predict each, and keep the best ``top`` by predicted throughput among those that fit in memory.
+
+The space is pruned the way practitioners prune it (and AutoDDL / Alpa-style searches do): tensor parallelism stays
+inside a node, pipeline stages hold at least one layer, context parallelism is tried only where the sequence is long
+(>= 8192), expert parallelism only for MoE models. Selective recompute is not tried: with a fused (flash) attention
+kernel there are no attention scores to drop, so it costs time and saves nothing (``none`` dominates it). ZeRO 1
+(Megatron's distributed optimizer, preallocated fp32 gradient buffer) and 2 (FSDP-style, gradients made during
+backward, as Llama 3 ran) are both tried. Pipeline simulations and memory walks are cached across layouts
+(``predict.simulate_pipeline``, ``model.liveness``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from dspark_lab.errors import DSparkError
+from dspark_lab.planner.model.config import MAX_SIZE, Cluster, Layout, ModelConfig, check_layout
+from dspark_lab.planner.predict import Inputs, predict_inputs
+
+MAX_GPUS = 1 << 20
+MAX_TOP = 1000
+
+
+def _divisors(n: int, limit: int) -> list[int]:
+    return [k for k in range(1, min(n, limit) + 1) if n % k == 0]
+
+
+def candidates(model: ModelConfig, cluster: Cluster, global_batch: int) -> list[Layout]:
+    """Every layout of the pruned space that passes :func:`check_layout`, in a fixed order."""
+    out = []
+    g = cluster.gpus
+    cps = [c for c in (1, 2, 4, 8, 16) if model.seq_len >= 8192 * c // 2 and model.seq_len % c == 0] or [1]
+    for tp in [t for t in (1, 2, 4, 8) if t <= cluster.gpus_per_node and g % t == 0]:
+        for cp in [c for c in cps if g % (tp * c) == 0]:
+            for pp in _divisors(g // (tp * cp), model.layers):
+                dp = g // (tp * cp * pp)
+                for mb in (1, 2, 4):
+                    if global_batch % (dp * mb):
+                        continue
+                    m = global_batch // (dp * mb)
+                    eps = [e for e in (1, 2, 4, 8, 16, 32, 64) if model.moe and model.experts % e == 0
+                           and (dp * cp) % e == 0] or [1]
+                    schedules = [("1f1b", 1)]
+                    if pp > 1:
+                        schedules += [("interleaved-1f1b", v) for v in (2, 4, 8)
+                                      if pp * v <= model.layers + 2 and m % pp == 0]
+                    for schedule, vpp in schedules:
+                        for ep in eps:
+                            for recompute in ("none", "full"):
+                                for zero in ((1, 2) if dp * cp > 1 else (0,)):
+                                    layout = Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, vpp=vpp, micro_batch=mb,
+                                                    global_batch=global_batch, zero=zero, recompute=recompute,
+                                                    sequence_parallel=tp > 1, schedule=schedule)
+                                    try:
+                                        check_layout(model, cluster, layout)
+                                    except DSparkError:
+                                        continue
+                                    out.append(layout)
+    return out
+
+
+def layout_dict(layout: Layout) -> dict[str, Any]:
+    keys = ("tp", "pp", "dp", "cp", "ep", "vpp", "micro_batch", "zero", "recompute", "schedule")
+    return {k: getattr(layout, k) for k in keys}
+
+
+def _without_zero(layout: Layout) -> tuple:
+    return tuple(v for k, v in layout_dict(layout).items() if k != "zero")
+
+
+def search(model: ModelConfig, cluster: Cluster, global_batch: int, top: int = 5,
+           max_memory_gb: float | None = None, manager=None, points: bool = False) -> dict[str, Any]:
+    """The ``top`` fitting layouts by predicted throughput; ``points``: also every evaluated layout's throughput,
+    memory and whether it fits (what the bokeh view plots)."""
+    if not 1 <= top <= MAX_TOP:
+        raise DSparkError(f"top: must be in 1..{MAX_TOP}, got {top}")
+    if not 1 <= global_batch <= MAX_SIZE:
+        raise DSparkError(f"global_batch: must be in 1..{MAX_SIZE}, got {global_batch}")
+    start = time.perf_counter()
+    layouts = candidates(model, cluster, global_batch)
+    results, scatter = [], []
+    limit = None
+    for layout in layouts:
+        pred = predict_inputs(Inputs(model, cluster, layout), manager)
+        limit = max_memory_gb if max_memory_gb is not None else pred["device_memory_gb"]
+        fits = pred["memory_gb"]["total"] <= limit
+        if fits:
+            results.append((layout, pred))
+        if points:
+            scatter.append({"layout": layout_dict(layout), "tokens_per_s_per_gpu": pred["tokens_per_s_per_gpu"],
+                            "memory_gb": pred["memory_gb"]["total"], "fits": fits})
+    # ZeRO 2 is kept only where it saves memory over its ZeRO 1 twin (same communication in this model).
+    zero1 = {_without_zero(lay): pred["memory_gb"]["total"] for lay, pred in results if lay.zero == 1}
+    results = [(lay, pred) for lay, pred in results
+               if lay.zero != 2 or pred["memory_gb"]["total"] < zero1.get(_without_zero(lay), float("inf")) - 1e-6]
+    # Highest throughput first; ties broken by less memory, then by the layout's fields (deterministic).
+    results.sort(key=lambda lp: (-round(lp[1]["tokens_per_s_per_gpu"], 9), lp[1]["memory_gb"]["total"],
+                                 tuple(str(v) for v in layout_dict(lp[0]).values())))
+    best = [{"layout": layout_dict(lay), **pred} for lay, pred in results[:top]]
+    out = {"model": model.name or "custom", "gpu": cluster.gpu, "gpus": cluster.gpus, "global_batch": global_batch,
+           "seq_len": model.seq_len, "evaluated": len(layouts), "fitting": len(results), "memory_limit_gb": limit,
+           "search_time_s": time.perf_counter() - start, "results": best}
+    if points:
+        out["points"] = scatter
+    return out

@@ -1,0 +1,260 @@
+"""The planner's pieces against hand-computed cases, its refusals and the search's determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dspark_lab.backends import amd, cpu, nvidia, parts
+from dspark_lab.errors import DSparkError
+from dspark_lab.planner.model import flops, memory
+from dspark_lab.planner.model.config import ModelConfig
+from dspark_lab.planner.predict import predict, split_layers
+from dspark_lab.planner.presets import PRESETS, PUBLISHED_B, preset
+from dspark_lab.plugins import make_manager
+
+
+@pytest.fixture(scope="module")
+def manager():
+    return make_manager([cpu, nvidia, amd], entry_points=False)
+
+
+def config(model="llama3-8b", gpu="nvidia-h100", gpus=8, **layout):
+    base = {"tp": 8, "pp": 1, "dp": 1, "micro_batch": 1, "global_batch": 8}
+    return {"model": model, "cluster": {"gpu": gpu, "gpus": gpus}, "layout": {**base, **layout}}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_parameter_counts_match_published_sizes(name):
+    model = ModelConfig.from_dict(preset(name))
+    assert flops.total_params(model) / 1e9 == pytest.approx(PUBLISHED_B[name], rel=0.01)
+
+
+def test_deepseek_active_parameters_near_37b():
+    model = ModelConfig.from_dict(preset("deepseek-v3"))
+    assert flops.total_params(model, active=True) / 1e9 == pytest.approx(37, rel=0.05)
+
+
+def test_model_flops_equal_narayanan_formula_for_gpt3():
+    model = ModelConfig.from_dict(dict(preset("gpt3-175b"), tied_embeddings=False))
+    s, L, h, V = model.seq_len, model.layers, model.hidden, model.vocab
+    narayanan = 72 * s * L * h * h * (1 + s / (6 * h) + V / (12 * L * h)) / s  # per token
+    assert flops.model_flops_per_token(model) == pytest.approx(narayanan, rel=1e-3)
+
+
+def test_activation_memory_matches_korthikanti_formulas():
+    s, b, h, a, t = 2048, 1, 12288, 96, 8  # GPT-3 175B, Korthikanti et al. 2022 Table 2 cases
+    terms = memory.layer_activation_terms(s, b, h, a, t)
+    sbh = s * b * h
+    assert memory.layer_activation_bytes(terms, t, False, True) == pytest.approx(
+        sbh * (10 + 24 / t + 5 * a * s / (h * t)), rel=1e-9)
+    assert memory.layer_activation_bytes(terms, t, True, True) == pytest.approx(sbh / t * (34 + 5 * a * s / h))
+    assert memory.layer_activation_bytes(terms, t, True, False) == pytest.approx(34 * sbh / t)
+    one = memory.layer_activation_terms(s, b, h, a, 1)
+    assert memory.layer_activation_bytes(one, 1, False, True) == pytest.approx(sbh * (34 + 5 * a * s / h))
+    assert memory.full_recompute_bytes(s, b, h, t, False) == 2 * sbh
+
+
+def test_uneven_split_puts_short_stages_at_the_ends():
+    assert split_layers(126, 16) == [7] + [8] * 14 + [7]
+    assert sum(split_layers(61, 8)) == 61 and split_layers(8, 4) == [2, 2, 2, 2]
+
+
+def test_uneven_stages_are_accounted_by_the_slowest(manager):
+    small_vocab = dict(preset("llama3-8b"), vocab=1024)  # so the output layer does not dominate the last stage
+    even = predict(config(small_vocab, gpus=32, tp=8, pp=4, global_batch=32), manager)
+    uneven_model = dict(small_vocab, layers=33)
+    uneven = predict(config(uneven_model, gpus=32, tp=8, pp=4, global_batch=32), manager)
+    assert uneven["layers_per_stage"] == [8, 9, 8, 8]
+    assert uneven["step_time_s"] > even["step_time_s"] * 1.05  # one 9-layer stage paces everything
+
+
+@pytest.mark.parametrize("layout, field", [
+    (dict(tp=4), "layout: tp*pp*dp*cp"),
+    (dict(tp=3, dp=1, pp=1), "layout: tp*pp*dp*cp"),
+    (dict(tp=8, pp=64, global_batch=64), "layout.pp"),
+    (dict(recompute="some"), "layout.recompute"),
+    (dict(schedule="nope"), "layout.schedule"),
+])
+def test_refusals_name_the_field(manager, layout, field):
+    gpus = 8 * layout.get("pp", 1) * layout.get("dp", 1)
+    with pytest.raises(DSparkError, match=field.replace("*", r"\*")):
+        predict(config(gpus=gpus, **layout), manager)
+
+
+def test_heads_not_divisible_by_tp_is_refused(manager):
+    model = dict(preset("llama3-8b"), heads=24, kv_heads=8, hidden=3072)
+    with pytest.raises(DSparkError, match=r"layout.tp: must divide model.heads \(24\)"):
+        predict(config(model, gpus=16, tp=16), manager)
+
+
+def test_unknown_gpu_is_refused(manager):
+    with pytest.raises(DSparkError, match="unknown backend 'nvidia-x'"):
+        predict(config(gpu="nvidia-x"), manager)
+
+
+def test_prediction_answers_schema_fields(manager):
+    pred = predict(config(gpus=64, tp=8, pp=2, dp=4, global_batch=64), manager)
+    assert set(pred["memory_gb"]) == {"params", "grads", "optimizer", "activations", "other", "total"}
+    assert {"compute", "recompute", "tp_comm", "dp_comm", "pipeline_bubble", "optimizer"} <= set(pred["breakdown_s"])
+    assert 0 < pred["mfu"] < 1 and pred["hardware_tflops_per_gpu"] >= pred["model_tflops_per_gpu"]
+    assert pred["breakdown_s"]["pipeline_bubble"] > 0  # 2 stages, 8 micro-batches: the simulator's bubble
+
+
+def test_more_microbatches_shrink_the_bubble(manager):
+    few = predict(config(gpus=32, tp=8, pp=4, global_batch=4), manager)
+    many = predict(config(gpus=32, tp=8, pp=4, global_batch=64), manager)
+    assert many["breakdown_s"]["pipeline_bubble"] / many["step_time_s"] < \
+        few["breakdown_s"]["pipeline_bubble"] / few["step_time_s"] / 2
+
+
+def test_faster_gpu_predicts_faster(manager):
+    h100 = predict(config(gpus=8), manager)
+    b200 = predict(config(gpu="nvidia-b200", gpus=8), manager)
+    assert b200["step_time_s"] < h100["step_time_s"]
+
+
+def test_search_is_deterministic_and_ranked(manager):
+    from dspark_lab.planner.model.config import Cluster
+    from dspark_lab.planner.search import search
+
+    model = ModelConfig.from_dict(preset("llama3-8b", 4096))
+    cluster = Cluster(gpu="nvidia-h100", gpus=64)
+    first = search(model, cluster, 128, top=4, manager=manager)
+    second = search(model, cluster, 128, top=4, manager=manager)
+    strip = lambda r: [(x["layout"], x["step_time_s"]) for x in r["results"]]
+    assert strip(first) == strip(second) and len(first["results"]) == 4
+    rates = [x["tokens_per_s_per_gpu"] for x in first["results"]]
+    assert rates == sorted(rates, reverse=True) and all(x["fits"] for x in first["results"])
+
+
+# --- the GPU part table --------------------------------------------------------------------------------------
+
+def test_backend_specs_come_from_the_data_file(manager):
+    data = json.loads(parts.DATA.read_text())["parts"]
+    defaults = {p["backend"]: p for p in data if p.get("default")}
+    for name in ("nvidia-a100", "nvidia-h100", "nvidia-h200", "nvidia-b200", "amd-mi300x"):
+        spec, part = manager.backend(name).spec, defaults[name]
+        for key in ("bf16_tflops", "memory_gb", "memory_bandwidth_gb_s", "link_gb_s", "scale_out_gb_s", "tdp_w"):
+            assert getattr(spec, key) == part[key], (name, key)
+
+
+def test_part_lookup_is_exact_and_uses_memory_for_shared_names():
+    assert parts.lookup("NVIDIA H100 80GB HBM3")["part"] == "H100 SXM5"
+    assert parts.lookup("NVIDIA H100 PCIe")["part"] == "H100 PCIe"
+    assert parts.lookup("NVIDIA H100") is None  # no substring matching
+    assert parts.lookup("NVIDIA GH200 480GB", 95.0)["part"] == "GH200 96GB"
+    assert parts.lookup("NVIDIA GH200 480GB", 143.0)["part"] == "GH200 144GB"
+
+
+# --- activation memory from the schedule's op order ----------------------------------------------------------
+
+def _per_layer_gb(model: dict, tp: int) -> float:
+    s, h, L = model["seq_len"], model["hidden"], model["layers"]
+    return 34 * s * h / tp / 1e9  # Korthikanti: sbh(34)/t with TP+SP, b = 1, scores dropped (flash)
+
+
+def test_interleaved_first_stage_holds_korthikanti_share(manager):
+    # Korthikanti et al. 2022 section 4.2.3: the first stage holds L layers' worth of micro-batches, times
+    # 1 + (p-1)/(p v) interleaved. p=4, v=2, L=16: 16 * (1 + 3/8) = 22 layer-micro-batches.
+    model = dict(layers=16, hidden=4096, heads=32, vocab=1024, seq_len=2048)
+    inter = predict(config(model, gpus=32, tp=8, pp=4, vpp=2, global_batch=16, recompute="none"), manager)
+    plain = predict(config(model, gpus=32, tp=8, pp=4, global_batch=16, recompute="none"), manager)
+    assert inter["memory_gb"]["activations"] == pytest.approx(22 * _per_layer_gb(model, 8), rel=1e-9)
+    assert plain["memory_gb"]["activations"] == pytest.approx(16 * _per_layer_gb(model, 8), rel=1e-9)
+
+
+def test_no_dropout_stores_no_masks():
+    s, b, h, a, t = 8192, 1, 16384, 128, 8
+    with_masks = memory.layer_activation_terms(s, b, h, a, t)
+    without = memory.layer_activation_terms(s, b, h, a, t, dropout=False)
+    assert memory.layer_activation_bytes(with_masks, t, True, False) - \
+        memory.layer_activation_bytes(without, t, True, False) == pytest.approx(2 * s * b * h / t)
+    assert without.scores == pytest.approx(2 * a * s * s * b / t)
+
+
+def test_llama3_405b_meta_layout_fits_in_80_gb(manager):
+    # Llama 3 paper section 3.3.2: TP8 PP16 DP128, 16 sequences per DP rank, interleaved with one layer per chunk
+    # (first chunk only the embedding, last only the output), FSDP sharding optimizer and gradients, no recompute.
+    cfg = {"model": "llama3-405b", "cluster": {"gpu": "nvidia-h100", "gpus": 16384},
+           "layout": {"tp": 8, "pp": 16, "dp": 128, "micro_batch": 1, "global_batch": 2048, "vpp": 8,
+                      "zero": 2, "recompute": "none"}}
+    pred = predict(cfg, manager)
+    assert pred["layers_per_stage"][:2] == [0, 1] and pred["layers_per_stage"][-1] == 0
+    # m = p = 16: every forward runs before the first backward, so a middle rank holds 16 x 8 layers.
+    s, h, ffn, t = 8192, 16384, 53248, 8
+    per_layer = (8 * s * h + (2 + 2 * 2 / 16 + 2) * s * h + 6 * s * ffn) / t  # no dropout, GQA, SwiGLU
+    assert pred["memory_gb"]["activations"] == pytest.approx(16 * 8 * per_layer / 1e9, rel=1e-9)
+    assert pred["fits"]
+    megatron = predict({**cfg, "layout": {**cfg["layout"], "zero": 1}}, manager)  # preallocated fp32 grads
+    assert megatron["memory_gb"]["total"] > pred["memory_gb"]["total"] + 10 and not megatron["fits"]
+
+
+@pytest.mark.slow
+def test_search_llama3_405b_finds_meta_layout(manager):
+    from dspark_lab.planner.model.config import Cluster
+    from dspark_lab.planner.search import search
+
+    model = ModelConfig.from_dict(preset("llama3-405b", 8192))
+    result = search(model, Cluster(gpu="nvidia-h100", gpus=16384), 2048, top=5, manager=manager)
+    assert result["search_time_s"] < 60
+    best = result["results"][0]["tokens_per_s_per_gpu"]
+    meta = [r for r in result["results"] if (r["layout"]["tp"], r["layout"]["pp"], r["layout"]["dp"],
+                                              r["layout"]["cp"]) == (8, 16, 128, 1)]
+    assert meta and meta[0]["tokens_per_s_per_gpu"] >= 0.95 * best
+
+
+# --- plan whatif -----------------------------------------------------------------------------------------------
+
+def _fake_run(tmp_path, info_job: dict, metrics: list[dict]):
+    from dspark_lab.runtime.records import JsonlWriter, RunDir
+
+    run = RunDir.create("r-whatif", {"name": "w", "ranks": 8, "job": info_job}, root=tmp_path)
+    writer = JsonlWriter(run.metrics_path)
+    for record in metrics:
+        writer.write(record)
+    return run
+
+
+def test_whatif_plans_a_parameter_count_on_more_gpus(tmp_path, manager):
+    from dspark_lab.planner.whatif import model_from_params, whatif
+
+    job = {"gpu": "nvidia-h100", "parallelism": {"tp": 8, "pp": 1, "dp": 1}, "params": 8.0e9}
+    run = _fake_run(tmp_path, job, [{"step": 1, "rank": 0, "samples_per_s": 4.0, "step_time_s": 1.0}])
+    out = whatif(run, gpus=32, seq=4096, manager=manager)
+    assert out["model_from"] == "parameter count" and out["current"]["global_batch"] == 4
+    assert out["model"] == "gpt-shaped-8b"
+    model = ModelConfig.from_dict(model_from_params(8.0e9, 4096))
+    assert flops.total_params(model) == pytest.approx(8.0e9, rel=0.15)
+    now = out["current"]["prediction"]["step_time_s"]
+    best = out["target"]["results"][0]
+    assert out["target"]["gpus"] == 32 and best["step_time_s"] < now  # 4x the GPUs finish the step sooner
+
+
+def test_whatif_without_model_or_params_is_refused(tmp_path, manager):
+    from dspark_lab.planner.whatif import whatif
+
+    run = _fake_run(tmp_path, {"gpu": "nvidia-h100"}, [{"step": 1, "rank": 0, "samples_per_s": 1.0, "step_time_s": 1.0}])
+    with pytest.raises(DSparkError, match="model: the run publishes no model"):
+        whatif(run, manager=manager)
+    out = whatif(run, model="llama3-8b", gpu="nvidia-b200", gpus=8, seq=2048, manager=manager)
+    assert out["model_from"] == "--model" and out["target"]["gpu"] == "nvidia-b200"
+    assert out["current"]["global_batch"] == 8  # 1 sample per step per rank x 8 data-parallel ranks
+
+
+def test_search_view_marks_the_pareto_front(tmp_path, manager):
+    from dspark_lab.planner.model.config import Cluster
+    from dspark_lab.planner.search import search
+    from dspark_lab.planner.view import pareto, write_html
+
+    points = [{"memory_gb": 10, "tokens_per_s_per_gpu": 5, "fits": True},
+              {"memory_gb": 20, "tokens_per_s_per_gpu": 4, "fits": True},   # dominated by the first
+              {"memory_gb": 30, "tokens_per_s_per_gpu": 9, "fits": True},
+              {"memory_gb": 90, "tokens_per_s_per_gpu": 20, "fits": False}]  # faster but does not fit
+    assert pareto(points) == [0, 2]
+    model = ModelConfig.from_dict(preset("llama3-8b", 4096))
+    result = search(model, Cluster(gpu="nvidia-h100", gpus=16), 32, top=3, manager=manager, points=True)
+    assert len(result["points"]) == result["evaluated"]
+    html = write_html(result, tmp_path / "view.html").read_text()
+    assert "Pareto front" in html and "where the step time goes" in html and "TP" in html
