@@ -22,7 +22,7 @@ import types
 # torchtitan's ConfigManager.parse_args reads sys.argv as a default argument, bound when torchtitan is imported
 sys.argv = [sys.argv[0], "--model.name=dspark_debug", "--model.flavor=debugmodel", "--metrics.log_freq=1",
             "--training.local_batch_size=2", "--training.seq_len=32", "--activation_checkpoint.mode=none",
-            "--lr_scheduler.warmup_steps=2", *sys.argv[1:]]
+            "--lr_scheduler.warmup_steps=2", "--debug.seed=0", *sys.argv[1:]]
 
 import torch  # noqa: E402
 from torch.utils.data import IterableDataset  # noqa: E402
