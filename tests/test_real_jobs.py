@@ -109,6 +109,20 @@ TITAN_LAYOUTS = {
 
 
 @pytest.mark.frameworks
+def test_torchtitan_fsdp2_runs_unchanged_under_dspark_lab_run(tmp_path):
+    """The launch path alone (loopback rendezvous, bootstrap, records): same losses as plain torchrun."""
+    pytest.importorskip("torchtitan", reason=EXTRA)
+    args = [*TITAN_LAYOUTS["fsdp2"], "--training.steps=6", f"--job.dump_folder={tmp_path}"]
+    plain = plain_torchrun([TITAN, *args], nproc=2)
+    job = launch_background(str(TITAN), args, nproc=2, name="titan-plain")
+    assert job.wait(240) == 0
+    output = (job.run_dir.path / "output.log").read_text()
+    expected = losses(plain.stdout + plain.stderr, TITAN_STEP)
+    assert len(expected) == 6 and losses(output, TITAN_STEP) == expected
+    assert job.run_dir.info()["state"] == "finished"
+
+
+@pytest.mark.frameworks
 @pytest.mark.xfail(strict=False, reason=RJCORE + "on_step_end fails with 'invalid python storage' on torchtitan, "
                                               "memory policies are refused under FSDP2, blocks under "
                                               "ModuleDict model.layers are not found")
