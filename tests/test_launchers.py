@@ -95,3 +95,19 @@ def test_single_node_torchrun_listens_on_loopback_only(tmp_path):
     listening = re.findall(r"^LISTEN\s+\d+\s+\d+\s+(\S+):\d+\s.*\(\"([^\"]+)\"", done.stdout, flags=re.M)
     assert ("127.0.0.1", "pt_elastic") in listening  # torchrun's agent hosts the store
     assert {address for address, _ in listening} == {"127.0.0.1"}, done.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--launcher", "python", "--nproc", "2"], "error: --nproc: --launcher python runs one process, got 2"),
+    (["--launcher", "python", "--master-port", "29500"], "error: --master-port: a torchrun option"),
+    (["--launcher", "k8s"], "error: --launcher: unknown launcher 'k8s'; registered: python | torchrun"),
+])
+def test_cli_refuses_in_one_line_and_creates_no_run(argv, message, tmp_path, monkeypatch, capsys):
+    from dspark_lab.cli import main
+
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path))
+    monkeypatch.delenv("DSPARK_PLUGINS", raising=False)
+    code = main(["run", *argv, str(REAL_JOBS / "nanogpt_train.py"), "--device=cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(message) and "\n" not in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
