@@ -18,7 +18,7 @@ parser.add_argument("--steps", type=int, default=30)
 parser.add_argument("--step-sleep", type=float, default=0.0)
 args = parser.parse_args()
 
-VOCAB, SEQ, DIM = 128, 32, 64
+VOCAB, SEQ, DIM = 128, 32, 128  # > 1 MB of parameters: DDP rebuilds its buckets after step 1
 
 
 class Block(nn.Module):
