@@ -16,8 +16,7 @@ def _run(args) -> int:
     options = {name: getattr(args, name) for name in TORCHRUN_OPTIONS}
     run_dir = prepare(args.script, args.script_args, nproc=args.nproc, policies=args.policy, name=args.name,
                       options=options, launcher=args.launcher)
-    print(f"dspark-lab: run {run_dir.id} ({run_dir.info()['ranks']} rank(s), {run_dir.info()['launcher']}); "
-          f"records in {run_dir.path}", file=sys.stderr)
+    print(f"dspark-lab: run {run_dir.id} ({args.nproc} rank(s)); records in {run_dir.path}", file=sys.stderr)
     print(f"dspark-lab: change it live with `dspark-lab set {run_dir.id} KEY=VALUE`", file=sys.stderr)
     code = supervise(run_dir)
     print(f"dspark-lab: run {run_dir.id} {run_dir.info().get('state')} (exit code {code})", file=sys.stderr)
