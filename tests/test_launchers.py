@@ -32,6 +32,11 @@ def test_builtins_register_through_the_hook(manager):
         launchers.get_launcher("k8s", manager)
 
 
+def test_no_launcher_registered_says_how_to_get_the_builtins():
+    with pytest.raises(DSparkError, match=r"^--launcher: no launcher is registered; .*entry point 'launchers'"):
+        launchers.get_launcher(None, make_manager([], entry_points=False))
+
+
 def test_a_name_registered_twice_keeps_the_first(manager):
     from dspark_lab import hookimpl
     from dspark_lab.runtime.launchers.python import PythonLauncher

@@ -34,6 +34,9 @@ def launchers(manager=None) -> dict[str, Launcher]:
 def get_launcher(name: str | None = None, manager=None) -> Launcher:
     known = launchers(manager)
     name = name or DEFAULT
+    if not known:
+        raise DSparkError("--launcher: no launcher is registered; the built-ins load through the dspark_lab entry "
+                          "point 'launchers' (reinstall: pip install -e ., and check DSPARK_PLUGINS)")
     if name not in known:
         raise DSparkError(f"--launcher: unknown launcher {name!r}; registered: {' | '.join(known) or 'none'}")
     return known[name]
