@@ -80,6 +80,18 @@ def dspark_doctor_checks():
     """
 
 
+@hookspec
+def dspark_launchers():
+    """Register launchers: what ``dspark-lab run --launcher NAME`` starts a script's ranks with.
+
+    Called when ``dspark-lab run`` picks its launcher. Returns a list of
+    :class:`dspark_lab.runtime.launchers.base.Launcher` (``name``, ``validate(nproc, options)``,
+    ``ranks(nproc, options)``, ``command(script, script_args, nproc, options)``, ``environment(env)``); every
+    rank the command starts must run ``python -m dspark_lab.runtime.bootstrap script args...``. Names are unique
+    across plugins; the built-ins are ``torchrun`` (the default) and ``python``.
+    """
+
+
 # --- construction: called by the runtime when a run starts or a policy changes ------------------------------
 
 

@@ -103,6 +103,8 @@ RETURNS: dict[str, Returns] = {
     "dspark_device_sampler": Returns("return a zero-argument callable that returns a dict", callable=True),
     # trace.classify turns a wrong item into this plugin's problem (Pattern lives in the trace area, above the core)
     "dspark_trace_classifiers": Returns("return a list of dspark_lab.trace.classify.Pattern", item=object),
+    # runtime.launchers checks each item is a named Launcher (the class lives in the runtime, above the core)
+    "dspark_launchers": Returns("return a list of dspark_lab.runtime.launchers.base.Launcher", item=object),
     "dspark_job_started": Returns("return None: keep per-job state in job.state", kind=object),
     "dspark_topology": Returns("return the topology file format: a dict with nodes and links", kind=dict),
     # doctor.check_vendors turns a wrong item into this plugin's problem (Check lives above the plugin manager)

@@ -217,6 +217,20 @@ def test_hook_dspark_apply_policy(toy):
     assert manager.call_first("dspark_apply_policy", job=None, key="memory.other", value=1, old=0) is None
 
 
+def test_hook_dspark_launchers(toy, tmp_path):
+    from dspark_lab.runtime import launchers
+    from dspark_lab.runtime.launchers import builtin
+
+    manager, plugin, _ = toy
+    manager.register(builtin, name="launchers")
+    assert list(launchers.launchers(manager)) == ["python", "torchrun", "toy"]
+    toy_launcher = launchers.get_launcher("toy", manager)
+    assert toy_launcher.command("/x/t.py", ["-a"], 2, {})[:2] == ["env", "TOY_LAUNCHED=1"]
+    with pytest.raises(DSparkError, match="--nproc: the toy launcher"):
+        toy_launcher.validate(3, {})
+    assert launchers.get_launcher(None, manager).name == "torchrun"
+
+
 def _step_job(tmp_path, manager, steps: int):
     """A one-rank Job on a tiny model, taken through ``steps`` optimizer steps and closed."""
     import torch

@@ -278,4 +278,4 @@ def test_torchrun_options_pass_through():
         assert flag in multi
     assert "--standalone" not in multi
     assert multi[-4:] == ["dspark_lab.runtime.bootstrap", "/x/train.py", "--lr", "1"]
-    assert "--standalone" in torchrun_command("/x/train.py", [], 1, {})
+    assert "--rdzv-backend=dspark-loopback" in torchrun_command("/x/train.py", [], 1, {})

@@ -40,7 +40,7 @@ def _run(args) -> int:
 
     options = {name: getattr(args, name) for name in TORCHRUN_OPTIONS}
     run_dir = prepare(args.script, args.script_args, nproc=args.nproc, policies=args.policy, name=args.name,
-                      options=options)
+                      options=options, launcher=args.launcher)
     print(f"dspark-lab: run {run_dir.id} ({args.nproc} rank(s)); records in {run_dir.path}", file=sys.stderr)
     print(f"dspark-lab: change it live with `dspark-lab set {run_dir.id} KEY=VALUE`", file=sys.stderr)
     code = supervise(run_dir)
@@ -97,6 +97,9 @@ def add_parsers(subparsers, common) -> None:
                      help=f"ranks per node (default 1, at most {MAX_NPROC})")
     run.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE", help="policy at launch")
     run.add_argument("--name", help="a name to find the run by")
+    run.add_argument("--launcher", default=None, metavar="NAME",
+                     help="how the ranks start: torchrun (default), python (one process, no torchrun environment), "
+                          "or a plugin's")
     for option in ("nnodes", "node-rank", "rdzv-backend", "rdzv-endpoint", "rdzv-id", "max-restarts",
                    "master-addr", "master-port", "monitor-interval"):
         run.add_argument(f"--{option}", dest=option.replace("-", "_"), help="passed to torchrun")

@@ -1,9 +1,9 @@
-"""``dspark-lab run``: launch an unmodified script through torchrun with the runtime attached to every rank.
+"""``dspark-lab run``: launch an unmodified script with the runtime attached to every rank.
 
-The launcher is torch's own (``python -m torch.distributed.run``); we add ``-m dspark_lab.runtime.bootstrap``
-in front of the script and pass torchrun's options through, so multi-node runs (``--nnodes``, ``--rdzv-*``) work
-as they do under plain torchrun. The process that runs this module supervises torchrun: it owns ``run.json``'s
-state from start to finish (finished / failed / stopped), so a crashed rank or a killed job never looks alive.
+A launcher (:mod:`.launchers`: ``torchrun`` by default, ``python`` for one plain process, or a plugin's) builds
+the command; every rank it starts runs ``-m dspark_lab.runtime.bootstrap`` in front of the script. The process
+that runs this module supervises the launcher: it owns ``run.json``'s state from start to finish (finished /
+failed / stopped), so a crashed rank or a killed job never looks alive.
 """
 
 from __future__ import annotations
@@ -24,10 +24,8 @@ from dspark_lab.errors import DSparkError
 from dspark_lab.plugins import get_manager
 from dspark_lab.policy import parse_assignment
 from dspark_lab.runtime.control import ControlClient
+from dspark_lab.runtime.launchers import TORCHRUN_OPTIONS, get_launcher  # noqa: F401 (runtime/cli.py reads it)
 from dspark_lab.runtime.records import JsonlWriter, RunDir, new_run_id
-
-TORCHRUN_OPTIONS = ("nnodes", "node_rank", "rdzv_backend", "rdzv_endpoint", "rdzv_id", "max_restarts",
-                    "master_addr", "master_port", "monitor_interval")
 
 
 def parse_policies(assignments: Sequence[str]) -> dict[str, Any]:
@@ -43,38 +41,37 @@ def parse_policies(assignments: Sequence[str]) -> dict[str, Any]:
 
 
 def torchrun_command(script: str, script_args: Sequence[str], nproc: int, options: dict[str, Any]) -> list[str]:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
-    for name in TORCHRUN_OPTIONS:
-        if options.get(name) is not None:
-            command.append(f"--{name.replace('_', '-')}={options[name]}")
-    if options.get("nnodes") in (None, 1, "1") and not options.get("rdzv_endpoint") and not options.get("master_port"):
-        command.append("--standalone")  # a free port on loopback: several runs can share a machine
-    return [*command, "-m", "dspark_lab.runtime.bootstrap", script, *script_args]
+    """The default launcher's command line (kept for callers that build one without a run)."""
+    return get_launcher("torchrun").command(script, script_args, nproc, options)
 
 
 def prepare(script: str, script_args: Sequence[str] = (), *, nproc: int = 1, policies: Sequence[str] = (),
-            name: str | None = None, options: dict[str, Any] | None = None, run_id: str | None = None) -> RunDir:
+            name: str | None = None, options: dict[str, Any] | None = None, run_id: str | None = None,
+            launcher: str | None = None) -> RunDir:
     """Validate, create the run directory and write run.json; nothing is started yet."""
     path = Path(script)
     if not path.is_file():
         raise DSparkError(f"script: {script} is not a file")
     if nproc < 1:
         raise DSparkError(f"--nproc: must be at least 1, got {nproc}")
+    chosen = get_launcher(launcher)
+    options = options or {}
+    chosen.validate(nproc, options)
     launch_policies = parse_policies(policies)
-    command = torchrun_command(str(path.resolve()), script_args, nproc, options or {})
-    nnodes = int(str((options or {}).get("nnodes") or 1).split(":")[-1])
+    command = chosen.command(str(path.resolve()), script_args, nproc, options)
     return RunDir.create(run_id or new_run_id(), {
         "name": name or path.stem, "command": command, "script": str(path.resolve()),
         "script_args": list(script_args), "cwd": os.getcwd(), "start_time": time.time(),
-        "ranks": nproc * nnodes, "launch_policies": launch_policies,
+        "ranks": chosen.ranks(nproc, options), "launcher": chosen.name, "launch_policies": launch_policies,
     })
 
 
 def supervise(run_dir: RunDir, *, output=None) -> int:
-    """Run torchrun for ``run_dir`` to completion, keeping run.json's state true; returns torchrun's exit code."""
+    """Run the launcher's command for ``run_dir`` to completion, keeping run.json's state true; returns its exit code."""
     info = run_dir.info()
-    env = {**os.environ, "DSPARK_RUN_DIR": str(run_dir.path),
-           "DSPARK_LAUNCH_POLICIES": json.dumps(info.get("launch_policies") or {})}
+    launcher = get_launcher(info.get("launcher"))
+    env = launcher.environment({**os.environ, "DSPARK_RUN_DIR": str(run_dir.path),
+                                "DSPARK_LAUNCH_POLICIES": json.dumps(info.get("launch_policies") or {})})
     me = psutil.Process()
     run_dir.update_info(state="running", launcher_pid=me.pid, launcher_start=me.create_time())
     events = JsonlWriter(run_dir.events_path)
@@ -93,7 +90,7 @@ def supervise(run_dir: RunDir, *, output=None) -> int:
         signal.signal(signal.SIGTERM, previous)
     stopped = any(e.get("kind") == "stop" for e in run_dir.events())
     state = "finished" if code == 0 and not stopped else ("stopped" if stopped else "failed")
-    error = None if code == 0 else f"torchrun exited with code {code}"
+    error = None if code == 0 else f"{launcher.name} exited with code {code}"
     run_dir.update_info(state=state, end_time=time.time(), exit_code=code, error=error, control=None)
     if code != 0:
         events.write({"time": time.time(), "step": None, "rank": None, "kind": "error", "reason": error})
@@ -130,9 +127,11 @@ class BackgroundRun:
 
 def launch_background(script: str, script_args: Sequence[str] = (), *, nproc: int = 1,
                       policies: Sequence[str] = (), name: str | None = None,
-                      options: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> BackgroundRun:
+                      options: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+                      launcher: str | None = None) -> BackgroundRun:
     """Start a supervised run in a child process and return at once; output goes to the run's output.log."""
-    run_dir = prepare(script, script_args, nproc=nproc, policies=policies, name=name, options=options)
+    run_dir = prepare(script, script_args, nproc=nproc, policies=policies, name=name, options=options,
+                      launcher=launcher)
     log = open(run_dir.path / "output.log", "ab")
     process = subprocess.Popen([sys.executable, "-m", "dspark_lab.runtime.launch", str(run_dir.path)],
                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

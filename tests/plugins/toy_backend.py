@@ -1,10 +1,14 @@
 """Fixture plugin: a complete plugin for a fake device kind ``toy``, implementing every hook with known answers."""
 
+import sys
+
 from dspark_lab import hookimpl
 from dspark_lab.allocator import HostPool
 from dspark_lab.backend import Availability, Backend, DeviceSpec
 from dspark_lab.kernels.registry import Kernel
+from dspark_lab.errors import DSparkError
 from dspark_lab.policy import PolicySpec
+from dspark_lab.runtime.launchers.base import BOOTSTRAP, Launcher
 
 NAME = "toy"
 SPEC = DeviceSpec(bf16_tflops=1.5, memory_gb=2, memory_bandwidth_gb_s=30, link_gb_s=4, source="made up for tests")
@@ -97,3 +101,24 @@ def dspark_doctor_checks():
     from dspark_lab.doctor import Check
 
     return [Check("toy driver", "missing", "no toy driver here", "install toyco's driver")]
+
+
+class ToyLauncher(Launcher):
+    """Runs the bootstrap under `env TOY_LAUNCHED=1`: a launcher that is neither torchrun nor plain python."""
+
+    name = "toy"
+
+    def validate(self, nproc, options):
+        if nproc > 2:
+            raise DSparkError(f"--nproc: the toy launcher starts at most 2, got {nproc}")
+
+    def ranks(self, nproc, options):
+        return nproc
+
+    def command(self, script, script_args, nproc, options):
+        return ["env", "TOY_LAUNCHED=1", sys.executable, *BOOTSTRAP, script, *script_args]
+
+
+@hookimpl
+def dspark_launchers():
+    return [ToyLauncher()]

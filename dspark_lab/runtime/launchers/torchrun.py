@@ -1,0 +1,56 @@
+"""The default launcher: torch's own torchrun, with the bootstrap in front of the script on every rank.
+
+torchrun's options pass through, so multi-node runs (``--nnodes``, ``--rdzv-*``) work as under plain torchrun. A
+single-node run with no rendezvous of its own gets :mod:`.loopback`'s rendezvous, whose store listens on
+127.0.0.1 only (torchrun's ``--standalone`` store listens on every interface).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Mapping, Sequence
+
+from dspark_lab.errors import DSparkError
+from dspark_lab.runtime.launchers.base import BOOTSTRAP, TORCHRUN_OPTIONS, Launcher
+
+MAX_NPROC = 1024
+
+
+def _nnodes(options: Mapping[str, Any]) -> int:
+    text = str(options.get("nnodes") or 1)
+    try:
+        return int(text.split(":")[-1])
+    except ValueError:
+        raise DSparkError(f"--nnodes: expected N or MIN:MAX (integers), got {text!r}") from None
+
+
+def single_node_loopback(options: Mapping[str, Any]) -> bool:
+    """True when nothing about the rendezvous was given: one node, our own loopback store."""
+    return _nnodes(options) == 1 and not any(options.get(k) for k in (
+        "rdzv_backend", "rdzv_endpoint", "master_addr", "master_port", "node_rank"))
+
+
+class TorchrunLauncher(Launcher):
+    name = "torchrun"
+    description = "torch.distributed.run: N ranks per node, torchrun's options pass through (default)"
+
+    def validate(self, nproc: int, options: Mapping[str, Any]) -> None:
+        if not 1 <= nproc <= MAX_NPROC:
+            raise DSparkError(f"--nproc: must be 1 to {MAX_NPROC}, got {nproc}")
+        _nnodes(options)
+
+    def ranks(self, nproc: int, options: Mapping[str, Any]) -> int:
+        return nproc * _nnodes(options)
+
+    def command(self, script: str, script_args: Sequence[str], nproc: int, options: Mapping[str, Any]) -> list[str]:
+        if single_node_loopback(options):
+            # the loopback module registers its rendezvous with torchrun, then runs torchrun's own main
+            command = [sys.executable, "-m", "dspark_lab.runtime.launchers.loopback", f"--nproc-per-node={nproc}",
+                       "--nnodes=1", "--rdzv-backend=dspark-loopback", "--rdzv-endpoint=127.0.0.1:0"]
+            options = {k: v for k, v in options.items() if k in ("max_restarts", "monitor_interval", "rdzv_id")}
+        else:
+            command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+        for name in TORCHRUN_OPTIONS:
+            if options.get(name) is not None:
+                command.append(f"--{name.replace('_', '-')}={options[name]}")
+        return [*command, *BOOTSTRAP, script, *script_args]

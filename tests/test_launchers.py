@@ -1,0 +1,119 @@
+"""Launchers: the plugin interface, the python launcher's refusals and environment, torchrun's loopback store."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dspark_lab.errors import DSparkError
+from dspark_lab.plugins import make_manager
+from dspark_lab.runtime import launchers
+from dspark_lab.runtime.launchers import builtin
+from dspark_lab.runtime.launchers.base import TORCHRUN_OPTIONS
+
+REAL_JOBS = Path(__file__).parent / "real_jobs"
+
+
+@pytest.fixture
+def manager():
+    return make_manager([builtin], entry_points=False)
+
+
+def test_builtins_register_through_the_hook(manager):
+    assert list(launchers.launchers(manager)) == ["python", "torchrun"]
+    assert launchers.get_launcher(None, manager).name == "torchrun"
+    with pytest.raises(DSparkError, match=r"^--launcher: unknown launcher 'k8s'; registered: python \| torchrun$"):
+        launchers.get_launcher("k8s", manager)
+
+
+def test_no_launcher_registered_says_how_to_get_the_builtins():
+    with pytest.raises(DSparkError, match=r"^--launcher: no launcher is registered; .*entry point 'launchers'"):
+        launchers.get_launcher(None, make_manager([], entry_points=False))
+
+
+def test_a_name_registered_twice_keeps_the_first(manager):
+    from dspark_lab import hookimpl
+    from dspark_lab.runtime.launchers.python import PythonLauncher
+
+    class Again:
+        @hookimpl
+        def dspark_launchers(self):
+            return [PythonLauncher(), "not a launcher"]
+
+    manager.register(Again(), name="again")
+    assert list(launchers.launchers(manager)) == ["python", "torchrun"]
+    reasons = [p.reason for p in manager.problems if p.plugin == "again"]
+    assert "launcher 'python' is already registered" in reasons
+    assert any(r.startswith("returned ") and "not a" in r and "Launcher" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("option", TORCHRUN_OPTIONS)
+def test_python_launcher_refuses_each_torchrun_option_by_name(manager, option):
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(DSparkError) as err:
+        launchers.get_launcher("python", manager).validate(1, {option: "2"})
+    assert str(err.value).startswith(f"{flag}: ") and "\n" not in str(err.value)
+
+
+def test_python_launcher_refuses_more_than_one_process(manager):
+    python = launchers.get_launcher("python", manager)
+    with pytest.raises(DSparkError, match=r"^--nproc: --launcher python runs one process, got 2"):
+        python.validate(2, {})
+    python.validate(1, {name: None for name in TORCHRUN_OPTIONS})  # options not given are fine
+    assert python.ranks(1, {}) == 1
+
+
+def test_python_launcher_runs_the_bootstrap_without_torchrun_variables(manager):
+    python = launchers.get_launcher("python", manager)
+    assert python.command("/x/train.py", ["--a=1"], 1, {}) == [
+        sys.executable, "-m", "dspark_lab.runtime.bootstrap", "/x/train.py", "--a=1"]
+    env = python.environment({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "MASTER_ADDR": "h",
+                              "MASTER_PORT": "1", "TORCHELASTIC_RUN_ID": "x", "DSPARK_RUN_DIR": "/r", "PATH": "/b"})
+    assert env == {"DSPARK_RUN_DIR": "/r", "PATH": "/b"}
+
+
+def test_torchrun_single_node_uses_the_loopback_rendezvous(manager):
+    torchrun = launchers.get_launcher("torchrun", manager)
+    single = torchrun.command("/x/train.py", [], 2, {"max_restarts": "1"})
+    assert single[1:3] == ["-m", "dspark_lab.runtime.launchers.loopback"]
+    assert {"--rdzv-backend=dspark-loopback", "--rdzv-endpoint=127.0.0.1:0", "--max-restarts=1"} <= set(single)
+    assert torchrun.ranks(2, {"nnodes": "1:3"}) == 6
+    with pytest.raises(DSparkError, match="^--nnodes: "):
+        torchrun.validate(1, {"nnodes": "two"})
+    with pytest.raises(DSparkError, match="^--nproc: must be 1 to 1024"):
+        torchrun.validate(5000, {})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs iproute2's ss")
+def test_single_node_torchrun_listens_on_loopback_only(tmp_path):
+    """Every socket the run listens on (torchrun's store, gloo, the control endpoint) is bound to 127.0.0.1."""
+    env = {**os.environ, "DSPARK_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "dspark_lab.cli", "run", "--nproc", "2",
+                           str(REAL_JOBS / "listeners.py")], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    listening = re.findall(r"^LISTEN\s+\d+\s+\d+\s+(\S+):\d+\s.*\(\"([^\"]+)\"", done.stdout, flags=re.M)
+    assert ("127.0.0.1", "pt_elastic") in listening  # torchrun's agent hosts the store
+    assert {address for address, _ in listening} == {"127.0.0.1"}, done.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--launcher", "python", "--nproc", "2"], "error: --nproc: --launcher python runs one process, got 2"),
+    (["--launcher", "python", "--master-port", "29500"], "error: --master-port: a torchrun option"),
+    (["--launcher", "k8s"], "error: --launcher: unknown launcher 'k8s'; registered: python | torchrun"),
+])
+def test_cli_refuses_in_one_line_and_creates_no_run(argv, message, tmp_path, monkeypatch, capsys):
+    from dspark_lab.cli import main
+
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path))
+    monkeypatch.delenv("DSPARK_PLUGINS", raising=False)
+    code = main(["run", *argv, str(REAL_JOBS / "nanogpt_train.py"), "--device=cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(message) and "\n" not in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
