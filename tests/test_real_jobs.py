@@ -23,7 +23,6 @@ pytestmark = pytest.mark.slow
 
 JOBS = Path(__file__).parent / "real_jobs"
 EXTRA = "the frameworks extra is not installed (pip install -e '.[frameworks]')"
-RJCORE = "needs rjcore fix: "
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -123,9 +122,6 @@ def test_torchtitan_fsdp2_runs_unchanged_under_dspark_lab_run(tmp_path):
 
 
 @pytest.mark.frameworks
-@pytest.mark.xfail(strict=False, reason=RJCORE + "on_step_end fails with 'invalid python storage' on torchtitan, "
-                                              "memory policies are refused under FSDP2, blocks under "
-                                              "ModuleDict model.layers are not found")
 @pytest.mark.parametrize("layout", sorted(TITAN_LAYOUTS))
 def test_torchtitan_checkpointing_live_matches_plain_torchrun(layout, tmp_path):
     pytest.importorskip("torchtitan", reason=EXTRA)
@@ -169,12 +165,8 @@ def test_lightning_ddp_checkpointing_live_matches_plain_torchrun():
     assert len(expected) == FRAMEWORK_STEPS and losses(output, STEP) == pytest.approx(expected, rel=1e-6)
 
 
-BF16_AT_LAUNCH = pytest.mark.xfail(strict=False, reason=RJCORE + "comm.grad_sync=bf16 set at launch keeps its "
-                                   "error-feedback state across DDP's bucket rebuild after step 1 and crashes at step 2")
-
-
 @pytest.mark.frameworks
-@pytest.mark.parametrize("when", ["live", pytest.param("launch", marks=BF16_AT_LAUNCH)])
+@pytest.mark.parametrize("when", ["live", "launch"])
 def test_lightning_ddp_grad_sync_bf16_keeps_training_close_to_plain(when):
     pytest.importorskip("lightning", reason=EXTRA)
     script = JOBS / "lightning_ddp.py"
