@@ -29,12 +29,27 @@ def backends(manager: Manager | None = None) -> Report:
             "reason": availability.reason,
             "torch_device": backend.torch_device,
             "collectives": manager.collective_names(backend),
+            "topology": _topology_line(manager, backend, availability),
             "specs": backend.spec.as_dict(),
         })
     table = [{**r, "bf16_tflops": r["specs"]["bf16_tflops"], "memory_gb": r["specs"]["memory_gb"],
               "link_gb_s": r["specs"]["link_gb_s"]} for r in rows]
     return Report("backends", {"backends": rows}, rows=table,
-                  columns=("name", "vendor", "plugin", "available", "bf16_tflops", "memory_gb", "link_gb_s", "reason"))
+                  columns=("name", "vendor", "plugin", "available", "bf16_tflops", "memory_gb", "link_gb_s", "topology",
+                           "reason"))
+
+
+def _topology_line(manager: Manager, backend, availability) -> str | None:
+    """Which link graph the backend reports (``dspark_topology``) for its devices, in a few words; None if none."""
+    if not availability.available:
+        return None
+    from dspark_lab.collectives.topology import backend_topology
+
+    topology = backend_topology(manager, backend, list(range(max(availability.devices or 1, 2))))
+    if topology is None:
+        return None
+    return f"{topology.name}: {len(topology.devices)} devices, {len(topology.switches)} switches, " \
+           f"{len(topology.links)} links"
 
 
 def kernels(manager: Manager | None = None) -> Report:

@@ -14,7 +14,8 @@ from typing import Any
 
 from dspark_lab.errors import PolicyError
 
-POLICY_TYPES = ("enum", "int", "float", "bool")
+POLICY_TYPES = ("enum", "int", "float", "bool", "str")
+MAX_STR = 1024  # a str policy's longest value (a preset name or a file path)
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _INT64 = 2**63 - 1  # the widest int every JSON reader of the records (and torch) takes
@@ -68,6 +69,8 @@ class PolicySpec:
             return " | ".join(self.choices)
         if self.type == "bool":
             return "true | false"
+        if self.type == "str":
+            return f"a string of 1 to {MAX_STR} printable characters"
         lo = "(-inf" if self.min is None else f"[{self.min:g}"
         hi = "inf)" if self.max is None else f"{self.max:g}]"
         return f"{self.type} in {lo}, {hi}"
@@ -88,6 +91,11 @@ class PolicySpec:
         return parsed
 
     def _parse(self, value: Any, bad: PolicyError) -> Any:
+        if self.type == "str":
+            text = str(value).strip() if isinstance(value, (str, int, float)) and not isinstance(value, bool) else ""
+            if not 0 < len(text) <= MAX_STR or not text.isprintable():
+                raise bad
+            return text
         if self.type == "enum":
             text = str(value).strip()
             if text not in self.choices:

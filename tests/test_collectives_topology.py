@@ -183,3 +183,30 @@ def test_random_sparse_graphs_reach_the_bound(n, seed):
     result = plan(topo)
     check_plan(topo, result)
     assert result.rate_gb_s >= 0.95 * broadcast_bound(topo, topo.devices, topo.devices[0])
+
+
+def test_backends_say_which_topology_they_report(builtin_plugins):
+    from dspark_lab import commands
+    from dspark_lab.plugins import make_manager
+
+    rows = {r["name"]: r for r in commands.backends(make_manager(builtin_plugins, entry_points=False)).data["backends"]}
+    assert rows["cpu"]["topology"].startswith("loopback: 2 devices")
+    assert all(r["topology"] is None for name, r in rows.items() if not r["available"])
+
+
+def test_every_process_plans_the_same_trees():
+    """Ranks plan on their own and must agree: nothing may depend on set or hash order (PYTHONHASHSEED)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from dspark_lab.collectives.topology import load_topology\n"
+            "from dspark_lab.collectives.packing import plan\n"
+            "t = load_topology('dgx1-v100')\n"
+            "for devices in (t.devices[:4], t.devices):\n"
+            "    for op in ('broadcast', 'allreduce'):\n"
+            "        p = plan(t, devices, op=op)\n"
+            "        print([(tree.paths, round(rate, 9)) for tree, rate in p.trees], p.ring_order)\n")
+    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3)}
+    assert len(outputs) == 1

@@ -44,13 +44,19 @@ def test_a_name_registered_twice_keeps_the_first(manager):
     class Again:
         @hookimpl
         def dspark_launchers(self):
-            return [PythonLauncher(), "not a launcher"]
+            return [PythonLauncher()]
+
+    class Junk:
+        @hookimpl
+        def dspark_launchers(self):
+            return ["not a launcher"]
 
     manager.register(Again(), name="again")
+    manager.register(Junk(), name="junk")
     assert list(launchers.launchers(manager)) == ["python", "torchrun"]
-    reasons = [p.reason for p in manager.problems if p.plugin == "again"]
-    assert "launcher 'python' is already registered" in reasons
-    assert any(r.startswith("returned ") and "not a" in r and "Launcher" in r for r in reasons), reasons
+    reasons = {p.plugin: p.reason for p in manager.problems if p.plugin in ("again", "junk")}
+    assert reasons["again"] == "launcher 'python' is already registered"
+    assert reasons["junk"].startswith("returned ") and "not a named Launcher" in reasons["junk"], reasons
 
 
 @pytest.mark.parametrize("option", TORCHRUN_OPTIONS)

@@ -326,8 +326,9 @@ def _pack_tiered(graph, devices: list[str], root: str, both_directions: bool,
     both mixes them into many small trees, which the keep-few step must then cut.
     """
     device_set = set(devices)
-    direct = graph.edge_subgraph([e for e in graph.edges if e[0] in device_set and e[1] in device_set]).copy()
+    direct = nx.DiGraph()  # built in the graph's own order: every rank must plan the same trees
     direct.add_nodes_from(devices)
+    direct.add_edges_from((u, v, data) for u, v, data in graph.edges(data=True) if u in device_set and v in device_set)
     try:
         first = pack_trees(_Links(direct, devices), root, both_directions, max_trees)
     except DSparkError:
@@ -373,6 +374,7 @@ def best_ring(links: _Links) -> tuple[list[str], float]:
     def both(order: list[str]) -> float:
         return _ring_rate(links, order) + _ring_rate(links, order[::-1])
 
+    position = {d: i for i, d in enumerate(devices)}  # ties broken by device order: every rank finds one ring
     first, rest = devices[0], devices[1:]
     best_order, best = [first, *rest], both([first, *rest])
     if len(devices) <= RING_EXHAUSTIVE:
@@ -385,7 +387,7 @@ def best_ring(links: _Links) -> tuple[list[str], float]:
                 if rate > best:
                     best_order, best = list(order), rate
                 return
-            for v in sorted(left, key=lambda v: -width.get((order[-1], v), 0)):
+            for v in sorted(left, key=lambda v: (-width.get((order[-1], v), 0), position[v])):
                 w = width.get((order[-1], v), 0.0)
                 if len(left) == 1:
                     w = min(w, width.get((v, first), 0.0))
@@ -398,7 +400,7 @@ def best_ring(links: _Links) -> tuple[list[str], float]:
     else:  # greedy widest-next-hop, then 2-opt is left out: large rings are the hierarchical planner's job
         order, left = [first], set(rest)
         while left:
-            nxt = max(left, key=lambda v: width.get((order[-1], v), 0.0))
+            nxt = max(sorted(left, key=position.get), key=lambda v: width.get((order[-1], v), 0.0))
             order.append(nxt)
             left.discard(nxt)
         if both(order) > best:

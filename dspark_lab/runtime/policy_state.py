@@ -87,6 +87,8 @@ class PolicyState:
     def apply_launch(self, prefixes: tuple[str, ...], step: int) -> None:
         """Apply the launch values (``--policy k=v``) of keys starting with ``prefixes`` that differ from now."""
         changes = {k: v for k, v in self.launch.items() if k.startswith(prefixes) and v != self.values[k]}
+        # launch-only keys first: they set up what the live ones use (comm.topology before grad_sync=packed-trees)
+        changes = dict(sorted(changes.items(), key=lambda kv: self.specs[kv[0]].live))
         if not changes:
             return
         failure, applied = self.apply(changes)

@@ -11,7 +11,7 @@ per-job state lives in ``job.state`` ("comm", "moe", "pipeline"), made by :func:
 from __future__ import annotations
 
 from dspark_lab import hookimpl
-from dspark_lab.errors import PolicyError
+from dspark_lab.errors import DSparkError, PolicyError
 from dspark_lab.policy import PolicySpec
 from dspark_lab.runtime.policies import comm, memory, moe, sched
 
@@ -30,6 +30,12 @@ SPECS = (
     PolicySpec(key="comm.grad_sync", type="enum", choices=comm.GRAD_SYNC, default="builtin",
                lossy_values=comm.COMPRESSED,
                doc="collective that reduces DDP gradient buckets (bf16/fp8: compressed with error feedback, lossy)"),
+    PolicySpec(key="comm.topology", type="str", default="backend", live=False,
+               doc="the link graph comm.grad_sync=packed-trees plans on: backend (what the backend reports), a "
+                   "preset (dgx1-v100, hgx-h100, mi300x, nodes:N,gpus:G) or a topology JSON file"),
+    PolicySpec(key="comm.emulate_links", type="float", min=0, max=1000, default=0.0, live=False,
+               doc="pace packed-trees messages at the topology's link rates times this scale (0: off), to see a "
+                   "topology's effect on a machine without its links"),
     PolicySpec(key="comm.bucket_mb", type="float", min=1, max=1024, default=25.0, live=False,
                doc="DDP gradient bucket size in MB (launch-only: DDP builds its buckets once)"),
     PolicySpec(key="sched.pipeline", type="enum", choices=(sched.NONE, *sched.schedule_names()), default=sched.NONE,
@@ -79,6 +85,12 @@ def refusal(job, key: str, value) -> str | None:
             return "no DistributedDataParallel model in this job: there is no gradient sync to change"
         if grad_sync.refusal():
             return grad_sync.refusal()
+        if value == "packed-trees":
+            try:
+                job.state["comm"].topology(job)
+            except DSparkError as exc:
+                return f"packed-trees needs a topology: {exc}"
+            return None
         if value not in comm.COMPRESSED + ("builtin",) and value not in job.manager.collective_names(job.backend):
             offered = ", ".join(job.manager.collective_names(job.backend))
             return f"backend {job.backend.name} offers no {value!r} collective (offered: {offered})"
@@ -140,6 +152,16 @@ def dspark_apply_policy(job, key, value, old):
         return ""
     if key == "comm.bucket_mb":
         return "applied when DDP was constructed"
+    if key == "comm.topology":
+        from dspark_lab.collectives.topology import load_topology
+
+        if value != "backend":
+            load_topology(value)  # a bad preset or file refuses the launch change, naming the field
+        job.state["comm"].topology_spec = value
+        return ""
+    if key == "comm.emulate_links":
+        job.state["comm"].emulate = value
+        return "packed-trees messages paced at the modelled link rates" if value else ""
     if key == "sched.pipeline":
         return sched.apply(value, job)
     if key.startswith("moe."):

@@ -6,6 +6,9 @@ dispatcher (:class:`GradSync`) when DDP is constructed and switches what it does
 - ``builtin``: torch.distributed's all_reduce after dividing by the world size, which is exactly what DDP does
   without a hook (torch's ``default_hooks.allreduce_hook``), so numerics are unchanged.
 - ``ring`` / ``tree``: the backend plugin's collectives (``dspark_make_collective``), equal within fp32 rounding.
+- ``packed-trees``: spanning trees packed over the job's link graph (Blink; :mod:`dspark_lab.collectives.packing`),
+  the topology from ``comm.topology`` (the backend's own, a preset, or a file), links optionally emulated
+  (``comm.emulate_links``) on a machine without them; equal within fp32 rounding.
 - ``bf16`` / ``fp8``: compressed with error feedback (Seide et al. 2014; Karimireddy et al. 2019), lossy.
 
 A script that registers its own comm hook keeps it: the dispatcher forwards to it and ``grad_sync`` changes are
@@ -23,7 +26,7 @@ import time
 import torch
 import torch.distributed as dist
 
-GRAD_SYNC = ("builtin", "ring", "tree", "bf16", "fp8")
+GRAD_SYNC = ("builtin", "ring", "tree", "packed-trees", "bf16", "fp8")
 COMPRESSED = ("bf16", "fp8")
 
 
@@ -108,16 +111,43 @@ def install_on_ddp(ddp_module, grad_sync: GradSync) -> None:
 
 class CommState:
     """The comm policies' per-job state (created by ``dspark_job_started``): the gradient-sync dispatcher, once
-    DDP is constructed."""
+    DDP is constructed, and the link graph ``packed-trees`` plans on."""
 
     def __init__(self):
         self.grad_sync: GradSync | None = None
+        self.topology_spec = "backend"  # comm.topology
+        self.emulate = 0.0  # comm.emulate_links: 0 runs at full speed
 
     def on_ddp(self, job, ddp) -> None:
         group = getattr(ddp, "process_group", None)
-        self.grad_sync = GradSync(lambda name, grp: job.manager.make_collective(job.backend, name, grp),
-                                  group=None if group is dist.GroupMember.WORLD else group)
+        group = None if group is dist.GroupMember.WORLD else group
+
+        def make(name, grp):
+            if name == "packed-trees":
+                from dspark_lab.collectives.packed_trees import PackedTreesCollective
+
+                return PackedTreesCollective(self.topology(job), grp, emulate=self.emulate or None)
+            return job.manager.make_collective(job.backend, name, grp)
+
+        self.grad_sync = GradSync(make, group=group)
         install_on_ddp(ddp, self.grad_sync)
+
+    def topology(self, job):
+        """The job's link graph: a preset or file named by ``comm.topology``, else what the backend reports for
+        this many ranks. Raises DSparkError with the reason when there is none or it is too small."""
+        from dspark_lab.collectives.topology import backend_topology, load_topology
+        from dspark_lab.errors import DSparkError
+
+        if self.topology_spec == "backend":
+            topology = backend_topology(job.manager, job.backend, list(range(job.world)))
+            if topology is None:
+                raise DSparkError(f"backend {job.backend.name} reports no topology; set comm.topology=PRESET|FILE "
+                                  "at launch")
+        else:
+            topology = load_topology(self.topology_spec)
+        if len(topology.devices) < job.world:
+            raise DSparkError(f"topology {topology.name} has {len(topology.devices)} devices for {job.world} ranks")
+        return topology
 
     def take_comm_time(self) -> float | None:
         return self.grad_sync.take_comm_time() if self.grad_sync else None
