@@ -269,8 +269,9 @@ def test_controls_come_from_the_schema():
     assert kinds["comm.bucket_mb"].kind == "float_slider" and kinds["comm.bucket_mb"].max == 100
     assert kinds["sched.log_every"].kind == "int_text"  # unbounded above: a text box
     assert kinds["memory.offload"].kind == "checkbox" and kinds["memory.offload"].read_only
+    assert control_for({"key": "comm.topology", "type": "str", "live": False}).kind == "text"
     with pytest.raises(ValueError, match="allowed: enum"):
-        control_for({"key": "a.b", "type": "str"})
+        control_for({"key": "a.b", "type": "list"})
     pending = {**SCHEMA[0], "state": "pending", "pending_value": "ring", "pending_step": 12}
     assert state_text(pending) == "ddp in force since step 0 | pending: ring at step 12"
     assert state_text(SCHEMA[4]).startswith("launch-only | False in force")

@@ -1,17 +1,15 @@
-"""Live re-placement on 2 gloo ranks whose balancer budgets differ: rank 0's placement is used by both ranks, and the
-expert weights and Adam state land in the slots of that placement.
+"""Live re-placement on 2 gloo ranks whose balancers answer differently: rank 0's placement is used by both ranks,
+and the expert weights and Adam state land in the slots of that placement.
 
-The balancer's exact stage stops on a wall-clock budget; a rank whose clock runs past it keeps the duplicates the
-earlier stages left, so two ranks given the same loads can compute different placements. Here rank 1's clock jumps
-100 s per reading, as if that rank were far slower.
+Two ranks given the same loads can compute different placements: a search that stops on a wall-clock budget (the
+exact stage did), or a plugin's balancer that is not deterministic. Here rank 1's balancer is replaced by one that
+returns another valid placement of the same replicas (its answer rotated by one slot).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import types
 from datetime import timedelta
 
 import numpy as np
@@ -22,9 +20,7 @@ import torch.multiprocessing as mp
 from dspark_lab.localhost import free_port
 from dspark_lab.runtime.bootstrap import exit_now
 
-# Per-layer loads for which the exact stage changes the answer (8 experts, 10 slots, 2 ranks): with its budget it
-# removes a same-GPU duplicate, without it the duplicate stays.
-LOADS = [1, 4, 1, 1, 2, 6, 1, 6]
+LOADS = [1, 4, 1, 1, 2, 6, 1, 6]  # per layer: 8 experts on 10 slots of 2 ranks
 
 
 def _gather_slots(layer, optimizer):
@@ -42,7 +38,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
     import torch.distributed as dist
 
     from dspark_lab.examples.moe_train import initial_placement
-    from dspark_lab.moe import exact, rebalance_experts
+    from dspark_lab.moe import balance
     from dspark_lab.examples.moe_model import MoEConfig, TinyMoETransformer
     from dspark_lab.runtime.policies.moe import ExpertPlacement
 
@@ -63,10 +59,16 @@ def _worker(rank: int, port: int, out_path: str) -> None:
     weight = np.array([LOADS] * len(layers))
     placer.history.append(weight if rank == 0 else np.zeros_like(weight))  # all-reduced: LOADS on both ranks
     current = placer.placement()
-    if rank == 1:  # the slow rank: its exact stage finds its budget spent at the first look at the clock
-        clock = itertools.count(0.0, 100.0)
-        exact.time = types.SimpleNamespace(monotonic=lambda: next(clock))
-    alone = np.asarray(rebalance_experts(weight.astype(float), 10, 1, 1, 2, current=current, move_cost=0.0)[0])
+    if rank == 1:  # this rank's balancer gives another valid answer for the same loads
+        real = balance.rebalance_experts
+
+        def another_answer(*args, **kwargs):
+            phy2log, *rest = real(*args, **kwargs)
+            return (np.roll(np.asarray(phy2log), 1, axis=1), *rest)
+
+        balance.rebalance_experts = another_answer
+    alone = np.asarray(balance.rebalance_experts(weight.astype(float), 10, 1, 1, 2, current=current,
+                                                 move_cost=0.0)[0])
     placer.replace("dspark", window=1, move_cost=0.0, optimizer=optimizer)
     after = [_gather_slots(layer, optimizer) for layer in layers]
     placements = [torch.empty(current.shape, dtype=torch.int64) for _ in range(2)]

@@ -10,13 +10,13 @@ import sys
 import pytest
 
 from conftest import wait_for_step
-from dspark_lab import commands
+from dspark_lab.runtime import commands
 from dspark_lab.trace import commands as trace_commands
 from dspark_lab.trace.load import load
 
 pytestmark = pytest.mark.slow
 
-DEMO = os.path.join(os.path.dirname(commands.__file__), "examples", "demo_train.py")
+DEMO = os.path.join(os.path.dirname(os.path.dirname(commands.__file__)), "examples", "demo_train.py")
 SMALL = ["--layers", "2", "--dim", "32", "--seq", "16", "--batch", "4", "--vocab", "64"]
 
 
@@ -35,7 +35,7 @@ def live_job(tmp_path_factory):
     if job.poll() is None:
         job.stop()
     for key, value in saved.items():
-        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
     reset_manager()
 
 

@@ -24,7 +24,7 @@ from dspark_lab.jupyter.poller import Poller
 @dataclass(frozen=True, slots=True)
 class ControlSpec:
     key: str
-    kind: str  # dropdown | checkbox | int_slider | float_slider | int_text | float_text
+    kind: str  # dropdown | checkbox | int_slider | float_slider | int_text | float_text | text
     read_only: bool
     options: tuple[str, ...] = ()
     min: float | None = None
@@ -43,7 +43,9 @@ def control_for(policy: dict[str, Any]) -> ControlSpec:
     if kind in ("int", "float"):
         bounded = lo is not None and hi is not None
         return ControlSpec(policy["key"], f"{kind}_{'slider' if bounded else 'text'}", read_only, min=lo, max=hi)
-    raise ValueError(f"policy {policy['key']}: type {kind!r} has no control; allowed: enum | bool | int | float")
+    if kind == "str":
+        return ControlSpec(policy["key"], "text", read_only)
+    raise ValueError(f"policy {policy['key']}: type {kind!r} has no control; allowed: enum | bool | int | float | str")
 
 
 def state_text(policy: dict[str, Any], message: str = "") -> str:
@@ -124,6 +126,8 @@ def _make_widget(spec: ControlSpec, value: Any, doc: str) -> widgets.ValueWidget
                                    continuous_update=False, **common)
     if spec.kind == "int_text":
         return widgets.IntText(value=int(value), continuous_update=False, **common)
+    if spec.kind == "text":
+        return widgets.Text(value=str(value), continuous_update=False, **common)
     return widgets.FloatText(value=float(value), continuous_update=False, **common)
 
 
