@@ -139,3 +139,24 @@ def test_bad_options_are_one_line_errors():
         TuneOptions(objective="speed")
     with pytest.raises(DSparkError, match="--budget-steps"):
         TuneOptions(budget_steps=5)
+
+
+def test_the_space_comes_from_the_schemas():
+    from dspark_lab.runtime.policies.builtin import SPECS_BY_KEY
+    from dspark_lab.tune.space import build
+
+    values = {k: s.default for k, s in SPECS_BY_KEY.items()}
+    refuse = lambda key, value: "no DDP" if key.startswith(("comm.", "sched.", "moe.", "memory.reshard")) else \
+        ("2 CPUs" if key == "compute.threads" and value > 2 else None)
+    space = build(SPECS_BY_KEY, values, refuse)
+    assert space.keys == {"memory.activation_checkpointing": ["none", "full", "every-2", "every-4"],
+                          "memory.activation_offload": ["off", "host"], "compute.threads": [1, 2]}
+    assert not space.bit_exact  # compute.threads reorders sums
+    assert [r["key"] for r in space.needs_restart] == ["comm.bucket_mb"]
+    assert "host-fp8" in build(SPECS_BY_KEY, values, refuse, allow_lossy=True).keys["memory.activation_offload"]
+    only = build(SPECS_BY_KEY, values, refuse, keys=["memory.activation_checkpointing"])
+    assert list(only.keys) == ["memory.activation_checkpointing"] and only.bit_exact
+    from dspark_lab.errors import DSparkError
+
+    with pytest.raises(DSparkError, match="--keys: unknown policy 'memory.nope'"):
+        build(SPECS_BY_KEY, values, refuse, keys=["memory.nope"])
