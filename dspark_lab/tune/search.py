@@ -302,9 +302,9 @@ class Search:
                 trial.reason = f"peak {c_peak / i_peak - 1:+.1%}"
                 return "win"
             return "loss" if c_peak > i_peak * (1 + o.min_gain) else "tie"
+        ratio, (lo, hi) = self._score(trial, c_blocks, i_blocks)  # reported even when the budget ends the trial
         if len(c_blocks) < o.min_pairs:
             return ""
-        ratio, (lo, hi) = self._score(trial, c_blocks, i_blocks)
         if hi < 1 - o.min_gain:
             return "win"
         if lo > 1 - o.min_gain and hi < 1 + o.min_gain:
