@@ -21,11 +21,11 @@ and marked failed. The search goes on; at the end the incumbent (the best found)
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass, field
+from statistics import median
 from typing import Any, Callable, Protocol
-
-import numpy as np
 
 OBJECTIVES = ("throughput", "memory")
 VERDICTS = ("win", "loss", "tie", "over_cap", "predicted_over_cap", "failed", "stopped", "skipped_budget")
@@ -152,13 +152,15 @@ class MemoryModel:
 
 
 def ratio_ci(c_blocks: list[list[float]], i_refs: list[float], confidence: float, resamples: int,
-             rng: np.random.Generator) -> tuple[float, tuple[float, float]]:
-    """Median of per-step ratios C / (bracketing incumbent reference), and its percentile-bootstrap CI."""
-    ratios = np.concatenate([np.asarray(block) / ref for block, ref in zip(c_blocks, i_refs)])
-    point = float(np.median(ratios))
-    stats = np.median(ratios[rng.integers(0, len(ratios), size=(resamples, len(ratios)))], axis=1)
+             rng: random.Random) -> tuple[float, tuple[float, float]]:
+    """Median of per-step ratios C / (bracketing incumbent reference), and its percentile-bootstrap CI.
+
+    Plain Python (no numpy): the control endpoint imports this module, and the CLI verbs that talk to it stay light.
+    """
+    ratios = [t / ref for block, ref in zip(c_blocks, i_refs) for t in block]
+    stats = sorted(median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
     alpha = (1 - confidence) / 2
-    return point, (float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha)))
+    return median(ratios), (stats[int(alpha * (resamples - 1))], stats[math.ceil((1 - alpha) * (resamples - 1))])
 
 
 class Search:
@@ -172,7 +174,7 @@ class Search:
         self.incumbent = dict(start)
         self.log, self.should_stop = log, should_stop
         self.memory = MemoryModel()
-        self.rng = np.random.default_rng(options.seed)
+        self.rng = random.Random(options.seed)
         self.incumbent_time: float | None = None
         self.incumbent_peak: float | None = None
         self._start_step = 0
@@ -207,7 +209,7 @@ class Search:
         out = Outcome(start=dict(self.start), best=self.incumbent, best_step_time_s=None, best_peak_bytes=None,
                       feasible=False)
         baseline = self._block()
-        self.incumbent_time = float(np.median([s.step_time_s for s in baseline]))
+        self.incumbent_time = float(median([s.step_time_s for s in baseline]))
         self.incumbent_peak = self._peak(baseline)
         for key, values in self.space.items():
             for value in values:
@@ -278,7 +280,7 @@ class Search:
         trial.steps = self.job.step - began
         if c_blocks:
             trial.peak_bytes = self._peak([s for b in c_blocks for s in b])
-            trial.median_step_time_s = float(np.median([s.step_time_s for b in c_blocks for s in b]))
+            trial.median_step_time_s = float(median([s.step_time_s for b in c_blocks for s in b]))
             incumbent_peak = self._peak([s for b in i_blocks for s in b])
             self.memory.learn(self.incumbent, candidate, incumbent_peak, trial.peak_bytes)
             if trial.verdict == "win":
@@ -313,12 +315,12 @@ class Search:
         return "loss" if lo > 1 + o.min_gain else ""
 
     def _score(self, trial: Trial, c_blocks, i_blocks):
-        medians = [float(np.median([s.step_time_s for s in b])) for b in i_blocks]
+        medians = [float(median([s.step_time_s for s in b])) for b in i_blocks]
         refs = [(a + b) / 2 for a, b in zip(medians, medians[1:])]
         times = [[s.step_time_s for s in b] for b in c_blocks[:len(refs)]]
         ratio, ci = ratio_ci(times, refs, self.options.confidence, self.options.resamples, self.rng)
         trial.ratio, trial.ci = ratio, ci
-        trial.incumbent_step_time_s = float(np.median(medians))
+        trial.incumbent_step_time_s = float(median(medians))
         return ratio, ci
 
 
