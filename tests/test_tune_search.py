@@ -160,3 +160,17 @@ def test_the_space_comes_from_the_schemas():
 
     with pytest.raises(DSparkError, match="--keys: unknown policy 'memory.nope'"):
         build(SPECS_BY_KEY, values, refuse, keys=["memory.nope"])
+
+
+def test_a_tune_request_is_checked_option_by_option():
+    from dspark_lab.errors import DSparkError
+    from dspark_lab.tune.driver import parse_request
+
+    assert parse_request({})["budget_steps"] == 200
+    for body, field in (({"objective": "fast"}, "--objective"), ({"budget_steps": 5}, "--budget-steps"),
+                        ({"budget_steps": True}, "--budget-steps"), ({"max_activation_mb": -1}, "--max-activation-mb"),
+                        ({"max_memory_gb": float("inf")}, "--max-memory-gb"), ({"keys": "a,b"}, "--keys"),
+                        ({"allow_lossy": "yes"}, "--allow-lossy"),
+                        ({"max_activation_mb": 1, "max_memory_gb": 1}, "give one of them")):
+        with pytest.raises(DSparkError, match=field):
+            parse_request(body)
