@@ -14,6 +14,7 @@ from dspark_lab.cli import main as cli_main
 from dspark_lab.errors import ControlError
 from dspark_lab.runtime import commands
 from dspark_lab.runtime.control import ControlClient
+from dspark_lab.tune import commands as tune_commands
 
 pytestmark = pytest.mark.slow
 
@@ -72,3 +73,24 @@ def test_tune_keeps_a_configuration_under_the_cap_and_leaves_the_losses_bit_iden
     tuned_losses = json.loads((tmp_path / "tuned.json").read_text())
     assert len(tuned_losses) == STEPS
     assert tuned_losses == json.loads((tmp_path / "plain.json").read_text())  # bit for bit
+
+
+def test_tune_on_a_ddp_script_it_has_never_seen(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path / "home"))
+    script = Path(__file__).parent / "tune_fixtures" / "ddp_mlp.py"
+    tuned = commands.launch(script, [str(STEPS), str(tmp_path / "tuned.json")], nproc=2, name="mlp")
+    plain = commands.launch(script, [str(STEPS), str(tmp_path / "plain.json")], nproc=2, name="mlp-plain")
+    try:
+        wait_for_step(tuned, 4)
+        cap_mb = max(m["peak_activation_bytes"] for m in tuned.run_dir.metrics()) / 2 / 2**20
+        report = tune_commands.tune(tuned.id, budget_steps=120, keys=BIT_EXACT_KEYS.split(","),
+                                    max_activation_mb=cap_mb)
+        out = report.data["outcome"]
+        assert report.data["state"] == "done" and out["feasible"] and out["best_peak_bytes"] <= cap_mb * 2**20
+        assert out["best"]["memory.activation_checkpointing"] != "none"
+        assert tuned.wait(180) == 0 and plain.wait(180) == 0
+    finally:
+        for job in (tuned, plain):
+            if job.poll() is None:
+                job.stop()
+    assert json.loads((tmp_path / "tuned.json").read_text()) == json.loads((tmp_path / "plain.json").read_text())

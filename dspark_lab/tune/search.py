@@ -8,9 +8,9 @@ change the first ``warmup`` steps are discarded, then ``block`` steps are measur
 mean of the medians of the two I blocks around it, so a machine whose speed drifts linearly cancels out of the
 ratio (the same reason A/B tests interleave; Kalibera and Jones, "Rigorous Benchmarking in Reasonable Time",
 ISMM 2013). The statistic is the median of those per-step ratios with a percentile bootstrap 95% CI (Efron and
-Tibshirani 1993) over the measured steps. A trial ends as soon as the CI
-lies below ``1 - min_gain`` (win), above ``1 + min_gain`` (loss), inside ``[1 - min_gain, 1 + min_gain]`` (tie), or when its
-step budget ends (tie: not separated).
+Tibshirani 1993) over the measured steps. A trial ends as soon as the CI lies below ``1 - min_gain`` (win), above
+``1 + min_gain`` (loss), inside ``[1 - min_gain, 1 + min_gain]`` (tie), or when its step budget ends (tie: not
+separated).
 
 Memory: the incumbent's measured peak times per-policy ratios learned from earlier trials (one factor per
 key=value relative to that key's first-seen value) predicts a candidate's peak; a prediction over the cap with the
