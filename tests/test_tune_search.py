@@ -174,3 +174,11 @@ def test_a_tune_request_is_checked_option_by_option():
                         ({"max_activation_mb": 1, "max_memory_gb": 1}, "give one of them")):
         with pytest.raises(DSparkError, match=field):
             parse_request(body)
+
+
+def test_the_memory_objective_keeps_the_smallest_peak_even_when_slower():
+    speed = lambda v: 0.10 * (1.5 if v["b"] == 2 else 1.0)
+    peak = lambda v: 100.0 * (0.5 if v["b"] == 2 else 1.0) * (1.2 if v["a"] == "y" else 1.0)
+    out = run(FakeJob(speed, peak=peak), objective="memory")
+    assert out.best == {"a": "x", "b": 2} and verdicts(out) == {("a", "y"): "loss", ("b", 2): "win"}
+    assert run(FakeJob(speed, peak=peak)).best == START  # the throughput objective keeps the faster start
