@@ -25,6 +25,7 @@ AREA_MODULES = (
     "dspark_lab.collectives.cli",
     "dspark_lab.trace.cli",
     "dspark_lab.planner.cli",
+    "dspark_lab.tune.cli",
 )
 
 

@@ -27,7 +27,9 @@ class PolicySpec:
     """One policy's schema.
 
     ``live``: may change on a running job (else launch-only). ``lossy_values``: the values that change the loss
-    trajectory (compression, fp8); every other value leaves it identical.
+    trajectory (compression, fp8); every other value computes the same math. ``bit_exact``: whether those lossless
+    values also give bit-identical results (False when they reorder floating-point sums: ring / tree all-reduce,
+    another thread count); ``dspark-lab tune`` reports which kind it tried.
     """
 
     key: str
@@ -39,6 +41,7 @@ class PolicySpec:
     max: float | None = None
     live: bool = True
     lossy_values: tuple[str, ...] = ()
+    bit_exact: bool = True
 
     def __post_init__(self):
         if "." not in self.key:
@@ -134,6 +137,7 @@ class PolicySpec:
             "live": self.live,
             "lossless": self.lossless,
             "lossy_values": list(self.lossy_values),
+            "bit_exact": self.bit_exact,
             "doc": self.doc,
         }
 

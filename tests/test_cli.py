@@ -13,7 +13,8 @@ from dspark_lab import cli, commands
 from dspark_lab.output import SCHEMA_VERSION
 from dspark_lab.plugins import make_manager, reset_manager
 
-BACKEND_KEYS = {"name", "vendor", "plugin", "available", "devices", "reason", "torch_device", "collectives", "specs"}
+BACKEND_KEYS = {"name", "vendor", "plugin", "available", "devices", "reason", "torch_device", "collectives", "specs",
+                "topology"}
 SPEC_KEYS = {"bf16_tflops", "fp8_tflops", "memory_gb", "memory_bandwidth_gb_s", "link_gb_s", "source"}
 
 
@@ -43,7 +44,7 @@ def test_backends_text(builtin_manager, capsys):
     assert cli.main(["backends"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["name", "vendor", "plugin", "available", "bf16_tflops", "memory_gb", "link_gb_s",
-                                "reason"]
+                                "topology", "reason"]
     assert any(line.startswith("nvidia-h100 ") and " 989.4 " in line for line in lines)
 
 

@@ -15,7 +15,7 @@ def spec(**overrides) -> PolicySpec:
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(key="offload"), "policy key 'offload' must be 'area.name'"),
-    (dict(type="string"), "type must be one of enum, int, float, bool, got 'string'"),
+    (dict(type="list"), "type must be one of enum, int, float, bool, str, got 'list'"),
     (dict(choices=()), "an enum needs choices"),
 ])
 def test_bad_spec_is_a_value_error(overrides, message):
@@ -138,3 +138,13 @@ def test_launch_and_live_policies_refuse_non_finite_numbers(assignment, message)
 
     with pytest.raises(PolicyError, match=message):
         parse_policies([assignment])
+
+
+def test_str_policies_take_printable_text_of_bounded_length():
+    from dspark_lab.policy import MAX_STR
+
+    s = spec(key="comm.topology", type="str", default="backend", choices=())
+    assert s.validate(" dgx1-v100 ") == "dgx1-v100" and s.allowed().startswith("a string of 1 to")
+    for bad in ("", "   ", "a\nb", "x" * (MAX_STR + 1), True, None):
+        with pytest.raises(PolicyError, match="^comm.topology: "):
+            s.validate(bad)

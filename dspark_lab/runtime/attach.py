@@ -235,7 +235,7 @@ class Job:
         if self.step == 1:
             self.discovered = True
             self.policies.update(builtin_policies.observed_values(self))
-            self.policy_state.apply_launch(("memory.", "sched.", "moe."), self.step + 1)
+            self.policy_state.apply_launch(("memory.", "sched.", "moe.", "compute."), self.step + 1)
         self.coordinator.at_boundary(self.step)
 
     def _write_metrics(self, now: float) -> None:

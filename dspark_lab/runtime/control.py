@@ -6,6 +6,8 @@ Requests (JSON bodies, ``Authorization: Bearer <token>``):
   POST /set   {"changes": {key: value}, "wait": true, "timeout": 60}
   GET  /metrics?tail=N      the last N metric records (1 <= N <= 1000), read from the end of the file
   POST /stop  {"timeout": 60}   stop every rank at a step boundary; answers once stopped
+  POST /tune  {"objective", "budget_steps", "keys", ...}   start `dspark-lab tune` in rank 0 (docs/tune.md)
+  POST /tune/stop   end the search at the next block, keeping the best so far;   GET /tune   its state
 A bad request gets HTTP 4xx with ``{"error": "<one line>"}`` and changes nothing; the job goes on. Sizes, waits and
 connections are bounded (:mod:`.limits`); the endpoint is published in ``control.json`` (:mod:`.liveness`).
 """
@@ -31,6 +33,7 @@ from dspark_lab.output import SCHEMA_VERSION
 from dspark_lab.runtime import limits, liveness
 from dspark_lab.runtime.limits import check_timeout, one_line, short
 from dspark_lab.runtime.records import RunDir, run_state
+from dspark_lab.tune import driver as tune_driver
 
 LOOPBACK = "127.0.0.1"
 KEY_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
@@ -252,6 +255,9 @@ class ControlServer:
             ("POST", "/set"): self.set,
             ("GET", "/metrics"): self.metrics,
             ("POST", "/stop"): self.stop,
+            ("POST", "/tune"): self.tune,
+            ("POST", "/tune/stop"): self.tune_stop,
+            ("GET", "/tune"): lambda body: self._tune_report(),
         }
         self.host, self.port = self._server.server_address[:2]
         self._thread = threading.Thread(target=self._server.serve_forever, name="dspark-control", daemon=True)
@@ -271,6 +277,8 @@ class ControlServer:
         if not isinstance(wait, bool):
             raise RequestError("wait: must be true or false")
         started = time.monotonic()
+        if tune_driver.refusal_of_set(self.job):
+            raise RequestError(tune_driver.refusal_of_set(self.job), 409)
         self._wait_for_first_step(timeout)
         pending = self.job.request(changes)
         old = {key: self.job.policies[key] for key in changes}
@@ -316,6 +324,22 @@ class ControlServer:
             reply.update(state="timed_out", pending_state=state,
                          reason=f"the stop is {state} but was not done within {timeout:g} s")
         return reply
+
+    def tune(self, body) -> dict[str, Any]:
+        self._wait_for_first_step(check_timeout(body.pop("timeout", 60), "timeout"))
+        return tune_driver.start(self.job, body).report()
+
+    def tune_stop(self, body) -> dict[str, Any]:
+        tune = self.job.state.get("tune")
+        if tune is None:
+            raise RequestError("tune: no tune has run on this job", 409)
+        tune.stop_event.set()
+        tune.wait(check_timeout(body.get("timeout", 60), "timeout"))
+        return tune.report()
+
+    def _tune_report(self) -> dict[str, Any]:
+        tune = self.job.state.get("tune")
+        return tune.report() if tune is not None else {"id": None, "state": "none"}
 
     def close(self) -> None:
         """Refuse what will never apply, let the replies in flight go out, then stop serving."""

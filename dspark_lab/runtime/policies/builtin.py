@@ -2,7 +2,7 @@
 
 Memory: ``memory.activation_checkpointing``, ``memory.activation_offload``, ``memory.reshard_after_forward``
 (FSDP2's ``reshard_after_forward``, switched through ``FSDPModule.set_reshard_after_forward``). Communication:
-``comm.grad_sync``, ``comm.bucket_mb`` (launch-only). Scheduling: ``sched.pipeline``, ``moe.placement`` with its
+``comm.grad_sync``, ``comm.bucket_mb`` (launch-only). Compute: ``compute.threads``. Scheduling: ``sched.pipeline``, ``moe.placement`` with its
 interval, window and move cost. How each is applied lives in :mod:`.memory`, :mod:`.comm`, :mod:`.sched` and :mod:`.moe`; this module
 only says which keys exist, when a change must be refused, and routes an apply to the right function. Their
 per-job state lives in ``job.state`` ("comm", "moe", "pipeline"), made by :func:`dspark_job_started`.
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dspark_lab import hookimpl
 from dspark_lab.errors import DSparkError, PolicyError
 from dspark_lab.policy import PolicySpec
-from dspark_lab.runtime.policies import comm, memory, moe, sched
+from dspark_lab.runtime.policies import comm, compute, memory, moe, sched
 
 SPECS = (
     PolicySpec(key="memory.activation_checkpointing", type="enum", choices=memory.CHECKPOINTING, default="none",
@@ -28,7 +28,7 @@ SPECS = (
                    "backward (true, ZeRO-3-like) or keep them until backward (false, ZeRO-2-like: more memory, "
                    "one all-gather fewer per block)"),
     PolicySpec(key="comm.grad_sync", type="enum", choices=comm.GRAD_SYNC, default="builtin",
-               lossy_values=comm.COMPRESSED,
+               lossy_values=comm.COMPRESSED, bit_exact=False,
                doc="collective that reduces DDP gradient buckets (bf16/fp8: compressed with error feedback, lossy)"),
     PolicySpec(key="comm.topology", type="str", default="backend", live=False,
                doc="the link graph comm.grad_sync=packed-trees plans on: backend (what the backend reports), a "
@@ -36,11 +36,11 @@ SPECS = (
     PolicySpec(key="comm.emulate_links", type="float", min=0, max=1000, default=0.0, live=False,
                doc="pace packed-trees messages at the topology's link rates times this scale (0: off), to see a "
                    "topology's effect on a machine without its links"),
-    PolicySpec(key="comm.bucket_mb", type="float", min=1, max=1024, default=25.0, live=False,
+    PolicySpec(key="comm.bucket_mb", type="float", min=1, max=1024, default=25.0, live=False, bit_exact=False,
                doc="DDP gradient bucket size in MB (launch-only: DDP builds its buckets once)"),
     PolicySpec(key="sched.pipeline", type="enum", choices=(sched.NONE, *sched.schedule_names()), default=sched.NONE,
-               doc="pipeline schedule of the job's pipeline executor; switches keep each rank's stages"),
-    PolicySpec(key="moe.placement", type="enum", choices=moe.PLACEMENT, default="static",
+               bit_exact=False, doc="pipeline schedule of the job's pipeline executor; switches keep each rank's stages"),
+    PolicySpec(key="moe.placement", type="enum", choices=moe.PLACEMENT, default="static", bit_exact=False,
                doc="re-place MoE experts from recorded loads: keep them (static), DeepSeek's EPLB, or ours (dspark)"),
     PolicySpec(key="moe.placement_interval", type="int", min=1, max=1_000_000, default=10,
                doc="re-place every this many steps (while moe.placement is not static)"),
@@ -48,6 +48,11 @@ SPECS = (
                doc="steps of load history a re-placement balances"),
     PolicySpec(key="moe.move_cost", type="float", min=0, max=100, default=0.0,
                doc="dspark only: balance traded per expert moved (0: best balance, larger: fewer moves)"),
+)
+SPECS = SPECS + (
+    PolicySpec(key="compute.threads", type="int", min=1, max=compute.MAX_THREADS, default=1, bit_exact=False,
+               doc="intra-op CPU threads of each rank (torch.set_num_threads); lossless but not bit-exact on cpu: "
+                   "1 vs 2 threads changed the demo model's losses by up to 7.5e-8 relative (sums reordered)"),
 )
 SPECS_BY_KEY = {spec.key: spec for spec in SPECS}
 
@@ -96,6 +101,8 @@ def refusal(job, key: str, value) -> str | None:
             return f"backend {job.backend.name} offers no {value!r} collective (offered: {offered})"
     if key == "sched.pipeline":
         return sched.refusal(value, job)
+    if key == "compute.threads":
+        return compute.refusal(value)
     if key.startswith("moe."):
         return moe.refusal(job)
     return None
@@ -103,7 +110,7 @@ def refusal(job, key: str, value) -> str | None:
 
 def observed_values(job) -> dict:
     """Values the script chose itself (read once the first step ran), so `get` shows what is really in force."""
-    found = {"sched.pipeline": sched.current(job)}
+    found = {"sched.pipeline": sched.current(job), "compute.threads": compute.current()}
     if job.fsdp_kind == "fsdp2":
         setting = memory.reshard_after_forward(job.model)
         if isinstance(setting, bool):
@@ -164,6 +171,8 @@ def dspark_apply_policy(job, key, value, old):
         return "packed-trees messages paced at the modelled link rates" if value else ""
     if key == "sched.pipeline":
         return sched.apply(value, job)
+    if key == "compute.threads":
+        return compute.apply(value)
     if key.startswith("moe."):
         return ""  # read at each step boundary by dspark_step_end
     return None

@@ -1,0 +1,54 @@
+"""``dspark-lab tune RUN [...]`` and ``dspark-lab tune RUN --stop``, added to ``dspark-lab`` by :mod:`dspark_lab.cli`.
+
+Building the parser imports nothing heavy; the verb imports :mod:`.commands` when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _bounded(kind, low, high):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number in ({low:g}, {high:g}], got {text!r}") from None
+        if not low < value <= high:
+            raise argparse.ArgumentTypeError(f"must be a number in ({low:g}, {high:g}], got {text!r}")
+        return value
+
+    return parse
+
+
+def _run(args):
+    from dspark_lab.tune import commands
+
+    if args.stop:
+        return commands.stop(args.run)
+    if args.status:
+        return commands.status(args.run)
+    keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
+    return commands.tune(args.run, objective=args.objective, max_activation_mb=args.max_activation_mb,
+                         max_memory_gb=args.max_memory_gb, budget_steps=args.budget_steps, keys=keys,
+                         allow_lossy=args.allow_lossy, follow=None if args.json else commands.print_trial)
+
+
+def add_parsers(subparsers, common) -> None:
+    p = subparsers.add_parser(
+        "tune", parents=[common], help="search a running job's live policies for speed or memory, without a restart",
+        description="Try the job's live policies one value at a time, interleaved with the best so far, and keep "
+                    "the best; the job trains on throughout. --stop ends a running tune (the best stays).")
+    p.add_argument("run", help="run id, name or unique id prefix")
+    p.add_argument("--objective", choices=("throughput", "memory"), default="throughput")
+    p.add_argument("--max-activation-mb", type=_bounded(float, 0, 1 << 30), metavar="MB",
+                   help="cap on the peak bytes saved for backward (any rank)")
+    p.add_argument("--max-memory-gb", type=_bounded(float, 0, 1 << 30), metavar="GB",
+                   help="cap on device peak memory (CUDA) or RSS (cpu)")
+    p.add_argument("--budget-steps", type=_bounded(int, 9, 100_000), default=200,
+                   help="steps the whole search may use (default 200, 10 to 100000)")
+    p.add_argument("--keys", metavar="KEY,...", help="only these policies (default: every live one that applies)")
+    p.add_argument("--allow-lossy", action="store_true", help="also try lossy values (fp8, compression)")
+    p.add_argument("--stop", action="store_true", help="end the running tune; the best found so far stays")
+    p.add_argument("--status", action="store_true", help="print the tune's state and return")
+    p.set_defaults(func=_run)

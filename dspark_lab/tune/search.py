@@ -1,0 +1,329 @@
+"""The trial logic of ``dspark-lab tune``: greedy one-key-at-a-time search over live policies inside a running job.
+
+Plain Python over :class:`TrialJob` (apply values at a step boundary, read the next steps' times and peak memory),
+so it runs the same on the real job (:mod:`.driver`) and on a fake job with scripted step times (the tests).
+
+A trial compares a candidate C with the incumbent I in interleaved blocks, ``I C I C I ...`` (ABAB): after every
+change the first ``warmup`` steps are discarded, then ``block`` steps are measured. Each C block is divided by the
+mean of the medians of the two I blocks around it, so a machine whose speed drifts linearly cancels out of the
+ratio (the same reason A/B tests interleave; Kalibera and Jones, "Rigorous Benchmarking in Reasonable Time",
+ISMM 2013). The statistic is the median of those per-step ratios with a percentile bootstrap 95% CI (Efron and
+Tibshirani 1993) over the measured steps. A trial ends as soon as the CI lies below ``1 - min_gain`` (win), above
+``1 + min_gain`` (loss), inside ``[1 - min_gain, 1 + min_gain]`` (tie), or when its step budget ends (tie: not
+separated).
+
+Memory: the incumbent's measured peak times per-policy ratios learned from earlier trials (one factor per
+key=value relative to that key's first-seen value) predicts a candidate's peak; a prediction over the cap with the
+``margin`` is not tried, a measured peak over the cap is rolled back at once, an apply that raises is rolled back
+and marked failed. The search goes on; at the end the incumbent (the best found) is in force.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from statistics import median
+from typing import Any, Callable, Protocol
+
+OBJECTIVES = ("throughput", "memory")
+VERDICTS = ("win", "loss", "tie", "over_cap", "predicted_over_cap", "failed", "stopped", "skipped_budget")
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One measured step: its wall time and the peak memory (bytes) it reached, None when not metered."""
+
+    step: int
+    step_time_s: float
+    peak_bytes: float | None = None
+
+
+class TrialJob(Protocol):
+    """What the search needs from a job. ``apply`` blocks until the values are in force on every rank (or raises);
+    ``read(n)`` blocks until ``n`` steps completed after the call and returns them; ``step`` is the last step."""
+
+    def apply(self, values: dict[str, Any]) -> None: ...
+
+    def read(self, n: int) -> list[Sample]: ...
+
+    @property
+    def step(self) -> int: ...
+
+
+@dataclass(kw_only=True, slots=True)
+class TuneOptions:
+    objective: str = "throughput"
+    max_peak_bytes: float | None = None  # the cap on Sample.peak_bytes (--max-activation-mb or --max-memory-gb)
+    budget_steps: int = 200
+    warmup: int = 2
+    block: int = 4
+    min_pairs: int = 2
+    max_trial_steps: int = 60
+    min_gain: float = 0.03  # a win must be at least this much faster; a tie is within it
+    margin: float = 0.10  # memory safety margin of a prediction
+    confidence: float = 0.95
+    resamples: int = 2000
+    seed: int = 0
+
+    def __post_init__(self):
+        from dspark_lab.errors import DSparkError
+
+        if self.objective not in OBJECTIVES:
+            raise DSparkError(f"--objective: {self.objective!r} is not allowed; allowed: {' | '.join(OBJECTIVES)}")
+        if not 10 <= self.budget_steps <= 100_000:
+            raise DSparkError(f"--budget-steps: {self.budget_steps} is not allowed; allowed: 10 to 100000")
+        if self.max_peak_bytes is not None and not (math.isfinite(self.max_peak_bytes) and self.max_peak_bytes > 0):
+            raise DSparkError(f"memory cap: {self.max_peak_bytes!r} is not allowed; allowed: a positive number")
+
+
+@dataclass(slots=True)
+class Trial:
+    values: dict[str, Any]  # the full candidate configuration
+    change: dict[str, Any]  # what differs from the incumbent
+    verdict: str = ""
+    steps: int = 0  # steps the trial consumed (warm-up and incumbent blocks included)
+    median_step_time_s: float | None = None
+    incumbent_step_time_s: float | None = None
+    ratio: float | None = None
+    ci: tuple[float, float] | None = None
+    peak_bytes: float | None = None
+    predicted_peak_bytes: float | None = None
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"values": self.values, "change": self.change, "verdict": self.verdict, "steps": self.steps,
+                "median_step_time_s": self.median_step_time_s, "incumbent_step_time_s": self.incumbent_step_time_s,
+                "ratio": self.ratio, "ci": list(self.ci) if self.ci else None, "peak_bytes": self.peak_bytes,
+                "predicted_peak_bytes": self.predicted_peak_bytes, "reason": self.reason}
+
+
+@dataclass(slots=True)
+class Outcome:
+    start: dict[str, Any]
+    best: dict[str, Any]
+    best_step_time_s: float | None
+    best_peak_bytes: float | None
+    feasible: bool
+    trials: list[Trial] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    stopped: bool = False
+    found_at_step: int = 0  # steps into the search when the kept configuration was first accepted
+    found_after_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "best": self.best, "best_step_time_s": self.best_step_time_s,
+                "best_peak_bytes": self.best_peak_bytes, "feasible": self.feasible, "steps": self.steps,
+                "seconds": self.seconds, "stopped": self.stopped, "found_at_step": self.found_at_step,
+                "found_after_s": self.found_after_s, "trials": [t.as_dict() for t in self.trials]}
+
+
+class MemoryModel:
+    """Peak of a configuration = the incumbent's measured peak x the learned factor of each changed key=value."""
+
+    def __init__(self):
+        self.factor: dict[tuple[str, str], float] = {}
+
+    @staticmethod
+    def _k(key, value) -> tuple[str, str]:
+        return key, repr(value)
+
+    def learn(self, incumbent: dict, candidate: dict, incumbent_peak: float, candidate_peak: float) -> None:
+        changed = [k for k in candidate if candidate[k] != incumbent.get(k)]
+        if len(changed) != 1 or not incumbent_peak or candidate_peak is None:
+            return
+        key = changed[0]
+        base = self.factor.setdefault(self._k(key, incumbent[key]), 1.0)
+        self.factor[self._k(key, candidate[key])] = base * candidate_peak / incumbent_peak
+
+    def predict(self, incumbent: dict, incumbent_peak: float | None, candidate: dict) -> float | None:
+        if incumbent_peak is None:
+            return None
+        peak = incumbent_peak
+        for key, value in candidate.items():
+            if value == incumbent.get(key):
+                continue
+            new, old = self.factor.get(self._k(key, value)), self.factor.get(self._k(key, incumbent[key]))
+            if new is not None and old is not None:
+                peak *= new / old
+        return peak
+
+
+def ratio_ci(c_blocks: list[list[float]], i_refs: list[float], confidence: float, resamples: int,
+             rng: random.Random) -> tuple[float, tuple[float, float]]:
+    """Median of per-step ratios C / (bracketing incumbent reference), and its percentile-bootstrap CI.
+
+    Plain Python (no numpy): the control endpoint imports this module, and the CLI verbs that talk to it stay light.
+    """
+    ratios = [t / ref for block, ref in zip(c_blocks, i_refs) for t in block]
+    stats = sorted(median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    alpha = (1 - confidence) / 2
+    return median(ratios), (stats[int(alpha * (resamples - 1))], stats[math.ceil((1 - alpha) * (resamples - 1))])
+
+
+class Search:
+    """Greedy coordinate search: for each key, try each of its values against the incumbent; a win replaces it."""
+
+    def __init__(self, job: TrialJob, start: dict[str, Any], space: dict[str, list[Any]], options: TuneOptions,
+                 log: Callable[[str, dict], None] = lambda kind, record: None,
+                 should_stop: Callable[[], bool] = lambda: False):
+        self.job, self.space, self.options = job, space, options
+        self.start = dict(start)
+        self.incumbent = dict(start)
+        self.log, self.should_stop = log, should_stop
+        self.memory = MemoryModel()
+        self.rng = random.Random(options.seed)
+        self.incumbent_time: float | None = None
+        self.incumbent_peak: float | None = None
+        self._start_step = 0
+
+    # --- helpers -------------------------------------------------------------------------------------------------
+
+    def _used(self) -> int:
+        return self.job.step - self._start_step
+
+    def _left(self) -> int:
+        return self.options.budget_steps - self._used()
+
+    def _over(self, peak: float | None, margin: float = 0.0) -> bool:
+        cap = self.options.max_peak_bytes
+        return cap is not None and peak is not None and peak * (1 + margin) > cap
+
+    def _block(self) -> list[Sample]:
+        """Discard the warm-up steps after a change, then measure one block."""
+        self.job.read(self.options.warmup)
+        return self.job.read(self.options.block)
+
+    @staticmethod
+    def _peak(samples: list[Sample]) -> float | None:
+        peaks = [s.peak_bytes for s in samples if s.peak_bytes is not None]
+        return max(peaks) if peaks else None
+
+    # --- the search ----------------------------------------------------------------------------------------------
+
+    def run(self) -> Outcome:
+        began = time.monotonic()
+        self._start_step = self.job.step
+        out = Outcome(start=dict(self.start), best=self.incumbent, best_step_time_s=None, best_peak_bytes=None,
+                      feasible=False)
+        baseline = self._block()
+        self.incumbent_time = float(median([s.step_time_s for s in baseline]))
+        self.incumbent_peak = self._peak(baseline)
+        for key, values in self.space.items():
+            for value in values:
+                if value == self.incumbent.get(key):
+                    continue
+                candidate = {**self.incumbent, key: value}
+                if self.should_stop():
+                    out.stopped = True
+                    break
+                needed = 2 * (self.options.warmup + self.options.block) * self.options.min_pairs + 4
+                if self._left() < needed:
+                    trial = Trial(candidate, {key: value}, verdict="skipped_budget",
+                                  reason=f"{self._left()} steps left, a trial needs {needed}")
+                else:
+                    trial = self._trial(candidate, {key: value})
+                out.trials.append(trial)
+                self.log("trial", trial.as_dict())
+                if trial.verdict == "win":
+                    self.job.apply(candidate)  # each trial ends on the incumbent: switch to the winner
+                    self.incumbent = candidate
+                    self.incumbent_time = trial.median_step_time_s
+                    self.incumbent_peak = trial.peak_bytes
+                    out.found_at_step, out.found_after_s = self._used(), time.monotonic() - began
+            if out.stopped:
+                break
+        out.best = dict(self.incumbent)
+        out.best_step_time_s, out.best_peak_bytes = self.incumbent_time, self.incumbent_peak
+        out.feasible = not self._over(self.incumbent_peak)
+        out.steps, out.seconds = self._used(), time.monotonic() - began
+        self.log("decision", {k: v for k, v in out.as_dict().items() if k != "trials"})
+        return out
+
+    def _trial(self, candidate: dict, change: dict) -> Trial:
+        o = self.options
+        trial = Trial(candidate, change, incumbent_step_time_s=self.incumbent_time)
+        trial.predicted_peak_bytes = self.memory.predict(self.incumbent, self.incumbent_peak, candidate)
+        if self._over(trial.predicted_peak_bytes, o.margin) and change_key_known(self.memory, change):
+            trial.verdict, trial.reason = "predicted_over_cap", "the memory model predicts a peak over the cap"
+            return trial
+        began = self.job.step
+        i_blocks = [self._block()]  # the incumbent block that opens the bracket (it is in force now)
+        c_blocks: list[list[Sample]] = []
+        try:
+            while True:
+                self.job.apply(candidate)
+                c_blocks.append(self._block())
+                self.job.apply(self.incumbent)
+                if self._over(self._peak(c_blocks[-1])):
+                    trial.verdict = "over_cap"
+                    trial.reason = "measured peak over the cap: rolled back"
+                    break
+                i_blocks.append(self._block())
+                verdict = self._judge(trial, c_blocks, i_blocks)
+                if verdict:
+                    trial.verdict = verdict
+                    break
+                if self.job.step - began + 2 * (o.warmup + o.block) + 4 > min(o.max_trial_steps, self._left()) \
+                        or self.should_stop():
+                    trial.verdict = "stopped" if self.should_stop() else "tie"
+                    trial.reason = trial.reason or "not separated within the trial budget"
+                    break
+        except Exception as exc:  # an apply that raises: back to the incumbent, mark failed, go on
+            trial.verdict, trial.reason = "failed", f"{type(exc).__name__}: {exc}"[:300]
+            try:
+                self.job.apply(self.incumbent)
+            except Exception as again:
+                trial.reason += f"; restoring the incumbent failed too: {again}"[:200]
+        trial.steps = self.job.step - began
+        if c_blocks:
+            trial.peak_bytes = self._peak([s for b in c_blocks for s in b])
+            trial.median_step_time_s = float(median([s.step_time_s for b in c_blocks for s in b]))
+            incumbent_peak = self._peak([s for b in i_blocks for s in b])
+            self.memory.learn(self.incumbent, candidate, incumbent_peak, trial.peak_bytes)
+            if trial.verdict == "win":
+                trial.median_step_time_s = self.incumbent_time * (trial.ratio or 1.0)
+        return trial
+
+    def _judge(self, trial: Trial, c_blocks, i_blocks) -> str:
+        o = self.options
+        c_peak = self._peak([s for b in c_blocks for s in b])
+        i_peak = self._peak([s for b in i_blocks for s in b])
+        incumbent_feasible = not self._over(i_peak)
+        if not incumbent_feasible and c_peak is not None and not self._over(c_peak):
+            trial.reason = "the incumbent is over the memory cap and this one is under it"
+            self._score(trial, c_blocks, i_blocks)
+            return "win"
+        if o.objective == "memory":
+            self._score(trial, c_blocks, i_blocks)
+            if c_peak is None or i_peak is None:
+                return "tie"
+            if c_peak < i_peak * (1 - o.min_gain):
+                trial.reason = f"peak {c_peak / i_peak - 1:+.1%}"
+                return "win"
+            return "loss" if c_peak > i_peak * (1 + o.min_gain) else "tie"
+        ratio, (lo, hi) = self._score(trial, c_blocks, i_blocks)  # reported even when the budget ends the trial
+        if len(c_blocks) < o.min_pairs:
+            return ""
+        if hi < 1 - o.min_gain:
+            return "win"
+        if lo > 1 - o.min_gain and hi < 1 + o.min_gain:
+            trial.reason = "within the minimum gain"
+            return "tie"
+        return "loss" if lo > 1 + o.min_gain else ""
+
+    def _score(self, trial: Trial, c_blocks, i_blocks):
+        medians = [float(median([s.step_time_s for s in b])) for b in i_blocks]
+        refs = [(a + b) / 2 for a, b in zip(medians, medians[1:])]
+        times = [[s.step_time_s for s in b] for b in c_blocks[:len(refs)]]
+        ratio, ci = ratio_ci(times, refs, self.options.confidence, self.options.resamples, self.rng)
+        trial.ratio, trial.ci = ratio, ci
+        trial.incumbent_step_time_s = float(median(medians))
+        return ratio, ci
+
+
+def change_key_known(memory: MemoryModel, change: dict) -> bool:
+    """A prediction only counts when every changed key=value has a learned factor."""
+    return all(memory._k(k, v) in memory.factor for k, v in change.items())

@@ -1,0 +1,96 @@
+"""One real 2-rank tune end to end on the demo job: a memory cap at half the unconstrained peak, a manual `set`
+refused during the tune, `--stop`, the events, and the loss trajectory equal to an untuned run's bit for bit."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_for_step
+from dspark_lab.cli import main as cli_main
+from dspark_lab.errors import ControlError
+from dspark_lab.runtime import commands
+from dspark_lab.runtime.control import ControlClient
+from dspark_lab.tune import commands as tune_commands
+
+pytestmark = pytest.mark.slow
+
+DEMO = Path(commands.__file__).parent.parent / "examples" / "demo_train.py"
+SMALL = ["--layers", "3", "--dim", "32", "--seq", "16", "--batch", "4", "--vocab", "64"]
+STEPS = 500
+BIT_EXACT_KEYS = "memory.activation_checkpointing,memory.activation_offload"
+
+
+def test_tune_keeps_a_configuration_under_the_cap_and_leaves_the_losses_bit_identical(tmp_path, monkeypatch,
+                                                                                         capsys):
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path / "home"))
+    tuned = commands.launch(DEMO, [*SMALL, "--steps", str(STEPS), "--loss-file", str(tmp_path / "tuned.json")],
+                            nproc=2, name="tuned")
+    plain = commands.launch(DEMO, [*SMALL, "--steps", str(STEPS), "--loss-file", str(tmp_path / "plain.json")],
+                            nproc=2, name="plain")
+    try:
+        wait_for_step(tuned, 4)
+        unconstrained = max(m["peak_activation_bytes"] for m in tuned.run_dir.metrics())
+        cap_mb = unconstrained / 2 / 2**20
+        client = ControlClient(tuned.run_dir, timeout=70)
+        started = client.request("POST", "/tune", {"budget_steps": 150, "keys": BIT_EXACT_KEYS.split(","),
+                                                   "max_activation_mb": cap_mb})
+        assert started["state"] == "running" and started["space"]["bit_exact"]
+        with pytest.raises(ControlError, match=rf"tune {started['id']} is searching .*--stop"):
+            commands.set_policies(tuned.id, ["memory.activation_checkpointing=every-2"])
+        deadline = time.monotonic() + 120
+        state = started
+        while state["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.3)
+            state = client.request("GET", "/tune")
+        assert state["state"] == "done", state
+        out = state["outcome"]
+        assert out["feasible"] and out["best_peak_bytes"] <= cap_mb * 2**20
+        assert out["best"]["memory.activation_checkpointing"] != "none"  # none is the unconstrained peak
+        assert out["steps"] <= 150 + 12
+        in_force = {p["key"]: p["value"] for p in commands.policies(tuned.id).data["policies"]}
+        assert all(in_force[k] == v for k, v in out["best"].items())
+        for trial in state["trials"]:  # a trial measured over the cap never won
+            if trial["peak_bytes"] is not None and trial["peak_bytes"] > cap_mb * 2**20:
+                assert trial["verdict"] in ("over_cap", "loss", "tie")
+        # a second tune, stopped from the CLI at once: the best so far stays, the run trains on
+        client.request("POST", "/tune", {"budget_steps": 100, "keys": ["memory.activation_offload"]})
+        assert cli_main(["tune", tuned.id, "--stop", "--json"]) == 0
+        stopped = json.loads(capsys.readouterr().out)
+        assert stopped["kind"] == "tune" and stopped["state"] == "stopped" and stopped["schema_version"]
+        assert tuned.wait(180) == 0 and plain.wait(180) == 0
+    finally:
+        for job in (tuned, plain):
+            if job.poll() is None:
+                job.stop()
+    events = [e for e in tuned.run_dir.events() if e["kind"] == "tune"]
+    trials = [e["trial"] for e in events if e["reason"] == "trial"]
+    assert len(trials) >= len(state["trials"]) and all("ci" in t and "peak_bytes" in t for t in trials)
+    assert [e["reason"] for e in events].count("decision") == 2
+    tuned_losses = json.loads((tmp_path / "tuned.json").read_text())
+    assert len(tuned_losses) == STEPS
+    assert tuned_losses == json.loads((tmp_path / "plain.json").read_text())  # bit for bit
+
+
+def test_tune_on_a_ddp_script_it_has_never_seen(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path / "home"))
+    script = Path(__file__).parent / "tune_fixtures" / "ddp_mlp.py"
+    tuned = commands.launch(script, [str(STEPS), str(tmp_path / "tuned.json")], nproc=2, name="mlp")
+    plain = commands.launch(script, [str(STEPS), str(tmp_path / "plain.json")], nproc=2, name="mlp-plain")
+    try:
+        wait_for_step(tuned, 4)
+        cap_mb = max(m["peak_activation_bytes"] for m in tuned.run_dir.metrics()) / 2 / 2**20
+        report = tune_commands.tune(tuned.id, budget_steps=120, keys=BIT_EXACT_KEYS.split(","),
+                                    max_activation_mb=cap_mb)
+        out = report.data["outcome"]
+        assert report.data["state"] == "done" and out["feasible"] and out["best_peak_bytes"] <= cap_mb * 2**20
+        assert out["best"]["memory.activation_checkpointing"] != "none"
+        assert tuned.wait(180) == 0 and plain.wait(180) == 0
+    finally:
+        for job in (tuned, plain):
+            if job.poll() is None:
+                job.stop()
+    assert json.loads((tmp_path / "tuned.json").read_text()) == json.loads((tmp_path / "plain.json").read_text())

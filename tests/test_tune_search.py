@@ -1,0 +1,184 @@
+"""The trial logic on a fake job with scripted step times: winner, tie, drift, a raising apply, a memory cap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dspark_lab.tune.search import Sample, Search, TuneOptions
+
+
+class FakeJob:
+    """Steps advance only through apply (2 steps, like the coordinator's margin) and read; step time is
+    ``speed(values) * drift(step)`` with noise; the first step after a change is 5x slow (warm-up)."""
+
+    def __init__(self, speed, *, drift=lambda step: 1.0, peak=lambda v: 100.0, noise=0.02, fails=(), seed=1):
+        self.values = {}
+        self.speed, self.drift, self.peak_of, self.noise, self.fails = speed, drift, peak, noise, set(fails)
+        self.rng = np.random.default_rng(seed)
+        self._step = 0
+        self.since_change = 0
+        self.applied = []
+
+    @property
+    def step(self):
+        return self._step
+
+    def _one(self):
+        self._step += 1
+        self.since_change += 1
+        t = self.speed(self.values) * self.drift(self._step) * (1 + self.noise * self.rng.standard_normal())
+        if self.since_change == 1:
+            t *= 5
+        return Sample(self._step, t, self.peak_of(self.values))
+
+    def apply(self, values):
+        if values == self.values:
+            return
+        self._one(), self._one()
+        bad = [f"{k}={v}" for k, v in values.items() if (k, v) in self.fails]
+        if bad:
+            raise RuntimeError(f"apply of {bad[0]} failed on rank 1")
+        self.values = dict(values)
+        self.applied.append(dict(values))
+        self.since_change = 0
+
+    def read(self, n):
+        return [self._one() for _ in range(n)]
+
+
+START = {"a": "x", "b": 1}
+SPACE = {"a": ["x", "y"], "b": [1, 2]}
+
+
+def run(job, **options):
+    job.values = dict(START)
+    events = []
+    search = Search(job, START, SPACE, TuneOptions(**options), log=lambda kind, r: events.append((kind, r)))
+    out = search.run()
+    assert job.values == out.best, "the kept configuration is the one in force at the end"
+    assert events[-1][0] == "decision" and len(events) == len(out.trials) + 1
+    return out
+
+
+def verdicts(out):
+    return {tuple(t.change.items())[0]: t.verdict for t in out.trials}
+
+
+def test_a_clear_winner_is_kept():
+    job = FakeJob(lambda v: 0.10 * (0.7 if v["a"] == "y" else 1.0))
+    out = run(job)
+    assert out.best == {"a": "y", "b": 1}
+    assert verdicts(out)[("a", "y")] == "win" and verdicts(out)[("b", 2)] == "tie"
+    win = out.trials[0]
+    assert win.ci[1] < 0.97 and 0.6 < win.ratio < 0.8
+    assert out.steps <= 200
+
+
+def test_a_tie_keeps_the_start():
+    out = run(FakeJob(lambda v: 0.10))
+    assert out.best == START
+    assert set(verdicts(out).values()) == {"tie"}
+
+
+def test_a_slower_candidate_loses():
+    out = run(FakeJob(lambda v: 0.10 * (1.3 if v["b"] == 2 else 1.0)))
+    assert verdicts(out)[("b", 2)] == "loss" and out.best == START
+
+
+@pytest.mark.parametrize("slope", [0.01, -0.01])
+def test_a_drifting_machine_picks_no_winner_but_finds_a_real_one(slope):
+    drift = lambda step: 1 + slope * step  # the machine gets 1% slower (or faster) every step
+    out = run(FakeJob(lambda v: 0.10, drift=drift, noise=0.01))
+    assert out.best == START, [t.as_dict() for t in out.trials]
+    # what a before/after comparison would see: the same configuration, measured later, looks 10%+ different
+    real = run(FakeJob(lambda v: 0.10 * (0.8 if v["b"] == 2 else 1.0), drift=drift, noise=0.01))
+    assert real.best == {"a": "x", "b": 2}
+
+
+def test_a_trial_that_raises_is_rolled_back_and_the_search_goes_on():
+    job = FakeJob(lambda v: 0.10 * (0.7 if v["b"] == 2 else 1.0), fails={("a", "y")})
+    out = run(job)
+    assert verdicts(out)[("a", "y")] == "failed" and "rank 1" in out.trials[0].reason
+    assert out.best == {"a": "x", "b": 2}
+    assert {"a": "y", "b": 1} not in job.applied
+
+
+def test_over_the_memory_cap_is_rolled_back_and_a_feasible_one_kept():
+    # a is fast but heavy; b=2 is slow but light; the start is over the cap
+    speed = lambda v: 0.10 * (0.5 if v["a"] == "y" else 1.0) * (1.2 if v["b"] == 2 else 1.0)
+    peak = lambda v: 100.0 * (1.5 if v["a"] == "y" else 1.0) * (0.4 if v["b"] == 2 else 1.0)
+    out = run(FakeJob(speed, peak=peak), max_peak_bytes=60.0)
+    assert verdicts(out)[("a", "y")] == "over_cap"
+    assert out.best == {"a": "x", "b": 2} and out.feasible and out.best_peak_bytes <= 60.0
+
+
+def test_a_candidate_predicted_over_the_cap_is_not_tried():
+    # the first search learns that b=2 doubles the peak (measured over the cap, rolled back); a second search that
+    # starts from a=y with that model predicts a=y,b=2 over the cap and never applies it
+    space = {"b": [1, 2], "a": ["x", "y"]}
+    speed = lambda v: 0.10 * (0.6 if v["a"] == "y" else 1.0)
+    peak = lambda v: 40.0 * (2.0 if v["b"] == 2 else 1.0)
+    job = FakeJob(speed, peak=peak)
+    job.values = dict(START)
+    first = Search(job, START, space, TuneOptions(max_peak_bytes=70.0))
+    assert [t.verdict for t in first.run().trials] == ["over_cap", "win"]
+    job2 = FakeJob(speed, peak=peak)
+    job2.values = {"a": "y", "b": 1}
+    second = Search(job2, job2.values, space, TuneOptions(max_peak_bytes=70.0))
+    second.memory = first.memory
+    trial = second.run().trials[0]
+    assert trial.verdict == "predicted_over_cap" and trial.predicted_peak_bytes == pytest.approx(80.0)
+    assert all(v["b"] == 1 for v in job2.applied)
+
+
+def test_bad_options_are_one_line_errors():
+    from dspark_lab.errors import DSparkError
+
+    with pytest.raises(DSparkError, match="--objective"):
+        TuneOptions(objective="speed")
+    with pytest.raises(DSparkError, match="--budget-steps"):
+        TuneOptions(budget_steps=5)
+
+
+def test_the_space_comes_from_the_schemas():
+    from dspark_lab.runtime.policies.builtin import SPECS_BY_KEY
+    from dspark_lab.tune.space import build
+
+    values = {k: s.default for k, s in SPECS_BY_KEY.items()}
+    refuse = lambda key, value: "no DDP" if key.startswith(("comm.", "sched.", "moe.", "memory.reshard")) else \
+        ("2 CPUs" if key == "compute.threads" and value > 2 else None)
+    space = build(SPECS_BY_KEY, values, refuse)
+    assert space.keys == {"memory.activation_checkpointing": ["none", "full", "every-2", "every-4"],
+                          "memory.activation_offload": ["off", "host"], "compute.threads": [1, 2]}
+    assert not space.bit_exact  # compute.threads reorders sums
+    assert {r["key"] for r in space.needs_restart} == {"comm.topology", "comm.emulate_links", "comm.bucket_mb"}
+    assert "host-fp8" in build(SPECS_BY_KEY, values, refuse, allow_lossy=True).keys["memory.activation_offload"]
+    only = build(SPECS_BY_KEY, values, refuse, keys=["memory.activation_checkpointing"])
+    assert list(only.keys) == ["memory.activation_checkpointing"] and only.bit_exact
+    from dspark_lab.errors import DSparkError
+
+    with pytest.raises(DSparkError, match="--keys: unknown policy 'memory.nope'"):
+        build(SPECS_BY_KEY, values, refuse, keys=["memory.nope"])
+
+
+def test_a_tune_request_is_checked_option_by_option():
+    from dspark_lab.errors import DSparkError
+    from dspark_lab.tune.driver import parse_request
+
+    assert parse_request({})["budget_steps"] == 200
+    for body, field in (({"objective": "fast"}, "--objective"), ({"budget_steps": 5}, "--budget-steps"),
+                        ({"budget_steps": True}, "--budget-steps"), ({"max_activation_mb": -1}, "--max-activation-mb"),
+                        ({"max_memory_gb": float("inf")}, "--max-memory-gb"), ({"keys": "a,b"}, "--keys"),
+                        ({"allow_lossy": "yes"}, "--allow-lossy"),
+                        ({"max_activation_mb": 1, "max_memory_gb": 1}, "give one of them")):
+        with pytest.raises(DSparkError, match=field):
+            parse_request(body)
+
+
+def test_the_memory_objective_keeps_the_smallest_peak_even_when_slower():
+    speed = lambda v: 0.10 * (1.5 if v["b"] == 2 else 1.0)
+    peak = lambda v: 100.0 * (0.5 if v["b"] == 2 else 1.0) * (1.2 if v["a"] == "y" else 1.0)
+    out = run(FakeJob(speed, peak=peak), objective="memory")
+    assert out.best == {"a": "x", "b": 2} and verdicts(out) == {("a", "y"): "loss", ("b", 2): "win"}
+    assert run(FakeJob(speed, peak=peak)).best == START  # the throughput objective keeps the faster start
