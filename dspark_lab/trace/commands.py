@@ -103,7 +103,7 @@ def show(refs, out: str | None = None, classifier=None) -> Report:
 
 def profile(run: str, steps: int = 2, wait: bool = False, timeout: float = 600.0) -> Report:
     """``profile``: set ``profile.steps`` on a running job; with ``wait``, wait for every rank's file and analyse."""
-    from dspark_lab.commands import set_policies
+    from dspark_lab.runtime.commands import set_policies
     from dspark_lab.runtime.records import find_run
 
     run_dir = find_run(run)
