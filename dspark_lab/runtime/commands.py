@@ -105,6 +105,8 @@ def set_policies(run: str, assignments, wait: bool = True, timeout: float = 60.0
              "rolled_back": f"rolled back at step {reply['step']}: {reply['reason']}",
              "timed_out": f"timed out: {reply['reason']}"}
     line = words.get(reply["state"], f"{reply['state']}: {reply['reason']}")
+    if reply.get("waited"):  # the job was busy (a profile capture): the change was held until it ended
+        line += f" ({reply['waited']})"
     return Report("set", {**reply, "exit_code": EXIT_CODES.get(reply["state"], 1)}, rows=rows,
                   columns=("key", "old", "new", "step", "state"), lines=[line])
 
