@@ -353,5 +353,5 @@ def test_a_profiled_pipeline_executor_step_yields_f_b_w_costs(tmp_path):
     prof.export_chrome_trace(str(tmp_path / "rank0.json"))
     result = costs([load(tmp_path / "rank0.json")], CLASSIFIER)
     counts = {(r["chunk"], r["kind"]): r["count"] for r in result["table"]}
-    assert counts == {(0, "F"): 4, (0, "B"): 4, (0, "W"): 4}
+    assert counts == {(0, "F"): 4, (0, "Bi"): 4, (0, "W"): 4}  # zb-h1 splits backward: Bi, then W
     assert all(r["cost"] > 0 for r in result["table"]) and result["f"] > 0 and result["w"] > 0
