@@ -355,3 +355,13 @@ def test_a_profiled_pipeline_executor_step_yields_f_b_w_costs(tmp_path):
     counts = {(r["chunk"], r["kind"]): r["count"] for r in result["table"]}
     assert counts == {(0, "F"): 4, (0, "Bi"): 4, (0, "W"): 4}  # zb-h1 splits backward: Bi, then W
     assert all(r["cost"] > 0 for r in result["table"]) and result["f"] > 0 and result["w"] > 0
+
+
+def test_a_whole_backward_is_priced_from_the_measured_halves_of_its_rank():
+    """Costs measured on a split-backward schedule (Bi, W per rank) price another schedule's whole B per rank."""
+    from dspark_lab.pipeline.ir import B as WholeB
+    from dspark_lab.pipeline.simulate import Costs
+
+    costs = Costs(f=1.0, b=1.0, w=1.0, table={(0, 0, "Bi"): 3.0, (0, 0, "W"): 2.0, (1, 0, "Bi"): 7.0})
+    assert costs.of(0, WholeB(0)) == 5.0
+    assert costs.of(1, WholeB(0)) == 2.0  # rank 1 has no measured W: the scalar b + w
