@@ -219,15 +219,18 @@ class Dashboard(widgets.VBox):
     def _render_profile(self) -> None:
         profile = self.watch.profile
         key = profile["id"] if profile and profile["result"] else None
-        line = widgets.HTML(f'<span class="dspark-profile">{html.escape(self.watch.profile_line())}</span>')
+        if key is None and self.watch.profile_error and self._profile_shown != self.watch.profile_error:
+            old = self.profile_panel.children
+            self.profile_panel.children = [widgets.HTML(f'<span class="dspark-profile" style="color:#d62728">'
+                                                        f'{html.escape(self.watch.profile_error)}</span>')]
+            close_tree(old)
+            self._profile_shown = self.watch.profile_error
         if key is None or key == self._profile_shown:
-            if key is None and self.watch.profile_error:
-                close_tree(self.profile_panel.children)
-                self.profile_panel.children = [line]
             return
         from dspark_lab.trace.view import breakdown_figure
 
         old = self.profile_panel.children
+        line = widgets.HTML(f'<span class="dspark-profile">{html.escape(self.watch.profile_line())}</span>')
         self.profile_panel.children = [line, BokehPlot(breakdown_figure(
             profile["result"], title=f"profile {key}: where the time goes per rank (ms)"))]
         close_tree(old)
