@@ -6,7 +6,14 @@ bootstrap 95% confidence interval on the ratio. Two jobs: ``ddp`` (dspark_lab/ex
 ``fsdp2`` (this file as the worker: an MLP stack sharded with torch's ``fully_shard``, gloo). Then times the
 runtime's own per-step work directly. Target: <= 1% overhead.
 
+``--profile-window`` measures instead that a live profile (``dspark-lab profile RUN --steps 2``) leaves the steps
+outside its window at full speed: the ddp job under ``dspark-lab run``, once with a 2-step capture set live
+mid-run and once without, interleaved; the ratio compares the profiled run's steps before and after the window
+(the window and one step on each side, where the profiler starts, stops and writes its trace, are left out and
+reported apart) with the unprofiled run's steps.
+
     python benchmarks/runtime_overhead.py [--job ddp|fsdp2|both] [--rounds 3] [--steps 80]
+    python benchmarks/runtime_overhead.py --profile-window [--rounds 3] [--steps 80]
 """
 
 from __future__ import annotations
@@ -134,11 +141,80 @@ def compare(job: str, rounds: int, steps: int) -> None:
           f"95% CI {100 * (low - 1):+.2f}% .. {100 * (high - 1):+.2f}%)\n", flush=True)
 
 
+def profiled_run(steps: int, workdir: Path) -> tuple[list[float], int, int]:
+    """The ddp job under ``dspark-lab run`` with ``profile.steps=2`` set live a third of the way in; returns rank 0's
+    step times (index i: runtime step i + 1) and the first and last profiled step."""
+    from dspark_lab.runtime import commands
+    from dspark_lab.runtime.launch import launch_background
+
+    os.environ["DSPARK_HOME"] = str(workdir / "home")
+    times = workdir / f"profiled-{time.monotonic_ns()}.json"
+    job = launch_background(JOBS["ddp"][0], [*JOBS["ddp"][1:], "--steps", str(steps), "--times-file", str(times)],
+                            nproc=2, name="bench-profile-window")
+    try:
+        deadline = time.monotonic() + 600
+        while max((m["step"] for m in job.run_dir.metrics()), default=0) < steps // 3:
+            if job.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the profiled run ended or stalled before the capture; see its output.log")
+            time.sleep(0.5)
+        reply = commands.set_policies(job.id, ["profile.steps=2"], timeout=120)
+        if reply.data["state"] != "applied":
+            raise SystemExit(f"profile.steps=2: {reply.lines[0]}")
+        if job.wait(900) != 0:
+            raise SystemExit(f"the profiled run failed; see {job.run_dir.path / 'output.log'}")
+    finally:
+        if job.poll() is None:
+            job.process.kill()
+    first = reply.data["step"]
+    traces = [e for e in job.run_dir.events() if e.get("kind") == "profile"]
+    if len(traces) != 2 or not all(e.get("file") for e in traces):
+        raise SystemExit(f"expected a trace from each of 2 ranks, got {traces}")
+    return json.loads(times.read_text()), first, first + 1
+
+
+def profile_window(rounds: int, steps: int) -> None:
+    baseline: list[float] = []
+    before: list[float] = []
+    after: list[float] = []
+    window: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for kind in (("plain", "profiled") if r % 2 == 0 else ("profiled", "plain")):
+                if kind == "plain":
+                    baseline.extend(run("dspark", steps, Path(tmp), "ddp"))
+                    continue
+                times, first, last = profiled_run(steps, Path(tmp))
+                for index, t in enumerate(times[WARMUP_STEPS:], start=WARMUP_STEPS + 1):  # runtime step number
+                    (before if index < first - 1 else after if index > last + 1 else window).append(t)
+            print(f"round {r + 1}/{rounds}: unprofiled median {statistics.median(baseline) * 1e3:.1f} ms, "
+                  f"profiled run outside the window {statistics.median(before + after) * 1e3:.1f} ms "
+                  f"(last capture: steps {first}..{last})", flush=True)
+    outside = before + after
+    ratio = statistics.median(outside) / statistics.median(baseline)
+    low, high = bootstrap_ratio_ci(outside, baseline)
+    base = statistics.median(baseline)
+    print(f"\nsteps measured: unprofiled {len(baseline)}, profiled run before {len(before)}, after {len(after)}, "
+          f"window and its edges {len(window)}")
+    print(f"median step time: unprofiled {base * 1e3:.2f} ms; profiled run before the window "
+          f"{statistics.median(before) * 1e3:.2f} ms, after {statistics.median(after) * 1e3:.2f} ms, "
+          f"in the window and its edges {statistics.median(window) * 1e3:.2f} ms")
+    print(f"ratio outside-window / unprofiled: {ratio:.4f}  ({100 * (ratio - 1):+.2f}%, 95% CI "
+          f"{100 * (low - 1):+.2f}% .. {100 * (high - 1):+.2f}%); before {statistics.median(before) / base:.4f}, "
+          f"after {statistics.median(after) / base:.4f}, window {statistics.median(window) / base:.4f}")
+    # the same run before and after its window: no second job, so machine drift between runs does not enter
+    low, high = bootstrap_ratio_ci(after, before)
+    ratio = statistics.median(after) / statistics.median(before)
+    print(f"ratio after-window / before-window (same run): {ratio:.4f}  ({100 * (ratio - 1):+.2f}%, 95% CI "
+          f"{100 * (low - 1):+.2f}% .. {100 * (high - 1):+.2f}%)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", choices=("ddp", "fsdp2", "both"), default="both")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=80, help="steps per run (the first 5 are not counted)")
+    parser.add_argument("--profile-window", action="store_true",
+                        help="steps outside a live 2-step profile vs a run without profiling")
     parser.add_argument("--worker", choices=("fsdp2",), help=argparse.SUPPRESS)  # a rank of the FSDP2 job
     parser.add_argument("--times-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -147,6 +223,11 @@ def main() -> None:
         return
     if not 1 <= args.rounds <= 50 or not WARMUP_STEPS < args.steps <= 10_000:
         raise SystemExit(f"--rounds: 1..50 and --steps: {WARMUP_STEPS + 1}..10000")
+    if args.profile_window:
+        if args.steps < 3 * WARMUP_STEPS + 10:
+            raise SystemExit(f"--steps: at least {3 * WARMUP_STEPS + 10} with --profile-window")
+        profile_window(args.rounds, args.steps)
+        return
     for job in (("ddp", "fsdp2") if args.job == "both" else (args.job,)):
         compare(job, args.rounds, args.steps)
     work = per_step_work_us()

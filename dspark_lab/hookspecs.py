@@ -142,6 +142,9 @@ def dspark_job_started(job):
     ``on_model(job)`` (the model was found or handed over by ``attach``; ``job.model``, ``job.blocks`` and
     ``job.registered`` are set) and ``on_ddp(job, ddp)`` (right after a DistributedDataParallel is built, before
     its first forward: the place to register a comm hook). Returns ``None``.
+    A state may also have ``busy`` (a reason string, "" when idle) and ``busy_keys`` (policy keys): while ``busy``
+    is set, or a change of one of ``busy_keys`` is announced and not yet applied, rank 0 holds every other change
+    back until it is not (``profile.steps`` does this for the length of a capture).
     """
 
 

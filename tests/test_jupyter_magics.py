@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -157,7 +158,7 @@ def test_run_parses_script_arguments_and_policies(ip, recorder):
     assert (name, args) == ("launch", ("train.py", ["--steps", "5", "--lr", "0.1"]))
     options = kwargs.pop("options")
     assert kwargs == {"nproc": 2, "policies": ("memory.activation_checkpointing=full", "comm.grad_sync=ring"),
-                      "name": None}
+                      "name": None, "launcher": None}
     assert options["nnodes"] == "1" and options["master_port"] == "29511" and options["rdzv_endpoint"] is None
 
 
@@ -217,3 +218,36 @@ def test_command_errors_become_usage_errors_without_traceback(ip, recorder, caps
 def test_only_run_takes_a_cell_body(ip):
     with pytest.raises(UsageError, match="only `%%dspark run` takes a cell body"):
         ip.run_cell_magic("dspark", "jobs", "x = 1")
+
+
+NANOGPT = Path(__file__).resolve().parent / "real_jobs" / "nanogpt_train.py"
+
+
+@pytest.mark.slow
+def test_run_with_the_python_launcher_then_status_and_profile_through_the_magics(ip, tmp_path, monkeypatch):
+    """nanoGPT's shape through `%dspark run --launcher python` (no torchrun variables reach it, even when the
+    shell has some), its job through `%dspark status`, and two profiled steps through `%dspark profile`."""
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path))
+    monkeypatch.setenv("RANK", "3")  # a shell left with torchrun's variables must not make it a DDP run
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    job = ip.run_line_magic("dspark", f"run --launcher python --no-dashboard --name nano {NANOGPT} "
+                                      "--device=cpu --compile=False --max_iters=400 --step_sleep=0.05")
+    try:
+        deadline = time.monotonic() + 120
+        while not any(m["step"] >= 3 for m in job.run_dir.metrics()) and time.monotonic() < deadline:
+            assert job.poll() is None, (job.run_dir.path / "output.log").read_text()[-2000:]
+            time.sleep(0.2)
+        status = {r["field"]: r["value"] for r in ip.run_line_magic("dspark", f"status {job.id}").rows}
+        assert status["blocks"] == "3 x Block at model.transformer.h" and status["data parallel"] == "none"
+        report = ip.run_line_magic("dspark", f"profile {job.id} --steps 2 --wait --timeout 120")
+        assert report.kind == "profile" and len(report.data["files"]) == 1
+        assert report.data["analysis"]["ranks"][0]["compute_ms"] > 0
+        ip.run_line_magic("dspark", f"stop {job.id}")
+        assert job.wait(60) == 0
+    finally:
+        if job.poll() is None:
+            job.process.kill()
+            job.process.wait()
+    info = job.run_dir.info()
+    assert info["launcher"] == "python" and info["state"] == "stopped"
+    assert "ddp=False" in (job.run_dir.path / "output.log").read_text().splitlines()

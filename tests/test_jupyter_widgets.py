@@ -311,3 +311,78 @@ def test_panel_dropdown_change_applies_and_a_refusal_snaps_back():
     finally:
         panel.close()
     assert not panel.poller.alive
+
+
+# --- the job panel and the profile bar ---------------------------------------------------------------------------
+
+# `status --json` -> run.live.job of the 2-rank FSDP2 test model (docs/runtime.md), trimmed to two policies.
+FSDP2_JOB = {
+    "discovered": True, "model": {"class": "__main__.Transformer"}, "rank": 0, "world": 2,
+    "data_parallel": {"kind": "fsdp2", "modules": 5, "reshard_after_forward": True,
+                      "mesh": {"shape": [2], "dim_names": ["dp"], "device_type": "cpu"}},
+    "tensor_parallel": None, "pipeline": None,
+    "compile": {"compiled": False, "modules": [], "functions_compiled": 0},
+    "mixed_precision": {"autocast": None, "param_dtypes": {"torch.float32": 27}, "fsdp": None},
+    "blocks": {"type": "TransformerBlock", "count": 4, "path": "model.layers", "why": "longest run"},
+    "policies": {"memory.activation_checkpointing": {"applies": True, "reason": None},
+                 "comm.grad_sync": {"applies": False, "reason": "the model is sharded with FSDP"}},
+}
+
+
+def test_dashboard_shows_the_live_job_and_rereads_it_after_a_change(home):
+    run = write_run(home, steps=3, state="running")
+    reads = []
+
+    def source(run_dir):
+        reads.append(run_dir.id)
+        return FSDP2_JOB
+
+    dash = Dashboard(run.id, refresh_hz=20, job_source=source)
+    try:
+        panel = dash.job_panel.value
+        assert "4 x TransformerBlock at model.layers" in panel
+        assert "FSDP2 (fully_shard, 5 modules) on mesh dp=2 (cpu), reshard_after_forward=True" in panel
+        assert "cannot apply: comm.grad_sync" in panel and "sharded with FSDP" in panel
+        assert "memory.activation_checkpointing" not in panel  # it applies: not listed
+        first = len(reads)
+        append_apply(run, 4, "memory.activation_checkpointing", "none", "full")
+        assert dash.wait_until(lambda d: len(reads) > first, timeout=10)
+    finally:
+        dash.close()
+
+
+def test_the_newest_complete_profile_becomes_a_per_rank_breakdown_bar(home, tmp_path):
+    from dspark_lab.jupyter.plot import BokehPlot
+    from dspark_lab.runtime.records import JsonlWriter
+    from test_trace import X, write
+
+    run = write_run(home, steps=8, state="running")
+    events = JsonlWriter(run.events_path)
+    # compute 0..600 and 950..1000 µs, an all-reduce 400..900 µs (500 busy, 200 under compute), idle 900..950 µs
+    for pid, last in (("step2", 3), ("step5", 6)):
+        (run.path / "profiles" / pid).mkdir(parents=True)
+        for rank in range(2):
+            write(run.path / "profiles" / pid / f"rank{rank}.json.gz", [
+                X("ProfilerStep#1", "user_annotation", 0, 1000, pid=1, tid=1),
+                X("aten::mm", "cpu_op", 0, 600, pid=1, tid=1),
+                X("gloo:all_reduce", "cpu_op", 400, 900, pid=1, tid=2),
+                X("aten::add", "cpu_op", 950, 1000, pid=1, tid=1)])
+            if (pid, rank) != ("step5", 1):  # the newest profile is complete only once rank 1 wrote it
+                events.write({"kind": "profile", "step": last, "rank": rank, "id": pid,
+                              "file": f"profiles/{pid}/rank{rank}.json.gz"})
+    events.close()
+    dash = Dashboard(run.id, refresh_hz=20, job_source=lambda run_dir: None)
+    try:
+        assert dash.watch.profile["id"] == "step2"
+        line = dash.watch.profile_line()
+        assert line.startswith("profile step2: rank 0: span 1.0 ms, compute 65%, exposed comm 30%, idle 5%")
+        assert "comm overlapped 40%" in line
+        assert isinstance(dash.profile_panel.children[1], BokehPlot)
+        assert dash._profile_shown == "step2" and "profile step2" in dash.profile_panel.children[0].value
+        writer = JsonlWriter(run.events_path)
+        writer.write({"kind": "profile", "step": 6, "rank": 1, "id": "step5", "file": "profiles/step5/rank1.json.gz"})
+        writer.close()
+        assert dash.wait_until(lambda d: d._profile_shown == "step5", timeout=10)
+        assert len(dash.watch.profile["result"]["ranks"]) == 2
+    finally:
+        dash.close()

@@ -314,3 +314,28 @@ def test_host_offload_moves_every_large_saved_tensor_into_the_host_pool():
     finally:
         tracker.uninstall()
     assert allocations[0] > 0 and allocations[-1] == allocations[0]
+
+
+def test_plain_status_shows_the_live_job(cpu_job, monkeypatch, tmp_path):
+    """`dspark-lab status RUN` as text: the block path, the parallelism and the policies that cannot apply, why."""
+    from dspark_lab.runtime import commands
+
+    class Client:  # rank 0's endpoint, answering with this job's own description
+        def __init__(self, run_dir, timeout=10.0):
+            pass
+
+        def request(self, method, path, body=None):
+            return {"step": 3, "job": cpu_job.describe()}
+
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path.parent))
+    monkeypatch.setattr(commands, "ControlClient", Client)
+    monkeypatch.setattr(commands, "find_run", lambda ref: cpu_job.run_dir)
+    cpu_job.run_dir.update_info(state="running")
+    report = commands.status(cpu_job.run_dir.id)
+    rows, text = {r["field"]: r["value"] for r in report.rows}, report.to_text()
+    assert rows["blocks"] == "4 x Sequential at model.1" and "4 x Sequential at model.1" in text
+    assert rows["data parallel"] == rows["pipeline"] == rows["tensor parallel"] == "none"
+    reasons = {k: v["reason"] for k, v in cpu_job.describe()["policies"].items() if v["applies"] is False}
+    assert "comm.grad_sync" in reasons and "memory.activation_checkpointing" not in reasons
+    assert {k.removeprefix("cannot apply: "): v for k, v in rows.items() if k.startswith("cannot")} == reasons
+    assert all(f"cannot apply: {k}" in text for k in reasons)

@@ -333,3 +333,35 @@ def test_breakdown_bar_stacks_the_four_parts_of_the_span(tmp_path):
     fig = breakdown_figure(result)
     data = fig.renderers[0].data_source.data
     assert [round(data[k][0] * 1e3, 6) for k, _, _ in BREAKDOWN] == [350, 80, 20, 50]  # sums to the 500 µs span
+
+
+def test_a_profiled_pipeline_executor_step_yields_f_b_w_costs(tmp_path):
+    """Our executor labels each op's compute, so a profile of it feeds `trace costs` (and `schedule simulate`)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from dspark_lab.pipeline.execute import PipelineTrainer
+    from dspark_lab.pipeline.model import ModelConfig, build_stages, make_batch, mb_loss
+    from dspark_lab.pipeline.schedules import build
+
+    cfg = ModelConfig(d_model=16, seq=8, heads=2, vocab=32, stages=1)
+    tokens, targets = make_batch(cfg, 4, 2, 0)
+    trainer = PipelineTrainer(build("zb-h1", 1, 4), 0, {0: build_stages(cfg)[0]},
+                              lambda y, i: mb_loss(y, targets[i], 4), (2, cfg.seq, cfg.d_model))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainer.step(tokens)
+    prof.export_chrome_trace(str(tmp_path / "rank0.json"))
+    result = costs([load(tmp_path / "rank0.json")], CLASSIFIER)
+    counts = {(r["chunk"], r["kind"]): r["count"] for r in result["table"]}
+    assert counts == {(0, "F"): 4, (0, "Bi"): 4, (0, "W"): 4}  # zb-h1 splits backward: Bi, then W
+    assert all(r["cost"] > 0 for r in result["table"]) and result["f"] > 0 and result["w"] > 0
+
+
+def test_a_whole_backward_is_priced_from_the_measured_halves_of_its_rank():
+    """Costs measured on a split-backward schedule (Bi, W per rank) price another schedule's whole B per rank."""
+    from dspark_lab.pipeline.ir import B as WholeB
+    from dspark_lab.pipeline.simulate import Costs
+
+    costs = Costs(f=1.0, b=1.0, w=1.0, table={(0, 0, "Bi"): 3.0, (0, 0, "W"): 2.0, (1, 0, "Bi"): 7.0})
+    assert costs.of(0, WholeB(0)) == 5.0
+    assert costs.of(1, WholeB(0)) == 2.0  # rank 1 has no measured W: the scalar b + w

@@ -6,17 +6,19 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import sys
+import time
 
 import pytest
 
 from conftest import wait_for_step
+import dspark_lab
 from dspark_lab.runtime import commands
 from dspark_lab.trace import commands as trace_commands
 from dspark_lab.trace.load import load
 
 pytestmark = pytest.mark.slow
 
-DEMO = os.path.join(os.path.dirname(os.path.dirname(commands.__file__)), "examples", "demo_train.py")
+DEMO = os.path.join(os.path.dirname(dspark_lab.__file__), "examples", "demo_train.py")
 SMALL = ["--layers", "2", "--dim", "32", "--seq", "16", "--batch", "4", "--vocab", "64"]
 
 
@@ -58,8 +60,21 @@ def test_profile_two_steps_on_every_rank_then_refuse_a_second_one(live_job):
     assert long.data["state"] == "applied"
     second = commands.set_policies(live_job.id, ["profile.steps=3"])
     assert second.data["state"] == "rolled_back" and "a capture is running" in second.data["reason"]
+    # another policy during the capture is held on rank 0: not even announced while the capture runs
+    held = commands.set_policies(live_job.id, ["memory.activation_checkpointing=full"], wait=False, timeout=1)
+    assert held.data["state"] == "timed_out" and held.data["pending_state"] == "queued", held.data
     ended = commands.set_policies(live_job.id, ["profile.steps=0"])
     assert ended.data["state"] == "applied"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        applies = [e for e in live_job.run_dir.events() if e["kind"] == "apply"
+                   and e.get("key") == "memory.activation_checkpointing"]
+        if len(applies) == 2:
+            break
+        time.sleep(0.2)
+    early = [e for e in live_job.run_dir.events() if e["kind"] == "profile" and e["first_step"] == long.data["step"]]
+    assert len(applies) == 2 and min(e["step"] for e in applies) > max(e["last_step"] for e in early), applies
+    assert all("waited for profile capture" in e["reason"] for e in applies), applies
     early = [e for e in live_job.run_dir.events() if e["kind"] == "profile" and e["first_step"] == long.data["step"]]
     assert sorted(e["rank"] for e in early) == [0, 1]
     assert all("ended early" in e["reason"] and e["last_step"] < long.data["step"] + 29 for e in early)

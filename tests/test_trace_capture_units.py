@@ -22,6 +22,8 @@ class FakeJob:
         self.backend = SimpleNamespace(torch_device="cpu")
         self.policies = {capture.KEY: 0}
         self.events: list[dict] = []
+        self.state: dict = {}
+        capture.dspark_job_started(self)
 
     def record_event(self, kind, **fields):
         self.events.append({"kind": kind, **fields})
@@ -79,3 +81,58 @@ def test_oversized_trace_is_cut_to_the_cap_and_says_so(tmp_path):
     assert "cut to" in note and path.stat().st_size <= 20_000 + 100
     kept = json.loads(path.read_text())["traceEvents"]
     assert [e["name"] for e in kept] == [f"op{i}" for i in range(len(kept))] and 100 < len(kept) < 2000
+
+
+def test_a_change_sent_during_a_capture_waits_until_it_has_ended(tmp_path):
+    """A `set` while a capture is announced or running is held on rank 0, then applied; it says it waited."""
+    from dspark_lab.backends import cpu
+    from dspark_lab.plugins import make_manager
+    from dspark_lab.runtime.attach import Job
+    from dspark_lab.runtime.policies import builtin
+    from dspark_lab.runtime.records import RunDir
+
+    manager = make_manager([cpu, builtin, capture], entry_points=False)
+    job = Job(RunDir.create("20260101-000000-cafe00", {"name": "u"}, root=tmp_path), rank=0, world=1,
+              manager=manager)
+    job.coordinator.margin = 2  # as with several ranks: an announcement at boundary s applies at s + 2
+    block = lambda: torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+    model = torch.nn.Sequential(*[block() for _ in range(4)])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    job.set_model(model)
+
+    def step():
+        model(torch.randn(4, 16)).sum().backward()
+        optimizer.step()
+        job.on_step_end(optimizer)
+
+    try:
+        step()  # boundary 1: the model is discovered
+        profile = job.request({capture.KEY: 3})
+        step()  # boundary 2: the capture is announced for step 4 (steps 4..6)
+        change = job.request({"memory.activation_checkpointing": "full"})
+        step()  # boundary 3: held behind the announced capture, which then starts
+        assert change.state == "queued" and change.waited.startswith("waited for the profile.steps change")
+        for _ in range(2):
+            step()  # boundaries 4, 5: held while the capture runs
+            assert change.state == "queued" and change.step is None
+        step()  # boundary 6: the capture ended and wrote its trace; the change is announced for step 8
+        assert change.state == "pending" and change.step == 8
+        step()
+        assert (profile.state, profile.step) == ("applied", 4)
+        assert change.state == "applied", change.reason
+        assert change.waited == "waited for profile capture step4 (steps 4..6) to end (held from step 3 to 6)"
+        events = job.run_dir.events()
+        [trace] = [e for e in events if e["kind"] == "profile"]
+        [apply] = [e for e in events if e["kind"] == "apply" and e["key"] == "memory.activation_checkpointing"]
+        assert (trace["first_step"], trace["last_step"], apply["step"]) == (4, 6, 8)
+        assert "waited for profile capture step4" in apply["reason"]
+        # ending a capture early is the capture's own key: it is never held
+        job.request({capture.KEY: 5})
+        step()
+        step()
+        end = job.request({capture.KEY: 0})
+        step()
+        step()
+        assert end.state == "applied" and end.waited == "" and capture.running(job) is None
+    finally:
+        job.close()

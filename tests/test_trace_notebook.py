@@ -37,4 +37,5 @@ def test_notebook_runs(tmp_path, monkeypatch):
     text = json.dumps([c.get("outputs", []) for c in nb.cells])
     assert "Traceback" not in text and '"output_type": "error"' not in text
     assert "of communication overlapped" in text and "application/vnd.bokehjs_exec.v0+json" in text
+    assert "simulated zb-h1" in text and "simulated 1f1b" in text  # costs measured by the executor's op labels
     assert list(home.glob("runs/*/profiles/step*/rank1.json.gz"))

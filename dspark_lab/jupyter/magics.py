@@ -74,7 +74,7 @@ def _run(args):
 
     options = {name: getattr(args, name) for name in TORCHRUN_OPTIONS}
     job = _runtime().launch(args.script, list(args.script_args), nproc=args.nproc, policies=tuple(args.policy),
-                            name=args.name, options=options)
+                            name=args.name, options=options, launcher=args.launcher)
     if not args.no_dashboard:
         _watch_run(job.id, refresh_hz=2.0)
     return job

@@ -40,8 +40,9 @@ class Costs:
             return self.table[(rank, op.chunk, kind)]
         if kind == "F":
             return self.f
-        if kind == "B":
-            return self.b + self.w
+        if kind == "B":  # a whole backward is its two halves, measured per rank when a split schedule ran
+            split = (self.table.get((rank, op.chunk, "Bi")), self.table.get((rank, op.chunk, "W")))
+            return split[0] + split[1] if None not in split else self.b + self.w
         if kind == "Bi":
             return self.b
         if kind == "W":

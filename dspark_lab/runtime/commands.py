@@ -12,6 +12,7 @@ from pathlib import Path
 from dspark_lab.errors import DSparkError, PolicyError
 from dspark_lab.output import Report
 from dspark_lab.policy import parse_assignment
+from dspark_lab.runtime import jobtext
 from dspark_lab.runtime.control import ControlClient
 from dspark_lab.runtime.launch import launch_background
 from dspark_lab.runtime.limits import check_timeout
@@ -44,7 +45,8 @@ def jobs() -> Report:
 
 
 def status(run: str) -> Report:
-    """One run: run.json, its current step and, while it runs, what rank 0 says."""
+    """One run: run.json, its current step and, while it runs, what rank 0 says (the job: blocks, parallelism,
+    the policies that cannot apply and why)."""
     run_dir = _run(run)
     info = {**run_state(run_dir), "step": _last_step(run_dir)}
     if info.get("state") == "running":
@@ -54,6 +56,7 @@ def status(run: str) -> Report:
             info["live_error"] = str(exc)
     rows = [{"field": k, "value": info[k]} for k in ("id", "name", "state", "ranks", "step", "script", "error")
             if info.get(k) is not None]
+    rows += [{"field": field, "value": text} for field, text in jobtext.rows((info.get("live") or {}).get("job"))]
     return Report("status", {"run": info}, rows=rows, columns=("field", "value"),
                   lines=[f"records: {run_dir.path}"])
 
@@ -102,6 +105,8 @@ def set_policies(run: str, assignments, wait: bool = True, timeout: float = 60.0
              "rolled_back": f"rolled back at step {reply['step']}: {reply['reason']}",
              "timed_out": f"timed out: {reply['reason']}"}
     line = words.get(reply["state"], f"{reply['state']}: {reply['reason']}")
+    if reply.get("waited"):  # the job was busy (a profile capture): the change was held until it ended
+        line += f" ({reply['waited']})"
     return Report("set", {**reply, "exit_code": EXIT_CODES.get(reply["state"], 1)}, rows=rows,
                   columns=("key", "old", "new", "step", "state"), lines=[line])
 
@@ -132,10 +137,15 @@ def stop(run: str, timeout: float = 60.0) -> Report:
                   lines=[words.get(reply["state"], f"run {run_dir.id} {reply['state']}")])
 
 
-def launch(script, args=(), *, nproc: int = 1, policies=(), name: str | None = None, options=None, env=None):
-    """Start ``script`` under the runtime in the background; returns a BackgroundRun handle at once."""
+def launch(script, args=(), *, nproc: int = 1, policies=(), name: str | None = None, options=None, env=None,
+           launcher: str | None = None):
+    """Start ``script`` under the runtime in the background; returns a BackgroundRun handle at once.
+
+    ``launcher`` is ``dspark-lab run --launcher``: ``torchrun`` (default), ``python`` (one process, no torchrun
+    environment) or a plugin's.
+    """
     return launch_background(str(script), list(args), nproc=nproc, policies=list(policies), name=name,
-                             options=options, env=env)
+                             options=options, env=env, launcher=launcher)
 
 
 def _clock(t) -> str | None:

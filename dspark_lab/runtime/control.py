@@ -286,7 +286,7 @@ class ControlServer:
         finished = (pending.done if wait else pending.announced).wait(left)
         reply = {"change_id": pending.change_id, "state": pending.state, "step": pending.step,
                  "changes": [{"key": k, "old": old[k], "new": v} for k, v in pending.changes.items()],
-                 "reason": pending.reason}
+                 "reason": pending.reason, "waited": pending.waited}
         if not finished:
             reply.update(state="timed_out", pending_state=pending.state,
                          reason=f"not {'applied' if wait else 'announced'} within {timeout:g} s; the change is "

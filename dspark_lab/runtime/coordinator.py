@@ -11,6 +11,11 @@ is sealed with an HMAC-SHA256 (RFC 2104) keyed by the run's token, which each ra
 (never from the store), over the store key and the body; every rank also checks an announcement against the policy
 schema. A value that fails either check is ignored (logged once per key): it changes nothing, and since the real
 value overwrites it, it stalls nothing.
+
+A plugin can hold changes back while it must not be disturbed (a profile capture): a state object in ``job.state``
+with a true ``busy`` (its reason), or with ``busy_keys`` of which a change is announced but not yet applied, makes
+rank 0 keep every other change queued (not announced) until neither holds; then it is announced as usual and its
+reply and ``apply`` event say what it waited for. A stop, and changes of the busy state's own keys, never wait.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ class PendingChange:
     step: int | None = None
     state: str = "queued"  # queued -> pending -> applied | rolled_back | refused
     reason: str = ""
+    waited: str = ""  # what a busy job made it wait for before it was announced
+    held_since: int | None = None  # the boundary at which rank 0 first held it back
     old: dict[str, Any] = field(default_factory=dict)
     announced: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
@@ -103,6 +110,7 @@ class Coordinator:
         self._local: dict[str, PendingChange] = {}
         self._lock = threading.Lock()
         self._stop: PendingChange | None = None
+        self._held: list[PendingChange] = []  # rank 0: queued while the job is busy, oldest first
         self.stopped = False
         self._ignored: set[str] = set()
 
@@ -127,8 +135,9 @@ class Coordinator:
     def abandon(self, reason: str) -> None:
         """Resolve every change not yet applied as refused with ``reason`` (the run ends); rank 0 only."""
         with self._lock:
-            left = list(self._local.values())
+            left = list(self._local.values()) + self._held
             self._local.clear()
+            self._held = []
             while True:
                 try:
                     left.append(self.inbox.get_nowait())
@@ -162,15 +171,40 @@ class Coordinator:
             for announcement in due:
                 self._execute(announcement, step)
 
+    def _busy(self) -> tuple[str, frozenset]:
+        """Why the job is busy now ("" if not), and the keys that may still change (a plugin's ``job.state``)."""
+        for state in list(self.job.state.values()):
+            keys = frozenset(getattr(state, "busy_keys", ()))
+            reason = getattr(state, "busy", "")
+            ahead = next((a for a in self._scheduled if keys & set(a["changes"])), None) if keys else None
+            if not reason and ahead is not None:
+                reason = f"the {', '.join(sorted(keys & set(ahead['changes'])))} change announced for step " \
+                         f"{ahead['step']}"
+            if reason:
+                return reason, keys
+        return "", frozenset()
+
     def _announce_queued(self, step: int) -> None:
-        while True:
-            try:
-                pending = self.inbox.get_nowait()
-            except queue.Empty:
-                return
+        with self._lock:
+            while True:
+                try:
+                    self._held.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            ready, self._held = self._held, []
+        for pending in ready:
+            busy, free = self._busy() if pending.kind == "change" else ("", frozenset())
+            if busy and not set(pending.changes) <= free:
+                pending.held_since = step if pending.held_since is None else pending.held_since
+                pending.waited = f"waited for {busy} to end (held from step {pending.held_since} to {step + 1})"
+                with self._lock:
+                    self._held.append(pending)
+                continue
             seq = self._next_seq
             announcement = {"seq": seq, "change_id": pending.change_id, "kind": pending.kind,
                             "step": step + self.margin, "changes": pending.changes}
+            if pending.waited:
+                announcement["waited"] = pending.waited
             self._next_seq += 1
             if self.store is not None:
                 self.store.set(f"announce/{seq}", self.sealer.seal(f"announce/{seq}", announcement))
@@ -179,7 +213,7 @@ class Coordinator:
                 self._local[pending.change_id] = pending
             self._scheduled.append(announcement)
             self.job.record_event("pending", step=announcement["step"], rank=None, change_id=pending.change_id,
-                                  changes=pending.changes)
+                                  changes=pending.changes, **({"reason": pending.waited} if pending.waited else {}))
             pending.announced.set()
 
     def _discover(self) -> None:
@@ -231,7 +265,8 @@ class Coordinator:
             self.job.rollback_changes(applied, announcement, "; ".join(reasons))
         else:
             late_note = f"applied {late} step(s) late: ranks were not in step" if late > 0 else ""
-            self.job.commit_changes(applied, announcement, late_note)
+            note = "; ".join(n for n in (str(announcement.get("waited") or ""), late_note) if n)
+            self.job.commit_changes(applied, announcement, note)
         # The reply goes out once every rank has logged its apply/rollback, so a reader sees all of them.
         self._agree(f"{announcement['seq']}/logged", "", wait=self.rank == 0)
         self._finish(announcement, "rolled_back" if reasons else "applied", "; ".join(reasons))

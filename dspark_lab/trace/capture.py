@@ -5,7 +5,9 @@ boundary: each starts ``torch.profiler`` (CPU, plus CUDA kernels when the job ru
 records N steps, stops at the boundary after the N-th, and writes ``profiles/step<S>/rank<k>.json.gz`` (S = the
 first profiled step) in the run directory, with one ``profile`` event per rank naming the steps and the file. Steps
 outside the window run with no profiler at all. A request while a capture runs is refused (the runtime rolls the
-change back with the reason); ``profile.steps=0`` ends a running capture early and writes what it has. Sizes are
+change back with the reason); ``profile.steps=0`` ends a running capture early and writes what it has. While a
+capture is announced or running, the job is busy (:class:`ProfileState`): any other change waits, queued on rank 0,
+until the capture has ended, so no step in the window is slowed or changed by an apply. Sizes are
 bounded: at most :data:`MAX_STEPS` steps, and a trace over ``DSPARK_PROFILE_MAX_MB`` (uncompressed) is cut to its
 earliest events that fit, which the ``profile`` event says.
 """
@@ -49,7 +51,23 @@ class Capture:
         return f"step{self.first_step}"
 
 
-_captures: dict[int, Capture] = {}  # id(job) -> its capture
+class ProfileState:
+    """``job.state["profile"]``: the running capture, and what the coordinator reads to hold other changes.
+
+    ``busy`` (a reason, or "") and ``busy_keys`` are the runtime's contract for a plugin that must not be
+    disturbed (docs/runtime.md): while ``busy`` is set, or a change of a ``busy_keys`` key is announced but not
+    yet applied, changes of other keys stay queued on rank 0.
+    """
+
+    busy_keys = (KEY,)
+
+    def __init__(self):
+        self.capture: Capture | None = None
+
+    @property
+    def busy(self) -> str:
+        c = self.capture
+        return f"profile capture {c.id} (steps {c.first_step}..{c.first_step + c.steps - 1})" if c else ""
 
 
 def max_bytes() -> int:
@@ -62,7 +80,8 @@ def max_bytes() -> int:
 
 
 def running(job) -> Capture | None:
-    return _captures.get(id(job))
+    state = job.state.get("profile")
+    return state.capture if state is not None else None
 
 
 def _open_step(capture: Capture, step: int) -> None:
@@ -91,13 +110,13 @@ def start(job, steps: int) -> Capture:
                       boundary=job.step, steps=steps, directory=directory)
     capture.profiler.start()
     _open_step(capture, capture.first_step)
-    _captures[id(job)] = capture
+    job.state["profile"].capture = capture
     return capture
 
 
 def _stop(job, capture: Capture, last_step: int, note: str = "") -> None:
     """Stop profiling, write the rank's trace and record its ``profile`` event (never raises)."""
-    _captures.pop(id(job), None)
+    job.state["profile"].capture = None
     relative = f"profiles/{capture.id}/rank{job.rank}.json.gz"
     try:
         _close_step(capture)
@@ -139,6 +158,11 @@ def _cut_to(path: Path, limit: int) -> str:
 
 
 @hookimpl
+def dspark_job_started(job):
+    job.state["profile"] = ProfileState()
+
+
+@hookimpl
 def dspark_register_policies():
     return [SPEC]
 
@@ -151,7 +175,7 @@ def dspark_apply_policy(job, key, value, old):
     if capture is not None and capture.boundary == job.step and old == capture.steps \
             and value == job.policies.get(KEY):
         # The runtime rolls back a change another key or rank refused: undo the start.
-        _captures.pop(id(job), None)
+        job.state["profile"].capture = None
         _close_step(capture)
         capture.profiler.stop()
         return "capture cancelled"
