@@ -40,8 +40,10 @@ def _run(args) -> int:
 
     options = {name: getattr(args, name) for name in TORCHRUN_OPTIONS}
     run_dir = prepare(args.script, args.script_args, nproc=args.nproc, policies=args.policy, name=args.name,
-                      options=options, launcher=args.launcher)
-    print(f"dspark-lab: run {run_dir.id} ({args.nproc} rank(s)); records in {run_dir.path}", file=sys.stderr)
+                      options=options, launcher=args.launcher, token_file=args.token_file,
+                      control_host=args.control_host)
+    ranks = run_dir.info().get("ranks")
+    print(f"dspark-lab: run {run_dir.id} ({ranks} rank(s)); records in {run_dir.path}", file=sys.stderr)
     print(f"dspark-lab: change it live with `dspark-lab set {run_dir.id} KEY=VALUE`", file=sys.stderr)
     code = supervise(run_dir)
     state = run_dir.info().get("state")
@@ -93,16 +95,22 @@ def add_parsers(subparsers, common) -> None:
                                 help="launch a training script through torchrun with the runtime attached",
                                 description="Launch SCRIPT on N ranks with torchrun; the script is not modified. "
                                             "With --json, one JSON object (id, state, exit_code, run_dir) at the end.")
-    run.add_argument("--nproc", "--nproc-per-node", type=_bounded(1, MAX_NPROC), default=1,
-                     help=f"ranks per node (default 1, at most {MAX_NPROC})")
+    run.add_argument("--nproc", "--nproc-per-node", type=_bounded(1, MAX_NPROC), default=None,
+                     help=f"ranks per node (default: PET_NPROC_PER_NODE, else 1; at most {MAX_NPROC})")
     run.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE", help="policy at launch")
     run.add_argument("--name", help="a name to find the run by")
     run.add_argument("--launcher", default=None, metavar="NAME",
                      help="how the ranks start: torchrun (default), python (one process, no torchrun environment), "
                           "or a plugin's")
     for option in ("nnodes", "node-rank", "rdzv-backend", "rdzv-endpoint", "rdzv-id", "max-restarts",
-                   "master-addr", "master-port", "monitor-interval"):
-        run.add_argument(f"--{option}", dest=option.replace("-", "_"), help="passed to torchrun")
+                   "master-addr", "master-port", "monitor-interval", "local-addr"):
+        run.add_argument(f"--{option}", dest=option.replace("-", "_"),
+                         help="passed to torchrun (default: its PET_* variable)")
+    run.add_argument("--token-file", metavar="PATH",
+                     help="the run's control token, the same file on every node (required with --nnodes above 1)")
+    run.add_argument("--control-host", metavar="HOST",
+                     help="bind rank 0's control endpoint to HOST instead of 127.0.0.1 (token-authenticated, "
+                          "plain HTTP: docs/security.md)")
     run.add_argument("script")
     run.add_argument("script_args", nargs=argparse.REMAINDER)
     run.set_defaults(func=_run)
