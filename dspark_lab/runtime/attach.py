@@ -39,6 +39,7 @@ from dspark_lab.errors import PolicyError
 from dspark_lab.plugins import Manager, get_manager
 from dspark_lab.runtime import discover
 from dspark_lab.runtime.cluster import Cluster
+from dspark_lab.runtime.nodes import store_address
 from dspark_lab.runtime.coordinator import Coordinator, PendingChange
 from dspark_lab.runtime.jobinfo import describe
 from dspark_lab.runtime.metering import StepMeter
@@ -57,10 +58,10 @@ def _connect_store(run_id: str):
     """A client of torchrun's TCPStore under a per-run prefix, or None when this process is alone."""
     if _env_int("WORLD_SIZE", 1) == 1 or "MASTER_ADDR" not in os.environ:
         return None
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=datetime.timedelta(seconds=60))
-    restart = _env_int("TORCHELASTIC_RESTART_COUNT", 0)  # a restarted group announces under its own keys
-    return dist.PrefixStore(f"dspark/{run_id}/" + (f"g{restart}/" if restart else ""), store)
+    host, port = store_address()
+    store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=60))
+    return dist.PrefixStore(f"dspark/{run_id}/", store)
+
 
 
 def _backend_for(manager: Manager, device_type: str):
@@ -282,9 +283,10 @@ def start_job(run_dir: RunDir, *, launch_policies: dict[str, Any] | None = None,
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     cluster = None
     if store is None:
-        store = _connect_store(run_dir.id)
-        if store is not None:
-            cluster = Cluster(run_dir, rank, world)
+        run_store = _connect_store(run_dir.id)
+        if run_store is not None:  # torchrun: restarts, other nodes; announcements under this group's keys
+            cluster = Cluster(run_dir, rank, world, run_store)
+            store = cluster.group_store
             launch_policies = cluster.launch_policies(launch_policies)
     job = Job(run_dir, rank=rank, world=world, manager=manager, launch_policies=launch_policies, store=store,
               registered=registered)

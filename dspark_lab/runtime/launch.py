@@ -81,7 +81,7 @@ def prepare(script: str, script_args: Sequence[str] = (), *, nproc: int | None =
         "script_args": list(script_args), "cwd": os.getcwd(), "start_time": time.time(),
         "ranks": chosen.ranks(nproc, options), "launcher": chosen.name, "launch_policies": launch_policies,
         "nodes": multinode.max_nodes(options) if chosen.name == "torchrun" else 1,
-        "control_host": control_host,
+        "control_host": control_host, "options": {k: v for k, v in options.items() if v is not None},
     }, token=token)
 
 
@@ -91,7 +91,8 @@ def supervise(run_dir: RunDir, *, output=None) -> int:
     launcher = get_launcher(info.get("launcher"))
     env = launcher.environment({**os.environ, "DSPARK_RUN_DIR": str(run_dir.path),
                                 "DSPARK_LAUNCH_POLICIES": json.dumps(info.get("launch_policies") or {}),
-                                "DSPARK_CONTROL_HOST": info.get("control_host") or ""})
+                                "DSPARK_CONTROL_HOST": info.get("control_host") or "",
+                                **multinode.store_environment(info.get("options") or {}, os.environ)})
     me = psutil.Process()
     run_dir.update_info(state="running", launcher_pid=me.pid, launcher_start=me.create_time())
     events = JsonlWriter(run_dir.events_path)

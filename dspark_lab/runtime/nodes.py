@@ -33,13 +33,17 @@ def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
-def generation() -> int:
-    """Which group of workers this is: torchrun restarts the group with TORCHELASTIC_RESTART_COUNT + 1."""
-    return _env_int("TORCHELASTIC_RESTART_COUNT", 0)
-
-
 def node_rank() -> int:
     return _env_int("GROUP_RANK", 0)
+
+
+def store_address() -> tuple[str, int]:
+    """The store the runtime uses: the rendezvous store of a multi-node run (``DSPARK_STORE``, set by
+    ``dspark-lab run``: it outlives every group of workers), else torchrun's MASTER_ADDR:MASTER_PORT."""
+    if os.environ.get("DSPARK_STORE"):
+        host, _, port = os.environ["DSPARK_STORE"].rpartition(":")
+        return host, int(port)
+    return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
 
 
 def run_store(run_id: str):
@@ -48,8 +52,7 @@ def run_store(run_id: str):
         return None
     import torch.distributed as dist
 
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=datetime.timedelta(seconds=60))
+    store = dist.TCPStore(*store_address(), is_master=False, timeout=datetime.timedelta(seconds=60))
     return dist.PrefixStore(f"dspark/{run_id}/", store)
 
 
@@ -61,7 +64,7 @@ def advertised_host(bound: str) -> str:
 
 
 def publish_endpoint(store, sealer: Sealer, host: str, port: int) -> None:
-    store.set(ENDPOINT_KEY, sealer.seal(ENDPOINT_KEY, {"host": host, "port": port, "generation": generation()}))
+    store.set(ENDPOINT_KEY, sealer.seal(ENDPOINT_KEY, {"host": host, "port": port}))
 
 
 class Relay:
@@ -69,15 +72,12 @@ class Relay:
 
     def __init__(self, store, sealer: Sealer, rank: int):
         self.store, self.sealer, self.rank = store, sealer, rank
-        self._next = 0
         self._lock = threading.Lock()
-        self.prefix = f"records/g{generation()}/{rank}"
 
     def send(self, file: str, record: dict[str, Any]) -> None:
         with self._lock:
-            key = f"{self.prefix}/{self._next}"
-            self._next += 1
-            try:
+            try:  # numbered by the store, so a restarted rank goes on after its predecessor's last record
+                key = f"records/{self.rank}/{self.store.add(f'records/{self.rank}/sent', 1) - 1}"
                 self.store.set(key, self.sealer.seal(key, {"file": file, "record": record}))
             except Exception:  # the store is gone (rank 0's node ended): the local record is still written
                 pass
@@ -105,7 +105,7 @@ class Collector:
         self.run_dir, self.ranks, self.on_ignored = run_dir, ranks, on_ignored
         self.sealer = Sealer(run_dir.token(), run_dir.id)
         self.writers = {name: JsonlWriter(run_dir.path / name) for name in FILES}
-        self.next = {rank: 0 for rank in ranks}
+        self.next: dict[int, int] = {}
         self._done = threading.Event()
         self._store = None
         self._thread = threading.Thread(target=self._run, name="dspark-collector", daemon=True)
@@ -113,7 +113,10 @@ class Collector:
 
     def _run(self) -> None:
         try:
-            self._store = run_store(self.run_dir.id)
+            store = run_store(self.run_dir.id)
+            # where the previous group's rank 0 stopped reading (after a restart), else 0
+            self.next = {rank: int(store.add(f"records/{rank}/read", 0)) for rank in self.ranks}
+            self._store = store
         except Exception:
             return
         while not self._done.wait(COLLECT_EVERY_S):
@@ -126,7 +129,7 @@ class Collector:
             return moved
         for rank in self.ranks:
             while True:
-                key = f"records/g{generation()}/{rank}/{self.next[rank]}"
+                key = f"records/{rank}/{self.next[rank]}"
                 try:
                     if not self._store.check([key]):
                         break
@@ -135,6 +138,7 @@ class Collector:
                 except Exception:
                     return moved
                 self.next[rank] += 1
+                self._store.add(f"records/{rank}/read", 1)
                 try:
                     value = self.sealer.open(key, raw)
                     file, record = value["file"], value["record"]
@@ -148,7 +152,7 @@ class Collector:
                 moved += 1
         return moved
 
-    def close(self, grace_s: float = 2.0) -> None:
+    def close(self, grace_s: float = 1.0) -> None:
         """Stop, after the records the other nodes wrote in the last ``grace_s`` seconds came in."""
         self._done.set()
         self._thread.join(timeout=5)

@@ -2,8 +2,8 @@
 
 After every change it commits, rank 0 saves the policies in force that differ from their defaults at ``policies``
 in the run's store, with a version (one more per commit) and sealed with the run's token. torchrun's store lives in
-its agent, so it outlives the workers; the ranks of the next group (``TORCHELASTIC_RESTART_COUNT`` above 0) read it
-before their job starts, take those values as launch values (applied at the same points as ``--policy``: comm
+its agent, so it outlives the workers; the ranks of the next group find it there before their job starts (a new
+run never does: its id, and so its keys, are new), take those values as launch values (applied at the same points as ``--policy``: comm
 policies when DDP is built, the others at the first step boundary) and each log one ``reapply`` event.
 """
 

@@ -1,6 +1,7 @@
 """DDP on gloo, 4 blocks; after every step each rank logs the policies in force to $NODES_LOG/rank<R>.jsonl.
 
-argv: steps, sleep per step; `--die-at STEP` makes global rank 3 exit with code 1 at that step in the first group.
+argv: steps, sleep per step; with `--die-after-change`, global rank 3 of the first group of workers exits with code 1 three
+steps after it sees comm.grad_sync changed (torchrun then restarts the group).
 """
 import json
 import os
@@ -24,15 +25,20 @@ class Block(nn.Module):
 
 
 steps, pause = int(sys.argv[1]), float(sys.argv[2])
-die_at = int(sys.argv[sys.argv.index("--die-at") + 1]) if "--die-at" in sys.argv else None
+die = "--die-after-change" in sys.argv
+changed_at = None
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+# which group of workers this is (0, then 1 after a restart): torchrun's TORCHELASTIC_RESTART_COUNT can differ
+# between nodes, so count this rank's earlier starts
+path = os.path.join(os.environ["NODES_LOG"], f"rank{rank}.jsonl")
+restart = sum('"start"' in line for line in open(path)) if os.path.exists(path) else 0
 torch.manual_seed(0)
 model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(8, 16), *[Block() for _ in range(4)],
                                                           nn.Linear(16, 1)))
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
-log = open(os.path.join(os.environ["NODES_LOG"], f"rank{rank}.jsonl"), "a")
+log = open(path, "a")
+log.write(json.dumps({"restart": restart, "start": True}) + "\n")
 for step in range(1, steps + 1):
     loss = model(torch.randn(8, 8)).pow(2).mean()
     opt.zero_grad()
@@ -41,7 +47,9 @@ for step in range(1, steps + 1):
     policies = dict(Job.current.policies)  # in force from the next step on
     log.write(json.dumps({"restart": restart, "step": step, "policies": policies}) + "\n")
     log.flush()
-    if die_at is not None and restart == 0 and rank == 3 and step == die_at:
+    if changed_at is None and policies["comm.grad_sync"] != "builtin":
+        changed_at = step
+    if die and restart == 0 and rank == 3 and changed_at is not None and step == changed_at + 3:
         os._exit(1)
     time.sleep(pause)
 dist.destroy_process_group()

@@ -102,3 +102,27 @@ def check(options: Mapping[str, Any], token_file: str | None) -> None:
                           "token file on every node (e.g. a Kubernetes Secret), never sent through the store")
     if not Path(token_file).is_file():
         raise DSparkError(f"--token-file: {token_file} is not a file")
+
+
+C10D_PORT = 29400  # torchrun's default port of a c10d rendezvous endpoint
+
+
+def store_environment(options: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """The variables a multi-node c10d run adds for its ranks.
+
+    ``DSPARK_STORE``: the rendezvous store (HOST:PORT of ``--rdzv-endpoint``), which lives as long as the agent
+    hosting it, so the runtime's keys (the saved policies, the endpoint, the relayed records) outlive a restart.
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` with ``--max-restarts`` above 0: under torch 2.13 a restarted group
+    on a shared store fails in ``init_process_group`` (gloo's connectFullMesh times out on the addresses of the
+    group before; plain torchrun does the same), while a store per group restarts cleanly. A value the user set
+    is kept.
+    """
+    if max_nodes(options) == 1 or (options.get("rdzv_backend") or "c10d") != "c10d" or \
+            not options.get("rdzv_endpoint"):
+        return {}
+    endpoint = str(options["rdzv_endpoint"])
+    host, _, port = endpoint.rpartition(":") if ":" in endpoint else (endpoint, "", str(C10D_PORT))
+    added = {"DSPARK_STORE": f"{host}:{port or C10D_PORT}"}
+    if str(options.get("max_restarts") or "0") != "0" and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in env:
+        added["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    return added
