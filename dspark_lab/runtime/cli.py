@@ -75,6 +75,16 @@ def _metrics(args):
     return 0
 
 
+def _k8s_manifest(args):
+    from dspark_lab.runtime.launchers import k8s
+
+    document = k8s.manifest(image=args.image, nodes=args.nodes, nproc=args.nproc_per_node, script=args.script,
+                            script_args=args.script_args, name=args.name, max_restarts=args.max_restarts,
+                            control_host=args.control_host, policies=args.policy)
+    text = "" if args.json else k8s.to_yaml(document).rstrip("\n")
+    return Report("k8s_manifest", {"manifest": document}, lines=[text] if text else [])
+
+
 def _demo(args):
     from dspark_lab.runtime.demo import run_demo
 
@@ -114,6 +124,27 @@ def add_parsers(subparsers, common) -> None:
     run.add_argument("script")
     run.add_argument("script_args", nargs=argparse.REMAINDER)
     run.set_defaults(func=_run)
+
+    k8s = subparsers.add_parser("k8s", help="Kubernetes: a Kubeflow PyTorchJob that runs a script under dspark-lab")
+    k8s_verbs = k8s.add_subparsers(dest="k8s_verb", required=True, metavar="VERB")
+    manifest = k8s_verbs.add_parser("manifest", parents=[common],
+                                    help="print a PyTorchJob (kubeflow.org/v1) whose pods run `dspark-lab run`",
+                                    description="Print a Kubeflow PyTorchJob (YAML; --json for the object) with a "
+                                                "c10d elastic policy; every pod runs `dspark-lab run` with the token "
+                                                "from the Secret NAME-dspark-token (docs/clusters.md).")
+    manifest.add_argument("--image", required=True, help="the container image (with dspark-lab and the script)")
+    manifest.add_argument("--nodes", type=_bounded(1, 1024), required=True, help="pods (nodes), at most 1024")
+    manifest.add_argument("--nproc-per-node", type=_bounded(1, MAX_NPROC), default=1,
+                          help=f"ranks per pod (default 1, at most {MAX_NPROC})")
+    manifest.add_argument("--name", help="the job's name (default: from the script's name)")
+    manifest.add_argument("--max-restarts", type=_bounded(0, 100), default=3,
+                          help="restarts of the group after a worker dies (default 3, at most 100)")
+    manifest.add_argument("--control-host", metavar="HOST",
+                          help="bind rank 0's control endpoint to HOST in its pod (default: loopback only)")
+    manifest.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE", help="policy at launch")
+    manifest.add_argument("script", help="the script's path inside the image")
+    manifest.add_argument("script_args", nargs=argparse.REMAINDER)
+    manifest.set_defaults(func=_k8s_manifest)
 
     demo = subparsers.add_parser("demo", parents=[common], help="train a small transformer on 2 ranks and change "
                                                                 "its policies live")
