@@ -297,3 +297,54 @@ def test_a_killed_worker_restarts_the_group_with_the_policies_in_force(nodes_fac
     assert all(records[0]["policies"]["comm.grad_sync"] == "ring" for records in second.values())
     assert all(records[-1]["policies"]["memory.activation_checkpointing"] == "full" for records in second.values())
     assert_ranks_agree(steps, restart=1)
+
+
+# --- the store pieces, on an in-process store (fast) -------------------------------------------------------------
+
+def test_relayed_records_reach_rank_0_and_forged_ones_do_not(tmp_path, monkeypatch):
+    import datetime
+
+    import torch.distributed as dist
+
+    from dspark_lab.runtime import liveness, nodes
+    from dspark_lab.runtime.coordinator import Sealer
+    from dspark_lab.runtime.records import JsonlWriter, RunDir
+
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=datetime.timedelta(seconds=10))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.delenv("DSPARK_STORE", raising=False)
+    token = secrets.token_urlsafe(24)
+    rank0 = RunDir.create("rdzv-unit", {"name": "unit"}, root=tmp_path / "n0", token=token)
+    node1 = RunDir.create("rdzv-unit", {"name": "unit"}, root=tmp_path / "n1", token=token)
+    store = nodes.run_store("rdzv-unit")
+    sealer = Sealer(token, "rdzv-unit")
+    writer = nodes.RelayedWriter(JsonlWriter(node1.metrics_path), nodes.Relay(store, sealer, 2))
+    for step in (1, 2):
+        writer.write({"step": step, "rank": 2})
+    store.set("records/3/0", Sealer("another-token-entirely", "rdzv-unit").seal(
+        "records/3/0", {"file": "metrics.jsonl", "record": {"step": 9, "rank": 3}}))
+    ignored = []
+    collector = nodes.Collector(rank0, [2, 3], lambda key, why: ignored.append((key, why)))
+    deadline = time.monotonic() + 10
+    while len(rank0.metrics()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    collector.close()
+    assert [(m["step"], m["rank"]) for m in rank0.metrics()] == [(1, 2), (2, 2)]
+    assert [(m["step"], m["rank"]) for m in node1.metrics()] == [(1, 2), (2, 2)]
+    assert ignored and ignored[0][0] == "records/3/0" and "HMAC" in ignored[0][1]
+    assert not store.check(["records/2/0", "records/2/1"])  # moved records leave the store
+
+    store.set(nodes.ENDPOINT_KEY, json.dumps({"host": "evil.example", "port": 80}))
+    watcher = nodes.EndpointWatcher(node1)
+    time.sleep(1.5)
+    assert liveness.read_endpoint(node1.path) is None  # an unsealed address is not taken
+    nodes.publish_endpoint(store, sealer, "10.1.2.3", 4567)
+    deadline = time.monotonic() + 10
+    while liveness.read_endpoint(node1.path) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert {k: liveness.read_endpoint(node1.path)[k] for k in ("host", "port")} == {"host": "10.1.2.3", "port": 4567}
+    watcher.close()
+    del server

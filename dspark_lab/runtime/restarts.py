@@ -1,10 +1,11 @@
 """Policies that survive a restart: torchrun restarts the whole group when a worker dies (``--max-restarts``).
 
 After every change it commits, rank 0 saves the policies in force that differ from their defaults at ``policies``
-in the run's store, with a version (one more per commit) and sealed with the run's token. torchrun's store lives in
-its agent, so it outlives the workers; the ranks of the next group find it there before their job starts (a new
-run never does: its id, and so its keys, are new), take those values as launch values (applied at the same points as ``--policy``: comm
-policies when DDP is built, the others at the first step boundary) and each log one ``reapply`` event.
+in the run's store (the rendezvous store of a multi-node run, :func:`.nodes.store_address`), with a version (one
+more per commit), sealed with the run's token. That store lives in a torchrun agent, so it outlives the workers;
+the ranks of the next group find the value there before their job starts (a new run never does: its id, and so its
+keys, are new), take it as launch values (applied where ``--policy`` values are: comm policies when DDP is built,
+the others at the first step boundary) and each log one ``reapply`` event.
 """
 
 from __future__ import annotations
