@@ -199,6 +199,7 @@ def test_a_change_from_node_1_applies_on_all_four_ranks_at_one_step(nodes_factor
     other = 1 - zero
     endpoint = nodes.endpoint(other)
     assert endpoint["via"] == "store" and "token" not in json.dumps(endpoint)
+    assert endpoint["host"] == nodes.endpoint(zero)["host"] == "127.0.0.1"  # loopback unless --control-host
     done = nodes.cli(other, "set", nodes.run_id, "memory.activation_checkpointing=full", "--json")
     assert done.returncode == 0, done.stderr
     reply = json.loads(done.stdout)
@@ -224,9 +225,11 @@ CHANGES = 200  # requests in all, from both nodes, at random moments
 
 @pytest.mark.slow
 def test_many_changes_from_both_nodes_leave_every_rank_with_the_same_values(nodes_factory):
-    nodes = nodes_factory([100000, 0.02])
+    nodes = nodes_factory([100000, 0.02], extra=("--control-host", "0.0.0.0"))
     zero = nodes.rank0_node()
     endpoints = {node: nodes.endpoint(node) for node in (0, 1)}
+    # rank 0 binds every interface; the other node is told rank 0's store address (here loopback)
+    assert (endpoints[zero]["host"], endpoints[1 - zero]["host"]) == ("0.0.0.0", "127.0.0.1")
     token = (nodes.run_dir(0) / "token").read_text().strip()
     rng = random.Random(20)
     valid = [("memory.activation_checkpointing", v) for v in ("none", "full", "every-2", "every-4")] + \
