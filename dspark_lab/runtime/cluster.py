@@ -49,6 +49,8 @@ class GroupStore:
         return self._store
 
     def check(self, keys):
+        if self._store is None and not self.base.check([GROUP_KEY]):
+            return False  # rank 0 has not named the group yet: nothing can have been announced in it
         try:
             return self._resolve().check(keys)
         except ValueError:  # a forged group name: nothing is announced until rank 0's real one is read
