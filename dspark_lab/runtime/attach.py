@@ -38,6 +38,8 @@ import torch.distributed as dist
 from dspark_lab.errors import PolicyError
 from dspark_lab.plugins import Manager, get_manager
 from dspark_lab.runtime import discover
+from dspark_lab.runtime.cluster import Cluster
+from dspark_lab.runtime.nodes import store_address
 from dspark_lab.runtime.coordinator import Coordinator, PendingChange
 from dspark_lab.runtime.jobinfo import describe
 from dspark_lab.runtime.metering import StepMeter
@@ -56,9 +58,10 @@ def _connect_store(run_id: str):
     """A client of torchrun's TCPStore under a per-run prefix, or None when this process is alone."""
     if _env_int("WORLD_SIZE", 1) == 1 or "MASTER_ADDR" not in os.environ:
         return None
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=datetime.timedelta(seconds=60))
+    host, port = store_address()
+    store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=60))
     return dist.PrefixStore(f"dspark/{run_id}/", store)
+
 
 
 def _backend_for(manager: Manager, device_type: str):
@@ -108,6 +111,7 @@ class Job:
         self.meter = StepMeter(self)
         self.coordinator = Coordinator(self, store, rank, world)
         self.server = None
+        self.cluster = None  # runtime.cluster.Cluster under torchrun: restarts and other nodes
         self._runtime_error_logged = False
         self.state: dict[str, Any] = {}
         # a plugin's bug must not stop the job from starting: dispatch records it, the job logs it once
@@ -256,6 +260,8 @@ class Job:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self.cluster is not None:
+            self.cluster.close()
         self.activations.uninstall()
 
 
@@ -275,7 +281,13 @@ def start_job(run_dir: RunDir, *, launch_policies: dict[str, Any] | None = None,
               manager: Manager | None = None, registered: dict[str, Any] | None = None) -> Job:
     """Create this process's Job, install the hooks, and (rank 0) serve the control endpoint."""
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
-    store = store if store is not None else _connect_store(run_dir.id)
+    cluster = None
+    if store is None:
+        run_store = _connect_store(run_dir.id)
+        if run_store is not None:  # torchrun: restarts, other nodes; announcements under this group's keys
+            cluster = Cluster(run_dir, rank, world, run_store)
+            store = cluster.group_store
+            launch_policies = cluster.launch_policies(launch_policies)
     job = Job(run_dir, rank=rank, world=world, manager=manager, launch_policies=launch_policies, store=store,
               registered=registered)
     Job.current = job
@@ -284,9 +296,13 @@ def start_job(run_dir: RunDir, *, launch_policies: dict[str, Any] | None = None,
     install_patches()
     job.activations.install()
     if rank == 0:
-        from dspark_lab.runtime.control import ControlServer
+        from dspark_lab.runtime.control import LOOPBACK, ControlServer
 
-        job.server = ControlServer(job)  # publishes its endpoint in control.json; run.json is the supervisor's
+        # publishes its endpoint in control.json; run.json is the supervisor's
+        job.server = ControlServer(job, host=os.environ.get("DSPARK_CONTROL_HOST") or LOOPBACK)
+    if cluster is not None:
+        job.cluster = cluster
+        cluster.attach(job)
     job.record_event("start", step=0, rank=rank, reason=f"backend {job.backend.name}, world {world}")
     return job
 

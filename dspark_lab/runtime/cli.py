@@ -40,8 +40,10 @@ def _run(args) -> int:
 
     options = {name: getattr(args, name) for name in TORCHRUN_OPTIONS}
     run_dir = prepare(args.script, args.script_args, nproc=args.nproc, policies=args.policy, name=args.name,
-                      options=options, launcher=args.launcher)
-    print(f"dspark-lab: run {run_dir.id} ({args.nproc} rank(s)); records in {run_dir.path}", file=sys.stderr)
+                      options=options, launcher=args.launcher, token_file=args.token_file,
+                      control_host=args.control_host)
+    ranks = run_dir.info().get("ranks")
+    print(f"dspark-lab: run {run_dir.id} ({ranks} rank(s)); records in {run_dir.path}", file=sys.stderr)
     print(f"dspark-lab: change it live with `dspark-lab set {run_dir.id} KEY=VALUE`", file=sys.stderr)
     code = supervise(run_dir)
     state = run_dir.info().get("state")
@@ -73,6 +75,16 @@ def _metrics(args):
     return 0
 
 
+def _k8s_manifest(args):
+    from dspark_lab.runtime.launchers import k8s
+
+    document = k8s.manifest(image=args.image, nodes=args.nodes, nproc=args.nproc_per_node, script=args.script,
+                            script_args=args.script_args, name=args.name, max_restarts=args.max_restarts,
+                            control_host=args.control_host, policies=args.policy)
+    text = "" if args.json else k8s.to_yaml(document).rstrip("\n")
+    return Report("k8s_manifest", {"manifest": document}, lines=[text] if text else [])
+
+
 def _demo(args):
     from dspark_lab.runtime.demo import run_demo
 
@@ -93,19 +105,46 @@ def add_parsers(subparsers, common) -> None:
                                 help="launch a training script through torchrun with the runtime attached",
                                 description="Launch SCRIPT on N ranks with torchrun; the script is not modified. "
                                             "With --json, one JSON object (id, state, exit_code, run_dir) at the end.")
-    run.add_argument("--nproc", "--nproc-per-node", type=_bounded(1, MAX_NPROC), default=1,
-                     help=f"ranks per node (default 1, at most {MAX_NPROC})")
+    run.add_argument("--nproc", "--nproc-per-node", type=_bounded(1, MAX_NPROC), default=None,
+                     help=f"ranks per node (default: PET_NPROC_PER_NODE, else 1; at most {MAX_NPROC})")
     run.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE", help="policy at launch")
     run.add_argument("--name", help="a name to find the run by")
     run.add_argument("--launcher", default=None, metavar="NAME",
                      help="how the ranks start: torchrun (default), python (one process, no torchrun environment), "
                           "or a plugin's")
     for option in ("nnodes", "node-rank", "rdzv-backend", "rdzv-endpoint", "rdzv-id", "max-restarts",
-                   "master-addr", "master-port", "monitor-interval"):
-        run.add_argument(f"--{option}", dest=option.replace("-", "_"), help="passed to torchrun")
+                   "master-addr", "master-port", "monitor-interval", "local-addr"):
+        run.add_argument(f"--{option}", dest=option.replace("-", "_"),
+                         help="passed to torchrun (default: its PET_* variable)")
+    run.add_argument("--token-file", metavar="PATH",
+                     help="the run's control token, the same file on every node (required with --nnodes above 1)")
+    run.add_argument("--control-host", metavar="HOST",
+                     help="bind rank 0's control endpoint to HOST instead of 127.0.0.1 (token-authenticated, "
+                          "plain HTTP: docs/security.md)")
     run.add_argument("script")
     run.add_argument("script_args", nargs=argparse.REMAINDER)
     run.set_defaults(func=_run)
+
+    k8s = subparsers.add_parser("k8s", help="Kubernetes: a Kubeflow PyTorchJob that runs a script under dspark-lab")
+    k8s_verbs = k8s.add_subparsers(dest="k8s_verb", required=True, metavar="VERB")
+    manifest = k8s_verbs.add_parser("manifest", parents=[common],
+                                    help="print a PyTorchJob (kubeflow.org/v1) whose pods run `dspark-lab run`",
+                                    description="Print a Kubeflow PyTorchJob (YAML; --json for the object) with a "
+                                                "c10d elastic policy; every pod runs `dspark-lab run` with the token "
+                                                "from the Secret NAME-dspark-token (docs/clusters.md).")
+    manifest.add_argument("--image", required=True, help="the container image (with dspark-lab and the script)")
+    manifest.add_argument("--nodes", type=_bounded(1, 1024), required=True, help="pods (nodes), at most 1024")
+    manifest.add_argument("--nproc-per-node", type=_bounded(1, MAX_NPROC), default=1,
+                          help=f"ranks per pod (default 1, at most {MAX_NPROC})")
+    manifest.add_argument("--name", help="the job's name (default: from the script's name)")
+    manifest.add_argument("--max-restarts", type=_bounded(0, 100), default=3,
+                          help="restarts of the group after a worker dies (default 3, at most 100)")
+    manifest.add_argument("--control-host", metavar="HOST",
+                          help="bind rank 0's control endpoint to HOST in its pod (default: loopback only)")
+    manifest.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE", help="policy at launch")
+    manifest.add_argument("script", help="the script's path inside the image")
+    manifest.add_argument("script_args", nargs=argparse.REMAINDER)
+    manifest.set_defaults(func=_k8s_manifest)
 
     demo = subparsers.add_parser("demo", parents=[common], help="train a small transformer on 2 ranks and change "
                                                                 "its policies live")

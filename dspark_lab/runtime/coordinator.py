@@ -113,6 +113,7 @@ class Coordinator:
         self._held: list[PendingChange] = []  # rank 0: queued while the job is busy, oldest first
         self.stopped = False
         self._ignored: set[str] = set()
+        self.after_commit = None  # rank 0: called with each committed announcement (runtime.restarts.Saver)
 
     # --- rank 0: from the control thread -----------------------------------------------------------------------
 
@@ -267,6 +268,8 @@ class Coordinator:
             late_note = f"applied {late} step(s) late: ranks were not in step" if late > 0 else ""
             note = "; ".join(n for n in (str(announcement.get("waited") or ""), late_note) if n)
             self.job.commit_changes(applied, announcement, note)
+            if self.after_commit is not None:
+                self.after_commit(announcement)
         # The reply goes out once every rank has logged its apply/rollback, so a reader sees all of them.
         self._agree(f"{announcement['seq']}/logged", "", wait=self.rank == 0)
         self._finish(announcement, "rolled_back" if reasons else "applied", "; ".join(reasons))

@@ -25,7 +25,8 @@ from dspark_lab.plugins import get_manager
 from dspark_lab.policy import parse_assignment
 from dspark_lab.runtime.control import ControlClient
 from dspark_lab.runtime.launchers import TORCHRUN_OPTIONS, get_launcher  # noqa: F401 (runtime/cli.py reads it)
-from dspark_lab.runtime.records import JsonlWriter, RunDir, new_run_id
+from dspark_lab.runtime.launchers import multinode
+from dspark_lab.runtime.records import JsonlWriter, RunDir, new_run_id, runs_root
 
 
 def parse_policies(assignments: Sequence[str]) -> dict[str, Any]:
@@ -45,25 +46,43 @@ def torchrun_command(script: str, script_args: Sequence[str], nproc: int, option
     return get_launcher("torchrun").command(script, script_args, nproc, options)
 
 
-def prepare(script: str, script_args: Sequence[str] = (), *, nproc: int = 1, policies: Sequence[str] = (),
-            name: str | None = None, options: dict[str, Any] | None = None, run_id: str | None = None,
-            launcher: str | None = None) -> RunDir:
-    """Validate, create the run directory and write run.json; nothing is started yet."""
+def prepare(script: str, script_args: Sequence[str] = (), *, nproc: int | None = None,
+            policies: Sequence[str] = (), name: str | None = None, options: dict[str, Any] | None = None,
+            run_id: str | None = None, launcher: str | None = None, token_file: str | None = None,
+            control_host: str | None = None) -> RunDir:
+    """Validate, create the run directory and write run.json; nothing is started yet.
+
+    Under torchrun, options not given come from torchrun's ``PET_*`` variables (a Kubeflow pod). A run of several
+    nodes takes its id from ``--rdzv-id`` and its token from ``--token-file`` (:mod:`.launchers.multinode`).
+    """
     path = Path(script)
     if not path.is_file():
         raise DSparkError(f"script: {script} is not a file")
-    if nproc < 1:
-        raise DSparkError(f"--nproc: must be at least 1, got {nproc}")
     chosen = get_launcher(launcher)
     options = options or {}
+    if chosen.name == "torchrun":
+        options, nproc = multinode.from_environment(options, nproc)
+    nproc = 1 if nproc is None else nproc
+    if nproc < 1:
+        raise DSparkError(f"--nproc: must be at least 1, got {nproc}")
     chosen.validate(nproc, options)
+    multinode.check(options, token_file)
+    token = multinode.read_token_file(token_file) if token_file else None
+    multinode.check_control_host(control_host)
     launch_policies = parse_policies(policies)
     command = chosen.command(str(path.resolve()), script_args, nproc, options)
+    if run_id is None and options.get("rdzv_id") and multinode.max_nodes(options) > 1:
+        run_id = multinode.run_id_for(str(options["rdzv_id"]))
+        if (runs_root() / run_id).exists():
+            raise DSparkError(f"--rdzv-id: run {run_id} already exists under {runs_root()}; every launch of a new "
+                              "multi-node run needs a new --rdzv-id")
     return RunDir.create(run_id or new_run_id(), {
         "name": name or path.stem, "command": command, "script": str(path.resolve()),
         "script_args": list(script_args), "cwd": os.getcwd(), "start_time": time.time(),
         "ranks": chosen.ranks(nproc, options), "launcher": chosen.name, "launch_policies": launch_policies,
-    })
+        "nodes": multinode.max_nodes(options) if chosen.name == "torchrun" else 1,
+        "control_host": control_host, "options": {k: v for k, v in options.items() if v is not None},
+    }, token=token)
 
 
 def supervise(run_dir: RunDir, *, output=None) -> int:
@@ -71,7 +90,9 @@ def supervise(run_dir: RunDir, *, output=None) -> int:
     info = run_dir.info()
     launcher = get_launcher(info.get("launcher"))
     env = launcher.environment({**os.environ, "DSPARK_RUN_DIR": str(run_dir.path),
-                                "DSPARK_LAUNCH_POLICIES": json.dumps(info.get("launch_policies") or {})})
+                                "DSPARK_LAUNCH_POLICIES": json.dumps(info.get("launch_policies") or {}),
+                                "DSPARK_CONTROL_HOST": info.get("control_host") or "",
+                                **multinode.store_environment(info.get("options") or {}, os.environ)})
     me = psutil.Process()
     run_dir.update_info(state="running", launcher_pid=me.pid, launcher_start=me.create_time())
     events = JsonlWriter(run_dir.events_path)
@@ -125,7 +146,7 @@ class BackgroundRun:
         return f"<dspark-lab run {self.id} ({state}) {self.run_dir.path}>"
 
 
-def launch_background(script: str, script_args: Sequence[str] = (), *, nproc: int = 1,
+def launch_background(script: str, script_args: Sequence[str] = (), *, nproc: int | None = None,
                       policies: Sequence[str] = (), name: str | None = None,
                       options: dict[str, Any] | None = None, env: dict[str, str] | None = None,
                       launcher: str | None = None) -> BackgroundRun:

@@ -24,7 +24,7 @@ from dspark_lab.output import SCHEMA_VERSION
 from dspark_lab.runtime import liveness
 
 RUN_STATES = ("starting", "running", "finished", "failed", "stopped")
-EVENT_KINDS = ("start", "pending", "apply", "refuse", "rollback", "placement", "stop", "error")
+EVENT_KINDS = ("start", "pending", "apply", "refuse", "rollback", "placement", "stop", "error", "reapply")
 DIR_MODE, FILE_MODE = 0o700, 0o600
 
 # What every record of a file must hold, by file name: field -> the types it may have (bool is never an int here).
@@ -165,7 +165,9 @@ class RunDir:
     token_path = property(lambda self: self.path / "token")
 
     @classmethod
-    def create(cls, run_id: str, info: dict[str, Any], root: Path | None = None) -> "RunDir":
+    def create(cls, run_id: str, info: dict[str, Any], root: Path | None = None,
+               token: str | None = None) -> "RunDir":
+        """A new run directory; ``token`` is the run's control token when given at launch (multi-node), else new."""
         root = root or runs_root()
         if not root.is_dir():
             root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)  # another run may create it meanwhile
@@ -173,7 +175,7 @@ class RunDir:
         path.mkdir(mode=DIR_MODE)
         os.chmod(path, DIR_MODE)  # mkdir's mode is masked by the umask; the run directory is the user's alone
         run = cls(path)
-        token = secrets.token_urlsafe(24)
+        token = token or secrets.token_urlsafe(24)
         fd = os.open(run.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         with os.fdopen(fd, "w") as f:
             f.write(token)

@@ -17,7 +17,7 @@ BOOTSTRAP = ("-m", "dspark_lab.runtime.bootstrap")
 # torchrun's options as ``dspark-lab run`` spells them (argparse dest names); a launcher that is not torchrun
 # refuses every one it does not accept.
 TORCHRUN_OPTIONS = ("nnodes", "node_rank", "rdzv_backend", "rdzv_endpoint", "rdzv_id", "max_restarts",
-                    "master_addr", "master_port", "monitor_interval")
+                    "master_addr", "master_port", "monitor_interval", "local_addr")
 
 
 class Launcher(ABC):

@@ -12,16 +12,9 @@ from typing import Any, Mapping, Sequence
 
 from dspark_lab.errors import DSparkError
 from dspark_lab.runtime.launchers.base import BOOTSTRAP, TORCHRUN_OPTIONS, Launcher
+from dspark_lab.runtime.launchers.multinode import max_nodes as _nnodes
 
 MAX_NPROC = 1024
-
-
-def _nnodes(options: Mapping[str, Any]) -> int:
-    text = str(options.get("nnodes") or 1)
-    try:
-        return int(text.split(":")[-1])
-    except ValueError:
-        raise DSparkError(f"--nnodes: expected N or MIN:MAX (integers), got {text!r}") from None
 
 
 def single_node_loopback(options: Mapping[str, Any]) -> bool:
@@ -37,7 +30,8 @@ class TorchrunLauncher(Launcher):
     def validate(self, nproc: int, options: Mapping[str, Any]) -> None:
         if not 1 <= nproc <= MAX_NPROC:
             raise DSparkError(f"--nproc: must be 1 to {MAX_NPROC}, got {nproc}")
-        _nnodes(options)
+        if _nnodes(options) > 1 and not options.get("rdzv_id"):
+            raise DSparkError(f"--rdzv-id: required when --nnodes is above 1 (got --nnodes {options['nnodes']})")
 
     def ranks(self, nproc: int, options: Mapping[str, Any]) -> int:
         return nproc * _nnodes(options)
@@ -50,6 +44,8 @@ class TorchrunLauncher(Launcher):
             options = {k: v for k, v in options.items() if k in ("max_restarts", "monitor_interval", "rdzv_id")}
         else:
             command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+            if options.get("rdzv_endpoint") and not options.get("rdzv_backend"):
+                options = {**options, "rdzv_backend": "c10d"}  # torchrun's default, static, ignores the endpoint's id
         for name in TORCHRUN_OPTIONS:
             if options.get(name) is not None:
                 command.append(f"--{name.replace('_', '-')}={options[name]}")

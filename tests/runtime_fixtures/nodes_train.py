@@ -1,0 +1,55 @@
+"""DDP on gloo, 4 blocks; after every step each rank logs the policies in force to $NODES_LOG/rank<R>.jsonl.
+
+argv: steps, sleep per step; with `--die-after-change`, global rank 3 of the first group of workers exits with code 1 three
+steps after it sees comm.grad_sync changed (torchrun then restarts the group).
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from dspark_lab.runtime.attach import Job
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+steps, pause = int(sys.argv[1]), float(sys.argv[2])
+die = "--die-after-change" in sys.argv
+changed_at = None
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+# which group of workers this is (0, then 1 after a restart): torchrun's TORCHELASTIC_RESTART_COUNT can differ
+# between nodes, so count this rank's earlier starts
+path = os.path.join(os.environ["NODES_LOG"], f"rank{rank}.jsonl")
+restart = sum('"start"' in line for line in open(path)) if os.path.exists(path) else 0
+torch.manual_seed(0)
+model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(8, 16), *[Block() for _ in range(4)],
+                                                          nn.Linear(16, 1)))
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+log = open(path, "a")
+log.write(json.dumps({"restart": restart, "start": True}) + "\n")
+for step in range(1, steps + 1):
+    loss = model(torch.randn(8, 8)).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    policies = dict(Job.current.policies)  # in force from the next step on
+    log.write(json.dumps({"restart": restart, "step": step, "policies": policies}) + "\n")
+    log.flush()
+    if changed_at is None and policies["comm.grad_sync"] != "builtin":
+        changed_at = step
+    if die and restart == 0 and rank == 3 and changed_at is not None and step == changed_at + 3:
+        os._exit(1)
+    time.sleep(pause)
+dist.destroy_process_group()
