@@ -138,10 +138,9 @@ class Manager:
         # Called with each new problem, e.g. by a running job to log it as an event (a rank has no doctor to read).
         self.listeners: list[Callable[[PluginProblem], None]] = []
         self._backends: dict[str, Backend] | None = None
+        # DSPARK_TRACE_PLUGINS: dispatch() writes one line per implementation it calls (pluggy's own tracer never
+        # fires, since hooks are not called through pluggy's hook callers)
         self._trace = os.environ.get("DSPARK_TRACE_PLUGINS", "") not in ("", "0") if trace is None else trace
-        if self._trace:
-            self.pm.trace.root.setwriter(lambda text: sys.stderr.write(f"dspark-lab plugin trace: {text}"))
-            self.pm.enable_tracing()
 
     # --- loading ---------------------------------------------------------------------------------------------
 

@@ -149,7 +149,7 @@ def add_parsers(subparsers, common) -> None:
     demo = subparsers.add_parser("demo", parents=[common], help="train a small transformer on 2 ranks and change "
                                                                 "its policies live")
     demo.add_argument("--quick", action="store_true", help="fewer steps (for CI)")
-    demo.add_argument("--steps-per-phase", type=int, default=None)
+    demo.add_argument("--steps-per-phase", type=_bounded(2, 10_000), default=None)
     demo.set_defaults(func=_demo)
 
     subparsers.add_parser("jobs", parents=[common], help="runs and their state").set_defaults(func=_verb("jobs"))
