@@ -1,25 +1,20 @@
 """Collectives against torch.distributed's own: ring, tree, error-feedback compression, bandwidth rows, the plugin.
 
-Multi-rank checks run inside one gloo world per size (2, 3 and 4 ranks on loopback): every rank runs every check
-of ``CHECKS``, records "ok" or its traceback, and each (world, check) pair is its own test below. A check that
-fails on one rank can leave the others waiting; the process group's timeout bounds that wait.
+Multi-rank checks run inside one gloo world per size (2, 3 and 4 ranks on loopback; tests/gloo_world.py): each
+(world, check) pair is its own test below.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
 import math
 import re
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dspark_lab.backends import cpu
-from dspark_lab.localhost import free_port
+from gloo_world import assert_passed_everywhere, checks_in, world_results_for
 from dspark_lab.collectives import STANDARD_NAMES, make_standard
 from dspark_lab.collectives.bandwidth import bus_factor, measure_all_reduce
 from dspark_lab.collectives.compress import ErrorFeedbackAllReduce, make_codec, ring_wire_bytes
@@ -198,45 +193,15 @@ def check_plugin_collectives(rank, world):
         torch.testing.assert_close(collective.all_reduce(_data(rank, 77)), expected)
 
 
-CHECKS = {name[len("check_"):]: fn for name, fn in dict(globals()).items() if name.startswith("check_")}
-
-
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=20))
-    results = {}
-    for name, check in CHECKS.items():
-        try:
-            check(rank, world)
-            results[name] = "ok"
-        except Exception:
-            results[name] = traceback.format_exc()
-    dist.destroy_process_group()
-    with open(f"{out}/rank{rank}.json", "w") as f:
-        json.dump(results, f)
-
-
-@pytest.fixture(scope="module")
-def world_results(tmp_path_factory):
-    cache: dict[int, list[dict]] = {}
-
-    def results(world: int) -> list[dict]:
-        if world not in cache:
-            out = tmp_path_factory.mktemp(f"world{world}")
-            mp.spawn(_worker, args=(world, free_port(), str(out)), nprocs=world)
-            cache[world] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
-        return cache[world]
-
-    return results
+CHECKS = checks_in(globals())
+world_results = world_results_for(__name__, timeout_s=20)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("check", sorted(CHECKS))
 @pytest.mark.parametrize("world", WORLDS)
 def test_in_world(world_results, world, check):
-    failures = {rank: r[check] for rank, r in enumerate(world_results(world)) if r[check] != "ok"}
-    assert not failures, "\n".join(f"rank {rank}:\n{tb}" for rank, tb in failures.items())
+    assert_passed_everywhere(world_results(world), check)
 
 
 # --- single-process tests ----------------------------------------------------------------------------------------

@@ -3,20 +3,17 @@ sizes, sub-groups, and paced links whose measured rate follows the plan."""
 
 from __future__ import annotations
 
-import datetime
 import json
 import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dspark_lab.collectives.packed_trees import PackedTreesCollective
 from dspark_lab.collectives.packing import chain_plan, plan
 from dspark_lab.collectives.topology import from_dict, load_topology
-from dspark_lab.localhost import free_port
+from gloo_world import assert_passed_everywhere, checks_in, world_results_for
 
 WORLDS = (2, 3, 5)
 NUMELS = (0, 1, 2, 7, 1000, 4099, 65_537)
@@ -100,45 +97,15 @@ def check_paced_links_follow_the_plan(rank, world):
     assert rates["trees"][0] > 1.5 * rates["ring"][0], rates
 
 
-CHECKS = {name[len("check_"):]: fn for name, fn in dict(globals()).items() if name.startswith("check_")}
-
-
-def _worker(rank, world, port, out):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    results = {}
-    for name, check in CHECKS.items():
-        try:
-            check(rank, world)
-            results[name] = "ok"
-        except Exception:
-            results[name] = traceback.format_exc()
-    dist.destroy_process_group()
-    with open(f"{out}/rank{rank}.json", "w") as f:
-        json.dump(results, f)
-
-
-@pytest.fixture(scope="module")
-def world_results(tmp_path_factory):
-    cache = {}
-
-    def results(world):
-        if world not in cache:
-            out = tmp_path_factory.mktemp(f"packed{world}")
-            mp.spawn(_worker, args=(world, free_port(), str(out)), nprocs=world)
-            cache[world] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
-        return cache[world]
-
-    return results
+CHECKS = checks_in(globals())
+world_results = world_results_for(__name__, timeout_s=60)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("check", sorted(CHECKS))
 @pytest.mark.parametrize("world", WORLDS)
 def test_in_world(world_results, world, check):
-    failures = {rank: r[check] for rank, r in enumerate(world_results(world)) if r[check] != "ok"}
-    assert not failures, "\n".join(f"rank {rank}:\n{tb}" for rank, tb in failures.items())
+    assert_passed_everywhere(world_results(world), check)
 
 
 def test_more_ranks_than_devices_is_refused():

@@ -1,0 +1,64 @@
+"""Run a test module's ``check_*`` functions inside one gloo world per size, once, and report each (world, check).
+
+Every rank runs every check of the module, records "ok" or its traceback, and each (world, check) pair becomes its own
+test. A check that fails on one rank can leave the others waiting; the process group's timeout bounds that wait.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dspark_lab.localhost import free_port
+
+
+def checks_in(namespace: dict) -> dict:
+    """``{name: fn}`` of every ``check_<name>`` function in a module's globals."""
+    return {name[len("check_"):]: fn for name, fn in namespace.items() if name.startswith("check_")}
+
+
+def _worker(rank: int, world: int, port: int, out: str, module: str, timeout_s: float) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    results = {}
+    for name, check in importlib.import_module(module).CHECKS.items():
+        try:
+            check(rank, world)
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()
+    dist.destroy_process_group()
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(results, f)
+
+
+def world_results_for(module: str, timeout_s: float = 20):
+    """A module-scoped fixture: ``results(world)`` spawns the world once and returns each rank's results."""
+
+    @pytest.fixture(scope="module")
+    def world_results(tmp_path_factory):
+        cache: dict[int, list[dict]] = {}
+
+        def results(world: int) -> list[dict]:
+            if world not in cache:
+                out = tmp_path_factory.mktemp(f"{module}-world{world}")
+                mp.spawn(_worker, args=(world, free_port(), str(out), module, timeout_s), nprocs=world)
+                cache[world] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+            return cache[world]
+
+        return results
+
+    return world_results
+
+
+def assert_passed_everywhere(results: list[dict], check: str) -> None:
+    failures = {rank: r[check] for rank, r in enumerate(results) if r[check] != "ok"}
+    assert not failures, "\n".join(f"rank {rank}:\n{tb}" for rank, tb in failures.items())
