@@ -210,3 +210,36 @@ def test_every_process_plans_the_same_trees():
     outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3)}
     assert len(outputs) == 1
+
+
+def test_nvml_topology_reads_nvlinks_switches_and_p2p():
+    """The NVIDIA backend's link graph from NVML, against a stand-in NVML: GPUs 0-1 joined by two NVLink 4 links,
+    GPU 2 reaching an NVSwitch over one, and GPUs 1-3 with only PCIe P2P (gen 4 x16)."""
+    from types import SimpleNamespace
+
+    from dspark_lab.backends.topology import nvml_topology
+
+    class NVMLError(Exception):
+        pass
+
+    bus = {0: b"0000:01:00.0", 1: b"0000:02:00.0", 2: b"0000:03:00.0", 3: b"0000:04:00.0"}
+    links = {0: {0: bus[1], 1: bus[1]}, 1: {0: bus[0], 1: bus[0]}, 2: {0: b"0000:ff:00.0"}, 3: {}}
+
+    def link_info(handle, link):
+        if link not in links[handle]:
+            raise NVMLError("no such link")
+        return 1
+
+    fake = SimpleNamespace(
+        NVMLError=NVMLError, NVML_FEATURE_ENABLED=1, NVML_P2P_CAPS_INDEX_READ=0, NVML_P2P_STATUS_OK=0,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetPciInfo=lambda h: SimpleNamespace(busId=bus[h]),
+        nvmlDeviceGetNvLinkState=link_info, nvmlDeviceGetNvLinkVersion=lambda h, link: 4,
+        nvmlDeviceGetNvLinkRemotePciInfo=lambda h, link: SimpleNamespace(busId=links[h][link]),
+        nvmlDeviceGetP2PStatus=lambda a, b, caps: 0 if {a, b} == {1, 3} else 1,
+        nvmlDeviceGetCurrPcieLinkGeneration=lambda h: 4, nvmlDeviceGetCurrPcieLinkWidth=lambda h: 16)
+    topo = from_dict(nvml_topology(fake, [0, 1, 2, 3]))
+    cap = topo.capacity()
+    assert cap[("gpu0", "gpu1")] == 50.0 and cap[("gpu1", "gpu0")] == 50.0  # two NVLink 4 links, 25 GB/s each
+    assert topo.switches == ["nvswitch"] and cap[("gpu2", "nvswitch")] == cap[("nvswitch", "gpu2")] == 25.0
+    assert cap[("gpu1", "gpu3")] == pytest.approx(1.969 * 16) and ("gpu0", "gpu3") not in cap
