@@ -105,7 +105,8 @@ def run_case(name, kind, shape, eplb, repeats, seed):
     eplb_bal_layers = balance.balancedness_of_loads(balance.gpu_loads(today, theirs, gpus))
     theirs_relabelled = moves.relabel(theirs, balance.presence(old_theirs, experts, gpus) > 0, dims)
     ours_moving = balance.rebalance_experts(today, *args, current=old_ours)[0].numpy()
-    ours_equal = moves.place_with_moves(today, dims, old_ours, 0.0, floor=eplb_bal_layers)
+    ours_equal = moves.place_with_moves(today, dims, old_ours, 0.0, balance.best_placement(today, dims),
+                                        floor=eplb_bal_layers)
 
     def moved(new, old):
         return int(moves.experts_moved(new, balance.presence(old, experts, gpus) > 0, experts, gpus).sum())

@@ -255,8 +255,8 @@ def test_balance_floor_moves_fewest_at_that_balance():
     old_has = B.presence(current, 64, 8) > 0
     eplb = B.eplb_plan(new, shape)
     floor = B.balancedness_of_loads(B.gpu_loads(new, eplb, 8))
-    at_floor = moves.place_with_moves(new, shape, current, 0.0, floor=floor)
-    balance_only = moves.place_with_moves(new, shape, current, 0.0)
+    at_floor = moves.place_with_moves(new, shape, current, 0.0, B.best_placement(new, shape), floor=floor)
+    balance_only = moves.place_with_moves(new, shape, current, 0.0, B.best_placement(new, shape))
     assert (B.balancedness_of_loads(B.gpu_loads(new, at_floor, 8)) >= floor - 1e-12).all()
     assert (moves.experts_moved(at_floor, old_has, 64, 8) <= moves.experts_moved(balance_only, old_has, 64, 8)).all()
     assert moves.experts_moved(at_floor, old_has, 64, 8).sum() < moves.experts_moved(balance_only, old_has, 64, 8).sum()

@@ -8,7 +8,8 @@ import itertools
 import pytest
 
 from dspark_lab.cli import main
-from dspark_lab.pipeline.ir import B, F, Schedule, ScheduleError, W, validate
+from dspark_lab.pipeline.checks import validate
+from dspark_lab.pipeline.ir import B, F, Schedule, ScheduleError, W
 from dspark_lab.pipeline.schedules import SCHEDULES, build
 from dspark_lab.pipeline.simulate import Costs, simulate
 

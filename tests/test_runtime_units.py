@@ -220,8 +220,8 @@ def test_a_runtime_failure_inside_the_step_is_logged_once_and_never_raised(cpu_j
 
     monkeypatch.setattr(Job, "current", cpu_job)
     monkeypatch.setattr(cpu_job, "on_step_end", broken)
-    patches._guarded("on_step_end", None)
-    patches._guarded("on_step_end", None)
+    patches._guarded(cpu_job, "on_step_end", None)
+    patches._guarded(cpu_job, "on_step_end", None)
     errors = [e for e in cpu_job.run_dir.events() if e["kind"] == "error"]
     assert len(errors) == 1 and "bookkeeping bug" in errors[0]["reason"] and "the job goes on" in errors[0]["reason"]
 
@@ -230,7 +230,7 @@ def test_a_runtime_failure_inside_the_step_is_logged_once_and_never_raised(cpu_j
 
     monkeypatch.setattr(cpu_job, "on_step_end", stop)
     with pytest.raises(StopRun):  # a requested stop is the one thing that leaves the hook
-        patches._guarded("on_step_end", None)
+        patches._guarded(cpu_job, "on_step_end", None)
 
 
 def test_metrics_follow_prints_every_record_and_ends_with_the_run(tmp_path, monkeypatch, capsys):

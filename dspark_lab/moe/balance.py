@@ -40,9 +40,10 @@ import torch
 
 from dspark_lab.moe import eplb_reference
 from dspark_lab.moe.counts import bounded_counts
-from dspark_lab.moe.recount import place_by_recount
 from dspark_lab.moe.measures import (balancedness, balancedness_of_loads, duplicates_per_gpu, gpu_loads, presence,
                                      replica_counts, same_gpu_duplicates)
+from dspark_lab.moe.moves import place_with_moves
+from dspark_lab.moe.recount import place_by_recount
 from dspark_lab.moe.search import REL_TOL, deal, descend, remove_duplicates
 from dspark_lab.moe.shape import Shape
 
@@ -228,8 +229,6 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
     if current is None:
         phy2log = best_placement(array, shape)
     else:
-        from dspark_lab.moe.moves import place_with_moves
-
-        phy2log = place_with_moves(array, shape, current, move_cost)
+        phy2log = place_with_moves(array, shape, current, move_cost, best_placement(array, shape))
     log2phy, count = log2phy_of(phy2log, shape.experts)
     return torch.from_numpy(phy2log), torch.from_numpy(log2phy), torch.from_numpy(count)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from dspark_lab.moe.balance import Shape, best_placement
+from dspark_lab.moe.shape import Shape
 from dspark_lab.moe.measures import balancedness_of_loads, duplicates_per_gpu, gpu_loads, presence, replica_counts
 from dspark_lab.moe.search import descend
 
@@ -85,9 +85,12 @@ def _valid_as_is(current: np.ndarray, shape: Shape) -> bool:
     return bool((np.take_along_axis(first, group, 1) == slot_domain).all())
 
 
-def place_with_moves(weight: np.ndarray, shape: Shape, current, move_cost: float,
+def place_with_moves(weight: np.ndarray, shape: Shape, current, move_cost: float, balanced: np.ndarray,
                      floor: np.ndarray | None = None) -> np.ndarray:
     """The placement maximising ``balancedness - move_cost * moved / R`` per layer (module docstring).
+
+    ``balanced [L, R]``: the balance-only placement (:func:`dspark_lab.moe.balance.best_placement` of ``weight``),
+    one of the candidates.
 
     ``floor [L]``: instead, the fewest moves among candidates whose balancedness is at least ``floor`` (the
     balance-only placement is always a candidate, so a floor at or under its balancedness is always met; the
@@ -102,7 +105,7 @@ def place_with_moves(weight: np.ndarray, shape: Shape, current, move_cost: float
             return np.where(balance >= floor - SCORE_TOL, -moved / shape.replicas, -np.inf), moved
         return balance - move_cost * moved / shape.replicas, moved
 
-    best = relabel(best_placement(weight, shape), old_has, shape)
+    best = relabel(balanced, old_has, shape)
     chosen = best.copy()
     chosen_score, chosen_moved = score(best)
     chosen_dups = duplicates_per_gpu(best, shape.gpus).sum(1)

@@ -2,7 +2,8 @@
 simulator (:mod:`.simulate`), timeline pictures (:mod:`.show`), and a real executor over torch.distributed
 (:mod:`.execute`, :mod:`.run`). See docs/pipeline.md."""
 
-from dspark_lab.pipeline.ir import Op, Schedule, ScheduleError, validate
+from dspark_lab.pipeline.checks import validate
+from dspark_lab.pipeline.ir import Op, Schedule, ScheduleError
 from dspark_lab.pipeline.schedules import SCHEDULES, build
 from dspark_lab.pipeline.simulate import Costs, Simulation, simulate
 

@@ -78,7 +78,7 @@ def FB(f_mb: int, f_chunk: int, b_mb: int, b_chunk: int) -> Op:
 class Schedule:
     """A pipeline schedule: ``ops[rank]`` in execution order, and ``streams`` (the ``(rank, chunk)`` path each
     micro-batch of a stream follows, in stage order). ``memory_bound`` is the documented per-rank limit on live
-    activations (micro-batch-chunk units) that :func:`validate` checks."""
+    activations (micro-batch-chunk units) that :func:`dspark_lab.pipeline.checks.validate` checks."""
 
     name: str
     ranks: int
@@ -137,42 +137,3 @@ def live_activations(rank_ops: list[Op]) -> list[int]:
 
 def peak_activations(schedule: Schedule) -> list[int]:
     return [max(live_activations(ops), default=0) for ops in schedule.ops]
-
-
-def validate(schedule: Schedule) -> None:
-    """Raise :class:`ScheduleError` unless every op's inputs come before it, each (micro-batch, chunk) gets exactly
-    one F, one backward and (after a ``full=False`` B) one W, and the memory bound holds on every rank."""
-    s = schedule
-    if len(s.ops) != s.ranks:
-        raise ScheduleError(f"{s.name}: {len(s.ops)} rank op lists for {s.ranks} ranks")
-    for r, rank_ops in enumerate(s.ops):
-        seen: dict[tuple[str, int, int], int] = {}
-        for op in rank_ops:
-            if op.kind not in OP_KINDS:
-                raise ScheduleError(f"{s.name}: rank {r}: op kind {op.kind!r} not in {OP_KINDS}")
-            for kind, mb, chunk in op.parts():
-                s.where(r, chunk)
-                if not 0 <= mb < s.mb_per_stream:
-                    raise ScheduleError(f"{s.name}: rank {r}: micro-batch {mb} outside 0..{s.mb_per_stream - 1}")
-                key = ("B" if kind in ("B", "Bi") else kind, mb, chunk)
-                if key in seen:
-                    raise ScheduleError(f"{s.name}: rank {r}: {kind}{mb}.{chunk} appears twice")
-                if kind in ("B", "Bi") and ("F", mb, chunk) not in seen:
-                    raise ScheduleError(f"{s.name}: rank {r}: backward of {mb}.{chunk} before its forward")
-                if kind == "W" and seen.get(("B", mb, chunk)) != 0:
-                    raise ScheduleError(f"{s.name}: rank {r}: W{mb}.{chunk} without an earlier input-only B")
-                seen[key] = 0 if kind == "Bi" else 1
-        for chunk in range(s.chunks):
-            for mb in range(s.mb_per_stream):
-                if ("F", mb, chunk) not in seen or ("B", mb, chunk) not in seen:
-                    raise ScheduleError(f"{s.name}: rank {r}: micro-batch {mb} chunk {chunk} is missing F or B")
-                if seen[("B", mb, chunk)] == 0 and ("W", mb, chunk) not in seen:
-                    raise ScheduleError(f"{s.name}: rank {r}: W{mb}.{chunk} is missing")
-    # Cross-rank order: the schedule runs to the end with zero costs iff no rank waits on an op queued behind it.
-    from dspark_lab.pipeline.simulate import Costs, simulate
-
-    simulate(s, Costs(f=1.0, b=1.0, w=1.0))
-    if s.memory_bound is not None:
-        for r, peak in enumerate(peak_activations(s)):
-            if peak > s.memory_bound[r]:
-                raise ScheduleError(f"{s.name}: rank {r}: peak activations {peak} > bound {s.memory_bound[r]}")

@@ -43,6 +43,7 @@ from dspark_lab.runtime.nodes import store_address
 from dspark_lab.runtime.coordinator import Coordinator, PendingChange
 from dspark_lab.runtime.jobinfo import describe
 from dspark_lab.runtime.metering import StepMeter
+from dspark_lab.runtime.patches import install_patches
 from dspark_lab.runtime.limits import short
 from dspark_lab.runtime.policies import builtin as builtin_policies
 from dspark_lab.runtime.policies.memory import SavedActivations
@@ -291,9 +292,7 @@ def start_job(run_dir: RunDir, *, launch_policies: dict[str, Any] | None = None,
     job = Job(run_dir, rank=rank, world=world, manager=manager, launch_policies=launch_policies, store=store,
               registered=registered)
     Job.current = job
-    from dspark_lab.runtime.patches import install_patches
-
-    install_patches()
+    install_patches(lambda: Job.current)
     job.activations.install()
     if rank == 0:
         from dspark_lab.runtime.control import LOOPBACK, ControlServer

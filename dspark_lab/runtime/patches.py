@@ -1,4 +1,5 @@
-"""The torch entry points the runtime listens to, wrapped once per process; the wrappers call ``Job.current``.
+"""The torch entry points the runtime listens to, wrapped once per process; the wrappers ask ``current_job()``
+(attach passes ``lambda: Job.current``) which job to call.
 
 - torch's global optimizer step hooks mark step boundaries (the only place policies change);
 - ``DistributedDataParallel.__init__`` is wrapped so the runtime's gradient-sync dispatcher is DDP's comm hook and
@@ -15,19 +16,18 @@ A failure of the runtime inside these wrappers is logged once and never raised i
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import torch
 
-from dspark_lab.runtime.attach import Job
 from dspark_lab.runtime.coordinator import StopRun
 
 
-def _guarded(method: str, *args) -> None:
+def _guarded(job: Any, method: str, *args) -> None:
     """Call a Job hook from inside the user's training step; a runtime bug is logged, never raised into the job.
 
     Only :class:`StopRun` (a requested stop) leaves through here.
     """
-    job = Job.current
     if job is None:
         return
     try:
@@ -41,27 +41,28 @@ def _guarded(method: str, *args) -> None:
                              reason=f"runtime {method} failed, the job goes on: {type(exc).__name__}: {exc}")
 
 
-def install_patches() -> None:
-    """Wrap the torch entry points the runtime listens to. Idempotent; the wrappers read ``Job.current``."""
+def install_patches(current_job: Callable[[], Any]) -> None:
+    """Wrap the torch entry points the runtime listens to. Idempotent; the wrappers call ``current_job()`` (the
+    process's :class:`dspark_lab.runtime.attach.Job`, or None) each time."""
     if getattr(torch, "_dspark_patched", False):
         return
     torch._dspark_patched = True
     from torch.nn.parallel import DistributedDataParallel as DDP
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-    register_optimizer_step_pre_hook(lambda opt, args, kwargs: _guarded("on_step_begin", opt))
-    register_optimizer_step_post_hook(lambda opt, args, kwargs: _guarded("on_step_end", opt))
+    register_optimizer_step_pre_hook(lambda opt, args, kwargs: _guarded(current_job(), "on_step_begin", opt))
+    register_optimizer_step_post_hook(lambda opt, args, kwargs: _guarded(current_job(), "on_step_end", opt))
 
     original_init = DDP.__init__
 
     @functools.wraps(original_init)
     def ddp_init(self, module, *args, **kwargs):
-        current = Job.current
+        current = current_job()
         if current is not None and current.launch_policies.get("comm.bucket_mb") is not None:
             kwargs["bucket_cap_mb"] = current.launch_policies["comm.bucket_mb"]
         original_init(self, module, *args, **kwargs)
         if current is not None and current.ddp is None:
-            _guarded("on_ddp", self)
+            _guarded(current, "on_ddp", self)
 
     DDP.__init__ = ddp_init
 
@@ -69,7 +70,7 @@ def install_patches() -> None:
 
     @functools.wraps(original_backward)
     def backward(tensors, *args, **kwargs):
-        current = Job.current
+        current = current_job()
         if current is None:
             return original_backward(tensors, *args, **kwargs)
         return current.on_backward(tensors, lambda: original_backward(tensors, *args, **kwargs))
@@ -80,10 +81,11 @@ def install_patches() -> None:
 
     @functools.wraps(original_compile)
     def compile(*args, **kwargs):
-        if Job.current is not None:
+        current = current_job()
+        if current is not None:
             target = args[0] if args else kwargs.get("model")
             if target is not None:
-                _guarded("on_compile", target)
+                _guarded(current, "on_compile", target)
         return original_compile(*args, **kwargs)
 
     torch.compile = compile
