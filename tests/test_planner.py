@@ -258,3 +258,60 @@ def test_search_view_marks_the_pareto_front(tmp_path, manager):
     assert len(result["points"]) == result["evaluated"]
     html = write_html(result, tmp_path / "view.html").read_text()
     assert "Pareto front" in html and "where the step time goes" in html and "TP" in html
+
+
+def test_eager_elementwise_units_count_torchtitan_llama_kernels():
+    from dspark_lab.planner.predict import elementwise_units
+
+    model = ModelConfig.from_dict(preset("llama3-8b"))  # 32 heads, 8 KV heads, SwiGLU, no dropout
+    # two fp32 RMSNorms 2 x 18, RoPE on q and k 10 x 1.25, repeat_kv 2 x 1.25, output copy 2, residuals 2 x 3
+    assert elementwise_units(model, "eager") == (36 + 12.5 + 2.5 + 2 + 6, 5.0)
+    assert elementwise_units(model, "fused") == (10.0, 3.0)
+
+
+def test_eager_kernels_add_their_hbm_traffic_to_the_step(manager):
+    from dspark_lab.planner.hardware import device
+    from dspark_lab.planner.model.config import Cluster
+    from dspark_lab.planner.model.efficiency import MEMORY_EFFICIENCY
+
+    base = dict(tp=1, dp=8, micro_batch=1, global_batch=8, zero=3, recompute="none")
+    fused = predict(config(**base), manager)
+    eager = predict(config(kernels="eager", **base), manager)
+    model = ModelConfig.from_dict(preset("llama3-8b"))
+    tokens, h, f = model.seq_len, model.hidden, model.ffn_hidden
+    hbm = device(Cluster.from_dict({"gpu": "nvidia-h100", "gpus": 8}), manager).hbm_gb_s * 1e9 * MEMORY_EFFICIENCY
+    extra_units = (59 - 10) * tokens * h + (5 - 3) * tokens * f  # eager minus fused, per layer forward
+    expected = model.layers * 3 * extra_units * 2 / hbm  # forward + twice in backward, 2-byte elements
+    got = eager["breakdown_s"]["compute"] - fused["breakdown_s"]["compute"]
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_op_sac_recomputes_wk_wo_and_the_second_ffn_matmul():
+    model = ModelConfig.from_dict(preset("llama3-8b"))
+    h, kv, f = 4096, 1024, 14336
+    assert flops.op_sac_recomputed_params(model, 0) == h * kv + h * h + h * f
+    per_token = flops.recompute_flops_per_token(model, "selective-op")
+    assert per_token == 32 * 2 * (h * kv + h * h + h * f)
+
+
+def test_op_sac_memory_keeps_the_saved_matmul_outputs():
+    s, b, h, f = 8192, 2, 4096, 14336
+    sbh = s * b * h
+    # block input, wq, wv (a quarter of h), attention output, w1, and w2's full-width output
+    expected = 2 * sbh + 2 * (sbh + 0.25 * sbh + sbh + s * b * f) + 2 * sbh
+    assert memory.op_sac_bytes(s, b, h, 1, False, 0.25, f, swiglu=True) == pytest.approx(expected)
+    # TP 8 with SP: the input and the TP-split tensors / 8, w2's partial sum stays full, + two reduce-scatter outputs
+    sp = 2 * sbh / 8 + 2 * (sbh + 0.25 * sbh + sbh + s * b * f) / 8 + 2 * sbh + 4 * sbh / 8
+    assert memory.op_sac_bytes(s, b, h, 8, True, 0.25, f, swiglu=True) == pytest.approx(sp)
+
+
+def test_op_sac_layout_counts_its_recompute_and_stores_less_than_none(manager):
+    base = dict(tp=1, dp=8, micro_batch=1, global_batch=8, zero=3)
+    op = predict(config(recompute="selective-op", **base), manager)
+    none = predict(config(recompute="none", **base), manager)
+    model = ModelConfig.from_dict(preset("llama3-8b"))
+    ratio = 1 + flops.recompute_flops_per_token(model, "selective-op") / flops.model_flops_per_token(model)
+    assert op["hardware_tflops_per_gpu"] / op["model_tflops_per_gpu"] == pytest.approx(ratio)
+    assert op["breakdown_s"]["recompute"] > 0 == none["breakdown_s"]["recompute"]
+    assert op["step_time_s"] > none["step_time_s"]
+    assert op["memory_gb"]["activations"] < none["memory_gb"]["activations"]

@@ -30,14 +30,36 @@ FP8_CAST_BYTES = 5  # per element cast to FP8 with current scaling: read bf16 fo
 OTHER_GB = 3.0  # CUDA context, NCCL and cuBLAS workspaces, allocator fragmentation
 
 
-def elementwise_units(model: ModelConfig) -> tuple[float, float]:
+def elementwise_units(model: ModelConfig, kernels: str = "fused") -> tuple[float, float]:
     """Forward element-wise traffic of one layer (reads + writes, in 2-byte elements) in units of tokens*h and
-    tokens*ffn, counted kernel by kernel as Megatron fuses them: each of the two norms reads x and writes y (2);
-    each fused bias-dropout-add reads the branch output and the residual and writes the sum (3) and, with dropout,
-    a 1-byte mask (0.5). The activation reads its input(s) and writes its output: GeLU 2, SwiGLU 3 (gate, up, out).
-    The backward pass moves about twice this (input, output gradient and the stored tensors)."""
+    tokens*ffn. ``fused`` counts kernel by kernel as Megatron fuses them (and as torch.compile's Inductor does): each
+    of the two norms reads x and writes y (2); each fused bias-dropout-add reads the branch output and the residual
+    and writes the sum (3) and, with dropout, a 1-byte mask (0.5). The activation reads its input(s) and writes its
+    output: GeLU 2, SwiGLU 3 (gate, up, out). The backward pass moves about twice this (input, output gradient and
+    the stored tensors). ``eager`` counts the kernels PyTorch runs without a compiler for the Llama block as
+    torchtitan writes it (:func:`eager_units`)."""
+    if kernels == "eager":
+        return eager_units(model)
     h_units = 2 * (2 + 3) + (1.0 if model.dropout else 0.0)
     return h_units, (3.0 if model.ffn_kind == "swiglu" else 2.0)
+
+
+def eager_units(model: ModelConfig) -> tuple[float, float]:
+    """Eager PyTorch's element-wise traffic for torchtitan's Llama block (torchtitan/models/llama/model.py and
+    norms.py, Dec 2024), one kernel per op, fp32 elements counting 2. RMSNorm as ``(x.float() * rsqrt(mean(x^2) +
+    eps)).type_as(x) * w``: cast (1 + 2), square (2 + 2), mean (2), scale (2 + 2), cast back (2 + 1), weight (1 + 1)
+    = 18 per norm, two norms. RoPE on q and k through complex fp32: cast (1 + 2), complex multiply (2 + 2), cast
+    back (2 + 1) = 10 per element of q and k. Grouped-query ``repeat_kv`` materialises k and v at full width (read
+    kv, write h each). The attention output's ``transpose().contiguous()`` copy (2); the two residual adds (3 each);
+    dropout (read, write, 1-byte mask: 2.5, twice) where the model has it. SwiGLU: ``silu`` (2) and the product (3)
+    per ffn element; GeLU one kernel (2)."""
+    kv = model.kv_heads / model.heads
+    h_units = 2 * 18 + 10 * (1 + kv) + 2 + 2 * 3
+    if model.kv_heads != model.heads:
+        h_units += 2 * (kv + 1)
+    if model.dropout:
+        h_units += 2 * 2.5
+    return h_units, (5.0 if model.ffn_kind == "swiglu" else 2.0)
 
 
 def split_layers(layers: int, stages: int) -> list[int]:
@@ -136,7 +158,7 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
     cp_fwd = (c - 1) * comm.p2p(kv_bytes, t * c > per_node, links) if c > 1 else 0.0
     ep_overlap = 0.1 if lay.schedule in ("dualpipe", "dualpipev") else 1.0
 
-    elem_h, elem_f = elementwise_units(model)
+    elem_h, elem_f = elementwise_units(model, lay.kernels)
 
     def layer_costs(index: int) -> dict[str, float]:
         gemms = flops.layer_gemms(model, index, tokens, t, c, e, b, causal_half=flash)
@@ -163,6 +185,17 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
             recompute = fwd + elem_t + tp_t + ep_t
         elif lay.recompute == "selective":
             recompute = core + (4 * 2 * b * model.heads / t * (s // c) * s / hbm if not flash else 0.0)
+        elif lay.recompute == "selective-op":  # wk, wo, the FFN's second matmul and every element-wise op again
+            recompute = elem_t + tp_t / 2  # + the all-gathers (the reduce-scatters are saved)
+            for g in gemms:
+                gt = _gemm_time(g, peak, eff, fp8) if g.weights else 0.0
+                if g.name == "qkv":
+                    kvr = model.kv_heads / model.heads
+                    recompute += gt * kvr / (1 + 2 * kvr)
+                elif g.name == "proj":
+                    recompute += gt
+                elif g.name == "mlp":
+                    recompute += gt / flops.ffn_matrices(model)
         return {"f": fwd + elem_t, "b": bgrad + 2 * elem_t, "w": wgrad, "tp": tp_t, "cp": cp_t, "ep": ep_t,
                 "recompute": recompute, "compute": fwd + elem_t + bgrad + 2 * elem_t + wgrad}
 
@@ -297,6 +330,10 @@ def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device
     keep_scores = lay.recompute == "none" and lay.attention == "unfused"
     per_layer = memory.layer_activation_bytes(terms, t, sp, keep_scores)
     extra = 0.0
+    if lay.recompute == "selective-op":
+        extra = per_layer  # the layer being recomputed holds its full activations again
+        per_layer = memory.op_sac_bytes(s, b, model.hidden, t, sp, model.kv_heads / model.heads, ffn,
+                                        model.ffn_kind == "swiglu")
     if lay.recompute == "full":
         extra = per_layer  # the one layer being recomputed
         per_layer = memory.full_recompute_bytes(s, b, model.hidden, t, sp)

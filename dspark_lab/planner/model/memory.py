@@ -54,6 +54,23 @@ def full_recompute_bytes(s: int, b: int, h: int, t: int, sequence_parallel: bool
     return 2 * s * b * h / (t if sequence_parallel else 1)
 
 
+def op_sac_bytes(s: int, b: int, h: int, t: int, sequence_parallel: bool, kv_ratio: float = 1.0,
+                 ffn: int | None = None, swiglu: bool = False) -> float:
+    """What torchtitan's op-level selective AC keeps per layer (see ``flops.op_sac_recomputed_params``): the block's
+    input, the outputs of the matmuls it does not recompute (wq, wv, and w1 and w2 for SwiGLU or fc1 for GeLU) and
+    the flash-attention output; every element-wise result is recomputed. A row-parallel matmul's output (w2) is the
+    full ``sbh`` partial sum before its reduction; under SP the two reduce-scatter outputs are saved too."""
+    ffn = 4 * h if ffn is None else ffn
+    sbh = s * b * h
+    tp_split = 2 * (sbh + sbh * kv_ratio + sbh + s * b * ffn) / t  # wq, wv, attention output, w1 / fc1
+    out = 2 * sbh / (t if sequence_parallel else 1) + tp_split  # + the block input
+    if swiglu:
+        out += 2 * sbh  # w2's output
+    if sequence_parallel and t > 1:
+        out += 2 * 2 * sbh / t  # the reduce-scatter outputs after wo and the FFN
+    return out
+
+
 def state_bytes(params: float, zero: int, shard: int) -> tuple[float, float, float]:
     """(weights, gradients, optimizer) bytes for ``params`` local parameters, ZeRO stage ``zero`` over ``shard``."""
     weights = WEIGHT_BYTES * params / (shard if zero >= 3 else 1)
