@@ -315,3 +315,22 @@ def test_op_sac_layout_counts_its_recompute_and_stores_less_than_none(manager):
     assert op["breakdown_s"]["recompute"] > 0 == none["breakdown_s"]["recompute"]
     assert op["step_time_s"] > none["step_time_s"]
     assert op["memory_gb"]["activations"] < none["memory_gb"]["activations"]
+
+
+def test_eager_loss_holds_three_fp32_copies_of_the_logits():
+    assert memory.loss_bytes_per_logit("eager") == 12
+    assert memory.loss_bytes_per_logit("fused") == 8
+
+
+def test_loss_peak_and_the_recomputed_layer_are_not_added(manager):
+    from dspark_lab.planner.predict import OTHER_GB
+
+    model = ModelConfig.from_dict(preset("llama3-8b"))
+    s, h, V, L = model.seq_len, model.hidden, model.vocab, model.layers
+    base = dict(tp=1, dp=8, micro_batch=1, global_batch=8, zero=3)
+    fused = predict(config(recompute="none", **base), manager)["memory_gb"]
+    eager = predict(config(recompute="none", loss="eager", **base), manager)["memory_gb"]
+    assert eager["other"] - fused["other"] == pytest.approx(4 * s * V / 1e9)
+    full = predict(config(recompute="full", loss="eager", **base), manager)["memory_gb"]
+    recomputed_layer = full["activations"] * 1e9 - L * 2 * s * h  # what is held beyond the layer inputs
+    assert full["other"] == pytest.approx(OTHER_GB + (12 * s * V - recomputed_layer) / 1e9)

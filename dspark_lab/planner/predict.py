@@ -363,7 +363,10 @@ def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device
             act = max(a for a, _ in env[r]) * per_layer + extra
         other = OTHER_GB * 1e9
         if stages - 1 in mine:
-            other += 2 * 4 * b * s * model.vocab / t  # fp32 logits and their gradient for one micro-batch
+            # The loss is differentiated before any layer of that micro-batch is recomputed, so its logits and the
+            # recomputed layer (``extra``) are never live together: only what the logits need beyond it is added.
+            logits = memory.loss_bytes_per_logit(lay.loss) * b * s * model.vocab / t
+            other += max(0.0, logits - extra)
         gb = {"params": weights / 1e9, "grads": grads / 1e9, "optimizer": optimizer / 1e9,
               "activations": act / 1e9, "other": other / 1e9}
         gb["total"] = sum(gb.values())

@@ -71,6 +71,14 @@ def op_sac_bytes(s: int, b: int, h: int, t: int, sequence_parallel: bool, kv_rat
     return out
 
 
+def loss_bytes_per_logit(loss: str) -> int:
+    """Peak bytes per logit of one micro-batch while the loss is differentiated. ``fused`` (Megatron's vocab-parallel
+    cross entropy, which works in place on an fp32 copy): the fp32 logits and their gradient, 8. ``eager`` (PyTorch's
+    ``cross_entropy`` on ``logits.float()``, as torchtitan computes its loss): log_softmax keeps its fp32 output for
+    backward; its backward holds that output, the incoming fp32 gradient and the fp32 gradient it makes, 12."""
+    return 12 if loss == "eager" else 8
+
+
 def state_bytes(params: float, zero: int, shard: int) -> tuple[float, float, float]:
     """(weights, gradients, optimizer) bytes for ``params`` local parameters, ZeRO stage ``zero`` over ``shard``."""
     weights = WEIGHT_BYTES * params / (shard if zero >= 3 else 1)
