@@ -334,3 +334,22 @@ def test_loss_peak_and_the_recomputed_layer_are_not_added(manager):
     full = predict(config(recompute="full", loss="eager", **base), manager)["memory_gb"]
     recomputed_layer = full["activations"] * 1e9 - L * 2 * s * h  # what is held beyond the layer inputs
     assert full["other"] == pytest.approx(OTHER_GB + (12 * s * V - recomputed_layer) / 1e9)
+
+
+def test_megatron_sp_gathers_each_column_parallel_input_again_in_backward(manager):
+    from dspark_lab.planner.hardware import device
+    from dspark_lab.planner.model import comm
+    from dspark_lab.planner.model.config import Cluster
+
+    model = ModelConfig.from_dict(preset("llama3-8b"))
+    base = dict(tp=8, dp=1, micro_batch=1, global_batch=2, recompute="none")
+    megatron = predict(config(**base), manager)
+    titan = predict(config(sp_regather=False, **base), manager)
+    links = device(Cluster.from_dict({"gpu": "nvidia-h100", "gpus": 8}), manager).links
+    gather = comm.collective("all_gather", model.seq_len * model.hidden * 2, 8, 1, links)
+    expected = 2 * model.layers * 2 * gather  # two all-gathers per layer, two micro-batches, exposed (no overlap)
+    assert megatron["breakdown_s"]["tp_comm"] - titan["breakdown_s"]["tp_comm"] == pytest.approx(expected)
+    assert megatron["step_time_s"] - titan["step_time_s"] == pytest.approx(expected)
+    no_sp = dict(base, sequence_parallel=False)
+    assert predict(config(**no_sp), manager)["step_time_s"] == predict(config(sp_regather=False, **no_sp),
+                                                                        manager)["step_time_s"]

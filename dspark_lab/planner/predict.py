@@ -154,6 +154,11 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
         tp_fwd = 2 * (comm.collective("all_gather", act_bytes, t, 1, links)
                       + comm.collective("reduce_scatter", act_bytes, t, 1, links))
     tp_exposed = 0.2 if lay.overlap_tp_comm else 1.0
+    # Megatron's SP keeps only the sequence shard of each column-parallel layer's input and gathers it again in
+    # backward for the weight gradient (Korthikanti et al. 2022, section 4.2.2): two more all-gathers per layer in
+    # backward. torchtitan's DTensor autograd keeps the gathered input instead (``sp_regather`` false).
+    tp_bwd_extra = (2 * comm.collective("all_gather", act_bytes, t, 1, links)
+                    if sp and lay.sp_regather else 0.0)
     kv_bytes = 2 * b * (s // c) * h * model.kv_heads // model.heads * 2 / t
     cp_fwd = (c - 1) * comm.p2p(kv_bytes, t * c > per_node, links) if c > 1 else 0.0
     ep_overlap = 0.1 if lay.schedule in ("dualpipe", "dualpipev") else 1.0
@@ -197,6 +202,7 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
                 elif g.name == "mlp":
                     recompute += gt / flops.ffn_matrices(model)
         return {"f": fwd + elem_t, "b": bgrad + 2 * elem_t, "w": wgrad, "tp": tp_t, "cp": cp_t, "ep": ep_t,
+                "tp_bwd": tp_t + tp_bwd_extra * tp_exposed,
                 "recompute": recompute, "compute": fwd + elem_t + bgrad + 2 * elem_t + wgrad}
 
     stages = p * v
@@ -219,11 +225,11 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
         for i in range(starts[k], starts[k] + counts[k]):
             lc = cost_of(i)
             f += lc["f"] + lc["tp"] + lc["cp"] + lc["ep"] / 2
-            bb += lc["b"] + lc["recompute"] + lc["tp"] + 2 * lc["cp"] + lc["ep"] / 2
+            bb += lc["b"] + lc["recompute"] + lc["tp_bwd"] + 2 * lc["cp"] + lc["ep"] / 2
             w += lc["w"]
             for key in parts:
                 parts[key] += lc[key] if key != "cp" else 3 * lc["cp"]
-            parts["tp"] += lc["tp"]  # backward's share
+            parts["tp"] += lc["tp_bwd"]  # backward's share
         if k == stages - 1:
             f += logits_t
             bb += logits_t

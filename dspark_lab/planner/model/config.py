@@ -156,6 +156,7 @@ class Layout:
     overlap_tp_comm: bool = False
     kernels: str = "fused"
     loss: str = "fused"
+    sp_regather: bool = True
 
     @classmethod
     def from_dict(cls, obj: dict, where: str = "layout") -> "Layout":
@@ -179,7 +180,8 @@ class Layout:
                    overlap_param_gather=_choice(obj, "overlap_param_gather", where, (True, False), True),
                    overlap_tp_comm=_choice(obj, "overlap_tp_comm", where, (True, False), False),
                    kernels=_choice(obj, "kernels", where, KERNELS, "fused"),
-                   loss=_choice(obj, "loss", where, LOSS, "fused"))
+                   loss=_choice(obj, "loss", where, LOSS, "fused"),
+                   sp_regather=_choice(obj, "sp_regather", where, (True, False), True))
 
 
 def check_layout(model: ModelConfig, cluster: Cluster, layout: Layout) -> None:
