@@ -76,6 +76,9 @@ def test_uneven_stages_are_accounted_by_the_slowest(manager):
     (dict(tp=8, pp=64, global_batch=64), "layout.pp"),
     (dict(recompute="some"), "layout.recompute"),
     (dict(schedule="nope"), "layout.schedule"),
+    (dict(kernels="jit"), "layout.kernels"),
+    (dict(loss="chunked"), "layout.loss"),
+    (dict(sp_regather="yes"), "layout.sp_regather"),
 ])
 def test_refusals_name_the_field(manager, layout, field):
     gpus = 8 * layout.get("pp", 1) * layout.get("dp", 1)
