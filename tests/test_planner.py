@@ -356,3 +356,23 @@ def test_megatron_sp_gathers_each_column_parallel_input_again_in_backward(manage
     no_sp = dict(base, sequence_parallel=False)
     assert predict(config(**no_sp), manager)["step_time_s"] == predict(config(sp_regather=False, **no_sp),
                                                                         manager)["step_time_s"]
+
+
+def test_fsdp_gathered_buffers_hand_computed():
+    block, emb, out = 218e6, 525e6, 525e6
+    # computing a block while the next is prefetched: two blocks in bf16
+    assert memory.fsdp_gathered_bytes(block) == 2 * 2 * block
+    # the loss on the last stage: the root unit (embedding + output), the output weight's bf16 gradient, one block
+    assert memory.fsdp_gathered_bytes(block, emb + out, out) == 2 * (emb + out + out + block)
+
+
+def test_zero3_weights_include_the_gathered_units(manager):
+    model = ModelConfig.from_dict(preset("llama3-8b"))
+    pred = predict(config(tp=1, dp=8, micro_batch=1, global_batch=8, zero=3, recompute="none"), manager)
+    layer = flops.layer_params(model, 0)
+    emb, out = flops.embedding_params(model), flops.output_params(model)
+    shards = 2 * (flops.total_params(model) - model.hidden) / 8  # bf16 shards (the final norm is not placed)
+    expected = shards + 2 * (emb + out + out + layer)
+    assert pred["memory_gb"]["params"] == pytest.approx(expected / 1e9)
+    zero2 = predict(config(tp=1, dp=8, micro_batch=1, global_batch=8, zero=2, recompute="none"), manager)
+    assert zero2["memory_gb"]["params"] == pytest.approx(2 * (flops.total_params(model) - model.hidden) / 1e9)

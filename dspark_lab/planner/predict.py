@@ -302,20 +302,28 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
 
 def _stage_params(model: ModelConfig, counts, starts, rank_stages, t: int, e: int) -> float:
     """Parameters one GPU of the given pipeline rank holds (expert weights split over ep, the rest over tp)."""
-    total = 0.0
-    for k in rank_stages:
-        for i in range(starts[k], starts[k] + counts[k]):
-            dense = flops.layer_params(model, i) - (model.experts * flops.expert_params(model)
-                                                   if model.is_moe_layer(i) else 0)
-            total += dense / t
-            if model.is_moe_layer(i):
-                total += model.experts * flops.expert_params(model) / t / e
+    total = sum(_layer_params(model, i, t, e) for k in rank_stages for i in range(starts[k], starts[k] + counts[k]))
     last = len(counts) - 1
     if 0 in rank_stages:
         total += flops.embedding_params(model) / t
     if last in rank_stages:
         total += flops.output_params(model) / t
     return total
+
+
+def _layer_params(model: ModelConfig, i: int, t: int, e: int) -> float:
+    """Parameters of layer ``i`` on one GPU: expert weights split over ep and tp, the rest over tp."""
+    experts = model.experts * flops.expert_params(model) if model.is_moe_layer(i) else 0
+    return (flops.layer_params(model, i) - experts) / t + experts / t / e
+
+
+def _gathered(model: ModelConfig, counts, starts, mine, t: int, e: int, stages: int) -> float:
+    """Unsharded bf16 buffers FSDP holds at this rank's peak (:func:`memory.fsdp_gathered_bytes`)."""
+    block = max((_layer_params(model, i, t, e) for k in mine for i in range(starts[k], starts[k] + counts[k])),
+                default=0.0)
+    out = flops.output_params(model) / t if stages - 1 in mine else 0.0
+    root = (flops.embedding_params(model) / t if 0 in mine else 0.0) + out
+    return memory.fsdp_gathered_bytes(block, root, out)
 
 
 def _rank_stages(rank: int, p: int, v: int, chunks: int, stages: int) -> list[int]:
@@ -357,6 +365,8 @@ def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device
         mine = _rank_stages(r, p, v, chunks, stages)
         params = _stage_params(model, counts, starts, mine, t, e)
         weights, grads, optimizer = memory.state_bytes(params, lay.zero, shard)
+        if lay.zero >= 3 and shard > 1:
+            weights += _gathered(model, counts, starts, mine, t, e, stages)
         if lazy_grads:
             chunk_grads = {}
             sched = liveness.schedule(lay.schedule, p, m, v) if p > 1 else None

@@ -79,6 +79,13 @@ def loss_bytes_per_logit(loss: str) -> int:
     return 12 if loss == "eager" else 8
 
 
+def fsdp_gathered_bytes(block_params: float, root_params: float = 0.0, output_params: float = 0.0) -> float:
+    """ZeRO 3 / FSDP2 working copies at the peak, in bf16: the unit being computed and the next one, all-gathered ahead
+    (FSDP2's implicit prefetch), or, while the loss is differentiated on the last stage, the root unit (embedding and
+    output layer, which torchtitan shards together), the output weight's bf16 gradient and the prefetched last block."""
+    return 2 * max(2 * block_params, root_params + output_params + block_params)
+
+
 def state_bytes(params: float, zero: int, shard: int) -> tuple[float, float, float]:
     """(weights, gradients, optimizer) bytes for ``params`` local parameters, ZeRO stage ``zero`` over ``shard``."""
     weights = WEIGHT_BYTES * params / (shard if zero >= 3 else 1)
