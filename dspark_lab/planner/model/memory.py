@@ -9,7 +9,9 @@ below are the same sums written per tensor, so grouped-query attention and other
 
 Bytes per parameter (Megatron's mixed precision with fp32 gradient buffers): 2 (bf16 weights) + 4 (fp32 gradient)
 + 12 (fp32 master weights, Adam m and v). ZeRO-1 (distributed optimizer) shards the 12 over data-parallel ranks,
-ZeRO-2 also the gradients, ZeRO-3 / FSDP also the weights (Rajbhandari et al. 2020).
+ZeRO-2 also the gradients, ZeRO-3 / FSDP also the weights (Rajbhandari et al. 2020), which then need gathered
+working copies (FSDP2's per-block all-gather and prefetch). torchtitan's op-level selective checkpointing
+(``op_sac_bytes``) and the loss's fp32 logits (``loss_bytes_per_logit``) are counted from what the PyTorch code keeps.
 """
 
 from __future__ import annotations
