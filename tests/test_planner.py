@@ -376,3 +376,25 @@ def test_zero3_weights_include_the_gathered_units(manager):
     assert pred["memory_gb"]["params"] == pytest.approx(expected / 1e9)
     zero2 = predict(config(tp=1, dp=8, micro_batch=1, global_batch=8, zero=2, recompute="none"), manager)
     assert zero2["memory_gb"]["params"] == pytest.approx(2 * (flops.total_params(model) - model.hidden) / 1e9)
+
+
+def test_op_sac_recompute_time_hand_computed(manager):
+    from dspark_lab.planner.hardware import device
+    from dspark_lab.planner.model.config import Cluster
+    from dspark_lab.planner.model.efficiency import MEMORY_EFFICIENCY, efficiency
+
+    model = ModelConfig.from_dict(preset("llama3-8b"))
+    s, h, f, L = model.seq_len, model.hidden, model.ffn_hidden, model.layers
+    dev = device(Cluster.from_dict({"gpu": "nvidia-h100", "gpus": 8}), manager)
+    eff, peak, hbm = efficiency("nvidia-h100"), dev.peak_flops("bf16"), dev.hbm_gb_s * 1e9 * MEMORY_EFFICIENCY
+
+    def gemm(flop, d):
+        return flop / (peak * eff.gemm(d))
+
+    # one sequence per GPU (tp 1): wk (h x h/4), wo (h x h) and w3 (h x ffn) again, plus the forward element-wise
+    # traffic (10 passes per h and 3 per ffn element, 2 bytes each); per layer, per micro-batch
+    qkv = gemm(2 * s * h * 1.5 * h, min(s, 1.5 * h, h))
+    wk_wo_w3 = qkv * 0.25 / 1.5 + gemm(2 * s * h * h, h) + gemm(3 * 2 * s * h * f, min(s, f, h)) / 3
+    elementwise = (10 * s * h + 3 * s * f) * 2 / hbm
+    pred = predict(config(tp=1, dp=8, micro_batch=1, global_batch=8, zero=3, recompute="selective-op"), manager)
+    assert pred["breakdown_s"]["recompute"] == pytest.approx(L * (wk_wo_w3 + elementwise), rel=1e-9)
