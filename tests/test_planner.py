@@ -358,24 +358,28 @@ def test_megatron_sp_gathers_each_column_parallel_input_again_in_backward(manage
                                                                         manager)["step_time_s"]
 
 
-def test_fsdp_gathered_buffers_hand_computed():
+def test_fsdp_buffers_hand_computed():
     block, emb, out = 218e6, 525e6, 525e6
-    # computing a block while the next is prefetched: two blocks in bf16
-    assert memory.fsdp_gathered_bytes(block) == 2 * 2 * block
-    # the loss on the last stage: the root unit (embedding + output), the output weight's bf16 gradient, one block
-    assert memory.fsdp_gathered_bytes(block, emb + out, out) == 2 * (emb + out + out + block)
+    assert memory.fsdp_buffers(2, block, emb + out, out) == (0.0, 0.0)  # weights already gathered under ZeRO 2
+    # ZeRO 3, a block's backward: two blocks gathered, its bf16 gradient and the fp32 reduce-scatter input
+    assert memory.fsdp_buffers(3, block) == (4 * block, 6 * block)
+    # ZeRO 3 at the loss: the root unit (embedding + output) and a block gathered, the output weight's bf16 gradient
+    assert memory.fsdp_buffers(3, block, emb + out, out) == (2 * (emb + out + block), 2 * out)
+    assert memory.fsdp_buffers(1, block, emb + out, out) == (0.0, 0.0)
 
 
-def test_zero3_weights_include_the_gathered_units(manager):
+def test_fsdp_buffers_in_the_prediction(manager):
     model = ModelConfig.from_dict(preset("llama3-8b"))
-    pred = predict(config(tp=1, dp=8, micro_batch=1, global_batch=8, zero=3, recompute="none"), manager)
     layer = flops.layer_params(model, 0)
     emb, out = flops.embedding_params(model), flops.output_params(model)
-    shards = 2 * (flops.total_params(model) - model.hidden) / 8  # bf16 shards (the final norm is not placed)
-    expected = shards + 2 * (emb + out + out + layer)
-    assert pred["memory_gb"]["params"] == pytest.approx(expected / 1e9)
-    zero2 = predict(config(tp=1, dp=8, micro_batch=1, global_batch=8, zero=2, recompute="none"), manager)
-    assert zero2["memory_gb"]["params"] == pytest.approx(2 * (flops.total_params(model) - model.hidden) / 1e9)
+    local = flops.total_params(model) - model.hidden  # the final norm is not placed on a stage
+    base = dict(tp=1, dp=8, micro_batch=1, global_batch=8, recompute="none")
+    z3 = predict(config(zero=3, **base), manager)["memory_gb"]
+    assert z3["params"] == pytest.approx((2 * local / 8 + 2 * (emb + out + layer)) / 1e9)
+    assert z3["grads"] == pytest.approx((4 * local / 8 + 2 * out) / 1e9)
+    z2 = predict(config(zero=2, **base), manager)["memory_gb"]
+    assert z2["params"] == pytest.approx(2 * local / 1e9)
+    assert z2["grads"] == pytest.approx(4 * local / 1e9)
 
 
 def test_op_sac_recompute_time_hand_computed(manager):

@@ -317,13 +317,14 @@ def _layer_params(model: ModelConfig, i: int, t: int, e: int) -> float:
     return (flops.layer_params(model, i) - experts) / t + experts / t / e
 
 
-def _gathered(model: ModelConfig, counts, starts, mine, t: int, e: int, stages: int) -> float:
-    """Unsharded bf16 buffers FSDP holds at this rank's peak (:func:`memory.fsdp_gathered_bytes`)."""
+def _fsdp_buffers(model: ModelConfig, lay: Layout, counts, starts, mine, stages: int) -> tuple[float, float]:
+    """FSDP's working buffers at this rank's peak (:func:`memory.fsdp_buffers`)."""
+    t, e = lay.tp, lay.ep
     block = max((_layer_params(model, i, t, e) for k in mine for i in range(starts[k], starts[k] + counts[k])),
                 default=0.0)
     out = flops.output_params(model) / t if stages - 1 in mine else 0.0
     root = (flops.embedding_params(model) / t if 0 in mine else 0.0) + out
-    return memory.fsdp_gathered_bytes(block, root, out)
+    return memory.fsdp_buffers(lay.zero, block, root, out)
 
 
 def _rank_stages(rank: int, p: int, v: int, chunks: int, stages: int) -> list[int]:
@@ -365,8 +366,9 @@ def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device
         mine = _rank_stages(r, p, v, chunks, stages)
         params = _stage_params(model, counts, starts, mine, t, e)
         weights, grads, optimizer = memory.state_bytes(params, lay.zero, shard)
-        if lay.zero >= 3 and shard > 1:
-            weights += _gathered(model, counts, starts, mine, t, e, stages)
+        gathered, grad_buffers = (_fsdp_buffers(model, lay, counts, starts, mine, stages)
+                                  if lay.zero >= 3 and shard > 1 else (0.0, 0.0))
+        weights += gathered
         if lazy_grads:
             chunk_grads = {}
             sched = liveness.schedule(lay.schedule, p, m, v) if p > 1 else None
@@ -377,6 +379,7 @@ def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device
                              key=sum)
         else:
             act = max(a for a, _ in env[r]) * per_layer + extra
+            grads += grad_buffers
         other = OTHER_GB * 1e9
         if stages - 1 in mine:
             # The loss is differentiated before any layer of that micro-batch is recomputed, so its logits and the

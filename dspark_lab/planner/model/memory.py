@@ -10,7 +10,7 @@ below are the same sums written per tensor, so grouped-query attention and other
 Bytes per parameter (Megatron's mixed precision with fp32 gradient buffers): 2 (bf16 weights) + 4 (fp32 gradient)
 + 12 (fp32 master weights, Adam m and v). ZeRO-1 (distributed optimizer) shards the 12 over data-parallel ranks,
 ZeRO-2 also the gradients, ZeRO-3 / FSDP also the weights (Rajbhandari et al. 2020), which then need gathered
-working copies (FSDP2's per-block all-gather and prefetch). torchtitan's op-level selective checkpointing
+working copies (FSDP2's per-block all-gather and prefetch, ``fsdp_buffers``). torchtitan's op-level selective checkpointing
 (``op_sac_bytes``) and the loss's fp32 logits (``loss_bytes_per_logit``) are counted from what the PyTorch code keeps.
 """
 
@@ -81,11 +81,22 @@ def loss_bytes_per_logit(loss: str) -> int:
     return 12 if loss == "eager" else 8
 
 
-def fsdp_gathered_bytes(block_params: float, root_params: float = 0.0, output_params: float = 0.0) -> float:
-    """ZeRO 3 / FSDP2 working copies at the peak, in bf16: the unit being computed and the next one, all-gathered ahead
-    (FSDP2's implicit prefetch), or, while the loss is differentiated on the last stage, the root unit (embedding and
-    output layer, which torchtitan shards together), the output weight's bf16 gradient and the prefetched last block."""
-    return 2 * max(2 * block_params, root_params + output_params + block_params)
+def fsdp_buffers(zero: int, block_params: float, root_params: float = 0.0,
+                 output_params: float = 0.0) -> tuple[float, float]:
+    """(weight, gradient) bytes of FSDP's working buffers at the peak, beyond the sharded states. ZeRO 2 (FSDP
+    without resharding, gradients accumulated unsharded in fp32 across micro-batches) has its weights gathered
+    already; a block's bf16 gradient before it joins the fp32 accumulator is not added, since it appears while that
+    block's own activations are being freed, finer than the per-layer accounting here. ZeRO 3, the larger of two
+    moments: a block's backward, with that block and
+    the next one all-gathered in bf16 (FSDP2's implicit prefetch), its bf16 gradient and the fp32 copy it is
+    reduce-scattered from (torchtitan reduces in fp32); or, while the last stage differentiates the loss, the root
+    unit (embedding and output layer, which torchtitan shards together) and the prefetched last block in bf16, and
+    the output weight's bf16 gradient."""
+    if zero < 3:
+        return 0.0, 0.0
+    backward = (2 * 2 * block_params, (2 + 4) * block_params)
+    loss = (2 * (root_params + block_params), 2 * output_params)
+    return max(backward, loss, key=sum)
 
 
 def state_bytes(params: float, zero: int, shard: int) -> tuple[float, float, float]:
