@@ -76,6 +76,9 @@ def test_uneven_stages_are_accounted_by_the_slowest(manager):
     (dict(tp=8, pp=64, global_batch=64), "layout.pp"),
     (dict(recompute="some"), "layout.recompute"),
     (dict(schedule="nope"), "layout.schedule"),
+    (dict(kernels="jit"), "layout.kernels"),
+    (dict(loss="chunked"), "layout.loss"),
+    (dict(sp_regather="yes"), "layout.sp_regather"),
 ])
 def test_refusals_name_the_field(manager, layout, field):
     gpus = 8 * layout.get("pp", 1) * layout.get("dp", 1)
@@ -258,3 +261,144 @@ def test_search_view_marks_the_pareto_front(tmp_path, manager):
     assert len(result["points"]) == result["evaluated"]
     html = write_html(result, tmp_path / "view.html").read_text()
     assert "Pareto front" in html and "where the step time goes" in html and "TP" in html
+
+
+def test_eager_elementwise_units_count_torchtitan_llama_kernels():
+    from dspark_lab.planner.predict import elementwise_units
+
+    model = ModelConfig.from_dict(preset("llama3-8b"))  # 32 heads, 8 KV heads, SwiGLU, no dropout
+    # two fp32 RMSNorms 2 x 18, RoPE on q and k 10 x 1.25, repeat_kv 2 x 1.25, output copy 2, residuals 2 x 3
+    assert elementwise_units(model, "eager") == (36 + 12.5 + 2.5 + 2 + 6, 5.0)
+    assert elementwise_units(model, "fused") == (10.0, 3.0)
+
+
+def test_eager_kernels_add_their_hbm_traffic_to_the_step(manager):
+    from dspark_lab.planner.hardware import device
+    from dspark_lab.planner.model.config import Cluster
+    from dspark_lab.planner.model.efficiency import MEMORY_EFFICIENCY
+
+    base = dict(tp=1, dp=8, micro_batch=1, global_batch=8, zero=3, recompute="none")
+    fused = predict(config(**base), manager)
+    eager = predict(config(kernels="eager", **base), manager)
+    model = ModelConfig.from_dict(preset("llama3-8b"))
+    tokens, h, f = model.seq_len, model.hidden, model.ffn_hidden
+    hbm = device(Cluster.from_dict({"gpu": "nvidia-h100", "gpus": 8}), manager).hbm_gb_s * 1e9 * MEMORY_EFFICIENCY
+    extra_units = (59 - 10) * tokens * h + (5 - 3) * tokens * f  # eager minus fused, per layer forward
+    expected = model.layers * 3 * extra_units * 2 / hbm  # forward + twice in backward, 2-byte elements
+    got = eager["breakdown_s"]["compute"] - fused["breakdown_s"]["compute"]
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_op_sac_recomputes_wk_wo_and_the_second_ffn_matmul():
+    model = ModelConfig.from_dict(preset("llama3-8b"))
+    h, kv, f = 4096, 1024, 14336
+    assert flops.op_sac_recomputed_params(model, 0) == h * kv + h * h + h * f
+    per_token = flops.recompute_flops_per_token(model, "selective-op")
+    assert per_token == 32 * 2 * (h * kv + h * h + h * f)
+
+
+def test_op_sac_memory_keeps_the_saved_matmul_outputs():
+    s, b, h, f = 8192, 2, 4096, 14336
+    sbh = s * b * h
+    # block input, wq, wv (a quarter of h), attention output, w1, and w2's full-width output
+    expected = 2 * sbh + 2 * (sbh + 0.25 * sbh + sbh + s * b * f) + 2 * sbh
+    assert memory.op_sac_bytes(s, b, h, 1, False, 0.25, f, swiglu=True) == pytest.approx(expected)
+    # TP 8 with SP: the input and the TP-split tensors / 8, w2's partial sum stays full, + two reduce-scatter outputs
+    sp = 2 * sbh / 8 + 2 * (sbh + 0.25 * sbh + sbh + s * b * f) / 8 + 2 * sbh + 4 * sbh / 8
+    assert memory.op_sac_bytes(s, b, h, 8, True, 0.25, f, swiglu=True) == pytest.approx(sp)
+
+
+def test_op_sac_layout_counts_its_recompute_and_stores_less_than_none(manager):
+    base = dict(tp=1, dp=8, micro_batch=1, global_batch=8, zero=3)
+    op = predict(config(recompute="selective-op", **base), manager)
+    none = predict(config(recompute="none", **base), manager)
+    model = ModelConfig.from_dict(preset("llama3-8b"))
+    ratio = 1 + flops.recompute_flops_per_token(model, "selective-op") / flops.model_flops_per_token(model)
+    assert op["hardware_tflops_per_gpu"] / op["model_tflops_per_gpu"] == pytest.approx(ratio)
+    assert op["breakdown_s"]["recompute"] > 0 == none["breakdown_s"]["recompute"]
+    assert op["step_time_s"] > none["step_time_s"]
+    assert op["memory_gb"]["activations"] < none["memory_gb"]["activations"]
+
+
+def test_eager_loss_holds_three_fp32_copies_of_the_logits():
+    assert memory.loss_bytes_per_logit("eager") == 12
+    assert memory.loss_bytes_per_logit("fused") == 8
+
+
+def test_loss_peak_and_the_recomputed_layer_are_not_added(manager):
+    from dspark_lab.planner.predict import OTHER_GB
+
+    model = ModelConfig.from_dict(preset("llama3-8b"))
+    s, h, V, L = model.seq_len, model.hidden, model.vocab, model.layers
+    base = dict(tp=1, dp=8, micro_batch=1, global_batch=8, zero=3)
+    fused = predict(config(recompute="none", **base), manager)["memory_gb"]
+    eager = predict(config(recompute="none", loss="eager", **base), manager)["memory_gb"]
+    assert eager["other"] - fused["other"] == pytest.approx(4 * s * V / 1e9)
+    full = predict(config(recompute="full", loss="eager", **base), manager)["memory_gb"]
+    recomputed_layer = full["activations"] * 1e9 - L * 2 * s * h  # what is held beyond the layer inputs
+    assert full["other"] == pytest.approx(OTHER_GB + (12 * s * V - recomputed_layer) / 1e9)
+
+
+def test_megatron_sp_gathers_each_column_parallel_input_again_in_backward(manager):
+    from dspark_lab.planner.hardware import device
+    from dspark_lab.planner.model import comm
+    from dspark_lab.planner.model.config import Cluster
+
+    model = ModelConfig.from_dict(preset("llama3-8b"))
+    base = dict(tp=8, dp=1, micro_batch=1, global_batch=2, recompute="none")
+    megatron = predict(config(**base), manager)
+    titan = predict(config(sp_regather=False, **base), manager)
+    links = device(Cluster.from_dict({"gpu": "nvidia-h100", "gpus": 8}), manager).links
+    gather = comm.collective("all_gather", model.seq_len * model.hidden * 2, 8, 1, links)
+    expected = 2 * model.layers * 2 * gather  # two all-gathers per layer, two micro-batches, exposed (no overlap)
+    assert megatron["breakdown_s"]["tp_comm"] - titan["breakdown_s"]["tp_comm"] == pytest.approx(expected)
+    assert megatron["step_time_s"] - titan["step_time_s"] == pytest.approx(expected)
+    no_sp = dict(base, sequence_parallel=False)
+    assert predict(config(**no_sp), manager)["step_time_s"] == predict(config(sp_regather=False, **no_sp),
+                                                                        manager)["step_time_s"]
+
+
+def test_fsdp_buffers_hand_computed():
+    block, emb, out = 218e6, 525e6, 525e6
+    assert memory.fsdp_buffers(2, block, emb + out, out) == (0.0, 0.0)  # weights already gathered under ZeRO 2
+    # ZeRO 3, a block's backward: two blocks gathered, its bf16 gradient and the fp32 reduce-scatter input
+    assert memory.fsdp_buffers(3, block) == (4 * block, 6 * block)
+    # ZeRO 3 at the loss: the root unit (embedding + output) and a block gathered, the output weight's bf16 gradient
+    assert memory.fsdp_buffers(3, block, emb + out, out) == (2 * (emb + out + block), 2 * out)
+    assert memory.fsdp_buffers(1, block, emb + out, out) == (0.0, 0.0)
+
+
+def test_fsdp_buffers_in_the_prediction(manager):
+    model = ModelConfig.from_dict(preset("llama3-8b"))
+    layer = flops.layer_params(model, 0)
+    emb, out = flops.embedding_params(model), flops.output_params(model)
+    local = flops.total_params(model) - model.hidden  # the final norm is not placed on a stage
+    base = dict(tp=1, dp=8, micro_batch=1, global_batch=8, recompute="none")
+    z3 = predict(config(zero=3, **base), manager)["memory_gb"]
+    assert z3["params"] == pytest.approx((2 * local / 8 + 2 * (emb + out + layer)) / 1e9)
+    assert z3["grads"] == pytest.approx((4 * local / 8 + 2 * out) / 1e9)
+    z2 = predict(config(zero=2, **base), manager)["memory_gb"]
+    assert z2["params"] == pytest.approx(2 * local / 1e9)
+    assert z2["grads"] == pytest.approx(4 * local / 1e9)
+
+
+def test_op_sac_recompute_time_hand_computed(manager):
+    from dspark_lab.planner.hardware import device
+    from dspark_lab.planner.model.config import Cluster
+    from dspark_lab.planner.model.efficiency import MEMORY_EFFICIENCY, efficiency
+
+    model = ModelConfig.from_dict(preset("llama3-8b"))
+    s, h, f, L = model.seq_len, model.hidden, model.ffn_hidden, model.layers
+    dev = device(Cluster.from_dict({"gpu": "nvidia-h100", "gpus": 8}), manager)
+    eff, peak, hbm = efficiency("nvidia-h100"), dev.peak_flops("bf16"), dev.hbm_gb_s * 1e9 * MEMORY_EFFICIENCY
+
+    def gemm(flop, d):
+        return flop / (peak * eff.gemm(d))
+
+    # one sequence per GPU (tp 1): wk (h x h/4), wo (h x h) and w3 (h x ffn) again, plus the forward element-wise
+    # traffic (10 passes per h and 3 per ffn element, 2 bytes each); per layer, per micro-batch
+    qkv = gemm(2 * s * h * 1.5 * h, min(s, 1.5 * h, h))
+    wk_wo_w3 = qkv * 0.25 / 1.5 + gemm(2 * s * h * h, h) + gemm(3 * 2 * s * h * f, min(s, f, h)) / 3
+    elementwise = (10 * s * h + 3 * s * f) * 2 / hbm
+    pred = predict(config(tp=1, dp=8, micro_batch=1, global_batch=8, zero=3, recompute="selective-op"), manager)
+    assert pred["breakdown_s"]["recompute"] == pytest.approx(L * (wk_wo_w3 + elementwise), rel=1e-9)

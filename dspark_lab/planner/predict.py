@@ -30,14 +30,36 @@ FP8_CAST_BYTES = 5  # per element cast to FP8 with current scaling: read bf16 fo
 OTHER_GB = 3.0  # CUDA context, NCCL and cuBLAS workspaces, allocator fragmentation
 
 
-def elementwise_units(model: ModelConfig) -> tuple[float, float]:
+def elementwise_units(model: ModelConfig, kernels: str = "fused") -> tuple[float, float]:
     """Forward element-wise traffic of one layer (reads + writes, in 2-byte elements) in units of tokens*h and
-    tokens*ffn, counted kernel by kernel as Megatron fuses them: each of the two norms reads x and writes y (2);
-    each fused bias-dropout-add reads the branch output and the residual and writes the sum (3) and, with dropout,
-    a 1-byte mask (0.5). The activation reads its input(s) and writes its output: GeLU 2, SwiGLU 3 (gate, up, out).
-    The backward pass moves about twice this (input, output gradient and the stored tensors)."""
+    tokens*ffn. ``fused`` counts kernel by kernel as Megatron fuses them (and as torch.compile's Inductor does): each
+    of the two norms reads x and writes y (2); each fused bias-dropout-add reads the branch output and the residual
+    and writes the sum (3) and, with dropout, a 1-byte mask (0.5). The activation reads its input(s) and writes its
+    output: GeLU 2, SwiGLU 3 (gate, up, out). The backward pass moves about twice this (input, output gradient and
+    the stored tensors). ``eager`` counts the kernels PyTorch runs without a compiler for the Llama block as
+    torchtitan writes it (:func:`eager_units`)."""
+    if kernels == "eager":
+        return eager_units(model)
     h_units = 2 * (2 + 3) + (1.0 if model.dropout else 0.0)
     return h_units, (3.0 if model.ffn_kind == "swiglu" else 2.0)
+
+
+def eager_units(model: ModelConfig) -> tuple[float, float]:
+    """Eager PyTorch's element-wise traffic for torchtitan's Llama block (torchtitan/models/llama/model.py and
+    norms.py, Dec 2024), one kernel per op, fp32 elements counting 2. RMSNorm as ``(x.float() * rsqrt(mean(x^2) +
+    eps)).type_as(x) * w``: cast (1 + 2), square (2 + 2), mean (2), scale (2 + 2), cast back (2 + 1), weight (1 + 1)
+    = 18 per norm, two norms. RoPE on q and k through complex fp32: cast (1 + 2), complex multiply (2 + 2), cast
+    back (2 + 1) = 10 per element of q and k. Grouped-query ``repeat_kv`` materialises k and v at full width (read
+    kv, write h each). The attention output's ``transpose().contiguous()`` copy (2); the two residual adds (3 each);
+    dropout (read, write, 1-byte mask: 2.5, twice) where the model has it. SwiGLU: ``silu`` (2) and the product (3)
+    per ffn element; GeLU one kernel (2)."""
+    kv = model.kv_heads / model.heads
+    h_units = 2 * 18 + 10 * (1 + kv) + 2 + 2 * 3
+    if model.kv_heads != model.heads:
+        h_units += 2 * (kv + 1)
+    if model.dropout:
+        h_units += 2 * 2.5
+    return h_units, (5.0 if model.ffn_kind == "swiglu" else 2.0)
 
 
 def split_layers(layers: int, stages: int) -> list[int]:
@@ -132,11 +154,16 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
         tp_fwd = 2 * (comm.collective("all_gather", act_bytes, t, 1, links)
                       + comm.collective("reduce_scatter", act_bytes, t, 1, links))
     tp_exposed = 0.2 if lay.overlap_tp_comm else 1.0
+    # Megatron's SP keeps only the sequence shard of each column-parallel layer's input and gathers it again in
+    # backward for the weight gradient (Korthikanti et al. 2022, section 4.2.2): two more all-gathers per layer in
+    # backward. torchtitan's DTensor autograd keeps the gathered input instead (``sp_regather`` false).
+    tp_bwd_extra = (2 * comm.collective("all_gather", act_bytes, t, 1, links)
+                    if sp and lay.sp_regather else 0.0)
     kv_bytes = 2 * b * (s // c) * h * model.kv_heads // model.heads * 2 / t
     cp_fwd = (c - 1) * comm.p2p(kv_bytes, t * c > per_node, links) if c > 1 else 0.0
     ep_overlap = 0.1 if lay.schedule in ("dualpipe", "dualpipev") else 1.0
 
-    elem_h, elem_f = elementwise_units(model)
+    elem_h, elem_f = elementwise_units(model, lay.kernels)
 
     def layer_costs(index: int) -> dict[str, float]:
         gemms = flops.layer_gemms(model, index, tokens, t, c, e, b, causal_half=flash)
@@ -163,7 +190,19 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
             recompute = fwd + elem_t + tp_t + ep_t
         elif lay.recompute == "selective":
             recompute = core + (4 * 2 * b * model.heads / t * (s // c) * s / hbm if not flash else 0.0)
+        elif lay.recompute == "selective-op":  # wk, wo, the FFN's second matmul and every element-wise op again
+            recompute = elem_t + tp_t / 2  # + the all-gathers (the reduce-scatters are saved)
+            for g in gemms:
+                gt = _gemm_time(g, peak, eff, fp8) if g.weights else 0.0
+                if g.name == "qkv":
+                    kvr = model.kv_heads / model.heads
+                    recompute += gt * kvr / (1 + 2 * kvr)
+                elif g.name == "proj":
+                    recompute += gt
+                elif g.name == "mlp":
+                    recompute += gt / flops.ffn_matrices(model)
         return {"f": fwd + elem_t, "b": bgrad + 2 * elem_t, "w": wgrad, "tp": tp_t, "cp": cp_t, "ep": ep_t,
+                "tp_bwd": tp_t + tp_bwd_extra * tp_exposed,
                 "recompute": recompute, "compute": fwd + elem_t + bgrad + 2 * elem_t + wgrad}
 
     stages = p * v
@@ -186,11 +225,11 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
         for i in range(starts[k], starts[k] + counts[k]):
             lc = cost_of(i)
             f += lc["f"] + lc["tp"] + lc["cp"] + lc["ep"] / 2
-            bb += lc["b"] + lc["recompute"] + lc["tp"] + 2 * lc["cp"] + lc["ep"] / 2
+            bb += lc["b"] + lc["recompute"] + lc["tp_bwd"] + 2 * lc["cp"] + lc["ep"] / 2
             w += lc["w"]
             for key in parts:
                 parts[key] += lc[key] if key != "cp" else 3 * lc["cp"]
-            parts["tp"] += lc["tp"]  # backward's share
+            parts["tp"] += lc["tp_bwd"]  # backward's share
         if k == stages - 1:
             f += logits_t
             bb += logits_t
@@ -263,20 +302,29 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
 
 def _stage_params(model: ModelConfig, counts, starts, rank_stages, t: int, e: int) -> float:
     """Parameters one GPU of the given pipeline rank holds (expert weights split over ep, the rest over tp)."""
-    total = 0.0
-    for k in rank_stages:
-        for i in range(starts[k], starts[k] + counts[k]):
-            dense = flops.layer_params(model, i) - (model.experts * flops.expert_params(model)
-                                                   if model.is_moe_layer(i) else 0)
-            total += dense / t
-            if model.is_moe_layer(i):
-                total += model.experts * flops.expert_params(model) / t / e
+    total = sum(_layer_params(model, i, t, e) for k in rank_stages for i in range(starts[k], starts[k] + counts[k]))
     last = len(counts) - 1
     if 0 in rank_stages:
         total += flops.embedding_params(model) / t
     if last in rank_stages:
         total += flops.output_params(model) / t
     return total
+
+
+def _layer_params(model: ModelConfig, i: int, t: int, e: int) -> float:
+    """Parameters of layer ``i`` on one GPU: expert weights split over ep and tp, the rest over tp."""
+    experts = model.experts * flops.expert_params(model) if model.is_moe_layer(i) else 0
+    return (flops.layer_params(model, i) - experts) / t + experts / t / e
+
+
+def _fsdp_buffers(model: ModelConfig, lay: Layout, counts, starts, mine, stages: int) -> tuple[float, float]:
+    """FSDP's working buffers at this rank's peak (:func:`memory.fsdp_buffers`)."""
+    t, e = lay.tp, lay.ep
+    block = max((_layer_params(model, i, t, e) for k in mine for i in range(starts[k], starts[k] + counts[k])),
+                default=0.0)
+    out = flops.output_params(model) / t if stages - 1 in mine else 0.0
+    root = (flops.embedding_params(model) / t if 0 in mine else 0.0) + out
+    return memory.fsdp_buffers(lay.zero, block, root, out)
 
 
 def _rank_stages(rank: int, p: int, v: int, chunks: int, stages: int) -> list[int]:
@@ -297,6 +345,10 @@ def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device
     keep_scores = lay.recompute == "none" and lay.attention == "unfused"
     per_layer = memory.layer_activation_bytes(terms, t, sp, keep_scores)
     extra = 0.0
+    if lay.recompute == "selective-op":
+        extra = per_layer  # the layer being recomputed holds its full activations again
+        per_layer = memory.op_sac_bytes(s, b, model.hidden, t, sp, model.kv_heads / model.heads, ffn,
+                                        model.ffn_kind == "swiglu")
     if lay.recompute == "full":
         extra = per_layer  # the one layer being recomputed
         per_layer = memory.full_recompute_bytes(s, b, model.hidden, t, sp)
@@ -314,6 +366,9 @@ def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device
         mine = _rank_stages(r, p, v, chunks, stages)
         params = _stage_params(model, counts, starts, mine, t, e)
         weights, grads, optimizer = memory.state_bytes(params, lay.zero, shard)
+        gathered, grad_buffers = (_fsdp_buffers(model, lay, counts, starts, mine, stages)
+                                  if lay.zero >= 3 and shard > 1 else (0.0, 0.0))
+        weights += gathered
         if lazy_grads:
             chunk_grads = {}
             sched = liveness.schedule(lay.schedule, p, m, v) if p > 1 else None
@@ -324,9 +379,13 @@ def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device
                              key=sum)
         else:
             act = max(a for a, _ in env[r]) * per_layer + extra
+            grads += grad_buffers
         other = OTHER_GB * 1e9
         if stages - 1 in mine:
-            other += 2 * 4 * b * s * model.vocab / t  # fp32 logits and their gradient for one micro-batch
+            # The loss is differentiated before any layer of that micro-batch is recomputed, so its logits and the
+            # recomputed layer (``extra``) are never live together: only what the logits need beyond it is added.
+            logits = memory.loss_bytes_per_logit(lay.loss) * b * s * model.vocab / t
+            other += max(0.0, logits - extra)
         gb = {"params": weights / 1e9, "grads": grads / 1e9, "optimizer": optimizer / 1e9,
               "activations": act / 1e9, "other": other / 1e9}
         gb["total"] = sum(gb.values())

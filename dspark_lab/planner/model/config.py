@@ -13,7 +13,9 @@ from typing import Any
 from dspark_lab.errors import DSparkError
 
 FFN_KINDS = ("gelu", "swiglu")
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = ("none", "selective", "selective-op", "full")
+KERNELS = ("fused", "eager")
+LOSS = ("fused", "eager")
 PRECISIONS = ("bf16", "fp8")
 ATTENTION = ("flash", "unfused")
 MAX_SIZE = 1 << 20  # bound on any count a user gives (layers, GPUs, batch, ...)
@@ -152,6 +154,9 @@ class Layout:
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = True
     overlap_tp_comm: bool = False
+    kernels: str = "fused"
+    loss: str = "fused"
+    sp_regather: bool = True
 
     @classmethod
     def from_dict(cls, obj: dict, where: str = "layout") -> "Layout":
@@ -173,7 +178,10 @@ class Layout:
                    attention=_choice(obj, "attention", where, ATTENTION, "flash"),
                    overlap_grad_reduce=_choice(obj, "overlap_grad_reduce", where, (True, False), True),
                    overlap_param_gather=_choice(obj, "overlap_param_gather", where, (True, False), True),
-                   overlap_tp_comm=_choice(obj, "overlap_tp_comm", where, (True, False), False))
+                   overlap_tp_comm=_choice(obj, "overlap_tp_comm", where, (True, False), False),
+                   kernels=_choice(obj, "kernels", where, KERNELS, "fused"),
+                   loss=_choice(obj, "loss", where, LOSS, "fused"),
+                   sp_regather=_choice(obj, "sp_regather", where, (True, False), True))
 
 
 def check_layout(model: ModelConfig, cluster: Cluster, layout: Layout) -> None:

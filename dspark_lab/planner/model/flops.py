@@ -74,7 +74,21 @@ def recompute_flops_per_token(model: ModelConfig, recompute: str) -> float:
         return sum(2 * (layer_params(model, i, active=True) - 2 * h) + 4 * s * h for i in range(model.layers))
     if recompute == "selective":
         return 4 * s * h * model.layers
+    if recompute == "selective-op":
+        return sum(2 * op_sac_recomputed_params(model, i) for i in range(model.layers))
     return 0.0
+
+
+def op_sac_recomputed_params(model: ModelConfig, index: int) -> int:
+    """Weights of the matmuls torchtitan's op-level selective AC recomputes in layer ``index``: its policy saves
+    every ``aten.mm`` output except every second one of the block, counted in forward order (wq, wk, wv, wo, then
+    w1, w3, w2 for SwiGLU or fc1, fc2 for GeLU), so wk, wo and the FFN's second matmul run again. A MoE layer's
+    experts run grouped matmuls, which the policy does not count: only wk and wo there."""
+    h = model.hidden
+    out = h * (h * model.kv_heads // model.heads) + h * h
+    if not model.is_moe_layer(index):
+        out += h * model.ffn_hidden
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,9 @@ below are the same sums written per tensor, so grouped-query attention and other
 
 Bytes per parameter (Megatron's mixed precision with fp32 gradient buffers): 2 (bf16 weights) + 4 (fp32 gradient)
 + 12 (fp32 master weights, Adam m and v). ZeRO-1 (distributed optimizer) shards the 12 over data-parallel ranks,
-ZeRO-2 also the gradients, ZeRO-3 / FSDP also the weights (Rajbhandari et al. 2020).
+ZeRO-2 also the gradients, ZeRO-3 / FSDP also the weights (Rajbhandari et al. 2020), which then need gathered
+working copies (FSDP2's per-block all-gather and prefetch, ``fsdp_buffers``). torchtitan's op-level selective checkpointing
+(``op_sac_bytes``) and the loss's fp32 logits (``loss_bytes_per_logit``) are counted from what the PyTorch code keeps.
 """
 
 from __future__ import annotations
@@ -52,6 +54,49 @@ def layer_activation_bytes(terms: ActivationTerms, t: int, sequence_parallel: bo
 def full_recompute_bytes(s: int, b: int, h: int, t: int, sequence_parallel: bool) -> float:
     """Full recompute keeps only each layer's input (Korthikanti section 5: 2sbh per layer, / t with SP)."""
     return 2 * s * b * h / (t if sequence_parallel else 1)
+
+
+def op_sac_bytes(s: int, b: int, h: int, t: int, sequence_parallel: bool, kv_ratio: float = 1.0,
+                 ffn: int | None = None, swiglu: bool = False) -> float:
+    """What torchtitan's op-level selective AC keeps per layer (see ``flops.op_sac_recomputed_params``): the block's
+    input, the outputs of the matmuls it does not recompute (wq, wv, and w1 and w2 for SwiGLU or fc1 for GeLU) and
+    the flash-attention output; every element-wise result is recomputed. A row-parallel matmul's output (w2) is the
+    full ``sbh`` partial sum before its reduction; under SP the two reduce-scatter outputs are saved too."""
+    ffn = 4 * h if ffn is None else ffn
+    sbh = s * b * h
+    tp_split = 2 * (sbh + sbh * kv_ratio + sbh + s * b * ffn) / t  # wq, wv, attention output, w1 / fc1
+    out = 2 * sbh / (t if sequence_parallel else 1) + tp_split  # + the block input
+    if swiglu:
+        out += 2 * sbh  # w2's output
+    if sequence_parallel and t > 1:
+        out += 2 * 2 * sbh / t  # the reduce-scatter outputs after wo and the FFN
+    return out
+
+
+def loss_bytes_per_logit(loss: str) -> int:
+    """Peak bytes per logit of one micro-batch while the loss is differentiated. ``fused`` (Megatron's vocab-parallel
+    cross entropy, which works in place on an fp32 copy): the fp32 logits and their gradient, 8. ``eager`` (PyTorch's
+    ``cross_entropy`` on ``logits.float()``, as torchtitan computes its loss): log_softmax keeps its fp32 output for
+    backward; its backward holds that output, the incoming fp32 gradient and the fp32 gradient it makes, 12."""
+    return 12 if loss == "eager" else 8
+
+
+def fsdp_buffers(zero: int, block_params: float, root_params: float = 0.0,
+                 output_params: float = 0.0) -> tuple[float, float]:
+    """(weight, gradient) bytes of FSDP's working buffers at the peak, beyond the sharded states. ZeRO 2 (FSDP
+    without resharding, gradients accumulated unsharded in fp32 across micro-batches) has its weights gathered
+    already; a block's bf16 gradient before it joins the fp32 accumulator is not added, since it appears while that
+    block's own activations are being freed, finer than the per-layer accounting here. ZeRO 3, the larger of two
+    moments: a block's backward, with that block and
+    the next one all-gathered in bf16 (FSDP2's implicit prefetch), its bf16 gradient and the fp32 copy it is
+    reduce-scattered from (torchtitan reduces in fp32); or, while the last stage differentiates the loss, the root
+    unit (embedding and output layer, which torchtitan shards together) and the prefetched last block in bf16, and
+    the output weight's bf16 gradient."""
+    if zero < 3:
+        return 0.0, 0.0
+    backward = (2 * 2 * block_params, (2 + 4) * block_params)
+    loss = (2 * (root_params + block_params), 2 * output_params)
+    return max(backward, loss, key=sum)
 
 
 def state_bytes(params: float, zero: int, shard: int) -> tuple[float, float, float]:
