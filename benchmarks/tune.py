@@ -1,6 +1,7 @@
 """``dspark-lab tune`` against the oracle (quality) and against a relaunch-per-trial search (time to the answer).
 
-One 2-rank demo job (gloo, CPU) is tuned live with ``--max-activation-mb`` at a fraction of its unconstrained peak.
+One 2-rank job (gloo, CPU; ``--job demo``: the demo transformer, ``--job mlp``: the DDP script of
+tests/tune_fixtures/ddp_mlp.py, which the tuner was not written against) is tuned live with ``--max-activation-mb`` at a fraction of its unconstrained peak.
 Then:
 
 * the oracle: every configuration of the searched keys as separate fixed runs (launched with ``--policy``), in
@@ -20,6 +21,7 @@ Then:
 
     python benchmarks/tune.py              # about 4 minutes on 2 free cores
     python benchmarks/tune.py --rounds 5   # more rounds, tighter CIs
+    python benchmarks/tune.py --job mlp    # the DDP script it has never seen
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ from dspark_lab.tune import commands as tune_commands
 
 DEMO = Path(commands.__file__).parent.parent / "examples" / "demo_train.py"
 MODEL = ["--layers", "4", "--dim", "64", "--seq", "32", "--batch", "8", "--vocab", "128"]
+MLP = Path(__file__).resolve().parent.parent / "tests" / "tune_fixtures" / "ddp_mlp.py"
+# the job to tune: script and its arguments for a run of N steps (mlp: a DDP script the tuner was not written for)
+JOBS = {"demo": (DEMO, lambda steps: [*MODEL, "--steps", str(steps)]),
+        "mlp": (MLP, lambda steps: [str(steps), os.devnull])}
 KEYS = {"memory.activation_checkpointing": ["none", "full", "every-2", "every-4"]}
 WARMUP = 5
 GOAL = 0.05  # the kept configuration may be this much slower than the oracle's best (the issue's 5%)
@@ -51,10 +57,11 @@ def first_step_time(job, started: float) -> float:
     return time.monotonic() - started
 
 
-def fixed_run(config: dict, steps: int) -> dict:
-    """One separate run at ``config``: start-up, median step time with its CI, peak saved-activation bytes."""
+def fixed_run(job_name: str, config: dict, steps: int) -> dict:
+    """One separate run at ``config``: start-up, rank 0's step times after the warm-up, peak saved-activation bytes."""
     started = time.monotonic()
-    job = commands.launch(DEMO, [*MODEL, "--steps", str(steps)], nproc=2,
+    script, script_args = JOBS[job_name]
+    job = commands.launch(script, script_args(steps), nproc=2,
                           policies=[f"{k}={v}" for k, v in config.items()], name="oracle")
     startup = first_step_time(job, started)
     assert job.wait(600) == 0, (job.run_dir.path / "output.log").read_text()[-2000:]
@@ -121,8 +128,9 @@ def paired_ratio(table: dict, logs: np.ndarray, idx: np.ndarray, a: tuple, b: tu
     return ratio, (float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975)))
 
 
-def live_tune(budget: int, fraction: float) -> tuple[dict, float]:
-    job = commands.launch(DEMO, [*MODEL, "--steps", "100000"], nproc=2, name="tuned")
+def live_tune(job_name: str, budget: int, fraction: float) -> tuple[dict, float]:
+    script, script_args = JOBS[job_name]
+    job = commands.launch(script, script_args(100_000), nproc=2, name="tuned")
     try:
         while len(job.run_dir.metrics()) < 2 * (WARMUP + 1):
             time.sleep(0.1)
@@ -141,6 +149,8 @@ def main() -> None:
     parser.add_argument("--cap-fraction", type=float, default=0.5,
                         help="the cap as a fraction of the unconstrained peak (0.05 to 1; default 0.5)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of oracle runs (2 to 8)")
+    parser.add_argument("--job", choices=tuple(JOBS), default="demo",
+                        help="demo: the demo transformer; mlp: tests/tune_fixtures/ddp_mlp.py, a DDP residual MLP")
     args = parser.parse_args()
     if not 10 <= args.steps <= 1000 or not 2 <= args.rounds <= 8 or not 10 <= args.budget_steps <= 100_000 \
             or not 0.05 <= args.cap_fraction <= 1:
@@ -148,9 +158,10 @@ def main() -> None:
                          "--cap-fraction: 0.05 to 1")
     os.environ.setdefault("DSPARK_HOME", tempfile.mkdtemp(prefix="dspark_tune_bench_"))
 
-    state, cap_mb = live_tune(args.budget_steps, args.cap_fraction)
+    state, cap_mb = live_tune(args.job, args.budget_steps, args.cap_fraction)
     out = state["outcome"]
     short = lambda values: {k: v for k, v in values.items() if k in KEYS}
+    print(f"job {args.job}; ", end="")
     print(f"tune: cap {cap_mb * 1024:.1f} KB saved activations ({args.cap_fraction:g} of the unconstrained peak); "
           f"{len(state['trials'])} trials, {out['steps']} steps, {out['seconds']:.1f} s; kept {short(out['best'])} "
           f"(found after {out['found_after_s']:.1f} s)")
@@ -164,7 +175,7 @@ def main() -> None:
     runs: dict[tuple, list[dict]] = {values: [] for values in configs}
     for r in range(args.rounds):
         for values in round_order(configs, r):
-            runs[values].append(fixed_run(dict(zip(KEYS, values)), args.steps))
+            runs[values].append(fixed_run(args.job, dict(zip(KEYS, values)), args.steps))
     oracle, logs, idx = oracle_table(runs)
     for values, o in oracle.items():
         rounds = ", ".join(f"{m * 1e3:.1f}" for m in o["round_medians"])
