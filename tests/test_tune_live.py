@@ -1,5 +1,6 @@
 """One real 2-rank tune end to end on the demo job: a memory cap at half the unconstrained peak, a manual `set`
-refused during the tune, `--stop`, the events, and the loss trajectory equal to an untuned run's bit for bit."""
+refused during the tune, `--stop`, the events, and the loss trajectory equal to an untuned run's bit for bit; tunes
+of sum-reordering policies (compute.threads, comm.grad_sync) within 1e-5 relative of an untuned run's losses."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dspark_lab.cli import main as cli_main
 from dspark_lab.errors import ControlError
 from dspark_lab.runtime import commands
 from dspark_lab.runtime.control import ControlClient
+from dspark_lab.runtime.policies import compute
 from dspark_lab.tune import commands as tune_commands
 
 pytestmark = pytest.mark.slow
@@ -94,3 +96,39 @@ def test_tune_on_a_ddp_script_it_has_never_seen(tmp_path, monkeypatch):
             if job.poll() is None:
                 job.stop()
     assert json.loads((tmp_path / "tuned.json").read_text()) == json.loads((tmp_path / "plain.json").read_text())
+
+
+
+def test_tune_over_sum_reordering_policies_keeps_the_losses_within_1e5_relative(tmp_path, monkeypatch):
+    """compute.threads and comm.grad_sync ring/tree are lossless but reorder sums (inside the kernels, across the
+    ranks): after a tune of each, the tuned run's losses stay within 1e-5 relative of an untuned run's, and the
+    reordering trials really ran (applied on both ranks for their blocks)."""
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path / "home"))
+    steps = 130
+    keys = (["compute.threads"] if compute.cpu_count() >= 2 else []) + ["comm.grad_sync"]
+    tuned = commands.launch(DEMO, [*SMALL, "--steps", str(steps), "--loss-file", str(tmp_path / "tuned.json")],
+                            nproc=2, name="tuned")
+    plain = commands.launch(DEMO, [*SMALL, "--steps", str(steps), "--loss-file", str(tmp_path / "plain.json")],
+                            nproc=2, name="plain")
+    reports = {}
+    try:
+        wait_for_step(tuned, 1)
+        for key in keys:  # one tune per key, so each gets a trial within a short budget
+            reports[key] = tune_commands.tune(tuned.id, budget_steps=40, keys=[key])
+        assert tuned.wait(180) == 0 and plain.wait(180) == 0
+    finally:
+        for job in (tuned, plain):
+            if job.poll() is None:
+                job.stop()
+    applied = {(e["rank"], e["key"], e["new"]) for e in tuned.run_dir.events() if e["kind"] == "apply"}
+    for key, report in reports.items():
+        assert report.data["space"]["bit_exact"] is False and "(lossless, some reorder sums)" in report.to_text()
+        ran = [t for t in report.data["trials"] if t["verdict"] in ("win", "loss", "tie") and t["steps"] > 0]
+        assert ran, report.to_text()
+        value = ran[0]["change"][key]
+        assert value != report.data["outcome"]["start"][key] and {(0, key, value), (1, key, value)} <= applied
+    tuned_losses = json.loads((tmp_path / "tuned.json").read_text())
+    plain_losses = json.loads((tmp_path / "plain.json").read_text())
+    assert len(tuned_losses) == len(plain_losses) == steps
+    worst = max(abs(a - b) / abs(b) for a, b in zip(tuned_losses, plain_losses))
+    assert worst <= 1e-5, worst

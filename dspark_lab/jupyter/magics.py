@@ -113,12 +113,25 @@ def _devices(args):
     _display_widget(devices.DeviceView(refresh_hz=hz))
 
 
+def _tune(args):
+    """In a notebook, start the tune and show its live view (the cell returns at once); else the CLI's verb."""
+    from dspark_lab.tune import cli as tune_cli
+
+    if not in_notebook() or args.json or args.stop or args.status:
+        return tune_cli.run(args)
+    from dspark_lab.jupyter import tune_view
+
+    _display_widget(tune_view.start(args.run, tune_cli.options(args)))
+
+
 def _widget_verbs(sub, common) -> None:
     """Rebind ``run`` and ``policies`` to their widget forms and add ``watch`` and ``devices``."""
     run = sub.choices["run"]
     run.add_argument("--no-dashboard", action="store_true", help="do not show the dashboard")
     run.set_defaults(func=_run)
     sub.choices["policies"].set_defaults(func=_policies)
+    if "tune" in sub.choices:
+        sub.choices["tune"].set_defaults(func=_tune)
 
     watch = sub.add_parser("watch", help="a live dashboard of a run (its whole history once it has ended)")
     watch.add_argument("--hz", default="2", help="refresh rate (changeable on the dashboard)")

@@ -21,17 +21,23 @@ def _bounded(kind, low, high):
     return parse
 
 
-def _run(args):
+def options(args) -> dict:
+    """The search options of parsed ``tune`` arguments, as keyword arguments of ``commands.start``/``tune``."""
+    keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
+    return {"objective": args.objective, "max_activation_mb": args.max_activation_mb,
+            "max_memory_gb": args.max_memory_gb, "budget_steps": args.budget_steps, "keys": keys,
+            "allow_lossy": args.allow_lossy}
+
+
+def run(args):
+    """The verb: start a tune and wait for it (trials printed as they end), or ``--stop`` / ``--status``."""
     from dspark_lab.tune import commands
 
     if args.stop:
         return commands.stop(args.run)
     if args.status:
         return commands.status(args.run)
-    keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
-    return commands.tune(args.run, objective=args.objective, max_activation_mb=args.max_activation_mb,
-                         max_memory_gb=args.max_memory_gb, budget_steps=args.budget_steps, keys=keys,
-                         allow_lossy=args.allow_lossy, follow=None if args.json else commands.print_trial)
+    return commands.tune(args.run, **options(args), follow=None if args.json else commands.print_trial)
 
 
 def add_parsers(subparsers, common) -> None:
@@ -51,4 +57,4 @@ def add_parsers(subparsers, common) -> None:
     p.add_argument("--allow-lossy", action="store_true", help="also try lossy values (fp8, compression)")
     p.add_argument("--stop", action="store_true", help="end the running tune; the best found so far stays")
     p.add_argument("--status", action="store_true", help="print the tune's state and return")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=run)

@@ -19,7 +19,7 @@ COLUMNS = ("change", "verdict", "steps", "median_step_time_s", "ratio", "ci", "p
 EXIT = {"done": 0, "stopped": 0, "failed": 3}
 
 
-def _row(trial: dict[str, Any]) -> dict[str, Any]:
+def row(trial: dict[str, Any]) -> dict[str, Any]:
     ci = trial.get("ci")
     return {"change": ", ".join(f"{k}={v}" for k, v in trial["change"].items()), "verdict": trial["verdict"],
             "steps": trial["steps"], "median_step_time_s": trial.get("median_step_time_s"),
@@ -30,7 +30,7 @@ def _row(trial: dict[str, Any]) -> dict[str, Any]:
 
 def report(state: dict[str, Any]) -> Report:
     """The tune's state as a table of trials and lines for the space and the decision."""
-    rows = [_row(t) for t in state.get("trials", [])]
+    rows = [row(t) for t in state.get("trials", [])]
     lines = []
     space = state.get("space") or {}
     if space:
@@ -52,14 +52,23 @@ def report(state: dict[str, Any]) -> Report:
                   lines=lines)
 
 
+def start(run: str, *, objective: str = "throughput", max_activation_mb: float | None = None,
+          max_memory_gb: float | None = None, budget_steps: int = 200, keys: list[str] | None = None,
+          allow_lossy: bool = False, client: ControlClient | None = None) -> dict[str, Any]:
+    """Start a tune on ``run`` and return its first state (``id``, ``space``) without waiting for it."""
+    client = client or ControlClient(find_run(run), timeout=70)
+    body = {"objective": objective, "budget_steps": budget_steps, "keys": keys, "allow_lossy": allow_lossy,
+            "max_activation_mb": max_activation_mb, "max_memory_gb": max_memory_gb}
+    return client.request("POST", "/tune", body)
+
+
 def tune(run: str, *, objective: str = "throughput", max_activation_mb: float | None = None,
          max_memory_gb: float | None = None, budget_steps: int = 200, keys: list[str] | None = None,
          allow_lossy: bool = False, follow: Callable[[dict], None] | None = None) -> Report:
     """Start a tune on ``run`` and wait until it ends; ``follow(trial)`` is called once per finished trial."""
     client = ControlClient(find_run(run), timeout=70)
-    body = {"objective": objective, "budget_steps": budget_steps, "keys": keys, "allow_lossy": allow_lossy,
-            "max_activation_mb": max_activation_mb, "max_memory_gb": max_memory_gb}
-    state = client.request("POST", "/tune", body)
+    state = start(run, objective=objective, max_activation_mb=max_activation_mb, max_memory_gb=max_memory_gb,
+                  budget_steps=budget_steps, keys=keys, allow_lossy=allow_lossy, client=client)
     shown = 0
     while state["state"] == "running":
         time.sleep(POLL_S)
@@ -82,5 +91,6 @@ def status(run: str) -> Report:
 
 
 def print_trial(trial: dict[str, Any]) -> None:
-    row = _row(trial)
-    print("  ".join(f"{c}={cell(row[c])}" for c in COLUMNS if row[c] not in (None, "")), file=sys.stderr, flush=True)
+    cells = row(trial)
+    print("  ".join(f"{c}={cell(cells[c])}" for c in COLUMNS if cells[c] not in (None, "")), file=sys.stderr,
+          flush=True)
