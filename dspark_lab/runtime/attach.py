@@ -165,6 +165,7 @@ class Job:
         else:
             self.found_blocks = discover.find_blocks(inner)
         self.blocks = self.found_blocks.modules
+        self.activations.track_blocks(self.blocks)  # offload prefetches one block ahead of backward
         self._param_storages = param_storages(inner)
         first = next(inner.parameters(), None)
         if first is not None:
