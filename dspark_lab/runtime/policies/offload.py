@@ -18,6 +18,11 @@ are made in forward order, and backward needs them in the reverse order. A *copy
 - :class:`SyncCopies` (CPU tensors): the same calls done at once. Host buffers are then the memory the tensor was
   in, so offload has no memory effect on a CPU backend; the policy says so when applied.
 
+Lag: the compute stream may run ahead of the copies, but when group ``k`` starts it waits (on the device) for the
+copies of group ``k - 2``: a memory whose copy has not run cannot be reused, so without this bound a fast forward
+would end with every activation still on the device. Where the copies are slower than the compute, forward runs
+at the copy rate.
+
 Prefetch: the first unpack of group ``i`` (its block's backward has started) fetches group ``i`` if it is not
 on the device yet, then queues the fetch of group ``i - 1``, the one backward needs next. Each tensor is fetched
 exactly once per backward. A host buffer goes back to the pool only once the copy that last read it is known to
@@ -36,6 +41,7 @@ from typing import Callable
 
 import torch
 
+LAG_GROUPS = 1  # group k's forward starts once group k-2's copies to the host are done (a device-side wait)
 FP8_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the FP8 kernels quantise and restore
 _NONFINITE_POS, _NONFINITE_NEG = 0x7F, 0xFF  # e4m3fn NaN codes; the largest finite magnitude is 0x7e (448)
 
@@ -54,6 +60,9 @@ class SyncCopies:
 
     def use(self, tensors: list[torch.Tensor], ticket) -> None:
         """Make the compute stream wait until ``ticket``'s copies are done before it reads ``tensors``."""
+
+    def wait(self, ticket) -> None:
+        """Make the compute stream wait until ``ticket``'s copies are done (a device-side wait)."""
 
     def release_when_done(self, ticket, release: Callable[[], None]) -> None:
         release()
@@ -94,6 +103,10 @@ class CudaCopies:
         for tensor in tensors:  # allocated on the side stream, read (and freed) on the compute stream
             tensor.record_stream(compute)
 
+    def wait(self, ticket) -> None:
+        if ticket is not None:
+            torch.cuda.current_stream(self.device).wait_event(ticket)
+
     def release_when_done(self, ticket, release: Callable[[], None]) -> None:
         self._releases.append((ticket, release))
         self.poll()
@@ -132,12 +145,13 @@ def fp8_unpack(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, shape) 
 class Group:
     """The offloaded tensors of one block call (or of the stretch between two), in forward order."""
 
-    __slots__ = ("entries", "previous", "fetched", "serial", "__weakref__")
+    __slots__ = ("entries", "previous", "fetched", "serial", "offloaded", "__weakref__")
 
     def __init__(self, serial: int, previous: "Group | None"):
         self.serial, self.previous = serial, previous
         self.entries: list[weakref.ref] = []
         self.fetched = False
+        self.offloaded = None  # (engine, ticket) of its last device-to-host copy (it covers the earlier ones)
 
     def live(self) -> list["Offloaded"]:
         return [e for e in (ref() for ref in self.entries) if e is not None]
@@ -155,6 +169,7 @@ class Offloaded:
         sources = list(fp8_pack(tensor)) if fp8 else [tensor.detach()]
         self.buffers = [pool.empty(s.shape, s.dtype) for s in sources]
         self.ticket = copies.to_host(sources, self.buffers)
+        group.offloaded = (copies, self.ticket)
         self.fetched: list[torch.Tensor] | None = None
         self.fetch_ticket = None
         group.entries.append(weakref.ref(self))
@@ -164,7 +179,7 @@ class Offloaded:
         return sum(b.numel() * b.element_size() for b in self.buffers)
 
     def fetch(self) -> None:
-        """Queue the copy back to the device (the fetch of a group calls this for each of its tensors)."""
+        """Queue the copy back to the device unless its group's fetch did (a second backward: retain_graph)."""
         if self.fetched is None:
             self.fetched, self.fetch_ticket = self.copies.to_device(self.buffers, self.device)
             self.ticket = self.fetch_ticket
@@ -193,6 +208,7 @@ class Offloader:
         self._copies: dict[torch.device, object] = {}
         self.serial = 0  # bumped when a tracked block's forward starts or ends
         self._group: Group | None = None
+        self._in_flight: deque = deque()  # (engine, ticket) of the groups before the current one, oldest first
         self._hooks: list = []
 
     def copies(self, device: torch.device):
@@ -225,11 +241,18 @@ class Offloader:
         if group is None or group.serial != self.serial:
             # the group before, when it still holds tensors backward has not fetched, is fetched after this one
             previous = group if group is not None and not group.fetched and group.live() else None
+            if group is not None and group.offloaded is not None:
+                self._in_flight.append(group.offloaded)
+            while len(self._in_flight) > LAG_GROUPS:  # bound the device memory still waiting for its copy
+                engine, ticket = self._in_flight.popleft()
+                engine.wait(ticket)
             group = self._group = Group(self.serial, previous)
         return Offloaded(tensor, self.pool(), copies, group,
                          fp8=fp8 and tensor.dtype in FP8_DTYPES and tensor.numel() > 0)
 
     def unpack(self, entry: Offloaded) -> torch.Tensor:
+        if not self._hooks:  # no blocks known: one tensor at a time, when backward needs it (no overlap)
+            return entry.get()
         group = entry.group
         if not group.fetched:  # backward reached a group nothing prefetched (the last one of forward)
             self._fetch(group)
@@ -240,9 +263,19 @@ class Offloader:
 
     @staticmethod
     def _fetch(group: Group) -> None:
+        """One copy call and one event per group (and engine): the compute stream waits once per block."""
         group.fetched = True
+        by_engine: dict[int, list[Offloaded]] = {}
         for entry in group.live():
-            entry.fetch()
+            if entry.fetched is None:
+                by_engine.setdefault(id(entry.copies), []).append(entry)
+        for entries in by_engine.values():
+            tensors, ticket = entries[0].copies.to_device([b for e in entries for b in e.buffers], entries[0].device)
+            start = 0
+            for entry in entries:
+                end = start + len(entry.buffers)
+                entry.fetched, entry.fetch_ticket, entry.ticket = tensors[start:end], ticket, ticket
+                start = end
 
     def poll(self) -> None:
         for engine in self._copies.values():
