@@ -131,7 +131,7 @@ def test_host_buffers_go_back_to_the_pool_only_after_their_copy_is_done():
             return self.done
 
     engine = CudaCopies.__new__(CudaCopies)  # the release bookkeeping only: no stream on a CPU machine
-    engine._releases = offload.deque()
+    engine._releases, engine._lock = offload.deque(), offload.threading.Lock()
     released = []
     first, second = Event(), Event()
     engine.release_when_done(first, lambda: released.append(1))
@@ -160,6 +160,92 @@ def test_policy_on_a_cpu_backend_says_it_has_no_memory_effect(tmp_path):
         assert job.activations.mode == "host" and "no memory effect" in note
     finally:
         job.close()
+
+
+class StandInCuda:
+    """torch.cuda's streams and events as loggers, so :class:`CudaCopies` runs its real code on CPU tensors."""
+
+    def __init__(self, monkeypatch):
+        import contextlib
+
+        self.log, self.events = [], []
+        outer = self
+
+        class Stream:
+            def __init__(self, name):
+                self.name = name
+
+            def wait_stream(self, other):
+                outer.log.append(("wait_stream", self.name, other.name))
+
+            def wait_event(self, event):
+                outer.log.append(("wait_event", self.name, event.index))
+
+        class Event:
+            def __init__(self):
+                self.index, self.done = len(outer.events), False
+                outer.events.append(self)
+
+            def record(self, stream):
+                outer.log.append(("record", stream.name, self.index))
+
+            def query(self):
+                return self.done
+
+        self.compute, self.side = Stream("compute"), Stream("side")
+
+        @contextlib.contextmanager
+        def stream(s):
+            outer.log.append(("enter", s.name))
+            yield
+            outer.log.append(("exit", s.name))
+
+        monkeypatch.setattr(torch.cuda, "Stream", lambda device: self.side)
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.compute)
+        monkeypatch.setattr(torch.cuda, "stream", stream)
+        monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: outer.log.append(("record_stream", s.name)),
+                            raising=False)
+
+
+def test_cuda_engine_orders_copies_with_events_and_frees_buffers_only_after_them(monkeypatch):
+    cuda = StandInCuda(monkeypatch)
+    pool = HostPool()
+    model = make_blocks()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    tracker = SavedActivations(lambda: params, allocator_factory=lambda: pool, copies_factory=CudaCopies)
+    tracker.track_blocks(list(model))
+    tracker.mode = "host"
+    x = torch.randn(BATCH, WIDTH)
+    ref_loss, ref_grads = run_step(make_blocks(), SavedActivations(), x)
+    tracker.install()
+    try:
+        loss = model(x).pow(2).mean()
+        forward = list(cuda.log)
+        loss.backward()
+    finally:
+        tracker.uninstall()
+    assert torch.equal(loss, ref_loss) and all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), ref_grads))
+    offloads = 3 * BLOCKS + 1
+    # each offload: the side stream waits for compute, then copies and marks the source as used by the side stream
+    assert forward.count(("wait_stream", "side", "compute")) == offloads
+    assert forward.count(("record_stream", "side")) == offloads
+    first = forward.index(("wait_stream", "side", "compute"))
+    assert forward[first:first + 5] == [("wait_stream", "side", "compute"), ("enter", "side"),
+                                        ("record_stream", "side"), ("record", "side", 0), ("exit", "side")]
+    waits = [e for e in forward if e[0] == "wait_event"]
+    assert len(waits) == BLOCKS - 1  # blocks 2, 3 and the tail each wait for the copies two groups back
+    backward = cuda.log[len(forward):]
+    uses = [e for e in backward if e[0] == "wait_event"]
+    assert len(uses) == offloads and all(e[1] == "compute" for e in uses)  # one wait per unpacked tensor
+    assert backward.count(("record_stream", "compute")) == offloads
+    fetch_events = {e[2] for e in backward if e[0] == "record"}
+    assert len(fetch_events) == BLOCKS + 1 and {e[2] for e in uses} == fetch_events  # one event per group
+    assert pool.stats()["bytes_in_use"] > 0  # no event has completed: every buffer is still held
+    for event in cuda.events:
+        event.done = True
+    tracker.reset_peak()  # the step boundary polls the events
+    assert pool.stats()["bytes_in_use"] == 0 and pool.stats()["bytes_pooled"] > 0
 
 
 # --- on a CUDA device -------------------------------------------------------------------------------------------
@@ -200,7 +286,9 @@ def test_cuda_offload_frees_the_offloaded_bytes_at_the_backward_peak(mode):
     model.zero_grad(set_to_none=True)
     peak_on, loss_on, grads_on = _peak_step(model, tracker, x)
     offloaded = 3 * blocks * batch * width * 4  # each block saves three (batch, width) fp32 tensors
-    assert pools and pools[0].pinned and pools[0].stats()["bytes_pooled"] > 0  # the payload lived on the host
+    tracker.reset_peak()  # a step boundary: every copy is done (synchronized), so every buffer goes back
+    stats = pools[0].stats()
+    assert len(pools) == 1 and pools[0].pinned and stats["bytes_in_use"] == 0 and stats["bytes_pooled"] > 0
     # two groups (the block in backward and the one prefetched) may be on the device at the peak
     assert peak_off - peak_on >= offloaded * (1 - 3 / blocks), (peak_off, peak_on, offloaded)
     if mode == "host":

@@ -35,6 +35,7 @@ sign (``0x7f`` / ``0xff``, which no finite value quantises to) and restored exac
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import deque
 from typing import Callable
@@ -78,6 +79,7 @@ class CudaCopies:
         self.device = device
         self.stream = torch.cuda.Stream(device)
         self._releases: deque = deque()  # (event, release) in the order the events were recorded on the stream
+        self._lock = threading.Lock()  # backward unpacks (and frees) on autograd's device thread
 
     def to_host(self, sources: list[torch.Tensor], buffers: list[torch.Tensor]):
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -108,13 +110,15 @@ class CudaCopies:
             torch.cuda.current_stream(self.device).wait_event(ticket)
 
     def release_when_done(self, ticket, release: Callable[[], None]) -> None:
-        self._releases.append((ticket, release))
+        with self._lock:
+            self._releases.append((ticket, release))
         self.poll()
 
     def poll(self) -> None:
         # events complete in stream order, so the first one not done ends the scan
-        while self._releases and (self._releases[0][0] is None or self._releases[0][0].query()):
-            self._releases.popleft()[1]()
+        with self._lock:
+            while self._releases and (self._releases[0][0] is None or self._releases[0][0].query()):
+                self._releases.popleft()[1]()
 
 
 def fp8_pack(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
