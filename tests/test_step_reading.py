@@ -133,3 +133,55 @@ def test_dspark_lab_run_records_the_scripts_losses_one_step_late(tmp_path):
     records = RunDir(run_dir).metrics()
     assert [r["step"] for r in records] == list(range(1, 7))
     assert [r["loss"] for r in records] == json.loads(losses.read_text())
+
+
+def test_a_cuda_loss_is_written_once_its_copy_event_is_done_never_waited_on_unless_over_eight_wait(monkeypatch):
+    events = []
+
+    class Event:  # torch.cuda.Event as the boundary uses it
+        def __init__(self):
+            self.done = self.waited = False
+            events.append(self)
+
+        def record(self, stream):
+            pass
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            self.waited = self.done = True
+
+    class DeviceLoss:  # a 1-element loss on "cuda": the copy to the host is an ordinary CPU tensor here
+        device = torch.device("cuda", 0)
+
+        def __init__(self, value):
+            self.value = value
+
+        def detach(self):
+            return self
+
+        def to(self, device, non_blocking=False):
+            assert device == "cpu" and non_blocking
+            return torch.tensor(self.value)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    written = []
+    late = step_reads.LateLoss(written.append)
+    for step in range(1, 4):
+        late.put({"step": step, "loss": None}, DeviceLoss(step / 4))
+    assert written == [] and late.pending == 3  # no event done: nothing read, nothing waited on
+    events[1].done = True
+    late.put({"step": 4, "loss": None}, DeviceLoss(1.0))
+    assert written == []  # step 2's copy is done but step 1's is not: records stay in step order
+    events[0].done = True
+    late.put({"step": 5, "loss": None}, DeviceLoss(1.25))
+    assert [(r["step"], r["loss"]) for r in written] == [(1, 0.25), (2, 0.5)]
+    for step in range(6, 6 + step_reads.MAX_PENDING):
+        late.put({"step": step, "loss": None}, DeviceLoss(0.0))
+    # a boundary that finds more than 8 records waiting waits for the oldest (steps 3 and 4 here), and only that
+    assert [i + 1 for i, e in enumerate(events) if e.waited] == [3, 4] and late.pending == step_reads.MAX_PENDING + 1
+    late.flush()
+    assert [r["step"] for r in written] == list(range(1, 6 + step_reads.MAX_PENDING))
+    assert written[3]["loss"] == 1.0 and written[4]["loss"] == 1.25

@@ -4,7 +4,7 @@ Reading a CUDA loss with ``.item()`` at every boundary would make the host wait 
 host could no longer queue step k+1 while the device runs step k). Instead the boundary of step k starts a
 non-blocking copy of the loss into pinned host memory and records an event; the record of step k, which carries
 step k's own loss, is written at a later boundary once that event is done (polled, never waited on), or at the
-latest when :data:`MAX_PENDING` records wait, and at the job's end (:meth:`LateLoss.flush`, also run at exit).
+latest when more than :data:`MAX_PENDING` records wait (then the oldest is waited for), and at the job's end (:meth:`LateLoss.flush`, also run at exit).
 A loss on the CPU is read at once, unless ``DSPARK_LOSS_READ=late`` asks for the late path there too (how the CPU
 tests exercise it).
 
@@ -85,10 +85,11 @@ class LateLoss:
     def drain(self, *, block: bool) -> None:
         while self._pending:
             record, held, event = self._pending[0]
-            if event is not None and not block and len(self._pending) <= MAX_PENDING and not event.query():
+            ready = event is None or event.query()
+            if not ready and not block and len(self._pending) <= MAX_PENDING:
                 break
-            if event is not None:
-                event.synchronize()  # done already, unless the device is MAX_PENDING steps behind
+            if not ready:
+                event.synchronize()  # the device is more than MAX_PENDING steps behind, or the job ends
             if held is not None:
                 record["loss"] = float(held.item())
             self._pending.popleft()
