@@ -251,13 +251,15 @@ def test_cuda_engine_orders_copies_with_events_and_frees_buffers_only_after_them
 # --- on a CUDA device -------------------------------------------------------------------------------------------
 
 
-def _peak_step(model, tracker, x) -> tuple[int, torch.Tensor, list[torch.Tensor]]:
+def _peak_step(model, tracker, x) -> tuple[int, list[torch.Tensor]]:
+    """One forward and backward from zeroed gradients: the allocator's peak above the start, and the gradients."""
+    model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    loss, grads = run_step(model, tracker, x)
+    _, grads = run_step(model, tracker, x)
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base, loss, grads
+    return torch.cuda.max_memory_allocated() - base, grads
 
 
 @pytest.mark.gpu
@@ -276,22 +278,21 @@ def test_cuda_offload_frees_the_offloaded_bytes_at_the_backward_peak(mode):
         return pools[-1]
 
     off = SavedActivations(lambda: params)
-    run_step(model, off, x)  # warm up the allocator and cuBLAS
-    peak_off, loss_off, grads_off = _peak_step(model, off, x)
-    model.zero_grad(set_to_none=True)
+    _peak_step(model, off, x)  # warm up the allocator and cuBLAS
+    peak_off, grads_off = _peak_step(model, off, x)
     tracker = SavedActivations(lambda: params, allocator_factory=pool)
     tracker.track_blocks(list(model))
     tracker.mode = mode
-    run_step(model, tracker, x)
-    model.zero_grad(set_to_none=True)
-    peak_on, loss_on, grads_on = _peak_step(model, tracker, x)
+    _peak_step(model, tracker, x)  # the pinned buffers are allocated once, here
+    peak_on, grads_on = _peak_step(model, tracker, x)
     offloaded = 3 * blocks * batch * width * 4  # each block saves three (batch, width) fp32 tensors
     tracker.reset_peak()  # a step boundary: every copy is done (synchronized), so every buffer goes back
     stats = pools[0].stats()
     assert len(pools) == 1 and pools[0].pinned and stats["bytes_in_use"] == 0 and stats["bytes_pooled"] > 0
-    # two groups (the block in backward and the one prefetched) may be on the device at the peak
+    # the block in backward and the one prefetched (and the tail's tensor) may be on the device at the peak
     assert peak_off - peak_on >= offloaded * (1 - 3 / blocks), (peak_off, peak_on, offloaded)
     if mode == "host":
-        assert torch.equal(loss_on, loss_off) and all(torch.equal(a, b) for a, b in zip(grads_on, grads_off))
+        assert all(torch.equal(a, b) for a, b in zip(grads_on, grads_off))  # exact copies: bit-identical
     else:
-        assert abs(loss_on.item() - loss_off.item()) <= 0.05 * abs(loss_off.item())
+        errors = [((a - b).norm() / b.norm()).item() for a, b in zip(grads_on, grads_off)]
+        assert 0 < max(errors) < 0.1, errors  # really FP8 on the way, and close

@@ -198,7 +198,7 @@ class Offloaded:
 
     def __del__(self):
         pool = self.pool
-        for buffer in self.buffers:
+        for buffer in getattr(self, "buffers", ()):  # none when the constructor failed (pack keeps the tensor)
             self.copies.release_when_done(self.ticket, lambda b=buffer: pool.release(b))
 
 
