@@ -296,3 +296,33 @@ def test_cuda_offload_frees_the_offloaded_bytes_at_the_backward_peak(mode):
     else:
         errors = [((a - b).norm() / b.norm()).item() for a, b in zip(grads_on, grads_off)]
         assert 0 < max(errors) < 0.1, errors  # really FP8 on the way, and close
+
+
+def test_checkpointed_blocks_inputs_are_copied_once():
+    from dspark_lab.runtime.policies.memory import set_checkpointing
+
+    calls = []
+
+    class Counting(SyncCopies):
+        def to_host(self, sources, buffers):
+            calls.append(len(sources))
+            return super().to_host(sources, buffers)
+
+    model = make_blocks()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    tracker = SavedActivations(lambda: params, allocator_factory=HostPool, copies_factory=lambda device: Counting())
+    tracker.track_blocks(list(model))
+    tracker.mode = "host"
+    set_checkpointing(list(model), "full", tracker)
+    tracker.install()
+    try:
+        loss = model(torch.randn(BATCH, WIDTH, requires_grad=True)).pow(2).mean()
+        assert tracker.held >= BLOCKS * BATCH * WIDTH * 4  # each block's input, counted while kept
+        loss.backward()
+    finally:
+        tracker.uninstall()
+        set_checkpointing(list(model), "none", tracker)
+    # each block's input (the checkpoint saves it through autograd, so it is offloaded like any saved tensor) and
+    # the tail's tensor, once each: counting the inputs until backward (hold_until_backward) adds no second copy
+    assert calls == [1] * (BLOCKS + 1)
+    assert tracker.held == 0

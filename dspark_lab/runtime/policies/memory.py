@@ -106,13 +106,13 @@ class SavedActivations:
 
     # --- hooks -------------------------------------------------------------------------------------------------
 
-    def pack(self, tensor: torch.Tensor):
+    def pack(self, tensor: torch.Tensor, offload: bool = True):
         try:
-            return self._pack(tensor)
+            return self._pack(tensor, offload)
         except RuntimeError:  # a tensor kind we cannot look into: keep it as it is, never fail the user's forward
             return tensor
 
-    def _pack(self, tensor: torch.Tensor):
+    def _pack(self, tensor: torch.Tensor, offload: bool = True):
         if _is_wrapper_subclass(tensor):  # a DTensor (TP): count its local shard, never move the wrapper
             local = getattr(tensor, "_local_tensor", None)
             if isinstance(local, torch.Tensor) and not _is_wrapper_subclass(local):
@@ -128,7 +128,7 @@ class SavedActivations:
         if ptr == 0 or ptr in self._param_storages():
             return tensor
         nbytes = storage.nbytes()
-        if self.mode == "off" or nbytes < MIN_OFFLOAD_BYTES or not tensor.is_floating_point():
+        if not offload or self.mode == "off" or nbytes < MIN_OFFLOAD_BYTES or not tensor.is_floating_point():
             self._hold(ptr, nbytes)
             return _Held(tensor, self, ptr)
         # One copy per tensor saved several times (y * y saves y twice). The original may be freed once copied and
@@ -163,7 +163,8 @@ class SavedActivations:
         grad_fn = getattr(output, "grad_fn", None)
         if grad_fn is None:
             return
-        held = [self.pack(t) for t in tensors if isinstance(t, torch.Tensor)]
+        # counted only: the checkpoint keeps these inputs itself, so a host copy would free nothing
+        held = [self.pack(t, offload=False) for t in tensors if isinstance(t, torch.Tensor)]
         def release(*_):
             held.clear()
         grad_fn.register_hook(release)
