@@ -12,7 +12,11 @@ mid-run and once without, interleaved; the ratio compares the profiled run's ste
 (the window and one step on each side, where the profiler starts, stops and writes its trace, are left out and
 reported apart) with the unprofiled run's steps.
 
+``--device cuda`` runs the ddp job on one GPU (one rank, nccl when there are two GPUs: two ranks) under both
+launchers, and times the runtime's boundary work with a CUDA loss (its non-blocking copy and event) on the host.
+
     python benchmarks/runtime_overhead.py [--job ddp|fsdp2|both] [--rounds 3] [--steps 80]
+    python benchmarks/runtime_overhead.py --device cuda [--rounds 3] [--steps 80]
     python benchmarks/runtime_overhead.py --profile-window [--rounds 3] [--steps 80]
 """
 
@@ -70,13 +74,19 @@ def fsdp2_worker(steps: int, times_file: str) -> None:
     dist.destroy_process_group()
 
 
-def run(kind: str, steps: int, workdir: Path, job: str = "ddp") -> list[float]:
+def run(kind: str, steps: int, workdir: Path, job: str = "ddp", device: str = "cpu") -> list[float]:
     times = workdir / f"{job}-{kind}-{time.monotonic_ns()}.json"
     args = [*JOBS[job], "--steps", str(steps), "--times-file", str(times)]
+    nproc = 2
+    if device == "cuda":
+        import torch
+
+        args += ["--device", "cuda"]
+        nproc = min(2, torch.cuda.device_count())
     if kind == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
     else:
-        cmd = [sys.executable, "-m", "dspark_lab", "run", "--nproc", "2", *args]
+        cmd = [sys.executable, "-m", "dspark_lab", "run", "--nproc", str(nproc), *args]
     env = {**os.environ, "DSPARK_HOME": str(workdir / "home")}
     for attempt in (1, 2):  # a loaded machine can lose a launch to a port race; say so and try once more
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
@@ -94,8 +104,11 @@ def bootstrap_ratio_ci(a: list[float], b: list[float], reps: int = 2000, seed: i
     return ratios[int(0.025 * reps)], ratios[int(0.975 * reps)]
 
 
-def per_step_work_us(iterations: int = 2000) -> dict[str, float]:
-    """Microseconds the runtime spends at one step boundary on rank 0 and on another rank (its store poll)."""
+def per_step_work_us(iterations: int = 2000, device: str = "cpu") -> dict[str, float]:
+    """Microseconds the runtime spends at one step boundary on rank 0 and on another rank (its store poll).
+
+    On ``cuda`` the model and each step's loss live on the GPU, so the boundary includes the loss's non-blocking
+    copy and event, and the host time is measured without waiting for the device."""
     import torch
     import torch.distributed as dist
 
@@ -104,16 +117,21 @@ def per_step_work_us(iterations: int = 2000) -> dict[str, float]:
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = RunDir.create(new_run_id(), {"name": "bench"}, root=Path(tmp))
-        model = torch.nn.Linear(4, 4)
+        model = torch.nn.Linear(4, 4).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         job = Job(run_dir, rank=0, world=1)
         job.set_model(model)
         job.optimizer = optimizer
+        losses = [torch.full((), float(i), device=device) for i in range(iterations)]
+        if device == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
-        for _ in range(iterations):
+        for loss in losses:
+            job.meter._loss = loss  # what the backward hook keeps of each step
             job.on_step_begin(optimizer)
             job.on_step_end(optimizer)
         boundary = (time.perf_counter() - start) / iterations * 1e6
+        job.close()
         store = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=10))
         start = time.perf_counter()
         for _ in range(iterations):
@@ -122,14 +140,14 @@ def per_step_work_us(iterations: int = 2000) -> dict[str, float]:
     return {"boundary_rank0_us": boundary, "store_poll_us": poll}
 
 
-def compare(job: str, rounds: int, steps: int) -> None:
+def compare(job: str, rounds: int, steps: int, device: str = "cpu") -> None:
     plain: list[float] = []
     ours: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
             order = ("torchrun", "dspark") if r % 2 == 0 else ("dspark", "torchrun")
             for kind in order:
-                (plain if kind == "torchrun" else ours).extend(run(kind, steps, Path(tmp), job))
+                (plain if kind == "torchrun" else ours).extend(run(kind, steps, Path(tmp), job, device))
             print(f"[{job}] round {r + 1}/{rounds}: torchrun median {statistics.median(plain) * 1e3:.1f} ms, "
                   f"dspark-lab run median {statistics.median(ours) * 1e3:.1f} ms", flush=True)
     ratio = statistics.median(ours) / statistics.median(plain)
@@ -215,6 +233,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80, help="steps per run (the first 5 are not counted)")
     parser.add_argument("--profile-window", action="store_true",
                         help="steps outside a live 2-step profile vs a run without profiling")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the ddp job on the GPU(s) and the boundary work with a CUDA loss")
     parser.add_argument("--worker", choices=("fsdp2",), help=argparse.SUPPRESS)  # a rank of the FSDP2 job
     parser.add_argument("--times-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -228,11 +248,21 @@ def main() -> None:
             raise SystemExit(f"--steps: at least {3 * WARMUP_STEPS + 10} with --profile-window")
         profile_window(args.rounds, args.steps)
         return
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device: cuda: no CUDA device here (torch {torch.__version__} sees none)")
+        if args.job == "fsdp2":
+            raise SystemExit("--job: fsdp2 runs on cpu only (gloo); with --device cuda: ddp | both")
     for job in (("ddp", "fsdp2") if args.job == "both" else (args.job,)):
-        compare(job, args.rounds, args.steps)
-    work = per_step_work_us()
-    print(f"runtime's own work per step: {work['boundary_rank0_us']:.1f} us at a boundary (rank 0, metrics "
-          f"record included), {work['store_poll_us']:.1f} us for the store poll other ranks add")
+        if args.device == "cuda" and job == "fsdp2":
+            continue
+        compare(job, args.rounds, args.steps, args.device)
+    work = per_step_work_us(device=args.device)
+    print(f"runtime's own work per step ({args.device}): {work['boundary_rank0_us']:.1f} us of host time at a "
+          f"boundary (rank 0, metrics record included), {work['store_poll_us']:.1f} us for the store poll other "
+          f"ranks add")
 
 
 if __name__ == "__main__":

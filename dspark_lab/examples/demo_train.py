@@ -5,6 +5,10 @@ Nothing here knows about DSpark Lab; it is what the demo, the tests and the benc
 
     torchrun --nproc-per-node 2 demo_train.py --steps 50
     dspark-lab run --nproc 2 demo_train.py --steps 50
+    dspark-lab run --nproc 1 demo_train.py --steps 50 --device cuda   # one rank per GPU (nccl)
+
+On CUDA the losses stay on the device until the end (no per-step ``.item()``, which would make the host wait for
+the device every step) and the last step's time includes waiting for the device to finish.
 """
 
 import argparse
@@ -64,36 +68,53 @@ def main():
     p.add_argument("--loss-file", help="write the per-step losses of rank 0 here as JSON")
     p.add_argument("--times-file", help="write rank 0's per-step wall times (s) here as JSON")
     p.add_argument("--save", help="save the model's state_dict here at the end (rank 0)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: one GPU per rank, nccl")
     args = p.parse_args()
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit(f"--device: cuda: torch {torch.__version__} sees no CUDA device; allowed: cpu | cuda")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        # the demo compares losses bit for bit across runs: deterministic kernels (math attention, fixed cuBLAS)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
     if distributed:
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank() if distributed else 0
 
     torch.manual_seed(args.seed)
-    model = TinyGPT(args.vocab, args.dim, args.heads, args.layers, args.seq)
+    model = TinyGPT(args.vocab, args.dim, args.heads, args.layers, args.seq).to(device)
     if distributed:
-        model = nn.parallel.DistributedDataParallel(model)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     data = torch.Generator().manual_seed(args.seed * 1000 + rank + 1)
 
     losses, times = [], []
     last = time.perf_counter()
     for step in range(args.steps):
-        tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=data)
+        tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=data).to(device)
         logits = model(tokens[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, args.vocab), tokens[:, 1:].reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(loss.detach() if cuda else loss.item())
         if args.step_sleep:
             time.sleep(args.step_sleep)
         now = time.perf_counter()
         times.append(now - last)
         last = now
+    if cuda:
+        torch.cuda.synchronize()
+        if times:
+            times[-1] += time.perf_counter() - last
+        losses = [float(x) for x in torch.stack(losses).cpu()] if losses else []
     if rank == 0:
         if args.loss_file:
             with open(args.loss_file, "w") as f:

@@ -166,6 +166,7 @@ class Job:
         else:
             self.found_blocks = discover.find_blocks(inner)
         self.blocks = self.found_blocks.modules
+        self.activations.track_blocks(self.blocks)  # offload prefetches one block ahead of backward
         self._param_storages = param_storages(inner)
         first = next(inner.parameters(), None)
         if first is not None:
@@ -248,7 +249,7 @@ class Job:
         record = self.meter.record(now, self.step, comm.take_comm_time() if comm is not None else None)
         for _, extra in self.manager.dispatch("dspark_step_end", job=self, step=self.step):
             record.update(extra)
-        self._metrics.write(record)
+        self.meter.write(record)  # its loss may be read one step late (runtime/step_reads.py)
 
     # --- records -----------------------------------------------------------------------------------------------
 
@@ -259,6 +260,7 @@ class Job:
                             "old": old, "new": new, "reason": reason, "change_id": change_id, **extra})
 
     def close(self) -> None:
+        self.meter.flush()
         if self.server is not None:
             self.server.close()
         if self.cluster is not None:

@@ -88,7 +88,7 @@ def _k8s_manifest(args):
 def _demo(args):
     from dspark_lab.runtime.demo import run_demo
 
-    return run_demo(quick=args.quick, steps_per_phase=args.steps_per_phase)
+    return run_demo(quick=args.quick, steps_per_phase=args.steps_per_phase, device=args.device)
 
 
 def _verb(name: str, *fields: str):
@@ -150,6 +150,7 @@ def add_parsers(subparsers, common) -> None:
                                                                 "its policies live")
     demo.add_argument("--quick", action="store_true", help="fewer steps (for CI)")
     demo.add_argument("--steps-per-phase", type=_bounded(2, 10_000), default=None)
+    demo.add_argument("--device", default="cpu", help="cpu (2 ranks, gloo) or cuda (one GPU); default cpu")
     demo.set_defaults(func=_demo)
 
     subparsers.add_parser("jobs", parents=[common], help="runs and their state").set_defaults(func=_verb("jobs"))

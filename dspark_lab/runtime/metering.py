@@ -4,7 +4,8 @@ Forward time runs from the boundary to the first backward, backward time is summ
 calls, optimizer time from the step pre-hook to the boundary; samples and tokens are counted from the model's
 first tensor argument. After a policy change whose effect is worth a number (:data:`MEASURED`), the meter compares
 the :data:`EFFECT_STEPS` steps before the apply with the first :data:`EFFECT_STEPS` after it and logs an ``effect``
-event with the step-time and memory change.
+event with the step-time and memory change. Nothing here waits for the device: the loss is read one step late and
+memory counters every few steps (:mod:`.step_reads`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from typing import Any
 import psutil
 import torch
 
+from dspark_lab.runtime import step_reads
+
 SAMPLE_EVERY_S = 1.0
 EFFECT_STEPS = 3
 MEASURED = ("memory.reshard_after_forward",)
+MEMORY_FIELDS = ("memory_peak_bytes", "rss_bytes")
 
 
 class StepMeter:
@@ -32,7 +36,11 @@ class StepMeter:
         self._last_sample = 0.0
         self.autocast: str | None = None  # "cuda:torch.bfloat16" when a forward ran under autocast
         self._recent: deque[dict] = deque(maxlen=EFFECT_STEPS)
+        self._recent_memory: deque[dict] = deque(maxlen=EFFECT_STEPS)  # the last records with memory read
         self._watches: list[dict] = []
+        self.memory_every = step_reads.memory_every()
+        self._memory_wanted: set[str] = set()
+        self._late = step_reads.LateLoss(job._metrics.write, late_on_cpu=step_reads.loss_read() == "late")
         self.reset(time.perf_counter())
 
     def reset(self, now: float) -> None:
@@ -87,22 +95,37 @@ class StepMeter:
             "backward_s": self._backward_s or None,
             "optimizer_s": (now - self._optimizer_start) if self._optimizer_start else None,
             "comm_s": comm_s,
-            "loss": float(self._loss.item()) if self._loss is not None else None,
+            "loss": None,  # filled in by write(), from the loss tensor of this step
             "samples_per_s": self._samples / step_time if self._samples else None,
             "tokens_per_s": self._tokens / step_time if self._tokens else None,
             "peak_activation_bytes": job.activations.reset_peak(),
-            "rss_bytes": self._process.memory_info().rss,
         }
+        read = step == 1 or step % self.memory_every == 0 or bool(self._memory_wanted)
+        record["rss_bytes"] = self._process.memory_info().rss if read else None
         if job.backend.torch_device == "cuda" and torch.cuda.is_available():
-            record["memory_allocated_bytes"] = torch.cuda.memory_allocated()
-            record["memory_peak_bytes"] = torch.cuda.max_memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
+            record["memory_allocated_bytes"] = torch.cuda.memory_allocated() if read else None
+            record["memory_peak_bytes"] = torch.cuda.max_memory_allocated() if read else None  # since the last read
+            if read:
+                torch.cuda.reset_peak_memory_stats()
         if now - self._last_sample >= SAMPLE_EVERY_S:
             record["device"] = self._sample()
             self._last_sample = now
         self._recent.append(record)
+        if read:
+            self._recent_memory.append(record)
         self._check_effects(record)
         return record
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Write the record of the step that just ended, now or once its loss reached the host."""
+        self._late.put(record, self._loss)
+
+    def flush(self) -> None:
+        self._late.flush()
+
+    def want_memory(self, owner: str, on: bool = True) -> None:
+        """Read memory counters at every step while any owner wants them (else every ``memory_every`` steps)."""
+        (self._memory_wanted.add if on else self._memory_wanted.discard)(owner)
 
     def _sample(self) -> dict | None:
         if self._sampler is None:
@@ -117,8 +140,14 @@ class StepMeter:
     def watch_effect(self, key: str, old: Any, new: Any, step: int) -> None:
         """After ``key`` changed (effective from ``step``), log an ``effect`` event once EFFECT_STEPS steps ran."""
         if key in MEASURED and self._recent:
-            self._watches.append({"key": key, "old": old, "new": new, "from": step,
-                                  "before": _summary(list(self._recent)), "after": []})
+            before = _summary(list(self._recent))  # memory from the last records that read it
+            before.update({f: v for f, v in _summary(list(self._recent_memory)).items() if f in MEMORY_FIELDS})
+            owner = f"effect:{key}:{step}"
+            self._watches.append({"key": key, "old": old, "new": new, "from": step, "before": before, "after": [],
+                                  "owner": owner})
+            self.want_memory(owner)
+            if self.job.backend.torch_device == "cuda" and torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()  # the steps after the change start their own peak
 
     def _check_effects(self, record: dict) -> None:
         for watch in list(self._watches):
@@ -128,6 +157,7 @@ class StepMeter:
             if len(watch["after"]) < EFFECT_STEPS:
                 continue
             self._watches.remove(watch)
+            self.want_memory(watch["owner"], False)
             before, after = watch["before"], _summary(watch["after"])
             memory = "memory_peak_bytes" if before.get("memory_peak_bytes") is not None else "rss_bytes"
             change = {f: (after[f] / before[f] - 1) if before.get(f) and after.get(f) is not None else None

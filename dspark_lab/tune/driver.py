@@ -35,6 +35,8 @@ class LiveJob:
         self._file.seek(0, 2)
         self._partial = b""
         self._records: dict[int, list[dict]] = {}
+        if peak_field != "peak_activation_bytes":  # memory counters are read every step only when asked for
+            job.meter.want_memory("tune")
 
     @property
     def step(self) -> int:
@@ -96,6 +98,7 @@ class LiveJob:
 
     def close(self) -> None:
         self._file.close()
+        self.job.meter.want_memory("tune", False)
 
 
 def _number(body: dict, name: str, hi: float) -> float | None:

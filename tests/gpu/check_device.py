@@ -1,7 +1,9 @@
 """The checks behind tests/gpu/check_device.sh, one line each: ``check NAME: ok|FAIL|skipped: detail``.
 
 Run on a machine with a CUDA device after the project is installed; exits 1 if any check failed. Each check is
-independent: one that raises is reported as FAIL and the rest still run.
+independent: one that raises is reported as FAIL and the rest still run. All of them share one time budget
+(:data:`BUDGET_S`, inside the 5 minutes check_device.sh allows): a check that would start without enough of it left
+is reported as skipped, with that reason.
 """
 
 from __future__ import annotations
@@ -11,13 +13,25 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("DSPARK_HOME", tempfile.mkdtemp(prefix="dspark-gpu-check-"))  # runs of the checks go here
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "dspark_lab" / "examples" / "demo_train.py"
+BUDGET_S = 265
+DEADLINE = time.monotonic() + BUDGET_S
 failed: list[str] = []
+
+
+def time_left(want: float) -> float:
+    """Seconds a check may take: ``want``, or what is left of the budget (0 when under 10 s are left)."""
+    left = DEADLINE - time.monotonic() - 5
+    return min(want, left) if left >= 10 else 0
 
 
 def report(name: str, status: str, detail: str) -> None:
@@ -27,6 +41,9 @@ def report(name: str, status: str, detail: str) -> None:
 
 
 def check(fn):
+    if time_left(1) == 0:
+        report(fn.__name__, "skipped", f"out of the {BUDGET_S} s budget")
+        return fn
     try:
         fn()
     except Exception as exc:  # one broken check must not hide the others
@@ -71,13 +88,15 @@ def nvml_sampler():
 
 
 @check
-def kernel_tests():
+def gpu_tests():
     env = {**os.environ, "DSPARK_GPU_TESTS": "1"}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                           "tests/test_kernels.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+                           "tests/test_kernels.py", "tests/test_offload.py"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=time_left(90))
     summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
     ok = done.returncode == 0 and re.search(r"\d+ passed", summary) and "skipped" not in summary
-    report("kernel_tests", "ok" if ok else "FAIL", f"gpu-marked kernel tests bit-exact vs CPU reference: {summary}")
+    report("gpu_tests", "ok" if ok else "FAIL", "gpu-marked tests (kernels bit-exact vs the CPU references; offload "
+           f"frees the offloaded bytes at the backward peak): {summary}")
 
 
 def _time_cuda(fn, repeats: int = 20) -> float:
@@ -113,37 +132,82 @@ def kernel_bandwidth():
 
 
 def _cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dspark_lab.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "DSPARK_HOME": os.environ.get("DSPARK_HOME", "/tmp/dspark-gpu")})
+    return subprocess.run([sys.executable, "-m", "dspark_lab", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=os.environ)
+
+
+def _last_line(done: subprocess.CompletedProcess) -> str:
+    return (done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+
+
+LOSSLESS = ("baseline", "checkpoint every block", "offload host")
 
 
 @check
 def demo_on_gpu():
-    help_text = _cli("demo", "--help", timeout=60).stdout
-    if "--device" not in help_text:
-        report("demo_on_gpu", "skipped", "this version's demo has no --device option")
-        return
-    done = _cli("demo", "--quick", "--device", "cuda", "--json", timeout=150)
+    """One-GPU demo: checkpointing and both offload modes switched live; the allocator's peak and the losses."""
+    done = _cli("demo", "--quick", "--device", "cuda", "--json", timeout=time_left(110))
     if done.returncode != 0:
-        report("demo_on_gpu", "FAIL", (done.stderr.strip().splitlines() or ["exit %d" % done.returncode])[-1])
+        report("demo_on_gpu", "FAIL", _last_line(done))
         return
-    phases = json.loads(done.stdout).get("phases", [])
-    rows = "; ".join(f"{p.get('phase')}: step {p.get('median_step_s')} s, peak {p.get('peak_memory_bytes')} B, "
-                     f"loss dev {p.get('max_loss_rel_dev')}" for p in phases)
-    lossless_ok = all((p.get("max_loss_rel_dev") or 0) == 0 for p in phases if p.get("lossless"))
-    report("demo_on_gpu", "ok" if lossless_ok else "FAIL", rows or done.stdout[-300:])
+    phases = {p["phase"]: p for p in json.loads(done.stdout)["phases"]}
+    fmt = lambda v, f: "-" if v is None else format(v, f)
+    rows = "; ".join(f"{name}: {fmt(p['step_time_ms'], '.1f')} ms/step, allocator peak "
+                     f"{fmt(p['allocator_peak_mb'], '.0f')} MB (x{fmt(p['allocator_vs_baseline'], '.2f')}), "
+                     f"loss dev {fmt(p['loss_deviation'], '.2g')}" for name, p in phases.items())
+    problems = [f"{n}: loss differs" for n in LOSSLESS if n in phases and phases[n]["loss_deviation"] != 0]
+    for name in ("offload host", "offload host-fp8 (lossy)"):
+        ratio = phases.get(name, {}).get("allocator_vs_baseline")
+        if ratio is None or ratio >= 1:
+            problems.append(f"{name}: no allocator memory drop")
+    report("demo_on_gpu", "FAIL" if problems else "ok", ("; ".join(problems) + " | " if problems else "") + rows)
+
+
+@check
+def live_profile():
+    """`dspark-lab profile RUN --steps 2 --wait` on the cuda demo, then `trace analyze`: kernels on device streams."""
+    from dspark_lab.runtime import commands
+
+    job = commands.launch(DEMO, ["--device", "cuda", "--steps", "20000", "--step-sleep", "0.01"], nproc=1,
+                          name="gpu-profile")
+    try:
+        deadline = time.monotonic() + time_left(40)
+        while not any(m["step"] >= 3 for m in job.run_dir.metrics()):
+            if job.poll() is not None or time.monotonic() > deadline:
+                report("live_profile", "FAIL", f"the cuda demo did not reach step 3; see {job.run_dir.path}/output.log")
+                return
+            time.sleep(0.5)
+        done = _cli("profile", job.id, "--steps", "2", "--wait", "--timeout", "60", "--json", timeout=time_left(80))
+        if done.returncode != 0:
+            report("live_profile", "FAIL", f"profile: {_last_line(done)}")
+            return
+        files = json.loads(done.stdout).get("files") or []
+        done = _cli("trace", "analyze", *files, "--json", timeout=time_left(40))
+        if done.returncode != 0 or not files:
+            report("live_profile", "FAIL", f"trace analyze: {_last_line(done)}")
+            return
+        rank = json.loads(done.stdout)["ranks"][0]
+        ok = rank["timeline"] == "device" and rank["compute_ms"] > 0
+        report("live_profile", "ok" if ok else "FAIL", f"{len(files)} trace(s); timeline {rank['timeline']}, compute "
+               f"{rank['compute_ms']:.2f} ms, idle {rank['idle_ms']:.2f} ms over {rank['span_ms']:.2f} ms")
+    finally:
+        try:
+            commands.stop(job.id, timeout=20)
+        except Exception:
+            pass
+        if job.poll() is None:
+            job.process.kill()
 
 
 @check
 def runtime_overhead():
     script = ROOT / "benchmarks" / "runtime_overhead.py"
-    if "--device" not in script.read_text():
-        report("runtime_overhead", "skipped", "this version's benchmark has no --device option")
-        return
-    done = subprocess.run([sys.executable, str(script), "--device", "cuda", "--rounds", "1", "--steps", "40"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=150)
-    last = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
-    report("runtime_overhead", "ok" if done.returncode == 0 else "FAIL", last)
+    done = subprocess.run([sys.executable, str(script), "--device", "cuda", "--job", "ddp", "--rounds", "1",
+                           "--steps", "40"], cwd=ROOT, capture_output=True, text=True, timeout=time_left(90))
+    lines = done.stdout.strip().splitlines()
+    wanted = [l.split("] ", 1)[-1] for l in lines if "ratio dspark/torchrun" in l or "runtime's own work" in l]
+    report("runtime_overhead", "ok" if done.returncode == 0 and len(wanted) == 2 else "FAIL",
+           " | ".join(wanted) or _last_line(done))
 
 
 print(f"check_device: {len(failed)} failed" + (f" ({', '.join(failed)})" if failed else ""), flush=True)

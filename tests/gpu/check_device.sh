@@ -27,4 +27,4 @@ if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . -e plugins/dspa
   exit 1
 fi
 echo "check install: ok: $("$PY" -c 'import dspark_lab; print(dspark_lab.__version__)') over torch $("$PY" -c 'import torch; print(torch.__version__)')"
-exec timeout 280 "$PY" tests/gpu/check_device.py
+exec timeout 285 "$PY" tests/gpu/check_device.py

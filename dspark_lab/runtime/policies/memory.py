@@ -7,7 +7,8 @@
   prefix to every key).
 - Activation offload (as in ZeRO-Offload / "Capuchin"-style swapping) moves tensors saved for backward into host
   buffers from the backend's allocator hook, through autograd's saved-tensor hooks; ``host-fp8`` stores them as FP8
-  e4m3 with one scale per 1x128 tile (the DeepSeek-V3 layout), about 4x fewer bytes than fp32, lossy.
+  e4m3 with one scale per 1x128 tile (the DeepSeek-V3 layout), about 4x fewer bytes than fp32, lossy. The copies,
+  their streams and events and the prefetch ahead of backward are :mod:`.offload`'s.
 
 One pair of saved-tensor hooks (:class:`SavedActivations`) does both the offload and the counting, so the byte count
 is of what is really held: on a CPU backend ``host`` holds the same bytes and has no memory effect.
@@ -28,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dspark_lab.allocator import HostPool
 from dspark_lab.runtime.discover import fsdp2_groups, fsdp2_modules
+from dspark_lab.runtime.policies.offload import Offloaded, Offloader
 
 CHECKPOINTING = ("none", "full", "every-2", "every-4")
 OFFLOAD = ("off", "host", "host-fp8")
@@ -54,40 +56,6 @@ class _Held:
         self.counter.release(self.key)
 
 
-class _Offloaded:
-    """A saved tensor copied to a host buffer (``fp8``: quantized), restored on unpack."""
-
-    __slots__ = ("source", "payload", "scale", "shape", "dtype", "device", "pool", "__weakref__")
-
-    def __init__(self, tensor, pool, fp8):
-        self.source, self.pool = weakref.ref(tensor), pool
-        self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
-        if fp8:
-            from dspark_lab.kernels import fp8_quantize
-
-            self.payload, self.scale = fp8_quantize(tensor.detach().reshape(-1).float())
-        else:
-            self.payload = pool.empty(tensor.shape, tensor.dtype)
-            self.payload.copy_(tensor.detach(), non_blocking=True)
-            self.scale = None
-
-    @property
-    def nbytes(self) -> int:
-        extra = self.scale.numel() * self.scale.element_size() if self.scale is not None else 0
-        return self.payload.numel() * self.payload.element_size() + extra
-
-    def get(self):
-        if self.scale is not None:
-            from dspark_lab.kernels import fp8_dequantize
-
-            return fp8_dequantize(self.payload, self.scale, self.dtype).reshape(self.shape).to(self.device)
-        return self.payload.to(self.device, non_blocking=True)
-
-    def __del__(self):
-        if self.scale is None:
-            self.pool.release(self.payload)
-
-
 class SavedActivations:
     """Autograd saved-tensor hooks that count bytes held for backward and, when asked, offload them.
 
@@ -95,15 +63,14 @@ class SavedActivations:
     once); parameters are not activations and are never counted or moved. ``reset_peak()`` starts a new step.
     """
 
-    def __init__(self, param_storages: Callable[[], set[int]] = set, allocator_factory=None):
+    def __init__(self, param_storages: Callable[[], set[int]] = set, allocator_factory=None, copies_factory=None):
         self.mode = "off"
         self.held = 0
         self.peak = 0
         self._refs: dict[object, list[int]] = {}  # key -> [references, bytes]
         self._offloaded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._param_storages = param_storages
-        self._allocator_factory = allocator_factory
-        self._pool = None
+        self.offloader = Offloader(allocator_factory or HostPool, copies_factory)
         self._hooks = None
 
     # --- accounting --------------------------------------------------------------------------------------------
@@ -128,19 +95,24 @@ class SavedActivations:
             self.held -= ref[1]
 
     def reset_peak(self) -> int:
-        """Return the peak since the last reset and start counting from what is held now."""
+        """Return the peak since the last reset and start counting from what is held now (a step boundary)."""
         peak, self.peak = self.peak, self.held
+        self.offloader.poll()
         return peak
+
+    def track_blocks(self, blocks) -> None:
+        """Group offloaded tensors by these blocks' forward calls, so backward can prefetch one block ahead."""
+        self.offloader.track_blocks(blocks)
 
     # --- hooks -------------------------------------------------------------------------------------------------
 
-    def pack(self, tensor: torch.Tensor):
+    def pack(self, tensor: torch.Tensor, offload: bool = True):
         try:
-            return self._pack(tensor)
+            return self._pack(tensor, offload)
         except RuntimeError:  # a tensor kind we cannot look into: keep it as it is, never fail the user's forward
             return tensor
 
-    def _pack(self, tensor: torch.Tensor):
+    def _pack(self, tensor: torch.Tensor, offload: bool = True):
         if _is_wrapper_subclass(tensor):  # a DTensor (TP): count its local shard, never move the wrapper
             local = getattr(tensor, "_local_tensor", None)
             if isinstance(local, torch.Tensor) and not _is_wrapper_subclass(local):
@@ -156,7 +128,7 @@ class SavedActivations:
         if ptr == 0 or ptr in self._param_storages():
             return tensor
         nbytes = storage.nbytes()
-        if self.mode == "off" or nbytes < MIN_OFFLOAD_BYTES or not tensor.is_floating_point():
+        if not offload or self.mode == "off" or nbytes < MIN_OFFLOAD_BYTES or not tensor.is_floating_point():
             self._hold(ptr, nbytes)
             return _Held(tensor, self, ptr)
         # One copy per tensor saved several times (y * y saves y twice). The original may be freed once copied and
@@ -164,24 +136,16 @@ class SavedActivations:
         view_key = (ptr, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor._version)
         packed = self._offloaded.get(view_key)
         if packed is None or packed.source() is not tensor:
-            # A tile holding inf (an attention mask's -inf scores) has no finite FP8 scale: keep such a tensor exact.
-            fp8 = self.mode == "host-fp8" and bool(torch.isfinite(tensor).all())
-            packed = _Offloaded(tensor, self._host_pool(), fp8=fp8)
+            packed = self.offloader.offload(tensor, fp8=self.mode == "host-fp8")
             self._offloaded[view_key] = packed
         self._hold(id(packed), packed.nbytes)
         return _Held(packed, self, id(packed))
 
-    @staticmethod
-    def unpack(packed):
+    def unpack(self, packed):
         if isinstance(packed, _Held):
             inner = packed.tensor
-            return inner.get() if isinstance(inner, _Offloaded) else inner
+            return self.offloader.unpack(inner) if isinstance(inner, Offloaded) else inner
         return packed
-
-    def _host_pool(self):
-        if self._pool is None:
-            self._pool = self._allocator_factory() if self._allocator_factory else HostPool()
-        return self._pool
 
     def install(self) -> None:
         """Push the hooks for the rest of this thread's life (forward passes run on the training thread)."""
@@ -199,7 +163,8 @@ class SavedActivations:
         grad_fn = getattr(output, "grad_fn", None)
         if grad_fn is None:
             return
-        held = [self.pack(t) for t in tensors if isinstance(t, torch.Tensor)]
+        # counted only: the checkpoint keeps these inputs itself, so a host copy would free nothing
+        held = [self.pack(t, offload=False) for t in tensors if isinstance(t, torch.Tensor)]
         def release(*_):
             held.clear()
         grad_fn.register_hook(release)
