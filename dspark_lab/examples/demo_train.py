@@ -67,6 +67,7 @@ def main():
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep per step (slows a live demo)")
     p.add_argument("--loss-file", help="write the per-step losses of rank 0 here as JSON")
     p.add_argument("--times-file", help="write rank 0's per-step wall times (s) here as JSON")
+    p.add_argument("--cpu-times-file", help="write rank 0's per-step process CPU times (s, all its threads) here")
     p.add_argument("--save", help="save the model's state_dict here at the end (rank 0)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: one GPU per rank, nccl")
     args = p.parse_args()
@@ -95,8 +96,8 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     data = torch.Generator().manual_seed(args.seed * 1000 + rank + 1)
 
-    losses, times = [], []
-    last = time.perf_counter()
+    losses, times, cpu_times = [], [], []
+    last, last_cpu = time.perf_counter(), time.process_time()
     for step in range(args.steps):
         tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=data).to(device)
         logits = model(tokens[:, :-1])
@@ -107,9 +108,10 @@ def main():
         losses.append(loss.detach() if cuda else loss.item())
         if args.step_sleep:
             time.sleep(args.step_sleep)
-        now = time.perf_counter()
+        now, now_cpu = time.perf_counter(), time.process_time()
         times.append(now - last)
-        last = now
+        cpu_times.append(now_cpu - last_cpu)
+        last, last_cpu = now, now_cpu
     if cuda:
         torch.cuda.synchronize()
         if times:
@@ -122,6 +124,9 @@ def main():
         if args.times_file:
             with open(args.times_file, "w") as f:
                 json.dump(times, f)
+        if args.cpu_times_file:
+            with open(args.cpu_times_file, "w") as f:
+                json.dump(cpu_times, f)
         if args.save:
             inner = model.module if distributed else model
             torch.save(inner.state_dict(), args.save)
