@@ -144,23 +144,25 @@ class PackedTreesCollective(TreeCollective):
         works += [dist.irecv(b, s, group=self.group, tag=tree) for b, s in zip(buffers, sources)]
         return works, headers
 
-    def _send(self, chunk: torch.Tensor, dst: int, tree: int) -> list:
+    def _send(self, chunk: torch.Tensor, dst: int, tree: int, tag: int) -> list:
         """Post ``chunk`` to ``dst``; with emulated links, a header first says when it will have crossed the link."""
         works = []
         if self._paced is not None:
             path, gb_s = self._edges[tree][(dist.get_rank(), dst)]
             due = self._paced.due(path, gb_s, chunk.numel() * chunk.element_size())
-            works.append(dist.isend(torch.tensor([due], dtype=torch.float64), dst, group=self.group, tag=tree))
-        works.append(dist.isend(chunk, dst, group=self.group, tag=tree))
+            works.append(dist.isend(torch.tensor([due], dtype=torch.float64), dst, group=self.group, tag=tag))
+        works.append(dist.isend(chunk, dst, group=self.group, tag=tag))
         return works
 
-    def _run(self, work, reduce: bool) -> None:
-        """Move every chunk one level of its tree: up (``reduce``: receive from the children, add, send to the
-        parent) or down (receive from the parent, send to the children).
+    def _run(self, work, reduce: bool, broadcast: bool) -> None:
+        """Move every chunk up its tree (``reduce``: receive from the children, add, send to the parent), down it
+        (``broadcast``: receive from the parent, send to the children), or both at once.
 
-        Trees are independent (disjoint slices of the tensor, their own message tag), so each runs in its own
-        thread: a rank serves a tree's chunk as soon as it has arrived (and, emulated, crossed its link), and a slow
-        tree never holds a fast one back. gloo's receive cannot be polled, only waited on, hence threads.
+        Trees are independent (disjoint slices of the tensor, their own message tags), and within a tree the two
+        directions use opposite link directions, so each (tree, direction) runs in its own thread: a chunk goes down
+        as soon as it has been reduced and sent up (Blink's overlapped reduce and broadcast), and a slow tree never
+        holds a fast one back. gloo's receive cannot be polled, only waited on, hence threads. The two directions of
+        a tree use two tags: gloo pairs one tag's sends and receives across a connection, whichever way they go.
         """
         chunks: dict[int, list[torch.Tensor]] = {}
         where: dict[int, TreePosition] = {}
@@ -169,41 +171,29 @@ class PackedTreesCollective(TreeCollective):
             chunks.setdefault(t, []).append(chunk)
             where[t] = position
         failures: list[BaseException] = []
+        abort = threading.Event()
 
-        def one_tree(t: int) -> None:
-            position = where[t]
-            scratch = [torch.empty(max(c.numel() for c in chunks[t]), dtype=chunks[t][0].dtype,
-                                   device=chunks[t][0].device) for _ in position.children] if reduce else []
-            sends = []
-            try:
-                for chunk in chunks[t]:
-                    if reduce:
-                        sources, buffers = list(position.children), [b[: chunk.numel()] for b in scratch]
-                    elif position.parent is not None:
-                        sources, buffers = [position.parent], [chunk]
-                    else:
-                        sources, buffers = [], []
-                    works, headers = self._receive(t, buffers, sources)
-                    for w in works:
-                        w.wait()
-                    if headers:
-                        delay = max(float(h[0]) for h in headers) - time.monotonic()
-                        if delay > 0:
-                            time.sleep(delay)
-                    for buffer in buffers if reduce else ():
-                        chunk.add_(buffer)
-                    up = [position.parent] if position.parent is not None else []
-                    for destination in up if reduce else position.children:
-                        sends += self._send(chunk, destination, t)
-                for send in sends:
-                    send.wait()
-            except BaseException as exc:  # re-raised on the calling thread
-                failures.append(exc)
+        def guarded(fn):
+            def run(*args):
+                try:
+                    fn(*args)
+                except BaseException as exc:  # re-raised on the calling thread
+                    failures.append(exc)
+                    abort.set()
+            return run
 
-        if len(chunks) == 1:
-            one_tree(next(iter(chunks)))
+        jobs = []
+        for t, parts in chunks.items():
+            reduced = [threading.Event() for _ in parts] if reduce and broadcast else None
+            sent: list[list] = [[] for _ in parts]
+            if reduce:
+                jobs.append((guarded(self._up), (t, parts, where[t], reduced, sent)))
+            if broadcast:
+                jobs.append((guarded(self._down), (t, parts, where[t], reduced, sent, abort)))
+        if len(jobs) == 1:
+            jobs[0][0](*jobs[0][1])
         else:
-            threads = [threading.Thread(target=one_tree, args=(t,), daemon=True) for t in chunks]
+            threads = [threading.Thread(target=fn, args=args, daemon=True) for fn, args in jobs]
             for thread in threads:
                 thread.start()
             for thread in threads:
@@ -211,11 +201,60 @@ class PackedTreesCollective(TreeCollective):
         if failures:
             raise failures[0]
 
+    def _hold(self, headers: list[torch.Tensor]) -> None:
+        """Emulated links: keep the data until the last of its messages has crossed its link."""
+        if headers:
+            delay = max(float(h[0]) for h in headers) - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+
+    def _up(self, t: int, parts, position: TreePosition, reduced, sent) -> None:
+        tag = 2 * t
+        scratch = [torch.empty(max(c.numel() for c in parts), dtype=parts[0].dtype, device=parts[0].device)
+                   for _ in position.children]
+        sends = []
+        for i, chunk in enumerate(parts):
+            buffers = [b[: chunk.numel()] for b in scratch]
+            works, headers = self._receive(tag, buffers, list(position.children))
+            for w in works:
+                w.wait()
+            self._hold(headers)
+            for buffer in buffers:
+                chunk.add_(buffer)
+            if position.parent is not None:
+                sent[i] = self._send(chunk, position.parent, t, tag)
+                sends += sent[i]
+            if reduced is not None:
+                reduced[i].set()
+        if reduced is None:  # else the broadcast thread waits each send (a gloo Work is waited by one thread)
+            for send in sends:
+                send.wait()
+
+    def _down(self, t: int, parts, position: TreePosition, reduced, sent, abort) -> None:
+        tag = 2 * t + 1
+        sends = []
+        for i, chunk in enumerate(parts):
+            if reduced is not None:
+                while not reduced[i].wait(0.05):  # chunk i is this rank's sum only once it has been reduced
+                    if abort.is_set():
+                        return
+                for send in sent[i]:  # ... and it must have left for the parent before the result overwrites it
+                    send.wait()
+            if position.parent is not None:
+                works, headers = self._receive(tag, [chunk], [position.parent])
+                for w in works:
+                    w.wait()
+                self._hold(headers)
+            for child in position.children:
+                sends += self._send(chunk, child, t, tag)
+        for send in sends:
+            send.wait()
+
     def _reduce_up(self, work) -> None:
-        self._run(work, reduce=True)
+        self._run(work, reduce=True, broadcast=False)
 
     def _broadcast_down(self, work) -> None:
-        self._run(work, reduce=False)
+        self._run(work, reduce=False, broadcast=True)
 
     # --- the collective ----------------------------------------------------------------------------------------
 
@@ -223,12 +262,7 @@ class PackedTreesCollective(TreeCollective):
         if self.world_size == 1:
             return tensor
 
-        def run(flat: torch.Tensor) -> None:
-            work = self._work(flat)
-            self._reduce_up(work)
-            self._broadcast_down(work)
-
-        return in_place(tensor, run)
+        return in_place(tensor, lambda flat: self._run(self._work(flat), reduce=True, broadcast=True))
 
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         """Copy the root's (group rank 0's) ``tensor`` to every rank, in place."""
