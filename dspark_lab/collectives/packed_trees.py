@@ -3,22 +3,31 @@
 The tensor is split across the trees in proportion to their planned rates; each tree's part is cut into chunks
 that are pipelined (:class:`~dspark_lab.collectives.tree.TreeCollective`'s reduce-up and broadcast-down, which
 forward chunk ``i`` while chunk ``i + 1`` arrives). All-reduce is a reduction over the reversed trees and a broadcast
-over the trees (Blink, Wang et al., MLSys 2020); the trees are interleaved chunk by chunk so they run at once.
+over the trees (Blink, Wang et al., MLSys 2020), overlapped chunk by chunk: a thread per tree and direction, so a
+chunk goes down its tree as soon as it has been reduced at the root while later chunks still go up.
 
 Ranks map to the topology's devices in order (group rank ``r`` is device ``r`` of the allocation). The plan is made
 once per collective by every rank from the same inputs (the planner is deterministic), so no rank has to send it.
 
 **Emulated links** (``emulate=scale``): on a machine without the hardware, every message is paced by the modelled
-rate of the tree edge it crosses, times ``scale``. The sender of edge ``u -> v`` keeps that edge's timeline: a
-message of ``b`` bytes handed over at ``t`` has crossed at ``due = max(t, edge free) + b / rate``; a small header
-carries ``due`` (``time.monotonic``, one clock for every process on the host) and the receiver holds the data until
-then. So a rank with several incoming edges receives on all of them at once, as links do. Each directed tree edge has
-one sender, so the timeline is exact per edge; two edges that share a switch port are paced independently (the
-port's sharing is not modelled, though the planner's loads count it).
+rate of the link it crosses, times ``scale`` (:class:`PacedLinks`). The sender of a tree edge reckons when the
+message has crossed the link and sends that time with the data (an 8-byte frame, ``time.monotonic``: one clock for
+every process on the host); the receiver holds the data until then. Times are reckoned on the *emulated* clock: a
+chunk's data exists when its inputs have crossed their links (at the root of a broadcast, when the call began), not
+when the thread got to it, so a thread the host's scheduler delayed or a sleep that overslept does not slow the
+emulated link down for every later chunk; the host's lateness shows only where it is on the critical path (at the
+end). The emulator then measures the schedule, not the host, as long as the host keeps up: its own CPU use grows
+with messages per emulated second (``scale x rate / chunk``), which is why the tests and the benchmark emulate slow
+links (``2e-4``). Two edges that share a switch port but take different paths are paced independently (the port's
+sharing is not modelled, though the planner's loads count it).
+
+:meth:`PackedTreesCollective.expected_seconds` is the alpha-beta time the measurement is held to: the bytes at the
+planned rate plus the pipeline's fill (one chunk over every hop of the deepest path, twice for all-reduce).
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 import torch
@@ -33,17 +42,80 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 
 
 class PacedLinks:
-    """Per-path timelines kept by each tree edge's sender (see the module docstring)."""
+    """The emulated links of one rank's outgoing tree edges (see the module docstring).
+
+    Two constraints pace a message. Its tree is a stream planned at a rate (the tree's share of every link it
+    crosses), so the tree's messages on one edge start at most that fast; and the path is a link shared by every
+    tree, with a calendar of busy intervals at the link's full rate, so streams that together ask more than the link
+    has are slowed down (a plan that overfills a link measures below its rate). A message takes the earliest gap
+    of the calendar, after its data existed, that it fits in: a chunk that reaches its sender late in wall-clock
+    time (its thread was descheduled) still crosses when the link would have carried it.
+    """
+
+    HORIZON_S = 2.0  # intervals that ended this long before a new message's data existed are forgotten
 
     def __init__(self, scale: float):
         self.scale = scale
-        self.free: dict[tuple[str, ...], float] = {}
+        self.busy: dict[tuple[str, ...], list[tuple[float, float]]] = {}
+        self.stream_free: dict[tuple, float] = {}
+        self.lock = threading.Lock()  # a rank's threads (trees, directions) may send on one path
 
-    def due(self, path: tuple[str, ...], gb_s: float, nbytes: int) -> float:
-        """When a message of ``nbytes`` handed to ``path`` (bottleneck ``gb_s``) now has crossed it."""
-        start = max(time.monotonic(), self.free.get(path, 0.0))
-        self.free[path] = start + nbytes / (gb_s * self.scale * 1e9)
-        return self.free[path]
+    def due(self, path: tuple[str, ...], gb_s: float, nbytes: int, ready: float,
+            stream: tuple, stream_gb_s: float) -> float:
+        """When a message of ``nbytes`` of ``stream`` (planned at ``stream_gb_s``), whose data existed at ``ready``,
+        has crossed ``path`` (bottleneck ``gb_s``)."""
+        length = nbytes / (gb_s * self.scale * 1e9)
+        with self.lock:
+            ready = max(ready, self.stream_free.get(stream, 0.0))
+            self.stream_free[stream] = ready + nbytes / (stream_gb_s * self.scale * 1e9)
+            intervals = self.busy.setdefault(path, [])
+            while intervals and intervals[0][1] < ready - self.HORIZON_S:
+                intervals.pop(0)
+            i = bisect.bisect_left(intervals, (ready,))
+            if i and intervals[i - 1][1] > ready:
+                i -= 1
+            start = ready
+            while i < len(intervals) and intervals[i][0] < start + length:
+                start = max(start, intervals[i][1])
+                i += 1
+            intervals.insert(i, (start, start + length))
+            return start + length
+
+
+FRAME_BYTES = 8  # an emulated message: the float64 time it has crossed its link, then the chunk's bytes
+
+
+def frame(due: float, chunk: torch.Tensor) -> torch.Tensor:
+    message = torch.empty(FRAME_BYTES + chunk.numel() * chunk.element_size(), dtype=torch.uint8)
+    message[:FRAME_BYTES].view(torch.float64)[0] = due
+    message[FRAME_BYTES:].copy_(chunk.reshape(-1).view(torch.uint8))
+    return message
+
+
+def unframe(message: torch.Tensor, like: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """The crossing time and the payload (a view of ``message`` with ``like``'s dtype) of a framed message."""
+    return float(message[:FRAME_BYTES].view(torch.float64)[0]), message[FRAME_BYTES:].view(like.dtype)
+
+
+def wait_all(sends: list) -> None:
+    for work, _message in sends:
+        work.wait()
+
+
+class Handover:
+    """What a tree's reduce thread tells its broadcast thread, per chunk: reduced (an event), when it was on the
+    emulated clock, and the sends up that must finish before the result overwrites it."""
+
+    def __init__(self, parts: list, reduced: list[threading.Event] | None, start: float):
+        self.reduced = reduced
+        self.start = start
+        self.ready = [start] * len(parts)
+        self.sent: list[list] = [[] for _ in parts]
+
+    def done(self, i: int, ready: float) -> None:
+        self.ready[i] = ready
+        if self.reduced is not None:
+            self.reduced[i].set()
 
 
 def positions(plan_: Plan, devices: list[str], rank: int, to_global) -> list[TreePosition]:
@@ -124,6 +196,30 @@ class PackedTreesCollective(TreeCollective):
             cuts.append(round(flat.numel() * acc / total))
         return list(torch.tensor_split(flat, cuts))
 
+    def expected_seconds(self, numel: int, op: str, element_size: int = 4) -> float:
+        """The alpha-beta time of ``op`` (broadcast | allreduce) over ``numel`` elements on the modelled links (times the emulation scale, if any):
+        per tree, its part's bytes at the tree's rate plus the pipeline's fill, one chunk crossing every hop of the
+        deepest root-to-leaf path at that hop's link rate (down for broadcast; up then down for all-reduce). The
+        slowest tree sets the time. The plan's rate is the limit of ``nbytes / expected_seconds`` for large tensors."""
+        scale = (self.emulate or 1.0) * 1e9
+        capacity = self.topology.capacity()
+        step = max(1, self.chunk_bytes // element_size)
+        passes = {"broadcast": 1, "allreduce": 2}[op]
+        worst = 0.0
+        for (tree, rate), part in zip(self.plan.trees, self._split(torch.empty(numel, dtype=torch.uint8))):
+            if not part.numel():
+                continue
+            chunk = min(step, part.numel()) * element_size
+            hop = {(p[0], p[-1]): chunk / (min(capacity[h] for h in zip(p, p[1:])) * scale) for p in tree.paths}
+            parent = {b: a for a, b in tree.edges}
+
+            def latency(node: str) -> float:
+                return 0.0 if node not in parent else hop[(parent[node], node)] + latency(parent[node])
+
+            fill = max(latency(node) for node in parent)
+            worst = max(worst, (part.numel() * element_size - chunk) / (rate * scale) + passes * fill)
+        return worst
+
     def _work(self, flat: torch.Tensor) -> list[tuple[TreePosition, torch.Tensor]]:
         """Every tree's chunks in the order their planned links finish them (chunk i of a tree at rate r at
         (i + 1) / r): a rank then never holds a fast tree's chunk back behind a slow tree's, which would pace
@@ -135,24 +231,41 @@ class PackedTreesCollective(TreeCollective):
                       for i, c in enumerate(self._chunks(part))]
         return [item for *_, item in sorted(timed, key=lambda x: x[:3])]
 
-    # --- execution: every tree's chunks, one thread per tree --------------------------------------------------------
+    # --- execution: every tree's chunks, a thread per tree and direction ----------------------------------------
 
-    def _receive(self, tree: int, buffers: list[torch.Tensor], sources: list[int]) -> tuple[list, list]:
-        """Post the receives of one chunk (and, with emulated links, its headers) from ``sources``."""
-        headers = [torch.empty(1, dtype=torch.float64) for _ in sources] if self._paced else []
-        works = [dist.irecv(h, s, group=self.group, tag=tree) for h, s in zip(headers, sources)]
-        works += [dist.irecv(b, s, group=self.group, tag=tree) for b, s in zip(buffers, sources)]
-        return works, headers
-
-    def _send(self, chunk: torch.Tensor, dst: int, tree: int, tag: int) -> list:
-        """Post ``chunk`` to ``dst``; with emulated links, a header first says when it will have crossed the link."""
-        works = []
+    def _receive(self, tag: int, buffers: list[torch.Tensor], sources: list[int]) -> tuple[list, list[torch.Tensor]]:
+        """Post the receives of one chunk from ``sources`` into ``buffers``. With emulated links each message is
+        framed (:func:`frame`), so it arrives in a scratch buffer whose payload the caller reads with :func:`unframe`."""
         if self._paced is not None:
-            path, gb_s = self._edges[tree][(dist.get_rank(), dst)]
-            due = self._paced.due(path, gb_s, chunk.numel() * chunk.element_size())
-            works.append(dist.isend(torch.tensor([due], dtype=torch.float64), dst, group=self.group, tag=tag))
-        works.append(dist.isend(chunk, dst, group=self.group, tag=tag))
-        return works
+            buffers = [torch.empty(FRAME_BYTES + b.numel() * b.element_size(), dtype=torch.uint8) for b in buffers]
+        return [dist.irecv(b, s, group=self.group, tag=tag) for b, s in zip(buffers, sources)], buffers
+
+    def _send(self, chunk: torch.Tensor, dst: int, tree: int, tag: int, ready: float) -> list:
+        """Post ``chunk`` to ``dst``. With emulated links the message is framed with the time it will have crossed
+        the link, reckoned from ``ready`` (when the data existed on the emulated clock, see the module docstring); a
+        framed chunk is a copy, so the caller may overwrite ``chunk`` at once."""
+        if self._paced is None:
+            return [(dist.isend(chunk, dst, group=self.group, tag=tag), chunk)]
+        path, gb_s = self._edges[tree][(dist.get_rank(), dst)]
+        due = self._paced.due(path, gb_s, chunk.numel() * chunk.element_size(), ready, (tree, tag, dst),
+                              self.plan.trees[tree][1])
+        message = frame(due, chunk)
+        return [(dist.isend(message, dst, group=self.group, tag=tag), message)]  # the message lives until waited
+
+    def _arrived(self, works: list, buffers: list[torch.Tensor], like: torch.Tensor,
+                 ready: float) -> tuple[list[torch.Tensor], float]:
+        """Wait for one chunk's receives; with emulated links hold the data until the last message has crossed its
+        link, and return the payloads and that time (else the buffers themselves and ``ready``)."""
+        for work in works:
+            work.wait()
+        if self._paced is None:
+            return buffers, ready
+        framed = [unframe(b, like) for b in buffers]
+        due = max([ready, *(d for d, _ in framed)])
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        return [payload for _, payload in framed], due
 
     def _run(self, work, reduce: bool, broadcast: bool) -> None:
         """Move every chunk up its tree (``reduce``: receive from the children, add, send to the parent), down it
@@ -172,6 +285,7 @@ class PackedTreesCollective(TreeCollective):
             where[t] = position
         failures: list[BaseException] = []
         abort = threading.Event()
+        start = time.monotonic()  # this rank's data exists from now on the emulated clock
 
         def guarded(fn):
             def run(*args):
@@ -185,11 +299,11 @@ class PackedTreesCollective(TreeCollective):
         jobs = []
         for t, parts in chunks.items():
             reduced = [threading.Event() for _ in parts] if reduce and broadcast else None
-            sent: list[list] = [[] for _ in parts]
+            hand_over = Handover(parts, reduced, start)
             if reduce:
-                jobs.append((guarded(self._up), (t, parts, where[t], reduced, sent)))
+                jobs.append((guarded(self._up), (t, parts, where[t], hand_over)))
             if broadcast:
-                jobs.append((guarded(self._down), (t, parts, where[t], reduced, sent, abort)))
+                jobs.append((guarded(self._down), (t, parts, where[t], hand_over, abort)))
         if len(jobs) == 1:
             jobs[0][0](*jobs[0][1])
         else:
@@ -201,54 +315,42 @@ class PackedTreesCollective(TreeCollective):
         if failures:
             raise failures[0]
 
-    def _hold(self, headers: list[torch.Tensor]) -> None:
-        """Emulated links: keep the data until the last of its messages has crossed its link."""
-        if headers:
-            delay = max(float(h[0]) for h in headers) - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-
-    def _up(self, t: int, parts, position: TreePosition, reduced, sent) -> None:
+    def _up(self, t: int, parts, position: TreePosition, hand_over: Handover) -> None:
         tag = 2 * t
         scratch = [torch.empty(max(c.numel() for c in parts), dtype=parts[0].dtype, device=parts[0].device)
                    for _ in position.children]
         sends = []
         for i, chunk in enumerate(parts):
-            buffers = [b[: chunk.numel()] for b in scratch]
-            works, headers = self._receive(tag, buffers, list(position.children))
-            for w in works:
-                w.wait()
-            self._hold(headers)
-            for buffer in buffers:
-                chunk.add_(buffer)
+            works, buffers = self._receive(tag, [b[: chunk.numel()] for b in scratch], list(position.children))
+            payloads, ready = self._arrived(works, buffers, chunk, hand_over.start)
+            for payload in payloads:
+                chunk.add_(payload)
             if position.parent is not None:
-                sent[i] = self._send(chunk, position.parent, t, tag)
-                sends += sent[i]
-            if reduced is not None:
-                reduced[i].set()
-        if reduced is None:  # else the broadcast thread waits each send (a gloo Work is waited by one thread)
-            for send in sends:
-                send.wait()
+                hand_over.sent[i] = self._send(chunk, position.parent, t, tag, ready)
+                sends += hand_over.sent[i]
+            hand_over.done(i, ready)
+        if hand_over.reduced is None:  # else the broadcast thread waits each send (a gloo Work is waited by one thread)
+            wait_all(sends)
 
-    def _down(self, t: int, parts, position: TreePosition, reduced, sent, abort) -> None:
+    def _down(self, t: int, parts, position: TreePosition, hand_over: Handover, abort) -> None:
         tag = 2 * t + 1
         sends = []
         for i, chunk in enumerate(parts):
-            if reduced is not None:
-                while not reduced[i].wait(0.05):  # chunk i is this rank's sum only once it has been reduced
+            ready = hand_over.start
+            if hand_over.reduced is not None:
+                while not hand_over.reduced[i].wait(0.05):  # chunk i is this rank's sum only once it is reduced
                     if abort.is_set():
                         return
-                for send in sent[i]:  # ... and it must have left for the parent before the result overwrites it
-                    send.wait()
+                wait_all(hand_over.sent[i])  # ... and has left for the parent before the result overwrites it
+                ready = hand_over.ready[i]
             if position.parent is not None:
-                works, headers = self._receive(tag, [chunk], [position.parent])
-                for w in works:
-                    w.wait()
-                self._hold(headers)
+                works, buffers = self._receive(tag, [chunk], [position.parent])
+                (payload,), ready = self._arrived(works, buffers, chunk, ready)
+                if payload is not chunk:
+                    chunk.copy_(payload)
             for child in position.children:
-                sends += self._send(chunk, child, t, tag)
-        for send in sends:
-            send.wait()
+                sends += self._send(chunk, child, t, tag, ready)
+        wait_all(sends)
 
     def _reduce_up(self, work) -> None:
         self._run(work, reduce=True, broadcast=False)
