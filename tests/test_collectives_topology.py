@@ -243,3 +243,22 @@ def test_nvml_topology_reads_nvlinks_switches_and_p2p():
     assert cap[("gpu0", "gpu1")] == 50.0 and cap[("gpu1", "gpu0")] == 50.0  # two NVLink 4 links, 25 GB/s each
     assert topo.switches == ["nvswitch"] and cap[("gpu2", "nvswitch")] == cap[("nvswitch", "gpu2")] == 25.0
     assert cap[("gpu1", "gpu3")] == pytest.approx(1.969 * 16) and ("gpu0", "gpu3") not in cap
+
+
+def test_hierarchical_allreduce_on_hand_computed_two_level_topologies():
+    """nodes:2,gpus:4: inside a node, 4 GPUs on a switch at X GB/s each way all-reduce at 4X / (2 x 3) (every tree
+    edge loads a sender's uplink once each way, 2(n-1) edge uses per tree over n uplinks); across, the 4 columns of
+    2 GPUs each all-reduce a quarter at the NIC's 10 GB/s, so 40. The slower stage sets the rate."""
+    for nvlink, inside in ((450, 300.0), (30, 20.0)):
+        report = plan_collective(f"nodes:2,gpus:4,nvlink:{nvlink},nic:10", op="allreduce")
+        staged = report.data["hierarchical"]
+        assert staged["groups"] == [[f"n{n}-gpu{g}" for g in range(4)] for n in range(2)]
+        assert staged["inside_gb_s"] == pytest.approx(inside) and staged["across_gb_s"] == pytest.approx(40.0)
+        assert staged["algbw_gb_s"] == pytest.approx(min(inside, 40.0))
+        assert any(line.startswith("hierarchical over 2 nodes") for line in report.lines)
+    # with 30 GB/s NVLink the flat packing beats the hierarchical form: it also sends inside a node over the NICs
+    assert report.data["algbw_gb_s"] > staged["algbw_gb_s"]
+    assert "hierarchical" not in plan_collective("nodes:2,gpus:4", op="broadcast").data
+    assert "hierarchical" not in plan_collective("dgx1-v100", op="allreduce").data
+    uneven = plan_collective("nodes:2,gpus:4", ranks="0,1,4", op="allreduce")
+    assert "hierarchical" not in uneven.data and "different numbers" in uneven.lines[-1]
