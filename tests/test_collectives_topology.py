@@ -262,3 +262,55 @@ def test_hierarchical_allreduce_on_hand_computed_two_level_topologies():
     assert "hierarchical" not in plan_collective("dgx1-v100", op="allreduce").data
     uneven = plan_collective("nodes:2,gpus:4", ranks="0,1,4", op="allreduce")
     assert "hierarchical" not in uneven.data and "different numbers" in uneven.lines[-1]
+
+
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+
+
+def test_amd_smi_topology_text_gives_the_mi300x_mesh():
+    """``amd-smi topology`` tables for 8 MI300X (tests/data, in amd-smi's table layout): every pair XGMI, the NUMA BW
+    table's maximum 64000 MB/s -> the mi300x preset's 64 GB/s full mesh, and the same plan."""
+    from dspark_lab.backends.topology import smi_topology
+
+    topo = from_dict(smi_topology((DATA / "amd-smi-topology-mi300x.txt").read_text(), list(range(8))))
+    assert topo.source.startswith("amd-smi topology") and topo.switches == []
+    assert topo.capacity() == load_topology("mi300x").capacity()
+    assert plan(topo, op="allreduce").rate_gb_s == pytest.approx(plan(load_topology("mi300x"), op="allreduce").rate_gb_s)
+    subset = from_dict(smi_topology((DATA / "amd-smi-topology-mi300x.txt").read_text(), [2, 5, 7]))
+    assert subset.devices == ["gpu2", "gpu5", "gpu7"] and len(subset.links) == 6
+
+
+def test_rocm_smi_showtopo_text_gives_xgmi_pairs_over_pcie():
+    """``rocm-smi --showtopo`` of 4 GPUs in two xGMI pairs (0-1, 2-3) that meet over PCIe: direct 64 GB/s links in
+    each pair, every GPU on a ``pcie`` switch at Gen5 x16; a broadcast from gpu0 is bounded by what reaches the far
+    pair: PCIe from gpu0 and from gpu1 (63 each), not gpu0's 64 + 63 way out."""
+    from dspark_lab.backends.topology import smi_topology
+
+    topo = from_dict(smi_topology((DATA / "rocm-smi-showtopo-2x2.txt").read_text(), [0, 1, 2, 3]))
+    cap = topo.capacity()
+    assert cap[("gpu0", "gpu1")] == cap[("gpu3", "gpu2")] == 64.0 and ("gpu0", "gpu2") not in cap
+    assert topo.switches == ["pcie"] and cap[("gpu2", "pcie")] == cap[("pcie", "gpu2")] == 63.0
+    assert broadcast_bound(topo, topo.devices, "gpu0") == pytest.approx(126.0)
+    # an XGMI pair with a weight above the direct pairs' is reached through other GPUs, not directly
+    text = (DATA / "rocm-smi-showtopo-2x2.txt").read_text()
+    indirect = text.replace("GPU0   0            15           40", "GPU0   0            30           40")
+    assert ("gpu0", "gpu1") not in from_dict(smi_topology(indirect, [0, 1, 2, 3])).capacity()
+    assert smi_topology("rocm-smi: no GPUs found", [0, 1]) is None
+
+
+def test_amd_backend_reports_its_tools_topology(builtin_plugins, monkeypatch):
+    """The AMD backend's ``dspark_topology`` answer comes from its tool's output; ``dspark-lab backends`` says so."""
+    from dspark_lab import commands
+    from dspark_lab.backend import Availability
+    from dspark_lab.backends import amd
+    from dspark_lab.plugins import make_manager
+
+    monkeypatch.setattr(amd, "probe", lambda: Availability.yes(8, "8 x AMD Instinct MI300X"))
+    monkeypatch.setattr(amd, "topology_text", lambda: (DATA / "amd-smi-topology-mi300x.txt").read_text())
+    manager = make_manager(builtin_plugins, entry_points=False)
+    rows = {r["name"]: r for r in commands.backends(manager).data["backends"]}
+    assert rows[amd.NAME]["topology"] == "amd-smi: 8 devices, 0 switches, 56 links"
+    monkeypatch.setattr(amd, "topology_text", lambda: None)  # neither amd-smi nor rocm-smi installed
+    rows = {r["name"]: r for r in commands.backends(make_manager(builtin_plugins, entry_points=False))
+            .data["backends"]}
+    assert rows[amd.NAME]["topology"] is None
