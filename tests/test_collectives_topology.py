@@ -314,3 +314,19 @@ def test_amd_backend_reports_its_tools_topology(builtin_plugins, monkeypatch):
     rows = {r["name"]: r for r in commands.backends(make_manager(builtin_plugins, entry_points=False))
             .data["backends"]}
     assert rows[amd.NAME]["topology"] is None
+
+
+def test_dspark_devices_says_which_topology_each_backend_reported(builtin_plugins):
+    """``%dspark devices`` (its text report) carries the line ``dspark-lab backends`` shows in its topology column."""
+    pytest.importorskip("ipywidgets")
+    from dspark_lab import commands
+    from dspark_lab.jupyter.devices import device_report
+    from dspark_lab.plugins import make_manager
+
+    manager = make_manager(builtin_plugins, entry_points=False)
+    report = device_report(manager)
+    cpu = next(line for line in report.lines if line.startswith("cpu topology: "))
+    column = {r["name"]: r["topology"] for r in commands.backends(manager).data["backends"]}["cpu"]
+    assert cpu.startswith(f"cpu topology: {column.split(':')[0]}, ") and "shared memory" in cpu
+    assert report.data["topology"] == [line for line in report.lines if " topology: " in line]
+    assert cpu in report.to_text()
