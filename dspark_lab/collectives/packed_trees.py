@@ -28,6 +28,7 @@ planned rate plus the pipeline's fill (one chunk over every hop of the deepest p
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 import time
 import torch
@@ -47,9 +48,10 @@ class PacedLinks:
     Two constraints pace a message. Its tree is a stream planned at a rate (the tree's share of every link it
     crosses), so the tree's messages on one edge start at most that fast; and the path is a link shared by every
     tree, with a calendar of busy intervals at the link's full rate, so streams that together ask more than the link
-    has are slowed down (a plan that overfills a link measures below its rate). A message takes the earliest gap
-    of the calendar, after its data existed, that it fits in: a chunk that reaches its sender late in wall-clock
-    time (its thread was descheduled) still crosses when the link would have carried it.
+    has are slowed down (a plan that overfills a link measures below its rate). A message fills the calendar's free
+    time from when its data existed, gap by gap, as a link interleaves the packets of its streams: a chunk that
+    reaches its sender late in wall-clock time (its thread was descheduled) still crosses when the link would have
+    carried it, and small gaps are not lost to whole-chunk reservations.
     """
 
     HORIZON_S = 2.0  # intervals that ended this long before a new message's data existed are forgotten
@@ -71,15 +73,26 @@ class PacedLinks:
             intervals = self.busy.setdefault(path, [])
             while intervals and intervals[0][1] < ready - self.HORIZON_S:
                 intervals.pop(0)
-            i = bisect.bisect_left(intervals, (ready,))
-            if i and intervals[i - 1][1] > ready:
-                i -= 1
-            start = ready
-            while i < len(intervals) and intervals[i][0] < start + length:
-                start = max(start, intervals[i][1])
-                i += 1
-            intervals.insert(i, (start, start + length))
-            return start + length
+            # fill the free time from ``ready`` on, gap by gap, as a link interleaves its streams' packets
+            pieces, t, left = [], ready, length
+            i = max(0, bisect.bisect_left(intervals, (ready,)) - 1)
+            while left > 1e-12:
+                if i < len(intervals) and intervals[i][0] <= t:
+                    t = max(t, intervals[i][1])
+                    i += 1
+                    continue
+                gap = (intervals[i][0] if i < len(intervals) else math.inf) - t
+                take = min(left, gap)
+                pieces.append((t, t + take))
+                t, left = t + take, left - take
+            merged: list[tuple[float, float]] = []
+            for start, end in sorted(intervals + pieces):
+                if merged and start <= merged[-1][1] + 1e-12:
+                    merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+                else:
+                    merged.append((start, end))
+            self.busy[path] = merged
+            return t
 
 
 FRAME_BYTES = 8  # an emulated message: the float64 time it has crossed its link, then the chunk's bytes
@@ -196,6 +209,13 @@ class PackedTreesCollective(TreeCollective):
             cuts.append(round(flat.numel() * acc / total))
         return list(torch.tensor_split(flat, cuts))
 
+    def _chunk_elements(self, tree: int, element_size: int) -> int:
+        """A tree's chunk: ``chunk_bytes`` for the fastest tree, smaller in proportion to a slower tree's rate, so
+        every tree's chunk takes one time to cross its links: a slow tree's chunks neither hold a shared link in
+        long bursts nor make its pipeline's fill (one chunk per hop) longer than the fast trees'."""
+        fastest = max(rate for _, rate in self.plan.trees)
+        return max(1, int(self.chunk_bytes * self.plan.trees[tree][1] / fastest) // element_size)
+
     def expected_seconds(self, numel: int, op: str, element_size: int = 4) -> float:
         """The alpha-beta time of ``op`` (broadcast | allreduce) over ``numel`` elements on the modelled links (times the emulation scale, if any):
         per tree, its part's bytes at the tree's rate plus the pipeline's fill, one chunk crossing every hop of the
@@ -203,13 +223,12 @@ class PackedTreesCollective(TreeCollective):
         slowest tree sets the time. The plan's rate is the limit of ``nbytes / expected_seconds`` for large tensors."""
         scale = (self.emulate or 1.0) * 1e9
         capacity = self.topology.capacity()
-        step = max(1, self.chunk_bytes // element_size)
         passes = {"broadcast": 1, "allreduce": 2}[op]
         worst = 0.0
-        for (tree, rate), part in zip(self.plan.trees, self._split(torch.empty(numel, dtype=torch.uint8))):
+        for t, ((tree, rate), part) in enumerate(zip(self.plan.trees, self._split(torch.empty(numel, dtype=torch.uint8)))):
             if not part.numel():
                 continue
-            chunk = min(step, part.numel()) * element_size
+            chunk = min(self._chunk_elements(t, element_size), part.numel()) * element_size
             hop = {(p[0], p[-1]): chunk / (min(capacity[h] for h in zip(p, p[1:])) * scale) for p in tree.paths}
             parent = {b: a for a, b in tree.edges}
 
@@ -228,7 +247,8 @@ class PackedTreesCollective(TreeCollective):
         for t, part in enumerate(self._split(flat)):
             rate = self.plan.trees[t][1]
             timed += [((i + 1) * c.numel() / rate, t, i, (self._positions[t], c, t))
-                      for i, c in enumerate(self._chunks(part))]
+                      for i, c in enumerate(torch.split(part, self._chunk_elements(t, part.element_size())))
+                      if c.numel()]
         return [item for *_, item in sorted(timed, key=lambda x: x[:3])]
 
     # --- execution: every tree's chunks, a thread per tree and direction ----------------------------------------
