@@ -199,15 +199,19 @@ class PackedTreesCollective(TreeCollective):
             self._paced = PacedLinks(self.emulate) if self.emulate else None
         return self._plan
 
-    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """The tensor cut across the trees in proportion to their rates (every element in exactly one part)."""
+    def _cuts(self, numel: int) -> list[int]:
+        """Where the tensor is cut across the trees, in proportion to their rates."""
         rates = [rate for _, rate in self.plan.trees]
         total = sum(rates)
         cuts, acc = [], 0.0
         for rate in rates[:-1]:
             acc += rate
-            cuts.append(round(flat.numel() * acc / total))
-        return list(torch.tensor_split(flat, cuts))
+            cuts.append(round(numel * acc / total))
+        return cuts
+
+    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The tensor cut across the trees (every element in exactly one part)."""
+        return list(torch.tensor_split(flat, self._cuts(flat.numel())))
 
     def _chunk_elements(self, tree: int, element_size: int) -> int:
         """A tree's chunk: ``chunk_bytes`` for the fastest tree, smaller in proportion to a slower tree's rate, so
@@ -225,10 +229,12 @@ class PackedTreesCollective(TreeCollective):
         capacity = self.topology.capacity()
         passes = {"broadcast": 1, "allreduce": 2}[op]
         worst = 0.0
-        for t, ((tree, rate), part) in enumerate(zip(self.plan.trees, self._split(torch.empty(numel, dtype=torch.uint8)))):
-            if not part.numel():
+        bounds = [0, *self._cuts(numel), numel]
+        for t, (tree, rate) in enumerate(self.plan.trees):
+            part = bounds[t + 1] - bounds[t]
+            if not part:
                 continue
-            chunk = min(self._chunk_elements(t, element_size), part.numel()) * element_size
+            chunk = min(self._chunk_elements(t, element_size), part) * element_size
             hop = {(p[0], p[-1]): chunk / (min(capacity[h] for h in zip(p, p[1:])) * scale) for p in tree.paths}
             parent = {b: a for a, b in tree.edges}
 
@@ -236,7 +242,7 @@ class PackedTreesCollective(TreeCollective):
                 return 0.0 if node not in parent else hop[(parent[node], node)] + latency(parent[node])
 
             fill = max(latency(node) for node in parent)
-            worst = max(worst, (part.numel() * element_size - chunk) / (rate * scale) + passes * fill)
+            worst = max(worst, (part * element_size - chunk) / (rate * scale) + passes * fill)
         return worst
 
     def _work(self, flat: torch.Tensor) -> list[tuple[TreePosition, torch.Tensor]]:

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import ipywidgets as widgets
 from dspark_lab.jupyter.plot import BokehPlot
 
+from dspark_lab.collectives.topology import backend_topology
 from dspark_lab.errors import DSparkError
 from dspark_lab.jupyter.display import close_tree, ensure_bokehjs
 from dspark_lab.jupyter.poller import Poller
@@ -55,8 +56,6 @@ def sample_all(pairs: list[tuple[str, Sampler]]) -> tuple[list[dict[str, Any]], 
 def topology_lines(manager: Manager | None = None) -> list[str]:
     """A line per available backend saying which link graph it reported (``dspark_topology``), or that it reported
     none, as the ``topology`` column of ``dspark-lab backends``."""
-    from dspark_lab.collectives.topology import backend_topology
-
     manager = manager or get_manager()
     lines = []
     for backend in manager.backends():
