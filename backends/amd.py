@@ -3,7 +3,9 @@
 Availability is probed with AMD SMI (the ``amdsmi`` Python bindings shipped with ROCm) or, failing that, the
 ``rocm-smi`` command; neither is touched at import.
 
-Peak figures (dense, per GPU, from the AMD Instinct MI300X data sheet) are in ``data/gpu_parts.json``.
+Peak figures (dense, per GPU, from the AMD Instinct MI300X data sheet) are in ``data/gpu_parts.json``. The link
+graph (``dspark_topology``) is read from ``amd-smi topology`` or ``rocm-smi --showtopo`` and parsed by
+:func:`dspark_lab.backends.topology.smi_topology`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dspark_lab import hookimpl
 from dspark_lab.allocator import HostPool
 from dspark_lab.backend import Availability, Backend
 from dspark_lab.backends import parts
+from dspark_lab.backends.topology import smi_topology
 from dspark_lab.collectives import STANDARD_NAMES, make_standard
 
 NAME = "amd-mi300x"
@@ -139,6 +142,28 @@ def dspark_device_sampler(backend):
     if backend.name != NAME or not backend.availability().available:
         return None
     return make_sampler()
+
+
+def topology_text() -> str | None:
+    """The output of ``amd-smi topology`` or, failing that, ``rocm-smi --showtopo``; None if neither runs."""
+    for command in (["amd-smi", "topology"], ["rocm-smi", "--showtopo"]):
+        if not shutil.which(command[0]):
+            continue
+        try:
+            out = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout
+    return None
+
+
+@hookimpl
+def dspark_topology(backend, devices):
+    if backend.name != NAME or not backend.availability().available:
+        return None
+    text = topology_text()
+    return None if text is None else smi_topology(text, list(devices))
 
 
 def doctor_checks() -> list:

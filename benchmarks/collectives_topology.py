@@ -4,7 +4,9 @@ For each allocation of a topology, every rank runs a broadcast from rank 0 twice
 message paced at its modelled link rate times ``--scale``): once over the packed trees the planner chose, once over
 the chain of the best ring order (the ring's broadcast). It prints, per allocation, the planned and measured
 algorithm bandwidth of both (in the topology's GB/s, i.e. measured / scale), measured / planned, and trees / ring;
-then the same for the packed trees' all-reduce. Planning figures (fraction of the max-flow bound, trees kept,
+then the same for the packed trees' all-reduce (reduce and broadcast overlapped). "Planned" is the alpha-beta rate
+at this size and chunk (``PackedTreesCollective.expected_seconds``: the plan's rate plus the pipeline's fill), shown
+next to the plan's asymptotic rate. Planning figures (fraction of the max-flow bound, trees kept,
 planning time) come first, for every allocation of 3 to 8 GPUs of a DGX-1.
 
     python benchmarks/collectives_topology.py [--scale 2e-4] [--mb 4] [--quick]
@@ -85,12 +87,14 @@ def _worker(rank, world, port, name, ranks, scale, nbytes, reps, out):
                                  fixed_plan=chain_plan(topo, devices, trees.plan.ring_order))
     reduce = PackedTreesCollective(topo, op="allreduce", emulate=scale, chunk_bytes=chunk)
     x = torch.zeros(nbytes // 4)
-    result = {
-        "trees": (nbytes / _time(trees, x, "broadcast", reps) / 1e9 / scale, trees.plan.rate_gb_s),
-        "ring": (nbytes / _time(ring, x, "broadcast", reps) / 1e9 / scale, ring.plan.rate_gb_s),
-        "allreduce": (nbytes / _time(reduce, x, "allreduce", reps) / 1e9 / scale, reduce.plan.rate_gb_s,
-                      reduce.plan.ring_algbw_gb_s),
-    }
+    result = {}
+    for key, collective, op in (("trees", trees, "broadcast"), ("ring", ring, "broadcast"),
+                                ("allreduce", reduce, "allreduce")):
+        seconds = _time(collective, x, op, reps)
+        # in the topology's GB/s: measured, the plan's rate, and the alpha-beta rate (the plan with the pipeline fill)
+        result[key] = (nbytes / seconds / 1e9 / scale, collective.plan.rate_gb_s,
+                       nbytes / collective.expected_seconds(x.numel(), op) / 1e9 / scale)
+    result["ring_allreduce"] = reduce.plan.ring_algbw_gb_s
     dist.destroy_process_group()
     if rank == 0:
         Path(out).write_text(json.dumps(result))
@@ -100,23 +104,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scale", type=float, default=2e-4, help="emulated rate = modelled GB/s x scale")
     parser.add_argument("--mb", type=int, default=4, help="message size in MB")
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3, help="timed runs per collective (median)")
     parser.add_argument("--quick", action="store_true", help="two allocations only")
     args = parser.parse_args()
     planning_table()
     print(f"\nemulated links (rates x {args.scale:g}), {args.mb} MB, GB/s in the topology's units:")
-    print(f"{'topology':10} {'ranks':12} {'trees plan':>10} {'measured':>9} {'m/p':>5}   {'ring plan':>9} "
-          f"{'measured':>9} {'m/p':>5}   {'trees/ring':>10}   {'allreduce plan':>14} {'measured':>9} {'m/p':>5} "
-          f"{'ring plan':>9}")
+    print("plan: the planned rate; a-b: the alpha-beta rate at this size and chunk (the plan plus the pipeline's fill);"
+          " m/p: measured / a-b")
+    print(f"{'topology':10} {'ranks':12} {'trees plan':>10} {'a-b':>6} {'measured':>8} {'m/p':>5}   {'ring plan':>9} "
+          f"{'a-b':>6} {'measured':>8} {'m/p':>5}   {'trees/ring':>10}   {'allreduce plan':>14} {'a-b':>6} "
+          f"{'measured':>8} {'m/p':>5} {'ring plan':>9}")
     for name, ranks in CASES[:2] if args.quick else CASES:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "result.json")
             mp.spawn(_worker, args=(len(ranks), free_port(), name, ranks, args.scale, args.mb << 20, args.reps, out),
                      nprocs=len(ranks))
             r = json.loads(Path(out).read_text())
-        (tm, tp), (rm, rp), (am, ap, ar) = r["trees"], r["ring"], r["allreduce"]
-        print(f"{name:10} {','.join(map(str, ranks)):12} {tp:10.4g} {tm:9.4g} {tm / tp:5.2f}   {rp:9.4g} {rm:9.4g} "
-              f"{rm / rp:5.2f}   {tm / rm:9.2f}x   {ap:14.4g} {am:9.4g} {am / ap:5.2f} {ar:9.4g}", flush=True)
+        (tm, tp, ta), (rm, rp, ra), (am, ap, aa) = r["trees"], r["ring"], r["allreduce"]
+        print(f"{name:10} {','.join(map(str, ranks)):12} {tp:10.4g} {ta:6.4g} {tm:8.4g} {tm / ta:5.2f}   {rp:9.4g} "
+              f"{ra:6.4g} {rm:8.4g} {rm / ra:5.2f}   {tm / rm:9.2f}x   {ap:14.4g} {aa:6.4g} {am:8.4g} {am / aa:5.2f} "
+              f"{r['ring_allreduce']:9.4g}", flush=True)
 
 
 if __name__ == "__main__":

@@ -243,3 +243,90 @@ def test_nvml_topology_reads_nvlinks_switches_and_p2p():
     assert cap[("gpu0", "gpu1")] == 50.0 and cap[("gpu1", "gpu0")] == 50.0  # two NVLink 4 links, 25 GB/s each
     assert topo.switches == ["nvswitch"] and cap[("gpu2", "nvswitch")] == cap[("nvswitch", "gpu2")] == 25.0
     assert cap[("gpu1", "gpu3")] == pytest.approx(1.969 * 16) and ("gpu0", "gpu3") not in cap
+
+
+def test_hierarchical_allreduce_on_hand_computed_two_level_topologies():
+    """nodes:2,gpus:4: inside a node, 4 GPUs on a switch at X GB/s each way all-reduce at 4X / (2 x 3) (every tree
+    edge loads a sender's uplink once each way, 2(n-1) edge uses per tree over n uplinks); across, the 4 columns of
+    2 GPUs each all-reduce a quarter at the NIC's 10 GB/s, so 40. The slower stage sets the rate."""
+    for nvlink, inside in ((450, 300.0), (30, 20.0)):
+        report = plan_collective(f"nodes:2,gpus:4,nvlink:{nvlink},nic:10", op="allreduce")
+        staged = report.data["hierarchical"]
+        assert staged["groups"] == [[f"n{n}-gpu{g}" for g in range(4)] for n in range(2)]
+        assert staged["inside_gb_s"] == pytest.approx(inside) and staged["across_gb_s"] == pytest.approx(40.0)
+        assert staged["algbw_gb_s"] == pytest.approx(min(inside, 40.0))
+        assert any(line.startswith("hierarchical over 2 nodes") for line in report.lines)
+    # with 30 GB/s NVLink the flat packing beats the hierarchical form: it also sends inside a node over the NICs
+    assert report.data["algbw_gb_s"] > staged["algbw_gb_s"]
+    assert "hierarchical" not in plan_collective("nodes:2,gpus:4", op="broadcast").data
+    assert "hierarchical" not in plan_collective("dgx1-v100", op="allreduce").data
+    uneven = plan_collective("nodes:2,gpus:4", ranks="0,1,4", op="allreduce")
+    assert "hierarchical" not in uneven.data and "different numbers" in uneven.lines[-1]
+
+
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+
+
+def test_amd_smi_topology_text_gives_the_mi300x_mesh():
+    """``amd-smi topology`` tables for 8 MI300X (tests/data, in amd-smi's table layout): every pair XGMI, the NUMA BW
+    table's maximum 64000 MB/s -> the mi300x preset's 64 GB/s full mesh, and the same plan."""
+    from dspark_lab.backends.topology import smi_topology
+
+    topo = from_dict(smi_topology((DATA / "amd-smi-topology-mi300x.txt").read_text(), list(range(8))))
+    assert topo.source.startswith("amd-smi topology") and topo.switches == []
+    assert topo.capacity() == load_topology("mi300x").capacity()
+    assert plan(topo, op="allreduce").rate_gb_s == pytest.approx(plan(load_topology("mi300x"), op="allreduce").rate_gb_s)
+    subset = from_dict(smi_topology((DATA / "amd-smi-topology-mi300x.txt").read_text(), [2, 5, 7]))
+    assert subset.devices == ["gpu2", "gpu5", "gpu7"] and len(subset.links) == 6
+
+
+def test_rocm_smi_showtopo_text_gives_xgmi_pairs_over_pcie():
+    """``rocm-smi --showtopo`` of 4 GPUs in two xGMI pairs (0-1, 2-3) that meet over PCIe: direct 64 GB/s links in
+    each pair, every GPU on a ``pcie`` switch at Gen5 x16; a broadcast from gpu0 is bounded by what reaches the far
+    pair: PCIe from gpu0 and from gpu1 (63 each), not gpu0's 64 + 63 way out."""
+    from dspark_lab.backends.topology import smi_topology
+
+    topo = from_dict(smi_topology((DATA / "rocm-smi-showtopo-2x2.txt").read_text(), [0, 1, 2, 3]))
+    cap = topo.capacity()
+    assert cap[("gpu0", "gpu1")] == cap[("gpu3", "gpu2")] == 64.0 and ("gpu0", "gpu2") not in cap
+    assert topo.switches == ["pcie"] and cap[("gpu2", "pcie")] == cap[("pcie", "gpu2")] == 63.0
+    assert broadcast_bound(topo, topo.devices, "gpu0") == pytest.approx(126.0)
+    # an XGMI pair with a weight above the direct pairs' is reached through other GPUs, not directly
+    text = (DATA / "rocm-smi-showtopo-2x2.txt").read_text()
+    indirect = text.replace("GPU0   0            15           40", "GPU0   0            30           40")
+    assert ("gpu0", "gpu1") not in from_dict(smi_topology(indirect, [0, 1, 2, 3])).capacity()
+    assert smi_topology("rocm-smi: no GPUs found", [0, 1]) is None
+
+
+def test_amd_backend_reports_its_tools_topology(builtin_plugins, monkeypatch):
+    """The AMD backend's ``dspark_topology`` answer comes from its tool's output; ``dspark-lab backends`` says so."""
+    from dspark_lab import commands
+    from dspark_lab.backend import Availability
+    from dspark_lab.backends import amd
+    from dspark_lab.plugins import make_manager
+
+    monkeypatch.setattr(amd, "probe", lambda: Availability.yes(8, "8 x AMD Instinct MI300X"))
+    monkeypatch.setattr(amd, "topology_text", lambda: (DATA / "amd-smi-topology-mi300x.txt").read_text())
+    manager = make_manager(builtin_plugins, entry_points=False)
+    rows = {r["name"]: r for r in commands.backends(manager).data["backends"]}
+    assert rows[amd.NAME]["topology"] == "amd-smi: 8 devices, 0 switches, 56 links"
+    monkeypatch.setattr(amd, "topology_text", lambda: None)  # neither amd-smi nor rocm-smi installed
+    rows = {r["name"]: r for r in commands.backends(make_manager(builtin_plugins, entry_points=False))
+            .data["backends"]}
+    assert rows[amd.NAME]["topology"] is None
+
+
+def test_dspark_devices_says_which_topology_each_backend_reported(builtin_plugins):
+    """``%dspark devices`` (its text report) carries the line ``dspark-lab backends`` shows in its topology column."""
+    pytest.importorskip("ipywidgets")
+    from dspark_lab import commands
+    from dspark_lab.jupyter.devices import device_report
+    from dspark_lab.plugins import make_manager
+
+    manager = make_manager(builtin_plugins, entry_points=False)
+    report = device_report(manager)
+    cpu = next(line for line in report.lines if line.startswith("cpu topology: "))
+    column = {r["name"]: r["topology"] for r in commands.backends(manager).data["backends"]}["cpu"]
+    assert cpu.startswith(f"cpu topology: {column.split(':')[0]}, ") and "shared memory" in cpu
+    assert report.data["topology"] == [line for line in report.lines if " topology: " in line]
+    assert cpu in report.to_text()

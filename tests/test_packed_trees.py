@@ -71,30 +71,51 @@ def check_sub_group(rank, world):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _best_rate(run, nbytes, reps):
+    """The best of ``reps`` timed runs (after one warm-up), in bytes per second: on a shared machine a run is only
+    ever slowed down by its neighbours, never sped up, so the fastest run is the closest to what the links allow."""
+    x = torch.zeros(nbytes // 4)
+    run(x)
+    best = float("inf")
+    for _ in range(reps):
+        dist.barrier()
+        start = time.perf_counter()
+        run(x)
+        dist.barrier()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best
+
+
 def check_paced_links_follow_the_plan(rank, world):
-    """Emulated links: a broadcast's measured rate is near the planned one, and packed trees beat the ring chain."""
+    """Emulated links: broadcast over the packed trees and over the ring's chain, and the overlapped all-reduce, each
+    within [0.8, 1.05] of its alpha-beta time, and the trees beat the ring by the planned ratio (same run).
+
+    The scale keeps the emulator's own CPU use (about 0.6 of one core for 5 ranks here) well below the machine's:
+    at 1e-3 it needs 1.3-1.5 cores of the 2, and a loaded machine then measured 0.5-0.7 of the plan. The bound: 28
+    single runs on the 2-core machine at a load average of 5-6 (other engineers' jobs), 12 of them with two busy
+    loops added, measured 0.91-1.00 of alpha-beta; the test takes the best of 3 and asks for 0.8. What it catches:
+    the all-reduce's halves run one after the other measure 0.58; messages not paced measure far above 1.05.
+    """
     if world < 5:
         return
     topo = load_topology("dgx1-v100")
     devices = topo.devices[:world]
-    scale = 1e-3  # 25 GB/s NVLink -> 25 MB/s
-    trees = PackedTreesCollective(topo, op="broadcast", emulate=scale, chunk_bytes=64 << 10)
-    packed = trees.plan
-    ring = chain_plan(topo, devices, packed.ring_order)
-    ring_collective = PackedTreesCollective(topo, op="broadcast", emulate=scale, chunk_bytes=64 << 10,
-                                            fixed_plan=ring)
-    nbytes = 4 << 20
-    rates = {}
-    for name, collective, planned in (("trees", trees, packed.rate_gb_s), ("ring", ring_collective, ring.rate_gb_s)):
-        x = torch.zeros(nbytes // 4)
-        dist.barrier()
-        start = time.perf_counter()
-        collective.broadcast(x)
-        dist.barrier()
-        rates[name] = (nbytes / (time.perf_counter() - start) / 1e9 / scale, planned)
-    for name, (measured, planned) in rates.items():
-        assert 0.6 * planned <= measured <= 1.1 * planned, (name, measured, planned)
-    assert rates["trees"][0] > 1.5 * rates["ring"][0], rates
+    scale, chunk, nbytes = 2e-4, 64 << 10, 2 << 20  # 25 GB/s NVLink -> 5 MB/s
+    trees = PackedTreesCollective(topo, op="broadcast", emulate=scale, chunk_bytes=chunk)
+    ring = PackedTreesCollective(topo, op="broadcast", emulate=scale, chunk_bytes=chunk,
+                                 fixed_plan=chain_plan(topo, devices, trees.plan.ring_order))
+    reduce = PackedTreesCollective(topo, op="allreduce", emulate=scale, chunk_bytes=chunk)
+    ratios = {
+        "trees": _best_rate(trees.broadcast, nbytes, 3) * trees.expected_seconds(nbytes // 4, "broadcast") / nbytes,
+        "ring": _best_rate(ring.broadcast, nbytes, 2) * ring.expected_seconds(nbytes // 4, "broadcast") / nbytes,
+        "allreduce": _best_rate(reduce.all_reduce, nbytes, 3) * reduce.expected_seconds(nbytes // 4, "allreduce")
+        / nbytes,
+    }
+    assert all(0.8 <= r <= 1.05 for r in ratios.values()), ratios
+    planned = ring.expected_seconds(nbytes // 4, "broadcast") / trees.expected_seconds(nbytes // 4, "broadcast")
+    assert planned > 2.5  # 66 GB/s of trees against a 16 GB/s chain (PCIe) on gpu0-4
+    measured = planned * ratios["trees"] / ratios["ring"]
+    assert measured > 0.8 * planned, (measured, planned)
 
 
 CHECKS = checks_in(globals())

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dspark_lab.collectives.packing import plan
+from dspark_lab.collectives.packing import hierarchical_allreduce, node_groups, plan
 from dspark_lab.collectives.topology import load_topology
 from dspark_lab.errors import DSparkError
 from dspark_lab.output import Report
@@ -51,6 +51,15 @@ def plan_collective(topology: str, ranks: str | None = None, root: int | None = 
         f"trees / ring = {data['speedup_over_ring']:.3g}x; planned in {data['plan_ms']:.0f} ms",
         *data["notes"],
     ]
+    groups = node_groups(devices) if op == "allreduce" else None
+    if groups and len({len(g) for g in groups}) == 1:
+        staged = hierarchical_allreduce(topo, groups)
+        data["hierarchical"] = staged.as_dict()
+        lines.append(f"hierarchical over {len(groups)} nodes (reduce inside, all-reduce across, broadcast inside): "
+                     f"{staged.algbw_gb_s:.4g} GB/s algbw (inside {staged.inside_gb_s:.4g}, across "
+                     f"{staged.across_gb_s:.4g}); flat packed trees {data['algbw_gb_s']:.4g}")
+    elif groups:
+        lines.append("hierarchical: not planned, the nodes hold different numbers of the allocated devices")
     if html:
         from dspark_lab.collectives.view import save_plan_html
 

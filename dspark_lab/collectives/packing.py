@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -455,13 +456,70 @@ def chain_plan(topology: Topology, devices: list[str], order: list[str]) -> Plan
     return Plan("broadcast", topology.name, list(order), order[0], [(tree, rate)], rate, None, list(order), rate, 0.0)
 
 
+_NODE_PREFIX = re.compile(r"^(n\d+)-")
+
+
+def node_groups(devices: list[str]) -> list[list[str]] | None:
+    """Devices grouped by node, for names ``n<k>-...`` (the ``nodes:N,gpus:G`` preset's); None unless every device
+    is named so and there are at least two nodes. Groups follow the order in which nodes first appear."""
+    groups: dict[str, list[str]] = {}
+    for device in devices:
+        match = _NODE_PREFIX.match(device)
+        if match is None:
+            return None
+        groups.setdefault(match[1], []).append(device)
+    return list(groups.values()) if len(groups) >= 2 else None
+
+
+@dataclass(frozen=True, slots=True)
+class Hierarchical:
+    """The hierarchical all-reduce's stages in GB/s of algbw: ``inside`` (reduce then broadcast inside a node, the
+    slowest node's), ``across`` (all-reduce between nodes, every device leading the slice it carries) and the
+    pipelined whole, ``algbw`` = the slower stage."""
+
+    groups: list[list[str]]
+    inside_gb_s: float
+    across_gb_s: float
+
+    @property
+    def algbw_gb_s(self) -> float:
+        return min(self.inside_gb_s, self.across_gb_s)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"groups": self.groups, "inside_gb_s": round(self.inside_gb_s, 4),
+                "across_gb_s": round(self.across_gb_s, 4), "algbw_gb_s": round(self.algbw_gb_s, 4)}
+
+
+def hierarchical_allreduce(topology: Topology, groups: list[list[str]]) -> Hierarchical:
+    """All-reduce as reduce inside each group, all-reduce across groups, broadcast inside, pipelined (the slowest
+    stage sets the rate). Inside, a group's packed all-reduce trees run the reduce and the broadcast, on the links
+    private to the node (switches every neighbour of which is in the group: the NIC fabric is the across stage's). Across,
+    device ``j`` of every group forms a column that all-reduces ``1 / G`` of the data, the columns at once, so the
+    across rate is a column's packed all-reduce rate times ``G``. Groups must be of one size."""
+    if len(groups) < 2 or len({len(g) for g in groups}) != 1:
+        raise DSparkError("hierarchical all-reduce: at least 2 node groups, all with the same number of devices")
+    inside = [plan(_private(topology, group), group, op="allreduce").rate_gb_s for group in groups if len(group) > 1]
+    columns = [list(column) for column in zip(*groups)]
+    across = min(plan(topology, column, op="allreduce").rate_gb_s for column in columns) * len(columns)
+    return Hierarchical(groups, min(inside) if inside else math.inf, across)
+
+
+def _private(topology: Topology, group: list[str]) -> Topology:
+    """``topology`` without the switches that reach outside ``group`` (and their links)."""
+    members = set(group)
+    others = set(topology.devices) - members
+    reach: dict[str, set[str]] = {}
+    for link in topology.links:
+        reach.setdefault(link.src, set()).add(link.dst)
+        reach.setdefault(link.dst, set()).add(link.src)
+    shared = {s for s in topology.switches if reach.get(s, set()) & others}
+    keep = [l for l in topology.links if l.src not in shared and l.dst not in shared]
+    return Topology(topology.name, topology.devices, [s for s in topology.switches if s not in shared], keep,
+                    topology.source)
+
+
 def hierarchical_allreduce_gb_s(topology: Topology, groups: list[list[str]]) -> float:
-    """All-reduce algbw of reduce inside each group, all-reduce across groups, broadcast inside: pipelined, the
-    slowest stage sets the rate. Across groups each device carries the slice it leads (one tree set per slice)."""
-    inside = min(plan(topology, group, op="allreduce").rate_gb_s for group in groups if len(group) > 1)
-    across_sets = [list(column) for column in zip(*groups)]
-    across = min(plan(topology, column, op="allreduce").rate_gb_s for column in across_sets) * len(across_sets)
-    return min(inside, across)
+    return hierarchical_allreduce(topology, groups).algbw_gb_s
 
 
 def allocations(devices: list[str], sizes: range) -> list[list[str]]:

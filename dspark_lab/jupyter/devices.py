@@ -13,6 +13,7 @@ from typing import Any, Callable
 import ipywidgets as widgets
 from dspark_lab.jupyter.plot import BokehPlot
 
+from dspark_lab.collectives.topology import backend_topology
 from dspark_lab.errors import DSparkError
 from dspark_lab.jupyter.display import close_tree, ensure_bokehjs
 from dspark_lab.jupyter.poller import Poller
@@ -52,11 +53,28 @@ def sample_all(pairs: list[tuple[str, Sampler]]) -> tuple[list[dict[str, Any]], 
     return samples, errors
 
 
+def topology_lines(manager: Manager | None = None) -> list[str]:
+    """A line per available backend saying which link graph it reported (``dspark_topology``), or that it reported
+    none, as the ``topology`` column of ``dspark-lab backends``."""
+    manager = manager or get_manager()
+    lines = []
+    for backend in manager.backends():
+        availability = backend.availability()
+        if not availability.available:
+            continue
+        topology = backend_topology(manager, backend, list(range(max(availability.devices or 1, 2))))
+        lines.append(f"{backend.name} topology: " + ("none reported" if topology is None else
+                     f"{topology.name}, {len(topology.devices)} devices, {len(topology.switches)} switches, "
+                     f"{len(topology.links)} links ({topology.source})"))
+    return lines
+
+
 def device_report(manager: Manager | None = None) -> Report:
     samples, errors = sample_all(samplers(manager))
-    return Report("devices", {"devices": samples, "errors": errors}, rows=device_rows(samples),
+    topology = topology_lines(manager)
+    return Report("devices", {"devices": samples, "errors": errors, "topology": topology}, rows=device_rows(samples),
                   columns=("backend", "device", "utilization_pct", "memory_used_gb", "memory_total_gb"),
-                  lines=errors)
+                  lines=[*topology, *errors])
 
 
 class DeviceView(widgets.VBox):
@@ -76,10 +94,12 @@ class DeviceView(widgets.VBox):
                                         continuous_update=False, readout_format=".1f")
         self.close_button = widgets.Button(description="close", icon="times", layout=widgets.Layout(width="90px"))
         self.status = widgets.HTML()
+        self.topology = widgets.HTML("<br>".join(html.escape(line) for line in topology_lines(manager)))
         self.pause.observe(lambda c: self.poller.pause(c["new"]), "value")
         self.rate.observe(lambda c: self.poller.set_interval(1.0 / max(c["new"], 0.01)), "value")
         self.close_button.on_click(lambda _: self.close())
-        super().__init__([widgets.HBox([self.pause, self.rate, self.close_button]), self.plot, self.status])
+        super().__init__([widgets.HBox([self.pause, self.rate, self.close_button]), self.plot, self.topology,
+                          self.status])
         self.add_class("dspark-devices")
         self.poller = Poller(self._tick, 1.0 / refresh_hz, name="dspark-devices").start()
 
