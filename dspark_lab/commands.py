@@ -9,7 +9,6 @@ parses arguments and prints, ``jupyter/magics.py`` displays. Neither holds logic
 from __future__ import annotations
 
 from dspark_lab.doctor import run_checks
-from dspark_lab.errors import DSparkError
 from dspark_lab.output import Report
 from dspark_lab.plugins import Manager, get_manager
 

@@ -151,8 +151,6 @@ def test_chain_plan_is_the_ring_order():
 def test_a_running_ddp_job_switches_to_packed_trees_live(tmp_path):
     """comm.grad_sync=packed-trees set on a live 3-rank job (topology: a DGX-1 allocation, links emulated):
     applied on every rank at one step, and the losses stay within fp32 reordering of plain torchrun's."""
-    import subprocess
-    import sys
     from pathlib import Path
 
     from conftest import plain_torchrun, wait_for_step

@@ -337,7 +337,6 @@ def test_breakdown_bar_stacks_the_four_parts_of_the_span(tmp_path):
 
 def test_a_profiled_pipeline_executor_step_yields_f_b_w_costs(tmp_path):
     """Our executor labels each op's compute, so a profile of it feeds `trace costs` (and `schedule simulate`)."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from dspark_lab.pipeline.execute import PipelineTrainer

@@ -34,7 +34,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from dspark_lab.collectives.base import flat_view, in_place
+from dspark_lab.collectives.base import in_place
 from dspark_lab.collectives.packing import Plan, plan
 from dspark_lab.collectives.topology import Topology
 from dspark_lab.collectives.tree import TreeCollective, TreePosition

@@ -20,6 +20,7 @@ import ipywidgets as widgets
 from dspark_lab.jupyter.plot import BokehPlot
 
 from dspark_lab.jupyter.display import close_tree, ensure_bokehjs
+from dspark_lab.jupyter.live_box import LiveBox
 from dspark_lab.errors import DSparkError
 from dspark_lab.jupyter.poller import Poller
 from dspark_lab.runtime import jobtext, liveness
@@ -155,7 +156,7 @@ class RunWatch:
         return out
 
 
-class Dashboard(widgets.VBox):
+class Dashboard(LiveBox):
     """A live dashboard of one run: charts, a pause toggle, the refresh rate, recent events, stop and close."""
 
     def __init__(self, run: str | RunDir, refresh_hz: float = DEFAULT_HZ, stop_run=None, job_source=live_job):
@@ -245,35 +246,9 @@ class Dashboard(widgets.VBox):
         self.poller.set_interval(1.0 / max(change["new"], 0.01))
 
     def _on_stop(self, _button) -> None:
-        self.stop_button.disabled = True
         stop = self._stop_run
         if stop is None:
             from dspark_lab.runtime import commands
 
             stop = commands.stop
-        threading.Thread(target=self._stop_in_background, args=(stop,), daemon=True).start()
-
-    def _stop_in_background(self, stop) -> None:
-        try:
-            stop(self.watch.run_dir.id)
-        except Exception as exc:  # a DSparkError has one line; anything else is shown the same way
-            self.event_log.value = f'<span style="color:#d62728">stop: {html.escape(str(exc))}</span>'
-            self.stop_button.disabled = False
-        self.poller.poke()
-
-    def wait_until(self, predicate, timeout: float = 30.0, interval: float = 0.1) -> bool:
-        """Block until ``predicate(self)`` is true (for notebooks and tests that show a state, then read it)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if predicate(self):
-                    return True
-            time.sleep(interval)
-        return False
-
-    def close(self) -> None:
-        """Stop the polling thread, then close the widget and its children."""
-        if getattr(self, "poller", None) is not None:
-            self.poller.stop()
-        close_tree(self.children)
-        super().close()
+        self._stop_in_background(stop, self.watch.run_dir.id, self.event_log, self.stop_button)

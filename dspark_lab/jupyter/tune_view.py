@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import html
 import threading
-import time
 from typing import Any
 
 import ipywidgets as widgets
 from bokeh.models import ColumnDataSource, HoverTool
 from bokeh.plotting import figure
 
-from dspark_lab.jupyter.display import close_tree, ensure_bokehjs
+from dspark_lab.jupyter.display import ensure_bokehjs
+from dspark_lab.jupyter.live_box import LiveBox
 from dspark_lab.jupyter.plot import BokehPlot
 from dspark_lab.jupyter.poller import Poller
 from dspark_lab.output import Report
@@ -148,7 +148,7 @@ class TuneWatch:
                 f"{step}")
 
 
-class TuneView(widgets.VBox):
+class TuneView(LiveBox):
     """A live tune: its header, a stop button, the chart and the table; ``close()`` ends its polling thread."""
 
     def __init__(self, run: str | RunDir, tune_id: str | None = None, refresh_hz: float = DEFAULT_HZ,
@@ -190,31 +190,7 @@ class TuneView(widgets.VBox):
         return more
 
     def _on_stop(self, _button) -> None:
-        self.stop_button.disabled = True
-        threading.Thread(target=self._stop_in_background, daemon=True).start()
-
-    def _stop_in_background(self) -> None:
-        try:
-            self._stop_tune(self.watch.run_dir.id)
-        except Exception as exc:  # a DSparkError is one line; anything else is shown the same way
-            self.message.value = f'<span style="color:#d62728">stop: {html.escape(str(exc))}</span>'
-            self.stop_button.disabled = False
-        self.poller.poke()
-
-    def wait_until(self, predicate, timeout: float = 30.0, interval: float = 0.05) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if predicate(self):
-                    return True
-            time.sleep(interval)
-        return False
-
-    def close(self) -> None:
-        if getattr(self, "poller", None) is not None:
-            self.poller.stop()
-        close_tree(self.children)
-        super().close()
+        self._stop_in_background(self._stop_tune, self.watch.run_dir.id, self.message, self.stop_button)
 
 
 def start(run: str, options: dict[str, Any], refresh_hz: float = DEFAULT_HZ) -> TuneView:

@@ -3,7 +3,6 @@
     python ddp_mlp.py STEPS LOSS_FILE
 """
 import json
-import os
 import sys
 
 import torch
