@@ -8,9 +8,10 @@ runtime's own per-step work directly. Target: <= 1% overhead.
 
 ``--profile-window`` measures instead that a live profile (``dspark-lab profile RUN --steps 2``) leaves the steps
 outside its window at full speed: the ddp job under ``dspark-lab run``, once with a 2-step capture set live
-mid-run and once without, interleaved; the ratio compares the profiled run's steps before and after the window
-(the window and one step on each side, where the profiler starts, stops and writes its trace, are left out and
-reported apart) with the unprofiled run's steps.
+mid-run and once without (launched and polled alike), interleaved; the ratios compare the profiled run's steps
+before and after the window (the window and one step on each side, where the profiler starts, stops and writes its
+trace, are left out and reported apart) with the unprofiled run's steps, in wall time and in rank 0's process CPU
+time (which other processes' load barely moves, so it resolves the 1% that wall time on a shared machine cannot).
 
 ``--device cuda`` runs the ddp job on one GPU (one rank, nccl when there are two GPUs: two ranks) under both
 launchers, and times the runtime's boundary work with a CUDA loss (its non-blocking copy and event) on the host.
@@ -159,71 +160,84 @@ def compare(job: str, rounds: int, steps: int, device: str = "cpu") -> None:
           f"95% CI {100 * (low - 1):+.2f}% .. {100 * (high - 1):+.2f}%)\n", flush=True)
 
 
-def profiled_run(steps: int, workdir: Path) -> tuple[list[float], int, int]:
-    """The ddp job under ``dspark-lab run`` with ``profile.steps=2`` set live a third of the way in; returns rank 0's
-    step times (index i: runtime step i + 1) and the first and last profiled step."""
+def windowed_run(steps: int, workdir: Path, capture: bool) -> tuple[list[float], list[float], int]:
+    """The ddp job under ``dspark-lab run``, launched and polled the same way whether or not it is profiled; with
+    ``capture``, ``profile.steps=2`` is set live a third of the way in. Returns rank 0's wall and process-CPU step
+    times (index i: runtime step i + 1) and the first profiled step (0 without a capture)."""
     from dspark_lab.runtime import commands
     from dspark_lab.runtime.launch import launch_background
 
     os.environ["DSPARK_HOME"] = str(workdir / "home")
-    times = workdir / f"profiled-{time.monotonic_ns()}.json"
-    job = launch_background(JOBS["ddp"][0], [*JOBS["ddp"][1:], "--steps", str(steps), "--times-file", str(times)],
+    stamp = time.monotonic_ns()
+    wall, cpu = workdir / f"wall-{stamp}.json", workdir / f"cpu-{stamp}.json"
+    job = launch_background(JOBS["ddp"][0], [*JOBS["ddp"][1:], "--steps", str(steps), "--times-file", str(wall),
+                                             "--cpu-times-file", str(cpu)],
                             nproc=2, name="bench-profile-window")
+    first = 0
     try:
         deadline = time.monotonic() + 600
         while max((m["step"] for m in job.run_dir.metrics()), default=0) < steps // 3:
             if job.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the profiled run ended or stalled before the capture; see its output.log")
+                raise SystemExit("the run ended or stalled before a third of its steps; see its output.log")
             time.sleep(0.5)
-        reply = commands.set_policies(job.id, ["profile.steps=2"], timeout=120)
-        if reply.data["state"] != "applied":
-            raise SystemExit(f"profile.steps=2: {reply.lines[0]}")
+        if capture:
+            reply = commands.set_policies(job.id, ["profile.steps=2"], timeout=120)
+            if reply.data["state"] != "applied":
+                raise SystemExit(f"profile.steps=2: {reply.lines[0]}")
+            first = reply.data["step"]
         if job.wait(900) != 0:
-            raise SystemExit(f"the profiled run failed; see {job.run_dir.path / 'output.log'}")
+            raise SystemExit(f"the run failed; see {job.run_dir.path / 'output.log'}")
     finally:
         if job.poll() is None:
             job.process.kill()
-    first = reply.data["step"]
     traces = [e for e in job.run_dir.events() if e.get("kind") == "profile"]
-    if len(traces) != 2 or not all(e.get("file") for e in traces):
+    if capture and (len(traces) != 2 or not all(e.get("file") for e in traces)):
         raise SystemExit(f"expected a trace from each of 2 ranks, got {traces}")
-    return json.loads(times.read_text()), first, first + 1
+    return json.loads(wall.read_text()), json.loads(cpu.read_text()), first
+
+
+def _ratio_line(label: str, a: list[float], b: list[float]) -> str:
+    low, high = bootstrap_ratio_ci(a, b)
+    ratio = statistics.median(a) / statistics.median(b)
+    return (f"{label}: {ratio:.4f}  ({100 * (ratio - 1):+.2f}%, 95% CI {100 * (low - 1):+.2f}% .. "
+            f"{100 * (high - 1):+.2f}%)")
 
 
 def profile_window(rounds: int, steps: int) -> None:
-    baseline: list[float] = []
-    before: list[float] = []
-    after: list[float] = []
-    window: list[float] = []
+    """Wall and CPU time of the steps outside a live capture against an uncaptured run's, interleaved round by
+    round. Process CPU time (all of rank 0's threads: the profiler's and the runtime's included) barely moves with
+    other processes' load, so it resolves small differences that wall time on a shared machine cannot."""
+    series = {(clock, part): [] for clock in ("wall", "cpu") for part in ("baseline", "before", "after", "window")}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            for kind in (("plain", "profiled") if r % 2 == 0 else ("profiled", "plain")):
-                if kind == "plain":
-                    baseline.extend(run("dspark", steps, Path(tmp), "ddp"))
-                    continue
-                times, first, last = profiled_run(steps, Path(tmp))
-                for index, t in enumerate(times[WARMUP_STEPS:], start=WARMUP_STEPS + 1):  # runtime step number
-                    (before if index < first - 1 else after if index > last + 1 else window).append(t)
-            print(f"round {r + 1}/{rounds}: unprofiled median {statistics.median(baseline) * 1e3:.1f} ms, "
-                  f"profiled run outside the window {statistics.median(before + after) * 1e3:.1f} ms "
-                  f"(last capture: steps {first}..{last})", flush=True)
-    outside = before + after
-    ratio = statistics.median(outside) / statistics.median(baseline)
-    low, high = bootstrap_ratio_ci(outside, baseline)
-    base = statistics.median(baseline)
-    print(f"\nsteps measured: unprofiled {len(baseline)}, profiled run before {len(before)}, after {len(after)}, "
-          f"window and its edges {len(window)}")
-    print(f"median step time: unprofiled {base * 1e3:.2f} ms; profiled run before the window "
-          f"{statistics.median(before) * 1e3:.2f} ms, after {statistics.median(after) * 1e3:.2f} ms, "
-          f"in the window and its edges {statistics.median(window) * 1e3:.2f} ms")
-    print(f"ratio outside-window / unprofiled: {ratio:.4f}  ({100 * (ratio - 1):+.2f}%, 95% CI "
-          f"{100 * (low - 1):+.2f}% .. {100 * (high - 1):+.2f}%); before {statistics.median(before) / base:.4f}, "
-          f"after {statistics.median(after) / base:.4f}, window {statistics.median(window) / base:.4f}")
-    # the same run before and after its window: no second job, so machine drift between runs does not enter
-    low, high = bootstrap_ratio_ci(after, before)
-    ratio = statistics.median(after) / statistics.median(before)
-    print(f"ratio after-window / before-window (same run): {ratio:.4f}  ({100 * (ratio - 1):+.2f}%, 95% CI "
-          f"{100 * (low - 1):+.2f}% .. {100 * (high - 1):+.2f}%)")
+            for capture in ((False, True) if r % 2 == 0 else (True, False)):
+                wall, cpu, first = windowed_run(steps, Path(tmp), capture)
+                for index in range(WARMUP_STEPS + 1, len(wall) + 1):  # runtime step number
+                    if not capture:
+                        part = "baseline"
+                    else:  # the window and one step each side (profiler start, trace export) are apart
+                        part = "before" if index < first - 1 else "after" if index > first + 2 else "window"
+                    series["wall", part].append(wall[index - 1])
+                    series["cpu", part].append(cpu[index - 1])
+            print(f"round {r + 1}/{rounds}: median wall / cpu ms: unprofiled "
+                  f"{statistics.median(series['wall', 'baseline']) * 1e3:.1f} / "
+                  f"{statistics.median(series['cpu', 'baseline']) * 1e3:.1f}, outside the window "
+                  f"{statistics.median(series['wall', 'before'] + series['wall', 'after']) * 1e3:.1f} / "
+                  f"{statistics.median(series['cpu', 'before'] + series['cpu', 'after']) * 1e3:.1f}", flush=True)
+    print(f"\nsteps measured: unprofiled {len(series['wall', 'baseline'])}, profiled run before "
+          f"{len(series['wall', 'before'])}, after {len(series['wall', 'after'])}, window and its edges "
+          f"{len(series['wall', 'window'])}")
+    for clock in ("wall", "cpu"):
+        outside = series[clock, "before"] + series[clock, "after"]
+        base = statistics.median(series[clock, "baseline"])
+        print(f"[{clock}] median ms: unprofiled {base * 1e3:.2f}; profiled run before the window "
+              f"{statistics.median(series[clock, 'before']) * 1e3:.2f}, after "
+              f"{statistics.median(series[clock, 'after']) * 1e3:.2f}, window and its edges "
+              f"{statistics.median(series[clock, 'window']) * 1e3:.2f}")
+        print(f"[{clock}] " + _ratio_line("outside-window / unprofiled", outside, series[clock, "baseline"]))
+        # the same run before and after its window: no second job, so drift between runs does not enter
+        print(f"[{clock}] " + _ratio_line("after-window / before-window (same run)", series[clock, "after"],
+                                          series[clock, "before"]))
 
 
 def main() -> None:
