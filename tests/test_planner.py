@@ -79,6 +79,7 @@ def test_uneven_stages_are_accounted_by_the_slowest(manager):
     (dict(kernels="jit"), "layout.kernels"),
     (dict(loss="chunked"), "layout.loss"),
     (dict(sp_regather="yes"), "layout.sp_regather"),
+    (dict(keep_outputs="yes"), "layout.keep_outputs"),
 ])
 def test_refusals_name_the_field(manager, layout, field):
     gpus = 8 * layout.get("pp", 1) * layout.get("dp", 1)
@@ -323,6 +324,50 @@ def test_op_sac_layout_counts_its_recompute_and_stores_less_than_none(manager):
 def test_eager_loss_holds_three_fp32_copies_of_the_logits():
     assert memory.loss_bytes_per_logit("eager") == 12
     assert memory.loss_bytes_per_logit("fused") == 8
+    # DTensor's loss_parallel backward: saved output, zeros_like, exp and their sum, 4 fp32 tensors
+    assert memory.loss_bytes_per_logit("eager", vocab_parallel=True) == 16
+    assert memory.loss_bytes_per_logit("fused", vocab_parallel=True) == 8
+
+
+def test_head_input_is_gathered_unless_megatron_regathers_it():
+    s, b, h = 8192, 4, 16384
+    assert memory.head_input_bytes(s, b, h, 8, True, True) == 2 * s * b * h / 8  # Megatron saves the SP shard
+    assert memory.head_input_bytes(s, b, h, 8, True, False) == 2 * s * b * h  # DTensor saves the gathered input
+    assert memory.head_input_bytes(s, b, h, 8, False, True) == 2 * s * b * h  # no SP: the input is whole
+    assert memory.kept_output_bytes(4, 8192, 128256, 8, 8) == 2 * 4 * 8192 * 128256 / 8 * 8
+
+
+def test_loss_parallel_and_head_input_in_the_prediction(manager):
+    from dspark_lab.planner.predict import OTHER_GB
+
+    model = ModelConfig.from_dict(preset("llama3-8b"))
+    s, h, V, L, t = model.seq_len, model.hidden, model.vocab, model.layers, 8
+    base = dict(tp=t, dp=1, micro_batch=1, global_batch=8, recompute="full", loss="eager")
+    megatron = predict(config(**base), manager)["memory_gb"]
+    titan = predict(config(sp_regather=False, **base), manager)["memory_gb"]
+    recomputed_layer = titan["activations"] * 1e9 - L * 2 * s * h / t
+    # 16 bytes per vocab-sharded logit and the gathered output-layer input (2sh), beyond the recomputed layer
+    assert titan["other"] == pytest.approx(OTHER_GB + (16 * s * V / t + 2 * s * h - recomputed_layer) / 1e9)
+    assert titan["other"] - megatron["other"] == pytest.approx((2 * s * h - 2 * s * h / t) / 1e9)
+
+
+def test_pipeline_keeping_outputs_holds_every_micro_batchs_logits(manager):
+    from dspark_lab.planner.predict import OTHER_GB
+
+    model = ModelConfig.from_dict(preset("llama3-8b"))
+    s, h, V, m = model.seq_len, model.hidden, model.vocab, 4
+    # two stages, one sequence per micro-batch, four micro-batches: the last stage's loss is the peak
+    base = dict(tp=1, pp=2, dp=1, micro_batch=1, global_batch=m, recompute="full", loss="eager")
+    freed = predict(config(gpus=2, **base), manager)["memory_gb"]
+    kept = predict(config(gpus=2, keep_outputs=True, **base), manager)["memory_gb"]
+    assert kept["other"] - freed["other"] == pytest.approx(m * 2 * s * V / 1e9)
+    assert kept["total"] - freed["total"] == pytest.approx(m * 2 * s * V / 1e9)
+    recomputed_layer = kept["activations"] * 1e9 - 16 * 2 * s * h  # one micro-batch of 16 layer inputs in flight
+    assert kept["other"] == pytest.approx(OTHER_GB + (12 * s * V + 2 * s * h + m * 2 * s * V - recomputed_layer) / 1e9)
+    # without PP nothing is kept (torchtitan deletes its logits before backward)
+    one = dict(base, pp=1, dp=2)
+    assert predict(config(gpus=2, keep_outputs=True, **one), manager)["memory_gb"] == \
+        predict(config(gpus=2, **one), manager)["memory_gb"]
 
 
 def test_loss_peak_and_the_recomputed_layer_are_not_added(manager):
@@ -336,7 +381,8 @@ def test_loss_peak_and_the_recomputed_layer_are_not_added(manager):
     assert eager["other"] - fused["other"] == pytest.approx(4 * s * V / 1e9)
     full = predict(config(recompute="full", loss="eager", **base), manager)["memory_gb"]
     recomputed_layer = full["activations"] * 1e9 - L * 2 * s * h  # what is held beyond the layer inputs
-    assert full["other"] == pytest.approx(OTHER_GB + (12 * s * V - recomputed_layer) / 1e9)
+    head_input = 2 * s * h  # the output layer's saved input, one sequence at tp 1
+    assert full["other"] == pytest.approx(OTHER_GB + (12 * s * V + head_input - recomputed_layer) / 1e9)
 
 
 def test_megatron_sp_gathers_each_column_parallel_input_again_in_backward(manager):

@@ -157,6 +157,7 @@ class Layout:
     kernels: str = "fused"
     loss: str = "fused"
     sp_regather: bool = True
+    keep_outputs: bool = False
 
     @classmethod
     def from_dict(cls, obj: dict, where: str = "layout") -> "Layout":
@@ -181,7 +182,8 @@ class Layout:
                    overlap_tp_comm=_choice(obj, "overlap_tp_comm", where, (True, False), False),
                    kernels=_choice(obj, "kernels", where, KERNELS, "fused"),
                    loss=_choice(obj, "loss", where, LOSS, "fused"),
-                   sp_regather=_choice(obj, "sp_regather", where, (True, False), True))
+                   sp_regather=_choice(obj, "sp_regather", where, (True, False), True),
+                   keep_outputs=_choice(obj, "keep_outputs", where, (True, False), False))
 
 
 def check_layout(model: ModelConfig, cluster: Cluster, layout: Layout) -> None:
