@@ -79,7 +79,7 @@ def test_uneven_stages_are_accounted_by_the_slowest(manager):
     (dict(kernels="jit"), "layout.kernels"),
     (dict(loss="chunked"), "layout.loss"),
     (dict(sp_regather="yes"), "layout.sp_regather"),
-    (dict(keep_outputs="yes"), "layout.keep_outputs"),
+    (dict(pp_runtime="deepspeed"), "layout.pp_runtime"),
 ])
 def test_refusals_name_the_field(manager, layout, field):
     gpus = 8 * layout.get("pp", 1) * layout.get("dp", 1)
@@ -351,38 +351,33 @@ def test_loss_parallel_and_head_input_in_the_prediction(manager):
     assert titan["other"] - megatron["other"] == pytest.approx((2 * s * h - 2 * s * h / t) / 1e9)
 
 
-def test_pipeline_keeping_outputs_holds_every_micro_batchs_logits(manager):
+def test_torch_pipelining_keeps_every_micro_batchs_logits_and_receive_buffers(manager):
     from dspark_lab.planner.predict import OTHER_GB
 
     model = ModelConfig.from_dict(preset("llama3-8b"))
     s, h, V, m = model.seq_len, model.hidden, model.vocab, 4
     # two stages, one sequence per micro-batch, four micro-batches: the last stage's loss is the peak
     base = dict(tp=1, pp=2, dp=1, micro_batch=1, global_batch=m, recompute="full", loss="eager")
-    freed = predict(config(gpus=2, **base), manager)["memory_gb"]
-    kept = predict(config(gpus=2, keep_outputs=True, **base), manager)["memory_gb"]
-    assert kept["other"] - freed["other"] == pytest.approx(m * 2 * s * V / 1e9)
-    assert kept["total"] - freed["total"] == pytest.approx(m * 2 * s * V / 1e9)
-    recomputed_layer = kept["activations"] * 1e9 - 16 * 2 * s * h  # one micro-batch of 16 layer inputs in flight
-    assert kept["other"] == pytest.approx(OTHER_GB + (12 * s * V + 2 * s * h + m * 2 * s * V - recomputed_layer) / 1e9)
-    # without PP nothing is kept (torchtitan deletes its logits before backward)
+    megatron = predict(config(gpus=2, **base), manager)["memory_gb"]
+    torch_pp = predict(config(gpus=2, pp_runtime="torch", **base), manager)["memory_gb"]
+    logits, buffers = m * 2 * s * V, m * 2 * s * h  # the last stage: 4 bf16 logits, 4 input receive buffers
+    assert torch_pp["other"] - megatron["other"] == pytest.approx((logits + buffers) / 1e9)
+    assert torch_pp["total"] - megatron["total"] == pytest.approx((logits + buffers) / 1e9)
+    recomputed_layer = torch_pp["activations"] * 1e9 - 16 * 2 * s * h  # one micro-batch of 16 layer inputs
+    at_loss = 12 * s * V + 2 * s * h
+    assert torch_pp["other"] == pytest.approx(OTHER_GB + (at_loss + logits + buffers - recomputed_layer) / 1e9)
+    # without PP nothing is kept (torchtitan deletes its logits before backward) and nothing is received
     one = dict(base, pp=1, dp=2)
-    assert predict(config(gpus=2, keep_outputs=True, **one), manager)["memory_gb"] == \
+    assert predict(config(gpus=2, pp_runtime="torch", **one), manager)["memory_gb"] == \
         predict(config(gpus=2, **one), manager)["memory_gb"]
 
 
-def test_loss_peak_and_the_recomputed_layer_are_not_added(manager):
-    from dspark_lab.planner.predict import OTHER_GB
-
-    model = ModelConfig.from_dict(preset("llama3-8b"))
-    s, h, V, L = model.seq_len, model.hidden, model.vocab, model.layers
-    base = dict(tp=1, dp=8, micro_batch=1, global_batch=8, zero=3)
-    fused = predict(config(recompute="none", **base), manager)["memory_gb"]
-    eager = predict(config(recompute="none", loss="eager", **base), manager)["memory_gb"]
-    assert eager["other"] - fused["other"] == pytest.approx(4 * s * V / 1e9)
-    full = predict(config(recompute="full", loss="eager", **base), manager)["memory_gb"]
-    recomputed_layer = full["activations"] * 1e9 - L * 2 * s * h  # what is held beyond the layer inputs
-    head_input = 2 * s * h  # the output layer's saved input, one sequence at tp 1
-    assert full["other"] == pytest.approx(OTHER_GB + (12 * s * V + head_input - recomputed_layer) / 1e9)
+def test_pipeline_buffers_hand_computed():
+    s, b, h, t, m = 8192, 4, 16384, 8, 8
+    shard = 2 * s * b * h / t  # a stage-boundary tensor under SP
+    assert memory.pipeline_buffer_bytes(s, b, h, t, True, m, 0, 1) == m * shard  # first stage: gradients only
+    assert memory.pipeline_buffer_bytes(s, b, h, t, True, m, 1, 1) == 2 * m * shard  # a middle stage
+    assert memory.pipeline_buffer_bytes(s, b, h, t, False, m, 2, 1) == 3 * m * 2 * s * b * h  # 2 chunks, no SP
 
 
 def test_megatron_sp_gathers_each_column_parallel_input_again_in_backward(manager):

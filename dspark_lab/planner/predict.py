@@ -385,12 +385,15 @@ def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device
             # The loss is differentiated before any layer of that micro-batch is recomputed, so its logits (with the
             # output layer's saved input) and the recomputed layer (``extra``) are never live together: only what
             # the loss moment needs beyond it is added. A pipeline that keeps every micro-batch's logits
-            # (``keep_outputs``) holds the earlier ones and the current bf16 ones at the loss, and all of them
+            # (``pp_runtime`` torch) holds the earlier ones and the current bf16 ones at the loss, and all of them
             # while the last micro-batch's layers are recomputed.
             logits = memory.loss_bytes_per_logit(lay.loss, t > 1) * b * s * model.vocab / t
             at_loss = logits + memory.head_input_bytes(s, b, model.hidden, t, sp, lay.sp_regather)
-            kept = memory.kept_output_bytes(b, s, model.vocab, t, m) if lay.keep_outputs and p > 1 else 0.0
+            kept = memory.kept_output_bytes(b, s, model.vocab, t, m) if lay.pp_runtime == "torch" and p > 1 else 0.0
             other += max(at_loss + kept, kept + extra) - extra
+        if lay.pp_runtime == "torch" and p > 1:
+            other += memory.pipeline_buffer_bytes(s, b, model.hidden, t, sp, m, sum(k > 0 for k in mine),
+                                                  sum(k < stages - 1 for k in mine))
         gb = {"params": weights / 1e9, "grads": grads / 1e9, "optimizer": optimizer / 1e9,
               "activations": act / 1e9, "other": other / 1e9}
         gb["total"] = sum(gb.values())

@@ -16,6 +16,7 @@ FFN_KINDS = ("gelu", "swiglu")
 RECOMPUTE = ("none", "selective", "selective-op", "full")
 KERNELS = ("fused", "eager")
 LOSS = ("fused", "eager")
+PP_RUNTIMES = ("megatron", "torch")  # torch: torch.distributed.pipelining (torchtitan)
 PRECISIONS = ("bf16", "fp8")
 ATTENTION = ("flash", "unfused")
 MAX_SIZE = 1 << 20  # bound on any count a user gives (layers, GPUs, batch, ...)
@@ -157,7 +158,7 @@ class Layout:
     kernels: str = "fused"
     loss: str = "fused"
     sp_regather: bool = True
-    keep_outputs: bool = False
+    pp_runtime: str = "megatron"
 
     @classmethod
     def from_dict(cls, obj: dict, where: str = "layout") -> "Layout":
@@ -183,7 +184,7 @@ class Layout:
                    kernels=_choice(obj, "kernels", where, KERNELS, "fused"),
                    loss=_choice(obj, "loss", where, LOSS, "fused"),
                    sp_regather=_choice(obj, "sp_regather", where, (True, False), True),
-                   keep_outputs=_choice(obj, "keep_outputs", where, (True, False), False))
+                   pp_runtime=_choice(obj, "pp_runtime", where, PP_RUNTIMES, "megatron"))
 
 
 def check_layout(model: ModelConfig, cluster: Cluster, layout: Layout) -> None:

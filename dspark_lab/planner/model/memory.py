@@ -12,8 +12,8 @@ Bytes per parameter (Megatron's mixed precision with fp32 gradient buffers): 2 (
 ZeRO-2 also the gradients, ZeRO-3 / FSDP also the weights (Rajbhandari et al. 2020), which then need gathered
 working copies (FSDP2's per-block all-gather and prefetch, ``fsdp_buffers``). torchtitan's op-level selective checkpointing
 (``op_sac_bytes``), the loss's fp32 logits (``loss_bytes_per_logit``), the output layer's saved input
-(``head_input_bytes``) and the logits a PyTorch pipeline keeps (``kept_output_bytes``) are counted from what the
-PyTorch code keeps.
+(``head_input_bytes``), and the logits and receive buffers ``torch.distributed.pipelining`` keeps
+(``kept_output_bytes``, ``pipeline_buffer_bytes``) are counted from what the PyTorch code keeps.
 """
 
 from __future__ import annotations
@@ -103,6 +103,19 @@ def kept_output_bytes(b: int, s: int, vocab: int, t: int, microbatches: int) -> 
     and returned by ``step()`` and cleared only when the next step starts, so after the last forward all
     ``microbatches`` of them are live (2 bytes per logit each)."""
     return 2 * b * s * vocab / t * microbatches
+
+
+def pipeline_buffer_bytes(s: int, b: int, h: int, t: int, sequence_parallel: bool, microbatches: int,
+                          receives: int, sends: int) -> float:
+    """Receive buffers ``torch.distributed.pipelining`` allocates once per micro-batch and keeps (stage.py,
+    ``_prepare_forward_infra`` and ``_prepare_backward_infra`` loop over the micro-batches): one for the input of
+    each stage that receives activations and one for the output gradient of each stage that sends them, each a
+    stage-boundary tensor (``2sbh``, ``/t`` under SP, as torchtitan passes the sequence shard). An in-flight
+    micro-batch's input buffer is its first layer's saved input, already counted, and its stage output, kept in
+    ``fwd_cache`` until its backward, is not counted elsewhere; the two cancel, so all ``microbatches`` buffers of
+    each kind are added. ``receives`` / ``sends``: how many of the rank's stages have a previous / next stage."""
+    boundary = 2 * s * b * h / (t if sequence_parallel else 1)
+    return boundary * microbatches * (receives + sends)
 
 
 def fsdp_buffers(zero: int, block_params: float, root_params: float = 0.0,
