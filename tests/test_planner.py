@@ -80,6 +80,7 @@ def test_uneven_stages_are_accounted_by_the_slowest(manager):
     (dict(loss="chunked"), "layout.loss"),
     (dict(sp_regather="yes"), "layout.sp_regather"),
     (dict(pp_runtime="deepspeed"), "layout.pp_runtime"),
+    (dict(cp_rotate="alltoall"), "layout.cp_rotate"),
 ])
 def test_refusals_name_the_field(manager, layout, field):
     gpus = 8 * layout.get("pp", 1) * layout.get("dp", 1)
@@ -370,6 +371,19 @@ def test_torch_pipelining_keeps_every_micro_batchs_logits_and_receive_buffers(ma
     one = dict(base, pp=1, dp=2)
     assert predict(config(gpus=2, pp_runtime="torch", **one), manager)["memory_gb"] == \
         predict(config(gpus=2, **one), manager)["memory_gb"]
+
+
+def test_cp_allgather_holds_every_ranks_k_and_v(manager):
+    s, b, h, t = 32768, 1, 16384, 8
+    assert memory.cp_allgather_bytes(s, b, h, t, 1) == 0.0
+    assert memory.cp_allgather_bytes(s, b, h, t, 8) == 8 * 2 * 2 * s * b * h / t  # 2.15 GB: 8 shards of K and V
+    long = preset("llama3-8b", 65536)
+    model = ModelConfig.from_dict(long)
+    base = dict(tp=1, dp=1, cp=8, micro_batch=1, global_batch=1, recompute="full")
+    ring = predict(config(long, **base), manager)["memory_gb"]
+    gathered = predict(config(long, cp_rotate="allgather", **base), manager)["memory_gb"]
+    local = model.seq_len // 8
+    assert gathered["activations"] - ring["activations"] == pytest.approx(8 * 4 * local * model.hidden / 1e9)
 
 
 def test_pipeline_buffers_hand_computed():

@@ -352,6 +352,8 @@ def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device
     if lay.recompute == "full":
         extra = per_layer  # the one layer being recomputed
         per_layer = memory.full_recompute_bytes(s, b, model.hidden, t, sp)
+    if lay.cp_rotate == "allgather":
+        extra += memory.cp_allgather_bytes(s, b, model.hidden, t, c)  # while one layer's attention runs
     # ZeRO 2 (FSDP without resharding, as Llama 3 and torchtitan with PP run): unsharded fp32 gradients accumulate
     # over micro-batches and appear with each chunk's first backward. ZeRO 3 reduce-scatters every micro-batch, so
     # only the shard (state_bytes) stays.

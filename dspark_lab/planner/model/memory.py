@@ -105,6 +105,15 @@ def kept_output_bytes(b: int, s: int, vocab: int, t: int, microbatches: int) -> 
     return 2 * b * s * vocab / t * microbatches
 
 
+def cp_allgather_bytes(s: int, b: int, h: int, t: int, cp: int) -> float:
+    """K and V of every context-parallel rank, all-gathered at once while one layer's attention runs (and again in
+    its backward) under PyTorch's context parallelism with ``rotate_method="allgather"`` (torchtitan's default
+    ``context_parallel_rotate_method``): ``cp`` shards of K and V, each ``2sbh/t`` bytes for local sequence ``s``,
+    since torchtitan's ``repeat_kv`` widens grouped K/V to all query heads before SDPA. Zero without CP. Megatron's
+    ring (p2p) exchange is not counted here."""
+    return cp * 2 * (2 * s * b * h / t) if cp > 1 else 0.0
+
+
 def pipeline_buffer_bytes(s: int, b: int, h: int, t: int, sequence_parallel: bool, microbatches: int,
                           receives: int, sends: int) -> float:
     """Receive buffers ``torch.distributed.pipelining`` allocates once per micro-batch and keeps (stage.py,
