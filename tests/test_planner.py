@@ -79,6 +79,8 @@ def test_uneven_stages_are_accounted_by_the_slowest(manager):
     (dict(kernels="jit"), "layout.kernels"),
     (dict(loss="chunked"), "layout.loss"),
     (dict(sp_regather="yes"), "layout.sp_regather"),
+    (dict(pp_runtime="deepspeed"), "layout.pp_runtime"),
+    (dict(cp_rotate="alltoall"), "layout.cp_rotate"),
 ])
 def test_refusals_name_the_field(manager, layout, field):
     gpus = 8 * layout.get("pp", 1) * layout.get("dp", 1)
@@ -323,20 +325,73 @@ def test_op_sac_layout_counts_its_recompute_and_stores_less_than_none(manager):
 def test_eager_loss_holds_three_fp32_copies_of_the_logits():
     assert memory.loss_bytes_per_logit("eager") == 12
     assert memory.loss_bytes_per_logit("fused") == 8
+    # DTensor's loss_parallel backward: saved output, zeros_like, exp and their sum, 4 fp32 tensors
+    assert memory.loss_bytes_per_logit("eager", vocab_parallel=True) == 16
+    assert memory.loss_bytes_per_logit("fused", vocab_parallel=True) == 8
 
 
-def test_loss_peak_and_the_recomputed_layer_are_not_added(manager):
+def test_head_input_is_gathered_unless_megatron_regathers_it():
+    s, b, h = 8192, 4, 16384
+    assert memory.head_input_bytes(s, b, h, 8, True, True) == 2 * s * b * h / 8  # Megatron saves the SP shard
+    assert memory.head_input_bytes(s, b, h, 8, True, False) == 2 * s * b * h  # DTensor saves the gathered input
+    assert memory.head_input_bytes(s, b, h, 8, False, True) == 2 * s * b * h  # no SP: the input is whole
+    assert memory.kept_output_bytes(4, 8192, 128256, 8, 8) == 2 * 4 * 8192 * 128256 / 8 * 8
+
+
+def test_loss_parallel_and_head_input_in_the_prediction(manager):
     from dspark_lab.planner.predict import OTHER_GB
 
     model = ModelConfig.from_dict(preset("llama3-8b"))
-    s, h, V, L = model.seq_len, model.hidden, model.vocab, model.layers
-    base = dict(tp=1, dp=8, micro_batch=1, global_batch=8, zero=3)
-    fused = predict(config(recompute="none", **base), manager)["memory_gb"]
-    eager = predict(config(recompute="none", loss="eager", **base), manager)["memory_gb"]
-    assert eager["other"] - fused["other"] == pytest.approx(4 * s * V / 1e9)
-    full = predict(config(recompute="full", loss="eager", **base), manager)["memory_gb"]
-    recomputed_layer = full["activations"] * 1e9 - L * 2 * s * h  # what is held beyond the layer inputs
-    assert full["other"] == pytest.approx(OTHER_GB + (12 * s * V - recomputed_layer) / 1e9)
+    s, h, V, L, t = model.seq_len, model.hidden, model.vocab, model.layers, 8
+    base = dict(tp=t, dp=1, micro_batch=1, global_batch=8, recompute="full", loss="eager")
+    megatron = predict(config(**base), manager)["memory_gb"]
+    titan = predict(config(sp_regather=False, **base), manager)["memory_gb"]
+    recomputed_layer = titan["activations"] * 1e9 - L * 2 * s * h / t
+    # 16 bytes per vocab-sharded logit and the gathered output-layer input (2sh), beyond the recomputed layer
+    assert titan["other"] == pytest.approx(OTHER_GB + (16 * s * V / t + 2 * s * h - recomputed_layer) / 1e9)
+    assert titan["other"] - megatron["other"] == pytest.approx((2 * s * h - 2 * s * h / t) / 1e9)
+
+
+def test_torch_pipelining_keeps_every_micro_batchs_logits_and_receive_buffers(manager):
+    from dspark_lab.planner.predict import OTHER_GB
+
+    model = ModelConfig.from_dict(preset("llama3-8b"))
+    s, h, V, m = model.seq_len, model.hidden, model.vocab, 4
+    # two stages, one sequence per micro-batch, four micro-batches: the last stage's loss is the peak
+    base = dict(tp=1, pp=2, dp=1, micro_batch=1, global_batch=m, recompute="full", loss="eager")
+    megatron = predict(config(gpus=2, **base), manager)["memory_gb"]
+    torch_pp = predict(config(gpus=2, pp_runtime="torch", **base), manager)["memory_gb"]
+    logits, buffers = m * 2 * s * V, m * 2 * s * h  # the last stage: 4 bf16 logits, 4 input receive buffers
+    assert torch_pp["other"] - megatron["other"] == pytest.approx((logits + buffers) / 1e9)
+    assert torch_pp["total"] - megatron["total"] == pytest.approx((logits + buffers) / 1e9)
+    recomputed_layer = torch_pp["activations"] * 1e9 - 16 * 2 * s * h  # one micro-batch of 16 layer inputs
+    at_loss = 12 * s * V + 2 * s * h
+    assert torch_pp["other"] == pytest.approx(OTHER_GB + (at_loss + logits + buffers - recomputed_layer) / 1e9)
+    # without PP nothing is kept (torchtitan deletes its logits before backward) and nothing is received
+    one = dict(base, pp=1, dp=2)
+    assert predict(config(gpus=2, pp_runtime="torch", **one), manager)["memory_gb"] == \
+        predict(config(gpus=2, **one), manager)["memory_gb"]
+
+
+def test_cp_allgather_holds_every_ranks_k_and_v(manager):
+    s, b, h, t = 32768, 1, 16384, 8
+    assert memory.cp_allgather_bytes(s, b, h, t, 1) == 0.0
+    assert memory.cp_allgather_bytes(s, b, h, t, 8) == 8 * 2 * 2 * s * b * h / t  # 2.15 GB: 8 shards of K and V
+    long = preset("llama3-8b", 65536)
+    model = ModelConfig.from_dict(long)
+    base = dict(tp=1, dp=1, cp=8, micro_batch=1, global_batch=1, recompute="full")
+    ring = predict(config(long, **base), manager)["memory_gb"]
+    gathered = predict(config(long, cp_rotate="allgather", **base), manager)["memory_gb"]
+    local = model.seq_len // 8
+    assert gathered["activations"] - ring["activations"] == pytest.approx(8 * 4 * local * model.hidden / 1e9)
+
+
+def test_pipeline_buffers_hand_computed():
+    s, b, h, t, m = 8192, 4, 16384, 8, 8
+    shard = 2 * s * b * h / t  # a stage-boundary tensor under SP
+    assert memory.pipeline_buffer_bytes(s, b, h, t, True, m, 0, 1) == m * shard  # first stage: gradients only
+    assert memory.pipeline_buffer_bytes(s, b, h, t, True, m, 1, 1) == 2 * m * shard  # a middle stage
+    assert memory.pipeline_buffer_bytes(s, b, h, t, False, m, 2, 1) == 3 * m * 2 * s * b * h  # 2 chunks, no SP
 
 
 def test_megatron_sp_gathers_each_column_parallel_input_again_in_backward(manager):

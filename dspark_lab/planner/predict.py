@@ -352,6 +352,8 @@ def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device
     if lay.recompute == "full":
         extra = per_layer  # the one layer being recomputed
         per_layer = memory.full_recompute_bytes(s, b, model.hidden, t, sp)
+    if lay.cp_rotate == "allgather":
+        extra += memory.cp_allgather_bytes(s, b, model.hidden, t, c)  # while one layer's attention runs
     # ZeRO 2 (FSDP without resharding, as Llama 3 and torchtitan with PP run): unsharded fp32 gradients accumulate
     # over micro-batches and appear with each chunk's first backward. ZeRO 3 reduce-scatters every micro-batch, so
     # only the shard (state_bytes) stays.
@@ -382,10 +384,18 @@ def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device
             grads += grad_buffers
         other = OTHER_GB * 1e9
         if stages - 1 in mine:
-            # The loss is differentiated before any layer of that micro-batch is recomputed, so its logits and the
-            # recomputed layer (``extra``) are never live together: only what the logits need beyond it is added.
-            logits = memory.loss_bytes_per_logit(lay.loss) * b * s * model.vocab / t
-            other += max(0.0, logits - extra)
+            # The loss is differentiated before any layer of that micro-batch is recomputed, so its logits (with the
+            # output layer's saved input) and the recomputed layer (``extra``) are never live together: only what
+            # the loss moment needs beyond it is added. A pipeline that keeps every micro-batch's logits
+            # (``pp_runtime`` torch) holds the earlier ones and the current bf16 ones at the loss, and all of them
+            # while the last micro-batch's layers are recomputed.
+            logits = memory.loss_bytes_per_logit(lay.loss, t > 1) * b * s * model.vocab / t
+            at_loss = logits + memory.head_input_bytes(s, b, model.hidden, t, sp, lay.sp_regather)
+            kept = memory.kept_output_bytes(b, s, model.vocab, t, m) if lay.pp_runtime == "torch" and p > 1 else 0.0
+            other += max(at_loss + kept, kept + extra) - extra
+        if lay.pp_runtime == "torch" and p > 1:
+            other += memory.pipeline_buffer_bytes(s, b, model.hidden, t, sp, m, sum(k > 0 for k in mine),
+                                                  sum(k < stages - 1 for k in mine))
         gb = {"params": weights / 1e9, "grads": grads / 1e9, "optimizer": optimizer / 1e9,
               "activations": act / 1e9, "other": other / 1e9}
         gb["total"] = sum(gb.values())

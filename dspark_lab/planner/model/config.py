@@ -16,6 +16,8 @@ FFN_KINDS = ("gelu", "swiglu")
 RECOMPUTE = ("none", "selective", "selective-op", "full")
 KERNELS = ("fused", "eager")
 LOSS = ("fused", "eager")
+PP_RUNTIMES = ("megatron", "torch")  # torch: torch.distributed.pipelining (torchtitan)
+CP_ROTATES = ("ring", "allgather")  # how context parallelism exchanges K/V (torchtitan: allgather)
 PRECISIONS = ("bf16", "fp8")
 ATTENTION = ("flash", "unfused")
 MAX_SIZE = 1 << 20  # bound on any count a user gives (layers, GPUs, batch, ...)
@@ -157,6 +159,8 @@ class Layout:
     kernels: str = "fused"
     loss: str = "fused"
     sp_regather: bool = True
+    pp_runtime: str = "megatron"
+    cp_rotate: str = "ring"
 
     @classmethod
     def from_dict(cls, obj: dict, where: str = "layout") -> "Layout":
@@ -181,7 +185,9 @@ class Layout:
                    overlap_tp_comm=_choice(obj, "overlap_tp_comm", where, (True, False), False),
                    kernels=_choice(obj, "kernels", where, KERNELS, "fused"),
                    loss=_choice(obj, "loss", where, LOSS, "fused"),
-                   sp_regather=_choice(obj, "sp_regather", where, (True, False), True))
+                   sp_regather=_choice(obj, "sp_regather", where, (True, False), True),
+                   pp_runtime=_choice(obj, "pp_runtime", where, PP_RUNTIMES, "megatron"),
+                   cp_rotate=_choice(obj, "cp_rotate", where, CP_ROTATES, "ring"))
 
 
 def check_layout(model: ModelConfig, cluster: Cluster, layout: Layout) -> None:

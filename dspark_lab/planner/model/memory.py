@@ -11,7 +11,9 @@ Bytes per parameter (Megatron's mixed precision with fp32 gradient buffers): 2 (
 + 12 (fp32 master weights, Adam m and v). ZeRO-1 (distributed optimizer) shards the 12 over data-parallel ranks,
 ZeRO-2 also the gradients, ZeRO-3 / FSDP also the weights (Rajbhandari et al. 2020), which then need gathered
 working copies (FSDP2's per-block all-gather and prefetch, ``fsdp_buffers``). torchtitan's op-level selective checkpointing
-(``op_sac_bytes``) and the loss's fp32 logits (``loss_bytes_per_logit``) are counted from what the PyTorch code keeps.
+(``op_sac_bytes``), the loss's fp32 logits (``loss_bytes_per_logit``), the output layer's saved input
+(``head_input_bytes``), and the logits and receive buffers ``torch.distributed.pipelining`` keeps
+(``kept_output_bytes``, ``pipeline_buffer_bytes``) are counted from what the PyTorch code keeps.
 """
 
 from __future__ import annotations
@@ -73,12 +75,56 @@ def op_sac_bytes(s: int, b: int, h: int, t: int, sequence_parallel: bool, kv_rat
     return out
 
 
-def loss_bytes_per_logit(loss: str) -> int:
+def loss_bytes_per_logit(loss: str, vocab_parallel: bool = False) -> int:
     """Peak bytes per logit of one micro-batch while the loss is differentiated. ``fused`` (Megatron's vocab-parallel
     cross entropy, which works in place on an fp32 copy): the fp32 logits and their gradient, 8. ``eager`` (PyTorch's
     ``cross_entropy`` on ``logits.float()``, as torchtitan computes its loss): log_softmax keeps its fp32 output for
-    backward; its backward holds that output, the incoming fp32 gradient and the fp32 gradient it makes, 12."""
-    return 12 if loss == "eager" else 8
+    backward; its backward holds that output, the incoming fp32 gradient and the fp32 gradient it makes, 12.
+    ``eager`` over vocab-sharded logits (torchtitan's default ``loss_parallel`` under TP) runs DTensor's loss-parallel
+    handlers (torch/distributed/tensor/parallel/loss.py, Dec 2024): the nll and log_softmax backwards are fused as
+    ``(zeros_like(x) + exp(x)) * grad``, which holds the saved fp32 output ``x``, the zeros, ``exp(x)`` and their
+    sum (then the sum and the product) at once, 16."""
+    if loss == "eager":
+        return 16 if vocab_parallel else 12
+    return 8
+
+
+def head_input_bytes(s: int, b: int, h: int, t: int, sequence_parallel: bool, sp_regather: bool) -> float:
+    """The output layer's saved input (its weight gradient needs it), per micro-batch. Megatron's column-parallel
+    output layer under SP saves the sequence shard and gathers it again in backward (``2sbh/t``); DTensor's
+    ``ColwiseParallel(input_layouts=Shard(1))`` (torchtitan's output layer) redistributes to a replicated input
+    before the matmul, so autograd saves the gathered full sequence, ``2sbh``; without SP the input is whole too."""
+    return 2 * s * b * h / (t if sequence_parallel and sp_regather else 1)
+
+
+def kept_output_bytes(b: int, s: int, vocab: int, t: int, microbatches: int) -> float:
+    """What ``torch.distributed.pipelining`` holds on the last stage beyond the loss: ``forward_one_chunk`` appends
+    every micro-batch's output (the bf16 logits, vocab-sharded over ``t``) to ``output_chunks``, which is merged
+    and returned by ``step()`` and cleared only when the next step starts, so after the last forward all
+    ``microbatches`` of them are live (2 bytes per logit each)."""
+    return 2 * b * s * vocab / t * microbatches
+
+
+def cp_allgather_bytes(s: int, b: int, h: int, t: int, cp: int) -> float:
+    """K and V of every context-parallel rank, all-gathered at once while one layer's attention runs (and again in
+    its backward) under PyTorch's context parallelism with ``rotate_method="allgather"`` (torchtitan's default
+    ``context_parallel_rotate_method``): ``cp`` shards of K and V, each ``2sbh/t`` bytes for local sequence ``s``,
+    since torchtitan's ``repeat_kv`` widens grouped K/V to all query heads before SDPA. Zero without CP. Megatron's
+    ring (p2p) exchange is not counted here."""
+    return cp * 2 * (2 * s * b * h / t) if cp > 1 else 0.0
+
+
+def pipeline_buffer_bytes(s: int, b: int, h: int, t: int, sequence_parallel: bool, microbatches: int,
+                          receives: int, sends: int) -> float:
+    """Receive buffers ``torch.distributed.pipelining`` allocates once per micro-batch and keeps (stage.py,
+    ``_prepare_forward_infra`` and ``_prepare_backward_infra`` loop over the micro-batches): one for the input of
+    each stage that receives activations and one for the output gradient of each stage that sends them, each a
+    stage-boundary tensor (``2sbh``, ``/t`` under SP, as torchtitan passes the sequence shard). An in-flight
+    micro-batch's input buffer is its first layer's saved input, already counted, and its stage output, kept in
+    ``fwd_cache`` until its backward, is not counted elsewhere; the two cancel, so all ``microbatches`` buffers of
+    each kind are added. ``receives`` / ``sends``: how many of the rank's stages have a previous / next stage."""
+    boundary = 2 * s * b * h / (t if sequence_parallel else 1)
+    return boundary * microbatches * (receives + sends)
 
 
 def fsdp_buffers(zero: int, block_params: float, root_params: float = 0.0,
