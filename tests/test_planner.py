@@ -81,6 +81,7 @@ def test_uneven_stages_are_accounted_by_the_slowest(manager):
     (dict(sp_regather="yes"), "layout.sp_regather"),
     (dict(pp_runtime="deepspeed"), "layout.pp_runtime"),
     (dict(cp_rotate="alltoall"), "layout.cp_rotate"),
+    (dict(fp8_allgather="yes"), "layout.fp8_allgather"),
 ])
 def test_refusals_name_the_field(manager, layout, field):
     gpus = 8 * layout.get("pp", 1) * layout.get("dp", 1)
@@ -361,7 +362,10 @@ def test_torch_pipelining_keeps_every_micro_batchs_logits_and_receive_buffers(ma
     base = dict(tp=1, pp=2, dp=1, micro_batch=1, global_batch=m, recompute="full", loss="eager")
     megatron = predict(config(gpus=2, **base), manager)["memory_gb"]
     torch_pp = predict(config(gpus=2, pp_runtime="torch", **base), manager)["memory_gb"]
-    logits, buffers = m * 2 * s * V, m * 2 * s * h  # the last stage: 4 bf16 logits, 4 input receive buffers
+    # The last stage at the last micro-batch's loss: 4 bf16 logits; 4 input receive buffers, the input gradients
+    # of the 3 micro-batches before it left on their buffers, less the in-flight buffer that is its first layer's
+    # saved input (already in the activations)
+    logits, buffers = m * 2 * s * V, (m + (m - 1) - 1) * 2 * s * h
     assert torch_pp["other"] - megatron["other"] == pytest.approx((logits + buffers) / 1e9)
     assert torch_pp["total"] - megatron["total"] == pytest.approx((logits + buffers) / 1e9)
     recomputed_layer = torch_pp["activations"] * 1e9 - 16 * 2 * s * h  # one micro-batch of 16 layer inputs
@@ -384,6 +388,42 @@ def test_cp_allgather_holds_every_ranks_k_and_v(manager):
     gathered = predict(config(long, cp_rotate="allgather", **base), manager)["memory_gb"]
     local = model.seq_len // 8
     assert gathered["activations"] - ring["activations"] == pytest.approx(8 * 4 * local * model.hidden / 1e9)
+
+
+def test_torch_pipelining_boundaries_walked_hand_computed():
+    from dspark_lab.planner.model import liveness
+
+    sched = liveness.schedule("1f1b", 2, 4, 1)  # rank 0: F0 F1 B0 F2 B1 F3 B2 B3; rank 1: F0 B0 F1 B1 ... B3
+    layers = (16, 16)
+    # without boundaries: rank 0 holds two micro-batches of 16 layers with its gradients (chunk 0 of each rank)
+    assert liveness.rank_envelope(sched, 0, layers) == ((32, frozenset({0}), 0),)
+    # the first stage keeps every forward output (output_chunks): 4 outputs by its last forward, 2 in flight
+    assert liveness.rank_envelope(sched, 0, layers, True) == ((32, frozenset({0}), 4),)
+    # the last stage at its 4th forward: 3 input gradients kept, less the in-flight receive buffer that is its
+    # first layer's saved input; after the last backward 4 input gradients and no saved input
+    assert liveness.rank_envelope(sched, 1, layers, True) == ((16, frozenset({0}), 2), (0, frozenset({0}), 4))
+    # a stage of no layers saves no input: its receive buffer is not shared
+    assert liveness.rank_envelope(sched, 1, (16, 0), True) == ((0, frozenset({0}), 4),)
+
+
+def test_fp8_allgather_keeps_the_gathered_blocks_in_one_byte(manager):
+    assert memory.unsharded_weight_bytes("fp8", True) == 1
+    assert memory.unsharded_weight_bytes("fp8", False) == memory.unsharded_weight_bytes("bf16", True) == 2
+    assert memory.state_bytes(1000, 2, 8, 600) == (2 * 1000 - 600, 4 * 1000 / 8, 12 * 1000 / 8)
+    assert memory.state_bytes(1000, 3, 8, 600) == (2 * 1000 / 8, 4 * 1000 / 8, 12 * 1000 / 8)  # shards unchanged
+    assert memory.fsdp_buffers(3, 100.0, block_weight_bytes=1) == (2 * 100.0, 6 * 100.0)
+    model = ModelConfig.from_dict(preset("llama3-8b"))
+    blocks = model.layers * flops.layer_params(model, 0)
+    base = dict(tp=1, dp=8, micro_batch=1, global_batch=8, recompute="full", zero=2, precision="fp8")
+    bf16 = predict(config(**base), manager)["memory_gb"]
+    fp8 = predict(config(fp8_allgather=True, **base), manager)["memory_gb"]
+    assert bf16["params"] - fp8["params"] == pytest.approx(blocks / 1e9)  # 2 -> 1 byte per block parameter
+    assert {k: v for k, v in fp8.items() if k not in ("params", "total")} == \
+        {k: v for k, v in bf16.items() if k not in ("params", "total")}
+    # torchtitan casts to fp8 only with float8 training: a bf16 run gathers bf16
+    bf16_run = dict(base, precision="bf16")
+    assert predict(config(fp8_allgather=True, **bf16_run), manager)["memory_gb"] == \
+        predict(config(**bf16_run), manager)["memory_gb"]
 
 
 def test_pipeline_buffers_hand_computed():

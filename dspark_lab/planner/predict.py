@@ -254,18 +254,21 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
 
     # Data-parallel gradient reduction and parameter gather, over dp*cp ranks placed tp apart.
     stage_params = _stage_params(model, counts, starts, rank_stages, t, e)
+    # Gathered bytes: the blocks' weights travel in fp8 under FSDP's fp8 all-gather (memory.unsharded_weight_bytes)
+    fp8_gathered = memory.unsharded_weight_bytes(lay.precision, lay.fp8_allgather) == 1
+    gather_bytes = 2 * stage_params - (_block_params(model, counts, starts, rank_stages, t, e) if fp8_gathered else 0)
     shard = d * c
     dp_t = 0.0
     if shard > 1:
         if lay.zero >= 3:
-            per_mb = (2 * comm.collective("all_gather", 2 * stage_params, shard, t, links)
+            per_mb = (2 * comm.collective("all_gather", gather_bytes, shard, t, links)
                       + comm.collective("reduce_scatter", 2 * stage_params, shard, t, links))
             mb_compute = sum(sum(stage_costs[k]) for k in rank_stages)
             dp_t = m * max(0.0, per_mb - 0.8 * mb_compute) + per_mb / max(1, len(rank_stages) * 4)
         else:
             kind = "reduce_scatter" if lay.zero >= 1 else "all_reduce"
             grad = comm.collective(kind, GRAD_COMM_BYTES * stage_params, shard, t, links)
-            gather = comm.collective("all_gather", 2 * stage_params, shard, t, links) if lay.zero >= 1 else 0.0
+            gather = comm.collective("all_gather", gather_bytes, shard, t, links) if lay.zero >= 1 else 0.0
             window = sum(stage_costs[k][1] + stage_costs[k][2] for k in rank_stages)  # last micro-batch's backward
             grad_exposed = max(0.0, grad - window) + 0.05 * grad if lay.overlap_grad_reduce else grad
             fwd_window = sum(stage_costs[k][0] for k in rank_stages)
@@ -300,9 +303,14 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
     }
 
 
+def _block_params(model: ModelConfig, counts, starts, rank_stages, t: int, e: int) -> float:
+    """Parameters of the transformer blocks one GPU of the given pipeline rank holds."""
+    return sum(_layer_params(model, i, t, e) for k in rank_stages for i in range(starts[k], starts[k] + counts[k]))
+
+
 def _stage_params(model: ModelConfig, counts, starts, rank_stages, t: int, e: int) -> float:
     """Parameters one GPU of the given pipeline rank holds (expert weights split over ep, the rest over tp)."""
-    total = sum(_layer_params(model, i, t, e) for k in rank_stages for i in range(starts[k], starts[k] + counts[k]))
+    total = _block_params(model, counts, starts, rank_stages, t, e)
     last = len(counts) - 1
     if 0 in rank_stages:
         total += flops.embedding_params(model) / t
@@ -324,7 +332,8 @@ def _fsdp_buffers(model: ModelConfig, lay: Layout, counts, starts, mine, stages:
                 default=0.0)
     out = flops.output_params(model) / t if stages - 1 in mine else 0.0
     root = (flops.embedding_params(model) / t if 0 in mine else 0.0) + out
-    return memory.fsdp_buffers(lay.zero, block, root, out)
+    return memory.fsdp_buffers(lay.zero, block, root, out,
+                               memory.unsharded_weight_bytes(lay.precision, lay.fp8_allgather))
 
 
 def _rank_stages(rank: int, p: int, v: int, chunks: int, stages: int) -> list[int]:
@@ -359,15 +368,19 @@ def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device
     # only the shard (state_bytes) stays.
     lazy_grads = lay.zero == 2
     shard = lay.dp * c
+    torch_pp = lay.pp_runtime == "torch" and p > 1
+    boundary = memory.boundary_bytes(s, b, model.hidden, t, sp)
     if p > 1:
-        env = liveness.envelopes((lay.schedule, p, m, v), tuple(counts))
+        env = liveness.envelopes((lay.schedule, p, m, v), tuple(counts), torch_pp)
     else:
-        env = (((counts[0], frozenset({0})),),)  # one stage: a micro-batch's layers, then its gradients
+        env = (((counts[0], frozenset({0}), 0),),)  # one stage: a micro-batch's layers, then its gradients
     best = None
     for r in range(p):
         mine = _rank_stages(r, p, v, chunks, stages)
         params = _stage_params(model, counts, starts, mine, t, e)
-        weights, grads, optimizer = memory.state_bytes(params, lay.zero, shard)
+        fp8_params = (_block_params(model, counts, starts, mine, t, e)
+                      if memory.unsharded_weight_bytes(lay.precision, lay.fp8_allgather) == 1 else 0.0)
+        weights, grads, optimizer = memory.state_bytes(params, lay.zero, shard, fp8_params)
         gathered, grad_buffers = (_fsdp_buffers(model, lay, counts, starts, mine, stages)
                                   if lay.zero >= 3 and shard > 1 else (0.0, 0.0))
         weights += gathered
@@ -377,10 +390,10 @@ def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device
             for ch in range(chunks):
                 stage = sched.where(r, ch)[1] % stages if sched else 0
                 chunk_grads[ch] = memory.GRAD_BYTES * _stage_params(model, counts, starts, [stage], t, e)
-            act, grads = max(((a * per_layer + extra, sum(chunk_grads[x] for x in g)) for a, g in env[r]),
-                             key=sum)
+            act, grads, at_boundaries = max(((a * per_layer + extra, sum(chunk_grads[x] for x in g), k * boundary)
+                                             for a, g, k in env[r]), key=sum)
         else:
-            act = max(a for a, _ in env[r]) * per_layer + extra
+            act, at_boundaries = max(((a * per_layer + extra, k * boundary) for a, _, k in env[r]), key=sum)
             grads += grad_buffers
         other = OTHER_GB * 1e9
         if stages - 1 in mine:
@@ -391,11 +404,12 @@ def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device
             # while the last micro-batch's layers are recomputed.
             logits = memory.loss_bytes_per_logit(lay.loss, t > 1) * b * s * model.vocab / t
             at_loss = logits + memory.head_input_bytes(s, b, model.hidden, t, sp, lay.sp_regather)
-            kept = memory.kept_output_bytes(b, s, model.vocab, t, m) if lay.pp_runtime == "torch" and p > 1 else 0.0
+            kept = memory.kept_output_bytes(b, s, model.vocab, t, m) if torch_pp else 0.0
             other += max(at_loss + kept, kept + extra) - extra
-        if lay.pp_runtime == "torch" and p > 1:
-            other += memory.pipeline_buffer_bytes(s, b, model.hidden, t, sp, m, sum(k > 0 for k in mine),
-                                                  sum(k < stages - 1 for k in mine))
+        if torch_pp:
+            other += at_boundaries + memory.pipeline_buffer_bytes(s, b, model.hidden, t, sp, m,
+                                                                  sum(k > 0 for k in mine),
+                                                                  sum(k < stages - 1 for k in mine))
         gb = {"params": weights / 1e9, "grads": grads / 1e9, "optimizer": optimizer / 1e9,
               "activations": act / 1e9, "other": other / 1e9}
         gb["total"] = sum(gb.values())

@@ -161,6 +161,7 @@ class Layout:
     sp_regather: bool = True
     pp_runtime: str = "megatron"
     cp_rotate: str = "ring"
+    fp8_allgather: bool = False
 
     @classmethod
     def from_dict(cls, obj: dict, where: str = "layout") -> "Layout":
@@ -187,7 +188,8 @@ class Layout:
                    loss=_choice(obj, "loss", where, LOSS, "fused"),
                    sp_regather=_choice(obj, "sp_regather", where, (True, False), True),
                    pp_runtime=_choice(obj, "pp_runtime", where, PP_RUNTIMES, "megatron"),
-                   cp_rotate=_choice(obj, "cp_rotate", where, CP_ROTATES, "ring"))
+                   cp_rotate=_choice(obj, "cp_rotate", where, CP_ROTATES, "ring"),
+                   fp8_allgather=_choice(obj, "fp8_allgather", where, (True, False), False))
 
 
 def check_layout(model: ModelConfig, cluster: Cluster, layout: Layout) -> None:

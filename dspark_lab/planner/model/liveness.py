@@ -26,43 +26,58 @@ def schedule(name: str, pp: int, microbatches: int, vpp: int) -> Schedule:
     return build(name, pp, microbatches, vpp)
 
 
-def _pareto(points: set[tuple[int, frozenset]]) -> tuple[tuple[int, frozenset], ...]:
+def _pareto(points: set[tuple[int, frozenset, int]]) -> tuple[tuple[int, frozenset, int], ...]:
     out = []
-    for act, grads in sorted(points, key=lambda x: (-x[0], -len(x[1]))):
-        if not any(a >= act and g >= grads for a, g in out):
-            out.append((act, grads))
+    for act, grads, kept in sorted(points, key=lambda x: (-x[0], -len(x[1]), -x[2])):
+        if not any(a >= act and g >= grads and k >= kept for a, g, k in out):
+            out.append((act, grads, kept))
     return tuple(out)
 
 
-def rank_envelope(schedule: Schedule, rank: int, stage_layers: tuple[int, ...]) -> tuple[tuple[int, frozenset], ...]:
-    """Candidate peaks of one rank: ``(live layer-micro-batches, chunks with gradients)``, Pareto-pruned."""
-    live = 0
+def rank_envelope(schedule: Schedule, rank: int, stage_layers: tuple[int, ...],
+                  boundaries: bool = False) -> tuple[tuple[int, frozenset, int], ...]:
+    """Candidate peaks of one rank: ``(live layer-micro-batches, chunks with gradients, kept boundaries)``,
+    Pareto-pruned. ``boundaries`` counts the stage-boundary tensors ``torch.distributed.pipelining`` keeps beyond
+    its preallocated receive buffers (torch 1963fc8, Dec 2024; ``memory.pipeline_buffer_bytes``): every stage's
+    forward output stays in ``output_chunks`` until the next step (``forward_one_chunk`` appends it on every
+    stage; the last stage's, its logits, are counted by ``memory.kept_output_bytes`` instead), and every input
+    gradient stays on its receive buffer's ``.grad`` (``stage_backward`` runs ``torch.autograd.backward``, which
+    accumulates into the buffer; ``clear_runtime_states`` clears it at the next step). While a micro-batch is in
+    flight on a receiving stage with layers, its receive buffer is its first layer's saved input, already counted
+    in the live layers, so one boundary less. Zero when ``boundaries`` is false."""
+    last = len(stage_layers) - 1
+    live = kept = 0
     grads: set[int] = set()
-    points = {(0, frozenset())}
+    points = {(0, frozenset(), 0)}
     for op in schedule.ops[rank]:
         for kind, _, chunk in op.parts():
-            layers = stage_layers[schedule.where(rank, chunk)[1]]
+            stage = schedule.where(rank, chunk)[1]
+            layers = stage_layers[stage]
+            shared_input = boundaries and 0 < stage and layers > 0
             if kind == "F":
                 live += layers
-                points.add((live, frozenset(grads)))
+                kept += (boundaries and stage < last) - shared_input
+                points.add((live, frozenset(grads), kept))
             elif kind in ("B", "Bi"):
                 if kind == "B" and chunk not in grads:
                     grads.add(chunk)  # the weight gradient appears while this chunk's activations are still live
-                    points.add((live, frozenset(grads)))
+                    points.add((live, frozenset(grads), kept))
                 live -= layers
+                kept += shared_input + (boundaries and stage > 0)  # the buffer is free of the layer; its gradient
+                points.add((live, frozenset(grads), kept))
             elif kind == "W" and chunk not in grads:
                 grads.add(chunk)
-                points.add((live, frozenset(grads)))
+                points.add((live, frozenset(grads), kept))
     return _pareto(points)
 
 
 @lru_cache(maxsize=1024)
-def envelopes(schedule_key: tuple, stage_layers: tuple[int, ...]) -> tuple:
+def envelopes(schedule_key: tuple, stage_layers: tuple[int, ...], boundaries: bool = False) -> tuple:
     """Per rank :func:`rank_envelope` for the schedule ``(name, pp, microbatches, vpp)``, cached across layouts."""
     s = schedule(*schedule_key)
-    return tuple(rank_envelope(s, r, stage_layers) for r in range(s.ranks))
+    return tuple(rank_envelope(s, r, stage_layers, boundaries) for r in range(s.ranks))
 
 
 def peak_layers(schedule: Schedule, rank: int, stage_layers: tuple[int, ...]) -> int:
     """Most layer-micro-batches of activations the rank holds at once."""
-    return max(a for a, _ in rank_envelope(schedule, rank, stage_layers))
+    return max(a for a, _, _ in rank_envelope(schedule, rank, stage_layers))

@@ -114,21 +114,24 @@ def cp_allgather_bytes(s: int, b: int, h: int, t: int, cp: int) -> float:
     return cp * 2 * (2 * s * b * h / t) if cp > 1 else 0.0
 
 
+def boundary_bytes(s: int, b: int, h: int, t: int, sequence_parallel: bool) -> float:
+    """One stage-boundary tensor per micro-batch: ``2sbh``, ``/t`` under SP (torchtitan passes the sequence shard)."""
+    return 2 * s * b * h / (t if sequence_parallel else 1)
+
+
 def pipeline_buffer_bytes(s: int, b: int, h: int, t: int, sequence_parallel: bool, microbatches: int,
                           receives: int, sends: int) -> float:
     """Receive buffers ``torch.distributed.pipelining`` allocates once per micro-batch and keeps (stage.py,
     ``_prepare_forward_infra`` and ``_prepare_backward_infra`` loop over the micro-batches): one for the input of
     each stage that receives activations and one for the output gradient of each stage that sends them, each a
-    stage-boundary tensor (``2sbh``, ``/t`` under SP, as torchtitan passes the sequence shard). An in-flight
-    micro-batch's input buffer is its first layer's saved input, already counted, and its stage output, kept in
-    ``fwd_cache`` until its backward, is not counted elsewhere; the two cancel, so all ``microbatches`` buffers of
-    each kind are added. ``receives`` / ``sends``: how many of the rank's stages have a previous / next stage."""
-    boundary = 2 * s * b * h / (t if sequence_parallel else 1)
-    return boundary * microbatches * (receives + sends)
+    stage-boundary tensor (:func:`boundary_bytes`). ``receives`` / ``sends``: how many of the rank's stages have a
+    previous / next stage. What else it keeps at a boundary (outputs, input gradients) depends on the moment and
+    is counted by the schedule walk (``liveness.rank_envelope(boundaries=True)``)."""
+    return boundary_bytes(s, b, h, t, sequence_parallel) * microbatches * (receives + sends)
 
 
 def fsdp_buffers(zero: int, block_params: float, root_params: float = 0.0,
-                 output_params: float = 0.0) -> tuple[float, float]:
+                 output_params: float = 0.0, block_weight_bytes: int = WEIGHT_BYTES) -> tuple[float, float]:
     """(weight, gradient) bytes of FSDP's working buffers at the peak, beyond the sharded states. ZeRO 2 (FSDP
     without resharding, gradients accumulated unsharded in fp32 across micro-batches) has its weights gathered
     already; a block's bf16 gradient before it joins the fp32 accumulator is not added, since it appears while that
@@ -137,17 +140,32 @@ def fsdp_buffers(zero: int, block_params: float, root_params: float = 0.0,
     the next one all-gathered in bf16 (FSDP2's implicit prefetch), its bf16 gradient and the fp32 copy it is
     reduce-scattered from (torchtitan reduces in fp32); or, while the last stage differentiates the loss, the root
     unit (embedding and output layer, which torchtitan shards together) and the prefetched last block in bf16, and
-    the output weight's bf16 gradient."""
+    the output weight's bf16 gradient. ``block_weight_bytes``: 1 where the blocks are all-gathered in fp8
+    (:func:`unsharded_weight_bytes`); their gradients stay bf16."""
     if zero < 3:
         return 0.0, 0.0
-    backward = (2 * 2 * block_params, (2 + 4) * block_params)
-    loss = (2 * (root_params + block_params), 2 * output_params)
+    backward = (2 * block_weight_bytes * block_params, (2 + 4) * block_params)
+    loss = (2 * root_params + block_weight_bytes * block_params, 2 * output_params)
     return max(backward, loss, key=sum)
 
 
-def state_bytes(params: float, zero: int, shard: int) -> tuple[float, float, float]:
-    """(weights, gradients, optimizer) bytes for ``params`` local parameters, ZeRO stage ``zero`` over ``shard``."""
+def unsharded_weight_bytes(precision: str, fp8_allgather: bool) -> int:
+    """Bytes per gathered weight of a transformer block. torchao's float8 with FSDP2's fp8 all-gather
+    (torchtitan's ``enable_fsdp_float8_all_gather``; torchtitan/float8.py enables it only when the dp_shard degree
+    is above 1) casts each shard to fp8 before the all-gather and keeps the gathered weight as a ``Float8Tensor``,
+    1 byte per element, which Float8Linear uses directly; otherwise the gathered weight is bf16, 2. The embedding
+    and the output layer (which torchtitan leaves out of Float8Linear) stay bf16; the blocks' norm weights (2h
+    per layer) are counted with their matmul weights."""
+    return 1 if precision == "fp8" and fp8_allgather else WEIGHT_BYTES
+
+
+def state_bytes(params: float, zero: int, shard: int, fp8_params: float = 0.0) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer) bytes for ``params`` local parameters, ZeRO stage ``zero`` over ``shard``.
+    ``fp8_params`` of them (a subset) are kept gathered in fp8 (:func:`unsharded_weight_bytes`): under ZeRO 0-2
+    (FSDP without resharding) the gathered weights stay all step, 1 byte each instead of 2."""
     weights = WEIGHT_BYTES * params / (shard if zero >= 3 else 1)
+    if zero < 3:
+        weights -= (WEIGHT_BYTES - 1) * fp8_params
     grads = GRAD_BYTES * params / (shard if zero >= 2 else 1)
     optimizer = OPTIMIZER_BYTES * params / (shard if zero >= 1 else 1)
     return weights, grads, optimizer
