@@ -13,7 +13,8 @@ ZeRO-2 also the gradients, ZeRO-3 / FSDP also the weights (Rajbhandari et al. 20
 working copies (FSDP2's per-block all-gather and prefetch, ``fsdp_buffers``). torchtitan's op-level selective checkpointing
 (``op_sac_bytes``), the loss's fp32 logits (``loss_bytes_per_logit``), the output layer's saved input
 (``head_input_bytes``), and the logits and receive buffers ``torch.distributed.pipelining`` keeps
-(``kept_output_bytes``, ``pipeline_buffer_bytes``) are counted from what the PyTorch code keeps.
+(``kept_output_bytes``, ``pipeline_buffer_bytes``) and FSDP's fp8 all-gather (``unsharded_weight_bytes``) are
+counted from what the PyTorch code keeps.
 """
 
 from __future__ import annotations
