@@ -3,17 +3,17 @@
 Plain Python over :class:`TrialJob` (apply values at a step boundary, read the next steps' times and peak memory),
 so it runs the same on the real job (:mod:`.driver`) and on a fake job with scripted step times (the tests).
 
-A trial compares a candidate C with the incumbent I in pairs of adjacent blocks, ordered ABBA: ``I C | C I | I C |
-C I ...`` (one switch per pair; the warm-up steps after each switch are discarded, then ``block`` steps measured).
-The unit of evidence is a pair, not a step: steps of one block share the machine's load at that moment, so they are
-not independent, and adjacent blocks share it the most. Per pair d = log(median C block / median I block); the
-order alternates, so a linear drift adds +e and -e to alternate pairs and cancels (a design balanced for a
-trend: Cox, "Planning of Experiments", 1958; the reason Kalibera and Jones, "Rigorous Benchmarking in Reasonable
-Time", ISMM 2013, interleave). The ratio is exp(mean d) with a Student-t interval over pairs (n - 1 degrees of freedom). From
-``min_pairs`` pairs on, the trial is judged after every pair, and a budget-limited trial has at most K such looks,
-so each look uses the 1 - (1 - confidence)/K interval (Bonferroni: the chance of any false verdict over the
-trial's looks stays within 1 - confidence; Jennison and Turnbull, "Group Sequential Methods with Applications to Clinical
-Trials", 2000).
+A trial compares a candidate C with the incumbent I in pairs of adjacent blocks, ordered ABBA: ``I C | C I | I C | C I
+...`` (one switch per pair; the warm-up steps after each switch are discarded, then ``block`` steps measured). The
+unit of evidence is a pair, not a step: steps of one block share the machine's load at that moment, so they are not
+independent, and adjacent blocks share it the most. Per pair d = log(median C block / median I block); the order
+alternates, so a linear drift adds +e and -e to alternate pairs and cancels (a design balanced for a trend: Cox,
+"Planning of Experiments", 1958; the reason Kalibera and Jones, "Rigorous Benchmarking in Reasonable Time", ISMM 2013,
+interleave). The ratio is exp(mean d) with a Student-t interval over pairs (n - 1 degrees of freedom). From
+``min_pairs`` pairs on, the trial is judged after every pair, and a budget-limited trial has at most K such looks, so
+each look uses the 1 - (1 - confidence)/K interval (Bonferroni: the chance of any false verdict over the trial's looks
+stays within 1 - confidence; Jennison and Turnbull, "Group Sequential Methods with Applications to Clinical Trials",
+2000).
 Verdicts: win when the interval lies below 1 and the ratio is at least ``min_gain`` faster, loss the mirror, tie
 (stopped early) when the interval lies within ``1 +- min_gain``; otherwise the trial goes on to its budget and
 is a tie ("not separated"): the incumbent stays (a switch is never paid for on no evidence).
