@@ -221,6 +221,7 @@ class Search:
     # --- the search ----------------------------------------------------------------------------------------------
 
     def run(self) -> Outcome:
+        paired_ratio_ci([0.0, 0.0], 0.95)  # loads scipy now: a second's import inside a trial would cost it steps
         began = time.monotonic()
         self._start_step = self.job.step
         out = Outcome(start=dict(self.start), best=self.incumbent, best_step_time_s=None, best_peak_bytes=None,
@@ -298,7 +299,8 @@ class Search:
                 if self.should_stop():
                     trial.verdict, trial.reason = "stopped", "the tune was stopped"
                     break
-                if len(pairs) >= max_pairs or used + pair_steps(o) + SWITCH_STEPS > limit:
+                per_pair = max(pair_steps(o), used / len(pairs))  # a real switch can take more steps than 2
+                if len(pairs) >= max_pairs or used + 2 * per_pair - o.warmup - 2 * o.block > limit:
                     trial.verdict = "tie"
                     trial.reason = trial.reason or (f"not separated in {len(pairs)} pairs of blocks: "
                                                     "the incumbent stays")
