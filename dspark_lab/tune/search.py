@@ -9,11 +9,11 @@ unit of evidence is a pair, not a step: steps of one block share the machine's l
 independent, and adjacent blocks share it the most. Per pair d = log(median C block / median I block); the order
 alternates, so a linear drift adds +e and -e to alternate pairs and cancels (a design balanced for a trend: Cox,
 "Planning of Experiments", 1958; the reason Kalibera and Jones, "Rigorous Benchmarking in Reasonable Time", ISMM 2013,
-interleave). The ratio is exp(mean d) with a Student-t interval over pairs (n - 1 degrees of freedom). From
-``min_pairs`` pairs on, the trial is judged after every pair, and a budget-limited trial has at most K such looks, so
-each look uses the 1 - (1 - confidence)/K interval (Bonferroni: the chance of any false verdict over the trial's looks
-stays within 1 - confidence; Jennison and Turnbull, "Group Sequential Methods with Applications to Clinical Trials",
-2000).
+interleave). The ratio is exp(mean d) with a Student-t interval over pairs (n - 1 degrees of freedom). The trial is
+judged after every complete ABBA cycle (an even number of pairs, where a linear drift cancels exactly) from
+``min_pairs`` on, and a budget-limited trial has at most K such looks, so each look uses the 1 - (1 - confidence)/K
+interval (Bonferroni: the chance of any false verdict over the trial's looks stays within 1 - confidence; Jennison and
+Turnbull, "Group Sequential Methods with Applications to Clinical Trials", 2000).
 Verdicts: win when the interval lies below 1 and the ratio is at least ``min_gain`` faster, loss the mirror, tie
 (stopped early) when the interval lies within ``1 +- min_gain``; otherwise the trial goes on to its budget and
 is a tie ("not separated"): the incumbent stays (a switch is never paid for on no evidence).
@@ -65,9 +65,9 @@ class TuneOptions:
     budget_steps: int = 200
     warmup: int = 2
     block: int = 4
-    min_pairs: int = 3  # pairs of blocks before a throughput verdict (a t-interval needs a few)
+    min_pairs: int = 4  # pairs of blocks before a throughput verdict (a t-interval needs a few; even: ABBA cycles)
     max_pairs: int = 8
-    max_trial_steps: int = 80  # the per-trial budget: an undecided trial is extended up to it, then a tie
+    max_trial_steps: int = 110  # the per-trial budget: an undecided trial is extended up to it, then a tie
     min_gain: float = 0.03  # a win must be at least this much faster; a tie is within it
     margin: float = 0.10  # memory safety margin of a prediction
     confidence: float = 0.95  # over all the looks of one trial (Bonferroni)
@@ -174,6 +174,12 @@ def paired_ratio_ci(logs: list[float], level: float) -> tuple[float, tuple[float
     return math.exp(mean), (math.exp(mean - half), math.exp(mean + half))
 
 
+def look_points(min_pairs: int, max_pairs: int) -> list[int]:
+    """The pair counts at which a throughput verdict is tried: complete ABBA cycles (an even count, where a linear
+    drift cancels exactly) from ``min_pairs`` on."""
+    return [n for n in range(min_pairs, max_pairs + 1) if n % 2 == 0]
+
+
 def pair_steps(o: TuneOptions) -> int:
     """Steps one pair of blocks takes: a switch, the warm-up after it, and two blocks (ABBA needs one switch a pair)."""
     return SWITCH_STEPS + o.warmup + 2 * o.block
@@ -270,7 +276,7 @@ class Search:
         began = self.job.step
         limit = min(o.max_trial_steps, self._left())
         max_pairs = max(o.min_pairs, min(o.max_pairs, (limit - SWITCH_STEPS) // pair_steps(o)))
-        looks = max_pairs - o.min_pairs + 1  # the decision is tried after each pair from min_pairs on
+        looks = len(look_points(o.min_pairs, max_pairs))  # fixed before any time is measured (Bonferroni's K)
         pairs: list[tuple[list[Sample], list[Sample]]] = []  # (incumbent block, candidate block), in time order
         in_force = "I"
         configs = {"I": self.incumbent, "C": candidate}
@@ -300,7 +306,9 @@ class Search:
                     trial.verdict, trial.reason = "stopped", "the tune was stopped"
                     break
                 per_pair = max(pair_steps(o), used / len(pairs))  # a real switch can take more steps than 2
-                if len(pairs) >= max_pairs or used + 2 * per_pair - o.warmup - 2 * o.block > limit:
+                to_next_look = next((n for n in look_points(o.min_pairs, max_pairs) if n > len(pairs)), 0) \
+                    - len(pairs)
+                if to_next_look <= 0 or used + (to_next_look + 1) * per_pair - o.warmup - 2 * o.block > limit:
                     trial.verdict = "tie"
                     trial.reason = trial.reason or (f"not separated in {len(pairs)} pairs of blocks: "
                                                     "the incumbent stays")
@@ -339,7 +347,7 @@ class Search:
                 trial.reason = f"peak {c_peak / i_peak - 1:+.1%}"
                 return "win"
             return "loss" if c_peak > i_peak * (1 + o.min_gain) else "tie"
-        if len(pairs) < o.min_pairs or ci is None:
+        if len(pairs) not in look_points(o.min_pairs, o.max_pairs) or ci is None:
             return ""
         lo, hi = ci
         if hi < 1 and ratio <= 1 - o.min_gain:
