@@ -360,10 +360,12 @@ class Search:
         return ""
 
     def _score(self, trial: Trial, pairs, looks: int):
-        logs = [math.log(block_median(c) / block_median(i)) for i, c in pairs]
+        logs = [math.log(block_median(c) / block_median(i)) for i, c in pairs if i and c]  # a read can miss steps
+        if not logs:
+            return None, None
         ratio, ci = paired_ratio_ci(logs, 1 - (1 - self.options.confidence) / looks)
         trial.ratio, trial.ci = ratio, ci
-        trial.incumbent_step_time_s = float(median([s.step_time_s for i, _ in pairs for s in i]))
+        trial.incumbent_step_time_s = float(median([s.step_time_s for i, c in pairs if i and c for s in i]))
         return ratio, ci
 
 
