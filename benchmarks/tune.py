@@ -145,7 +145,7 @@ def live_tune(job_name: str, budget: int, fraction: float) -> tuple[dict, float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="steps of each oracle run (10 to 1000)")
-    parser.add_argument("--budget-steps", type=int, default=150)
+    parser.add_argument("--budget-steps", type=int, default=200, help="the tune's step budget (its default: 200)")
     parser.add_argument("--cap-fraction", type=float, default=0.5,
                         help="the cap as a fraction of the unconstrained peak (0.05 to 1; default 0.5)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of oracle runs (2 to 8)")
@@ -168,8 +168,9 @@ def main() -> None:
     for t in state["trials"]:
         ci = f"[{t['ci'][0]:.3f}, {t['ci'][1]:.3f}]" if t["ci"] else "-"
         ratio = f"{t['ratio']:.3f}" if t["ratio"] is not None else "-"
-        print(f"  trial {t['change']}: {t['verdict']}, {t['steps']} steps, ratio {ratio} {ci}, "
-              f"peak {t['peak_bytes'] / 1024:.1f} KB")
+        peak = f"{t['peak_bytes'] / 1024:.1f} KB" if t["peak_bytes"] is not None else "-"
+        print(f"  trial {t['change']}: {t['verdict']}, {t['steps']} steps, ratio {ratio} {ci}, peak {peak}"
+              + (f" ({t['reason']})" if t["verdict"] in ("tie", "skipped_budget") else ""))
 
     configs = list(itertools.product(*KEYS.values()))
     runs: dict[tuple, list[dict]] = {values: [] for values in configs}

@@ -9,9 +9,10 @@ widget driven by the dashboard's :class:`~dspark_lab.jupyter.poller.Poller`; new
 source (small patches through jupyter_bokeh).
 
 The chart plots each trial at the incumbent's step time times the trial's ratio, with its whiskers at the incumbent
-times the ratio's 95% bootstrap CI: the ratio is the drift-corrected statistic the search decides on (each candidate
-block over the incumbent blocks around it, docs/tune.md), so the points and whiskers are the numbers the verdict
-came from. Trials with no ratio (over the cap, failed) are drawn at their raw median step time without whiskers.
+times the ratio's interval: the ratio is the drift-corrected statistic the search decides on (the geometric mean of
+candidate/incumbent over adjacent ABBA pairs of blocks, with its Student-t interval at 95% over the trial's looks,
+docs/tune.md), so the points and whiskers are the numbers the verdict came from. Trials with no ratio (over the cap,
+failed) are drawn at their raw median step time without whiskers.
 """
 
 from __future__ import annotations

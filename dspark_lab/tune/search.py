@@ -3,14 +3,20 @@
 Plain Python over :class:`TrialJob` (apply values at a step boundary, read the next steps' times and peak memory),
 so it runs the same on the real job (:mod:`.driver`) and on a fake job with scripted step times (the tests).
 
-A trial compares a candidate C with the incumbent I in interleaved blocks, ``I C I C I ...`` (ABAB): after every
-change the first ``warmup`` steps are discarded, then ``block`` steps are measured. Each C block is divided by the
-mean of the medians of the two I blocks around it, so a machine whose speed drifts linearly cancels out of the
-ratio (the same reason A/B tests interleave; Kalibera and Jones, "Rigorous Benchmarking in Reasonable Time",
-ISMM 2013). The statistic is the median of those per-step ratios with a percentile bootstrap 95% CI (Efron and
-Tibshirani 1993) over the measured steps. A trial ends as soon as the CI lies below ``1 - min_gain`` (win), above
-``1 + min_gain`` (loss), inside ``[1 - min_gain, 1 + min_gain]`` (tie), or when its step budget ends (tie: not
-separated).
+A trial compares a candidate C with the incumbent I in pairs of adjacent blocks, ordered ABBA: ``I C | C I | I C | C I
+...`` (one switch per pair; the warm-up steps after each switch are discarded, then ``block`` steps measured). The
+unit of evidence is a pair, not a step: steps of one block share the machine's load at that moment, so they are not
+independent, and adjacent blocks share it the most. Per pair d = log(median C block / median I block); the order
+alternates, so a linear drift adds +e and -e to alternate pairs and cancels (a design balanced for a trend: Cox,
+"Planning of Experiments", 1958; the reason Kalibera and Jones, "Rigorous Benchmarking in Reasonable Time", ISMM 2013,
+interleave). The ratio is exp(mean d) with a Student-t interval over pairs (n - 1 degrees of freedom). The trial is
+judged after every complete ABBA cycle (an even number of pairs, where a linear drift cancels exactly) from
+``min_pairs`` on, and a budget-limited trial has at most K such looks, so each look uses the 1 - (1 - confidence)/K
+interval (Bonferroni: the chance of any false verdict over the trial's looks stays within 1 - confidence; Jennison and
+Turnbull, "Group Sequential Methods with Applications to Clinical Trials", 2000).
+Verdicts: win when the interval lies below 1 and the ratio is at least ``min_gain`` faster, loss the mirror, tie
+(stopped early) when the interval lies within ``1 +- min_gain``; otherwise the trial goes on to its budget and
+is a tie ("not separated"): the incumbent stays (a switch is never paid for on no evidence).
 
 Memory: the incumbent's measured peak times per-policy ratios learned from earlier trials (one factor per
 key=value relative to that key's first-seen value) predicts a candidate's peak; a prediction over the cap with the
@@ -21,13 +27,13 @@ and marked failed. The search goes on; at the end the incumbent (the best found)
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass, field
-from statistics import median
+from statistics import fmean, median, stdev
 from typing import Any, Callable, Protocol
 
 OBJECTIVES = ("throughput", "memory")
+SWITCH_STEPS = 2  # steps a change takes to be in force on every rank (the coordinator's margin): a nominal figure
 VERDICTS = ("win", "loss", "tie", "over_cap", "predicted_over_cap", "failed", "stopped", "skipped_budget")
 
 
@@ -59,13 +65,12 @@ class TuneOptions:
     budget_steps: int = 200
     warmup: int = 2
     block: int = 4
-    min_pairs: int = 2
-    max_trial_steps: int = 60
+    min_pairs: int = 4  # pairs of blocks before a throughput verdict (a t-interval needs a few; even: ABBA cycles)
+    max_pairs: int = 8
+    max_trial_steps: int = 110  # the per-trial budget: an undecided trial is extended up to it, then a tie
     min_gain: float = 0.03  # a win must be at least this much faster; a tie is within it
     margin: float = 0.10  # memory safety margin of a prediction
-    confidence: float = 0.95
-    resamples: int = 2000
-    seed: int = 0
+    confidence: float = 0.95  # over all the looks of one trial (Bonferroni)
 
     def __post_init__(self):
         from dspark_lab.errors import DSparkError
@@ -151,16 +156,33 @@ class MemoryModel:
         return peak
 
 
-def ratio_ci(c_blocks: list[list[float]], i_refs: list[float], confidence: float, resamples: int,
-             rng: random.Random) -> tuple[float, tuple[float, float]]:
-    """Median of per-step ratios C / (bracketing incumbent reference), and its percentile-bootstrap CI.
+def block_median(block: list[Sample]) -> float:
+    return float(median([s.step_time_s for s in block]))
 
-    Plain Python (no numpy): the control endpoint imports this module, and the CLI verbs that talk to it stay light.
-    """
-    ratios = [t / ref for block, ref in zip(c_blocks, i_refs) for t in block]
-    stats = sorted(median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
-    alpha = (1 - confidence) / 2
-    return median(ratios), (stats[int(alpha * (resamples - 1))], stats[math.ceil((1 - alpha) * (resamples - 1))])
+
+def paired_ratio_ci(logs: list[float], level: float) -> tuple[float, tuple[float, float] | None]:
+    """Geometric mean of the per-pair ratios exp(mean(logs)) and its Student-t interval at ``level`` (n - 1 degrees
+    of freedom); no interval from a single pair. scipy is imported here, not at module import: the control endpoint
+    imports this module and the CLI verbs that talk to it stay light."""
+    from scipy.stats import t as student_t
+
+    n = len(logs)
+    mean = fmean(logs)
+    if n < 2:
+        return math.exp(mean), None
+    half = float(student_t.ppf(1 - (1 - level) / 2, n - 1)) * stdev(logs) / math.sqrt(n)
+    return math.exp(mean), (math.exp(mean - half), math.exp(mean + half))
+
+
+def look_points(min_pairs: int, max_pairs: int) -> list[int]:
+    """The pair counts at which a throughput verdict is tried: complete ABBA cycles (an even count, where a linear
+    drift cancels exactly) from ``min_pairs`` on."""
+    return [n for n in range(min_pairs, max_pairs + 1) if n % 2 == 0]
+
+
+def pair_steps(o: TuneOptions) -> int:
+    """Steps one pair of blocks takes: a switch, the warm-up after it, and two blocks (ABBA needs one switch a pair)."""
+    return SWITCH_STEPS + o.warmup + 2 * o.block
 
 
 class Search:
@@ -174,7 +196,6 @@ class Search:
         self.incumbent = dict(start)
         self.log, self.should_stop = log, should_stop
         self.memory = MemoryModel()
-        self.rng = random.Random(options.seed)
         self.incumbent_time: float | None = None
         self.incumbent_peak: float | None = None
         self._start_step = 0
@@ -191,9 +212,11 @@ class Search:
         cap = self.options.max_peak_bytes
         return cap is not None and peak is not None and peak * (1 + margin) > cap
 
-    def _block(self) -> list[Sample]:
-        """Discard the warm-up steps after a change, then measure one block."""
-        self.job.read(self.options.warmup)
+    def _block(self, warm: bool = False) -> list[Sample]:
+        """Discard the warm-up steps after a change (unless ``warm``: the same configuration ran the block before),
+        then measure one block."""
+        if not warm:
+            self.job.read(self.options.warmup)
         return self.job.read(self.options.block)
 
     @staticmethod
@@ -204,6 +227,7 @@ class Search:
     # --- the search ----------------------------------------------------------------------------------------------
 
     def run(self) -> Outcome:
+        paired_ratio_ci([0.0, 0.0], 0.95)  # loads scipy now: a second's import inside a trial would cost it steps
         began = time.monotonic()
         self._start_step = self.job.step
         out = Outcome(start=dict(self.start), best=self.incumbent, best_step_time_s=None, best_peak_bytes=None,
@@ -219,7 +243,7 @@ class Search:
                 if self.should_stop():
                     out.stopped = True
                     break
-                needed = 2 * (self.options.warmup + self.options.block) * self.options.min_pairs + 4
+                needed = pair_steps(self.options) * self.options.min_pairs + SWITCH_STEPS
                 if self._left() < needed:
                     trial = Trial(candidate, {key: value}, verdict="skipped_budget",
                                   reason=f"{self._left()} steps left, a trial needs {needed}")
@@ -250,27 +274,47 @@ class Search:
             trial.verdict, trial.reason = "predicted_over_cap", "the memory model predicts a peak over the cap"
             return trial
         began = self.job.step
-        i_blocks = [self._block()]  # the incumbent block that opens the bracket (it is in force now)
-        c_blocks: list[list[Sample]] = []
+        limit = min(o.max_trial_steps, self._left())
+        max_pairs = max(o.min_pairs, min(o.max_pairs, (limit - SWITCH_STEPS) // pair_steps(o)))
+        looks = len(look_points(o.min_pairs, max_pairs))  # fixed before any time is measured (Bonferroni's K)
+        pairs: list[tuple[list[Sample], list[Sample]]] = []  # (incumbent block, candidate block), in time order
+        in_force = "I"
+        configs = {"I": self.incumbent, "C": candidate}
         try:
             while True:
-                self.job.apply(candidate)
-                c_blocks.append(self._block())
-                self.job.apply(self.incumbent)
-                if self._over(self._peak(c_blocks[-1])):
-                    trial.verdict = "over_cap"
-                    trial.reason = "measured peak over the cap: rolled back"
+                order = ("I", "C") if len(pairs) % 2 == 0 else ("C", "I")  # ABBA: I C | C I | I C | ...
+                blocks = {}
+                for label in order:
+                    fresh = label != in_force or not pairs and not blocks
+                    if label != in_force:
+                        self.job.apply(configs[label])
+                        in_force = label
+                    blocks[label] = self._block(warm=not fresh)
+                    if label == "C" and self._over(self._peak(blocks["C"])):
+                        break
+                if "I" not in blocks or self._over(self._peak(blocks["C"])):
+                    trial.verdict, trial.reason = "over_cap", "measured peak over the cap: rolled back"
+                    pairs.append((blocks.get("I", []), blocks["C"]))
                     break
-                i_blocks.append(self._block())
-                verdict = self._judge(trial, c_blocks, i_blocks)
+                pairs.append((blocks["I"], blocks["C"]))
+                verdict = self._judge(trial, pairs, looks)
                 if verdict:
                     trial.verdict = verdict
                     break
-                if self.job.step - began + 2 * (o.warmup + o.block) + 4 > min(o.max_trial_steps, self._left()) \
-                        or self.should_stop():
-                    trial.verdict = "stopped" if self.should_stop() else "tie"
-                    trial.reason = trial.reason or "not separated within the trial budget"
+                used = self.job.step - began
+                if self.should_stop():
+                    trial.verdict, trial.reason = "stopped", "the tune was stopped"
                     break
+                per_pair = max(pair_steps(o), used / len(pairs))  # a real switch can take more steps than 2
+                to_next_look = next((n for n in look_points(o.min_pairs, max_pairs) if n > len(pairs)), 0) \
+                    - len(pairs)
+                if to_next_look <= 0 or used + (to_next_look + 1) * per_pair - o.warmup - 2 * o.block > limit:
+                    trial.verdict = "tie"
+                    trial.reason = trial.reason or (f"not separated in {len(pairs)} pairs of blocks: "
+                                                    "the incumbent stays")
+                    break
+            if in_force != "I":
+                self.job.apply(self.incumbent)  # each trial ends on the incumbent
         except Exception as exc:  # an apply that raises: back to the incumbent, mark failed, go on
             trial.verdict, trial.reason = "failed", f"{type(exc).__name__}: {exc}"[:300]
             try:
@@ -278,49 +322,50 @@ class Search:
             except Exception as again:
                 trial.reason += f"; restoring the incumbent failed too: {again}"[:200]
         trial.steps = self.job.step - began
-        if c_blocks:
-            trial.peak_bytes = self._peak([s for b in c_blocks for s in b])
-            trial.median_step_time_s = float(median([s.step_time_s for b in c_blocks for s in b]))
-            incumbent_peak = self._peak([s for b in i_blocks for s in b])
+        c_steps = [s for _, c in pairs for s in c]
+        if c_steps:
+            trial.peak_bytes = self._peak(c_steps)
+            trial.median_step_time_s = float(median([s.step_time_s for s in c_steps]))
+            incumbent_peak = self._peak([s for i, _ in pairs for s in i])
             self.memory.learn(self.incumbent, candidate, incumbent_peak, trial.peak_bytes)
-            if trial.verdict == "win":
-                trial.median_step_time_s = self.incumbent_time * (trial.ratio or 1.0)
+            if trial.verdict == "win" and trial.ratio is not None:
+                trial.median_step_time_s = self.incumbent_time * trial.ratio
         return trial
 
-    def _judge(self, trial: Trial, c_blocks, i_blocks) -> str:
+    def _judge(self, trial: Trial, pairs, looks: int) -> str:
         o = self.options
-        c_peak = self._peak([s for b in c_blocks for s in b])
-        i_peak = self._peak([s for b in i_blocks for s in b])
-        incumbent_feasible = not self._over(i_peak)
-        if not incumbent_feasible and c_peak is not None and not self._over(c_peak):
+        c_peak = self._peak([s for _, c in pairs for s in c])
+        i_peak = self._peak([s for i, _ in pairs for s in i])
+        ratio, ci = self._score(trial, pairs, looks)  # reported even when the budget ends the trial
+        if self._over(i_peak) and c_peak is not None and not self._over(c_peak):
             trial.reason = "the incumbent is over the memory cap and this one is under it"
-            self._score(trial, c_blocks, i_blocks)
             return "win"
         if o.objective == "memory":
-            self._score(trial, c_blocks, i_blocks)
             if c_peak is None or i_peak is None:
                 return "tie"
             if c_peak < i_peak * (1 - o.min_gain):
                 trial.reason = f"peak {c_peak / i_peak - 1:+.1%}"
                 return "win"
             return "loss" if c_peak > i_peak * (1 + o.min_gain) else "tie"
-        ratio, (lo, hi) = self._score(trial, c_blocks, i_blocks)  # reported even when the budget ends the trial
-        if len(c_blocks) < o.min_pairs:
+        if len(pairs) not in look_points(o.min_pairs, o.max_pairs) or ci is None:
             return ""
-        if hi < 1 - o.min_gain:
+        lo, hi = ci
+        if hi < 1 and ratio <= 1 - o.min_gain:
             return "win"
+        if lo > 1 and ratio >= 1 + o.min_gain:
+            return "loss"
         if lo > 1 - o.min_gain and hi < 1 + o.min_gain:
             trial.reason = "within the minimum gain"
             return "tie"
-        return "loss" if lo > 1 + o.min_gain else ""
+        return ""
 
-    def _score(self, trial: Trial, c_blocks, i_blocks):
-        medians = [float(median([s.step_time_s for s in b])) for b in i_blocks]
-        refs = [(a + b) / 2 for a, b in zip(medians, medians[1:])]
-        times = [[s.step_time_s for s in b] for b in c_blocks[:len(refs)]]
-        ratio, ci = ratio_ci(times, refs, self.options.confidence, self.options.resamples, self.rng)
+    def _score(self, trial: Trial, pairs, looks: int):
+        logs = [math.log(block_median(c) / block_median(i)) for i, c in pairs if i and c]  # a read can miss steps
+        if not logs:
+            return None, None
+        ratio, ci = paired_ratio_ci(logs, 1 - (1 - self.options.confidence) / looks)
         trial.ratio, trial.ci = ratio, ci
-        trial.incumbent_step_time_s = float(median(medians))
+        trial.incumbent_step_time_s = float(median([s.step_time_s for i, c in pairs if i and c for s in i]))
         return ratio, ci
 
 
