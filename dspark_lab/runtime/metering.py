@@ -67,7 +67,8 @@ class StepMeter:
                 try:
                     if torch.is_autocast_enabled(device):
                         self.autocast = f"{device}:{torch.get_autocast_dtype(device)}"
-                except RuntimeError:  # a device type autocast does not know: nothing to report
+                except (RuntimeError, TypeError, AttributeError):  # a device type autocast does not know, or
+                    # a torch before 2.4 (no device argument, no get_autocast_dtype): nothing to report
                     self.autocast = ""
 
     def on_backward(self, tensors, run):
