@@ -150,3 +150,28 @@ def test_every_check_ends_in_one_line_within_the_budget(tmp_path):
     done, lines = run_checker(fake_cuda_env(tmp_path, budget=100), timeout=200)
     assert time.monotonic() - start < 100 + 20, lines
     assert len(lines) == 9 and lines[-1].startswith("check_device: ") and done.returncode == 1, lines
+
+
+PIP_OK = "import sys\nif '--version' in sys.argv:\n    print('pip 0 (shim)')\n"
+PIP_OFFLINE = PIP_OK + ("else:\n    print('ERROR: Could not find a version that satisfies the requirement "
+                        "setuptools>=68')\n    sys.exit(1)\n")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+@pytest.mark.parametrize("pip", ["ok", "offline"])
+def test_the_script_on_a_cuda_machine_installs_then_runs_the_named_checks(tmp_path, pip):
+    """The whole shell script past its probe, with pip shadowed (the project is already installed here)."""
+    env = fake_cuda_env(tmp_path, modules={"pip": PIP_OK if pip == "ok" else PIP_OFFLINE})
+    done = subprocess.run(["bash", str(SCRIPT), "backend"], capture_output=True, text=True, timeout=120,
+                          env={**env, "PYTHON": sys.executable})
+    lines = done.stdout.strip().splitlines()
+    assert "Traceback" not in done.stdout + done.stderr and done.returncode == 1, done.stdout + done.stderr
+    if pip == "offline":
+        assert lines == ["check install: FAIL: pip install --no-deps -e . (ERROR: Could not find a version that "
+                         "satisfies the requirement setuptools>=68; offline, the build needs setuptools>=68 "
+                         "installed)"]
+        return
+    import dspark_lab
+
+    assert lines[0] == f"check install: ok: {dspark_lab.__version__} over torch {torch.__version__}"
+    assert lines[1].startswith("check backend: FAIL: ") and lines[2] == "check_device: 1 failed (backend)", lines

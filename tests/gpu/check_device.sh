@@ -7,7 +7,17 @@
 # 5 minutes: the checks get what is left of TOTAL_S after the probe and the install.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PYTHON:-python3}
+# $PYTHON, else the first of python3 / python that imports torch (a conda or venv python may be `python` only)
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for candidate in python3 python; do
+    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import torch' >/dev/null 2>&1; then
+      PY=$candidate
+      break
+    fi
+  done
+  PY=${PY:-python3}
+fi
 TOTAL_S=290
 LOG=$(mktemp -t dspark-install.XXXXXX)
 
