@@ -46,7 +46,8 @@ def time_left(want: float) -> float:
 def report(name: str, status: str, detail: str) -> None:
     if status == "FAIL":
         failed.append(name)
-    print(f"check {name}: {status}: {' '.join(detail.split())}", flush=True)
+    detail = " ".join(detail.split())
+    print(f"check {name}: {status}: {detail if len(detail) <= 600 else detail[:597] + '...'}", flush=True)
 
 
 def one_line(exc: BaseException) -> str:
