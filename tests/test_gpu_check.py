@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import py_compile
 import subprocess
 import sys
@@ -54,3 +55,123 @@ def test_demo_phase_summary_takes_the_allocator_peak_only_from_steps_every_rank_
     assert row["allocator_peak_mb"] == 3.0 and row["loss_deviation"] == 0.0 and row["steps"] == 4
     no_reads = [{**m, "memory_peak_bytes": None} for m in metrics]
     assert summarize(no_reads, 1, 5, {})["allocator_peak_mb"] is None
+
+
+# --- the checks as a GPU machine would run them, simulated: torch.cuda.is_available() forced True --------------
+
+CHECKER = SCRIPT.with_suffix(".py")
+LINE = r"^check \w+: (ok|FAIL|skipped): \S.*$|^check_device: (\d+ failed.*|skipped: .+|FAIL: .+)$"
+
+
+def fake_cuda_env(tmp_path, *, modules: dict[str, str] | None = None, budget: int | None = None) -> dict:
+    """An environment whose Pythons believe a CUDA device exists (a sitecustomize patches torch at startup), with
+    ``modules`` (name -> source) shadowing installed ones, e.g. one that fails to import."""
+    shim = tmp_path / "shim"
+    shim.mkdir(exist_ok=True)
+    (shim / "sitecustomize.py").write_text("import torch\ntorch.cuda.is_available = lambda: True\n")
+    for name, source in (modules or {}).items():
+        (shim / f"{name}.py").write_text(source)
+    env = {**os.environ, "DSPARK_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(shim), str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if budget is not None:
+        env["DSPARK_CHECK_BUDGET_S"] = str(budget)
+    return env
+
+
+def run_checker(env, *checks, timeout=120) -> tuple[subprocess.CompletedProcess, list[str]]:
+    done = subprocess.run([sys.executable, str(CHECKER), *checks], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=ROOT)
+    lines = done.stdout.strip().splitlines()
+    assert "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
+    bad = [line for line in lines if not re.match(LINE, line)]
+    assert not bad, done.stdout
+    return done, lines
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_checks_on_a_broken_cuda_machine_each_say_fail_or_skipped_in_one_line(tmp_path):
+    done, lines = run_checker(fake_cuda_env(tmp_path), "backend", "nvml_sampler", "kernel_tests",
+                              "kernel_bandwidth")
+    status = {line.split(":")[0].split()[1]: line.split(": ")[1] for line in lines[:-1]}
+    assert list(status) == ["backend", "nvml_sampler", "kernel_tests", "kernel_bandwidth"], lines
+    assert status["backend"] == "FAIL"  # torch has no CUDA build here: get_device_name raises, in one line
+    # cupy cannot reach a GPU here: the kernel checks are skipped with that reason, not failed
+    assert status["kernel_tests"] == status["kernel_bandwidth"] == "skipped", lines
+    assert "no device path for the kernels" in lines[2]
+    assert lines[-1].startswith("check_device: 1 failed (backend") and done.returncode == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_a_missing_dependency_is_one_fail_line(tmp_path):
+    env = fake_cuda_env(tmp_path, modules={"pluggy": "raise ModuleNotFoundError(\"No module named 'pluggy'\")"})
+    done, lines = run_checker(env)
+    assert lines == ["check import: FAIL: ModuleNotFoundError: No module named 'pluggy' (install the project and "
+                     "its dependencies: pip install -e .)", "check_device: 1 failed (import)"]
+    assert done.returncode == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_missing_pytest_skips_the_test_checks_and_an_empty_budget_skips_the_rest(tmp_path):
+    env = fake_cuda_env(tmp_path, modules={"pytest": "raise ModuleNotFoundError(\"No module named 'pytest'\")"})
+    done, lines = run_checker(env, "gpu_tests")
+    assert lines[0] == "check gpu_tests: skipped: pytest is not installed (the project's dev extra)", lines
+    done, lines = run_checker(fake_cuda_env(tmp_path, budget=0))
+    assert len(lines) == 9 and all(line.endswith("skipped: out of the time budget (0 s)") for line in lines[:-1])
+    assert lines[-1] == "check_device: 0 failed" and done.returncode == 0
+
+
+def test_unknown_check_and_bad_budget_are_refused_in_one_line(tmp_path):
+    env = fake_cuda_env(tmp_path)
+    done, lines = run_checker(env, "bakend")
+    assert len(lines) == 1 and lines[0].startswith("check_device: FAIL: unknown check 'bakend'; allowed: backend |")
+    env["DSPARK_CHECK_BUDGET_S"] = "soon"
+    done, lines = run_checker(env)
+    assert lines == ["check_device: FAIL: DSPARK_CHECK_BUDGET_S: 'soon' is not allowed; allowed: seconds in [0, 290]"]
+    assert done.returncode == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_the_probe_ignores_what_torch_says_on_stderr(tmp_path):
+    shim = tmp_path / "noisy"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text("import sys\nprint('UserWarning: NumPy 1.x\\nsecond line', file=sys.stderr)\n")
+    done = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(shim)})
+    assert done.returncode == 0 and done.stdout.strip().splitlines() == [
+        f"check_device: skipped: no CUDA device here (torch {torch.__version__} sees no CUDA device)"], done.stdout
+
+
+@pytest.mark.slow  # every check, each failing on a machine whose CUDA is fake: bounded by the budget
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_every_check_ends_in_one_line_within_the_budget(tmp_path):
+    import time
+
+    start = time.monotonic()
+    done, lines = run_checker(fake_cuda_env(tmp_path, budget=100), timeout=200)
+    assert time.monotonic() - start < 100 + 20, lines
+    assert len(lines) == 9 and lines[-1].startswith("check_device: ") and done.returncode == 1, lines
+
+
+PIP_OK = "import sys\nif '--version' in sys.argv:\n    print('pip 0 (shim)')\n"
+PIP_OFFLINE = PIP_OK + ("else:\n    print('ERROR: Could not find a version that satisfies the requirement "
+                        "setuptools>=68')\n    sys.exit(1)\n")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+@pytest.mark.parametrize("pip", ["ok", "offline"])
+def test_the_script_on_a_cuda_machine_installs_then_runs_the_named_checks(tmp_path, pip):
+    """The whole shell script past its probe, with pip shadowed (the project is already installed here)."""
+    env = fake_cuda_env(tmp_path, modules={"pip": PIP_OK if pip == "ok" else PIP_OFFLINE})
+    done = subprocess.run(["bash", str(SCRIPT), "backend"], capture_output=True, text=True, timeout=120,
+                          env={**env, "PYTHON": sys.executable})
+    lines = done.stdout.strip().splitlines()
+    assert "Traceback" not in done.stdout + done.stderr and done.returncode == 1, done.stdout + done.stderr
+    if pip == "offline":
+        assert lines == ["check install: FAIL: pip install --no-deps -e . (ERROR: Could not find a version that "
+                         "satisfies the requirement setuptools>=68; offline, the build needs setuptools>=68 "
+                         "installed)"]
+        return
+    import dspark_lab
+
+    assert lines[0] == f"check install: ok: {dspark_lab.__version__} over torch {torch.__version__}"
+    assert lines[1].startswith("check backend: FAIL: ") and lines[2] == "check_device: 1 failed (backend)", lines

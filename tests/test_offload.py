@@ -323,6 +323,6 @@ def test_checkpointed_blocks_inputs_are_copied_once():
         tracker.uninstall()
         set_checkpointing(list(model), "none", tracker)
     # each block's input (the checkpoint saves it through autograd, so it is offloaded like any saved tensor) and
-    # the tail's tensor, once each: counting the inputs until backward (hold_until_backward) adds no second copy
+    # the tail's tensor, once each: the checkpoint's own inputs are not copied (or counted) a second time
     assert calls == [1] * (BLOCKS + 1)
     assert tracker.held == 0

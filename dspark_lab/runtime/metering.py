@@ -41,6 +41,7 @@ class StepMeter:
         self.memory_every = step_reads.memory_every()
         self._memory_wanted: set[str] = set()
         self._late = step_reads.LateLoss(job._metrics.write, late_on_cpu=step_reads.loss_read() == "late")
+        self._later: list = []  # (key, tensor, on_read) for this step's record, read with its loss
         self.reset(time.perf_counter())
 
     def reset(self, now: float) -> None:
@@ -66,7 +67,8 @@ class StepMeter:
                 try:
                     if torch.is_autocast_enabled(device):
                         self.autocast = f"{device}:{torch.get_autocast_dtype(device)}"
-                except RuntimeError:  # a device type autocast does not know: nothing to report
+                except (RuntimeError, TypeError, AttributeError):  # a device type autocast does not know, or
+                    # a torch before 2.4 (no device argument, no get_autocast_dtype): nothing to report
                     self.autocast = ""
 
     def on_backward(self, tensors, run):
@@ -118,7 +120,16 @@ class StepMeter:
 
     def write(self, record: dict[str, Any]) -> None:
         """Write the record of the step that just ended, now or once its loss reached the host."""
-        self._late.put(record, self._loss)
+        later, self._later = self._later, []
+        self._late.put(record, self._loss, later)
+
+    def read_later(self, key: str, tensor: torch.Tensor, on_read=None) -> bool:
+        """Have this step's record carry ``tensor.tolist()`` as ``key``, read with the loss (no sync on CUDA);
+        ``on_read(value)`` is called once it is on the host. False: a CPU value the caller should read now."""
+        if not self._late.defers(tensor):
+            return False
+        self._later.append((key, tensor, on_read))
+        return True
 
     def flush(self) -> None:
         self._late.flush()

@@ -1,54 +1,93 @@
 """The checks behind tests/gpu/check_device.sh, one line each: ``check NAME: ok|FAIL|skipped: detail``.
 
-Run on a machine with a CUDA device after the project is installed; exits 1 if any check failed. Each check is
-independent: one that raises is reported as FAIL and the rest still run. All of them share one time budget
-(:data:`BUDGET_S`, inside the 5 minutes check_device.sh allows): a check that would start without enough of it left
-is reported as skipped, with that reason.
+Run on a machine with a CUDA device after the project is installed; exits 1 if any check failed, 0 with one
+"skipped" line when there is no device. Each check is independent: one that raises is reported as FAIL in one line
+and the rest still run; what the machine lacks (cupy or NVRTC, nvidia-ml-py, pytest) makes the checks that need it
+"skipped", with why. All of them share one time budget (``DSPARK_CHECK_BUDGET_S``, default :data:`BUDGET_S`; the
+shell script passes what is left of its 5 minutes): a check that would start without enough of it left is skipped,
+and a subprocess still running at the end of its share is killed with its process group.
+
+    python tests/gpu/check_device.py [CHECK ...]     # all checks, or only the named ones
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("DSPARK_HOME", tempfile.mkdtemp(prefix="dspark-gpu-check-"))  # runs of the checks go here
-
-import torch  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "dspark_lab" / "examples" / "demo_train.py"
-BUDGET_S = 265
+BUDGET_S, BUDGET_MAX_S = 265, 290
 DEADLINE = time.monotonic() + BUDGET_S
 failed: list[str] = []
+CHECKS: list = []
+
+
+class Skip(Exception):
+    """A check that cannot run on this machine (or in the time left): reported as skipped with the reason."""
 
 
 def time_left(want: float) -> float:
-    """Seconds a check may take: ``want``, or what is left of the budget (0 when under 10 s are left)."""
+    """Seconds a check may take: ``want``, or what is left of the budget; raises :class:`Skip` under 10 s."""
     left = DEADLINE - time.monotonic() - 5
-    return min(want, left) if left >= 10 else 0
+    if left < 10:
+        raise Skip(f"out of the time budget ({BUDGET_S} s)")
+    return min(want, left)
 
 
 def report(name: str, status: str, detail: str) -> None:
     if status == "FAIL":
         failed.append(name)
-    print(f"check {name}: {status}: {detail}", flush=True)
+    detail = " ".join(detail.split())
+    print(f"check {name}: {status}: {detail if len(detail) <= 600 else detail[:597] + '...'}", flush=True)
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def check(fn):
-    if time_left(1) == 0:
-        report(fn.__name__, "skipped", f"out of the {BUDGET_S} s budget")
-        return fn
-    try:
-        fn()
-    except Exception as exc:  # one broken check must not hide the others
-        report(fn.__name__, "FAIL", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    CHECKS.append(fn)
     return fn
+
+
+def run_check(fn) -> None:
+    try:
+        time_left(1)
+        fn()
+    except Skip as why:
+        report(fn.__name__, "skipped", str(why))
+    except Exception as exc:  # one broken check must not hide the others
+        report(fn.__name__, "FAIL", one_line(exc))
+
+
+def run(command: list[str], want_s: float, env=None) -> subprocess.CompletedProcess:
+    """Run ``command`` in its own process group for at most its share of the budget; on timeout the whole group
+    (torchrun's workers too) is killed and TimeoutError names the command."""
+    timeout = time_left(want_s)
+    process = subprocess.Popen(command, cwd=ROOT, env=env or os.environ, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise TimeoutError(f"{' '.join(Path(c).name for c in command[:4])} ran over {timeout:.0f} s") from None
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+def needs_module(name: str, hint: str) -> None:
+    if importlib.util.find_spec(name) is None:
+        raise Skip(f"{name} is not installed ({hint})")
 
 
 def cuda_backend():
@@ -61,6 +100,8 @@ def cuda_backend():
 
 @check
 def backend():
+    import torch
+
     manager, chosen = cuda_backend()
     name = torch.cuda.get_device_name(0)
     if chosen is None:
@@ -73,33 +114,58 @@ def backend():
 
 @check
 def nvml_sampler():
+    needs_module("pynvml", "pip install nvidia-ml-py")
     manager, chosen = cuda_backend()
     if chosen is None:
-        report("nvml_sampler", "skipped", "no CUDA backend")
-        return
+        raise Skip("no CUDA backend")
     sample = manager.device_sampler(chosen)
     values = sample() if sample else None
     if not values or "error" in values:
-        report("nvml_sampler", "FAIL", f"sampler returned {values!r}")
+        report("nvml_sampler", "FAIL", f"sampler returned {values!r}"[:300])
         return
     devices = values.get("devices") or []
     first = devices[0] if devices else {}
     report("nvml_sampler", "ok", f"{len(devices)} device(s); first: " + json.dumps(first, default=str)[:200])
 
 
+def _pytest_gpu(files: list[str], want_s: float) -> tuple[bool, str]:
+    """Run the gpu-marked tests of ``files``; (passed with none skipped, pytest's summary line)."""
+    needs_module("pytest", "the project's dev extra")
+    done = run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *files], want_s,
+               env={**os.environ, "DSPARK_GPU_TESTS": "1"})
+    lines = done.stdout.strip().splitlines()
+    summary = lines[-1] if lines else (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+    missing = re.search(r"No module named '?([\w.]+)'?", done.stdout + done.stderr)
+    if missing and not re.search(r"\d+ (passed|failed)", summary):  # pytest or a test's dependency is missing
+        raise Skip(f"{missing.group(1)} is not installed (the project's dev extra)")
+    return done.returncode == 0 and bool(re.search(r"\d+ passed", summary)) and "skipped" not in summary, summary
+
+
 @check
 def gpu_tests():
-    env = {**os.environ, "DSPARK_GPU_TESTS": "1"}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                           "tests/test_kernels.py", "tests/test_offload.py"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=time_left(90))
-    summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
-    ok = done.returncode == 0 and re.search(r"\d+ passed", summary) and "skipped" not in summary
-    report("gpu_tests", "ok" if ok else "FAIL", "gpu-marked tests (kernels bit-exact vs the CPU references; offload "
-           f"frees the offloaded bytes at the backward peak): {summary}")
+    ok, summary = _pytest_gpu(["tests/test_offload.py", "tests/test_step_reading_moe.py"], 90)
+    report("gpu_tests", "ok" if ok else "FAIL", "gpu-marked runtime tests (offload frees the offloaded bytes at "
+           f"the backward peak; the MoE load record needs no host sync): {summary}")
+
+
+def _device_path() -> None:
+    from dspark_lab.kernels import cuda
+
+    status = cuda.cupy_status()
+    if not status.ok:
+        raise Skip(f"no device path for the kernels: {status.reason}")
+
+
+@check
+def kernel_tests():
+    _device_path()
+    ok, summary = _pytest_gpu(["tests/test_kernels.py"], 60)
+    report("kernel_tests", "ok" if ok else "FAIL", f"gpu-marked kernel tests (bit-exact vs the CPU references): {summary}")
 
 
 def _time_cuda(fn, repeats: int = 20) -> float:
+    import torch
+
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -113,8 +179,11 @@ def _time_cuda(fn, repeats: int = 20) -> float:
 
 @check
 def kernel_bandwidth():
+    import torch
+
     from dspark_lab.kernels import flatten_scale, fp8_quantize, reference
 
+    _device_path()
     x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ours = _time_cuda(lambda: fp8_quantize(x, path="device"))
     theirs = _time_cuda(lambda: reference.fp8_quantize(x))
@@ -131,13 +200,25 @@ def kernel_bandwidth():
     report("kernel_bandwidth", "ok", "; ".join(parts))
 
 
-def _cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dspark_lab", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=os.environ)
+def _cli(*args: str, want_s: float) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dspark_lab", *args], want_s)
+
+
+def _why(text: str) -> str:
+    """The line of a log that says why: the first exception raised (a worker's, not torchrun's ChildFailedError
+    that follows it), else the last line naming an error, else the last with words in it."""
+    lines = [line.strip() for line in text.splitlines() if re.search(r"\w", line)]
+    raised = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b", line) and "ChildFailedError" not in line]
+    errors = [line for line in lines if re.search(r"error|Error|FAIL", line)]
+    return (raised[:1] or errors[-1:] or lines[-1:] or ["no output"])[0][:300]
 
 
 def _last_line(done: subprocess.CompletedProcess) -> str:
-    return (done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+    line = _why(done.stderr) if done.stderr.strip() else _why(done.stdout or f"exit {done.returncode}")
+    log = re.search(r"see (\S+output\.log)", line)  # a run's log named by the error: add its cause
+    if log and Path(log.group(1)).exists():
+        line += f" ({_why(Path(log.group(1)).read_text(errors='replace'))})"
+    return line
 
 
 LOSSLESS = ("baseline", "checkpoint every block", "offload host")
@@ -146,7 +227,7 @@ LOSSLESS = ("baseline", "checkpoint every block", "offload host")
 @check
 def demo_on_gpu():
     """One-GPU demo: checkpointing and both offload modes switched live; the allocator's peak and the losses."""
-    done = _cli("demo", "--quick", "--device", "cuda", "--json", timeout=time_left(110))
+    done = _cli("demo", "--quick", "--device", "cuda", "--json", want_s=110)
     if done.returncode != 0:
         report("demo_on_gpu", "FAIL", _last_line(done))
         return
@@ -168,22 +249,27 @@ def live_profile():
     """`dspark-lab profile RUN --steps 2 --wait` on the cuda demo, then `trace analyze`: kernels on device streams."""
     from dspark_lab.runtime import commands
 
+    deadline = time.monotonic() + time_left(40)
     job = commands.launch(DEMO, ["--device", "cuda", "--steps", "20000", "--step-sleep", "0.01"], nproc=1,
                           name="gpu-profile")
     try:
-        deadline = time.monotonic() + time_left(40)
         while not any(m["step"] >= 3 for m in job.run_dir.metrics()):
             if job.poll() is not None or time.monotonic() > deadline:
-                report("live_profile", "FAIL", f"the cuda demo did not reach step 3; see {job.run_dir.path}/output.log")
+                log = job.run_dir.path / "output.log"
+                why = _why(log.read_text(errors="replace")) if log.exists() else "no output"
+                report("live_profile", "FAIL", f"the cuda demo did not reach step 3 ({why}; {log})")
                 return
             time.sleep(0.5)
-        done = _cli("profile", job.id, "--steps", "2", "--wait", "--timeout", "60", "--json", timeout=time_left(80))
+        done = _cli("profile", job.id, "--steps", "2", "--wait", "--timeout", "60", "--json", want_s=80)
         if done.returncode != 0:
             report("live_profile", "FAIL", f"profile: {_last_line(done)}")
             return
         files = json.loads(done.stdout).get("files") or []
-        done = _cli("trace", "analyze", *files, "--json", timeout=time_left(40))
-        if done.returncode != 0 or not files:
+        if not files:
+            report("live_profile", "FAIL", "profile wrote no trace")
+            return
+        done = _cli("trace", "analyze", *files, "--json", want_s=40)
+        if done.returncode != 0:
             report("live_profile", "FAIL", f"trace analyze: {_last_line(done)}")
             return
         rank = json.loads(done.stdout)["ranks"][0]
@@ -191,24 +277,88 @@ def live_profile():
         report("live_profile", "ok" if ok else "FAIL", f"{len(files)} trace(s); timeline {rank['timeline']}, compute "
                f"{rank['compute_ms']:.2f} ms, idle {rank['idle_ms']:.2f} ms over {rank['span_ms']:.2f} ms")
     finally:
+        _end(job)
+
+
+def _end(job) -> None:
+    """Stop the background demo at a step boundary if it answers, else kill its session (the launcher, torchrun
+    and the worker: launch starts it with ``start_new_session``)."""
+    from dspark_lab.runtime import commands
+
+    if job.poll() is None:
         try:
-            commands.stop(job.id, timeout=20)
+            commands.stop(job.id, timeout=15)
         except Exception:
             pass
-        if job.poll() is None:
-            job.process.kill()
+    if job.poll() is None:
+        try:
+            os.killpg(job.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        job.process.wait(10)
 
 
 @check
 def runtime_overhead():
     script = ROOT / "benchmarks" / "runtime_overhead.py"
-    done = subprocess.run([sys.executable, str(script), "--device", "cuda", "--job", "ddp", "--rounds", "1",
-                           "--steps", "40"], cwd=ROOT, capture_output=True, text=True, timeout=time_left(90))
+    done = run([sys.executable, str(script), "--device", "cuda", "--job", "ddp", "--rounds", "1", "--steps", "40"],
+               90)
     lines = done.stdout.strip().splitlines()
     wanted = [l.split("] ", 1)[-1] for l in lines if "ratio dspark/torchrun" in l or "runtime's own work" in l]
     report("runtime_overhead", "ok" if done.returncode == 0 and len(wanted) == 2 else "FAIL",
            " | ".join(wanted) or _last_line(done))
 
 
-print(f"check_device: {len(failed)} failed" + (f" ({', '.join(failed)})" if failed else ""), flush=True)
-sys.exit(1 if failed else 0)
+def preflight() -> str | None:
+    """Why no check can run here (one line), or None. Prints nothing."""
+    try:
+        import torch
+    except Exception as exc:
+        return f"skipped: torch cannot be imported ({one_line(exc)})"
+    try:
+        available = torch.cuda.is_available()
+    except Exception as exc:
+        available, why = False, one_line(exc)
+    else:
+        why = f"torch {torch.__version__} sees no CUDA device"
+    if not available:
+        return f"skipped: no CUDA device here ({why})"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    global DEADLINE, BUDGET_S
+    names = list(sys.argv[1:] if argv is None else argv)
+    known = {fn.__name__: fn for fn in CHECKS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        print(f"check_device: FAIL: unknown check {unknown[0]!r}; allowed: {' | '.join(known)}", flush=True)
+        return 2
+    text = os.environ.get("DSPARK_CHECK_BUDGET_S", "").strip() or str(BUDGET_S)
+    try:
+        BUDGET_S = max(0, min(int(float(text)), BUDGET_MAX_S))
+    except ValueError:
+        print(f"check_device: FAIL: DSPARK_CHECK_BUDGET_S: {text!r} is not allowed; allowed: seconds in "
+              f"[0, {BUDGET_MAX_S}]", flush=True)
+        return 2
+    DEADLINE = time.monotonic() + BUDGET_S
+    refusal = preflight()
+    if refusal:
+        print(f"check_device: {refusal}", flush=True)
+        return 0
+    os.environ.setdefault("DSPARK_HOME", tempfile.mkdtemp(prefix="dspark-gpu-check-"))  # the checks' runs go here
+    try:
+        import dspark_lab.kernels  # noqa: F401  (installed under dspark_lab: the project must be installed)
+        import dspark_lab.plugins  # noqa: F401
+    except Exception as exc:
+        report("import", "FAIL", f"{one_line(exc)} (install the project and its dependencies: pip install -e .)")
+    else:
+        for fn in CHECKS:
+            if not names or fn.__name__ in names:
+                run_check(fn)
+    print(f"check_device: {len(failed)} failed" + (f" ({', '.join(failed)})" if failed else ""), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -72,6 +72,7 @@ class SavedActivations:
         self._param_storages = param_storages
         self.offloader = Offloader(allocator_factory or HostPool, copies_factory)
         self._hooks = None
+        self._seen: set[int] | None = None  # storages pack received while a checkpoint saved its inputs
 
     # --- accounting --------------------------------------------------------------------------------------------
 
@@ -107,6 +108,8 @@ class SavedActivations:
     # --- hooks -------------------------------------------------------------------------------------------------
 
     def pack(self, tensor: torch.Tensor, offload: bool = True):
+        if self._seen is not None:
+            self._seen.add(_storage_ptr(tensor))
         try:
             return self._pack(tensor, offload)
         except RuntimeError:  # a tensor kind we cannot look into: keep it as it is, never fail the user's forward
@@ -158,16 +161,44 @@ class SavedActivations:
             self._hooks.__exit__(None, None, None)
             self._hooks = None
 
+    def checkpoint(self, function, args, kwargs):
+        """Run torch's non-reentrant checkpoint of ``function`` and count the inputs it keeps for recomputation.
+
+        Inputs the checkpoint saves through autograd (torch >= 2.1 saves the positional ones with
+        ``save_for_backward``) went through :meth:`pack`, offloaded or counted there; the others (tensor keyword
+        arguments, which the checkpoint keeps in a closure) are counted here, until the output's backward ran.
+        """
+        outer, self._seen = self._seen, set()
+        try:
+            output = checkpoint(function, *args, use_reentrant=False, **kwargs)
+            seen = self._seen
+        finally:
+            self._seen = outer
+        first = output[0] if isinstance(output, (tuple, list)) else output
+        kept = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and _storage_ptr(t) not in seen]
+        self.hold_until_backward(kept, first)
+        return output
+
     def hold_until_backward(self, tensors, output) -> None:
-        """Count ``tensors`` (a checkpointed block's inputs, kept for recomputation) until ``output``'s backward ran."""
+        """Count ``tensors`` (kept by a checkpoint outside autograd's saved tensors) until ``output``'s backward."""
         grad_fn = getattr(output, "grad_fn", None)
-        if grad_fn is None:
+        if grad_fn is None or not tensors:
             return
-        # counted only: the checkpoint keeps these inputs itself, so a host copy would free nothing
-        held = [self.pack(t, offload=False) for t in tensors if isinstance(t, torch.Tensor)]
+        # counted only: the checkpoint keeps these tensors itself, so a host copy would free nothing
+        held = [self.pack(t, offload=False) for t in tensors]
         def release(*_):
             held.clear()
         grad_fn.register_hook(release)
+
+
+def _storage_ptr(tensor: torch.Tensor) -> int | None:
+    """The tensor's storage address (a DTensor's: its local shard's); None when it has no storage to look at."""
+    try:
+        if _is_wrapper_subclass(tensor):
+            tensor = tensor._local_tensor
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, AttributeError):
+        return None
 
 
 # --- activation checkpointing ------------------------------------------------------------------------------------
@@ -184,11 +215,9 @@ def blocks_to_checkpoint(policy: str, count: int) -> list[int]:
 def _checkpointed_forward(block, original, tracker, *args, **kwargs):
     if not torch.is_grad_enabled():
         return original(*args, **kwargs)
-    output = checkpoint(original, *args, use_reentrant=False, **kwargs)
-    if tracker is not None:
-        first = output[0] if isinstance(output, (tuple, list)) else output
-        tracker.hold_until_backward(args, first)
-    return output
+    if tracker is None:
+        return checkpoint(original, *args, use_reentrant=False, **kwargs)
+    return tracker.checkpoint(original, args, kwargs)
 
 
 def set_checkpointing(blocks, policy: str, tracker: SavedActivations | None = None) -> list[int]:

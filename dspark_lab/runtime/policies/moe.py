@@ -5,7 +5,8 @@ The MoE layers are the ones a script registered (``dspark_lab.attach(..., moe_la
 docs/runtime.md (router loads out, placement in): ``config.experts``, a ``router`` submodule whose forward output's
 first element holds the chosen expert per token, ``phy2log`` (slot -> expert), ``experts`` (this rank's slots,
 modules of one shape), ``set_placement(phy2log)`` and ``last_rank_load``. A forward hook
-on each router counts this rank's assignments per expert. Every ``moe.placement_interval`` steps, at the boundary,
+on each router counts this rank's assignments per expert, on the router's device; each step's counts reach the host
+with the step's loss, one step late (:mod:`dspark_lab.runtime.step_reads`), and the record carries them. Every ``moe.placement_interval`` steps, at the boundary,
 each rank sums its last ``moe.placement_window`` steps of counts, all ranks all-reduce that window (one collective
 per re-placement, none in between), and rank 0 computes the new placement and broadcasts it: DeepSeek's EPLB
 (:mod:`dspark_lab.moe.eplb_reference`) or ours (:func:`dspark_lab.moe.rebalance_experts`, weighing experts moved
@@ -33,29 +34,77 @@ def moe_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, module.ExpertParallelMoE)]
 
 
+class StepLoads:
+    """One step's local loads ``[layers, experts]``: on the router's device until the step boundary's late read
+    (:mod:`dspark_lab.runtime.step_reads`) brings them to the host, then on the host only."""
+
+    __slots__ = ("device", "host")
+
+    def __init__(self, loads: torch.Tensor):
+        self.device: torch.Tensor | None = loads
+        self.host: np.ndarray | None = None
+
+    def landed(self, value) -> None:
+        self.host, self.device = np.asarray(value, dtype=np.int64), None
+
+    def on_host(self) -> np.ndarray:
+        """The loads on the host; when the late read has not landed yet this waits for the device (a sync)."""
+        if self.host is None:
+            self.landed(self.device.cpu().numpy())
+        return self.host
+
+
 class ExpertPlacement:
-    """One rank's load recorder and re-placer for a model's MoE layers."""
+    """One rank's load recorder and re-placer for a model's MoE layers.
+
+    The counts stay on the router output's device (``scatter_add_``: ``torch.bincount`` on CUDA reads the largest
+    index on the host, a sync per call); each step's loads reach the host with the step's loss, one step late.
+    """
 
     def __init__(self, layers, rank: int, world: int, group=None):
         self.layers, self.rank, self.world, self.group = layers, rank, world, group
         self.experts = layers[0].config.experts
-        self.counts = [torch.zeros(self.experts, dtype=torch.int64) for _ in layers]
-        self.history: deque[np.ndarray] = deque(maxlen=10_000)
+        self.counts: list[torch.Tensor | None] = [None] * len(layers)  # made on the device of the first output
+        self.history: deque = deque(maxlen=10_000)  # StepLoads (or host arrays), oldest first
         for index, layer in enumerate(layers):
             layer.router.register_forward_hook(self._hook(index))
 
     def _hook(self, index: int):
         def record(module, inputs, output):
-            self.counts[index] += torch.bincount(output[0].reshape(-1), minlength=self.experts)
+            chosen = output[0].reshape(-1)
+            counts = self.counts[index]
+            if counts is None or counts.device != chosen.device:
+                counts = self.counts[index] = torch.zeros(self.experts, dtype=torch.int64, device=chosen.device)
+            counts.scatter_add_(0, chosen.long(), torch.ones_like(chosen, dtype=torch.int64))
         return record
 
-    def end_step(self) -> dict:
-        """This step's local counts for the metrics record; they join the history and the counters restart."""
-        counts = torch.stack(self.counts).numpy().copy()
-        self.history.append(counts)
-        for c in self.counts:
-            c.zero_()
-        return {"expert_loads": counts.tolist(), "moe_rank_tokens": [int(l.last_rank_load) for l in self.layers]}
+    def end_step(self, reader=None) -> dict:
+        """This step's local counts for the metrics record; they join the history and the counters restart.
+
+        ``reader`` (the job's :class:`~dspark_lab.runtime.metering.Meter`) reads values on a device at a later
+        boundary into this step's record; without one, or for CPU values, they are read now.
+        """
+        device = next((c.device for c in self.counts if c is not None), torch.device("cpu"))
+        loads = torch.stack([c if c is not None else torch.zeros(self.experts, dtype=torch.int64, device=device)
+                             for c in self.counts])
+        self.counts = [torch.zeros_like(c) if c is not None else None for c in self.counts]
+        entry = StepLoads(loads)
+        self.history.append(entry)
+        record = {}
+        if reader is not None and reader.read_later("expert_loads", loads, entry.landed):
+            record["expert_loads"] = None  # filled in when the step's late read lands
+        else:
+            record["expert_loads"] = entry.on_host().tolist()
+        tokens = [layer.last_rank_load for layer in self.layers]
+        if any(isinstance(t, torch.Tensor) for t in tokens):
+            stacked = torch.stack([torch.as_tensor(t, dtype=torch.int64, device=device).reshape(()) for t in tokens])
+            if reader is not None and reader.read_later("moe_rank_tokens", stacked):
+                record["moe_rank_tokens"] = None
+            else:
+                record["moe_rank_tokens"] = stacked.tolist()
+        else:
+            record["moe_rank_tokens"] = [int(t) for t in tokens]
+        return record
 
     def placement(self) -> np.ndarray:
         return np.stack([layer.phy2log.numpy() for layer in self.layers])
@@ -68,7 +117,10 @@ class ExpertPlacement:
         from dspark_lab.moe.placement import move_experts, placement_from_rank0
 
         recent = list(self.history)[-window:]
-        loads = torch.from_numpy(np.sum(recent, axis=0)).double()
+        # the steps whose late read has not landed yet (this one at least on CUDA) are waited for: one sync, on
+        # the re-placement steps only
+        loads = torch.from_numpy(np.sum([e.on_host() if isinstance(e, StepLoads) else e for e in recent],
+                                        axis=0)).double()
         if self.world > 1 and dist.is_initialized():
             dist.all_reduce(loads, group=self.group)
         loads = loads.numpy()
@@ -133,7 +185,7 @@ def step_end(job, step: int) -> dict | None:
     placement = _placement(job)
     if placement is None:
         return None
-    record = placement.end_step()
+    record = placement.end_step(getattr(job, "meter", None))
     method = job.policies.get("moe.placement", "static")
     if method != "static" and step % int(job.policies["moe.placement_interval"]) == 0:
         summary = placement.replace(method, int(job.policies["moe.placement_window"]),
