@@ -33,6 +33,8 @@ class _Model:
 
 
 MODELS = tuple(_Model(name, part["part"], parts.spec(part)) for name, part in parts.backend_parts("nvidia-").items())
+# the target each backend's device kernels are built for: its parts' compute capability (one per family)
+KERNEL_ARCH = {name: part["cuda_arch"] for name, part in parts.backend_parts("nvidia-").items()}
 H100 = next(m.spec for m in MODELS if m.backend == "nvidia-h100")
 B200 = next(m.spec for m in MODELS if m.backend == "nvidia-b200")
 
@@ -192,7 +194,7 @@ def dspark_device_sampler(backend):
 
 @hookimpl
 def dspark_register_kernels(backend):
-    arch = {"nvidia-h100": "sm_90", "nvidia-b200": "sm_100"}.get(backend.name)
+    arch = KERNEL_ARCH.get(backend.name)
     if arch is None:
         return None
     from dspark_lab.kernels.registry import builtin_kernels  # imports torch: only when kernels are listed

@@ -30,6 +30,12 @@ _BUILTIN = {
     "flatten_scale": (cuda.flatten_scale, reference.flatten_scale,
                       "many tensors -> one flat bucket times a scale, in one launch"),
 }
+# The oldest target a source builds for: PTX's cvt to e4m3 needs sm_89 (Ada, Hopper and later).
+_MIN_ARCH = {"fp8_quantize": 89, "fp8_dequantize": 89}
+
+
+def _arch_number(arch: str) -> int:
+    return int(arch.removeprefix("sm_").rstrip("af"))
 
 
 def builtin_kernels(backend: str, arch: str | None = None) -> list[Kernel]:
@@ -38,6 +44,9 @@ def builtin_kernels(backend: str, arch: str | None = None) -> list[Kernel]:
     for name, (launcher, ref, doc) in _BUILTIN.items():
         if arch is None:
             kernels.append(Kernel(name=name, backend=backend, reference=ref, doc=doc))
+        elif _arch_number(arch) < _MIN_ARCH.get(name, 0):
+            kernels.append(Kernel(name=name, backend=backend, reference=ref,
+                                  doc=f"{doc} (torch reference: the source needs sm_{_MIN_ARCH[name]}+, this is {arch})"))
         else:
             source, entry = cuda.ENTRIES[name]
             kernels.append(Kernel(name=name, backend=backend, reference=ref, launcher=launcher, source=source,

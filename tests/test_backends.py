@@ -326,3 +326,18 @@ def test_a_plugin_check_that_is_not_a_check_is_a_problem_not_a_crash():
     assert doctor.Check("widget driver", "missing", "not installed", "pip install widget") in checks
     bad = [c for c in checks if c.status == "problem"]
     assert len(bad) == 1 and "returned a str, not a Check" in bad[0].detail and bad[0].hint
+
+
+def test_each_nvidia_family_has_one_kernel_target_from_its_parts():
+    """A family's kernels are built once, so all its parts must share a compute capability; an H200 or GH200 gets
+    the sm_90 kernels, an A100 sm_80, a GB200 sm_100 (the datasheets' compute capability)."""
+    from dspark_lab.backends import nvidia, parts
+
+    families: dict[str, set] = {}
+    for part in parts.parts():
+        if part["backend"].startswith("nvidia-"):
+            families.setdefault(part["backend"], set()).add(part["cuda_arch"])
+    assert all(len(arches) == 1 for arches in families.values()), families
+    assert nvidia.KERNEL_ARCH == {name: arches.pop() for name, arches in families.items()}
+    assert (nvidia.KERNEL_ARCH["nvidia-a100"], nvidia.KERNEL_ARCH["nvidia-h200"],
+            nvidia.KERNEL_ARCH["nvidia-gb200"]) == ("sm_80", "sm_90", "sm_100")

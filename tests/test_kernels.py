@@ -19,6 +19,7 @@ from dspark_lab.cli import main as cli_main
 from dspark_lab.kernels import (Kernel, KernelUnavailable, choose_path, describe_kernels, flatten_scale,
                                 fp8_dequantize, fp8_quantize, unflatten)
 from dspark_lab.kernels import cuda, nvcc, reference
+from dspark_lab.kernels.registry import builtin_kernels
 
 FP8 = torch.float8_e4m3fn
 ARCHES = ("sm_90", "sm_100")
@@ -217,6 +218,19 @@ def test_nvcc_compiles_every_source(source, arch, tmp_path):
     assert ENTRIES[source] <= set(built.entries)
 
 
+@needs_nvcc
+def test_an_a100_gets_the_bucket_kernel_and_the_fp8_reference(tmp_path):
+    """sm_80 has no e4m3 conversion: fp8_quant.cu does not build there, so the A100 backend registers the torch
+    reference for the FP8 kernels and the device source only for the bucket kernel, which builds."""
+    assert not nvcc.compile_ptx("fp8_quant.cu", "sm_80", cache=tmp_path).ok
+    bucket = nvcc.compile_ptx("bucket.cu", "sm_80", cache=tmp_path)
+    assert bucket.ok and ENTRIES["bucket.cu"] <= set(bucket.entries), bucket.detail
+    kernels = {k.name: k for k in builtin_kernels("nvidia-a100", "sm_80")}
+    assert kernels["flatten_scale"].source is not None and kernels["flatten_scale"].arch == "sm_80"
+    assert kernels["fp8_quantize"].source is None and "needs sm_89+" in kernels["fp8_quantize"].doc
+    assert kernels["fp8_dequantize"].source is None
+
+
 def broken_copy(tmp_path, old: str, new: str, edit: str = "fp8_quant.cu"):
     """fp8_quant.cu and its header copied to tmp_path, with ``old`` replaced by ``new`` in ``edit``."""
     for name in ("fp8_quant.cu", "common.cuh"):
@@ -284,13 +298,19 @@ def test_describe_kernels_rows_per_backend():
     by_backend = {}
     for row in rows:
         by_backend.setdefault(row["backend"], {})[row["kernel"]] = row
-    assert sorted(by_backend) == ["cpu", "nvidia-b200", "nvidia-h100"]
+    # every NVIDIA family in the parts table, built for its parts' compute capability; unlisted GPUs get none
+    assert sorted(by_backend) == ["cpu", "nvidia-a100", "nvidia-b200", "nvidia-gb200", "nvidia-gh200", "nvidia-h100",
+                                  "nvidia-h200"]
     names = {"fp8_quantize", "fp8_dequantize", "flatten_scale"}
     assert all(set(kernels) == names for kernels in by_backend.values())
     for row in by_backend["cpu"].values():
         assert (row["state"], row["path"], row["source"]) == ("runnable", "reference", None)
-    for backend, arch in (("nvidia-h100", "sm_90"), ("nvidia-b200", "sm_100")):
+    for backend, arch in (("nvidia-a100", "sm_80"), ("nvidia-h100", "sm_90"), ("nvidia-h200", "sm_90"),
+                          ("nvidia-gh200", "sm_90"), ("nvidia-b200", "sm_100"), ("nvidia-gb200", "sm_100")):
         for name, row in by_backend[backend].items():
+            if arch == "sm_80" and name != "flatten_scale":
+                assert (row["state"], row["path"], row["source"]) == ("runnable", "reference", None)
+                continue
             assert row["source"] == ("bucket.cu" if name == "flatten_scale" else "fp8_quant.cu")
             assert row["arch"] == arch
             if not cuda.cupy_status().ok:
@@ -335,11 +355,11 @@ def test_cli_kernels_json(monkeypatch, capsys):
     assert cli_main(["kernels", "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert document["kind"] == "kernels" and document["schema_version"] >= 1
-    assert len(document["kernels"]) == 9
+    assert len(document["kernels"]) == 3 * 7  # cpu and the six NVIDIA families, three kernels each
     assert {r["state"] for r in document["kernels"] if r["backend"] == "cpu"} == {"runnable"}
     assert all({"backend", "kernel", "state", "path", "reason", "source"} <= set(r) for r in document["kernels"])
     assert cli_main(["kernels"]) == 0
-    assert "nvidia-h100  fp8_quantize" in capsys.readouterr().out
+    assert re.search(r"nvidia-h200 +fp8_quantize", capsys.readouterr().out)
 
 
 # --- the CUDA path (needs a GPU and a driver) --------------------------------------------------------------------
