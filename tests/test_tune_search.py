@@ -5,46 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dspark_lab.tune.search import Sample, Search, TuneOptions
-
-
-class FakeJob:
-    """Steps advance only through apply (2 steps, like the coordinator's margin) and read; step time is
-    ``speed(values) * drift(step)`` with noise; the first step after a change is 5x slow (warm-up)."""
-
-    def __init__(self, speed, *, drift=lambda step: 1.0, peak=lambda v: 100.0, noise=0.02, fails=(), seed=1):
-        self.values = {}
-        self.speed, self.drift, self.peak_of, self.noise, self.fails = speed, drift, peak, noise, set(fails)
-        self.rng = np.random.default_rng(seed)
-        self._step = 0
-        self.since_change = 0
-        self.applied = []
-
-    @property
-    def step(self):
-        return self._step
-
-    def _one(self):
-        self._step += 1
-        self.since_change += 1
-        t = self.speed(self.values) * self.drift(self._step) * (1 + self.noise * self.rng.standard_normal())
-        if self.since_change == 1:
-            t *= 5
-        return Sample(self._step, t, self.peak_of(self.values))
-
-    def apply(self, values):
-        if values == self.values:
-            return
-        self._one(), self._one()
-        bad = [f"{k}={v}" for k, v in values.items() if (k, v) in self.fails]
-        if bad:
-            raise RuntimeError(f"apply of {bad[0]} failed on rank 1")
-        self.values = dict(values)
-        self.applied.append(dict(values))
-        self.since_change = 0
-
-    def read(self, n):
-        return [self._one() for _ in range(n)]
+from dspark_lab.tune.fakejob import FakeJob, jumps, linear, square
+from dspark_lab.tune.search import Search, TuneOptions
 
 
 START = {"a": "x", "b": 1}
@@ -87,23 +49,6 @@ def test_a_tie_keeps_the_start():
 def test_a_slower_candidate_loses():
     out = run(FakeJob(lambda v: 0.10 * (1.3 if v["b"] == 2 else 1.0)))
     assert verdicts(out)[("b", 2)] == "loss" and out.best == START
-
-
-def jumps(seed):
-    """The load jumps: the machine runs 30% slower or faster than nominal, a fresh coin per 7-step stretch."""
-    signs = np.random.default_rng(1000 + seed).choice([-1, 1], 200)
-    return lambda step: 1 + 0.3 * signs[step // 7]
-
-
-def square(seed):
-    """The load alternates 1.3x / 0.7x every 7 steps (a periodic load: the worst case for a fixed interleaving)."""
-    return lambda step: 1 + 0.3 * (1 if (step + seed) // 7 % 2 else -1)
-
-
-def linear(seed):
-    """The machine gets 0.4% slower (or faster) every step: from 1x to 1.8x (or 0.2x) over a 200-step search."""
-    slope = 0.004 if seed % 2 else -0.004
-    return lambda step: 1 + slope * step
 
 
 @pytest.mark.parametrize("drift", [jumps, square, linear])
