@@ -6,14 +6,18 @@ so it runs the same on the real job (:mod:`.driver`) and on a fake job with scri
 A trial compares a candidate C with the incumbent I in pairs of adjacent blocks, ordered ABBA: ``I C | C I | I C | C I
 ...`` (one switch per pair; the warm-up steps after each switch are discarded, then ``block`` steps measured). The
 unit of evidence is a pair, not a step: steps of one block share the machine's load at that moment, so they are not
-independent, and adjacent blocks share it the most. Per pair d = log(median C block / median I block); the order
-alternates, so a linear drift adds +e and -e to alternate pairs and cancels (a design balanced for a trend: Cox,
-"Planning of Experiments", 1958; the reason Kalibera and Jones, "Rigorous Benchmarking in Reasonable Time", ISMM 2013,
-interleave). The ratio is exp(mean d) with a Student-t interval over pairs (n - 1 degrees of freedom). The trial is
-judged after every complete ABBA cycle (an even number of pairs, where a linear drift cancels exactly) from
-``min_pairs`` on, and a budget-limited trial has at most K such looks, so each look uses the 1 - (1 - confidence)/K
-interval (Bonferroni: the chance of any false verdict over the trial's looks stays within 1 - confidence; Jennison and
-Turnbull, "Group Sequential Methods with Applications to Clinical Trials", 2000).
+independent, and adjacent blocks share it the most. A block is summarised by its minimum: on a shared machine
+interference only ever adds time to a step, so the fastest step of a block estimates the uninterfered step time with
+far less variance than the median (Chen and Revels, "Robust benchmarking in noisy environments", 2016). Per pair
+d = log(min C block / min I block); the order alternates, so a linear drift adds +e and -e to alternate pairs and
+cancels (a design balanced for a trend: Cox, "Planning of Experiments", 1958; the reason Kalibera and Jones,
+"Rigorous Benchmarking in Reasonable Time", ISMM 2013, interleave). The ratio is exp(mean d) with a Student-t
+interval over pairs (n - 1 degrees of freedom). The trial is judged after every complete ABBA cycle (an even number
+of pairs, where a linear drift cancels exactly) from ``min_pairs`` on; the K looks a budget allows share the error
+rate by Pocock's boundary (one nominal level at every look, calibrated for t looks by :func:`look_levels`), so the
+chance of any false verdict over the trial's looks stays within 1 - confidence (Jennison and Turnbull, "Group
+Sequential Methods with Applications to Clinical Trials", 2000). The median summary and Bonferroni's 1 - alpha/K
+are kept as options (``block_stat``, ``boundary``); benchmarks/tune_power.py compares them on the fake job.
 Verdicts: win when the interval lies below 1 and the ratio is at least ``min_gain`` faster, loss the mirror, tie
 (stopped early) when the interval lies within ``1 +- min_gain``; otherwise the trial goes on to its budget and
 is a tie ("not separated"): the incumbent stays (a switch is never paid for on no evidence).
@@ -74,8 +78,8 @@ class TuneOptions:
     min_gain: float = 0.03  # a win must be at least this much faster; a tie is within it
     margin: float = 0.10  # memory safety margin of a prediction
     confidence: float = 0.95  # over all the looks of one trial
-    block_stat: str = "median"
-    boundary: str = "bonferroni"
+    block_stat: str = "min"  # interference only adds time: a block's minimum varies least (benchmarks/tune_power.py)
+    boundary: str = "pocock"
 
     def __post_init__(self):
         from dspark_lab.errors import DSparkError
@@ -333,6 +337,7 @@ class Search:
         limit = min(o.max_trial_steps, self._left())
         max_pairs = max(o.min_pairs, min(o.max_pairs, (limit - SWITCH_STEPS) // pair_steps(o)))
         looks = tuple(look_points(o.min_pairs, max_pairs))  # fixed before any time is measured (the boundary's K)
+        look_levels(looks, o.confidence, o.boundary)  # calibrated (cached) before the first block, not between two
         pairs: list[tuple[list[Sample], list[Sample]]] = []  # (incumbent block, candidate block), in time order
         in_force = "I"
         configs = {"I": self.incumbent, "C": candidate}
