@@ -174,7 +174,7 @@ class MemoryModel:
         return peak
 
 
-def block_time(block: list[Sample], stat: str = "median") -> float:
+def block_time(block: list[Sample], stat: str = "min") -> float:
     """One block's step time: its median, 25th percentile (linear interpolation) or minimum."""
     times = [s.step_time_s for s in block]
     if stat == "min" or len(times) == 1:
