@@ -19,17 +19,19 @@ import time
 from dspark_lab.tune.fakejob import MACHINES, FakeJob
 from dspark_lab.tune.search import Search, TuneOptions
 
-VARIANTS = {
-    "median": {},  # the previous statistics: median of 4 steps, Bonferroni over the looks at 4, 6, 8 pairs
-    "q25": {"block_stat": "q25"},
-    "min": {"block_stat": "min"},
-    "median-pocock": {"boundary": "pocock"},
-    "median-obf": {"boundary": "obf"},
+VARIANTS = {  # every field explicit: the defaults of TuneOptions are one of these
+    "median": {"block_stat": "median", "boundary": "bonferroni"},  # the previous statistics
+    "q25": {"block_stat": "q25", "boundary": "bonferroni"},
+    "min": {"block_stat": "min", "boundary": "bonferroni"},
+    "median-pocock": {"block_stat": "median", "boundary": "pocock"},
+    "median-obf": {"block_stat": "median", "boundary": "obf"},
+    "q25-pocock": {"block_stat": "q25", "boundary": "pocock"},
     "q25-obf": {"block_stat": "q25", "boundary": "obf"},
+    "min-pocock": {"block_stat": "min", "boundary": "pocock"},  # the default now
     "min-obf": {"block_stat": "min", "boundary": "obf"},
-    "min-pocock": {"block_stat": "min", "boundary": "pocock"},
+    "min6-pocock": {"block_stat": "min", "boundary": "pocock", "block": 6},
     "min6-obf": {"block_stat": "min", "boundary": "obf", "block": 6},
-    "q25-6-obf": {"block_stat": "q25", "boundary": "obf", "block": 6},
+    "median6-pocock": {"block_stat": "median", "boundary": "pocock", "block": 6},
 }
 START = {"a": "x", "b": 1}
 SPACE = {"a": ["x", "y"], "b": [1, 2]}

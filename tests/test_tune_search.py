@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dspark_lab.tune.fakejob import FakeJob, bursty, jumps, linear, square
+from dspark_lab.tune.fakejob import FakeJob, bursty, crowded, jumps, linear, square
 from dspark_lab.tune.search import BOUNDARIES, Sample, Search, TuneOptions, block_time, look_levels
 
 
@@ -51,7 +51,7 @@ def test_a_slower_candidate_loses():
     assert verdicts(out)[("b", 2)] == "loss" and out.best == START
 
 
-@pytest.mark.parametrize("drift", [jumps, square, linear, bursty])
+@pytest.mark.parametrize("drift", [jumps, square, linear, bursty, crowded])
 def test_a_drifting_machine_makes_no_more_false_decisions_than_the_confidence_level_allows(drift):
     # equal configurations on a machine whose speed changes under the trials: 50 seeded searches, 2 trials each.
     # Each trial's interval is a 95% one over all its looks, so a false win or loss has probability <= 5% per
