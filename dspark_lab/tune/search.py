@@ -6,14 +6,18 @@ so it runs the same on the real job (:mod:`.driver`) and on a fake job with scri
 A trial compares a candidate C with the incumbent I in pairs of adjacent blocks, ordered ABBA: ``I C | C I | I C | C I
 ...`` (one switch per pair; the warm-up steps after each switch are discarded, then ``block`` steps measured). The
 unit of evidence is a pair, not a step: steps of one block share the machine's load at that moment, so they are not
-independent, and adjacent blocks share it the most. Per pair d = log(median C block / median I block); the order
-alternates, so a linear drift adds +e and -e to alternate pairs and cancels (a design balanced for a trend: Cox,
-"Planning of Experiments", 1958; the reason Kalibera and Jones, "Rigorous Benchmarking in Reasonable Time", ISMM 2013,
-interleave). The ratio is exp(mean d) with a Student-t interval over pairs (n - 1 degrees of freedom). The trial is
-judged after every complete ABBA cycle (an even number of pairs, where a linear drift cancels exactly) from
-``min_pairs`` on, and a budget-limited trial has at most K such looks, so each look uses the 1 - (1 - confidence)/K
-interval (Bonferroni: the chance of any false verdict over the trial's looks stays within 1 - confidence; Jennison and
-Turnbull, "Group Sequential Methods with Applications to Clinical Trials", 2000).
+independent, and adjacent blocks share it the most. A block is summarised by its minimum: on a shared machine
+interference only ever adds time to a step, so the fastest step of a block estimates the uninterfered step time with
+far less variance than the median (Chen and Revels, "Robust benchmarking in noisy environments", 2016). Per pair
+d = log(min C block / min I block); the order alternates, so a linear drift adds +e and -e to alternate pairs and
+cancels (a design balanced for a trend: Cox, "Planning of Experiments", 1958; the reason Kalibera and Jones,
+"Rigorous Benchmarking in Reasonable Time", ISMM 2013, interleave). The ratio is exp(mean d) with a Student-t
+interval over pairs (n - 1 degrees of freedom). The trial is judged after every complete ABBA cycle (an even number
+of pairs, where a linear drift cancels exactly) from ``min_pairs`` on; the K looks a budget allows share the error
+rate by Pocock's boundary (one nominal level at every look, calibrated for t looks by :func:`look_levels`), so the
+chance of any false verdict over the trial's looks stays within 1 - confidence (Jennison and Turnbull, "Group
+Sequential Methods with Applications to Clinical Trials", 2000). The median summary and Bonferroni's 1 - alpha/K
+are kept as options (``block_stat``, ``boundary``); benchmarks/tune_power.py compares them on the fake job.
 Verdicts: win when the interval lies below 1 and the ratio is at least ``min_gain`` faster, loss the mirror, tie
 (stopped early) when the interval lies within ``1 +- min_gain``; otherwise the trial goes on to its budget and
 is a tie ("not separated"): the incumbent stays (a switch is never paid for on no evidence).
@@ -29,11 +33,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from statistics import fmean, median, stdev
+from functools import lru_cache
+from statistics import fmean, median, quantiles, stdev
 from typing import Any, Callable, Protocol
 
 OBJECTIVES = ("throughput", "memory")
 SWITCH_STEPS = 2  # steps a change takes to be in force on every rank (the coordinator's margin): a nominal figure
+BLOCK_STATS = ("median", "q25", "min")  # how a block of steps is summarised
+BOUNDARIES = ("bonferroni", "pocock", "obf")  # how the error rate is spent over a trial's looks
 VERDICTS = ("win", "loss", "tie", "over_cap", "predicted_over_cap", "failed", "stopped", "skipped_budget")
 
 
@@ -70,7 +77,9 @@ class TuneOptions:
     max_trial_steps: int = 110  # the per-trial budget: an undecided trial is extended up to it, then a tie
     min_gain: float = 0.03  # a win must be at least this much faster; a tie is within it
     margin: float = 0.10  # memory safety margin of a prediction
-    confidence: float = 0.95  # over all the looks of one trial (Bonferroni)
+    confidence: float = 0.95  # over all the looks of one trial
+    block_stat: str = "min"  # interference only adds time: a block's minimum varies least (benchmarks/tune_power.py)
+    boundary: str = "pocock"
 
     def __post_init__(self):
         from dspark_lab.errors import DSparkError
@@ -81,6 +90,15 @@ class TuneOptions:
             raise DSparkError(f"--budget-steps: {self.budget_steps} is not allowed; allowed: 10 to 100000")
         if self.max_peak_bytes is not None and not (math.isfinite(self.max_peak_bytes) and self.max_peak_bytes > 0):
             raise DSparkError(f"memory cap: {self.max_peak_bytes!r} is not allowed; allowed: a positive number")
+        if self.block_stat not in BLOCK_STATS:
+            raise DSparkError(f"block_stat: {self.block_stat!r} is not allowed; allowed: {' | '.join(BLOCK_STATS)}")
+        if self.boundary not in BOUNDARIES:
+            raise DSparkError(f"boundary: {self.boundary!r} is not allowed; allowed: {' | '.join(BOUNDARIES)}")
+        if not 2 <= self.block <= 32:
+            raise DSparkError(f"block: {self.block} is not allowed; allowed: 2 to 32 steps")
+        if not 2 <= self.min_pairs <= self.max_pairs <= 64:
+            raise DSparkError(f"min_pairs, max_pairs: {self.min_pairs}, {self.max_pairs} are not allowed; "
+                              "allowed: 2 <= min_pairs <= max_pairs <= 64")
 
 
 @dataclass(slots=True)
@@ -156,8 +174,14 @@ class MemoryModel:
         return peak
 
 
-def block_median(block: list[Sample]) -> float:
-    return float(median([s.step_time_s for s in block]))
+def block_time(block: list[Sample], stat: str = "min") -> float:
+    """One block's step time: its median, 25th percentile (linear interpolation) or minimum."""
+    times = [s.step_time_s for s in block]
+    if stat == "min" or len(times) == 1:
+        return min(times)
+    if stat == "q25":
+        return quantiles(times, n=4, method="inclusive")[0]
+    return float(median(times))
 
 
 def paired_ratio_ci(logs: list[float], level: float) -> tuple[float, tuple[float, float] | None]:
@@ -178,6 +202,39 @@ def look_points(min_pairs: int, max_pairs: int) -> list[int]:
     """The pair counts at which a throughput verdict is tried: complete ABBA cycles (an even count, where a linear
     drift cancels exactly) from ``min_pairs`` on."""
     return [n for n in range(min_pairs, max_pairs + 1) if n % 2 == 0]
+
+
+CALIBRATION_DRAWS = 100_000
+
+
+@lru_cache(maxsize=64)
+def look_levels(looks: tuple[int, ...], confidence: float, boundary: str) -> tuple[float, ...]:
+    """The confidence level of the interval used at each look (pair counts ``looks``) so that the chance of a false
+    win or loss over all the looks of a trial is at most 1 - ``confidence`` when the pair log ratios are independent
+    normal with mean 0 (a two-sided group sequential test on Student's t; Jennison and Turnbull 2000).
+
+    bonferroni: 1 - alpha/K at every look (conservative: ignores that the looks share their first pairs).
+    pocock: one nominal level at every look (Pocock, Biometrika 1977). obf: O'Brien and Fleming (Biometrics 1979),
+    boundary z_k = c * sqrt(n_K / n_k): strict early, close to the one-look level at the last look, where a noisy
+    trial makes its decision. The constant c is calibrated on the t statistics themselves (each look's t p-value
+    turned into a normal deviate), by a seeded Monte Carlo of CALIBRATION_DRAWS trials, which takes the
+    dependence between looks into account exactly, whatever their spacing; no closed form exists for t looks."""
+    alpha, k = 1 - confidence, len(looks)
+    if boundary == "bonferroni" or k == 1:
+        return (1 - alpha / k,) * k
+    import numpy as np
+    from scipy.stats import norm
+    from scipy.stats import t as student_t
+
+    x = np.random.default_rng(0).standard_normal((CALIBRATION_DRAWS, looks[-1]))
+    weights = [1.0 if boundary == "pocock" else math.sqrt(n / looks[-1]) for n in looks]
+    scaled = []
+    for n, w in zip(looks, weights):
+        head = x[:, :n]
+        t = np.abs(head.mean(axis=1)) / (head.std(axis=1, ddof=1) / math.sqrt(n))
+        scaled.append(norm.isf(student_t.sf(t, n - 1)) * w)  # the look's p-value as a normal deviate, weighted
+    c = float(np.quantile(np.max(scaled, axis=0), confidence))
+    return tuple(1 - 2 * float(norm.sf(c / w)) for w in weights)
 
 
 def pair_steps(o: TuneOptions) -> int:
@@ -228,6 +285,9 @@ class Search:
 
     def run(self) -> Outcome:
         paired_ratio_ci([0.0, 0.0], 0.95)  # loads scipy now: a second's import inside a trial would cost it steps
+        o = self.options
+        max_pairs = max(o.min_pairs, min(o.max_pairs, (o.max_trial_steps - SWITCH_STEPS) // pair_steps(o)))
+        look_levels(tuple(look_points(o.min_pairs, max_pairs)), o.confidence, o.boundary)  # calibrated once, now
         began = time.monotonic()
         self._start_step = self.job.step
         out = Outcome(start=dict(self.start), best=self.incumbent, best_step_time_s=None, best_peak_bytes=None,
@@ -276,7 +336,8 @@ class Search:
         began = self.job.step
         limit = min(o.max_trial_steps, self._left())
         max_pairs = max(o.min_pairs, min(o.max_pairs, (limit - SWITCH_STEPS) // pair_steps(o)))
-        looks = len(look_points(o.min_pairs, max_pairs))  # fixed before any time is measured (Bonferroni's K)
+        looks = tuple(look_points(o.min_pairs, max_pairs))  # fixed before any time is measured (the boundary's K)
+        look_levels(looks, o.confidence, o.boundary)  # calibrated (cached) before the first block, not between two
         pairs: list[tuple[list[Sample], list[Sample]]] = []  # (incumbent block, candidate block), in time order
         in_force = "I"
         configs = {"I": self.incumbent, "C": candidate}
@@ -347,7 +408,7 @@ class Search:
                 trial.reason = f"peak {c_peak / i_peak - 1:+.1%}"
                 return "win"
             return "loss" if c_peak > i_peak * (1 + o.min_gain) else "tie"
-        if len(pairs) not in look_points(o.min_pairs, o.max_pairs) or ci is None:
+        if len(pairs) not in looks or ci is None:
             return ""
         lo, hi = ci
         if hi < 1 and ratio <= 1 - o.min_gain:
@@ -359,11 +420,16 @@ class Search:
             return "tie"
         return ""
 
-    def _score(self, trial: Trial, pairs, looks: int):
-        logs = [math.log(block_median(c) / block_median(i)) for i, c in pairs if i and c]  # a read can miss steps
+    def _score(self, trial: Trial, pairs, looks: tuple[int, ...]):
+        o = self.options
+        logs = [math.log(block_time(c, o.block_stat) / block_time(i, o.block_stat))
+                for i, c in pairs if i and c]  # a read can miss steps
         if not logs:
             return None, None
-        ratio, ci = paired_ratio_ci(logs, 1 - (1 - self.options.confidence) / looks)
+        levels = look_levels(looks, o.confidence, o.boundary)
+        # the level of this look; between looks (a trial cut short) the level of the next one, for the record
+        level = next((lv for n, lv in zip(looks, levels) if n >= len(pairs)), levels[-1])
+        ratio, ci = paired_ratio_ci(logs, level)
         trial.ratio, trial.ci = ratio, ci
         trial.incumbent_step_time_s = float(median([s.step_time_s for i, c in pairs if i and c for s in i]))
         return ratio, ci
