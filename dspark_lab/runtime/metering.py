@@ -40,7 +40,9 @@ class StepMeter:
         self._watches: list[dict] = []
         self.memory_every = step_reads.memory_every()
         self._memory_wanted: set[str] = set()
-        self._late = step_reads.LateLoss(job._metrics.write, late_on_cpu=step_reads.loss_read() == "late")
+        # looked up at each write: a multi-node cluster swaps job._metrics for a relaying writer after this
+        self._late = step_reads.LateLoss(lambda record: job._metrics.write(record),
+                                         late_on_cpu=step_reads.loss_read() == "late")
         self._later: list = []  # (key, tensor, on_read) for this step's record, read with its loss
         self.reset(time.perf_counter())
 
