@@ -208,3 +208,39 @@ def test_the_memory_objective_keeps_the_smallest_peak_even_when_slower():
     out = run(FakeJob(speed, peak=peak), objective="memory")
     assert out.best == {"a": "x", "b": 2} and verdicts(out) == {("a", "y"): "loss", ("b", 2): "win"}
     assert run(FakeJob(speed, peak=peak)).best == START  # the throughput objective keeps the faster start
+
+
+def test_a_live_read_finds_the_record_another_rank_wrote_before_the_tune_started(tmp_path):
+    """Ranks finish a step a moment apart: rank 1's record of step 6 can be on disk while rank 0 is still at step 5
+    when the tune opens the metrics file. The read of step 6 must find it at once, not wait out its deadline
+    (which on a 12 ms step burns the budget's steps)."""
+    import json
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from dspark_lab.tune.driver import LiveJob
+
+    metrics = tmp_path / "metrics.jsonl"
+    with metrics.open("w") as f:
+        for step in range(1, 6):
+            for rank in (0, 1):
+                f.write(json.dumps({"step": step, "rank": rank, "step_time_s": 0.01}) + "\n")
+        f.write(json.dumps({"step": 6, "rank": 1, "step_time_s": 0.01}) + "\n")
+    job = SimpleNamespace(run_dir=SimpleNamespace(metrics_path=metrics), step=5, world=2,
+                          meter=SimpleNamespace(want_memory=lambda owner, on=True: None),
+                          coordinator=SimpleNamespace(stopped=False))
+    live = LiveJob(job, "peak_activation_bytes")
+
+    def rank0_finishes_step_6():
+        time.sleep(0.05)
+        with metrics.open("a") as f:
+            f.write(json.dumps({"step": 6, "rank": 0, "step_time_s": 0.02}) + "\n")
+        job.step = 6
+
+    threading.Thread(target=rank0_finishes_step_6).start()
+    began = time.monotonic()
+    samples = live.read(1)
+    assert time.monotonic() - began < 1.0  # the deadline is 2 s
+    assert [(s.step, s.step_time_s) for s in samples] == [(6, 0.02)]
+    live.close()

@@ -24,6 +24,7 @@ STEP_WAIT_S = 120.0  # a trial gives up when the job makes no step for this long
 APPLY_WAIT_S = 300.0
 MAX_MB = 1 << 30
 _ids = itertools.count(1)
+LOOKBACK_BYTES = 256 * 1024  # hundreds of metrics records
 
 
 class LiveJob:
@@ -32,7 +33,12 @@ class LiveJob:
     def __init__(self, job, peak_field: str):
         self.job, self.peak_field = job, peak_field
         self._file = open(job.run_dir.metrics_path, "rb")
-        self._file.seek(0, 2)
+        # Start a little before the end: another rank may already have written its record of the step after
+        # rank 0's current one (ranks finish a step a moment apart), and a read must still find it.
+        end = self._file.seek(0, 2)
+        self._file.seek(max(0, end - LOOKBACK_BYTES))
+        if end > LOOKBACK_BYTES:
+            self._file.readline()  # the rest of a line cut by the seek
         self._partial = b""
         self._records: dict[int, list[dict]] = {}
         if peak_field != "peak_activation_bytes":  # memory counters are read every step only when asked for
