@@ -18,7 +18,7 @@ class Kernel:
     ``source`` is a ``.cu`` file name in ``dspark_lab/kernels/`` or an absolute path (a plugin ships its own);
     ``None`` marks a reference-only kernel. ``entries`` are the ``extern "C" __global__`` functions the launcher
     calls; ``arch`` is the target (``sm_90``). ``launcher`` and ``reference`` take the same arguments and return
-    the same thing.
+    the same thing. ``why_reference`` says why a backend that has a device registers a kernel reference-only.
     """
 
     name: str
@@ -29,6 +29,7 @@ class Kernel:
     entries: tuple[str, ...] = ()
     arch: str | None = None
     doc: str = ""
+    why_reference: str = ""
 
     def __post_init__(self):
         if self.source is not None and (self.arch is None or self.launcher is None or not self.entries):

@@ -45,8 +45,8 @@ def builtin_kernels(backend: str, arch: str | None = None) -> list[Kernel]:
         if arch is None:
             kernels.append(Kernel(name=name, backend=backend, reference=ref, doc=doc))
         elif _arch_number(arch) < _MIN_ARCH.get(name, 0):
-            kernels.append(Kernel(name=name, backend=backend, reference=ref,
-                                  doc=f"{doc} (torch reference: the source needs sm_{_MIN_ARCH[name]}+, this is {arch})"))
+            kernels.append(Kernel(name=name, backend=backend, reference=ref, doc=doc, arch=arch,
+                                  why_reference=f"its source needs sm_{_MIN_ARCH[name]}+, this backend is {arch}"))
         else:
             source, entry = cuda.ENTRIES[name]
             kernels.append(Kernel(name=name, backend=backend, reference=ref, launcher=launcher, source=source,
@@ -59,7 +59,8 @@ def kernel_state(kernel: Kernel) -> dict[str, Any]:
     row = {"backend": kernel.backend, "kernel": kernel.name, "arch": kernel.arch, "doc": kernel.doc,
            "source": None if kernel.source is None else os.path.basename(kernel.source)}
     if kernel.source is None:
-        return {**row, "state": "runnable", "path": "reference", "reason": "torch reference; runs on any device"}
+        why = f"; {kernel.why_reference}" if kernel.why_reference else ""
+        return {**row, "state": "runnable", "path": "reference", "reason": f"torch reference; runs on any device{why}"}
 
     built = nvcc.compile_ptx(kernel.source, kernel.arch)
     missing = [e for e in kernel.entries if e not in built.entries]

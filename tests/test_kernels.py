@@ -227,7 +227,7 @@ def test_an_a100_gets_the_bucket_kernel_and_the_fp8_reference(tmp_path):
     assert bucket.ok and ENTRIES["bucket.cu"] <= set(bucket.entries), bucket.detail
     kernels = {k.name: k for k in builtin_kernels("nvidia-a100", "sm_80")}
     assert kernels["flatten_scale"].source is not None and kernels["flatten_scale"].arch == "sm_80"
-    assert kernels["fp8_quantize"].source is None and "needs sm_89+" in kernels["fp8_quantize"].doc
+    assert kernels["fp8_quantize"].source is None and "needs sm_89+" in kernels["fp8_quantize"].why_reference
     assert kernels["fp8_dequantize"].source is None
 
 
@@ -310,6 +310,7 @@ def test_describe_kernels_rows_per_backend():
         for name, row in by_backend[backend].items():
             if arch == "sm_80" and name != "flatten_scale":
                 assert (row["state"], row["path"], row["source"]) == ("runnable", "reference", None)
+                assert "needs sm_89+" in row["reason"]
                 continue
             assert row["source"] == ("bucket.cu" if name == "flatten_scale" else "fp8_quant.cu")
             assert row["arch"] == arch
