@@ -169,7 +169,8 @@ def main() -> None:
         ci = f"[{t['ci'][0]:.3f}, {t['ci'][1]:.3f}]" if t["ci"] else "-"
         ratio = f"{t['ratio']:.3f}" if t["ratio"] is not None else "-"
         peak = f"{t['peak_bytes'] / 1024:.1f} KB" if t["peak_bytes"] is not None else "-"
-        print(f"  trial {t['change']}: {t['verdict']}, {t['steps']} steps, ratio {ratio} {ci}, peak {peak}"
+        pairs = f" ({t['pairs']} of at most {t['max_pairs']} pairs)" if t.get("max_pairs") else ""
+        print(f"  trial {t['change']}: {t['verdict']}, {t['steps']} steps{pairs}, ratio {ratio} {ci}, peak {peak}"
               + (f" ({t['reason']})" if t["verdict"] in ("tie", "skipped_budget") else ""))
 
     configs = list(itertools.product(*KEYS.values()))

@@ -66,6 +66,48 @@ def test_a_drifting_machine_makes_no_more_false_decisions_than_the_confidence_le
     assert trials == 100 and false <= 10, false
 
 
+@pytest.mark.parametrize("budget", [200, 400, 800])
+def test_a_trial_follows_its_budget_and_the_search_never_exceeds_it(budget):
+    # equal configurations on the jumps machine: many trials never separate, so they run to their share of the
+    # budget. The first trial's share is max(110, steps left / 2 candidates); a later one may use what is left
+    firsts, longest = [], 0
+    for seed in range(10):
+        out = run(FakeJob(lambda v: 0.10, drift=jumps(seed), seed=seed), budget_steps=budget)
+        assert out.steps <= budget, (seed, out.steps)
+        first = out.trials[0]
+        assert first.steps <= max(110, (budget - 6) // 2) and first.pairs <= first.max_pairs
+        firsts.append(first.max_pairs)
+        longest = max(longest, max(t.pairs for t in out.trials))
+    if budget == 200:  # as before: 110 steps, 8 pairs of 12 steps (plus a switch) at most, looks at 4, 6, 8
+        assert set(firsts) == {9} and longest <= 10
+    else:  # more budget, more pairs: (400 - 6) // 2 = 197 steps -> 16 pairs; 800 -> 32
+        assert set(firsts) == {(((budget - 6) // 2) - 2) // 12} and longest > 8 * budget // 400
+
+
+@pytest.mark.parametrize("drift", [jumps, square, bursty, crowded])
+def test_more_looks_in_a_larger_budget_still_bound_the_false_decisions(drift):
+    # the false-decision test above with budget 400 (trials of up to 28 pairs, looks at 4, 6, ..., 28). The linear
+    # machine is left out: its step time would reach 2.6x or 0 within 400 steps
+    false = 0
+    for seed in range(50):
+        out = run(FakeJob(lambda v: 0.10, drift=drift(seed), seed=seed), budget_steps=400)
+        assert out.steps <= 400
+        false += sum(t.verdict in ("win", "loss") for t in out.trials)
+    assert false <= 10, false
+
+
+def test_a_prefix_of_the_looks_is_calibrated_with_the_whole():
+    # the search calibrates its longest possible trial once; a shorter trial's levels come from that pass and
+    # equal a calibration of its looks alone (the draws are made pair by pair)
+    from dspark_lab.tune import search
+
+    search._LEVELS.clear()
+    whole = look_levels((4, 6, 8, 10, 12), 0.95, "pocock")
+    prefix = look_levels((4, 6, 8), 0.95, "pocock")
+    search._LEVELS.clear()
+    assert look_levels((4, 6, 8), 0.95, "pocock") == prefix and len(set(whole)) == 1 and whole[0] > prefix[0]
+
+
 def test_bursty_interference_does_not_hide_a_real_gain():
     # interference that only adds time (a fifth of the steps +50% to +200%): a block's minimum sees through it. The
     # median of a block kept this 20% gain in 50 of 100 such searches, the minimum in 100 of 100

@@ -13,7 +13,9 @@ d = log(min C block / min I block); the order alternates, so a linear drift adds
 cancels (a design balanced for a trend: Cox, "Planning of Experiments", 1958; the reason Kalibera and Jones,
 "Rigorous Benchmarking in Reasonable Time", ISMM 2013, interleave). The ratio is exp(mean d) with a Student-t
 interval over pairs (n - 1 degrees of freedom). The trial is judged after every complete ABBA cycle (an even number
-of pairs, where a linear drift cancels exactly) from ``min_pairs`` on; the K looks a budget allows share the error
+of pairs, where a linear drift cancels exactly) from ``min_pairs`` on. A trial's length follows the budget: it may
+use its share of the steps left (those steps over the candidates still to try, at least ``min_trial_steps``), so a
+larger ``--budget-steps`` buys longer trials and more looks. The K looks a trial is allowed share the error
 rate by Pocock's boundary (one nominal level at every look, calibrated for t looks by :func:`look_levels`), so the
 chance of any false verdict over the trial's looks stays within 1 - confidence (Jennison and Turnbull, "Group
 Sequential Methods with Applications to Clinical Trials", 2000). The median summary and Bonferroni's 1 - alpha/K
@@ -73,8 +75,10 @@ class TuneOptions:
     warmup: int = 2
     block: int = 4
     min_pairs: int = 4  # pairs of blocks before a throughput verdict (a t-interval needs a few; even: ABBA cycles)
-    max_pairs: int = 8
-    max_trial_steps: int = 110  # the per-trial budget: an undecided trial is extended up to it, then a tie
+    max_pairs: int = 64  # the most pairs of one trial, whatever the budget (bounds the boundary's calibration)
+    # a trial may use max(min_trial_steps, steps left / candidates left), never more than the steps left; an
+    # undecided trial is extended up to it, then a tie (110 steps: 8 pairs of 4-step blocks)
+    min_trial_steps: int = 110
     min_gain: float = 0.03  # a win must be at least this much faster; a tie is within it
     margin: float = 0.10  # memory safety margin of a prediction
     confidence: float = 0.95  # over all the looks of one trial
@@ -99,6 +103,8 @@ class TuneOptions:
         if not 2 <= self.min_pairs <= self.max_pairs <= 64:
             raise DSparkError(f"min_pairs, max_pairs: {self.min_pairs}, {self.max_pairs} are not allowed; "
                               "allowed: 2 <= min_pairs <= max_pairs <= 64")
+        if not 10 <= self.min_trial_steps <= 100_000:
+            raise DSparkError(f"min_trial_steps: {self.min_trial_steps} is not allowed; allowed: 10 to 100000")
 
 
 @dataclass(slots=True)
@@ -107,6 +113,8 @@ class Trial:
     change: dict[str, Any]  # what differs from the incumbent
     verdict: str = ""
     steps: int = 0  # steps the trial consumed (warm-up and incumbent blocks included)
+    pairs: int = 0  # pairs of blocks measured
+    max_pairs: int = 0  # the most pairs its share of the budget allowed (its last look)
     median_step_time_s: float | None = None
     incumbent_step_time_s: float | None = None
     ratio: float | None = None
@@ -117,6 +125,7 @@ class Trial:
 
     def as_dict(self) -> dict[str, Any]:
         return {"values": self.values, "change": self.change, "verdict": self.verdict, "steps": self.steps,
+                "pairs": self.pairs, "max_pairs": self.max_pairs,
                 "median_step_time_s": self.median_step_time_s, "incumbent_step_time_s": self.incumbent_step_time_s,
                 "ratio": self.ratio, "ci": list(self.ci) if self.ci else None, "peak_bytes": self.peak_bytes,
                 "predicted_peak_bytes": self.predicted_peak_bytes, "reason": self.reason}
@@ -205,9 +214,9 @@ def look_points(min_pairs: int, max_pairs: int) -> list[int]:
 
 
 CALIBRATION_DRAWS = 100_000
+_LEVELS: dict[tuple, tuple[float, ...]] = {}  # (looks, confidence, boundary) -> levels; bounded below
 
 
-@lru_cache(maxsize=64)
 def look_levels(looks: tuple[int, ...], confidence: float, boundary: str) -> tuple[float, ...]:
     """The confidence level of the interval used at each look (pair counts ``looks``) so that the chance of a false
     win or loss over all the looks of a trial is at most 1 - ``confidence`` when the pair log ratios are independent
@@ -218,28 +227,58 @@ def look_levels(looks: tuple[int, ...], confidence: float, boundary: str) -> tup
     boundary z_k = c * sqrt(n_K / n_k): strict early, close to the one-look level at the last look, where a noisy
     trial makes its decision. The constant c is calibrated on the t statistics themselves (each look's t p-value
     turned into a normal deviate), by a seeded Monte Carlo of CALIBRATION_DRAWS trials, which takes the
-    dependence between looks into account exactly, whatever their spacing; no closed form exists for t looks."""
-    alpha, k = 1 - confidence, len(looks)
-    if boundary == "bonferroni" or k == 1:
-        return (1 - alpha / k,) * k
+    dependence between looks into account exactly, whatever their spacing; no closed form exists for t looks.
+
+    One pass calibrates every prefix looks[:k] too (and caches them): a trial whose share of the budget allows
+    fewer looks finds its levels without a second calibration, which on a live job would cost steps. The draws are
+    made pair by pair, so a prefix gets the same levels as a calibration of it alone."""
+    key = (tuple(looks), confidence, boundary)
+    if key not in _LEVELS:
+        if len(_LEVELS) > 512:
+            _LEVELS.clear()
+        _LEVELS.update(_calibrate(tuple(looks), confidence, boundary))
+    return _LEVELS[key]
+
+
+def _calibrate(looks: tuple[int, ...], confidence: float, boundary: str) -> dict[tuple, tuple[float, ...]]:
+    alpha = 1 - confidence
+    if boundary == "bonferroni":
+        return {(looks[:k], confidence, boundary): (1 - alpha / k,) * k for k in range(1, len(looks) + 1)}
     import numpy as np
     from scipy.stats import norm
     from scipy.stats import t as student_t
 
-    x = np.random.default_rng(0).standard_normal((CALIBRATION_DRAWS, looks[-1]))
-    weights = [1.0 if boundary == "pocock" else math.sqrt(n / looks[-1]) for n in looks]
-    scaled = []
-    for n, w in zip(looks, weights):
-        head = x[:, :n]
-        t = np.abs(head.mean(axis=1)) / (head.std(axis=1, ddof=1) / math.sqrt(n))
-        scaled.append(norm.isf(student_t.sf(t, n - 1)) * w)  # the look's p-value as a normal deviate, weighted
-    c = float(np.quantile(np.max(scaled, axis=0), confidence))
-    return tuple(1 - 2 * float(norm.sf(c / w)) for w in weights)
+    # boundary at look j is c / w_j, w_j = 1 (pocock) or sqrt(n_j) (obf: c = c_obf * sqrt(n_K)); for the looks
+    # [:k] c is the confidence quantile of max_{j<=k} z_j w_j, so one running maximum serves every prefix
+    rng = np.random.default_rng(0)
+    total, squares = np.zeros(CALIBRATION_DRAWS), np.zeros(CALIBRATION_DRAWS)
+    running = np.full(CALIBRATION_DRAWS, -np.inf)
+    out, drawn = {}, 0
+    for k, n in enumerate(looks, start=1):
+        while drawn < n:
+            x = rng.standard_normal(CALIBRATION_DRAWS)
+            total += x
+            squares += x * x
+            drawn += 1
+        mean = total / n
+        sd = np.sqrt(np.maximum(squares - n * mean * mean, 0.0) / (n - 1))
+        t = np.abs(mean) / (sd / math.sqrt(n))
+        w = 1.0 if boundary == "pocock" else math.sqrt(n)
+        running = np.maximum(running, norm.isf(student_t.sf(t, n - 1)) * w)  # the look's p as a normal deviate
+        c = float(np.quantile(running, confidence))
+        weights = [1.0 if boundary == "pocock" else math.sqrt(m) for m in looks[:k]]
+        out[(looks[:k], confidence, boundary)] = tuple(1 - 2 * float(norm.sf(c / wj)) for wj in weights)
+    return out
 
 
 def pair_steps(o: TuneOptions) -> int:
     """Steps one pair of blocks takes: a switch, the warm-up after it, and two blocks (ABBA needs one switch a pair)."""
     return SWITCH_STEPS + o.warmup + 2 * o.block
+
+
+def trial_pairs(o: TuneOptions, limit: int) -> int:
+    """The most pairs a trial of at most ``limit`` steps is allowed (its last look; at least ``min_pairs``)."""
+    return max(o.min_pairs, min(o.max_pairs, (limit - SWITCH_STEPS) // pair_steps(o)))
 
 
 class Search:
@@ -286,8 +325,8 @@ class Search:
     def run(self) -> Outcome:
         paired_ratio_ci([0.0, 0.0], 0.95)  # loads scipy now: a second's import inside a trial would cost it steps
         o = self.options
-        max_pairs = max(o.min_pairs, min(o.max_pairs, (o.max_trial_steps - SWITCH_STEPS) // pair_steps(o)))
-        look_levels(tuple(look_points(o.min_pairs, max_pairs)), o.confidence, o.boundary)  # calibrated once, now
+        # every trial's looks are a prefix of these (a share is at most the whole budget): calibrated once, now
+        look_levels(tuple(look_points(o.min_pairs, trial_pairs(o, o.budget_steps))), o.confidence, o.boundary)
         began = time.monotonic()
         self._start_step = self.job.step
         out = Outcome(start=dict(self.start), best=self.incumbent, best_step_time_s=None, best_peak_bytes=None,
@@ -295,30 +334,31 @@ class Search:
         baseline = self._block()
         self.incumbent_time = float(median([s.step_time_s for s in baseline]))
         self.incumbent_peak = self._peak(baseline)
-        for key, values in self.space.items():
-            for value in values:
-                if value == self.incumbent.get(key):
-                    continue
-                candidate = {**self.incumbent, key: value}
-                if self.should_stop():
-                    out.stopped = True
-                    break
-                needed = pair_steps(self.options) * self.options.min_pairs + SWITCH_STEPS
-                if self._left() < needed:
-                    trial = Trial(candidate, {key: value}, verdict="skipped_budget",
-                                  reason=f"{self._left()} steps left, a trial needs {needed}")
-                else:
-                    trial = self._trial(candidate, {key: value})
-                out.trials.append(trial)
-                self.log("trial", trial.as_dict())
-                if trial.verdict == "win":
-                    self.job.apply(candidate)  # each trial ends on the incumbent: switch to the winner
-                    self.incumbent = candidate
-                    self.incumbent_time = trial.median_step_time_s
-                    self.incumbent_peak = trial.peak_bytes
-                    out.found_at_step, out.found_after_s = self._used(), time.monotonic() - began
-            if out.stopped:
+        order = [(key, value) for key, values in self.space.items() for value in values]
+        for position, (key, value) in enumerate(order):
+            if value == self.incumbent.get(key):
+                continue
+            candidate = {**self.incumbent, key: value}
+            if self.should_stop():
+                out.stopped = True
                 break
+            needed = pair_steps(self.options) * self.options.min_pairs + SWITCH_STEPS
+            if self._left() < needed:
+                trial = Trial(candidate, {key: value}, verdict="skipped_budget",
+                              reason=f"{self._left()} steps left, a trial needs {needed}")
+            else:
+                # this one and those after it that differ from the incumbent share the steps left
+                to_try = sum(v != self.incumbent.get(k) for k, v in order[position:])
+                share = max(o.min_trial_steps, self._left() // to_try)
+                trial = self._trial(candidate, {key: value}, min(share, self._left()))
+            out.trials.append(trial)
+            self.log("trial", trial.as_dict())
+            if trial.verdict == "win":
+                self.job.apply(candidate)  # each trial ends on the incumbent: switch to the winner
+                self.incumbent = candidate
+                self.incumbent_time = trial.median_step_time_s
+                self.incumbent_peak = trial.peak_bytes
+                out.found_at_step, out.found_after_s = self._used(), time.monotonic() - began
         out.best = dict(self.incumbent)
         out.best_step_time_s, out.best_peak_bytes = self.incumbent_time, self.incumbent_peak
         out.feasible = not self._over(self.incumbent_peak)
@@ -326,7 +366,8 @@ class Search:
         self.log("decision", {k: v for k, v in out.as_dict().items() if k != "trials"})
         return out
 
-    def _trial(self, candidate: dict, change: dict) -> Trial:
+    def _trial(self, candidate: dict, change: dict, limit: int) -> Trial:
+        """Compare ``candidate`` with the incumbent in at most ``limit`` steps (its share of the budget)."""
         o = self.options
         trial = Trial(candidate, change, incumbent_step_time_s=self.incumbent_time)
         trial.predicted_peak_bytes = self.memory.predict(self.incumbent, self.incumbent_peak, candidate)
@@ -334,8 +375,7 @@ class Search:
             trial.verdict, trial.reason = "predicted_over_cap", "the memory model predicts a peak over the cap"
             return trial
         began = self.job.step
-        limit = min(o.max_trial_steps, self._left())
-        max_pairs = max(o.min_pairs, min(o.max_pairs, (limit - SWITCH_STEPS) // pair_steps(o)))
+        max_pairs = trial.max_pairs = trial_pairs(o, limit)
         looks = tuple(look_points(o.min_pairs, max_pairs))  # fixed before any time is measured (the boundary's K)
         look_levels(looks, o.confidence, o.boundary)  # calibrated (cached) before the first block, not between two
         pairs: list[tuple[list[Sample], list[Sample]]] = []  # (incumbent block, candidate block), in time order
@@ -382,7 +422,7 @@ class Search:
                 self.job.apply(self.incumbent)
             except Exception as again:
                 trial.reason += f"; restoring the incumbent failed too: {again}"[:200]
-        trial.steps = self.job.step - began
+        trial.steps, trial.pairs = self.job.step - began, len(pairs)
         c_steps = [s for _, c in pairs for s in c]
         if c_steps:
             trial.peak_bytes = self._peak(c_steps)
