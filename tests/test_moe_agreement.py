@@ -40,7 +40,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
     from dspark_lab.examples.moe_train import initial_placement
     from dspark_lab.moe import balance
     from dspark_lab.examples.moe_model import MoEConfig, TinyMoETransformer
-    from dspark_lab.runtime.policies.moe import ExpertPlacement
+    from dspark_lab.runtime.policies.moe import ExpertPlacement, StepLoads
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -57,7 +57,8 @@ def _worker(rank: int, port: int, out_path: str) -> None:
     state_of = [{int(e): slots[int(np.flatnonzero(layer.phy2log.numpy() == e)[0])] for e in range(config.experts)}
                 for layer, slots in zip(layers, before)]
     weight = np.array([LOADS] * len(layers))
-    placer.history.append(weight if rank == 0 else np.zeros_like(weight))  # all-reduced: LOADS on both ranks
+    # all-reduced: LOADS on both ranks
+    placer.history.append(StepLoads(torch.from_numpy(weight if rank == 0 else np.zeros_like(weight))))
     current = placer.placement()
     if rank == 1:  # this rank's balancer gives another valid answer for the same loads
         real = balance.rebalance_experts

@@ -157,7 +157,7 @@ def test_part_lookup_is_exact_and_uses_memory_for_shared_names():
 # --- activation memory from the schedule's op order ----------------------------------------------------------
 
 def _per_layer_gb(model: dict, tp: int) -> float:
-    s, h, L = model["seq_len"], model["hidden"], model["layers"]
+    s, h = model["seq_len"], model["hidden"]
     return 34 * s * h / tp / 1e9  # Korthikanti: sbh(34)/t with TP+SP, b = 1, scores dropped (flash)
 
 

@@ -518,10 +518,6 @@ def _private(topology: Topology, group: list[str]) -> Topology:
                     topology.source)
 
 
-def hierarchical_allreduce_gb_s(topology: Topology, groups: list[list[str]]) -> float:
-    return hierarchical_allreduce(topology, groups).algbw_gb_s
-
-
 def allocations(devices: list[str], sizes: range) -> list[list[str]]:
     """Every allocation of the given sizes (for the benchmark and tests)."""
     return [list(c) for k in sizes for c in itertools.combinations(devices, k)]

@@ -24,7 +24,6 @@ from dspark_lab.planner.model.config import Cluster, Layout, ModelConfig, check_
 from dspark_lab.planner.model.efficiency import FP8_GEMM_FACTOR, MEMORY_EFFICIENCY, Efficiency, efficiency
 from dspark_lab.planner.presets import preset
 
-SCHEMA_KIND = "plan.predict"
 GRAD_COMM_BYTES = 2  # gradients are reduced in bf16 (Megatron-Core grad_reduce_in_fp32=False)
 FP8_CAST_BYTES = 5  # per element cast to FP8 with current scaling: read bf16 for amax (2), read again (2), write (1)
 OTHER_GB = 3.0  # CUDA context, NCCL and cuBLAS workspaces, allocator fragmentation

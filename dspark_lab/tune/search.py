@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from statistics import fmean, median, quantiles, stdev
 from typing import Any, Callable, Protocol
 

@@ -76,8 +76,3 @@ def envelopes(schedule_key: tuple, stage_layers: tuple[int, ...], boundaries: bo
     """Per rank :func:`rank_envelope` for the schedule ``(name, pp, microbatches, vpp)``, cached across layouts."""
     s = schedule(*schedule_key)
     return tuple(rank_envelope(s, r, stage_layers, boundaries) for r in range(s.ranks))
-
-
-def peak_layers(schedule: Schedule, rank: int, stage_layers: tuple[int, ...]) -> int:
-    """Most layer-micro-batches of activations the rank holds at once."""
-    return max(a for a, _, _ in rank_envelope(schedule, rank, stage_layers))

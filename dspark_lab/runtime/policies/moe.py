@@ -65,7 +65,7 @@ class ExpertPlacement:
         self.layers, self.rank, self.world, self.group = layers, rank, world, group
         self.experts = layers[0].config.experts
         self.counts: list[torch.Tensor | None] = [None] * len(layers)  # made on the device of the first output
-        self.history: deque = deque(maxlen=10_000)  # StepLoads (or host arrays), oldest first
+        self.history: deque[StepLoads] = deque(maxlen=10_000)  # oldest first
         for index, layer in enumerate(layers):
             layer.router.register_forward_hook(self._hook(index))
 
@@ -87,7 +87,9 @@ class ExpertPlacement:
         device = next((c.device for c in self.counts if c is not None), torch.device("cpu"))
         loads = torch.stack([c if c is not None else torch.zeros(self.experts, dtype=torch.int64, device=device)
                              for c in self.counts])
-        self.counts = [torch.zeros_like(c) if c is not None else None for c in self.counts]
+        for counts in self.counts:  # stack copied them: the counters restart in place (stream-ordered on CUDA)
+            if counts is not None:
+                counts.zero_()
         entry = StepLoads(loads)
         self.history.append(entry)
         record = {}
@@ -119,8 +121,7 @@ class ExpertPlacement:
         recent = list(self.history)[-window:]
         # the steps whose late read has not landed yet (this one at least on CUDA) are waited for: one sync, on
         # the re-placement steps only
-        loads = torch.from_numpy(np.sum([e.on_host() if isinstance(e, StepLoads) else e for e in recent],
-                                        axis=0)).double()
+        loads = torch.from_numpy(np.sum([entry.on_host() for entry in recent], axis=0)).double()
         if self.world > 1 and dist.is_initialized():
             dist.all_reduce(loads, group=self.group)
         loads = loads.numpy()
