@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
 from dspark_lab.tune.fakejob import FakeJob, bursty, crowded, jumps, linear, square
-from dspark_lab.tune.search import BOUNDARIES, Sample, Search, TuneOptions, block_time, look_levels
-
+from dspark_lab.tune.search import (
+    BOUNDARIES,
+    Sample,
+    Search,
+    TuneOptions,
+    block_time,
+    look_levels,
+)
 
 START = {"a": "x", "b": 1}
 SPACE = {"a": ["x", "y"], "b": [1, 2]}
@@ -79,9 +87,10 @@ def test_a_trial_follows_its_budget_and_the_search_never_exceeds_it(budget):
         firsts.append(first.max_pairs)
         longest = max(longest, max(t.pairs for t in out.trials))
     if budget == 200:  # as before: 110 steps, 8 pairs of 12 steps (plus a switch) at most, looks at 4, 6, 8
-        assert set(firsts) == {9} and longest <= 10
-    else:  # more budget, more pairs: (400 - 6) // 2 = 197 steps -> 16 pairs; 800 -> 32
-        assert set(firsts) == {(((budget - 6) // 2) - 2) // 12} and longest > 8 * budget // 400
+        assert set(firsts) == {9} and longest <= 10 and {t.design for t in out.trials} == {"abba"}
+    else:  # more budget, more pairs, and the coin: (400 - 6) // 2 = 197 steps -> 12 pairs of 16; 800 -> 24
+        assert set(firsts) == {(((budget - 6) // 2) - 2) // 16} and longest > 8 * budget // 400
+        assert out.trials[0].design == "coin"
 
 
 @pytest.mark.parametrize("drift", [jumps, square, bursty, crowded])
@@ -99,12 +108,12 @@ def test_more_looks_in_a_larger_budget_still_bound_the_false_decisions(drift):
 def test_a_prefix_of_the_looks_is_calibrated_with_the_whole():
     # the search calibrates its longest possible trial once; a shorter trial's levels come from that pass and
     # equal a calibration of its looks alone (the draws are made pair by pair)
-    from dspark_lab.tune import search
+    from dspark_lab.tune import stats
 
-    search._LEVELS.clear()
+    stats._LEVELS.clear()
     whole = look_levels((4, 6, 8, 10, 12), 0.95, "pocock")
     prefix = look_levels((4, 6, 8), 0.95, "pocock")
-    search._LEVELS.clear()
+    stats._LEVELS.clear()
     assert look_levels((4, 6, 8), 0.95, "pocock") == prefix and len(set(whole)) == 1 and whole[0] > prefix[0]
 
 
@@ -286,3 +295,79 @@ def test_a_live_read_finds_the_record_another_rank_wrote_before_the_tune_started
     assert time.monotonic() - began < 1.0  # the deadline is 2 s
     assert [(s.step, s.step_time_s) for s in samples] == [(6, 0.02)]
     live.close()
+
+
+def test_the_coin_does_not_move_the_blocks_in_time():
+    # a coin trial's blocks fall at the same steps whatever the coin says (a switch's gap before every block), so
+    # with equal configurations a pair's log ratio changes only its sign with the coin. Without the gap a pair
+    # that starts on the configuration in force runs 4 steps earlier, and the load ties that to the sign
+    orders = set()
+    for seed in range(6):
+        job = FakeJob(lambda v: 0.10, seed=seed)
+        job.values = dict(START)
+        search = Search(job, START, {"b": [1, 2]}, TuneOptions(order="coin", budget_steps=400, seed=seed))
+        seen = []
+
+        def judge(trial, pairs, *rest, seen=seen, original=search._judge):
+            seen.append(list(pairs))
+            return original(trial, pairs, *rest)
+
+        search._judge = judge
+        search.run()
+        pairs = seen[-1]
+        orders |= {i[0].step < c[0].step for i, c in pairs}
+        assert all(abs(i[0].step - c[0].step) == 8 for i, c in pairs)
+        firsts = [min(i[0].step, c[0].step) for i, c in pairs]
+        assert len(pairs) >= 6 and {b - a for a, b in itertools.pairwise(firsts)} == {16}
+    assert orders == {True, False}, "both orders occur"
+
+
+def test_the_sequential_sign_flip_test_holds_its_level_exactly():
+    # the boundaries depend only on the magnitudes, so one run fixes them; then every one of the 2**12 sign
+    # vectors is judged at every look exactly as the test would judge it: the share rejected anywhere is the
+    # error rate, and it must be at most 5% (and spend most of it: a test that never rejects would pass "<=")
+    from dspark_lab.tune.stats import SequentialSignFlip
+
+    rng = np.random.default_rng(3)
+    for magnitudes in (np.where(rng.random(12) < 0.6, 0.62, 0.02),  # a lattice, as the jumps machine makes
+                       np.abs(rng.standard_normal(12)), np.full(12, 0.1)):
+        d = magnitudes * (1 + 0.01 * rng.standard_normal(12))
+        test = SequentialSignFlip(0.05)
+        for n in range(4, 13, 2):
+            test.looked(list(d[:n]), n / 12)
+        signs = 1.0 - 2.0 * (np.arange(2 ** 12)[:, None] >> np.arange(12)[None, :] & 1)
+        rejected = np.zeros(len(signs), dtype=bool)
+        for n, bound in test.bounds:
+            rejected |= np.abs(signs[:, :n] @ d[:n]) >= bound - 1e-9
+        assert 0.02 < rejected.mean() <= 0.05, rejected.mean()
+
+
+def test_the_sign_flip_interval_is_the_inverted_test():
+    from dspark_lab.tune.stats import signflip_ratio_ci
+
+    # five pairs cannot reach 95% (smallest p 2/32); six equal ones can, and nothing but their value is inside
+    assert signflip_ratio_ci([0.1] * 5, 0.95)[1] is None
+    _, (lo, hi) = signflip_ratio_ci([0.1] * 6, 0.95)
+    assert lo == pytest.approx(np.exp(0.1), abs=1e-6) and hi == pytest.approx(np.exp(0.1), abs=1e-6)
+    # against a brute-force inversion on a grid: p(delta) by enumerating the 2**7 sign vectors
+    logs = [0.05, -0.02, 0.11, 0.07, 0.09, 0.01, 0.12]
+    _, (lo, hi) = signflip_ratio_ci(logs, 0.95)
+    signs = np.array(list(itertools.product((-1, 1), repeat=len(logs))))
+
+    def p(delta):
+        x = np.array(logs) - delta
+        return np.mean(np.abs(signs @ x) >= abs(x.sum()) - 1e-12)
+
+    grid = np.linspace(-0.1, 0.2, 3001)
+    inside = grid[[p(g) > 0.05 for g in grid]]
+    assert np.log(lo) == pytest.approx(inside.min(), abs=2e-4) and np.log(hi) == pytest.approx(inside.max(), abs=2e-4)
+
+
+def test_a_long_trial_is_ordered_by_the_coin_and_still_finds_a_winner():
+    # budget 800, one key: the trial may have 24 coin pairs, so "auto" orders it by the coin; a 20% gain is kept
+    job = FakeJob(lambda v: 0.10 * (0.8 if v["b"] == 2 else 1.0), seed=4)
+    job.values = dict(START)
+    out = Search(job, START, {"b": [1, 2]}, TuneOptions(budget_steps=800, seed=4)).run()
+    (trial,) = out.trials
+    assert trial.design == "coin" and trial.verdict == "win" and out.best["b"] == 2 and out.seed == 4
+    assert trial.ci[1] < 1 and 0.75 < trial.ratio < 0.85

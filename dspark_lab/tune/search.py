@@ -20,6 +20,9 @@ rate by Pocock's boundary (one nominal level at every look, calibrated for t loo
 chance of any false verdict over the trial's looks stays within 1 - confidence (Jennison and Turnbull, "Group
 Sequential Methods with Applications to Clinical Trials", 2000). The median summary and Bonferroni's 1 - alpha/K
 are kept as options (``block_stat``, ``boundary``); benchmarks/tune_power.py compares them on the fake job.
+A trial whose share allows COIN_FROM_PAIRS pairs or more is ordered by a seeded coin instead of ABBA, with a switch's
+gap before every block, and judged by an exact sequential sign-flip test (:mod:`.stats`): with many looks ABBA's
+normal-theory levels let false verdicts past 5% on a machine whose load jumps between blocks.
 Verdicts: win when the interval lies below 1 and the ratio is at least ``min_gain`` faster, loss the mirror, tie
 (stopped early) when the interval lies within ``1 +- min_gain``; otherwise the trial goes on to its budget and
 is a tie ("not separated"): the incumbent stays (a switch is never paid for on no evidence).
@@ -33,15 +36,27 @@ and marked failed. The search goes on; at the end the incumbent (the best found)
 from __future__ import annotations
 
 import math
+import random
+import secrets
 import time
 from dataclasses import dataclass, field
-from statistics import fmean, median, quantiles, stdev
+from statistics import median, quantiles
 from typing import Any, Callable, Protocol
+
+from dspark_lab.tune.stats import (
+    SequentialSignFlip,
+    look_levels,
+    look_points,
+    paired_ratio_ci,
+    signflip_ratio_ci,
+)
 
 OBJECTIVES = ("throughput", "memory")
 SWITCH_STEPS = 2  # steps a change takes to be in force on every rank (the coordinator's margin): a nominal figure
 BLOCK_STATS = ("median", "q25", "min")  # how a block of steps is summarised
-BOUNDARIES = ("bonferroni", "pocock", "obf")  # how the error rate is spent over a trial's looks
+BOUNDARIES = ("bonferroni", "pocock", "obf")  # how the error rate is spent over a trial's looks (ABBA)
+ORDERS = ("auto", "abba", "coin")  # how a pair's blocks are ordered (and so which test judges the trial)
+COIN_FROM_PAIRS = 12  # under "auto", a trial that may have this many coin pairs is ordered by the coin
 VERDICTS = ("win", "loss", "tie", "over_cap", "predicted_over_cap", "failed", "stopped", "skipped_budget")
 
 
@@ -83,6 +98,8 @@ class TuneOptions:
     confidence: float = 0.95  # over all the looks of one trial
     block_stat: str = "min"  # interference only adds time: a block's minimum varies least (benchmarks/tune_power.py)
     boundary: str = "pocock"
+    order: str = "auto"  # abba (t test) for short trials, the coin (exact sign-flip test) for long ones
+    seed: int | None = None  # of the coin; None draws one (the outcome records it)
 
     def __post_init__(self):
         from dspark_lab.errors import DSparkError
@@ -97,6 +114,8 @@ class TuneOptions:
             raise DSparkError(f"block_stat: {self.block_stat!r} is not allowed; allowed: {' | '.join(BLOCK_STATS)}")
         if self.boundary not in BOUNDARIES:
             raise DSparkError(f"boundary: {self.boundary!r} is not allowed; allowed: {' | '.join(BOUNDARIES)}")
+        if self.order not in ORDERS:
+            raise DSparkError(f"order: {self.order!r} is not allowed; allowed: {' | '.join(ORDERS)}")
         if not 2 <= self.block <= 32:
             raise DSparkError(f"block: {self.block} is not allowed; allowed: 2 to 32 steps")
         if not 2 <= self.min_pairs <= self.max_pairs <= 64:
@@ -114,6 +133,7 @@ class Trial:
     steps: int = 0  # steps the trial consumed (warm-up and incumbent blocks included)
     pairs: int = 0  # pairs of blocks measured
     max_pairs: int = 0  # the most pairs its share of the budget allowed (its last look)
+    design: str = "abba"  # abba (t interval, calibrated looks) | coin (sign-flip test, exact error spending)
     median_step_time_s: float | None = None
     incumbent_step_time_s: float | None = None
     ratio: float | None = None
@@ -124,7 +144,7 @@ class Trial:
 
     def as_dict(self) -> dict[str, Any]:
         return {"values": self.values, "change": self.change, "verdict": self.verdict, "steps": self.steps,
-                "pairs": self.pairs, "max_pairs": self.max_pairs,
+                "pairs": self.pairs, "max_pairs": self.max_pairs, "design": self.design,
                 "median_step_time_s": self.median_step_time_s, "incumbent_step_time_s": self.incumbent_step_time_s,
                 "ratio": self.ratio, "ci": list(self.ci) if self.ci else None, "peak_bytes": self.peak_bytes,
                 "predicted_peak_bytes": self.predicted_peak_bytes, "reason": self.reason}
@@ -143,9 +163,10 @@ class Outcome:
     stopped: bool = False
     found_at_step: int = 0  # steps into the search when the kept configuration was first accepted
     found_after_s: float = 0.0
+    seed: int = 0  # of the coin that ordered the blocks of coin trials (reproduces a search on a fake job)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"start": self.start, "best": self.best, "best_step_time_s": self.best_step_time_s,
+        return {"seed": self.seed, "start": self.start, "best": self.best, "best_step_time_s": self.best_step_time_s,
                 "best_peak_bytes": self.best_peak_bytes, "feasible": self.feasible, "steps": self.steps,
                 "seconds": self.seconds, "stopped": self.stopped, "found_at_step": self.found_at_step,
                 "found_after_s": self.found_after_s, "trials": [t.as_dict() for t in self.trials]}
@@ -192,92 +213,26 @@ def block_time(block: list[Sample], stat: str = "min") -> float:
     return float(median(times))
 
 
-def paired_ratio_ci(logs: list[float], level: float) -> tuple[float, tuple[float, float] | None]:
-    """Geometric mean of the per-pair ratios exp(mean(logs)) and its Student-t interval at ``level`` (n - 1 degrees
-    of freedom); no interval from a single pair. scipy is imported here, not at module import: the control endpoint
-    imports this module and the CLI verbs that talk to it stay light."""
-    from scipy.stats import t as student_t
-
-    n = len(logs)
-    mean = fmean(logs)
-    if n < 2:
-        return math.exp(mean), None
-    half = float(student_t.ppf(1 - (1 - level) / 2, n - 1)) * stdev(logs) / math.sqrt(n)
-    return math.exp(mean), (math.exp(mean - half), math.exp(mean + half))
+def pair_steps(o: TuneOptions, design: str = "abba") -> int:
+    """Steps one pair of blocks takes: two blocks and the gaps before them (a switch and the warm-up after it).
+    ABBA needs one switch a pair; under the coin every block waits a switch's gap, switch or not, so that where a
+    block falls in time does not depend on the coins."""
+    return (1 if design == "abba" else 2) * (SWITCH_STEPS + o.warmup) + 2 * o.block
 
 
-def look_points(min_pairs: int, max_pairs: int) -> list[int]:
-    """The pair counts at which a throughput verdict is tried: complete ABBA cycles (an even count, where a linear
-    drift cancels exactly) from ``min_pairs`` on."""
-    return [n for n in range(min_pairs, max_pairs + 1) if n % 2 == 0]
-
-
-CALIBRATION_DRAWS = 100_000
-_LEVELS: dict[tuple, tuple[float, ...]] = {}  # (looks, confidence, boundary) -> levels; bounded below
-
-
-def look_levels(looks: tuple[int, ...], confidence: float, boundary: str) -> tuple[float, ...]:
-    """The confidence level of the interval used at each look (pair counts ``looks``) so that the chance of a false
-    win or loss over all the looks of a trial is at most 1 - ``confidence`` when the pair log ratios are independent
-    normal with mean 0 (a two-sided group sequential test on Student's t; Jennison and Turnbull 2000).
-
-    bonferroni: 1 - alpha/K at every look (conservative: ignores that the looks share their first pairs).
-    pocock: one nominal level at every look (Pocock, Biometrika 1977). obf: O'Brien and Fleming (Biometrics 1979),
-    boundary z_k = c * sqrt(n_K / n_k): strict early, close to the one-look level at the last look, where a noisy
-    trial makes its decision. The constant c is calibrated on the t statistics themselves (each look's t p-value
-    turned into a normal deviate), by a seeded Monte Carlo of CALIBRATION_DRAWS trials, which takes the
-    dependence between looks into account exactly, whatever their spacing; no closed form exists for t looks.
-
-    One pass calibrates every prefix looks[:k] too (and caches them): a trial whose share of the budget allows
-    fewer looks finds its levels without a second calibration, which on a live job would cost steps. The draws are
-    made pair by pair, so a prefix gets the same levels as a calibration of it alone."""
-    key = (tuple(looks), confidence, boundary)
-    if key not in _LEVELS:
-        if len(_LEVELS) > 512:
-            _LEVELS.clear()
-        _LEVELS.update(_calibrate(tuple(looks), confidence, boundary))
-    return _LEVELS[key]
-
-
-def _calibrate(looks: tuple[int, ...], confidence: float, boundary: str) -> dict[tuple, tuple[float, ...]]:
-    alpha = 1 - confidence
-    if boundary == "bonferroni":
-        return {(looks[:k], confidence, boundary): (1 - alpha / k,) * k for k in range(1, len(looks) + 1)}
-    import numpy as np
-    from scipy.stats import norm
-    from scipy.stats import t as student_t
-
-    # boundary at look j is c / w_j, w_j = 1 (pocock) or sqrt(n_j) (obf: c = c_obf * sqrt(n_K)); for the looks
-    # [:k] c is the confidence quantile of max_{j<=k} z_j w_j, so one running maximum serves every prefix
-    rng = np.random.default_rng(0)
-    total, squares = np.zeros(CALIBRATION_DRAWS), np.zeros(CALIBRATION_DRAWS)
-    running = np.full(CALIBRATION_DRAWS, -np.inf)
-    out, drawn = {}, 0
-    for k, n in enumerate(looks, start=1):
-        while drawn < n:
-            x = rng.standard_normal(CALIBRATION_DRAWS)
-            total += x
-            squares += x * x
-            drawn += 1
-        mean = total / n
-        sd = np.sqrt(np.maximum(squares - n * mean * mean, 0.0) / (n - 1))
-        t = np.abs(mean) / (sd / math.sqrt(n))
-        w = 1.0 if boundary == "pocock" else math.sqrt(n)
-        running = np.maximum(running, norm.isf(student_t.sf(t, n - 1)) * w)  # the look's p as a normal deviate
-        c = float(np.quantile(running, confidence))
-        weights = [1.0 if boundary == "pocock" else math.sqrt(m) for m in looks[:k]]
-        out[(looks[:k], confidence, boundary)] = tuple(1 - 2 * float(norm.sf(c / wj)) for wj in weights)
-    return out
-
-
-def pair_steps(o: TuneOptions) -> int:
-    """Steps one pair of blocks takes: a switch, the warm-up after it, and two blocks (ABBA needs one switch a pair)."""
-    return SWITCH_STEPS + o.warmup + 2 * o.block
-
-
-def trial_pairs(o: TuneOptions, limit: int) -> int:
+def trial_pairs(o: TuneOptions, limit: int, design: str = "abba") -> int:
     """The most pairs a trial of at most ``limit`` steps is allowed (its last look; at least ``min_pairs``)."""
-    return max(o.min_pairs, min(o.max_pairs, (limit - SWITCH_STEPS) // pair_steps(o)))
+    return max(o.min_pairs, min(o.max_pairs, (limit - SWITCH_STEPS) // pair_steps(o, design)))
+
+
+def trial_design(o: TuneOptions, limit: int) -> str:
+    """"abba" or "coin" for a trial of at most ``limit`` steps: ``order``, or under "auto" the coin once the trial
+    may have COIN_FROM_PAIRS coin pairs. Short trials keep ABBA and its t interval, which can decide from 4 pairs
+    (the sign-flip test's smallest p with n pairs is 2 / 2**n); long ones, where ABBA's normal-theory looks let
+    false verdicts past 5% on a jumpy machine, get the exact test (docs/tune.md)."""
+    if o.order != "auto":
+        return o.order
+    return "coin" if trial_pairs(o, limit, "coin") >= COIN_FROM_PAIRS else "abba"
 
 
 class Search:
@@ -288,6 +243,8 @@ class Search:
                  should_stop: Callable[[], bool] = lambda: False):
         self.job, self.space, self.options = job, space, options
         self.start = dict(start)
+        self.seed = options.seed if options.seed is not None else secrets.randbits(32)
+        self._coin = random.Random(self.seed)
         self.incumbent = dict(start)
         self.log, self.should_stop = log, should_stop
         self.memory = MemoryModel()
@@ -329,7 +286,7 @@ class Search:
         began = time.monotonic()
         self._start_step = self.job.step
         out = Outcome(start=dict(self.start), best=self.incumbent, best_step_time_s=None, best_peak_bytes=None,
-                      feasible=False)
+                      feasible=False, seed=self.seed)
         baseline = self._block()
         self.incumbent_time = float(median([s.step_time_s for s in baseline]))
         self.incumbent_peak = self._peak(baseline)
@@ -374,21 +331,30 @@ class Search:
             trial.verdict, trial.reason = "predicted_over_cap", "the memory model predicts a peak over the cap"
             return trial
         began = self.job.step
-        max_pairs = trial.max_pairs = trial_pairs(o, limit)
+        design = trial.design = trial_design(o, limit)
+        max_pairs = trial.max_pairs = trial_pairs(o, limit, design)
         looks = tuple(look_points(o.min_pairs, max_pairs))  # fixed before any time is measured (the boundary's K)
-        look_levels(looks, o.confidence, o.boundary)  # calibrated (cached) before the first block, not between two
+        if design == "abba":
+            look_levels(looks, o.confidence, o.boundary)  # calibrated (cached) before the first block, not between two
+        test = SequentialSignFlip(1 - o.confidence)
         pairs: list[tuple[list[Sample], list[Sample]]] = []  # (incumbent block, candidate block), in time order
         in_force = "I"
         configs = {"I": self.incumbent, "C": candidate}
         try:
             while True:
-                order = ("I", "C") if len(pairs) % 2 == 0 else ("C", "I")  # ABBA: I C | C I | I C | ...
+                if design == "abba":
+                    order = ("I", "C") if len(pairs) % 2 == 0 else ("C", "I")  # I C | C I | I C | ...
+                else:
+                    order = ("I", "C") if self._coin.random() < 0.5 else ("C", "I")
                 blocks = {}
                 for label in order:
                     fresh = label != in_force or not pairs and not blocks
                     if label != in_force:
                         self.job.apply(configs[label])
                         in_force = label
+                    elif design == "coin":  # a switch's gap anyway: the coin must not move blocks in time
+                        self.job.read(SWITCH_STEPS)
+                        fresh = True
                     blocks[label] = self._block(warm=not fresh)
                     if label == "C" and self._over(self._peak(blocks["C"])):
                         break
@@ -397,7 +363,7 @@ class Search:
                     pairs.append((blocks.get("I", []), blocks["C"]))
                     break
                 pairs.append((blocks["I"], blocks["C"]))
-                verdict = self._judge(trial, pairs, looks)
+                verdict = self._judge(trial, pairs, looks, test)
                 if verdict:
                     trial.verdict = verdict
                     break
@@ -405,8 +371,8 @@ class Search:
                 if self.should_stop():
                     trial.verdict, trial.reason = "stopped", "the tune was stopped"
                     break
-                per_pair = max(pair_steps(o), used / len(pairs))  # a real switch can take more steps than 2
-                to_next_look = next((n for n in look_points(o.min_pairs, max_pairs) if n > len(pairs)), 0) \
+                per_pair = max(pair_steps(o, design), used / len(pairs))  # a real switch can take more than 2 steps
+                to_next_look = next((n for n in looks if n > len(pairs)), 0) \
                     - len(pairs)
                 if to_next_look <= 0 or used + (to_next_look + 1) * per_pair - o.warmup - 2 * o.block > limit:
                     trial.verdict = "tie"
@@ -432,7 +398,7 @@ class Search:
                 trial.median_step_time_s = self.incumbent_time * trial.ratio
         return trial
 
-    def _judge(self, trial: Trial, pairs, looks: int) -> str:
+    def _judge(self, trial: Trial, pairs, looks: tuple[int, ...], test: SequentialSignFlip) -> str:
         o = self.options
         c_peak = self._peak([s for _, c in pairs for s in c])
         i_peak = self._peak([s for i, _ in pairs for s in i])
@@ -447,28 +413,45 @@ class Search:
                 trial.reason = f"peak {c_peak / i_peak - 1:+.1%}"
                 return "win"
             return "loss" if c_peak > i_peak * (1 + o.min_gain) else "tie"
-        if len(pairs) not in looks or ci is None:
+        if len(pairs) not in looks:
+            return ""
+        if trial.design == "coin":
+            apart = test.looked(self._logs(pairs), len(pairs) / trial.max_pairs)
+            if apart and ratio <= 1 - o.min_gain:
+                return "win"
+            if apart and ratio >= 1 + o.min_gain:
+                return "loss"
+        if ci is None:
             return ""
         lo, hi = ci
-        if hi < 1 and ratio <= 1 - o.min_gain:
+        if trial.design == "abba" and hi < 1 and ratio <= 1 - o.min_gain:
             return "win"
-        if lo > 1 and ratio >= 1 + o.min_gain:
+        if trial.design == "abba" and lo > 1 and ratio >= 1 + o.min_gain:
             return "loss"
         if lo > 1 - o.min_gain and hi < 1 + o.min_gain:
             trial.reason = "within the minimum gain"
             return "tie"
         return ""
 
-    def _score(self, trial: Trial, pairs, looks: tuple[int, ...]):
+    def _logs(self, pairs) -> list[float]:
         o = self.options
-        logs = [math.log(block_time(c, o.block_stat) / block_time(i, o.block_stat))
+        return [math.log(block_time(c, o.block_stat) / block_time(i, o.block_stat))
                 for i, c in pairs if i and c]  # a read can miss steps
+
+    def _score(self, trial: Trial, pairs, looks: tuple[int, ...]):
+        """The ratio and its interval, for the record and for an early tie. ABBA: the t interval at this look's
+        calibrated level (between looks, a trial cut short, the next one's). The coin: the sign-flip interval at the
+        trial's confidence (its verdicts come from the sequential test, not from this interval)."""
+        o = self.options
+        logs = self._logs(pairs)
         if not logs:
             return None, None
-        levels = look_levels(looks, o.confidence, o.boundary)
-        # the level of this look; between looks (a trial cut short) the level of the next one, for the record
-        level = next((lv for n, lv in zip(looks, levels) if n >= len(pairs)), levels[-1])
-        ratio, ci = paired_ratio_ci(logs, level)
+        if trial.design == "coin":
+            ratio, ci = signflip_ratio_ci(logs, o.confidence)
+        else:
+            levels = look_levels(looks, o.confidence, o.boundary)
+            level = next((lv for n, lv in zip(looks, levels) if n >= len(pairs)), levels[-1])
+            ratio, ci = paired_ratio_ci(logs, level)
         trial.ratio, trial.ci = ratio, ci
         trial.incumbent_step_time_s = float(median([s.step_time_s for i, c in pairs if i and c for s in i]))
         return ratio, ci
