@@ -364,3 +364,21 @@ def test_a_whole_backward_is_priced_from_the_measured_halves_of_its_rank():
     costs = Costs(f=1.0, b=1.0, w=1.0, table={(0, 0, "Bi"): 3.0, (0, 0, "W"): 2.0, (1, 0, "Bi"): 7.0})
     assert costs.of(0, WholeB(0)) == 5.0
     assert costs.of(1, WholeB(0)) == 2.0  # rank 1 has no measured W: the scalar b + w
+
+
+def test_a_capture_records_python_stacks_only_when_asked(tmp_path, monkeypatch):
+    # with_stack=True crashed ranks at the profiler's stop (docs/profiles.md): off unless DSPARK_PROFILE_STACKS=1
+    from types import SimpleNamespace
+
+    from dspark_lab.trace import capture
+
+    for env, stacks in (("", False), ("1", True)):
+        monkeypatch.setenv("DSPARK_PROFILE_STACKS", env)
+        job = SimpleNamespace(backend=SimpleNamespace(torch_device="cpu"), run_dir=SimpleNamespace(path=tmp_path),
+                              step=4, state={"profile": capture.ProfileState()})
+        started = capture.start(job, 2)
+        try:
+            assert started.profiler.with_stack is stacks and started.first_step == 5
+        finally:
+            capture._close_step(started)
+            started.profiler.stop()
