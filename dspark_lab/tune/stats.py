@@ -5,7 +5,7 @@ Two designs (:mod:`.search` runs them). ABBA: the blocks of a pair alternate in 
 the interval is Student's t over pairs and the looks share the error rate by a group sequential boundary whose
 levels are calibrated for independent normal log ratios (:func:`look_levels`). That calibration is only as good
 as the normality: on a machine whose load jumps between blocks the log ratios sit on a lattice, and with many looks
-the false verdicts rose to 7-9% (docs/tune.md).
+the false verdicts rose to 7-12% (docs/tune.md).
 
 The coin: a fair, seeded coin orders each pair's blocks, and every block waits the same gap whether or not the
 configuration changes, so where a block falls in time does not depend on the coins. With no difference between the
@@ -15,7 +15,8 @@ signs (Fisher, "The Design of Experiments", 1935, section 21; Good, "Permutation
 Hypotheses", 2005) and is sequential by exact error spending (:class:`SequentialSignFlip`): at each look the
 boundary is set on the re-drawn sign vectors, counting which of them an earlier look's boundary would already have
 rejected, so the chance of any false verdict over all the looks is at most the level spent (Lan and DeMets,
-Biometrika 1983, with Pocock's spending function alpha * ln(1 + (e - 1) t)), with no assumption on the noise.
+Biometrika 1983, with Pocock's spending function alpha * ln(1 + (e - 1) t)), with no assumption on the noise:
+exactly up to 14 pairs, where every sign vector is enumerated, and up to Monte Carlo error beyond.
 """
 
 from __future__ import annotations
