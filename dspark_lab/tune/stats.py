@@ -172,7 +172,9 @@ class SequentialSignFlip:
 
     def __init__(self, alpha: float):
         self.alpha = alpha
-        self.bounds: list[tuple[int, float]] = []  # (pairs at the look, boundary on |sum of log ratios|)
+        # (pairs at the look, its threshold on |sum of log ratios|: the boundary less the float tolerance, so a
+        # re-drawn vector and the observed one are held to the same comparison at every later look)
+        self.bounds: list[tuple[int, float]] = []
 
     def looked(self, logs: list[float], fraction: float) -> bool:
         import numpy as np
@@ -196,5 +198,6 @@ class SequentialSignFlip:
             if k < len(candidates) and candidates[k] >= bound - tol:
                 above = candidates[candidates > bound + tol]
                 bound = float(above[-1]) if len(above) else math.inf
-        self.bounds.append((n, bound))
-        return abs(float(d.sum())) >= bound - tol
+        threshold = bound - tol
+        self.bounds.append((n, threshold))
+        return abs(float(d.sum())) >= threshold
