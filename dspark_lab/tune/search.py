@@ -402,7 +402,8 @@ class Search:
         o = self.options
         c_peak = self._peak([s for _, c in pairs for s in c])
         i_peak = self._peak([s for i, _ in pairs for s in i])
-        ratio, ci = self._score(trial, pairs, looks)  # reported even when the budget ends the trial
+        logs = self._logs(pairs)
+        ratio, ci = self._score(trial, pairs, logs, looks)  # reported even when the budget ends the trial
         if self._over(i_peak) and c_peak is not None and not self._over(c_peak):
             trial.reason = "the incumbent is over the memory cap and this one is under it"
             return "win"
@@ -415,8 +416,8 @@ class Search:
             return "loss" if c_peak > i_peak * (1 + o.min_gain) else "tie"
         if len(pairs) not in looks:
             return ""
-        if trial.design == "coin":
-            apart = test.looked(self._logs(pairs), len(pairs) / trial.max_pairs)
+        if trial.design == "coin" and logs:
+            apart = test.looked(logs, len(pairs) / trial.max_pairs)
             if apart and ratio <= 1 - o.min_gain:
                 return "win"
             if apart and ratio >= 1 + o.min_gain:
@@ -438,12 +439,11 @@ class Search:
         return [math.log(block_time(c, o.block_stat) / block_time(i, o.block_stat))
                 for i, c in pairs if i and c]  # a read can miss steps
 
-    def _score(self, trial: Trial, pairs, looks: tuple[int, ...]):
+    def _score(self, trial: Trial, pairs, logs: list[float], looks: tuple[int, ...]):
         """The ratio and its interval, for the record and for an early tie. ABBA: the t interval at this look's
         calibrated level (between looks, a trial cut short, the next one's). The coin: the sign-flip interval at the
         trial's confidence (its verdicts come from the sequential test, not from this interval)."""
         o = self.options
-        logs = self._logs(pairs)
         if not logs:
             return None, None
         if trial.design == "coin":
