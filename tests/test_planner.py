@@ -80,6 +80,7 @@ def test_uneven_stages_are_accounted_by_the_slowest(manager):
     (dict(loss="chunked"), "layout.loss"),
     (dict(sp_regather="yes"), "layout.sp_regather"),
     (dict(pp_runtime="deepspeed"), "layout.pp_runtime"),
+    (dict(fsdp_runtime="deepspeed"), "layout.fsdp_runtime"),
     (dict(cp_rotate="alltoall"), "layout.cp_rotate"),
     (dict(fp8_allgather="yes"), "layout.fp8_allgather"),
 ])
@@ -425,6 +426,33 @@ def test_fp8_allgather_keeps_the_gathered_blocks_in_one_byte(manager):
     assert predict(config(fp8_allgather=True, **bf16_run), manager)["memory_gb"] == \
         predict(config(**bf16_run), manager)["memory_gb"]
 
+
+
+def test_fsdp2_side_streams_keep_two_gathered_groups_and_the_gradient_shards_reserved(manager):
+    assert memory.fsdp2_side_stream_bytes([5.0, 9.0, 7.0], 4.0) == 9.0 + 7.0 + 4.0
+    model = ModelConfig.from_dict(preset("llama3-8b"))
+    block = flops.layer_params(model, 0)
+    root = flops.embedding_params(model) + flops.output_params(model)  # one FSDP unit: embedding and output
+    total = model.layers * block + root
+    base = dict(tp=1, dp=8, micro_batch=1, global_batch=8, recompute="full", precision="fp8", fp8_allgather=True)
+
+    def extra(**layout):
+        megatron = predict(config(**base, **layout), manager)["memory_gb"]
+        torch = predict(config(fsdp_runtime="torch", **base, **layout), manager)["memory_gb"]
+        assert {k: v for k, v in torch.items() if k not in ("other", "total")} == \
+            {k: v for k, v in megatron.items() if k not in ("other", "total")}
+        assert torch["total"] - megatron["total"] == pytest.approx(torch["other"] - megatron["other"])
+        return (torch["other"] - megatron["other"]) * 1e9
+
+    # ZeRO 2: the bf16 root unit and one fp8 block on the copy-in stream, and every fp32 gradient shard on the
+    # reduce-scatter stream (the peak itself holds the unsharded gradients, not the shards)
+    assert extra(zero=2) == pytest.approx(2 * root + 1 * block + 4 * total / 8)
+    # ZeRO 3 counts the shards at the peak already: only the all-gather outputs are added
+    assert extra(zero=3) == pytest.approx(2 * root + 1 * block)
+    # without sharding there is no FSDP all-gather or reduce-scatter
+    assert extra(zero=1) == 0.0
+    assert predict(config(fsdp_runtime="torch", **dict(base, dp=1, tp=8, zero=3)), manager)["memory_gb"] == \
+        predict(config(**dict(base, dp=1, tp=8, zero=3)), manager)["memory_gb"]
 
 def test_pipeline_buffers_hand_computed():
     s, b, h, t, m = 8192, 4, 16384, 8, 8

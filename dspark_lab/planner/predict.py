@@ -304,7 +304,7 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
 
 def _block_params(model: ModelConfig, counts, starts, rank_stages, t: int, e: int) -> float:
     """Parameters of the transformer blocks one GPU of the given pipeline rank holds."""
-    return sum(_layer_params(model, i, t, e) for k in rank_stages for i in range(starts[k], starts[k] + counts[k]))
+    return sum(_block_sizes(model, counts, starts, rank_stages, t, e))
 
 
 def _stage_params(model: ModelConfig, counts, starts, rank_stages, t: int, e: int) -> float:
@@ -326,13 +326,33 @@ def _layer_params(model: ModelConfig, i: int, t: int, e: int) -> float:
 
 def _fsdp_buffers(model: ModelConfig, lay: Layout, counts, starts, mine, stages: int) -> tuple[float, float]:
     """FSDP's working buffers at this rank's peak (:func:`memory.fsdp_buffers`)."""
-    t, e = lay.tp, lay.ep
-    block = max((_layer_params(model, i, t, e) for k in mine for i in range(starts[k], starts[k] + counts[k])),
-                default=0.0)
-    out = flops.output_params(model) / t if stages - 1 in mine else 0.0
-    root = (flops.embedding_params(model) / t if 0 in mine else 0.0) + out
-    return memory.fsdp_buffers(lay.zero, block, root, out,
+    block = max(_block_sizes(model, counts, starts, mine, lay.tp, lay.ep), default=0.0)
+    out = flops.output_params(model) / lay.tp if stages - 1 in mine else 0.0
+    return memory.fsdp_buffers(lay.zero, block, _root_params(model, lay, mine, stages), out,
                                memory.unsharded_weight_bytes(lay.precision, lay.fp8_allgather))
+
+
+def _fsdp2_reserved(model: ModelConfig, lay: Layout, counts, starts, mine, stages: int,
+                    sharded_grads: float) -> float:
+    """What FSDP2's side streams keep reserved on this rank (:func:`memory.fsdp2_side_stream_bytes`): its FSDP
+    groups as gathered (each block, and the root unit in bf16) and the sharded gradients given."""
+    block_bytes = memory.unsharded_weight_bytes(lay.precision, lay.fp8_allgather)
+    groups = [block_bytes * n for n in _block_sizes(model, counts, starts, mine, lay.tp, lay.ep)]
+    groups.append(memory.WEIGHT_BYTES * _root_params(model, lay, mine, stages))
+    return memory.fsdp2_side_stream_bytes(groups, sharded_grads)
+
+
+def _block_sizes(model: ModelConfig, counts, starts, rank_stages, t: int, e: int) -> list[float]:
+    """Parameters of each transformer block one GPU of the pipeline rank holds (one FSDP group each, as torchtitan
+    wraps them)."""
+    return [_layer_params(model, i, t, e) for k in rank_stages for i in range(starts[k], starts[k] + counts[k])]
+
+
+def _root_params(model: ModelConfig, lay: Layout, mine, stages: int) -> float:
+    """Parameters of the root FSDP unit on this rank: the embedding on the first stage, the output layer on the
+    last (torchtitan shards them together, outside the blocks)."""
+    return ((flops.embedding_params(model) if 0 in mine else 0.0)
+            + (flops.output_params(model) if stages - 1 in mine else 0.0)) / lay.tp
 
 
 def _rank_stages(rank: int, p: int, v: int, chunks: int, stages: int) -> list[int]:
@@ -395,6 +415,11 @@ def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device
             act, at_boundaries = max(((a * per_layer + extra, k * boundary) for a, _, k in env[r]), key=sum)
             grads += grad_buffers
         other = OTHER_GB * 1e9
+        if lay.fsdp_runtime == "torch" and lay.zero >= 2 and shard > 1:
+            # ZeRO 2's gradients at the peak are the unsharded fp32 ones; the shards come after, on the
+            # reduce-scatter stream, and keep their blocks reserved from then on. ZeRO 3 counts the shards already.
+            sharded = memory.GRAD_BYTES * params / shard if lazy_grads else 0.0
+            other += _fsdp2_reserved(model, lay, counts, starts, mine, stages, sharded)
         if stages - 1 in mine:
             # The loss is differentiated before any layer of that micro-batch is recomputed, so its logits (with the
             # output layer's saved input) and the recomputed layer (``extra``) are never live together: only what

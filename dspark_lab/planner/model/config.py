@@ -17,6 +17,7 @@ RECOMPUTE = ("none", "selective", "selective-op", "full")
 KERNELS = ("fused", "eager")
 LOSS = ("fused", "eager")
 PP_RUNTIMES = ("megatron", "torch")  # torch: torch.distributed.pipelining (torchtitan)
+FSDP_RUNTIMES = ("megatron", "torch")  # torch: FSDP2's side-stream collectives (torchtitan)
 CP_ROTATES = ("ring", "allgather")  # how context parallelism exchanges K/V (torchtitan: allgather)
 PRECISIONS = ("bf16", "fp8")
 ATTENTION = ("flash", "unfused")
@@ -160,6 +161,7 @@ class Layout:
     loss: str = "fused"
     sp_regather: bool = True
     pp_runtime: str = "megatron"
+    fsdp_runtime: str = "megatron"
     cp_rotate: str = "ring"
     fp8_allgather: bool = False
 
@@ -188,6 +190,7 @@ class Layout:
                    loss=_choice(obj, "loss", where, LOSS, "fused"),
                    sp_regather=_choice(obj, "sp_regather", where, (True, False), True),
                    pp_runtime=_choice(obj, "pp_runtime", where, PP_RUNTIMES, "megatron"),
+                   fsdp_runtime=_choice(obj, "fsdp_runtime", where, FSDP_RUNTIMES, "megatron"),
                    cp_rotate=_choice(obj, "cp_rotate", where, CP_ROTATES, "ring"),
                    fp8_allgather=_choice(obj, "fp8_allgather", where, (True, False), False))
 

@@ -10,11 +10,12 @@ below are the same sums written per tensor, so grouped-query attention and other
 Bytes per parameter (Megatron's mixed precision with fp32 gradient buffers): 2 (bf16 weights) + 4 (fp32 gradient)
 + 12 (fp32 master weights, Adam m and v). ZeRO-1 (distributed optimizer) shards the 12 over data-parallel ranks,
 ZeRO-2 also the gradients, ZeRO-3 / FSDP also the weights (Rajbhandari et al. 2020), which then need gathered
-working copies (FSDP2's per-block all-gather and prefetch, ``fsdp_buffers``). torchtitan's op-level selective checkpointing
-(``op_sac_bytes``), the loss's fp32 logits (``loss_bytes_per_logit``), the output layer's saved input
-(``head_input_bytes``), and the logits and receive buffers ``torch.distributed.pipelining`` keeps
-(``kept_output_bytes``, ``pipeline_buffer_bytes``) and FSDP's fp8 all-gather (``unsharded_weight_bytes``) are
-counted from what the PyTorch code keeps.
+working copies (FSDP2's per-block all-gather and prefetch, ``fsdp_buffers``). torchtitan's op-level selective
+checkpointing (``op_sac_bytes``), the loss's fp32 logits (``loss_bytes_per_logit``), the output layer's saved input
+(``head_input_bytes``), the logits and receive buffers ``torch.distributed.pipelining`` keeps
+(``kept_output_bytes``, ``pipeline_buffer_bytes``), FSDP's fp8 all-gather (``unsharded_weight_bytes``) and what
+FSDP2's side streams keep reserved in the caching allocator (``fsdp2_side_stream_bytes``) are counted from what the
+PyTorch code keeps.
 """
 
 from __future__ import annotations
@@ -148,6 +149,26 @@ def fsdp_buffers(zero: int, block_params: float, root_params: float = 0.0,
     backward = (2 * block_weight_bytes * block_params, (2 + 4) * block_params)
     loss = (2 * root_params + block_weight_bytes * block_params, 2 * output_params)
     return max(backward, loss, key=sum)
+
+
+def fsdp2_side_stream_bytes(gathered_group_bytes: list[float], sharded_grad_bytes: float) -> float:
+    """Device memory PyTorch's caching allocator keeps reserved for FSDP2's side streams, on top of the default
+    stream's peak. The allocator caches a freed block for the stream that allocated it (with expandable segments,
+    one segment per stream) and never lends it to another, so a side stream's high-water mark stays reserved all
+    step; torchtitan reports reserved memory. FSDP2 (torch 1963fc8, Dec 2024) allocates on side streams:
+
+    - each group's flat all-gather output (on its copy-in stream); the previous one is kept until the next
+      all-gather's copy-in has waited on it, so two are live: the two largest ``gathered_group_bytes`` of the rank
+      (transformer blocks, and the root unit of embedding / output layer);
+    - the reduce-scatter outputs (on the reduce-scatter stream), of which the sharded gradients are views; they live
+      from backward to the next ``zero_grad``, so their blocks, ``sharded_grad_bytes``, are reserved through the
+      next step's forward and backward. Pass 0 where the sharded gradients are already counted at the peak (ZeRO 3,
+      which reduce-scatters every block during backward).
+
+    The reduce-scatter input is allocated on the default stream since PyTorch PR 129721 (Jun 2024), whose
+    description states the rule this term follows: memory in a non-default stream's pool "cannot be reused by the
+    default stream"."""
+    return sum(sorted(gathered_group_bytes, reverse=True)[:2]) + sharded_grad_bytes
 
 
 def unsharded_weight_bytes(precision: str, fp8_allgather: bool) -> int:
