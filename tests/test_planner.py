@@ -81,6 +81,7 @@ def test_uneven_stages_are_accounted_by_the_slowest(manager):
     (dict(sp_regather="yes"), "layout.sp_regather"),
     (dict(pp_runtime="deepspeed"), "layout.pp_runtime"),
     (dict(fsdp_runtime="deepspeed"), "layout.fsdp_runtime"),
+    (dict(framework="deepspeed"), "layout.framework"),
     (dict(cp_rotate="alltoall"), "layout.cp_rotate"),
     (dict(fp8_allgather="yes"), "layout.fp8_allgather"),
 ])
@@ -135,6 +136,62 @@ def test_search_is_deterministic_and_ranked(manager):
     rates = [x["tokens_per_s_per_gpu"] for x in first["results"]]
     assert rates == sorted(rates, reverse=True) and all(x["fits"] for x in first["results"])
 
+
+
+def test_a_framework_sets_the_defaults_and_a_given_field_wins():
+    from dataclasses import fields as dc_fields
+
+    from dspark_lab.planner.model.config import Layout, framework_defaults
+
+    base = {"tp": 8, "pp": 8, "dp": 8, "micro_batch": 1, "global_batch": 64}
+    megatron, titan = Layout.from_dict(base), Layout.from_dict({**base, "framework": "torchtitan"})
+    declared = {f.name: f.default for f in dc_fields(Layout)}
+    assert {k: declared[k] for k in framework_defaults("megatron", 8, True)} == framework_defaults("megatron", 8, True)
+    assert (titan.zero, titan.pp_runtime, titan.fsdp_runtime, titan.loss, titan.sp_regather, titan.cp_rotate,
+            titan.recompute, titan.kernels) == (2, "torch", "torch", "eager", False, "allgather", "selective-op",
+                                                "eager")
+    assert (megatron.zero, megatron.pp_runtime, megatron.loss) == (1, "megatron", "fused")
+    assert Layout.from_dict({**base, "pp": 1, "dp": 64, "framework": "torchtitan"}).zero == 3  # FSDP reshards
+    assert Layout.from_dict({**base, "pp": 1, "dp": 1, "framework": "torchtitan"}).zero == 0  # nothing to shard
+    assert Layout.from_dict({**base, "framework": "torchtitan", "kernels": "fused", "zero": 3}).kernels == "fused"
+
+
+def test_search_for_torchtitan_runs_only_what_torchtitan_runs(manager):
+    from dspark_lab.planner.model.config import Cluster
+    from dspark_lab.planner.search import candidates, search
+
+    model = ModelConfig.from_dict(preset("llama3-8b", 4096))
+    cluster = Cluster(gpu="nvidia-h100", gpus=16)
+    titan = candidates(model, cluster, 32, "torchtitan", {"precision": "fp8"})
+    assert titan and all(lay.framework == "torchtitan" and lay.precision == "fp8" for lay in titan)
+    for lay in titan:
+        assert lay.zero == ((2 if lay.pp > 1 else 3) if lay.dp * lay.cp > 1 else 0)
+        if lay.pp == 1:  # no gradient accumulation: the local batch is one micro-batch
+            assert 32 // lay.dp == lay.micro_batch
+    assert {lay.recompute for lay in titan} == {"none", "selective-op", "full"}
+    megatron = candidates(model, cluster, 32)
+    assert {lay.recompute for lay in megatron} == {"none", "full"} and {lay.zero for lay in megatron} == {0, 1, 2}
+    out = search(model, cluster, 32, top=3, manager=manager, framework="torchtitan", fixed={"kernels": "fused"})
+    assert out["framework"] == "torchtitan" and out["fixed"] == {"kernels": "fused"} and len(out["results"]) == 3
+    for bad, message in (({"tp": 2}, "--with tp: is searched"), ({"speed": 1}, "--with speed: is not a layout"),
+                         ({"precision": "fp4"}, "precision: must be one of bf16 | fp8")):
+        with pytest.raises(DSparkError, match=message):
+            candidates(model, cluster, 32, "torchtitan", bad)
+    with pytest.raises(DSparkError, match="--framework: must be one of megatron | torchtitan"):
+        candidates(model, cluster, 32, "deepspeed")
+
+
+def test_plan_search_cli_takes_framework_and_fixed_fields(capsys):
+    from dspark_lab.cli import main as cli_main
+
+    args = ["plan", "search", "--model", "llama3-8b", "--gpu", "nvidia-h100", "--gpus", "8", "--global-batch", "8",
+            "--top", "2", "--framework", "torchtitan", "--with", "precision=fp8", "--with", "fp8_allgather=true",
+            "--json"]
+    assert cli_main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["framework"] == "torchtitan" and out["fixed"] == {"precision": "fp8", "fp8_allgather": True}
+    assert cli_main(args[:-1] + ["--with", "precision"]) == 2
+    assert "argument --with: expected KEY=VALUE" in capsys.readouterr().err
 
 # --- the GPU part table --------------------------------------------------------------------------------------
 
@@ -248,6 +305,14 @@ def test_whatif_without_model_or_params_is_refused(tmp_path, manager):
     out = whatif(run, model="llama3-8b", gpu="nvidia-b200", gpus=8, seq=2048, manager=manager)
     assert out["model_from"] == "--model" and out["target"]["gpu"] == "nvidia-b200"
     assert out["current"]["global_batch"] == 8  # 1 sample per step per rank x 8 data-parallel ranks
+    titan = whatif(run, model="llama3-8b", gpus=8, seq=2048, manager=manager, framework="torchtitan",
+                   fixed={"kernels": "fused"})
+    now = whatif(run, model="llama3-8b", gpus=8, seq=2048, manager=manager)["current"]["prediction"]
+    # the job now (8 data-parallel ranks) under torchtitan: FSDP2 resharding (ZeRO 3), its loss and side streams
+    assert titan["current"]["prediction"]["memory_gb"]["params"] < now["memory_gb"]["params"]
+    assert all(r["layout"]["zero"] == ((2 if r["layout"]["pp"] > 1 else 3)
+                                       if r["layout"]["dp"] * r["layout"]["cp"] > 1 else 0)
+               for r in titan["target"]["results"])
 
 
 def test_search_view_marks_the_pareto_front(tmp_path, manager):

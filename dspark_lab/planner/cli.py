@@ -25,6 +25,29 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _fixed_field(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` for ``--with``; VALUE is read as JSON (``true``, ``2``) and else taken as a string (``fp8``)."""
+    import argparse
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. precision=fp8), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _add_framework_options(parser) -> None:
+    from dspark_lab.planner.model.config import FRAMEWORKS
+
+    parser.add_argument("--framework", choices=FRAMEWORKS, default="megatron",
+                        help="what runs the job: its defaults and the layouts it can run (default megatron)")
+    parser.add_argument("--with", dest="fixed", metavar="KEY=VALUE", type=_fixed_field, action="append", default=[],
+                        help="a layout field every candidate gets, e.g. precision=fp8, kernels=fused (repeatable)")
+
+
 def add_parsers(subparsers, common) -> None:
     plan = subparsers.add_parser("plan", help="predict step time, MFU and memory of training layouts; search them")
     verbs = plan.add_subparsers(dest="plan_verb", metavar="VERB")
@@ -51,12 +74,13 @@ def add_parsers(subparsers, common) -> None:
     search.add_argument("--gpus-per-node", type=_positive_int, default=8, help="GPUs per node (default 8)")
     search.add_argument("--html", metavar="PATH", default=None,
                         help="also write a bokeh view (throughput vs memory, Pareto front, breakdown) to PATH")
+    _add_framework_options(search)
 
     def run_search(args):
         from dspark_lab.planner.commands import search_report
 
         return search_report(args.model, args.gpu, args.gpus, args.global_batch, args.seq, args.top,
-                             args.max_memory_gb, args.gpus_per_node, args.html)
+                             args.max_memory_gb, args.gpus_per_node, args.html, args.framework, dict(args.fixed))
 
     search.set_defaults(func=run_search)
 
@@ -71,11 +95,13 @@ def add_parsers(subparsers, common) -> None:
                         help="sequences per step (default: from the run's metrics)")
     whatif.add_argument("--seq", type=_positive_int, default=None, help="sequence length")
     whatif.add_argument("--top", type=_positive_int, default=3, help="layouts to propose (default 3)")
+    _add_framework_options(whatif)
 
     def run_whatif(args):
         from dspark_lab.planner.commands import whatif_report
 
-        return whatif_report(args.run, args.model, args.gpu, args.gpus, args.global_batch, args.seq, args.top)
+        return whatif_report(args.run, args.model, args.gpu, args.gpus, args.global_batch, args.seq, args.top,
+                             args.framework, dict(args.fixed))
 
     whatif.set_defaults(func=run_whatif)
     plan.set_defaults(func=lambda args: plan.print_help() or 2)

@@ -42,8 +42,10 @@ def predict_report(config_path: str) -> Report:
 
 
 def search_report(model: str, gpu: str, gpus: int, global_batch: int, seq: int | None = None, top: int = 5,
-                  max_memory_gb: float | None = None, gpus_per_node: int = 8, html: str | None = None) -> Report:
-    """``plan search``: the best layouts that fit, by predicted throughput; ``html``: also write the bokeh view."""
+                  max_memory_gb: float | None = None, gpus_per_node: int = 8, html: str | None = None,
+                  framework: str = "megatron", fixed: dict | None = None) -> Report:
+    """``plan search``: the best layouts that fit, by predicted throughput; ``html``: also write the bokeh view;
+    ``framework`` and ``fixed``: :func:`dspark_lab.planner.search.candidates`."""
     from dspark_lab.planner.model.config import Cluster, ModelConfig
     from dspark_lab.planner.presets import PRESETS, preset
     from dspark_lab.planner.search import search
@@ -58,7 +60,7 @@ def search_report(model: str, gpu: str, gpus: int, global_batch: int, seq: int |
     if html is not None and not Path(html).parent.resolve().is_dir():
         raise DSparkError(f"--html: the folder of {html!r} does not exist")
     result = search(ModelConfig.from_dict(obj, "--model"), cluster, global_batch, top, max_memory_gb,
-                    points=html is not None)
+                    points=html is not None, framework=framework, fixed=fixed)
     lines = []
     if html is not None:
         from dspark_lab.planner.view import write_html
@@ -71,13 +73,15 @@ def search_report(model: str, gpu: str, gpus: int, global_batch: int, seq: int |
     return Report("plan.search", result, rows=rows,
                   columns=("rank", "tp", "pp", "dp", "cp", "ep", "vpp", "micro_batch", "recompute", "step_s",
                            "tok/s/gpu", "mfu", "mem_gb"),
-                  title=f"plan search: {result['model']} on {gpus} x {gpu}, global batch {global_batch}",
+                  title=f"plan search: {result['model']} on {gpus} x {gpu}, global batch {global_batch}"
+                        + (f", {framework}" if framework != "megatron" else ""),
                   lines=[f"{result['evaluated']} layouts evaluated, {result['fitting']} fit; "
                          f"search time {result['search_time_s']:.2f} s", *lines])
 
 
 def whatif_report(run: str, model: str | None = None, gpu: str | None = None, gpus: int | None = None,
-                  global_batch: int | None = None, seq: int | None = None, top: int = 3) -> Report:
+                  global_batch: int | None = None, seq: int | None = None, top: int = 3,
+                  framework: str = "megatron", fixed: dict | None = None) -> Report:
     """``plan whatif RUN``: the job's layout now (predicted) and the best layouts on another GPU count or type."""
     from dspark_lab.planner.whatif import rows, whatif
     from dspark_lab.runtime.records import find_run
@@ -85,7 +89,8 @@ def whatif_report(run: str, model: str | None = None, gpu: str | None = None, gp
     from dspark_lab.planner.presets import PRESETS
 
     model_arg = model if model is None or model in PRESETS else _load_json(model, "--model")
-    result = whatif(find_run(run), model=model_arg, gpu=gpu, gpus=gpus, global_batch=global_batch, seq=seq, top=top)
+    result = whatif(find_run(run), model=model_arg, gpu=gpu, gpus=gpus, global_batch=global_batch, seq=seq, top=top,
+                    framework=framework, fixed=fixed)
     cur, tgt = result["current"], result["target"]
     lines = [f"model {result['model']} (from {result['model_from']}); now {cur['gpus']} x {cur['gpu'] or '?'}, "
              f"global batch {cur['global_batch']}"]

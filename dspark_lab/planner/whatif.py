@@ -77,7 +77,8 @@ def job_model(run: RunDir, job: dict, model: str | dict | None, seq: int | None)
 
 
 def whatif(run: RunDir, *, model: str | dict | None = None, gpu: str | None = None, gpus: int | None = None,
-           global_batch: int | None = None, seq: int | None = None, top: int = 3, manager=None) -> dict[str, Any]:
+           global_batch: int | None = None, seq: int | None = None, top: int = 3, manager=None,
+           framework: str = "megatron", fixed: dict[str, Any] | None = None) -> dict[str, Any]:
     info = run.info()
     status = live_status(run)
     job = {**(info.get("job") or {}), **(status.get("job") or {})}
@@ -105,14 +106,18 @@ def whatif(run: RunDir, *, model: str | dict | None = None, gpu: str | None = No
                            "target": {"gpu": target_gpu, "gpus": target_gpus}}
     if current_gpu:
         try:
-            layout = Layout(tp=tp, pp=pp, dp=dp, cp=cp, micro_batch=int(par.get("micro_batch", 1)),
-                            global_batch=global_batch, zero=int(par.get("zero", 1 if dp > 1 else 0)),
-                            recompute=str(par.get("recompute", "selective")), sequence_parallel=tp > 1)
+            published = {k: par[k] for k in ("zero", "recompute") if k in par}
+            if "zero" not in published and framework == "megatron" and dp == 1:
+                published["zero"] = 0  # nothing to shard the optimizer over
+            layout = Layout.from_dict({**(fixed or {}), **published, "tp": tp, "pp": pp, "dp": dp, "cp": cp,
+                                       "micro_batch": int(par.get("micro_batch", 1)), "global_batch": global_batch,
+                                       "framework": framework})
             pred = predict_inputs(Inputs(model_cfg, Cluster(gpu=current_gpu, gpus=ranks), layout), manager)
             out["current"]["prediction"] = pred
         except DSparkError as exc:  # e.g. a CPU backend has no figures to plan on
             out["current"]["not_planned"] = str(exc)
-    result = search(model_cfg, Cluster(gpu=target_gpu, gpus=target_gpus), global_batch, top, None, manager)
+    result = search(model_cfg, Cluster(gpu=target_gpu, gpus=target_gpus), global_batch, top, None, manager,
+                    framework=framework, fixed=fixed)
     out["target"].update(search_time_s=result["search_time_s"], evaluated=result["evaluated"],
                          fitting=result["fitting"], results=result["results"])
     return out

@@ -21,6 +21,7 @@ FSDP_RUNTIMES = ("megatron", "torch")  # torch: FSDP2's side-stream collectives 
 CP_ROTATES = ("ring", "allgather")  # how context parallelism exchanges K/V (torchtitan: allgather)
 PRECISIONS = ("bf16", "fp8")
 ATTENTION = ("flash", "unfused")
+FRAMEWORKS = ("megatron", "torchtitan")
 MAX_SIZE = 1 << 20  # bound on any count a user gives (layers, GPUs, batch, ...)
 
 
@@ -51,6 +52,22 @@ def _choice(obj: dict, field: str, where: str, allowed: tuple, default: Any) -> 
     if value not in allowed:
         raise refuse(f"{where}.{field}", f"must be one of {' | '.join(map(str, allowed))}, got {value!r}")
     return value
+
+
+def framework_defaults(framework: str, pp: int, sharded: bool) -> dict[str, Any]:
+    """The layout fields a framework sets when the config leaves them out. ``megatron``: Megatron-LM (the planner's
+    own defaults: distributed optimizer, fused kernels and loss, selective recompute). ``torchtitan``: what
+    torchtitan 9dec370 runs unless told otherwise (``config_manager.py`` and its Llama 3 train configs): eager
+    kernels (``training.compile`` off), op-level selective AC (``selective_ac_option = 'op'`` in the Llama 3
+    configs), ``cross_entropy`` on fp32 logits (``loss_parallel`` under TP), DTensor keeping the gathered TP input,
+    torch.distributed.pipelining, FSDP2 (resharding after forward, ZeRO 3, except under PP, ZeRO 2; none when
+    nothing is sharded), all-gather context parallelism, and float8's FSDP all-gather off. ``sharded``: dp x cp > 1."""
+    if framework == "torchtitan":
+        return {"zero": (2 if pp > 1 else 3) if sharded else 0, "recompute": "selective-op", "kernels": "eager",
+                "loss": "eager", "sp_regather": False, "pp_runtime": "torch", "fsdp_runtime": "torch",
+                "cp_rotate": "allgather", "fp8_allgather": False}
+    return {"zero": 1, "recompute": "selective", "kernels": "fused", "loss": "fused", "sp_regather": True,
+            "pp_runtime": "megatron", "fsdp_runtime": "megatron", "cp_rotate": "ring", "fp8_allgather": False}
 
 
 def _known(obj: Any, where: str, cls) -> dict:
@@ -164,6 +181,7 @@ class Layout:
     fsdp_runtime: str = "megatron"
     cp_rotate: str = "ring"
     fp8_allgather: bool = False
+    framework: str = "megatron"
 
     @classmethod
     def from_dict(cls, obj: dict, where: str = "layout") -> "Layout":
@@ -171,28 +189,30 @@ class Layout:
 
         _known(obj, where, cls)
         tp = _int(obj, "tp", where)
+        pp, dp, cp = _int(obj, "pp", where), _int(obj, "dp", where), _int(obj, "cp", where, 1)
         vpp = _int(obj, "vpp", where, 1)
         schedule = obj.get("schedule", "interleaved-1f1b" if vpp > 1 else "1f1b")
         if schedule not in SCHEDULES:
             raise refuse(f"{where}.schedule", f"must be one of {' | '.join(SCHEDULES)}, got {schedule!r}")
-        return cls(tp=tp, pp=_int(obj, "pp", where), dp=_int(obj, "dp", where),
-                   micro_batch=_int(obj, "micro_batch", where), global_batch=_int(obj, "global_batch", where),
-                   cp=_int(obj, "cp", where, 1), ep=_int(obj, "ep", where, 1), vpp=vpp,
-                   zero=_choice(obj, "zero", where, (0, 1, 2, 3), 1),
-                   recompute=_choice(obj, "recompute", where, RECOMPUTE, "selective"),
+        framework = _choice(obj, "framework", where, FRAMEWORKS, "megatron")
+        default = framework_defaults(framework, pp, dp * cp > 1)
+
+        def pick(field: str, allowed: tuple) -> Any:
+            return _choice(obj, field, where, allowed, default[field])
+
+        return cls(tp=tp, pp=pp, dp=dp, micro_batch=_int(obj, "micro_batch", where),
+                   global_batch=_int(obj, "global_batch", where), cp=cp, ep=_int(obj, "ep", where, 1), vpp=vpp,
+                   zero=pick("zero", (0, 1, 2, 3)), recompute=pick("recompute", RECOMPUTE),
                    sequence_parallel=_choice(obj, "sequence_parallel", where, (True, False), tp > 1),
                    schedule=schedule, precision=_choice(obj, "precision", where, PRECISIONS, "bf16"),
                    attention=_choice(obj, "attention", where, ATTENTION, "flash"),
                    overlap_grad_reduce=_choice(obj, "overlap_grad_reduce", where, (True, False), True),
                    overlap_param_gather=_choice(obj, "overlap_param_gather", where, (True, False), True),
                    overlap_tp_comm=_choice(obj, "overlap_tp_comm", where, (True, False), False),
-                   kernels=_choice(obj, "kernels", where, KERNELS, "fused"),
-                   loss=_choice(obj, "loss", where, LOSS, "fused"),
-                   sp_regather=_choice(obj, "sp_regather", where, (True, False), True),
-                   pp_runtime=_choice(obj, "pp_runtime", where, PP_RUNTIMES, "megatron"),
-                   fsdp_runtime=_choice(obj, "fsdp_runtime", where, FSDP_RUNTIMES, "megatron"),
-                   cp_rotate=_choice(obj, "cp_rotate", where, CP_ROTATES, "ring"),
-                   fp8_allgather=_choice(obj, "fp8_allgather", where, (True, False), False))
+                   kernels=pick("kernels", KERNELS), loss=pick("loss", LOSS),
+                   sp_regather=pick("sp_regather", (True, False)), pp_runtime=pick("pp_runtime", PP_RUNTIMES),
+                   fsdp_runtime=pick("fsdp_runtime", FSDP_RUNTIMES), cp_rotate=pick("cp_rotate", CP_ROTATES),
+                   fp8_allgather=pick("fp8_allgather", (True, False)), framework=framework)
 
 
 def check_layout(model: ModelConfig, cluster: Cluster, layout: Layout) -> None:
