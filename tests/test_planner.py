@@ -590,3 +590,16 @@ def test_op_sac_recompute_time_hand_computed(manager):
     elementwise = (10 * s * h + 3 * s * f) * 2 / hbm
     pred = predict(config(tp=1, dp=8, micro_batch=1, global_batch=8, zero=3, recompute="selective-op"), manager)
     assert pred["breakdown_s"]["recompute"] == pytest.approx(L * (wk_wo_w3 + elementwise), rel=1e-9)
+
+
+def test_the_plan_magic_takes_the_cli_arguments():
+    from IPython.core.error import UsageError
+
+    from dspark_lab.jupyter.magics import dispatch
+
+    out = dispatch("plan search --model llama3-8b --gpu nvidia-h100 --gpus 8 --global-batch 8 --top 2 "
+                   "--framework torchtitan --with precision=fp8 --json")
+    assert out["kind"] == "plan.search" and out["framework"] == "torchtitan" and len(out["results"]) == 2
+    assert all(r["layout"]["zero"] in (0, 2, 3) for r in out["results"])
+    with pytest.raises(UsageError, match="--with tp: is searched"):
+        dispatch("plan search --model llama3-8b --gpu nvidia-h100 --gpus 8 --global-batch 8 --with tp=2")
