@@ -29,7 +29,10 @@ class PolicySpec:
     ``live``: may change on a running job (else launch-only). ``lossy_values``: the values that change the loss
     trajectory (compression, fp8); every other value computes the same math. ``bit_exact``: whether those lossless
     values also give bit-identical results (False when they reorder floating-point sums: ring / tree all-reduce,
-    another thread count); ``dspark-lab tune`` reports which kind it tried.
+    another thread count); ``dspark-lab tune`` reports which kind it tried. ``tunable``: False for a key that is a
+    request (``profile.steps`` starts a capture) or a what-if knob that slows the job on purpose
+    (``comm.emulate_links``), not a setting a faster or smaller configuration could be made of; the tuner leaves it
+    out.
     """
 
     key: str
@@ -42,6 +45,7 @@ class PolicySpec:
     live: bool = True
     lossy_values: tuple[str, ...] = ()
     bit_exact: bool = True
+    tunable: bool = True
 
     def __post_init__(self):
         if "." not in self.key:
@@ -138,6 +142,7 @@ class PolicySpec:
             "lossless": self.lossless,
             "lossy_values": list(self.lossy_values),
             "bit_exact": self.bit_exact,
+            "tunable": self.tunable,
             "doc": self.doc,
         }
 

@@ -229,7 +229,8 @@ def test_the_space_comes_from_the_schemas():
     assert space.keys == {"memory.activation_checkpointing": ["none", "full", "every-2", "every-4"],
                           "memory.activation_offload": ["off", "host"], "compute.threads": [1, 2]}
     assert not space.bit_exact  # compute.threads reorders sums
-    assert {r["key"] for r in space.needs_restart} == {"comm.topology", "comm.emulate_links", "comm.bucket_mb"}
+    assert {r["key"] for r in space.needs_restart} == {"comm.topology", "comm.bucket_mb"}
+    assert {"comm.emulate_links"} <= {r["key"] for r in space.excluded}  # slows the job on purpose
     assert "host-fp8" in build(SPECS_BY_KEY, values, refuse, allow_lossy=True).keys["memory.activation_offload"]
     only = build(SPECS_BY_KEY, values, refuse, keys=["memory.activation_checkpointing"])
     assert list(only.keys) == ["memory.activation_checkpointing"] and only.bit_exact
@@ -237,6 +238,22 @@ def test_the_space_comes_from_the_schemas():
 
     with pytest.raises(DSparkError, match="--keys: unknown policy 'memory.nope'"):
         build(SPECS_BY_KEY, values, refuse, keys=["memory.nope"])
+
+
+def test_a_request_is_never_tuned():
+    """``profile.steps`` starts a capture: a live, lossless int a search would otherwise try 1..32 of."""
+    from dspark_lab.errors import DSparkError
+    from dspark_lab.runtime.policies.builtin import SPECS_BY_KEY
+    from dspark_lab.trace.capture import SPEC
+    from dspark_lab.tune.space import build
+
+    specs = {**SPECS_BY_KEY, SPEC.key: SPEC}
+    values = {k: s.default for k, s in specs.items()}
+    space = build(specs, values, lambda key, value: None)
+    assert "profile.steps" not in space.keys and "memory.activation_checkpointing" in space.keys
+    assert {"key": "profile.steps", "reason": "not a setting to tune (a request or a what-if knob)"} in space.excluded
+    with pytest.raises(DSparkError, match="--keys: profile.steps is not a setting to tune"):
+        build(specs, values, lambda key, value: None, keys=["profile.steps"])
 
 
 def test_a_tune_request_is_checked_option_by_option():

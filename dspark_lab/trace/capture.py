@@ -28,7 +28,7 @@ from dspark_lab.policy import PolicySpec
 KEY = "profile.steps"
 MAX_STEPS = 50
 DEFAULT_MAX_MB = 512
-SPEC = PolicySpec(key=KEY, type="int", min=0, max=MAX_STEPS, default=0,
+SPEC = PolicySpec(key=KEY, type="int", min=0, max=MAX_STEPS, default=0, tunable=False,
                   doc="profile the next N steps on every rank with torch.profiler (0: off / end a capture early); "
                       "traces go to profiles/step<S>/rank<k>.json.gz")
 

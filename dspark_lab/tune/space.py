@@ -1,6 +1,7 @@
 """The search space of ``dspark-lab tune``, read from the policy schemas (:class:`~dspark_lab.policy.PolicySpec`).
 
-Every registered policy (built-in and plugins') is a candidate key. Live ones that apply to this job are searched;
+Every registered policy (built-in and plugins') is a candidate key, except those whose spec says ``tunable=False``
+(a request such as ``profile.steps``, or a knob that slows the job on purpose). Live ones that apply to this job are searched;
 lossy values only with ``allow_lossy``; launch-only ones are listed as "needs a restart" with the values a search
 would try, and never applied. Numbers are tried on a doubling grid from the spec's minimum, at most
 :data:`MAX_VALUES` per key.
@@ -57,9 +58,16 @@ def build(specs: dict[str, PolicySpec], values: dict[str, Any], refusal: Callabl
             raise DSparkError(f"--keys: unknown policy {unknown[0]!r}; known: {', '.join(specs)}")
         if len(keys) > MAX_KEYS:
             raise DSparkError(f"--keys: {len(keys)} keys; allowed: at most {MAX_KEYS}")
+        fixed = [k for k in keys if not specs[k].tunable]
+        if fixed:
+            raise DSparkError(f"--keys: {fixed[0]} is not a setting to tune (a request or a what-if knob); tunable: "
+                              f"{', '.join(k for k, s in specs.items() if s.tunable)}")
     space = Space()
     for key, spec in specs.items():
         if keys is not None and key not in keys:
+            continue
+        if not spec.tunable:
+            space.excluded.append({"key": key, "reason": "not a setting to tune (a request or a what-if knob)"})
             continue
         tried = values_of(spec, allow_lossy)
         if not spec.live:
