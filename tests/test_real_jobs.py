@@ -134,6 +134,33 @@ def test_torchtitan_checkpointing_live_matches_plain_torchrun(layout, tmp_path):
     assert losses(output, TITAN_STEP) == pytest.approx(expected, rel=1e-6)
 
 
+
+@pytest.mark.frameworks
+def test_tune_keeps_a_torchtitan_fsdp2_job_under_a_memory_cap_and_loses_no_step(tmp_path):
+    """``dspark-lab tune`` on torchtitan's own Trainer: a cap at half the measured activation peak is met by a
+    checkpointing setting, and the job runs every step once to the end."""
+    pytest.importorskip("torchtitan", reason=EXTRA)
+    from dspark_lab.tune import commands as tune_commands
+
+    steps = 400
+    args = [*TITAN_LAYOUTS["fsdp2"], f"--training.steps={steps}", f"--job.dump_folder={tmp_path}"]
+    job = launch_background(str(TITAN), args, nproc=2, name="titan-tune")
+    try:
+        wait_for_step(job, 4, timeout=240)
+        cap_mb = max(m["peak_activation_bytes"] for m in job.run_dir.metrics()) / 2 / 2**20
+        report = tune_commands.tune(job.id, budget_steps=120, keys=["memory.activation_checkpointing"],
+                                    max_activation_mb=cap_mb)
+        out = report.data["outcome"]
+        assert report.data["state"] == "done" and out["feasible"] and out["best_peak_bytes"] <= cap_mb * 2**20
+        assert out["best"]["memory.activation_checkpointing"] != "none"
+        code = job.wait(300)
+    finally:
+        if job.poll() is None:
+            job.stop()
+    output = (job.run_dir.path / "output.log").read_text()
+    assert code == 0, output[-3000:]
+    assert sorted(losses(output, TITAN_STEP)) == list(range(1, steps + 1))
+
 # --- Hugging Face Trainer (Accelerate builds DDP) and Lightning (strategy="ddp"), 2 CPU ranks ----------------------
 
 STEP = r"^step (\d+) loss ([\d.]+)$"
