@@ -57,7 +57,9 @@ def test_gpipe_and_1f1b_switch_live_with_one_stage_per_rank(tmp_path):
     check(results, ["1f1b", "gpipe"], "interleaved-1f1b",
           ["ScheduleGPipe"] * 3 + ["Schedule1F1B"] * 4 + ["ScheduleGPipe"] * 7)
     assert results[0]["job"]["pipeline"] == {"kind": "torch.distributed.pipelining", "schedule": "ScheduleGPipe",
-                                             "stages_on_rank": 1, "stage_indices": [0], "microbatches": 4}
+                                             "ranks": 2, "stages_on_rank": 1, "stage_indices": [0],
+                                             "microbatches": 4}
+    assert {k: results[0]["job"]["parallelism"][k] for k in ("tp", "pp", "dp")} == {"tp": 1, "pp": 2, "dp": 1}
 
 
 def test_looped_schedules_switch_live_on_a_registered_pipeline(tmp_path):

@@ -39,11 +39,12 @@ def _fixed_field(text: str) -> tuple[str, object]:
         return key, value
 
 
-def _add_framework_options(parser) -> None:
+def _add_framework_options(parser, default: str | None) -> None:
     from dspark_lab.planner.model.config import FRAMEWORKS
 
-    parser.add_argument("--framework", choices=FRAMEWORKS, default="megatron",
-                        help="what runs the job: its defaults and the layouts it can run (default megatron)")
+    parser.add_argument("--framework", choices=FRAMEWORKS, default=default,
+                        help="what runs the job: its defaults and the layouts it can run "
+                             f"(default {default or 'torchtitan for a job on FSDP2 or torch pipelining, else megatron'})")
     parser.add_argument("--with", dest="fixed", metavar="KEY=VALUE", type=_fixed_field, action="append", default=[],
                         help="a layout field every candidate gets, e.g. precision=fp8, kernels=fused (repeatable)")
 
@@ -74,7 +75,7 @@ def add_parsers(subparsers, common) -> None:
     search.add_argument("--gpus-per-node", type=_positive_int, default=8, help="GPUs per node (default 8)")
     search.add_argument("--html", metavar="PATH", default=None,
                         help="also write a bokeh view (throughput vs memory, Pareto front, breakdown) to PATH")
-    _add_framework_options(search)
+    _add_framework_options(search, "megatron")
 
     def run_search(args):
         from dspark_lab.planner.commands import search_report
@@ -95,7 +96,7 @@ def add_parsers(subparsers, common) -> None:
                         help="sequences per step (default: from the run's metrics)")
     whatif.add_argument("--seq", type=_positive_int, default=None, help="sequence length")
     whatif.add_argument("--top", type=_positive_int, default=3, help="layouts to propose (default 3)")
-    _add_framework_options(whatif)
+    _add_framework_options(whatif, None)
 
     def run_whatif(args):
         from dspark_lab.planner.commands import whatif_report

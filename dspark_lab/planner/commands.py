@@ -81,7 +81,7 @@ def search_report(model: str, gpu: str, gpus: int, global_batch: int, seq: int |
 
 def whatif_report(run: str, model: str | None = None, gpu: str | None = None, gpus: int | None = None,
                   global_batch: int | None = None, seq: int | None = None, top: int = 3,
-                  framework: str = "megatron", fixed: dict | None = None) -> Report:
+                  framework: str | None = None, fixed: dict | None = None) -> Report:
     """``plan whatif RUN``: the job's layout now (predicted) and the best layouts on another GPU count or type."""
     from dspark_lab.planner.whatif import rows, whatif
     from dspark_lab.runtime.records import find_run
@@ -93,7 +93,7 @@ def whatif_report(run: str, model: str | None = None, gpu: str | None = None, gp
                     framework=framework, fixed=fixed)
     cur, tgt = result["current"], result["target"]
     lines = [f"model {result['model']} (from {result['model_from']}); now {cur['gpus']} x {cur['gpu'] or '?'}, "
-             f"global batch {cur['global_batch']}"]
+             f"global batch {cur['global_batch']}; framework {result['framework']} ({result['framework_from']})"]
     if "not_planned" in cur:
         lines.append(f"current layout not predicted: {cur['not_planned']}")
     lines.append(f"{tgt['evaluated']} layouts evaluated on {tgt['gpus']} x {tgt['gpu']}, {tgt['fitting']} fit; "

@@ -1,13 +1,15 @@
 """``plan whatif RUN``: what a running (or finished) job would do on another GPU count or type.
 
 The job is read from the runtime's records (``run.json``, ``metrics.jsonl``) and, while it runs, its control
-endpoint's ``/status``. The model comes from, in order: ``--model`` (a preset or a JSON file), a ``job.model``
-object the runtime publishes with the planner's fields (``layers``, ``hidden``, ``heads``, ``vocab``, ``seq_len``,
-...), or a parameter count the job reports (``job.params`` or a metrics record's ``params``), planned as a
-GPT-shaped model of that size (``hidden`` about ``128 * layers``, near the aspect ratio Kaplan et al. 2020 found
-optimal, rounded to a multiple of 1024). The world is the job's rank count and, where the runtime publishes it, its
-``job.parallelism`` (``tp``, ``pp``, ``dp``, ...); else pure data parallelism. The global batch is ``--global-batch``
-or what the metrics show (samples per step on a rank times the data-parallel size).
+endpoint's ``/status``. The model comes from, in order: ``--model`` (a preset or a JSON file), the ``job.model``
+the runtime reads from the live model (:mod:`dspark_lab.runtime.modelshape`: ``layers``, ``hidden``, ``heads``,
+``vocab``, ``seq_len``, ...), or a parameter count the job reports (``job.model.params``, ``job.params`` or a
+metrics record's ``params``), planned as a GPT-shaped model of that size (``hidden`` about ``128 * layers``, near
+the aspect ratio Kaplan et al. 2020 found optimal, rounded to a multiple of 1024). The world is the job's rank
+count and the ``job.parallelism`` the runtime reads from its meshes (``tp``, ``pp``, ``dp``, ``zero``); else pure
+data parallelism. The framework is ``--framework``, else torchtitan's defaults for a job that runs FSDP2 or
+torch.distributed.pipelining (PyTorch's own stack), else Megatron's. The global batch is ``--global-batch`` or what
+the metrics show (samples per step on a rank times the data-parallel size).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dspark_lab.runtime.records import RunDir
 
 MODEL_FIELDS = ("layers", "hidden", "heads", "vocab", "seq_len")
 MAX_PARAMS = 1e14
+DEFAULT_SEQ = 2048  # a sequence length the job does not publish; --seq gives the real one
 
 
 def live_status(run: RunDir) -> dict[str, Any]:
@@ -66,19 +69,38 @@ def job_model(run: RunDir, job: dict, model: str | dict | None, seq: int | None)
             raise DSparkError(f"--model: unknown preset {model!r}; choose from {', '.join(PRESETS)} or give a file")
         return preset(model, seq), "--model"
     published = job.get("model")
-    if isinstance(published, dict) and all(k in published for k in MODEL_FIELDS):
+    if isinstance(published, dict):
         fields = {k: v for k, v in published.items() if k in ModelConfig.__slots__}
-        return ({**fields, "seq_len": seq} if seq else fields), "job.model"
-    params = job.get("params") or _metrics_last(run, "params")
+        if isinstance(published.get("class"), str):
+            fields.setdefault("name", published["class"].rsplit(".", 1)[-1])
+        if seq:
+            fields["seq_len"] = seq
+        if all(k in fields for k in MODEL_FIELDS):
+            return fields, "job.model"
+        if all(k in fields for k in MODEL_FIELDS if k != "seq_len"):
+            return {**fields, "seq_len": DEFAULT_SEQ}, f"job.model, seq_len {DEFAULT_SEQ} assumed (give --seq)"
+    params = (published or {}).get("params") if isinstance(published, dict) else None
+    params = params or job.get("params") or _metrics_last(run, "params")
     if params:
-        return model_from_params(float(params), seq or 2048), "parameter count"
+        return model_from_params(float(params), seq or DEFAULT_SEQ), "parameter count"
     raise DSparkError("model: the run publishes no model description or parameter count; give --model "
                       "PRESET|FILE")
 
 
+def job_framework(job: dict[str, Any]) -> tuple[str, str]:
+    """The framework whose defaults fit the job, and why: PyTorch's own FSDP2 or pipelining -> torchtitan's."""
+    dp = job.get("data_parallel") if isinstance(job.get("data_parallel"), dict) else {}
+    pipe = job.get("pipeline") if isinstance(job.get("pipeline"), dict) else {}
+    if dp.get("kind") == "fsdp2":
+        return "torchtitan", "the job runs FSDP2"
+    if pipe.get("kind") == "torch.distributed.pipelining":
+        return "torchtitan", "the job runs torch.distributed.pipelining"
+    return "megatron", "default; the job runs neither FSDP2 nor torch pipelining"
+
+
 def whatif(run: RunDir, *, model: str | dict | None = None, gpu: str | None = None, gpus: int | None = None,
            global_batch: int | None = None, seq: int | None = None, top: int = 3, manager=None,
-           framework: str = "megatron", fixed: dict[str, Any] | None = None) -> dict[str, Any]:
+           framework: str | None = None, fixed: dict[str, Any] | None = None) -> dict[str, Any]:
     info = run.info()
     status = live_status(run)
     job = {**(info.get("job") or {}), **(status.get("job") or {})}
@@ -86,6 +108,7 @@ def whatif(run: RunDir, *, model: str | dict | None = None, gpu: str | None = No
     model_cfg = ModelConfig.from_dict(model_obj, "--model")
     ranks = int(status.get("rank_count") or info.get("ranks") or 1)
     par = job.get("parallelism") if isinstance(job.get("parallelism"), dict) else {}
+    framework, framework_from = (framework, "--framework") if framework else job_framework(job)
     current_gpu = job.get("gpu") or status.get("backend") or info.get("backend")
     tp, pp, cp = int(par.get("tp", 1)), int(par.get("pp", 1)), int(par.get("cp", 1))
     dp = int(par.get("dp", max(1, ranks // (tp * pp * cp))))
@@ -101,6 +124,7 @@ def whatif(run: RunDir, *, model: str | dict | None = None, gpu: str | None = No
         raise DSparkError("--gpu: the run does not say which GPU it runs on; give --gpu NAME")
     target_gpus = gpus or ranks
     out: dict[str, Any] = {"run": run.id, "model": model_cfg.name or "custom", "model_from": model_from,
+                           "framework": framework, "framework_from": framework_from,
                            "current": {"gpu": current_gpu, "gpus": ranks, "tp": tp, "pp": pp, "dp": dp, "cp": cp,
                                        "global_batch": global_batch},
                            "target": {"gpu": target_gpu, "gpus": target_gpus}}

@@ -3,19 +3,21 @@
 Read from the live objects, never guessed from the script: data parallelism (DDP; FSDP2's ``fully_shard`` with its
 DeviceMesh and ``reshard_after_forward``), tensor parallelism (DTensor parameters whose mesh dimensions are not
 FSDP's: their placements and mesh), pipeline parallelism (a ``torch.distributed.pipelining`` schedule or DSpark's
-executor), which modules run under ``torch.compile``, mixed precision, the model's class, the blocks found and
-why, and for every policy whether it can apply here and, if not, the reason.
+executor), which modules run under ``torch.compile``, mixed precision, the model's class and its shape for the
+planner (:mod:`.modelshape`), the parallel degrees, the blocks found and why, and for every policy whether it can
+apply here and, if not, the reason.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import Counter
 from typing import Any
 
 from torch import nn
 
-from dspark_lab.runtime import discover
+from dspark_lab.runtime import discover, modelshape
 from dspark_lab.runtime.policies import sched
 
 
@@ -85,14 +87,35 @@ def pipeline(job) -> dict[str, Any] | None:
     schedule = sched.torch_schedule(job)
     if schedule is not None:
         stages = getattr(schedule, "_stages", None) or [getattr(schedule, "_stage", None)]
+        live = [s for s in stages if s is not None]
         return {"kind": "torch.distributed.pipelining", "schedule": type(schedule).__name__,
-                "stages_on_rank": len([s for s in stages if s is not None]),
+                "ranks": getattr(live[0], "group_size", None) if live else None,
+                "stages_on_rank": len(live),
                 "stage_indices": [s.stage_index for s in stages if s is not None],
                 "microbatches": getattr(schedule, "_n_microbatches", None)}
     trainer = sched.trainer(job)
     if trainer is not None:
-        return {"kind": "dspark", "schedule": trainer.schedule.name, "microbatches": trainer.schedule.microbatches}
+        return {"kind": "dspark", "schedule": trainer.schedule.name, "ranks": trainer.schedule.ranks,
+                "microbatches": trainer.schedule.microbatches}
     return None
+
+
+def parallelism(world: int, dp: dict | None, tp: dict | None, pipe: dict | None) -> dict[str, Any]:
+    """The degrees the planner takes (``tp``, ``pp``, ``dp``, and ``zero`` where the sharding says it): TP from the
+    TP mesh, PP from the pipeline's rank count, DP from FSDP2's mesh or DDP's group, else what the world leaves."""
+    tp_size = math.prod(tp["mesh"]["shape"]) if tp and tp.get("mesh") else 1
+    pp_size = int((pipe or {}).get("ranks") or 1)
+    out: dict[str, Any] = {"tp": tp_size, "pp": pp_size}
+    if dp and dp.get("kind") == "fsdp2" and dp.get("mesh"):
+        out["dp"] = math.prod(dp["mesh"]["shape"])
+        out["zero"] = 2 if dp.get("reshard_after_forward") is False else 3
+    elif dp and dp.get("kind") == "ddp":
+        out["dp"], out["zero"] = int(dp["world"]), 0
+    else:
+        out["dp"] = max(1, world // (tp_size * pp_size))
+    if pipe and pipe.get("microbatches"):
+        out["microbatches"] = pipe["microbatches"]
+    return out
 
 
 def describe(job) -> dict[str, Any]:
@@ -105,14 +128,19 @@ def describe(job) -> dict[str, Any]:
         fsdp_mesh = groups[0].mesh_info.mesh if groups else None
     compiled = list(job.compiled) if isinstance(job.compiled, list) else (["model"] if job.compiled else [])
     dtypes = Counter(str(p.dtype) for p in model.parameters()) if model is not None else Counter()
+    tp = tensor_parallel(model, fsdp_mesh) if model is not None else None
+    pipe = pipeline(job)
+    blocks = job.found_blocks.modules
     return {
         "discovered": job.discovered,
-        "model": {"class": f"{discover.user_class(model).__module__}.{discover.user_class(model).__qualname__}"}
+        "model": {"class": f"{discover.user_class(model).__module__}.{discover.user_class(model).__qualname__}",
+                  **modelshape.describe(model, blocks, whole=pipe is None)}
         if model is not None else None,
         "rank": job.rank, "world": job.world,
         "data_parallel": dp,
-        "tensor_parallel": tensor_parallel(model, fsdp_mesh) if model is not None else None,
-        "pipeline": pipeline(job),
+        "tensor_parallel": tp,
+        "pipeline": pipe,
+        "parallelism": parallelism(job.world or 1, dp, tp, pipe),
         "compile": {"compiled": bool(compiled), "modules": compiled,
                     "functions_compiled": job.compiled_functions},
         "mixed_precision": {"autocast": job.meter.autocast, "param_dtypes": dict(dtypes),
