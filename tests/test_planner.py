@@ -414,9 +414,18 @@ def test_loss_parallel_and_head_input_in_the_prediction(manager):
     megatron = predict(config(**base), manager)["memory_gb"]
     titan = predict(config(sp_regather=False, **base), manager)["memory_gb"]
     recomputed_layer = titan["activations"] * 1e9 - L * 2 * s * h / t
-    # 16 bytes per vocab-sharded logit and the gathered output-layer input (2sh), beyond the recomputed layer
-    assert titan["other"] == pytest.approx(OTHER_GB + (16 * s * V / t + 2 * s * h - recomputed_layer) / 1e9)
+    # 16 bytes per vocab-sharded logit, the gathered output-layer input (2sh) and the eager RMSNorm's fp32 input
+    # and bf16 output of its sequence shard (6sh/t), beyond the recomputed layer
+    norm = 6 * s * h / t
+    assert titan["other"] == pytest.approx(OTHER_GB + (16 * s * V / t + 2 * s * h + norm - recomputed_layer) / 1e9)
     assert titan["other"] - megatron["other"] == pytest.approx((2 * s * h - 2 * s * h / t) / 1e9)
+
+
+def test_the_final_norm_saves_its_input_fused_and_more_eager():
+    s, b, h, t = 8192, 1, 16384, 8
+    assert memory.final_norm_bytes(s, b, h, t, True, False) == 2 * s * b * h / t  # fused: the input's SP shard
+    assert memory.final_norm_bytes(s, b, h, t, True, True) == 6 * s * b * h / t  # eager: fp32 input, bf16 output
+    assert memory.final_norm_bytes(s, b, h, t, False, True) == 6 * s * b * h
 
 
 def test_torch_pipelining_keeps_every_micro_batchs_logits_and_receive_buffers(manager):
@@ -435,7 +444,7 @@ def test_torch_pipelining_keeps_every_micro_batchs_logits_and_receive_buffers(ma
     assert torch_pp["other"] - megatron["other"] == pytest.approx((logits + buffers) / 1e9)
     assert torch_pp["total"] - megatron["total"] == pytest.approx((logits + buffers) / 1e9)
     recomputed_layer = torch_pp["activations"] * 1e9 - 16 * 2 * s * h  # one micro-batch of 16 layer inputs
-    at_loss = 12 * s * V + 2 * s * h
+    at_loss = 12 * s * V + 2 * s * h + 6 * s * h  # logits' loss, the output layer's input, the eager norm's saves
     assert torch_pp["other"] == pytest.approx(OTHER_GB + (at_loss + logits + buffers - recomputed_layer) / 1e9)
     # without PP nothing is kept (torchtitan deletes its logits before backward) and nothing is received
     one = dict(base, pp=1, dp=2)

@@ -427,7 +427,8 @@ def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device
             # (``pp_runtime`` torch) holds the earlier ones and the current bf16 ones at the loss, and all of them
             # while the last micro-batch's layers are recomputed.
             logits = memory.loss_bytes_per_logit(lay.loss, t > 1) * b * s * model.vocab / t
-            at_loss = logits + memory.head_input_bytes(s, b, model.hidden, t, sp, lay.sp_regather)
+            at_loss = (logits + memory.head_input_bytes(s, b, model.hidden, t, sp, lay.sp_regather)
+                       + memory.final_norm_bytes(s, b, model.hidden, t, sp, lay.loss == "eager"))
             kept = memory.kept_output_bytes(b, s, model.vocab, t, m) if torch_pp else 0.0
             other += max(at_loss + kept, kept + extra) - extra
         if torch_pp:

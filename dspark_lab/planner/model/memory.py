@@ -99,6 +99,16 @@ def head_input_bytes(s: int, b: int, h: int, t: int, sequence_parallel: bool, sp
     return 2 * s * b * h / (t if sequence_parallel and sp_regather else 1)
 
 
+def final_norm_bytes(s: int, b: int, h: int, t: int, sequence_parallel: bool, eager: bool) -> float:
+    """What the norm before the output layer saves for backward, per micro-batch on the last stage (outside any
+    layer's recompute). A fused kernel (Megatron's or Transformer Engine's layer norm) saves its input and per-row
+    statistics, 2 bytes per element. torchtitan's eager ``RMSNorm`` (``self._norm(x.float()).type_as(x) *
+    self.weight``, models/norms.py at 9dec370; its blocks are compiled, the head is not) saves the fp32 copy of its
+    input (kept by ``x * rsqrt(...)``) and the bf16 normalised output (kept by ``* self.weight``), 6. The input is
+    the sequence shard under SP."""
+    return (6 if eager else 2) * s * b * h / (t if sequence_parallel else 1)
+
+
 def kept_output_bytes(b: int, s: int, vocab: int, t: int, microbatches: int) -> float:
     """What ``torch.distributed.pipelining`` holds on the last stage beyond the loss: ``forward_one_chunk`` appends
     every micro-batch's output (the bf16 logits, vocab-sharded over ``t``) to ``output_chunks``, which is merged
