@@ -42,9 +42,9 @@ def _fixed_field(text: str) -> tuple[str, object]:
 def _add_framework_options(parser, default: str | None) -> None:
     from dspark_lab.planner.model.config import FRAMEWORKS
 
+    fallback = default or "torchtitan for a job on FSDP2 or torch pipelining, else megatron"
     parser.add_argument("--framework", choices=FRAMEWORKS, default=default,
-                        help="what runs the job: its defaults and the layouts it can run "
-                             f"(default {default or 'torchtitan for a job on FSDP2 or torch pipelining, else megatron'})")
+                        help=f"what runs the job: its defaults and the layouts it can run (default {fallback})")
     parser.add_argument("--with", dest="fixed", metavar="KEY=VALUE", type=_fixed_field, action="append", default=[],
                         help="a layout field every candidate gets, e.g. precision=fp8, kernels=fused (repeatable)")
 

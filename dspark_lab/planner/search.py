@@ -140,7 +140,8 @@ def search(model: ModelConfig, cluster: Cluster, global_batch: int, top: int = 5
                                  tuple(str(v) for v in layout_dict(lp[0]).values())))
     best = [{"layout": layout_dict(lay), **pred} for lay, pred in results[:top]]
     out = {"model": model.name or "custom", "gpu": cluster.gpu, "gpus": cluster.gpus, "global_batch": global_batch,
-           "seq_len": model.seq_len, "framework": framework, "fixed": dict(fixed or {}), "evaluated": len(layouts), "fitting": len(results), "memory_limit_gb": limit,
+           "seq_len": model.seq_len, "framework": framework, "fixed": dict(fixed or {}), "evaluated": len(layouts),
+           "fitting": len(results), "memory_limit_gb": limit,
            "search_time_s": time.perf_counter() - start, "results": best}
     if points:
         out["points"] = scatter

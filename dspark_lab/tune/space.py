@@ -1,9 +1,9 @@
 """The search space of ``dspark-lab tune``, read from the policy schemas (:class:`~dspark_lab.policy.PolicySpec`).
 
 Every registered policy (built-in and plugins') is a candidate key, except those whose spec says ``tunable=False``
-(a request such as ``profile.steps``, or a knob that slows the job on purpose). Live ones that apply to this job are searched;
-lossy values only with ``allow_lossy``; launch-only ones are listed as "needs a restart" with the values a search
-would try, and never applied. Numbers are tried on a doubling grid from the spec's minimum, at most
+(a request such as ``profile.steps``, or a knob that slows the job on purpose). Live ones that apply to this job are
+searched; lossy values only with ``allow_lossy``; launch-only ones are listed as "needs a restart" with the values a
+search would try, and never applied. Numbers are tried on a doubling grid from the spec's minimum, at most
 :data:`MAX_VALUES` per key.
 """
 

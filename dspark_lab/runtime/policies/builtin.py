@@ -33,7 +33,8 @@ SPECS = (
     PolicySpec(key="comm.topology", type="str", default="backend", live=False,
                doc="the link graph comm.grad_sync=packed-trees plans on: backend (what the backend reports), a "
                    "preset (dgx1-v100, hgx-h100, mi300x, nodes:N,gpus:G) or a topology JSON file"),
-    PolicySpec(key="comm.emulate_links", type="float", min=0, max=1000, default=0.0, live=False, tunable=False,
+    PolicySpec(key="comm.emulate_links", type="float", min=0, max=1000, default=0.0, live=False,
+               tunable=False,
                doc="pace packed-trees messages at the topology's link rates times this scale (0: off), to see a "
                    "topology's effect on a machine without its links"),
     PolicySpec(key="comm.bucket_mb", type="float", min=1, max=1024, default=25.0, live=False, bit_exact=False,
