@@ -4,3 +4,6 @@
 The pieces of the model are in ``model/`` (FLOPs, memory, communication, efficiency); device figures come from the
 registered backends (``hardware.py``). Pure Python: nothing here imports torch.
 """
+
+# What can run a job (``layout.framework``), here so the CLI's parser names them without loading the model code.
+FRAMEWORKS = ("megatron", "torchtitan")

@@ -40,7 +40,7 @@ def _fixed_field(text: str) -> tuple[str, object]:
 
 
 def _add_framework_options(parser, default: str | None) -> None:
-    from dspark_lab.planner.model.config import FRAMEWORKS
+    from dspark_lab.planner import FRAMEWORKS
 
     fallback = default or "torchtitan for a job on FSDP2 or torch pipelining, else megatron"
     parser.add_argument("--framework", choices=FRAMEWORKS, default=default,

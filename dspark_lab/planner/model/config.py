@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from dspark_lab.errors import DSparkError
+from dspark_lab.planner import FRAMEWORKS
 
 FFN_KINDS = ("gelu", "swiglu")
 RECOMPUTE = ("none", "selective", "selective-op", "full")
@@ -21,7 +22,6 @@ FSDP_RUNTIMES = ("megatron", "torch")  # torch: FSDP2's side-stream collectives 
 CP_ROTATES = ("ring", "allgather")  # how context parallelism exchanges K/V (torchtitan: allgather)
 PRECISIONS = ("bf16", "fp8")
 ATTENTION = ("flash", "unfused")
-FRAMEWORKS = ("megatron", "torchtitan")
 MAX_SIZE = 1 << 20  # bound on any count a user gives (layers, GPUs, batch, ...)
 
 
