@@ -102,6 +102,14 @@ def test_policies_keep_their_state_through_dspark_job_started(job):
     assert not hasattr(job, "grad_sync") and not hasattr(job, "moe")
 
 
+def test_ddp_knobs_do_not_matter_to_a_job_without_ddp(job):
+    """``tune`` offers a launch-only key as "needs a restart" only where the job has what it acts on."""
+    job.set_model(mixed_sequential())
+    assert job.discovered
+    for key in ("comm.bucket_mb", "comm.topology", "comm.grad_sync"):
+        assert "no DistributedDataParallel model" in job.policy_state.not_here(key)
+    assert job.policy_state.not_here("memory.activation_checkpointing") is None
+
 def test_compiling_a_function_is_not_a_compiled_model(job):
     """torchtitan compiles flex_attention (a function) at import; that must not refuse memory policies."""
     job.on_compile(lambda q, k, v: q)

@@ -22,6 +22,8 @@ SPACE = {"a": ["x", "y"], "b": [1, 2]}
 
 
 def run(job, **options):
+    # the coin of long trials is seeded from the fake job's seed, so every statistical test here is reproducible
+    options.setdefault("seed", job.seed)
     job.values = dict(START)
     events = []
     search = Search(job, START, SPACE, TuneOptions(**options), log=lambda kind, r: events.append((kind, r)))
@@ -232,6 +234,8 @@ def test_the_space_comes_from_the_schemas():
     assert {r["key"] for r in space.needs_restart} == {"comm.topology", "comm.bucket_mb"}
     assert {"comm.emulate_links"} <= {r["key"] for r in space.excluded}  # slows the job on purpose
     assert "host-fp8" in build(SPECS_BY_KEY, values, refuse, allow_lossy=True).keys["memory.activation_offload"]
+    no_ddp = build(SPECS_BY_KEY, values, refuse, not_here=lambda key: "no DDP" if key.startswith("comm.") else None)
+    assert no_ddp.needs_restart == [] and {"key": "comm.bucket_mb", "reason": "no DDP"} in no_ddp.excluded
     only = build(SPECS_BY_KEY, values, refuse, keys=["memory.activation_checkpointing"])
     assert list(only.keys) == ["memory.activation_checkpointing"] and only.bit_exact
     from dspark_lab.errors import DSparkError

@@ -45,6 +45,13 @@ class PolicyState:
                     raise PolicyError(f"{key}: {reason}")
         return parsed
 
+    def not_here(self, key: str) -> str | None:
+        """Why a built-in policy cannot matter to this job at any value (the job lacks what it acts on), or None;
+        also for a launch-only key, which ``validate`` refuses first for being launch-only."""
+        if key not in builtin_policies.SPECS_BY_KEY or not self.job.discovered:
+            return None
+        return builtin_policies.refusal(self.job, key, self.specs[key].default)
+
     def apply(self, changes: dict[str, Any]) -> tuple[str, list[tuple]]:
         """Apply every key in order; stop at the first failure. Returns (failure reason or "", what was applied)."""
         applied = []

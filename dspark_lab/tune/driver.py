@@ -151,7 +151,7 @@ class Tune:
         self.outcome: dict | None = None
         self.stop_event = threading.Event()
         self.space = space_mod.build(job.specs, dict(job.policies), self._refusal, keys=request["keys"],
-                                     allow_lossy=request["allow_lossy"])
+                                     allow_lossy=request["allow_lossy"], not_here=job.policy_state.not_here)
         memory_field = "memory_peak_bytes" if job.backend.torch_device == "cuda" else "rss_bytes"
         self.peak_field = memory_field if request["max_memory_gb"] is not None else "peak_activation_bytes"
         cap = (request["max_memory_gb"] * 2**30 if request["max_memory_gb"] is not None

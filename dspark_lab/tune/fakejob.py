@@ -21,6 +21,7 @@ class FakeJob:
     def __init__(self, speed, *, drift=lambda step: 1.0, peak=lambda v: 100.0, noise=0.02, fails=(), seed=1):
         self.values = {}
         self.speed, self.drift, self.peak_of, self.noise, self.fails = speed, drift, peak, noise, set(fails)
+        self.seed = seed  # also seeds the coin of a search run on this job (tests, benchmarks/tune_power.py)
         self.rng = np.random.default_rng(seed)
         self._step = 0
         self.since_change = 0

@@ -50,8 +50,10 @@ def values_of(spec: PolicySpec, allow_lossy: bool) -> list[Any]:
 
 
 def build(specs: dict[str, PolicySpec], values: dict[str, Any], refusal: Callable[[str, Any], str | None], *,
-          keys: list[str] | None = None, allow_lossy: bool = False) -> Space:
-    """The space for a job whose policies are ``values``; ``refusal(key, value)`` says why a value cannot apply."""
+          keys: list[str] | None = None, allow_lossy: bool = False,
+          not_here: Callable[[str], str | None] = lambda key: None) -> Space:
+    """The space for a job whose policies are ``values``; ``refusal(key, value)`` says why a value cannot apply;
+    ``not_here(key)`` why a launch-only key would not matter to this job (then it is not offered as a restart)."""
     if keys is not None:
         unknown = [k for k in keys if k not in specs]
         if unknown:
@@ -71,6 +73,9 @@ def build(specs: dict[str, PolicySpec], values: dict[str, Any], refusal: Callabl
             continue
         tried = values_of(spec, allow_lossy)
         if not spec.live:
+            if not_here(key):
+                space.excluded.append({"key": key, "reason": not_here(key)})
+                continue
             other = [v for v in tried if v != values.get(key)]
             space.needs_restart.append({"key": key, "value": values.get(key), "would_try": other,
                                         "reason": f"launch-only: `dspark-lab run --policy {key}=VALUE`"})

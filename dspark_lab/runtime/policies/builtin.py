@@ -83,12 +83,12 @@ def refusal(job, key: str, value) -> str | None:
         if key == "memory.activation_checkpointing" and not job.blocks and value != "none":
             return f"no repeated blocks were found in the model ({job.found_blocks.why}); pass blocks= to " \
                    "dspark_lab.attach"
+    if key in ("comm.bucket_mb", "comm.topology", "comm.emulate_links"):
+        return _no_gradient_sync(job)  # DDP's buckets and the collective they run: nothing to act on without them
     if key == "comm.grad_sync":
-        if job.fsdp:
-            return "the model is sharded with FSDP, which reduces gradients itself (reduce-scatter in backward)"
-        grad_sync = job.state["comm"].grad_sync if "comm" in job.state else None
-        if grad_sync is None:
-            return "no DistributedDataParallel model in this job: there is no gradient sync to change"
+        if _no_gradient_sync(job):
+            return _no_gradient_sync(job)
+        grad_sync = job.state["comm"].grad_sync
         if grad_sync.refusal():
             return grad_sync.refusal()
         if value == "packed-trees":
@@ -106,6 +106,15 @@ def refusal(job, key: str, value) -> str | None:
         return compute.refusal(value)
     if key.startswith("moe."):
         return moe.refusal(job)
+    return None
+
+
+def _no_gradient_sync(job) -> str | None:
+    """Why this job has no DDP gradient sync for the ``comm.*`` policies to act on, or None."""
+    if job.fsdp:
+        return "the model is sharded with FSDP, which reduces gradients itself (reduce-scatter in backward)"
+    if (job.state["comm"].grad_sync if "comm" in job.state else None) is None:
+        return "no DistributedDataParallel model in this job: there is no gradient sync to change"
     return None
 
 
