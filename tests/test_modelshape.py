@@ -107,6 +107,28 @@ def test_foreign_values_that_are_not_dimensions_are_ignored():
                             "params": params(model)}
 
 
+def test_a_property_that_raises_is_not_readable_and_status_still_answers():
+    class Angry:  # a config whose heads property raises
+        n_layer, n_embd = 2, 32
+
+        @property
+        def n_head(self):
+            raise RuntimeError("only inside a Trainer")
+
+    class Model(nn.Module):  # a module whose config property raises (Lightning's do outside a Trainer)
+        def __init__(self):
+            super().__init__()
+            self.model_args = Angry()
+            self.h = nn.ModuleList(NanoBlock(32) for _ in range(2))
+
+        @property
+        def config(self):
+            raise RuntimeError("not attached")
+
+    got = shape(Model())
+    assert got["layers"] == 2 and got["hidden"] == 32 and "heads" not in got
+
+
 def test_parallel_degrees_come_from_the_meshes():
     mesh = {"shape": [2, 4], "dim_names": ["dp_replicate", "dp_shard"], "device_type": "cuda"}
     fsdp = {"kind": "fsdp2", "mesh": mesh, "reshard_after_forward": False}

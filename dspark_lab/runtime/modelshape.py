@@ -38,6 +38,15 @@ CONFIG_ATTRS = ("config", "model_args", "args")
 MAX_VALUE = 1 << 24  # a sane bound for any dimension read from a foreign object
 
 
+def _attr(obj: Any, name: str) -> Any:
+    """``getattr`` that never raises: a foreign object's property may (Lightning's raise outside a Trainer), and
+    ``status`` must answer whatever the model is."""
+    try:
+        return getattr(obj, name, None)
+    except Exception:  # noqa: BLE001 - any error of someone else's property means "not readable"
+        return None
+
+
 def _positive_int(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_VALUE:
         return None
@@ -46,7 +55,7 @@ def _positive_int(value: Any) -> int | None:
 
 def _read(config: Any, names: tuple[str, ...]) -> int | None:
     for name in names:
-        found = _positive_int(getattr(config, name, None))
+        found = _positive_int(_attr(config, name))
         if found is not None:
             return found
     return None
@@ -56,7 +65,7 @@ def find_config(model: nn.Module) -> Any:
     """The first object on the model (or one module down) that names both a layer count and a width."""
     for owner in (model, *model.children()):
         for attr in CONFIG_ATTRS:
-            config = getattr(owner, attr, None)
+            config = _attr(owner, attr)
             if config is not None and not isinstance(config, nn.Module) and \
                     _read(config, ALIASES["layers"]) and _read(config, ALIASES["hidden"]):
                 return config
@@ -102,9 +111,9 @@ def describe(model: nn.Module, blocks: list[nn.Module], whole: bool) -> dict[str
             if value is not None:
                 out[field] = value
         # dropout masks are stored activations: a config with no positive dropout rate (torchtitan's, Llama's) has none
-        rates = [getattr(config, name, None) for name in DROPOUT]
+        rates = [_attr(config, name) for name in DROPOUT]
         out["dropout"] = any(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rates)
-        act = str(getattr(config, "hidden_act", "") or "").lower()
+        act = str(_attr(config, "hidden_act") or "").lower()
         if act in ("silu", "swish"):
             out["ffn_kind"] = "swiglu"  # Llama-family configs: a gated FFN with SiLU
     elif whole:
