@@ -50,7 +50,8 @@ def candidates(model: ModelConfig, cluster: Cluster, global_batch: int, framewor
         raise DSparkError(f"--framework: must be one of {' | '.join(FRAMEWORKS)}, got {framework!r}")
     fixed = dict(fixed or {})
     check_fixed(fixed)
-    Layout.from_dict({**fixed, "tp": 1, "pp": 1, "dp": 1, "micro_batch": 1, "global_batch": 1}, "--with")  # values
+    # a bad fixed value is refused here, once, in one line (not dropped silently with every candidate below)
+    Layout.from_dict({**fixed, "tp": 1, "pp": 1, "dp": 1, "micro_batch": 1, "global_batch": 1}, "--with")
     recomputes = ("none", "selective-op", "full") if framework == "torchtitan" else ("none", "full")
     out = []
     g = cluster.gpus
