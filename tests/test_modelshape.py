@@ -162,3 +162,14 @@ def test_plan_whatif_plans_a_live_job_from_what_it_publishes(tmp_path, monkeypat
     assert out["framework"] == "megatron" and len(out["target"]["results"]) == 2
     best = out["target"]["results"][0]
     assert best["layout"]["tp"] * best["layout"]["pp"] * best["layout"]["dp"] * best["layout"]["cp"] == 16
+
+
+def test_whatif_takes_the_live_jobs_checkpointing_and_compile():
+    from dspark_lab.planner.whatif import live_settings
+
+    status = {"policies": {"memory.activation_checkpointing": "full"}}
+    assert live_settings(status, {"compile": {"compiled": True}}) == {"recompute": "full", "kernels": "fused"}
+    # "none" is only what DSpark applied (a script may checkpoint by itself); every-k is no planner layout
+    for value in ("none", "every-2"):
+        assert live_settings({"policies": {"memory.activation_checkpointing": value}}, {}) == {}
+    assert live_settings({}, {"compile": {"compiled": False}}) == {}

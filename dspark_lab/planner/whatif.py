@@ -87,6 +87,18 @@ def job_model(run: RunDir, job: dict, model: str | dict | None, seq: int | None)
                       "PRESET|FILE")
 
 
+def live_settings(status: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """Layout fields the running job shows: full recompute where ``memory.activation_checkpointing=full`` is in force
+    (``none`` says only that DSpark applied none: a script may checkpoint by itself), and fused kernels where
+    torch.compile compiled its modules."""
+    out: dict[str, Any] = {}
+    if (status.get("policies") or {}).get("memory.activation_checkpointing") == "full":
+        out["recompute"] = "full"
+    if isinstance(job.get("compile"), dict) and job["compile"].get("compiled") is True:
+        out["kernels"] = "fused"
+    return out
+
+
 def job_framework(job: dict[str, Any]) -> tuple[str, str]:
     """The framework whose defaults fit the job, and why: PyTorch's own FSDP2 or pipelining -> torchtitan's."""
     dp = job.get("data_parallel") if isinstance(job.get("data_parallel"), dict) else {}
@@ -130,10 +142,10 @@ def whatif(run: RunDir, *, model: str | dict | None = None, gpu: str | None = No
                            "target": {"gpu": target_gpu, "gpus": target_gpus}}
     if current_gpu:
         try:
-            published = {k: par[k] for k in ("zero", "recompute") if k in par}
+            published = {**live_settings(status, job), **{k: par[k] for k in ("zero", "recompute") if k in par}}
             if "zero" not in published and framework == "megatron" and dp == 1:
                 published["zero"] = 0  # nothing to shard the optimizer over
-            layout = Layout.from_dict({**(fixed or {}), **published, "tp": tp, "pp": pp, "dp": dp, "cp": cp,
+            layout = Layout.from_dict({**published, **(fixed or {}), "tp": tp, "pp": pp, "dp": dp, "cp": cp,
                                        "micro_batch": int(par.get("micro_batch", 1)), "global_batch": global_batch,
                                        "framework": framework})
             pred = predict_inputs(Inputs(model_cfg, Cluster(gpu=current_gpu, gpus=ranks), layout), manager)
