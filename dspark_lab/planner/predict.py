@@ -399,7 +399,8 @@ def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device
         params = _stage_params(model, counts, starts, mine, t, e)
         fp8_params = (_block_params(model, counts, starts, mine, t, e)
                       if memory.unsharded_weight_bytes(lay.precision, lay.fp8_allgather) == 1 else 0.0)
-        weights, grads, optimizer = memory.state_bytes(params, lay.zero, shard, fp8_params)
+        weights, shard_grads, optimizer = memory.state_bytes(params, lay.zero, shard, fp8_params)
+        grads = shard_grads
         gathered, grad_buffers = (_fsdp_buffers(model, lay, counts, starts, mine, stages)
                                   if lay.zero >= 3 and shard > 1 else (0.0, 0.0))
         weights += gathered
@@ -418,8 +419,7 @@ def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device
         if lay.fsdp_runtime == "torch" and lay.zero >= 2 and shard > 1:
             # ZeRO 2's gradients at the peak are the unsharded fp32 ones; the shards come after, on the
             # reduce-scatter stream, and keep their blocks reserved from then on. ZeRO 3 counts the shards already.
-            sharded = memory.GRAD_BYTES * params / shard if lazy_grads else 0.0
-            other += _fsdp2_reserved(model, lay, counts, starts, mine, stages, sharded)
+            other += _fsdp2_reserved(model, lay, counts, starts, mine, stages, shard_grads if lazy_grads else 0.0)
         if stages - 1 in mine:
             # The loss is differentiated before any layer of that micro-batch is recomputed, so its logits (with the
             # output layer's saved input) and the recomputed layer (``extra``) are never live together: only what

@@ -372,8 +372,7 @@ class Search:
                     trial.verdict, trial.reason = "stopped", "the tune was stopped"
                     break
                 per_pair = max(pair_steps(o, design), used / len(pairs))  # a real switch can take more than 2 steps
-                to_next_look = next((n for n in looks if n > len(pairs)), 0) \
-                    - len(pairs)
+                to_next_look = next((n for n in looks if n > len(pairs)), 0) - len(pairs)
                 if to_next_look <= 0 or used + (to_next_look + 1) * per_pair - o.warmup - 2 * o.block > limit:
                     trial.verdict = "tie"
                     trial.reason = trial.reason or (f"not separated in {len(pairs)} pairs of blocks: "

@@ -73,8 +73,8 @@ def build(specs: dict[str, PolicySpec], values: dict[str, Any], refusal: Callabl
             continue
         tried = values_of(spec, allow_lossy)
         if not spec.live:
-            if not_here(key):
-                space.excluded.append({"key": key, "reason": not_here(key)})
+            if reason := not_here(key):
+                space.excluded.append({"key": key, "reason": reason})
                 continue
             other = [v for v in tried if v != values.get(key)]
             space.needs_restart.append({"key": key, "value": values.get(key), "would_try": other,

@@ -55,8 +55,9 @@ def _choice(obj: dict, field: str, where: str, allowed: tuple, default: Any) -> 
 
 
 def framework_defaults(framework: str, pp: int, sharded: bool) -> dict[str, Any]:
-    """The layout fields a framework sets when the config leaves them out. ``megatron``: Megatron-LM (the planner's
-    own defaults: distributed optimizer, fused kernels and loss, selective recompute). ``torchtitan``: what
+    """The layout fields a framework sets, where the config leaves them out, differently from the planner's own
+    defaults (the :class:`Layout` fields' defaults, which are Megatron-LM's: distributed optimizer, fused kernels
+    and loss, selective recompute; so ``megatron`` sets none). ``torchtitan``: what
     torchtitan 9dec370 runs unless told otherwise (``config_manager.py`` and its Llama 3 train configs): eager
     kernels (``training.compile`` off), op-level selective AC (``selective_ac_option = 'op'`` in the Llama 3
     configs), ``cross_entropy`` on fp32 logits (``loss_parallel`` under TP), DTensor keeping the gathered TP input,
@@ -66,8 +67,7 @@ def framework_defaults(framework: str, pp: int, sharded: bool) -> dict[str, Any]
         return {"zero": (2 if pp > 1 else 3) if sharded else 0, "recompute": "selective-op", "kernels": "eager",
                 "loss": "eager", "sp_regather": False, "pp_runtime": "torch", "fsdp_runtime": "torch",
                 "cp_rotate": "allgather", "fp8_allgather": False}
-    return {"zero": 1, "recompute": "selective", "kernels": "fused", "loss": "fused", "sp_regather": True,
-            "pp_runtime": "megatron", "fsdp_runtime": "megatron", "cp_rotate": "ring", "fp8_allgather": False}
+    return {}
 
 
 def _known(obj: Any, where: str, cls) -> dict:
@@ -195,7 +195,7 @@ class Layout:
         if schedule not in SCHEDULES:
             raise refuse(f"{where}.schedule", f"must be one of {' | '.join(SCHEDULES)}, got {schedule!r}")
         framework = _choice(obj, "framework", where, FRAMEWORKS, "megatron")
-        default = framework_defaults(framework, pp, dp * cp > 1)
+        default = {f.name: f.default for f in fields(cls)} | framework_defaults(framework, pp, dp * cp > 1)
 
         def pick(field: str, allowed: tuple) -> Any:
             return _choice(obj, field, where, allowed, default[field])

@@ -86,8 +86,8 @@ def refusal(job, key: str, value) -> str | None:
     if key in ("comm.bucket_mb", "comm.topology", "comm.emulate_links"):
         return _no_gradient_sync(job)  # DDP's buckets and the collective they run: nothing to act on without them
     if key == "comm.grad_sync":
-        if _no_gradient_sync(job):
-            return _no_gradient_sync(job)
+        if reason := _no_gradient_sync(job):
+            return reason
         grad_sync = job.state["comm"].grad_sync
         if grad_sync.refusal():
             return grad_sync.refusal()
