@@ -116,7 +116,7 @@ def test_missing_pytest_skips_the_test_checks_and_an_empty_budget_skips_the_rest
     done, lines = run_checker(env, "gpu_tests")
     assert lines[0] == "check gpu_tests: skipped: pytest is not installed (the project's dev extra)", lines
     done, lines = run_checker(fake_cuda_env(tmp_path, budget=0))
-    assert len(lines) == 9 and all(line.endswith("skipped: out of the time budget (0 s)") for line in lines[:-1])
+    assert len(lines) == 10 and all(line.endswith("skipped: out of the time budget (0 s)") for line in lines[:-1])
     assert lines[-1] == "check_device: 0 failed" and done.returncode == 0
 
 
@@ -149,7 +149,7 @@ def test_every_check_ends_in_one_line_within_the_budget(tmp_path):
     start = time.monotonic()
     done, lines = run_checker(fake_cuda_env(tmp_path, budget=100), timeout=200)
     assert time.monotonic() - start < 100 + 20, lines
-    assert len(lines) == 9 and lines[-1].startswith("check_device: ") and done.returncode == 1, lines
+    assert len(lines) == 10 and lines[-1].startswith("check_device: ") and done.returncode == 1, lines
 
 
 PIP_OK = "import sys\nif '--version' in sys.argv:\n    print('pip 0 (shim)')\n"

@@ -256,3 +256,20 @@ def test_transfer_costs_moves_stage_costs_between_schedules_with_the_same_stages
     assert transfer_costs(split, build("interleaved-1f1b", 2, 4)) is None  # 4 stages, not 2
     measured = {(0, 0, "F"): 1.0, (1, 0, "F"): 3.0, (0, 0, "B"): 2.0, (1, 0, "B"): 4.0}
     assert stage_costs(build("1f1b", 2, 4), measured) == {(0, "F"): 1.0, (1, "F"): 3.0, (0, "B"): 2.0, (1, "B"): 4.0}
+
+
+def _labels(schedule: Schedule, rank: int) -> list[str]:
+    return [f"{kind}{mb}.{chunk}" for op in schedule.ops[rank] for kind, mb, chunk in op.parts()]
+
+
+def test_torch_orders_interleaved_1f1b_without_megatrons_all_forward_case():
+    """With exactly p micro-batches Megatron-LM runs every forward first; torch.distributed.pipelining's
+    ScheduleInterleaved1F1B keeps its warm-up of (v-1)p + 2(p-1-r) forwards, so its last rank alternates after p."""
+    megatron, torch_order = build("interleaved-1f1b", 4, 4, 2), build("interleaved-1f1b", 4, 4, 2, runtime="torch")
+    validate(torch_order)
+    assert _labels(megatron, 3)[:8] == [f"F{i}.{c}" for c in (0, 1) for i in range(4)]
+    assert _labels(torch_order, 3)[:6] == ["F0.0", "F1.0", "F2.0", "F3.0", "F0.1", "B0.1"]
+    assert _labels(megatron, 0) == _labels(torch_order, 0)  # 2(p-1) + p >= 2p: all forwards first either way
+    for m in (8, 12):  # no difference beyond m = p
+        assert build("interleaved-1f1b", 4, m, 2).ops == build("interleaved-1f1b", 4, m, 2, runtime="torch").ops
+    assert build("1f1b", 4, 4).ops == build("1f1b", 4, 4, runtime="torch").ops

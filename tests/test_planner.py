@@ -104,7 +104,7 @@ def test_unknown_gpu_is_refused(manager):
 
 def test_prediction_answers_schema_fields(manager):
     pred = predict(config(gpus=64, tp=8, pp=2, dp=4, global_batch=64), manager)
-    assert set(pred["memory_gb"]) == {"params", "grads", "optimizer", "activations", "other", "total"}
+    assert set(pred["memory_gb"]) == {"params", "grads", "optimizer", "activations", "other", "allocator", "total"}
     assert {"compute", "recompute", "tp_comm", "dp_comm", "pipeline_bubble", "optimizer"} <= set(pred["breakdown_s"])
     assert 0 < pred["mfu"] < 1 and pred["hardware_tflops_per_gpu"] >= pred["model_tflops_per_gpu"]
     assert pred["breakdown_s"]["pipeline_bubble"] > 0  # 2 stages, 8 micro-batches: the simulator's bubble
@@ -296,7 +296,8 @@ def test_whatif_plans_a_parameter_count_on_more_gpus(tmp_path, manager):
 def test_whatif_without_model_or_params_is_refused(tmp_path, manager):
     from dspark_lab.planner.whatif import whatif
 
-    run = _fake_run(tmp_path, {"gpu": "nvidia-h100"}, [{"step": 1, "rank": 0, "samples_per_s": 1.0, "step_time_s": 1.0}])
+    run = _fake_run(tmp_path, {"gpu": "nvidia-h100"},
+                    [{"step": 1, "rank": 0, "samples_per_s": 1.0, "step_time_s": 1.0}])
     with pytest.raises(DSparkError, match="model: the run publishes no model"):
         whatif(run, manager=manager)
     out = whatif(run, model="llama3-8b", gpu="nvidia-b200", gpus=8, seq=2048, manager=manager)
@@ -403,7 +404,7 @@ def test_head_input_is_gathered_unless_megatron_regathers_it():
 
 
 def test_loss_parallel_and_head_input_in_the_prediction(manager):
-    from dspark_lab.planner.predict import OTHER_GB
+    from dspark_lab.planner.rank_memory import OTHER_GB
 
     model = ModelConfig.from_dict(preset("llama3-8b"))
     s, h, V, L, t = model.seq_len, model.hidden, model.vocab, model.layers, 8
@@ -426,7 +427,7 @@ def test_the_final_norm_saves_its_input_fused_and_more_eager():
 
 
 def test_torch_pipelining_keeps_every_micro_batchs_logits_and_receive_buffers(manager):
-    from dspark_lab.planner.predict import OTHER_GB
+    from dspark_lab.planner.rank_memory import OTHER_GB
 
     model = ModelConfig.from_dict(preset("llama3-8b"))
     s, h, V, m = model.seq_len, model.hidden, model.vocab, 4

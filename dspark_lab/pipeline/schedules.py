@@ -46,13 +46,16 @@ def _vshape(p: int) -> list[list[tuple[int, int]]]:
     return [[(r, 0) for r in range(p)] + [(r, 1) for r in reversed(range(p))]]
 
 
-def build(name: str, ranks: int, microbatches: int, chunks: int | None = None) -> Schedule:
-    """The schedule ``name``; ValueError names the bad field and what is allowed."""
+def build(name: str, ranks: int, microbatches: int, chunks: int | None = None,
+          runtime: str = "megatron") -> Schedule:
+    """The schedule ``name``; ValueError names the bad field and what is allowed. ``runtime``: ``torch`` for the
+    op order ``torch.distributed.pipelining`` gives a schedule where it differs from the paper's (:data:`TORCH`)."""
     if name not in SCHEDULES:
         raise ValueError(f"schedule: unknown {name!r}; choose from {', '.join(SCHEDULES)}")
     _need(ranks >= 1, f"ranks: must be >= 1, got {ranks}")
     _need(microbatches >= 1, f"microbatches: must be >= 1, got {microbatches}")
-    return SCHEDULES[name](ranks, microbatches, chunks or default_chunks(name))
+    generator = TORCH.get(name, SCHEDULES[name]) if runtime == "torch" else SCHEDULES[name]
+    return generator(ranks, microbatches, chunks or default_chunks(name))
 
 
 def default_chunks(name: str) -> int:
@@ -122,7 +125,11 @@ def zb_h2(p: int, m: int, v: int = 1) -> Schedule:
 
 
 @_register("interleaved-1f1b")
-def interleaved_1f1b(p: int, m: int, v: int = 2) -> Schedule:
+def interleaved_1f1b(p: int, m: int, v: int = 2, all_forward_when_m_is_p: bool = True) -> Schedule:
+    """Warm-up of ``2(p-1-r) + (v-1)p`` forwards, capped at all of them. ``all_forward_when_m_is_p``: Megatron-LM
+    runs every forward first when there are exactly ``p`` micro-batches; ``ScheduleInterleaved1F1B`` of
+    torch.distributed.pipelining (Dec 2024) does not, so its last ranks start alternating after ``(v-1)p + 2(p-1-r)``
+    forwards."""
     _need(v >= 1, f"chunks: interleaved-1f1b needs >= 1, got {v}")
     _need(m % p == 0, f"microbatches: interleaved-1f1b needs a multiple of ranks ({p}), got {m}")
     total = m * v
@@ -133,7 +140,7 @@ def interleaved_1f1b(p: int, m: int, v: int = 2) -> Schedule:
 
     ops, bound = [], []
     for r in range(p):
-        warmup = total if m == p else min((p - 1 - r) * 2 + (v - 1) * p, total)
+        warmup = total if m == p and all_forward_when_m_is_p else min((p - 1 - r) * 2 + (v - 1) * p, total)
         rank_ops = [F(*position(k, False)) for k in range(warmup)]
         for k in range(total - warmup):
             rank_ops += [F(*position(warmup + k, False)), B(*position(k, True))]
@@ -142,6 +149,11 @@ def interleaved_1f1b(p: int, m: int, v: int = 2) -> Schedule:
         bound.append(min(warmup + 1, total))
     streams = [[(r, c) for c in range(v) for r in range(p)]]
     return Schedule("interleaved-1f1b", p, m, v, ops, streams, memory_bound=bound)
+
+
+TORCH: dict[str, Generator] = {
+    "interleaved-1f1b": lambda p, m, v: interleaved_1f1b(p, m, v, all_forward_when_m_is_p=False),
+}
 
 
 @_register("zbv")

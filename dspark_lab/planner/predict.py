@@ -18,15 +18,15 @@ from typing import Any
 
 from dspark_lab.errors import DSparkError
 from dspark_lab.pipeline.simulate import Costs, simulate
-from dspark_lab.planner.hardware import Device, device
-from dspark_lab.planner.model import comm, flops, liveness, memory
+from dspark_lab.planner import rank_memory
+from dspark_lab.planner.hardware import device
+from dspark_lab.planner.model import comm, flops, liveness, memory, step_trace
 from dspark_lab.planner.model.config import Cluster, Layout, ModelConfig, check_layout, refuse
 from dspark_lab.planner.model.efficiency import FP8_GEMM_FACTOR, MEMORY_EFFICIENCY, Efficiency, efficiency
 from dspark_lab.planner.presets import preset
 
 GRAD_COMM_BYTES = 2  # gradients are reduced in bf16 (Megatron-Core grad_reduce_in_fp32=False)
 FP8_CAST_BYTES = 5  # per element cast to FP8 with current scaling: read bf16 for amax (2), read again (2), write (1)
-OTHER_GB = 3.0  # CUDA context, NCCL and cuBLAS workspaces, allocator fragmentation
 
 
 def elementwise_units(model: ModelConfig, kernels: str = "fused") -> tuple[float, float]:
@@ -96,9 +96,9 @@ def parse(obj: Any, where: str = "config") -> Inputs:
 # --- pipeline simulation, cached on normalised costs --------------------------------------------------------------
 
 @lru_cache(maxsize=4096)
-def _simulate(schedule: str, p: int, m: int, v: int, stage_costs: tuple, comm_s: float):
+def _simulate(schedule: str, p: int, m: int, v: int, stage_costs: tuple, comm_s: float, runtime: str):
     try:
-        s = liveness.schedule(schedule, p, m, v)
+        s = liveness.schedule(schedule, p, m, v, runtime)
     except ValueError as exc:
         raise refuse("layout.schedule", str(exc)) from None
     table = {}
@@ -113,12 +113,12 @@ def _simulate(schedule: str, p: int, m: int, v: int, stage_costs: tuple, comm_s:
 
 
 def simulate_pipeline(schedule: str, p: int, m: int, v: int, costs: list[tuple[float, float, float]],
-                      comm_s: float):
+                      comm_s: float, runtime: str = "megatron"):
     """(step time, busy per rank, chunks per rank). Costs are normalised by the largest forward and rounded to 0.1%
     so layouts with proportional costs share one simulation."""
     unit = max(f for f, _, _ in costs) or 1.0
     key = tuple(tuple(round(x / unit, 3) for x in c) for c in costs)
-    step, busy, chunks = _simulate(schedule, p, m, v, key, round(comm_s / unit, 3))
+    step, busy, chunks = _simulate(schedule, p, m, v, key, round(comm_s / unit, 3), runtime)
     return step * unit, [b * unit for b in busy], chunks
 
 
@@ -129,7 +129,10 @@ def _gemm_time(g: flops.Gemm, peak: float, eff: Efficiency, fp8: bool) -> float:
     return g.flops / (peak * max(e, 1e-3))
 
 
-def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
+def predict_inputs(inp: Inputs, manager=None, allocator: bool = True) -> dict[str, Any]:
+    """The prediction for one layout. ``allocator``: add what the caching allocator keeps reserved beyond the
+    counted bytes where the framework reports reserved memory (torchtitan); a search leaves it out of its sweep
+    and adds it to the layouts it returns."""
     model, cluster, lay = inp.model, inp.cluster, inp.layout
     check_layout(model, cluster, lay)
     dev = device(cluster, manager)
@@ -243,19 +246,20 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
     # optimisation, Narayanan et al. 2021 section 4.1, whose intra-node all-gather rides NVLink).
     p2p_t = comm.p2p(tokens * h * 2 / t, t * c * d >= per_node, links) if p > 1 else 0.0
     if p > 1:
-        step, busy, chunks = simulate_pipeline(lay.schedule, p, m, v, stage_costs, p2p_t)
+        step, busy, chunks = simulate_pipeline(lay.schedule, p, m, v, stage_costs, p2p_t, lay.pp_runtime)
     else:
         f, bb, w = stage_costs[0]
         step, busy, chunks = m * (f + bb + w), [m * (f + bb + w)], 1
     slow = max(range(p), key=lambda r: busy[r])
-    rank_stages = _rank_stages(slow, p, v, chunks, stages)
+    rank_stages = rank_memory.rank_stages(slow, p, v, chunks, stages)
     parts = {key: m * sum(stage_parts[k][key] for k in rank_stages) for key in stage_parts[0]}
 
     # Data-parallel gradient reduction and parameter gather, over dp*cp ranks placed tp apart.
-    stage_params = _stage_params(model, counts, starts, rank_stages, t, e)
+    stage_params = rank_memory.stage_params(model, counts, starts, rank_stages, t, e)
     # Gathered bytes: the blocks' weights travel in fp8 under FSDP's fp8 all-gather (memory.unsharded_weight_bytes)
     fp8_gathered = memory.unsharded_weight_bytes(lay.precision, lay.fp8_allgather) == 1
-    gather_bytes = 2 * stage_params - (_block_params(model, counts, starts, rank_stages, t, e) if fp8_gathered else 0)
+    blocks = rank_memory.block_params(model, counts, starts, rank_stages, t, e)
+    gather_bytes = 2 * stage_params - (blocks if fp8_gathered else 0)
     shard = d * c
     dp_t = 0.0
     if shard > 1:
@@ -282,7 +286,7 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
     model_flops = flops.model_flops_per_token(model) * tokens_step
     hw_flops = model_flops + flops.recompute_flops_per_token(model, lay.recompute) * tokens_step
     gpus = cluster.gpus
-    mem = _memory(model, lay, counts, starts, m, chunks, dev, sp)
+    mem = rank_memory.fullest_rank(model, lay, counts, starts, m, chunks, dev, sp, allocator)
     return {
         "step_time_s": step_time,
         "tokens_per_s_per_gpu": tokens_step / step_time / gpus,
@@ -302,145 +306,14 @@ def predict_inputs(inp: Inputs, manager=None) -> dict[str, Any]:
     }
 
 
-def _block_params(model: ModelConfig, counts, starts, rank_stages, t: int, e: int) -> float:
-    """Parameters of the transformer blocks one GPU of the given pipeline rank holds."""
-    return sum(_block_sizes(model, counts, starts, rank_stages, t, e))
-
-
-def _stage_params(model: ModelConfig, counts, starts, rank_stages, t: int, e: int) -> float:
-    """Parameters one GPU of the given pipeline rank holds (expert weights split over ep, the rest over tp)."""
-    total = _block_params(model, counts, starts, rank_stages, t, e)
-    last = len(counts) - 1
-    if 0 in rank_stages:
-        total += flops.embedding_params(model) / t
-    if last in rank_stages:
-        total += flops.output_params(model) / t
-    return total
-
-
-def _layer_params(model: ModelConfig, i: int, t: int, e: int) -> float:
-    """Parameters of layer ``i`` on one GPU: expert weights split over ep and tp, the rest over tp."""
-    experts = model.experts * flops.expert_params(model) if model.is_moe_layer(i) else 0
-    return (flops.layer_params(model, i) - experts) / t + experts / t / e
-
-
-def _fsdp_buffers(model: ModelConfig, lay: Layout, counts, starts, mine, stages: int) -> tuple[float, float]:
-    """FSDP's working buffers at this rank's peak (:func:`memory.fsdp_buffers`)."""
-    block = max(_block_sizes(model, counts, starts, mine, lay.tp, lay.ep), default=0.0)
-    out = flops.output_params(model) / lay.tp if stages - 1 in mine else 0.0
-    return memory.fsdp_buffers(lay.zero, block, _root_params(model, lay, mine, stages), out,
-                               memory.unsharded_weight_bytes(lay.precision, lay.fp8_allgather))
-
-
-def _fsdp2_reserved(model: ModelConfig, lay: Layout, counts, starts, mine, stages: int,
-                    sharded_grads: float) -> float:
-    """What FSDP2's side streams keep reserved on this rank (:func:`memory.fsdp2_side_stream_bytes`): its FSDP
-    groups as gathered (each block, and the root unit in bf16) and the sharded gradients given."""
-    block_bytes = memory.unsharded_weight_bytes(lay.precision, lay.fp8_allgather)
-    groups = [block_bytes * n for n in _block_sizes(model, counts, starts, mine, lay.tp, lay.ep)]
-    groups.append(memory.WEIGHT_BYTES * _root_params(model, lay, mine, stages))
-    return memory.fsdp2_side_stream_bytes(groups, sharded_grads)
-
-
-def _block_sizes(model: ModelConfig, counts, starts, rank_stages, t: int, e: int) -> list[float]:
-    """Parameters of each transformer block one GPU of the pipeline rank holds (one FSDP group each, as torchtitan
-    wraps them)."""
-    return [_layer_params(model, i, t, e) for k in rank_stages for i in range(starts[k], starts[k] + counts[k])]
-
-
-def _root_params(model: ModelConfig, lay: Layout, mine, stages: int) -> float:
-    """Parameters of the root FSDP unit on this rank: the embedding on the first stage, the output layer on the
-    last (torchtitan shards them together, outside the blocks)."""
-    return ((flops.embedding_params(model) if 0 in mine else 0.0)
-            + (flops.output_params(model) if stages - 1 in mine else 0.0)) / lay.tp
-
-
-def _rank_stages(rank: int, p: int, v: int, chunks: int, stages: int) -> list[int]:
-    if chunks != v:  # V-shaped schedules: rank r holds stages r and 2p-1-r
-        return [k for k in (rank, 2 * p - 1 - rank) if k < stages]
-    return [k for k in range(stages) if k % p == rank]
-
-
-def _memory(model, lay: Layout, counts, starts, m: int, chunks: int, dev: Device, sp: bool) -> dict[str, float]:
-    """Memory of the fullest pipeline rank: its states, plus activations (and lazily made gradients) at the peak
-    the schedule's op order gives (:mod:`~dspark_lab.planner.model.liveness`)."""
-    t, c, b, p, v, e = lay.tp, lay.cp, lay.micro_batch, lay.pp, lay.vpp, lay.ep
-    s = model.seq_len // c
-    stages = len(counts)
-    ffn = model.moe_ffn_hidden * model.top_k if model.moe else model.ffn_hidden
-    terms = memory.layer_activation_terms(s, b, model.hidden, model.heads, t, model.kv_heads / model.heads, ffn,
-                                          model.ffn_kind == "swiglu", model.dropout)
-    keep_scores = lay.recompute == "none" and lay.attention == "unfused"
-    per_layer = memory.layer_activation_bytes(terms, t, sp, keep_scores)
-    extra = 0.0
-    if lay.recompute == "selective-op":
-        extra = per_layer  # the layer being recomputed holds its full activations again
-        per_layer = memory.op_sac_bytes(s, b, model.hidden, t, sp, model.kv_heads / model.heads, ffn,
-                                        model.ffn_kind == "swiglu")
-    if lay.recompute == "full":
-        extra = per_layer  # the one layer being recomputed
-        per_layer = memory.full_recompute_bytes(s, b, model.hidden, t, sp)
-    if lay.cp_rotate == "allgather":
-        extra += memory.cp_allgather_bytes(s, b, model.hidden, t, c)  # while one layer's attention runs
-    # ZeRO 2 (FSDP without resharding, as Llama 3 and torchtitan with PP run): unsharded fp32 gradients accumulate
-    # over micro-batches and appear with each chunk's first backward. ZeRO 3 reduce-scatters every micro-batch, so
-    # only the shard (state_bytes) stays.
-    lazy_grads = lay.zero == 2
-    shard = lay.dp * c
-    torch_pp = lay.pp_runtime == "torch" and p > 1
-    boundary = memory.boundary_bytes(s, b, model.hidden, t, sp)
-    if p > 1:
-        env = liveness.envelopes((lay.schedule, p, m, v), tuple(counts), torch_pp)
-    else:
-        env = (((counts[0], frozenset({0}), 0),),)  # one stage: a micro-batch's layers, then its gradients
-    best = None
-    for r in range(p):
-        mine = _rank_stages(r, p, v, chunks, stages)
-        params = _stage_params(model, counts, starts, mine, t, e)
-        fp8_params = (_block_params(model, counts, starts, mine, t, e)
-                      if memory.unsharded_weight_bytes(lay.precision, lay.fp8_allgather) == 1 else 0.0)
-        weights, shard_grads, optimizer = memory.state_bytes(params, lay.zero, shard, fp8_params)
-        grads = shard_grads
-        gathered, grad_buffers = (_fsdp_buffers(model, lay, counts, starts, mine, stages)
-                                  if lay.zero >= 3 and shard > 1 else (0.0, 0.0))
-        weights += gathered
-        if lazy_grads:
-            chunk_grads = {}
-            sched = liveness.schedule(lay.schedule, p, m, v) if p > 1 else None
-            for ch in range(chunks):
-                stage = sched.where(r, ch)[1] % stages if sched else 0
-                chunk_grads[ch] = memory.GRAD_BYTES * _stage_params(model, counts, starts, [stage], t, e)
-            act, grads, at_boundaries = max(((a * per_layer + extra, sum(chunk_grads[x] for x in g), k * boundary)
-                                             for a, g, k in env[r]), key=sum)
-        else:
-            act, at_boundaries = max(((a * per_layer + extra, k * boundary) for a, _, k in env[r]), key=sum)
-            grads += grad_buffers
-        other = OTHER_GB * 1e9
-        if lay.fsdp_runtime == "torch" and lay.zero >= 2 and shard > 1:
-            # ZeRO 2's gradients at the peak are the unsharded fp32 ones; the shards come after, on the
-            # reduce-scatter stream, and keep their blocks reserved from then on. ZeRO 3 counts the shards already.
-            other += _fsdp2_reserved(model, lay, counts, starts, mine, stages, shard_grads if lazy_grads else 0.0)
-        if stages - 1 in mine:
-            # The loss is differentiated before any layer of that micro-batch is recomputed, so its logits (with the
-            # output layer's saved input) and the recomputed layer (``extra``) are never live together: only what
-            # the loss moment needs beyond it is added. A pipeline that keeps every micro-batch's logits
-            # (``pp_runtime`` torch) holds the earlier ones and the current bf16 ones at the loss, and all of them
-            # while the last micro-batch's layers are recomputed.
-            logits = memory.loss_bytes_per_logit(lay.loss, t > 1) * b * s * model.vocab / t
-            at_loss = (logits + memory.head_input_bytes(s, b, model.hidden, t, sp, lay.sp_regather)
-                       + memory.final_norm_bytes(s, b, model.hidden, t, sp, lay.loss == "eager"))
-            kept = memory.kept_output_bytes(b, s, model.vocab, t, m) if torch_pp else 0.0
-            other += max(at_loss + kept, kept + extra) - extra
-        if torch_pp:
-            other += at_boundaries + memory.pipeline_buffer_bytes(s, b, model.hidden, t, sp, m,
-                                                                  sum(k > 0 for k in mine),
-                                                                  sum(k < stages - 1 for k in mine))
-        gb = {"params": weights / 1e9, "grads": grads / 1e9, "optimizer": optimizer / 1e9,
-              "activations": act / 1e9, "other": other / 1e9}
-        gb["total"] = sum(gb.values())
-        if best is None or gb["total"] > best["total"]:
-            best = gb
-    return best
+def rank_trace_spec(config: Any, rank: int) -> step_trace.RankSpec:
+    """What the memory prediction traces for pipeline rank ``rank`` of a config (to replay it elsewhere: the
+    allocator benchmark replays it through PyTorch's allocator)."""
+    inp = parse(config)
+    model, lay = inp.model, inp.layout
+    counts = split_layers(model.layers, lay.pp * lay.vpp)
+    m = lay.global_batch // (lay.dp * lay.micro_batch)
+    return rank_memory.rank_spec(model, lay, counts, m, rank, lay.sequence_parallel and lay.tp > 1)
 
 
 def predict(config: Any, manager=None) -> dict[str, Any]:

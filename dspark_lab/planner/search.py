@@ -11,7 +11,9 @@ backward, as Llama 3 ran) are both tried. With ``framework="torchtitan"`` the sp
 as a third recompute choice, and without PP one micro-batch per step (it has no gradient accumulation).
 ``fixed`` sets layout fields the search does not vary (precision, kernels, ...) on
 every candidate. Pipeline simulations and memory walks are cached across layouts
-(``predict.simulate_pipeline``, ``model.liveness``).
+(``predict.simulate_pipeline``, ``model.liveness``). The caching allocator's reserved overhead (torchtitan's layouts,
+``model.step_trace``; a few tenths of a second each) is left out of the sweep and added to the layouts returned,
+going down the ranking while one no longer fits.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ def search(model: ModelConfig, cluster: Cluster, global_batch: int, top: int = 5
     results, scatter = [], []
     limit = None
     for layout in layouts:
-        pred = predict_inputs(Inputs(model, cluster, layout), manager)
+        pred = predict_inputs(Inputs(model, cluster, layout), manager, allocator=False)
         limit = max_memory_gb if max_memory_gb is not None else pred["device_memory_gb"]
         fits = pred["memory_gb"]["total"] <= limit
         if fits:
@@ -139,7 +141,13 @@ def search(model: ModelConfig, cluster: Cluster, global_batch: int, top: int = 5
     # Highest throughput first; ties broken by less memory, then by the layout's fields (deterministic).
     results.sort(key=lambda lp: (-round(lp[1]["tokens_per_s_per_gpu"], 9), lp[1]["memory_gb"]["total"],
                                  tuple(str(v) for v in layout_dict(lp[0]).values())))
-    best = [{"layout": layout_dict(lay), **pred} for lay, pred in results[:top]]
+    best = []
+    for lay, _ in results:  # the allocator's reserved overhead (torchtitan) only for the layouts returned
+        if len(best) == top:
+            break
+        pred = predict_inputs(Inputs(model, cluster, lay), manager)
+        if pred["memory_gb"]["total"] <= limit:
+            best.append({"layout": layout_dict(lay), **pred})
     out = {"model": model.name or "custom", "gpu": cluster.gpu, "gpus": cluster.gpus, "global_batch": global_batch,
            "seq_len": model.seq_len, "framework": framework, "fixed": dict(fixed or {}), "evaluated": len(layouts),
            "fitting": len(results), "memory_limit_gb": limit,

@@ -160,7 +160,8 @@ def _device_path() -> None:
 def kernel_tests():
     _device_path()
     ok, summary = _pytest_gpu(["tests/test_kernels.py"], 60)
-    report("kernel_tests", "ok" if ok else "FAIL", f"gpu-marked kernel tests (bit-exact vs the CPU references): {summary}")
+    report("kernel_tests", "ok" if ok else "FAIL",
+           f"gpu-marked kernel tests (bit-exact vs the CPU references): {summary}")
 
 
 def _time_cuda(fn, repeats: int = 20) -> float:
@@ -307,6 +308,23 @@ def runtime_overhead():
     wanted = [l.split("] ", 1)[-1] for l in lines if "ratio dspark/torchrun" in l or "runtime's own work" in l]
     report("runtime_overhead", "ok" if done.returncode == 0 and len(wanted) == 2 else "FAIL",
            " | ".join(wanted) or _last_line(done))
+
+
+@check
+def allocator_model():
+    """The planner's caching-allocator model against PyTorch's allocator on the same traces (torchtitan's rows):
+    the reserved peaks must agree within 5%."""
+    script = ROOT / "benchmarks" / "allocator_replay.py"
+    done = run([sys.executable, str(script), "--device", "cuda", "--json"], 120)
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    ratios = [r["reserved_ratio"] for r in rows if "reserved_ratio" in r]
+    if done.returncode != 0 or not ratios:
+        report("allocator_model", "FAIL", _last_line(done))
+        return
+    parts = [f"{r['row']}: model {r['model']['reserved'] / 1e9:.2f} GB vs cuda "
+             + (f"{r['cuda']['reserved'] / 1e9:.2f} GB (x{r['reserved_ratio']:.3f})" if "reserved_ratio" in r
+                else str(r["cuda"])) for r in rows]
+    report("allocator_model", "ok" if all(abs(x - 1) <= 0.05 for x in ratios) else "FAIL", "; ".join(parts))
 
 
 def preflight() -> str | None:

@@ -3,7 +3,8 @@ peak; memory-bound element-wise work runs at ``MEMORY_EFFICIENCY`` of HBM bandwi
 
 The saturating form follows the observation behind Megatron-LM's weak-scaling table (bigger GEMMs reach a higher
 fraction of peak) and Calculon's per-size efficiency tables (Isaev et al. SC'23, section 3.2); its two constants are
-fitted per GPU on ONE declared source (``data/calibration.json``, refit with ``python -m dspark_lab.planner.calibrate``).
+fitted per GPU on ONE declared source (``data/calibration.json``, refit with
+``python -m dspark_lab.planner.calibrate``).
 A backend without its own constants borrows those of the calibrated part named in ``BORROW``; its own datasheet
 figures (peaks, HBM, links) still apply.
 """

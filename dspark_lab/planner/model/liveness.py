@@ -21,9 +21,10 @@ from dspark_lab.pipeline.schedules import build
 
 
 @lru_cache(maxsize=256)
-def schedule(name: str, pp: int, microbatches: int, vpp: int) -> Schedule:
-    """The schedule's op lists, built once per shape (the simulator and the memory walk share them)."""
-    return build(name, pp, microbatches, vpp)
+def schedule(name: str, pp: int, microbatches: int, vpp: int, runtime: str = "megatron") -> Schedule:
+    """The schedule's op lists as ``runtime`` (the layout's ``pp_runtime``) orders them, built once per shape (the
+    simulator, the memory walk and the allocation trace share them)."""
+    return build(name, pp, microbatches, vpp, runtime)
 
 
 def _pareto(points: set[tuple[int, frozenset, int]]) -> tuple[tuple[int, frozenset, int], ...]:
@@ -73,6 +74,7 @@ def rank_envelope(schedule: Schedule, rank: int, stage_layers: tuple[int, ...],
 
 @lru_cache(maxsize=1024)
 def envelopes(schedule_key: tuple, stage_layers: tuple[int, ...], boundaries: bool = False) -> tuple:
-    """Per rank :func:`rank_envelope` for the schedule ``(name, pp, microbatches, vpp)``, cached across layouts."""
+    """Per rank :func:`rank_envelope` for the schedule ``(name, pp, microbatches, vpp, runtime)``, cached across
+    layouts."""
     s = schedule(*schedule_key)
     return tuple(rank_envelope(s, r, stage_layers, boundaries) for r in range(s.ranks))
