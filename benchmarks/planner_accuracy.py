@@ -106,7 +106,8 @@ def evaluate(name: str, source: dict, calculon: Path | None) -> dict:
         cfg, measured = row_config(source, row)
         pred = predict(cfg)
         out = {"row": row["name"], "measured_s": measured, "predicted_s": pred["step_time_s"],
-               "error": pred["step_time_s"] / measured - 1, "memory_gb": pred["memory_gb"]["total"]}
+               "error": pred["step_time_s"] / measured - 1, "memory_gb": pred["memory_gb"]["total"],
+               "allocator_gb": pred["memory_gb"]["allocator"]}
         reported = reported_memory_gb(row)
         if reported:
             out["reported_memory_gb"] = reported
@@ -154,7 +155,8 @@ def main(argv=None) -> int:
         for row in r["rows"]:
             mem = f"  memory {row['memory_gb']:6.1f} GB"
             if "reported_memory_gb" in row:
-                mem += f" (reported {row['reported_memory_gb']:5.1f}, {row['memory_error']:+6.1%})"
+                mem += f" (reported {row['reported_memory_gb']:5.1f}, {row['memory_error']:+6.1%};"
+                mem += f" allocator {row['allocator_gb']:3.1f})"
             calc = f"  calculon {row['calculon_error']:+6.1%}" if "calculon_error" in row else ""
             print(f"  {row['row']:<26} measured {row['measured_s']:8.3f} s  predicted {row['predicted_s']:8.3f} s"
                   f"  error {row['error']:+6.1%}{mem}{calc}")
