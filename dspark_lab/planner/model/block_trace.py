@@ -205,21 +205,29 @@ class BlockRunner:
         else:
             self.kept = self.needed | {"x"}
         self.recompute = recompute in ("full", "selective-op")
-        self.last_use = {name: i for i, n in enumerate(nodes) for name in n.inputs}
-        self.first_saver = {}  # backward order: the earliest saver runs last, and frees the tensor
+        last_use = {name: i for i, n in enumerate(nodes) for name in n.inputs}
+        first_saver: dict[str, int] = {}  # backward order: the earliest saver runs last, and frees the tensor
         for i, n in enumerate(nodes):
             for name in n.saves:
-                self.first_saver.setdefault(name, i)
+                first_saver.setdefault(name, i)
+        # per node, worked out once: the inputs read for the last time, the saved tensors its backward releases,
+        # its backward's scratch (flash attention's fp32 dq accumulator; an fp8 matmul's output gradient cast)
+        self.dying = [tuple(x for x in dict.fromkeys(n.inputs) if last_use[x] == i) for i, n in enumerate(nodes)]
+        self.released = [tuple(x for x in dict.fromkeys(n.saves) if first_saver[x] == i) for i, n in enumerate(nodes)]
+        self.scratch = [(2 * n.nbytes,) if n.name == "attention" else
+                        (n.nbytes / 2,) if n.name in MATMULS and any(x.endswith(".fp8") for x in n.inputs) else ()
+                        for n in nodes]
+        self.grad_inputs = [tuple(dict.fromkeys(n.inputs)) for n in nodes]
 
     def _run(self, live: dict[str, int | None], keep: set[str]) -> None:
         """Run the nodes not yet live; free each input after its last reader unless ``keep`` holds it."""
-        t = self.trace
-        for i, n in enumerate(self.nodes):
+        alloc, free = self.trace.alloc, self.trace.free
+        for n, dying in zip(self.nodes, self.dying):
             if n.name not in live:
-                live[n.name] = t.alloc(n.nbytes)
-            for name in set(n.inputs):
-                if self.last_use[name] == i and name not in keep and name in live:
-                    t.free(live.pop(name))
+                live[n.name] = alloc(n.nbytes)
+            for name in dying:
+                if name not in keep and name in live:
+                    free(live.pop(name))
 
     def forward(self, x: int | None) -> tuple[int | None, dict[str, int | None]]:
         """Returns the output (the caller's) and what the block keeps for its backward (the input included)."""
@@ -234,41 +242,38 @@ class BlockRunner:
                  weight_grads: list[int | None]) -> int | None:
         """Consumes ``kept`` and ``dout``; appends the bf16 weight gradients; returns the input's gradient."""
         t = self.trace
+        alloc, free = t.alloc, t.free
         live = dict(kept)
         if self.recompute:
             self._run(live, self.needed)
-            t.free(live.pop("out", None))
+            free(live.pop("out", None))
         grads: dict[str, int | None] = {"out": dout}
         for i in range(len(self.nodes) - 1, -1, -1):
             n = self.nodes[i]
             g = grads.pop(n.name, None)
             if n.weight:
-                weight_grads.append(t.alloc(2 * n.weight))
-            scratch = []
-            if n.name == "attention":  # flash attention's fp32 dq accumulator
-                scratch.append(t.alloc(2 * n.nbytes))
-            elif n.name in MATMULS and any(x.endswith(".fp8") for x in n.inputs):
-                scratch.append(t.alloc(n.nbytes / 2))  # the output gradient cast to fp8
-            for name in dict.fromkeys(n.inputs):
-                contribution = t.ref(g) if n.passthrough else t.alloc(self.size[name])
+                weight_grads.append(alloc(2 * n.weight))
+            scratch = [alloc(nbytes) for nbytes in self.scratch[i]]
+            for name in self.grad_inputs[i]:
+                contribution = t.ref(g) if n.passthrough else alloc(self.size[name])
                 if name not in grads:
                     grads[name] = contribution
                     continue
                 # autograd adds in place only into a buffer nobody else holds (a received gradient is held by
                 # the pipeline stage): otherwise the sum is a new tensor
                 if t.shared(grads[name]):
-                    total = t.alloc(self.size[name])
-                    t.free(grads[name])
+                    total = alloc(self.size[name])
+                    free(grads[name])
                     grads[name] = total
-                t.free(contribution)
+                free(contribution)
             for key in scratch:
-                t.free(key)
-            t.free(g)
-            for name in set(n.saves):
-                if self.first_saver[name] == i and name in live:
-                    t.free(live.pop(name))
+                free(key)
+            free(g)
+            for name in self.released[i]:
+                if name in live:
+                    free(live.pop(name))
         for name, key in live.items():
             if name != "x":
-                t.free(key)
-        t.free(live.get("x"))
+                free(key)
+        free(live.get("x"))
         return grads.pop("x", None)
