@@ -273,3 +273,12 @@ def test_torch_orders_interleaved_1f1b_without_megatrons_all_forward_case():
     for m in (8, 12):  # no difference beyond m = p
         assert build("interleaved-1f1b", 4, m, 2).ops == build("interleaved-1f1b", 4, m, 2, runtime="torch").ops
     assert build("1f1b", 4, 4).ops == build("1f1b", 4, 4, runtime="torch").ops
+
+
+def test_cli_simulates_torchs_order_of_interleaved_1f1b(capsys):
+    peaks = {}
+    for order in ("megatron", "torch"):
+        assert main(["schedule", "simulate", "interleaved-1f1b", "-p", "4", "-m", "4", "--order", order,
+                     "--json"]) == 0
+        peaks[order] = json.loads(capsys.readouterr().out)["peak_activations"]
+    assert peaks == {"megatron": [8, 8, 8, 8], "torch": [8, 8, 7, 5]}  # torch's last ranks alternate earlier

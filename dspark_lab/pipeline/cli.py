@@ -20,6 +20,12 @@ def _shape_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunks", "-v", type=int, default=None, help="stage copies per rank (default per schedule)")
 
 
+def _order_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--order", choices=("megatron", "torch"), default="megatron",
+                        help="whose op order: megatron (the paper's, default) or torch (torch.distributed.pipelining's;"
+                             " differs for interleaved-1f1b with micro-batches = ranks)")
+
+
 def _cost_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cost-f", type=float, default=1.0, help="forward cost per chunk")
     parser.add_argument("--cost-b", type=float, default=1.0, help="backward cost for input grads (excludes W)")
@@ -35,7 +41,7 @@ def _prepare(args, for_show: bool = False):
     limits, max_slots = (commands.SHOW_LIMITS, commands.SHOW_MAX_SLOTS) if for_show else (
         commands.LIMITS, commands.MAX_SLOTS)
     schedule = commands.build_schedule(args.name, args.ranks, args.microbatches, args.chunks, limits=limits,
-                                       max_slots=max_slots)
+                                       max_slots=max_slots, order=args.order)
     f, b, w, table = args.cost_f, args.cost_b, args.cost_w, {}
     if getattr(args, "costs_from", None):
         from dspark_lab.trace.costs import read_costs
@@ -53,12 +59,14 @@ def add_parsers(subparsers, common) -> None:
 
     sim = verbs.add_parser("simulate", parents=[common], help="simulate a schedule with per-op costs")
     _shape_options(sim)
+    _order_option(sim)
     _cost_options(sim)
     sim.add_argument("--timeline", action="store_true", help="include per-op start/end times in --json")
     sim.set_defaults(func=lambda a: _commands().simulate_report(*_prepare(a), timeline=a.timeline))
 
     show = verbs.add_parser("show", parents=[common], help="draw the timeline (HTML with bokeh, and PNG)")
     _shape_options(show)
+    _order_option(show)
     _cost_options(show)
     show.add_argument("--out", default=None, help="file stem for .html and .png (default schedule-NAME-pP-mM)")
     show.set_defaults(func=lambda a: _commands().show_report(*_prepare(a, for_show=True), out=a.out))

@@ -36,13 +36,14 @@ def check_sizes(limits: dict[str, int], max_slots: int, **sizes: int) -> None:
 
 
 def build_schedule(name: str, ranks: int, microbatches: int, chunks: int | None = None, *,
-                   limits: dict[str, int] = LIMITS, max_slots: int = MAX_SLOTS) -> Schedule:
-    """The schedule ``name`` for the sizes given, each bounded (:data:`LIMITS`); DSparkError in one line."""
+                   limits: dict[str, int] = LIMITS, max_slots: int = MAX_SLOTS, order: str = "megatron") -> Schedule:
+    """The schedule ``name`` for the sizes given, each bounded (:data:`LIMITS`), in ``order`` (``megatron``, the
+    paper's, or ``torch``, torch.distributed.pipelining's); DSparkError in one line."""
     if name in SCHEDULES:  # an unknown name gets build's error, which lists the schedules
         check_sizes(limits, max_slots, ranks=ranks, microbatches=microbatches,
                     chunks=default_chunks(name) if chunks is None else chunks)
     try:
-        return build(name, ranks, microbatches, chunks)
+        return build(name, ranks, microbatches, chunks, runtime=order)
     except ValueError as exc:
         raise DSparkError(str(exc)) from None
 
