@@ -96,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("allocator_replay: --device cuda: no CUDA device here", file=sys.stderr)
             return 2
+        try:
+            torch.zeros(1, device="cuda")
+        except Exception as exc:  # a broken driver or build: say so before any trace is written
+            print(f"allocator_replay: --device cuda: CUDA cannot allocate ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0] if str(exc) else ''})", file=sys.stderr)
+            return 2
     worst = 0.0
     for name, rank in ROWS.items():
         events = trace_of(name, rank)

@@ -108,30 +108,21 @@ TITAN_LAYOUTS = {
 
 
 @pytest.mark.frameworks
-def test_torchtitan_fsdp2_runs_unchanged_under_dspark_lab_run(tmp_path):
-    """The launch path alone (loopback rendezvous, bootstrap, records): same losses as plain torchrun."""
-    pytest.importorskip("torchtitan", reason=EXTRA)
-    args = [*TITAN_LAYOUTS["fsdp2"], "--training.steps=6", f"--job.dump_folder={tmp_path}"]
-    plain = plain_torchrun([TITAN, *args], nproc=2)
-    job = launch_background(str(TITAN), args, nproc=2, name="titan-plain")
-    assert job.wait(240) == 0
-    output = (job.run_dir.path / "output.log").read_text()
-    expected = losses(plain.stdout + plain.stderr, TITAN_STEP)
-    assert len(expected) == 6 and losses(output, TITAN_STEP) == expected
-    assert job.run_dir.info()["state"] == "finished"
-
-
-@pytest.mark.frameworks
 @pytest.mark.parametrize("layout", sorted(TITAN_LAYOUTS))
 def test_torchtitan_checkpointing_live_matches_plain_torchrun(layout, tmp_path):
+    """Under ``dspark-lab run`` (loopback rendezvous, bootstrap, records) torchtitan's losses are plain torchrun's
+    to the bit until the live change, and within 1e-6 after it."""
     pytest.importorskip("torchtitan", reason=EXTRA)
     args = [*TITAN_LAYOUTS[layout], f"--training.steps={TITAN_STEPS}", f"--job.dump_folder={tmp_path}"]
     report, output, run_dir = run_live(TITAN, args, nproc=2, change="memory.activation_checkpointing=full")
-    assert_changed_live(report, run_dir, TITAN_STEPS)  # first, so a run that cannot pass yet ends early
+    step = assert_changed_live(report, run_dir, TITAN_STEPS)  # first, so a run that cannot pass yet ends early
+    assert run_dir.info()["state"] == "finished"
     plain = plain_torchrun([TITAN, *args], nproc=2)
     expected = losses(plain.stdout + plain.stderr, TITAN_STEP)
     assert len(expected) == TITAN_STEPS
-    assert losses(output, TITAN_STEP) == pytest.approx(expected, rel=1e-6)
+    ours = losses(output, TITAN_STEP)
+    assert {k: v for k, v in ours.items() if k < step} == {k: v for k, v in expected.items() if k < step}
+    assert ours == pytest.approx(expected, rel=1e-6)
 
 
 
