@@ -40,14 +40,32 @@ def test_best_fit_takes_the_smallest_cached_block_that_fits():
     assert a.reserved == before
 
 
-def test_a_remainder_of_at_most_1_mib_is_not_split_off_a_large_block():
+def test_under_expandable_segments_any_remainder_of_512_bytes_is_split_off():
+    """``should_split`` with expandable segments: ``remaining >= kMinBlockSize`` in both pools (without them the
+    large pool would keep a remainder of up to 1 MiB inside the block)."""
     a = CachingAllocator()
     a.malloc("a", 20 * MB)
     a.malloc("sep", 2 * MB)
     a.free("a")
-    a.malloc("b", 19 * MB + 512)  # 20 MiB block, remainder under 1 MiB: the whole block is given
-    assert a.live["b"][2] == 20 * MB
-    assert a.allocated == 22 * MB
+    a.malloc("b", 20 * MB - 512)
+    assert a.live["b"][2] == 20 * MB - 512 and a.allocated == 22 * MB - 512
+    a.malloc("c", 300)  # small pool
+    assert a.live["c"][2] == 512
+
+
+def test_the_growable_last_block_is_taken_only_when_no_other_cached_block_fits():
+    """get_free_block counts the last mapped block as large as what it could grow into: a larger block elsewhere
+    wins over it even where the last block would be the best fit."""
+    a = CachingAllocator()
+    a.malloc("a", 30 * MB)
+    a.malloc("sep", 2 * MB)
+    a.malloc("b", 8 * MB)  # the segment is 40 MiB mapped: 30 + 2 + 8
+    a.free("a")  # 30 MiB free at the start; the last block (b) is in use
+    a.free("b")  # now 8 MiB free at the end, growable
+    a.malloc("c", 6 * MB)  # fits both; best fit would be the 8 MiB last block, but the 30 MiB one is taken
+    assert a.live["c"][1] == 0
+    a.malloc("d", 30 * MB)  # nothing else fits: the last block grows (8 MiB there, 22 more mapped in 2 pages)
+    assert a.live["d"][1] == 32 * MB and a.reserved == 80 * MB
 
 
 def test_freed_neighbours_merge_so_a_larger_request_fits_without_growing():

@@ -1,15 +1,17 @@
 """A model of PyTorch's CUDA caching allocator with expandable segments, to turn an allocation trace into the
 memory a job *reserves*, which is what ``torch.cuda.max_memory_reserved()`` and torchtitan's memory column report.
 
-The rules follow c10/cuda/CUDACachingAllocator.cpp (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``, which
-torchtitan's launch script sets): requests are rounded up to 512 bytes; requests of at most 1 MiB come from the small
-pool, larger ones from the large pool; each pool (per stream) is one virtual segment that grows at its end in pages
-of 2 MiB (small) or 20 MiB (large); a request takes the smallest cached free block that fits (best fit, lowest address
-among equals) and splits off the rest when more than 1 MiB (large pool) or 512 bytes (small pool) would remain; when
-no cached block fits, the segment maps just enough new pages after its last block, reusing that block if it is free;
-a freed block merges with free neighbours and stays mapped (cached) until ``empty_cache``. So a freed block in the
-middle of the segment serves only requests that fit in it, and the segment's mapped size, not the bytes allocated,
-is what the device holds. Streams are not modelled: give one stream's trace (the default stream's).
+The rules follow c10/cuda/CUDACachingAllocator.cpp with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``, which
+torchtitan's launch script sets: requests are rounded up to 512 bytes; requests of at most 1 MiB come from the small
+pool, larger ones from the large pool; each pool (per stream) is one virtual segment that is mapped from its start
+in pages of 2 MiB (small) or 20 MiB (large). ``get_free_block`` takes the smallest cached free block that fits (the
+lowest address among equals), except that the last mapped block, whose unmapped rest it could grow into, counts as
+that large, so any other fitting block is taken first; a block is split when at least 512 bytes would remain
+(``should_split`` under expandable segments, both pools). When no cached block fits, ``try_allocate_expandable_block``
+maps just enough pages after the last mapped block, merging it in if it is free. A freed block merges with its free
+neighbours and stays mapped (cached) until ``empty_cache`` or an allocation that would otherwise fail. So a freed
+block in the middle of the segment serves only requests that fit in it, and the segment's mapped size, not the bytes
+allocated, is what the device holds. Streams are not modelled: give one stream's trace (the default stream's).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ class ExpandableSegment:
     """One pool's segment: blocks by address, cached free blocks ordered by (size, address), the mapped end."""
 
     page: int
-    min_split: int  # a remainder must exceed this to be split off
     blocks: dict[int, int] = field(default_factory=dict)  # address -> size, allocated or free
     free: list[tuple[int, int]] = field(default_factory=list)  # sorted (size, address) of free blocks
     free_by_end: dict[int, int] = field(default_factory=dict)  # end address -> address, free blocks
@@ -55,6 +56,8 @@ class ExpandableSegment:
         """Place a rounded request; return (address, block size given)."""
         free = self.free
         i = bisect.bisect_left(free, (size, -1))
+        if i < len(free) and free[i][1] + free[i][0] == self.mapped and i + 1 < len(free):
+            i += 1  # the growable last block counts as larger than any other that fits
         if i < len(free):
             have, addr = free.pop(i)
             del self.free_by_end[addr + have]
@@ -66,7 +69,7 @@ class ExpandableSegment:
             if self.mapped > self.peak_mapped:
                 self.peak_mapped = self.mapped
             have += grow
-        if have - size > self.min_split:
+        if have - size >= MIN_BLOCK:  # should_split, expandable segments
             self._put(addr + size, have - size)
             have = size
         self.blocks[addr] = have
@@ -91,7 +94,7 @@ class CachingAllocator:
     """Replays ``malloc(key, nbytes)`` / ``free(key)`` and tracks allocated and reserved (mapped) bytes."""
 
     def __init__(self) -> None:
-        self.pools = (ExpandableSegment(SMALL_PAGE, MIN_BLOCK - 1), ExpandableSegment(LARGE_PAGE, SMALL_REQUEST))
+        self.pools = (ExpandableSegment(SMALL_PAGE), ExpandableSegment(LARGE_PAGE))
         self.live: dict[object, tuple[int, int, int]] = {}  # key -> (pool, address, block size)
         self.allocated = 0
         self.peak_allocated = 0
