@@ -7,6 +7,7 @@ tests/real_jobs/titan_cpu.py), Hugging Face ``Trainer`` and Lightning DDP. The f
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -156,6 +157,13 @@ def test_tune_keeps_a_torchtitan_fsdp2_job_under_a_memory_cap_and_loses_no_step(
 
 STEP = r"^step (\d+) loss ([\d.]+)$"
 FRAMEWORK_STEPS = 30
+LIGHTNING_ARGS = ("--devices", "2", "--steps", str(FRAMEWORK_STEPS), "--step-sleep", "0.05")
+
+
+@functools.lru_cache(maxsize=None)
+def plain_lightning_losses() -> dict[int, float]:
+    """The Lightning job's losses under plain torchrun, run once for the tests below that compare with it."""
+    return losses(plain_torchrun([JOBS / "lightning_ddp.py", *LIGHTNING_ARGS], nproc=2).stdout, STEP)
 
 
 @pytest.mark.frameworks
@@ -175,11 +183,10 @@ def test_hf_trainer_checkpointing_live_matches_plain_torchrun(tmp_path):
 def test_lightning_ddp_checkpointing_live_matches_plain_torchrun():
     pytest.importorskip("lightning", reason=EXTRA)
     script = JOBS / "lightning_ddp.py"
-    args = ["--devices", "2", "--steps", str(FRAMEWORK_STEPS), "--step-sleep", "0.05"]
-    plain = plain_torchrun([script, *args], nproc=2)
-    report, output, run_dir = run_live(script, args, nproc=2, change="memory.activation_checkpointing=full")
+    report, output, run_dir = run_live(script, list(LIGHTNING_ARGS), nproc=2,
+                                       change="memory.activation_checkpointing=full")
     assert_changed_live(report, run_dir, FRAMEWORK_STEPS)
-    expected = losses(plain.stdout, STEP)
+    expected = plain_lightning_losses()
     assert len(expected) == FRAMEWORK_STEPS and losses(output, STEP) == pytest.approx(expected, rel=1e-6)
 
 
@@ -188,7 +195,7 @@ def test_lightning_ddp_checkpointing_live_matches_plain_torchrun():
 def test_lightning_ddp_grad_sync_bf16_keeps_training_close_to_plain(when):
     pytest.importorskip("lightning", reason=EXTRA)
     script = JOBS / "lightning_ddp.py"
-    args = ["--devices", "2", "--steps", str(FRAMEWORK_STEPS), "--step-sleep", "0.05"]
+    args = list(LIGHTNING_ARGS)
     if when == "live":
         report, output, run_dir = run_live(script, args, nproc=2, change="comm.grad_sync=bf16", at_step=1)
         assert report.data["state"] == "applied" and 1 < report.data["step"] < FRAMEWORK_STEPS
@@ -198,7 +205,7 @@ def test_lightning_ddp_grad_sync_bf16_keeps_training_close_to_plain(when):
         assert job.wait(240) == 0, (job.run_dir.path / "output.log").read_text()[-3000:]
         output, run_dir, exact_until = (job.run_dir.path / "output.log").read_text(), job.run_dir, 1
     assert not [e for e in run_dir.events() if e["kind"] == "error"]
-    expected = losses(plain_torchrun([script, *args], nproc=2).stdout, STEP)
+    expected = plain_lightning_losses()
     got = losses(output, STEP)
     assert [got[s] for s in range(exact_until)] == [expected[s] for s in range(exact_until)]
     assert got == pytest.approx(expected, rel=2e-2)  # bf16 gradients with error feedback: lossy, close
