@@ -111,7 +111,7 @@ class Recorder(TorchDispatchMode):
 
 
 DIM, HEADS, KV, FFN, SEQ, BATCH = 256, 4, 2, 512, 256, 2
-SMALL = Shape(s=SEQ, b=BATCH, h=DIM, t=1, sp=False, heads=HEADS, kv_ratio=KV / HEADS, ffn=FFN, swiglu=True,
+SMALL = Shape(s=SEQ, b=BATCH, h=DIM, t=1, sp=False, kv_ratio=KV / HEADS, ffn=FFN, swiglu=True,
               fused=False, fp8=False)
 
 
@@ -180,7 +180,7 @@ def _kept_bytes(shape: Shape, recompute: str) -> float:
 
 @pytest.mark.parametrize("t,sp,swiglu", [(1, False, True), (8, True, True), (4, True, False), (2, False, False)])
 def test_op_level_ac_keeps_what_memory_op_sac_bytes_counts(t, sp, swiglu):
-    shape = Shape(s=4096, b=2, h=4096, t=t, sp=sp, heads=32, kv_ratio=0.25, ffn=14336, swiglu=swiglu, fused=True,
+    shape = Shape(s=4096, b=2, h=4096, t=t, sp=sp, kv_ratio=0.25, ffn=14336, swiglu=swiglu, fused=True,
                   fp8=False)
     expected = memory.op_sac_bytes(4096, 2, 4096, t, sp, 0.25, 14336, swiglu)
     assert _kept_bytes(shape, "selective-op") == pytest.approx(expected, rel=1e-9)
@@ -189,7 +189,7 @@ def test_op_level_ac_keeps_what_memory_op_sac_bytes_counts(t, sp, swiglu):
 
 
 def test_fp8_matmuls_keep_their_one_byte_input_casts():
-    bf16 = Shape(s=4096, b=1, h=4096, t=1, sp=False, heads=32, kv_ratio=0.25, ffn=14336, swiglu=True, fused=True,
+    bf16 = Shape(s=4096, b=1, h=4096, t=1, sp=False, kv_ratio=0.25, ffn=14336, swiglu=True, fused=True,
                  fp8=False)
     fp8 = Shape(**{**{f: getattr(bf16, f) for f in bf16.__slots__}, "fp8": True})
     sbh, f = 4096 * 4096, 4096 * 14336
@@ -202,7 +202,7 @@ def test_fp8_matmuls_keep_their_one_byte_input_casts():
 # --- one rank's steps ------------------------------------------------------------------------------------------
 
 def _spec(**overrides) -> RankSpec:
-    shape = Shape(s=8192, b=4, h=16384, t=8, sp=True, heads=128, kv_ratio=1 / 16, ffn=53248, swiglu=True,
+    shape = Shape(s=8192, b=4, h=16384, t=8, sp=True, kv_ratio=1 / 16, ffn=53248, swiglu=True,
                   fused=True, fp8=True)
     base = dict(shape=shape, stage_layers=(3, 4, 4, 3), ops=(), microbatches=4, block_params=3.2e9 / 8,
                 embedding_params=128256 * 16384 / 8, output_params=128256 * 16384 / 8, vocab=128256 / 8, zero=2,
@@ -340,3 +340,24 @@ def test_a_torchtitan_layout_on_megatrons_pipeline_or_without_fsdp_is_predicted(
     for change in ({"pp_runtime": "megatron"}, {"zero": 1}, {"recompute": "selective-op", "kernels": "eager"}):
         mem = predict({**cfg, "layout": {**cfg["layout"], **change}})["memory_gb"]
         assert mem["allocator"] >= 0 and mem["total"] == pytest.approx(sum(v for k, v in mem.items() if k != "total"))
+
+
+def test_the_replay_is_bounded_however_many_micro_batches_or_layers_a_config_names():
+    """A user can ask for any micro-batch count: the replay runs at most TRACE_PASSES block passes per rank and step
+    (a multiple of 2p micro-batches, which every schedule accepts), and none where one rank alone is deeper."""
+    import time
+
+    from dspark_lab.planner.rank_memory import TRACE_PASSES, traced_microbatches
+
+    assert traced_microbatches(8, 8, 16) == 8  # within the bound: all of them
+    for m, p, blocks in ((100_000, 1, 32), (4096, 8, 16), (513, 4, 33)):
+        traced = traced_microbatches(m, p, blocks)
+        assert traced * blocks <= TRACE_PASSES < m * blocks and traced % (2 * p) == 0 and traced >= 2 * p
+    assert traced_microbatches(4, 1, 600) is None
+    cfg = {"model": "llama3-8b", "cluster": {"gpu": "nvidia-h100", "gpus": 8},
+           "layout": {"tp": 1, "pp": 1, "dp": 8, "micro_batch": 1, "global_batch": 8 * 100_000,
+                      "framework": "torchtitan"}}
+    start = time.perf_counter()
+    pred = predict(cfg)
+    assert pred["microbatches"] == 100_000 and pred["memory_gb"]["allocator"] > 0
+    assert time.perf_counter() - start < 20

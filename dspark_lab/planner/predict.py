@@ -306,7 +306,7 @@ def predict_inputs(inp: Inputs, manager=None, allocator: bool = True) -> dict[st
     }
 
 
-def rank_trace_spec(config: Any, rank: int) -> step_trace.RankSpec:
+def rank_trace_spec(config: Any, rank: int) -> step_trace.RankSpec | None:
     """What the memory prediction traces for pipeline rank ``rank`` of a config (to replay it elsewhere: the
     allocator benchmark replays it through PyTorch's allocator)."""
     inp = parse(config)

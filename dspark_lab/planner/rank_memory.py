@@ -12,6 +12,17 @@ from dspark_lab.planner.model import block_trace, flops, liveness, memory, step_
 from dspark_lab.planner.model.config import Layout, ModelConfig
 
 OTHER_GB = 3.0  # CUDA context, NCCL and cuBLAS workspaces
+TRACE_PASSES = 1024  # block passes (micro-batches x blocks) one rank's replay writes per step: about a second
+
+
+def traced_microbatches(m: int, p: int, blocks: int) -> int | None:
+    """How many micro-batches the allocator's replay runs: all ``m`` where ``m x blocks`` is within
+    :data:`TRACE_PASSES`, else the most that are, as a multiple of ``2p`` (every schedule takes that many); None
+    where even ``2p`` micro-batches of one rank's ``blocks`` exceed it (the replay is skipped)."""
+    if m * blocks <= TRACE_PASSES:
+        return m
+    fit = TRACE_PASSES // blocks // (2 * p) * (2 * p)
+    return fit if fit >= 2 * p else None
 
 
 def block_params(model: ModelConfig, counts, starts, rank_stages, t: int, e: int) -> float:
@@ -161,18 +172,23 @@ def fullest_rank(model, lay: Layout, counts, starts, m: int, chunks: int, dev: D
         for r in {0, p - 1, max(range(p), key=lambda x: per_rank[x]["total"])}:
             gb = per_rank[r]
             room = dev.memory_gb - gb["total"]
-            if room > 0:
-                held = step_trace.reserved_overhead(rank_spec(model, lay, counts, m, r, sp), lay.recompute) / 1e9
+            spec = rank_spec(model, lay, counts, m, r, sp) if room > 0 else None
+            if spec is not None:
+                held = step_trace.reserved_overhead(spec, lay.recompute) / 1e9
                 gb["allocator"] = min(held, room)
                 gb["total"] += gb["allocator"]
     return max(per_rank, key=lambda gb: gb["total"])
 
 
-def rank_spec(model: ModelConfig, lay: Layout, counts, m: int, rank: int, sp: bool) -> step_trace.RankSpec:
-    """What :mod:`~dspark_lab.planner.model.step_trace` needs to write one rank's allocations."""
+def rank_spec(model: ModelConfig, lay: Layout, counts, m: int, rank: int, sp: bool) -> step_trace.RankSpec | None:
+    """What :mod:`~dspark_lab.planner.model.step_trace` needs to write one rank's allocations, over
+    :func:`traced_microbatches` of the step's ``m``; None where one rank is too deep to replay."""
     t, p, v = lay.tp, lay.pp, lay.vpp
+    m = traced_microbatches(m, p, -(-model.layers // p))
+    if m is None:
+        return None
     shape = block_trace.Shape(s=model.seq_len // lay.cp, b=lay.micro_batch, h=model.hidden, t=t, sp=sp,
-                             heads=model.heads, kv_ratio=model.kv_heads / model.heads, ffn=model.ffn_hidden,
+                             kv_ratio=model.kv_heads / model.heads, ffn=model.ffn_hidden,
                              swiglu=model.ffn_kind == "swiglu", fused=lay.kernels == "fused",
                              fp8=lay.precision == "fp8", cp=lay.cp)
     if p > 1:

@@ -100,7 +100,7 @@ class CachingAllocator:
         self.peak_allocated = 0
 
     def malloc(self, key: object, nbytes: int) -> None:
-        size = max(MIN_BLOCK, -(-nbytes // MIN_BLOCK) * MIN_BLOCK)  # round_size, inlined: this runs per request
+        size = round_size(nbytes)
         pool = int(size > SMALL_REQUEST)
         addr, given = self.pools[pool].allocate(size)
         self.live[key] = (pool, addr, given)

@@ -49,7 +49,6 @@ class Shape:
     h: int
     t: int
     sp: bool
-    heads: int
     kv_ratio: float
     ffn: int
     swiglu: bool
