@@ -1,7 +1,7 @@
 """The planner's caching-allocator model against PyTorch's own CUDA caching allocator, on the same allocation trace.
 
 For torchtitan's published rows (benchmarks/planner_accuracy.py's torchtitan source), the planner writes one
-pipeline rank's allocations through three training steps (``planner/model/step_trace.py``) and replays them
+pipeline rank's allocations through two training steps (``planner/model/step_trace.py``) and replays them
 through its model of the allocator (``planner/model/allocator.py``). With ``--device cuda`` the same trace is
 replayed through PyTorch's allocator itself (``torch.empty`` for each allocation, ``del`` for each free, with
 ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` as torchtitan launches), and the peaks are printed side by side

@@ -361,3 +361,28 @@ def test_the_replay_is_bounded_however_many_micro_batches_or_layers_a_config_nam
     pred = predict(cfg)
     assert pred["microbatches"] == 100_000 and pred["memory_gb"]["allocator"] > 0
     assert time.perf_counter() - start < 20
+
+
+@pytest.mark.parametrize("name,change", [
+    ("T5 405B 1F1B", {}),
+    ("T5 405B interleaved", {}),
+    ("T1 8B FSDP8", {}),
+    ("T1 8B FSDP8", {"tp": 2, "pp": 2, "dp": 2, "vpp": 2, "micro_batch": 1, "global_batch": 16, "zero": 2}),
+])
+def test_a_third_step_moves_no_replay_peak(name, change):
+    """The replay runs ``STEPS`` (two) steps: the second is the first with Adam's moments. Were fragmentation still
+    growing there, a third step would raise the peak reserved on some of these (1F1B, interleaved, no pipeline)."""
+    from dspark_lab.planner.model.allocator import CachingAllocator
+    from dspark_lab.planner.model.step_trace import STEPS
+    from dspark_lab.planner.predict import rank_trace_spec
+
+    cfg = _row(name)
+    cfg = {**cfg, "layout": {**cfg["layout"], **change}}
+    last = cfg["layout"].get("pp", 1) - 1
+    spec = rank_trace_spec(cfg, last)
+    peaks = []
+    for steps in (STEPS, STEPS + 1):
+        allocator = CachingAllocator()
+        allocator.replay(RankStep(spec).run(cfg["layout"]["recompute"], steps).events)
+        peaks.append((allocator.peak_reserved, allocator.peak_allocated))
+    assert STEPS == 2 and peaks[0] == peaks[1]
