@@ -139,3 +139,29 @@ def test_record_and_control_verbs_never_import_torch(records):
     assert ("POST", "/set", {"comm.grad_sync": "ring"}) in _StandIn.calls
     assert ("GET", "/status") in _StandIn.calls and ("GET", "/policies") in _StandIn.calls
     assert "applied at step 9" in done.stdout and "20260101-000000-aaaaaa" in done.stdout
+
+
+def test_planning_verbs_load_every_plugin_without_importing_torch(tmp_path):
+    """``plan`` and ``schedule simulate`` read backends' specs through the plugin manager, which imports every
+    installed plugin (the built-in policies and the example third-party backend included): none may import torch
+    at import time, only in the hooks that act on a job."""
+    config = tmp_path / "layout.json"
+    config.write_text(json.dumps({"model": "llama3-8b", "cluster": {"gpu": "nvidia-h100", "gpus": 8},
+                                  "layout": {"tp": 1, "pp": 1, "dp": 8, "micro_batch": 1, "global_batch": 8}}))
+    verbs = [["plan", "predict", str(config), "--json"],
+             ["plan", "search", "--model", "llama3-8b", "--gpu", "nvidia-h100", "--gpus", "8", "--global-batch",
+              "64", "--top", "1", "--json"],
+             ["schedule", "simulate", "1f1b", "--ranks", "4", "--microbatches", "8"]]
+    code = ("import json, sys\n"
+            "from dspark_lab.cli import main\n"
+            "from dspark_lab.plugins import make_manager\n"
+            f"codes = [main(argv) for argv in {verbs!r}]\n"
+            "names = sorted(name for name, _ in make_manager().pm.list_name_plugin())\n"
+            f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
+            "print(json.dumps({'codes': codes, 'plugins': names, 'heavy': heavy}))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["codes"] == [0, 0, 0] and result["heavy"] == [], result
+    assert "policies" in result["plugins"]  # the built-in policies plugin was loaded, so the check covers it
+    assert '"step_time_s"' in done.stdout and '"kind": "plan.search"' in done.stdout

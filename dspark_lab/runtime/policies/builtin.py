@@ -2,10 +2,15 @@
 
 Memory: ``memory.activation_checkpointing``, ``memory.activation_offload``, ``memory.reshard_after_forward``
 (FSDP2's ``reshard_after_forward``, switched through ``FSDPModule.set_reshard_after_forward``). Communication:
-``comm.grad_sync``, ``comm.bucket_mb`` (launch-only). Compute: ``compute.threads``. Scheduling: ``sched.pipeline``, ``moe.placement`` with its
-interval, window and move cost. How each is applied lives in :mod:`.memory`, :mod:`.comm`, :mod:`.sched` and :mod:`.moe`; this module
-only says which keys exist, when a change must be refused, and routes an apply to the right function. Their
-per-job state lives in ``job.state`` ("comm", "moe", "pipeline"), made by :func:`dspark_job_started`.
+``comm.grad_sync``, ``comm.bucket_mb`` (launch-only). Compute: ``compute.threads``. Scheduling: ``sched.pipeline``,
+``moe.placement`` with its interval, window and move cost. How each is applied lives in :mod:`.memory`,
+:mod:`.comm`, :mod:`.sched` and :mod:`.moe`; this module only says which keys exist, when a change must be refused,
+and routes an apply to the right function. Their per-job state lives in ``job.state`` ("comm", "moe", "pipeline"),
+made by :func:`dspark_job_started`.
+
+The allowed values come from :mod:`.choices`; :mod:`.memory`, :mod:`.comm` and :mod:`.moe` import torch, so they are
+imported in the hooks that act on a job, not here: every verb loads this plugin (``plan predict`` reads backends'
+specs through the same manager), and only the verbs that run a job should pay torch's start-up.
 """
 
 from __future__ import annotations
@@ -13,13 +18,14 @@ from __future__ import annotations
 from dspark_lab import hookimpl
 from dspark_lab.errors import DSparkError, PolicyError
 from dspark_lab.policy import PolicySpec
-from dspark_lab.runtime.policies import comm, compute, memory, moe, sched
+from dspark_lab.runtime.policies import compute, sched
+from dspark_lab.runtime.policies.choices import CHECKPOINTING, COMPRESSED, GRAD_SYNC, OFFLOAD, PLACEMENT
 
 SPECS = (
-    PolicySpec(key="memory.activation_checkpointing", type="enum", choices=memory.CHECKPOINTING, default="none",
+    PolicySpec(key="memory.activation_checkpointing", type="enum", choices=CHECKPOINTING, default="none",
                doc="recompute the forward of all / every 2nd / every 4th repeated block during backward "
                    "instead of keeping its activations"),
-    PolicySpec(key="memory.activation_offload", type="enum", choices=memory.OFFLOAD, default="off",
+    PolicySpec(key="memory.activation_offload", type="enum", choices=OFFLOAD, default="off",
                lossy_values=("host-fp8",),
                doc="keep tensors saved for backward in host buffers (host-fp8: as FP8 e4m3 with 1x128 tile "
                    "scales, ~4x fewer bytes, lossy)"),
@@ -27,8 +33,8 @@ SPECS = (
                doc="FSDP2: free each block's gathered weights after its forward and gather them again for "
                    "backward (true, ZeRO-3-like) or keep them until backward (false, ZeRO-2-like: more memory, "
                    "one all-gather fewer per block)"),
-    PolicySpec(key="comm.grad_sync", type="enum", choices=comm.GRAD_SYNC, default="builtin",
-               lossy_values=comm.COMPRESSED, bit_exact=False,
+    PolicySpec(key="comm.grad_sync", type="enum", choices=GRAD_SYNC, default="builtin",
+               lossy_values=COMPRESSED, bit_exact=False,
                doc="collective that reduces DDP gradient buckets (bf16/fp8: compressed with error feedback, lossy)"),
     PolicySpec(key="comm.topology", type="str", default="backend", live=False,
                doc="the link graph comm.grad_sync=packed-trees plans on: backend (what the backend reports), a "
@@ -40,8 +46,9 @@ SPECS = (
     PolicySpec(key="comm.bucket_mb", type="float", min=1, max=1024, default=25.0, live=False, bit_exact=False,
                doc="DDP gradient bucket size in MB (launch-only: DDP builds its buckets once)"),
     PolicySpec(key="sched.pipeline", type="enum", choices=(sched.NONE, *sched.schedule_names()), default=sched.NONE,
-               bit_exact=False, doc="pipeline schedule of the job's pipeline executor; switches keep each rank's stages"),
-    PolicySpec(key="moe.placement", type="enum", choices=moe.PLACEMENT, default="static", bit_exact=False,
+               bit_exact=False,
+               doc="pipeline schedule of the job's pipeline executor; switches keep each rank's stages"),
+    PolicySpec(key="moe.placement", type="enum", choices=PLACEMENT, default="static", bit_exact=False,
                doc="re-place MoE experts from recorded loads: keep them (static), DeepSeek's EPLB, or ours (dspark)"),
     PolicySpec(key="moe.placement_interval", type="int", min=1, max=1_000_000, default=10,
                doc="re-place every this many steps (while moe.placement is not static)"),
@@ -97,7 +104,7 @@ def refusal(job, key: str, value) -> str | None:
             except DSparkError as exc:
                 return f"packed-trees needs a topology: {exc}"
             return None
-        if value not in comm.COMPRESSED + ("builtin",) and value not in job.manager.collective_names(job.backend):
+        if value not in COMPRESSED + ("builtin",) and value not in job.manager.collective_names(job.backend):
             offered = ", ".join(job.manager.collective_names(job.backend))
             return f"backend {job.backend.name} offers no {value!r} collective (offered: {offered})"
     if key == "sched.pipeline":
@@ -105,6 +112,8 @@ def refusal(job, key: str, value) -> str | None:
     if key == "compute.threads":
         return compute.refusal(value)
     if key.startswith("moe."):
+        from dspark_lab.runtime.policies import moe  # imports torch: once a job runs (module docstring)
+
         return moe.refusal(job)
     return None
 
@@ -122,6 +131,8 @@ def observed_values(job) -> dict:
     """Values the script chose itself (read once the first step ran), so `get` shows what is really in force."""
     found = {"sched.pipeline": sched.current(job), "compute.threads": compute.current()}
     if job.fsdp_kind == "fsdp2":
+        from dspark_lab.runtime.policies import memory  # imports torch: once a job runs (module docstring)
+
         setting = memory.reshard_after_forward(job.model)
         if isinstance(setting, bool):
             found["memory.reshard_after_forward"] = setting
@@ -130,6 +141,8 @@ def observed_values(job) -> dict:
 
 @hookimpl
 def dspark_job_started(job):
+    from dspark_lab.runtime.policies import comm, moe  # imports torch: once a job runs (module docstring)
+
     job.state["comm"] = comm.CommState()
     job.state["moe"] = moe.MoEState()
     job.state["pipeline"] = sched.PipelineState()
@@ -137,6 +150,8 @@ def dspark_job_started(job):
 
 @hookimpl
 def dspark_step_end(job, step):
+    from dspark_lab.runtime.policies import moe  # imports torch: once a job runs (module docstring)
+
     return moe.step_end(job, step)
 
 
@@ -152,6 +167,8 @@ def dspark_apply_policy(job, key, value, old):
     reason = refusal(job, key, value)
     if reason:
         raise PolicyError(f"{key}: {reason}")
+    from dspark_lab.runtime.policies import memory  # imports torch: once a job runs (module docstring)
+
     if key == "memory.activation_checkpointing":
         wrapped = memory.set_checkpointing(job.blocks, value, job.activations)
         return f"{len(wrapped)} of {len(job.blocks)} blocks checkpointed"

@@ -26,8 +26,8 @@ import time
 import torch
 import torch.distributed as dist
 
-GRAD_SYNC = ("builtin", "ring", "tree", "packed-trees", "bf16", "fp8")
-COMPRESSED = ("bf16", "fp8")
+from dspark_lab.runtime.policies.choices import COMPRESSED
+
 
 
 class GradSync:

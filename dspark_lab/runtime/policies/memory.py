@@ -31,8 +31,6 @@ from dspark_lab.allocator import HostPool
 from dspark_lab.runtime.discover import fsdp2_groups, fsdp2_modules
 from dspark_lab.runtime.policies.offload import Offloaded, Offloader
 
-CHECKPOINTING = ("none", "full", "every-2", "every-4")
-OFFLOAD = ("off", "host", "host-fp8")
 MIN_OFFLOAD_BYTES = 1 << 14  # tiny tensors (masks, indices, scalars) are not worth a copy
 
 

@@ -6,7 +6,8 @@ docs/runtime.md (router loads out, placement in): ``config.experts``, a ``router
 first element holds the chosen expert per token, ``phy2log`` (slot -> expert), ``experts`` (this rank's slots,
 modules of one shape), ``set_placement(phy2log)`` and ``last_rank_load``. A forward hook
 on each router counts this rank's assignments per expert, on the router's device; each step's counts reach the host
-with the step's loss, one step late (:mod:`dspark_lab.runtime.step_reads`), and the record carries them. Every ``moe.placement_interval`` steps, at the boundary,
+with the step's loss, one step late (:mod:`dspark_lab.runtime.step_reads`), and the record carries them. Every
+``moe.placement_interval`` steps, at the boundary,
 each rank sums its last ``moe.placement_window`` steps of counts, all ranks all-reduce that window (one collective
 per re-placement, none in between), and rank 0 computes the new placement and broadcasts it: DeepSeek's EPLB
 (:mod:`dspark_lab.moe.eplb_reference`) or ours (:func:`dspark_lab.moe.rebalance_experts`, weighing experts moved
@@ -23,7 +24,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-PLACEMENT = ("static", "eplb", "dspark")
 
 
 def moe_layers(model) -> list:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from dspark_example_backend.names import COLLECTIVE
 from dspark_lab.collectives.base import Collective
 
-NAME = "halving_doubling"
+NAME = COLLECTIVE
 
 
 class HalvingDoublingCollective(Collective):

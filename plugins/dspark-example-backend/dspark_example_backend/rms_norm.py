@@ -12,7 +12,9 @@ import functools
 
 import torch
 
-NAME = "rms_norm"
+from dspark_example_backend.names import KERNEL
+
+NAME = KERNEL
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
