@@ -15,7 +15,7 @@ import subprocess
 
 from dspark_lab import hookimpl
 from dspark_lab.allocator import HostPool
-from dspark_lab.backend import Availability, Backend
+from dspark_lab.backend import Availability, Backend, devices_sample
 from dspark_lab.backends import parts
 from dspark_lab.backends.topology import smi_topology
 from dspark_lab.collectives import STANDARD_NAMES, make_standard
@@ -103,14 +103,7 @@ def make_sampler():
                                           amdsmi.AmdSmiTemperatureType.HOTSPOT,
                                           amdsmi.AmdSmiTemperatureMetric.CURRENT),
             })
-        n = max(len(devices), 1)
-        return {
-            "backend": NAME,
-            "utilization_pct": sum(d["utilization_pct"] for d in devices) / n,
-            "memory_used_gb": sum(d["memory_used_gb"] for d in devices),
-            "memory_total_gb": sum(d["memory_total_gb"] for d in devices),
-            "devices": devices,
-        }
+        return devices_sample(NAME, devices)
 
     return sample
 

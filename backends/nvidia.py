@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from dspark_lab import hookimpl
 from dspark_lab.allocator import HostPool
-from dspark_lab.backend import Availability, Backend, DeviceSpec
+from dspark_lab.backend import Availability, Backend, DeviceSpec, devices_sample
 from dspark_lab.backends import parts
 from dspark_lab.collectives import STANDARD_NAMES, make_standard
 
@@ -126,14 +126,7 @@ def make_sampler(backend: str):
                 "link_rx_gb_s": optional(pynvml.nvmlDeviceGetPcieThroughput, handle,
                                          pynvml.NVML_PCIE_UTIL_RX_BYTES, scale=1e-6),
             })
-        n = max(len(devices), 1)
-        return {
-            "backend": backend,
-            "utilization_pct": sum(d["utilization_pct"] for d in devices) / n,
-            "memory_used_gb": sum(d["memory_used_gb"] for d in devices),
-            "memory_total_gb": sum(d["memory_total_gb"] for d in devices),
-            "devices": devices,
-        }
+        return devices_sample(backend, devices)
 
     return sample
 

@@ -75,3 +75,15 @@ class Backend:
             return self.probe()
         except Exception as exc:  # a probe must not take the tool down
             return Availability.no(f"probe raised {type(exc).__name__}: {exc}")
+
+
+def devices_sample(backend: str, devices: list[dict[str, Any]]) -> dict[str, Any]:
+    """A device sampler's answer (``dspark_device_sampler``) from one dict per device: the mean utilization and the
+    summed memory over the devices, with the per-device dicts kept under ``devices``."""
+    return {
+        "backend": backend,
+        "utilization_pct": sum(d["utilization_pct"] for d in devices) / max(len(devices), 1),
+        "memory_used_gb": sum(d["memory_used_gb"] for d in devices),
+        "memory_total_gb": sum(d["memory_total_gb"] for d in devices),
+        "devices": devices,
+    }

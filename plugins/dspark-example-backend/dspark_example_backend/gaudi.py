@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-from dspark_lab.backend import Availability, DeviceSpec
+from dspark_lab.backend import Availability, DeviceSpec, devices_sample
 
 NAME = "intel-gaudi3"
 # Gaudi 3 product names as the bridge and hl-smi print them (OAM HL-325L, PCIe card HL-338), compared upper-case
@@ -36,7 +36,8 @@ def is_gaudi3(name: str) -> bool:
 
 
 def hl_smi(fields: tuple[str, ...]) -> list[list[str]]:
-    """One row per device of ``hl-smi -Q <fields> -f csv,noheader,nounits``; RuntimeError with the reason if it fails."""
+    """One row per device of ``hl-smi -Q <fields> -f csv,noheader,nounits``; RuntimeError with the reason if it
+    fails."""
     path = shutil.which("hl-smi")
     if path is None:
         raise RuntimeError("hl-smi (the Gaudi driver's tool) is not on PATH")
@@ -100,10 +101,4 @@ def sample() -> dict:
             "power_w": _number(power),
             "temperature_c": _number(temp),
         })
-    return {
-        "backend": NAME,
-        "utilization_pct": sum(d["utilization_pct"] for d in devices) / max(len(devices), 1),
-        "memory_used_gb": sum(d["memory_used_gb"] for d in devices),
-        "memory_total_gb": sum(d["memory_total_gb"] for d in devices),
-        "devices": devices,
-    }
+    return devices_sample(NAME, devices)
