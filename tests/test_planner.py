@@ -190,6 +190,25 @@ def test_plan_search_cli_takes_framework_and_fixed_fields(capsys):
     assert cli_main(args[:-1] + ["--with", "precision"]) == 2
     assert "argument --with: expected KEY=VALUE" in capsys.readouterr().err
 
+def test_plan_predict_no_allocator_skips_only_the_replay(capsys, tmp_path):
+    """``--no-allocator``: the same prediction less the allocator's share, and nothing else changed."""
+    from dspark_lab.cli import main as cli_main
+
+    config = tmp_path / "titan.json"
+    config.write_text(json.dumps({"model": "llama3-8b", "cluster": {"gpu": "nvidia-h100", "gpus": 8},
+                                  "layout": {"framework": "torchtitan", "tp": 1, "pp": 1, "dp": 8,
+                                             "micro_batch": 1, "global_batch": 8}}))
+    answers = []
+    for extra in ([], ["--no-allocator"]):
+        assert cli_main(["plan", "predict", str(config), "--json", *extra]) == 0
+        answers.append(json.loads(capsys.readouterr().out)["predictions"][0])
+    full, bare = answers
+    assert full["memory_gb"]["allocator"] > 0 and bare["memory_gb"]["allocator"] == 0
+    assert bare["memory_gb"]["total"] == pytest.approx(full["memory_gb"]["total"] - full["memory_gb"]["allocator"])
+    assert {k: v for k, v in bare.items() if k not in ("memory_gb", "fits")} == \
+        {k: v for k, v in full.items() if k not in ("memory_gb", "fits")}
+
+
 # --- the GPU part table --------------------------------------------------------------------------------------
 
 def test_backend_specs_come_from_the_data_file(manager):

@@ -55,11 +55,14 @@ def add_parsers(subparsers, common) -> None:
 
     predict = verbs.add_parser("predict", parents=[common], help="predict one layout or a JSON array of them")
     predict.add_argument("config", metavar="CONFIG.json", help="{model, cluster, layout} or an array of them")
+    predict.add_argument("--no-allocator", dest="allocator", action="store_false",
+                         help="skip the caching-allocator replay of torchtitan layouts (memory_gb.allocator 0): "
+                              "milliseconds per layout instead of up to about a second, as plan search sweeps")
 
     def run_predict(args):
         from dspark_lab.planner.commands import predict_report
 
-        return predict_report(args.config)
+        return predict_report(args.config, allocator=args.allocator)
 
     predict.set_defaults(func=run_predict)
 

@@ -30,11 +30,12 @@ def _row(pred: dict, extra: dict | None = None) -> dict:
             "bubble_s": pred["breakdown_s"]["pipeline_bubble"]}
 
 
-def predict_report(config_path: str) -> Report:
-    """``plan predict CONFIG.json``: one prediction per input object, in input order."""
+def predict_report(config_path: str, allocator: bool = True) -> Report:
+    """``plan predict CONFIG.json``: one prediction per input object, in input order; ``allocator`` false skips the
+    caching-allocator replay (``--no-allocator``)."""
     from dspark_lab.planner.predict import predict_many
 
-    predictions = predict_many(_load_json(config_path, "CONFIG"))
+    predictions = predict_many(_load_json(config_path, "CONFIG"), allocator=allocator)
     rows = [_row(p, {"#": i}) for i, p in enumerate(predictions)]
     return Report("plan.predict", {"predictions": predictions}, rows=rows,
                   columns=("#", "step_s", "tok/s/gpu", "mfu", "mem_gb", "fits", "bubble_s"),

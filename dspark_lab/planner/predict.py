@@ -316,11 +316,11 @@ def rank_trace_spec(config: Any, rank: int) -> step_trace.RankSpec | None:
     return rank_memory.rank_spec(model, lay, counts, m, rank, lay.sequence_parallel and lay.tp > 1)
 
 
-def predict(config: Any, manager=None) -> dict[str, Any]:
-    return predict_inputs(parse(config), manager)
+def predict(config: Any, manager=None, allocator: bool = True) -> dict[str, Any]:
+    return predict_inputs(parse(config), manager, allocator)
 
 
-def predict_many(configs: Any, manager=None) -> list[dict[str, Any]]:
+def predict_many(configs: Any, manager=None, allocator: bool = True) -> list[dict[str, Any]]:
     items = configs if isinstance(configs, list) else [configs]
     if not items:
         raise DSparkError("config: an empty array; give one object or a non-empty array of them")
@@ -329,7 +329,7 @@ def predict_many(configs: Any, manager=None) -> list[dict[str, Any]]:
     out = []
     for i, item in enumerate(items):
         try:
-            out.append(predict(item, manager))
+            out.append(predict(item, manager, allocator))
         except DSparkError as exc:
             raise DSparkError(f"[{i}] {exc}" if isinstance(configs, list) else str(exc)) from None
     return out
