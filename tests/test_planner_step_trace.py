@@ -320,6 +320,23 @@ def test_the_allocator_benchmark_replays_what_the_planner_predicts_with():
             "allocator_replay: --device cuda: no CUDA device here"]
 
 
+def test_the_latency_benchmark_times_each_layout_with_and_without_the_replay():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "planner_latency.py"
+    done = subprocess.run([sys.executable, str(script), "--per-space", "3"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("9 torchtitan layouts")
+    times = {name: float(m) for name, m in re.findall(r"(with the allocator replay|without).*?max\s+([\d.]+) s",
+                                                     done.stdout)}
+    assert times["with the allocator replay"] > times["without"]  # the replay ran (it is what costs)
+    assert re.search(r"within 1 s with the replay: \d of 9$", done.stdout.strip())
+
+
 @pytest.mark.parametrize("stage", [0, 2])
 def test_without_torch_pipelining_a_stage_keeps_no_boundary_tensors(stage):
     """Megatron's p2p (pp_runtime megatron): each micro-batch's input and output gradient is its own tensor, freed
