@@ -9,7 +9,7 @@ import pytest
 from dspark_lab.backends import amd, cpu, nvidia, parts
 from dspark_lab.errors import DSparkError
 from dspark_lab.planner.model import flops, memory
-from dspark_lab.planner.model.config import ModelConfig
+from dspark_lab.planner.model.config import Layout, ModelConfig
 from dspark_lab.planner.predict import predict, split_layers
 from dspark_lab.planner.presets import PRESETS, PUBLISHED_B, preset
 from dspark_lab.plugins import make_manager
@@ -467,6 +467,28 @@ def test_torch_pipelining_keeps_every_micro_batchs_logits_and_receive_buffers(ma
     one = dict(base, pp=1, dp=2)
     assert predict(config(gpus=2, pp_runtime="torch", **one), manager)["memory_gb"] == \
         predict(config(gpus=2, **one), manager)["memory_gb"]
+
+
+def test_without_returned_outputs_torch_pipelining_keeps_only_receive_buffers_and_input_gradients(manager):
+    """``pp_return_outputs`` false (torchtitan since #1922 calls ``step(return_outputs=False)``): no stage keeps
+    its outputs, so the last stage holds the same as under Megatron's p2p plus the receive buffers and input
+    gradients; true keeps every micro-batch's logits and, at the step's end, their concatenation as well."""
+    model = ModelConfig.from_dict(preset("llama3-8b"))
+    s, h, V = model.seq_len, model.hidden, model.vocab
+    base = dict(tp=1, pp=2, dp=1, micro_batch=1, global_batch=4, recompute="full", loss="eager")
+    megatron = predict(config(gpus=2, **base), manager)["memory_gb"]
+    dropped = predict(config(gpus=2, pp_runtime="torch", pp_return_outputs=False, **base), manager)["memory_gb"]
+    buffers = (4 + 3 - 1) * 2 * s * h  # as in the test above, without the logits
+    assert dropped["other"] - megatron["other"] == pytest.approx(buffers / 1e9)
+    titan = Layout.from_dict({**base, "framework": "torchtitan"})
+    assert titan.pp_return_outputs is False and Layout.from_dict(base).pp_return_outputs is True
+    # 64 micro-batches: after the last backward the kept logits and step()'s concatenation of them outweigh the
+    # steady state, so the total holds both copies; without returned outputs neither is there
+    many = dict(base, global_batch=64)
+    logits = 64 * 2 * s * V
+    kept = predict(config(gpus=2, pp_runtime="torch", **many), manager)["memory_gb"]
+    none = predict(config(gpus=2, pp_runtime="torch", pp_return_outputs=False, **many), manager)["memory_gb"]
+    assert kept["total"] * 1e9 > 2 * logits > 2 * none["total"] * 1e9
 
 
 def test_cp_allgather_holds_every_ranks_k_and_v(manager):

@@ -223,24 +223,26 @@ def _replay(trace: Trace) -> tuple[int, int]:
     return live, peak
 
 
+@pytest.mark.parametrize("keep_outputs", [True, False])
 @pytest.mark.parametrize("stage", [0, 1, 3])
 @pytest.mark.parametrize("recompute", ["full", "selective-op", "none"])
-def test_a_rank_ends_each_step_holding_only_what_outlives_it(stage, recompute):
+def test_a_rank_ends_each_step_holding_only_what_outlives_it(stage, recompute, keep_outputs):
     """After the steps, what is live is exactly the state that outlives a step: the fp32 parameter shards, Adam's
-    moments, the receive buffers, and the last step's stage outputs (or logits) and input gradients, which
-    torch.distributed.pipelining keeps until the next step; nothing a block, FSDP or the loss made leaks."""
+    moments, the receive buffers, the last step's input gradients and, where ``step()`` returns outputs, its
+    stage outputs (or logits), which torch.distributed.pipelining keeps until the next step; nothing a block,
+    FSDP or the loss made leaks."""
     from dspark_lab.planner.model.liveness import schedule
 
     sched = schedule("1f1b", 4, 4, 1)
     ops = tuple((kind, mb, stage) for op in sched.ops[stage] for kind, mb, _ in op.parts())
-    spec = _spec(ops=ops)
+    spec = _spec(ops=ops, keep_outputs=keep_outputs)
     end, _ = _replay(RankStep(spec).run(recompute, steps=2))
     params = spec.stage_layers[stage] * spec.block_params + (spec.embedding_params if stage == 0 else 0) + (
         spec.output_params if stage == 3 else 0)
     boundary = 2 * 8192 * 4 * 16384 / 8
     persistent = 3 * 4 * params / spec.shard  # fp32 shards, exp_avg, exp_avg_sq
     persistent += 4 * boundary * ((stage > 0) + (stage < 3))  # a receive buffer per micro-batch each way
-    kept = 4 * (2 * 8192 * 4 * 128256 / 8 if stage == 3 else boundary)  # outputs (logits on the last stage)
+    kept = 4 * (2 * 8192 * 4 * 128256 / 8 if stage == 3 else boundary) * keep_outputs  # outputs (logits last)
     kept += 4 * boundary * (stage > 0)  # input gradients
     assert end == pytest.approx(persistent + kept, rel=1e-6)
 

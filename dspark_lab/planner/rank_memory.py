@@ -116,7 +116,8 @@ def fullest_rank(model, lay: Layout, counts, starts, m: int, chunks: int, dev: D
     torch_pp = lay.pp_runtime == "torch" and p > 1
     boundary = memory.boundary_bytes(s, b, model.hidden, t, sp)
     if p > 1:
-        env = liveness.envelopes((lay.schedule, p, m, v, lay.pp_runtime), tuple(counts), torch_pp)
+        env = liveness.envelopes((lay.schedule, p, m, v, lay.pp_runtime), tuple(counts), torch_pp,
+                                 lay.pp_return_outputs)
     else:
         env = (((counts[0], frozenset({0}), 0),),)  # one stage: a micro-batch's layers, then its gradients
     per_rank = []
@@ -146,21 +147,32 @@ def fullest_rank(model, lay: Layout, counts, starts, m: int, chunks: int, dev: D
             # ZeRO 2's gradients at the peak are the unsharded fp32 ones; the shards come after, on the
             # reduce-scatter stream, and keep their blocks reserved from then on. ZeRO 3 counts the shards already.
             other += _fsdp2_reserved(model, lay, counts, starts, mine, stages, shard_grads if lazy_grads else 0.0)
+        resident = other  # what every moment of the step holds beyond the states
+        kept = 0.0
         if stages - 1 in mine:
             # The loss is differentiated before any layer of that micro-batch is recomputed, so its logits (with the
             # output layer's saved input) and the recomputed layer (``extra``) are never live together: only what
             # the loss moment needs beyond it is added. A pipeline that keeps every micro-batch's logits
-            # (``pp_runtime`` torch) holds the earlier ones and the current bf16 ones at the loss, and all of them
-            # while the last micro-batch's layers are recomputed.
+            # (``pp_runtime`` torch, ``pp_return_outputs``) holds the earlier ones and the current bf16 ones at the
+            # loss, and all of them while the last micro-batch's layers are recomputed.
             logits = memory.loss_bytes_per_logit(lay.loss, t > 1) * b * s * model.vocab / t
             at_loss = (logits + memory.head_input_bytes(s, b, model.hidden, t, sp, lay.sp_regather)
                        + memory.final_norm_bytes(s, b, model.hidden, t, sp, lay.loss == "eager"))
-            kept = memory.kept_output_bytes(b, s, model.vocab, t, m) if torch_pp else 0.0
+            if torch_pp and lay.pp_return_outputs:
+                kept = memory.kept_output_bytes(b, s, model.vocab, t, m)
             other += max(at_loss + kept, kept + extra) - extra
         if torch_pp:
-            other += at_boundaries + memory.pipeline_buffer_bytes(s, b, model.hidden, t, sp, m,
-                                                                  sum(k > 0 for k in mine),
-                                                                  sum(k < stages - 1 for k in mine))
+            buffers = memory.pipeline_buffer_bytes(s, b, model.hidden, t, sp, m, sum(k > 0 for k in mine),
+                                                   sum(k < stages - 1 for k in mine))
+            other += at_boundaries + buffers
+            if kept:
+                # step() returns the kept logits concatenated (``merge_chunks``), after the last backward: both
+                # copies live at once, with the states, the receive buffers and every input gradient left on them;
+                # FSDP2 has resharded its gathered weights by then (the fp32 shards are the optimizer's).
+                grads_left = m * boundary * sum(k > 0 for k in mine)
+                gathered_left = 0.0 if lay.fsdp_runtime == "torch" and shard > 1 else weights
+                at_end = gathered_left + shard_grads + optimizer + resident + buffers + grads_left + 2 * kept
+                other += max(0.0, at_end - (weights + grads + optimizer + act + other))
         gb = {"params": weights / 1e9, "grads": grads / 1e9, "optimizer": optimizer / 1e9,
               "activations": act / 1e9, "other": other / 1e9, "allocator": 0.0}
         gb["total"] = sum(gb.values())
@@ -202,4 +214,4 @@ def rank_spec(model: ModelConfig, lay: Layout, counts, m: int, rank: int, sp: bo
         block_params=layer_params(model, 0, t, lay.ep), embedding_params=flops.embedding_params(model) / t,
         output_params=flops.output_params(model) / t, vocab=model.vocab / t, zero=lay.zero, shard=lay.dp * lay.cp,
         gathered_bytes=memory.unsharded_weight_bytes(lay.precision, lay.fp8_allgather),
-        pipelined=p > 1 and lay.pp_runtime == "torch", loss=lay.loss)
+        pipelined=p > 1 and lay.pp_runtime == "torch", keep_outputs=lay.pp_return_outputs, loss=lay.loss)

@@ -62,11 +62,14 @@ def framework_defaults(framework: str, pp: int, sharded: bool) -> dict[str, Any]
     kernels (``training.compile`` off), op-level selective AC (``selective_ac_option = 'op'`` in the Llama 3
     configs), ``cross_entropy`` on fp32 logits (``loss_parallel`` under TP), DTensor keeping the gathered TP input,
     torch.distributed.pipelining, FSDP2 (resharding after forward, ZeRO 3, except under PP, ZeRO 2; none when
-    nothing is sharded), all-gather context parallelism, and float8's FSDP all-gather off. ``sharded``: dp x cp > 1."""
+    nothing is sharded), all-gather context parallelism, and float8's FSDP all-gather off. One field follows the
+    torchtitan people run now instead: since #1922 (Oct 2025; torchtitan 0.2.2, tested here, has it) it calls the
+    pipeline's ``step`` with ``return_outputs=False``, so no stage keeps its outputs (``pp_return_outputs`` false;
+    9dec370 kept them, and its validation rows say so). ``sharded``: dp x cp > 1."""
     if framework == "torchtitan":
         return {"zero": (2 if pp > 1 else 3) if sharded else 0, "recompute": "selective-op", "kernels": "eager",
                 "loss": "eager", "sp_regather": False, "pp_runtime": "torch", "fsdp_runtime": "torch",
-                "cp_rotate": "allgather", "fp8_allgather": False}
+                "cp_rotate": "allgather", "fp8_allgather": False, "pp_return_outputs": False}
     return {}
 
 
@@ -181,6 +184,7 @@ class Layout:
     fsdp_runtime: str = "megatron"
     cp_rotate: str = "ring"
     fp8_allgather: bool = False
+    pp_return_outputs: bool = True
     framework: str = "megatron"
 
     @classmethod
@@ -212,7 +216,8 @@ class Layout:
                    kernels=pick("kernels", KERNELS), loss=pick("loss", LOSS),
                    sp_regather=pick("sp_regather", (True, False)), pp_runtime=pick("pp_runtime", PP_RUNTIMES),
                    fsdp_runtime=pick("fsdp_runtime", FSDP_RUNTIMES), cp_rotate=pick("cp_rotate", CP_ROTATES),
-                   fp8_allgather=pick("fp8_allgather", (True, False)), framework=framework)
+                   fp8_allgather=pick("fp8_allgather", (True, False)),
+                   pp_return_outputs=pick("pp_return_outputs", (True, False)), framework=framework)
 
 
 def check_layout(model: ModelConfig, cluster: Cluster, layout: Layout) -> None:

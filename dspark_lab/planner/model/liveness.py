@@ -35,17 +35,18 @@ def _pareto(points: set[tuple[int, frozenset, int]]) -> tuple[tuple[int, frozens
     return tuple(out)
 
 
-def rank_envelope(schedule: Schedule, rank: int, stage_layers: tuple[int, ...],
-                  boundaries: bool = False) -> tuple[tuple[int, frozenset, int], ...]:
+def rank_envelope(schedule: Schedule, rank: int, stage_layers: tuple[int, ...], boundaries: bool = False,
+                  outputs: bool = True) -> tuple[tuple[int, frozenset, int], ...]:
     """Candidate peaks of one rank: ``(live layer-micro-batches, chunks with gradients, kept boundaries)``,
     Pareto-pruned. ``boundaries`` counts the stage-boundary tensors ``torch.distributed.pipelining`` keeps beyond
-    its preallocated receive buffers (torch 1963fc8, Dec 2024; ``memory.pipeline_buffer_bytes``): every stage's
-    forward output stays in ``output_chunks`` until the next step (``forward_one_chunk`` appends it on every
-    stage; the last stage's, its logits, are counted by ``memory.kept_output_bytes`` instead), and every input
-    gradient stays on its receive buffer's ``.grad`` (``stage_backward`` runs ``torch.autograd.backward``, which
-    accumulates into the buffer; ``clear_runtime_states`` clears it at the next step). While a micro-batch is in
-    flight on a receiving stage with layers, its receive buffer is its first layer's saved input, already counted
-    in the live layers, so one boundary less. Zero when ``boundaries`` is false."""
+    its preallocated receive buffers (``memory.pipeline_buffer_bytes``): every input gradient stays on its receive
+    buffer's ``.grad`` (``stage_backward`` runs ``torch.autograd.backward``, which accumulates into the buffer;
+    ``clear_runtime_states`` clears it at the next step), and with ``outputs`` (``step(return_outputs=True)`` on
+    torch 1963fc8, Dec 2024) every stage's forward output stays in ``output_chunks`` until the next step
+    (``forward_one_chunk`` appends it on every stage; the last stage's, its logits, are counted by
+    ``memory.kept_output_bytes`` instead). While a micro-batch is in flight on a receiving stage with layers, its
+    receive buffer is its first layer's saved input, already counted in the live layers, so one boundary less. Zero
+    when ``boundaries`` is false."""
     last = len(stage_layers) - 1
     live = kept = 0
     grads: set[int] = set()
@@ -57,7 +58,7 @@ def rank_envelope(schedule: Schedule, rank: int, stage_layers: tuple[int, ...],
             shared_input = boundaries and 0 < stage and layers > 0
             if kind == "F":
                 live += layers
-                kept += (boundaries and stage < last) - shared_input
+                kept += (boundaries and outputs and stage < last) - shared_input
                 points.add((live, frozenset(grads), kept))
             elif kind in ("B", "Bi"):
                 if kind == "B" and chunk not in grads:
@@ -73,8 +74,9 @@ def rank_envelope(schedule: Schedule, rank: int, stage_layers: tuple[int, ...],
 
 
 @lru_cache(maxsize=1024)
-def envelopes(schedule_key: tuple, stage_layers: tuple[int, ...], boundaries: bool = False) -> tuple:
+def envelopes(schedule_key: tuple, stage_layers: tuple[int, ...], boundaries: bool = False,
+              outputs: bool = True) -> tuple:
     """Per rank :func:`rank_envelope` for the schedule ``(name, pp, microbatches, vpp, runtime)``, cached across
     layouts."""
     s = schedule(*schedule_key)
-    return tuple(rank_envelope(s, r, stage_layers, boundaries) for r in range(s.ranks))
+    return tuple(rank_envelope(s, r, stage_layers, boundaries, outputs) for r in range(s.ranks))

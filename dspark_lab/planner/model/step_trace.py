@@ -12,8 +12,10 @@ same shapes the planner uses, around the blocks of :mod:`~dspark_lab.planner.mod
   copied into the fp32 reduce-scatter input (ZeRO 3, and every group at the last backward; two in flight). The
   reduce-scatter outputs live on their own stream (``memory.fsdp2_side_stream_bytes``) and are not here;
 - ``torch.distributed.pipelining`` (``pipelined``): a receive buffer per micro-batch for each stage's input and
-  output gradient, every stage output kept in ``output_chunks`` and every input gradient left on its receive buffer
-  until the next step; without it, each micro-batch's input and output gradient is a tensor of its own;
+  output gradient, every input gradient left on its receive buffer until the next step, and each stage output
+  either kept in ``output_chunks`` until then, the last stage's concatenated by ``step()`` at the end
+  (``keep_outputs``: ``return_outputs=True``, torch 1963fc8) or held to its micro-batch's backward; without it,
+  each micro-batch's input and output gradient is a tensor of its own;
 - the first stage's embedding, the last stage's final norm (eager: its fp32 input copy and bf16 output kept), the
   output layer's gathered input, the logits and the loss (``memory.loss_bytes_per_logit``'s tensors) per
   micro-batch;
@@ -58,7 +60,8 @@ class RankSpec:
     zero: int
     shard: int
     gathered_bytes: int
-    pipelined: bool = True  # torch.distributed.pipelining: receive buffers, outputs kept to the next step
+    pipelined: bool = True  # torch.distributed.pipelining: receive buffers, input gradients kept to the next step
+    keep_outputs: bool = True  # step(return_outputs=True): outputs kept to the next step, the last stage's merged
     loss: str = "eager"  # eager: cross_entropy on fp32 logits (loss_parallel's handlers when vocab is split)
 
 
@@ -91,6 +94,8 @@ class RankStep:
             for key in kept_outputs:  # clear_runtime_states at the start of step()
                 t.free(key)
             kept_outputs = self._step(mine)
+            if self.last in mine and spec.pipelined and spec.keep_outputs:
+                t.free(t.alloc(2 * self.logits * m))  # step() returns the kept logits concatenated
             if step == 0:  # Adam's exp_avg and exp_avg_sq, made at the first optimizer step and kept
                 for _ in range(2 * pieces):
                     t.alloc(4 * sharded / pieces)
@@ -135,18 +140,21 @@ class RankStep:
                         t.free(x)
                     held.append(kept)
                     x = out
+                sent = None
                 if stage == self.last:
                     self._gather((stage, OUTPUT), 2 * spec.output_params)
                     head = self._head_forward(x, kept_outputs)
-                elif spec.pipelined:
+                elif spec.pipelined and spec.keep_outputs:
                     head = None
                     kept_outputs.append(x)  # output_chunks; the send reads the same tensor
+                elif spec.pipelined:
+                    head, sent = None, x  # fwd_cache holds it for its backward
                 else:
                     head = None
                     t.free(x)  # sent, then dropped
-                saved[(stage, mb)] = (held, head)
+                saved[(stage, mb)] = (held, head, sent)
             elif kind in ("B", "Bi"):
-                held, head = saved.pop((stage, mb))
+                held, head, sent = saved.pop((stage, mb))
                 dout = self._head_backward(stage, head) if head is not None else self._output_grad(stage, mb)
                 for i in range(layers - 1, -1, -1):
                     w = self._gather((stage, i), spec.gathered_bytes * spec.block_params)
@@ -154,6 +162,7 @@ class RankStep:
                     dout = self.block.backward(held[i], dout, wgrads)
                     t.free(w)
                     self._post_backward((stage, i), wgrads)
+                t.free(sent)
                 if stage > 0 and spec.pipelined:
                     kept_outputs.append(dout)  # the input gradient stays on the receive buffer's .grad
                 elif stage > 0:
@@ -223,8 +232,9 @@ class RankStep:
 
     def _head_forward(self, x: int | None, kept_outputs: list) -> tuple:
         """The final norm (eager: fp32 input copy and bf16 output saved), the gathered input of the output layer,
-        the logits (kept in ``output_chunks`` when pipelined) and the loss's saved fp32 tensor (the log-softmax,
-        or the fused loss's fp32 copy)."""
+        the logits (when pipelined, kept in ``output_chunks`` to the next step, or else in ``fwd_cache`` to this
+        micro-batch's backward) and the loss's saved fp32 tensor (the log-softmax, or the fused loss's fp32
+        copy)."""
         t, sh = self.trace, self.spec.shape
         shard = self.boundary / 2
         f32 = t.alloc(4 * shard)
@@ -232,8 +242,11 @@ class RankStep:
         t.free(x)
         gathered = t.alloc(2 * self.sbh) if sh.sp else t.ref(normed)
         logits = t.alloc(2 * self.logits)
-        if self.spec.pipelined:
+        cached = None
+        if self.spec.pipelined and self.spec.keep_outputs:
             kept_outputs.append(t.ref(logits))
+        elif self.spec.pipelined:
+            cached = t.ref(logits)
         upcast = t.alloc(4 * self.logits)
         if self.spec.loss == "eager":
             saved = t.alloc(4 * self.logits)  # log_softmax's output
@@ -241,7 +254,7 @@ class RankStep:
         else:
             saved = upcast
         t.free(logits)
-        return f32, normed, gathered, saved
+        return f32, normed, gathered, saved, cached
 
     def _loss_backward(self, saved: int | None) -> int | None:
         """The loss's fp32 gradient of the logits (see ``memory.loss_bytes_per_logit``): loss_parallel's
@@ -268,7 +281,7 @@ class RankStep:
         """The loss's backward, the cast back to bf16, the output layer's input and weight gradients, the
         reduce-scatter to the shard and the norm's backward."""
         t, sh = self.trace, self.spec.shape
-        f32, normed, gathered, saved = head
+        f32, normed, gathered, saved, cached = head
         grad = self._loss_backward(saved)
         dlogits = t.alloc(2 * self.logits)
         t.free(grad)
@@ -284,6 +297,7 @@ class RankStep:
         t.free(dinput)
         t.free(f32)
         t.free(normed)
+        t.free(cached)
         self._post_backward((stage, OUTPUT), [dweight])
         return dx
 
