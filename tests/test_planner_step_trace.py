@@ -362,16 +362,19 @@ def test_a_torchtitan_layout_on_megatrons_pipeline_or_without_fsdp_is_predicted(
 
 
 def test_the_replay_is_bounded_however_many_micro_batches_or_layers_a_config_names():
-    """A user can ask for any micro-batch count: the replay runs at most TRACE_PASSES block passes per rank and step
-    (a multiple of 2p micro-batches, which every schedule accepts), and none where one rank alone is deeper."""
+    """A user can ask for any micro-batch count: one prediction's replays write at most TRACE_PASSES block passes,
+    RANK_PASSES per rank and step (a multiple of 2p micro-batches, which every schedule accepts), and none where
+    one rank alone is deeper."""
     import time
 
-    from dspark_lab.planner.rank_memory import TRACE_PASSES, traced_microbatches
+    from dspark_lab.planner.model.step_trace import STEPS
+    from dspark_lab.planner.rank_memory import RANK_PASSES, TRACE_PASSES, traced_microbatches
 
+    assert 3 * STEPS * RANK_PASSES <= TRACE_PASSES  # first, last and fullest rank
     assert traced_microbatches(8, 8, 16) == 8  # within the bound: all of them
     for m, p, blocks in ((100_000, 1, 32), (4096, 8, 16), (513, 4, 33)):
         traced = traced_microbatches(m, p, blocks)
-        assert traced * blocks <= TRACE_PASSES < m * blocks and traced % (2 * p) == 0 and traced >= 2 * p
+        assert traced * blocks <= RANK_PASSES < m * blocks and traced % (2 * p) == 0 and traced >= 2 * p
     assert traced_microbatches(4, 1, 600) is None
     cfg = {"model": "llama3-8b", "cluster": {"gpu": "nvidia-h100", "gpus": 8},
            "layout": {"tp": 1, "pp": 1, "dp": 8, "micro_batch": 1, "global_batch": 8 * 100_000,

@@ -12,16 +12,19 @@ from dspark_lab.planner.model import block_trace, flops, liveness, memory, step_
 from dspark_lab.planner.model.config import Layout, ModelConfig
 
 OTHER_GB = 3.0  # CUDA context, NCCL and cuBLAS workspaces
-TRACE_PASSES = 1024  # block passes (micro-batches x blocks) one rank's replay writes per step: about a second
+# Block passes (micro-batches x blocks) one prediction's replays write in all, about a second on one core: the first,
+# last and fullest pipeline ranks, each through step_trace.STEPS steps, share it evenly.
+TRACE_PASSES = 2048
+RANK_PASSES = TRACE_PASSES // (3 * step_trace.STEPS)  # one rank, one step
 
 
 def traced_microbatches(m: int, p: int, blocks: int) -> int | None:
     """How many micro-batches the allocator's replay runs: all ``m`` where ``m x blocks`` is within
-    :data:`TRACE_PASSES`, else the most that are, as a multiple of ``2p`` (every schedule takes that many); None
+    :data:`RANK_PASSES`, else the most that are, as a multiple of ``2p`` (every schedule takes that many); None
     where even ``2p`` micro-batches of one rank's ``blocks`` exceed it (the replay is skipped)."""
-    if m * blocks <= TRACE_PASSES:
+    if m * blocks <= RANK_PASSES:
         return m
-    fit = TRACE_PASSES // blocks // (2 * p) * (2 * p)
+    fit = RANK_PASSES // blocks // (2 * p) * (2 * p)
     return fit if fit >= 2 * p else None
 
 
