@@ -518,6 +518,11 @@ def test_torch_pipelining_boundaries_walked_hand_computed():
     assert liveness.rank_envelope(sched, 1, layers, True) == ((16, frozenset({0}), 2), (0, frozenset({0}), 4))
     # a stage of no layers saves no input: its receive buffer is not shared
     assert liveness.rank_envelope(sched, 1, (16, 0), True) == ((0, frozenset({0}), 4),)
+    # when step() returns no outputs, fwd_cache holds each only to its backward: 2 in flight at the peak, and the
+    # last stage, which sends nothing, is unchanged
+    assert liveness.rank_envelope(sched, 0, layers, True, outputs=False) == ((32, frozenset({0}), 2),)
+    assert liveness.rank_envelope(sched, 1, layers, True, outputs=False) == \
+        liveness.rank_envelope(sched, 1, layers, True)
 
 
 def test_fp8_allgather_keeps_the_gathered_blocks_in_one_byte(manager):

@@ -44,9 +44,10 @@ def rank_envelope(schedule: Schedule, rank: int, stage_layers: tuple[int, ...], 
     ``clear_runtime_states`` clears it at the next step), and with ``outputs`` (``step(return_outputs=True)`` on
     torch 1963fc8, Dec 2024) every stage's forward output stays in ``output_chunks`` until the next step
     (``forward_one_chunk`` appends it on every stage; the last stage's, its logits, are counted by
-    ``memory.kept_output_bytes`` instead). While a micro-batch is in flight on a receiving stage with layers, its
-    receive buffer is its first layer's saved input, already counted in the live layers, so one boundary less. Zero
-    when ``boundaries`` is false."""
+    ``memory.kept_output_bytes`` instead); without ``outputs`` each stays only in ``fwd_cache``, to its
+    micro-batch's backward. While a micro-batch is in flight on a receiving stage with layers, its receive buffer
+    is its first layer's saved input, already counted in the live layers, so one boundary less. Zero when
+    ``boundaries`` is false."""
     last = len(stage_layers) - 1
     live = kept = 0
     grads: set[int] = set()
@@ -56,9 +57,10 @@ def rank_envelope(schedule: Schedule, rank: int, stage_layers: tuple[int, ...], 
             stage = schedule.where(rank, chunk)[1]
             layers = stage_layers[stage]
             shared_input = boundaries and 0 < stage and layers > 0
+            output = boundaries and stage < last  # this stage's output, sent on
             if kind == "F":
                 live += layers
-                kept += (boundaries and outputs and stage < last) - shared_input
+                kept += output - shared_input
                 points.add((live, frozenset(grads), kept))
             elif kind in ("B", "Bi"):
                 if kind == "B" and chunk not in grads:
@@ -66,6 +68,7 @@ def rank_envelope(schedule: Schedule, rank: int, stage_layers: tuple[int, ...], 
                     points.add((live, frozenset(grads), kept))
                 live -= layers
                 kept += shared_input + (boundaries and stage > 0)  # the buffer is free of the layer; its gradient
+                kept -= output and not outputs  # fwd_cache lets the output go
                 points.add((live, frozenset(grads), kept))
             elif kind == "W" and chunk not in grads:
                 grads.add(chunk)
