@@ -1,6 +1,6 @@
 """The values the built-in policies accept, apart from the code that applies them (which imports torch), so that
-registering the policies plugin costs no torch import: verbs that only plan or list (``plan``, ``schedule``,
-``backends --json`` specs) load every plugin and must start fast."""
+registering the policies plugin costs no torch import: every verb loads every plugin, and those that only plan
+(``plan``, ``schedule simulate``) must start fast."""
 
 GRAD_SYNC = ("builtin", "ring", "tree", "packed-trees", "bf16", "fp8")  # comm.grad_sync
 COMPRESSED = ("bf16", "fp8")  # the lossy ones, compressed with error feedback

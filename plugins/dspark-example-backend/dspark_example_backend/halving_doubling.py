@@ -19,11 +19,9 @@ import torch.distributed as dist
 from dspark_example_backend.names import COLLECTIVE
 from dspark_lab.collectives.base import Collective
 
-NAME = COLLECTIVE
-
 
 class HalvingDoublingCollective(Collective):
-    name = NAME
+    name = COLLECTIVE
 
     # --- point-to-point on group ranks --------------------------------------------------------------------------
 

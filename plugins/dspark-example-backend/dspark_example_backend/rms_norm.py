@@ -12,10 +12,6 @@ import functools
 
 import torch
 
-from dspark_example_backend.names import KERNEL
-
-NAME = KERNEL
-
 
 def reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dimension, computed in float32 and returned in ``x``'s dtype."""
