@@ -11,7 +11,7 @@ from dspark_lab.cli import main
 from dspark_lab.pipeline.checks import validate
 from dspark_lab.pipeline.ir import B, F, Schedule, ScheduleError, W
 from dspark_lab.pipeline.schedules import SCHEDULES, build
-from dspark_lab.pipeline.simulate import Costs, simulate
+from dspark_lab.pipeline.simulate import Costs, dependency_graph, simulate
 
 COSTS = [(1.0, 1.0, 1.0), (1.0, 2.0, 1.0), (2.0, 3.0, 1.0), (1.0, 1.0, 0.5), (3.0, 2.0, 1.0), (0.7, 1.3, 0.4)]
 
@@ -51,6 +51,36 @@ def test_validator_catches_broken_schedules(name):
     with pytest.raises(ScheduleError, match="peak activations"):
         validate(Schedule(s.name, s.ranks, s.microbatches, s.chunks, s.ops, s.streams,
                           memory_bound=[1] * s.ranks))
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_the_dependency_graph_puts_every_op_after_its_rank_predecessor_and_its_inputs(name):
+    # The simulator times ops in the graph's order in one pass, so an op placed before what it waits for would
+    # start too early: every op must follow the op before it on its rank and every op producing its inputs.
+    for s in itertools.islice(shapes(name), 0, None, 7):
+        g = dependency_graph(s)
+        assert not g.stuck and sorted(g.nodes) == [(r, i) for r in range(s.ranks) for i in range(len(s.ops[r]))]
+        place = {pos: k for k, pos in enumerate(g.nodes)}
+        for k, (r, i) in enumerate(g.nodes):
+            assert i == 0 or place[(r, i - 1)] < k
+            assert all(d < k and (g.nodes[d][0] != r) == crosses for d, crosses in g.inputs[k])
+            assert len(g.inputs[k]) == sum(_inputs_of(s, r, kind, chunk) for kind, _, chunk in s.ops[r][i].parts())
+
+
+def _inputs_of(s: Schedule, rank: int, kind: str, chunk: int) -> int:
+    """How many values a pass waits for: a forward its previous stage's (none on the first stage), a backward its
+    own forward and the next stage's backward (not on the last stage), a W its input-only backward."""
+    stream, stage = s.where(rank, chunk)
+    last = len(s.streams[stream]) - 1
+    return {"F": int(stage > 0), "B": 1 + (stage < last), "Bi": 1 + (stage < last), "W": 1}[kind]
+
+
+def test_a_dependency_graph_times_only_its_own_schedule():
+    one, other = build("1f1b", 4, 8), build("1f1b", 4, 8)
+    costs = Costs(f=1.0, b=2.0, w=0.0, comm=0.1)
+    assert simulate(one, costs, dependency_graph(one)).step_time == simulate(one, costs).step_time
+    with pytest.raises(ValueError, match="another schedule"):
+        simulate(one, costs, dependency_graph(other))
 
 
 def test_cross_rank_deadlock_is_reported():

@@ -12,7 +12,6 @@ backward, ``Bi`` input-only; FB keys on its forward chunk) — the real-run pred
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,9 +34,10 @@ class Costs:
                 raise ValueError(f"cost {name} must be >= 0, got {value}")
 
     def of(self, rank: int, op: Op) -> float:
-        kind = op.kind if op.kind != "B" or op.full else "Bi"
-        if (rank, op.chunk, kind) in self.table:
-            return self.table[(rank, op.chunk, kind)]
+        kind = _cost_key(rank, op)[2]
+        cost = self.table.get((rank, op.chunk, kind))
+        if cost is not None:
+            return cost
         if kind == "F":
             return self.f
         if kind == "B":  # a whole backward is its two halves, measured per rank when a split schedule ran
@@ -104,47 +104,98 @@ def _outputs(s: Schedule, rank: int, op: Op) -> list[tuple]:
     return out
 
 
-def simulate(schedule: Schedule, costs: Costs) -> Simulation:
-    """Run the schedule on a virtual clock; raise :class:`ScheduleError` if some rank waits forever."""
+@dataclass(frozen=True, slots=True)
+class Graph:
+    """A schedule's ops as a dependency graph: ``nodes`` are ``(rank, op index)`` in an order where each comes
+    after the op before it on its rank and after the ops producing its inputs; ``inputs[n]`` are
+    ``(producing node's place in nodes, crosses ranks)``. ``stuck`` names each rank's first op that can never run
+    (empty when none). Built once per schedule and reused for any costs (the planner times one schedule with
+    many)."""
+
+    schedule: Schedule
+    nodes: tuple[tuple[int, int], ...]
+    inputs: tuple[tuple[tuple[int, bool], ...], ...]
+    cost_keys: tuple[tuple[int, int, str], ...]  # per node, its key in Costs.table
+    stuck: tuple[tuple[int, int], ...]
+    peak: tuple[int, ...]
+
+
+def dependency_graph(schedule: Schedule) -> Graph:
+    """Order the ops so every op follows its inputs (Kahn's algorithm over rank order and data edges)."""
     s = schedule
-    done: dict[tuple, tuple[float, int]] = {}  # value -> (time produced, rank)
-    head = [0] * s.ranks
+    node_ids = {(r, i): n for n, (r, i) in enumerate((r, i) for r in range(s.ranks) for i in range(len(s.ops[r])))}
+    producer = {}
+    for (r, i), n in node_ids.items():
+        for key in _outputs(s, r, s.ops[r][i]):
+            producer[key] = n
+    inputs: list[list[tuple[int, bool]]] = []
+    waiting_on = [0] * len(node_ids)
+    dependants: list[list[int]] = [[] for _ in node_ids]
+    for (r, i), n in node_ids.items():
+        deps = []
+        for key, rank in _inputs(s, r, s.ops[r][i]):
+            d = producer.get(key, -1)  # -1: never produced, so the op waits forever
+            deps.append((d, rank != r))
+        inputs.append(deps)
+        before = [d for d, _ in deps] + ([node_ids[(r, i - 1)]] if i else [])
+        waiting_on[n] = len(before)
+        for d in before:
+            if d >= 0:
+                dependants[d].append(n)
+    ready = [n for n in range(len(node_ids)) if waiting_on[n] == 0]
+    order = []
+    while ready:
+        n = ready.pop()
+        order.append(n)
+        for x in dependants[n]:
+            waiting_on[x] -= 1
+            if not waiting_on[x]:
+                ready.append(x)
+    positions = list(node_ids)
+    place = {n: k for k, n in enumerate(order)}
+    ran = [0] * s.ranks
+    for n in order:
+        ran[positions[n][0]] += 1
+    stuck = tuple((r, ran[r]) for r in range(s.ranks) if ran[r] < len(s.ops[r]))
+    nodes = tuple(positions[n] for n in order)
+    return Graph(s, nodes, tuple(tuple((place[d], crosses) for d, crosses in inputs[n]) for n in order),
+                 tuple(_cost_key(r, s.ops[r][i]) for r, i in nodes), stuck, tuple(peak_activations(s)))
+
+
+def _cost_key(rank: int, op: Op) -> tuple[int, int, str]:
+    return rank, op.chunk, op.kind if op.kind != "B" or op.full else "Bi"
+
+
+def simulate(schedule: Schedule, costs: Costs, graph: Graph | None = None) -> Simulation:
+    """Run the schedule on a virtual clock; raise :class:`ScheduleError` if some rank waits forever. ``graph``:
+    the schedule's :func:`dependency_graph`, where the caller keeps one. Each op starts at the latest of its
+    rank's previous end and its inputs' arrivals, so one pass in dependency order times the whole step."""
+    s = schedule
+    g = graph if graph is not None else dependency_graph(s)
+    if g.schedule is not s:
+        raise ValueError(f"the dependency graph given is another schedule's, not {s.name}'s")
+    if g.stuck:
+        where = ", ".join(f"rank {r} at {s.ops[r][i].label()}" for r, i in g.stuck)
+        raise ScheduleError(f"{s.name}: deadlock, ops wait for inputs that never come: {where}")
     free = [0.0] * s.ranks
     busy = [0.0] * s.ranks
     timeline: list[list[tuple[float, float, Op]]] = [[] for _ in range(s.ranks)]
-    waiting: dict[tuple, list[int]] = {}
-    events: list[tuple[float, int]] = [(0.0, r) for r in range(s.ranks)]  # (time a rank may try its next op, rank)
-    heapq.heapify(events)
-    while events:
-        _, r = heapq.heappop(events)
-        if head[r] >= len(s.ops[r]):
-            continue
-        op = s.ops[r][head[r]]
-        start, blocked = free[r], None
-        for key, producer in _inputs(s, r, op):
-            if key not in done:
-                blocked = key
-                break
-            produced, _ = done[key]
-            start = max(start, produced + (costs.comm if producer != r else 0.0))
-        if blocked is not None:
-            waiting.setdefault(blocked, []).append(r)
-            continue
-        end = start + costs.of(r, op)
+    ends = [0.0] * len(g.nodes)
+    comm, table = costs.comm, costs.table
+    for n, (r, i) in enumerate(g.nodes):
+        start = free[r]
+        for d, crosses in g.inputs[n]:
+            arrival = ends[d] + (comm if crosses else 0.0)
+            if arrival > start:
+                start = arrival
+        op = s.ops[r][i]
+        cost = table.get(g.cost_keys[n])
+        end = start + (cost if cost is not None else costs.of(r, op))
+        ends[n] = end
         timeline[r].append((start, end, op))
         busy[r] += end - start
         free[r] = end
-        head[r] += 1
-        for key in _outputs(s, r, op):
-            done[key] = (end, r)
-            for other in waiting.pop(key, []):
-                heapq.heappush(events, (end, other))
-        heapq.heappush(events, (end, r))
-    stuck = [r for r in range(s.ranks) if head[r] < len(s.ops[r])]
-    if stuck:
-        where = ", ".join(f"rank {r} at {s.ops[r][head[r]].label()}" for r in stuck)
-        raise ScheduleError(f"{s.name}: deadlock, ops wait for inputs that never come: {where}")
     starts = [row[0][0] for row in timeline if row]
-    ends = [row[-1][1] for row in timeline if row]
-    step_time = max(ends) - min(starts) if ends else 0.0
-    return Simulation(s, step_time, busy, timeline, peak_activations(s))
+    last = [row[-1][1] for row in timeline if row]
+    step_time = max(last) - min(starts) if last else 0.0
+    return Simulation(s, step_time, busy, timeline, list(g.peak))

@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import Any
 
 from dspark_lab.errors import DSparkError
-from dspark_lab.pipeline.simulate import Costs, simulate
+from dspark_lab.pipeline.simulate import Costs, dependency_graph, simulate
 from dspark_lab.planner import rank_memory
 from dspark_lab.planner.hardware import device
 from dspark_lab.planner.model import comm, flops, liveness, memory, step_trace
@@ -95,12 +95,18 @@ def parse(obj: Any, where: str = "config") -> Inputs:
 
 # --- pipeline simulation, cached on normalised costs --------------------------------------------------------------
 
-@lru_cache(maxsize=4096)
-def _simulate(schedule: str, p: int, m: int, v: int, stage_costs: tuple, comm_s: float, runtime: str):
+@lru_cache(maxsize=256)
+def _schedule_graph(schedule: str, p: int, m: int, v: int, runtime: str):
     try:
-        s = liveness.schedule(schedule, p, m, v, runtime)
+        return dependency_graph(liveness.schedule(schedule, p, m, v, runtime))
     except ValueError as exc:
         raise refuse("layout.schedule", str(exc)) from None
+
+
+@lru_cache(maxsize=4096)
+def _simulate(schedule: str, p: int, m: int, v: int, stage_costs: tuple, comm_s: float, runtime: str):
+    graph = _schedule_graph(schedule, p, m, v, runtime)
+    s = graph.schedule
     table = {}
     for r in range(p):
         for c in range(s.chunks):
@@ -108,7 +114,7 @@ def _simulate(schedule: str, p: int, m: int, v: int, stage_costs: tuple, comm_s:
             f, b, w = stage_costs[stage % len(stage_costs)]
             table.update({(r, c, "F"): f, (r, c, "B"): b + w, (r, c, "Bi"): b, (r, c, "W"): w,
                           (r, c, "FB"): f + b + w})
-    sim = simulate(s, Costs(f=1.0, b=1.0, w=1.0, comm=comm_s, table=table))
+    sim = simulate(s, Costs(f=1.0, b=1.0, w=1.0, comm=comm_s, table=table), graph)
     return sim.step_time, tuple(sim.busy), s.chunks
 
 
