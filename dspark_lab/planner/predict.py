@@ -151,7 +151,7 @@ def predict_inputs(inp: Inputs, manager=None, allocator: bool = True) -> dict[st
     hbm = dev.hbm_gb_s * 1e9 * MEMORY_EFFICIENCY
     links = dev.links
     tokens = b * s // c  # tokens of one micro-batch on one GPU (CP splits the sequence)
-    sp = lay.sequence_parallel and t > 1
+    counts, m, sp = _pipeline_shape(model, lay)
     flash = lay.attention == "flash"
     per_node = links.gpus_per_node
 
@@ -214,7 +214,6 @@ def predict_inputs(inp: Inputs, manager=None, allocator: bool = True) -> dict[st
                 "recompute": recompute, "compute": fwd + elem_t + bgrad + 2 * elem_t + wgrad}
 
     stages = p * v
-    counts = split_layers(model.layers, stages)
     starts = [sum(counts[:i]) for i in range(stages)]
     logits = flops.logits_gemm(model, tokens, t)
     logits_t = _gemm_time(logits, bf16_peak, eff, False) + 3 * tokens * model.vocab / t * 4 / hbm  # + softmax/CE
@@ -246,7 +245,6 @@ def predict_inputs(inp: Inputs, manager=None, allocator: bool = True) -> dict[st
         stage_costs.append((f, bb, w))
         stage_parts.append(parts)
 
-    m = lay.global_batch // (d * b)
     # The output layer stays in BF16 under FP8 recipes (Transformer Engine's and torchtitan's float8 skip it).
     # Each TP rank sends its 1/t of the boundary activation (already sharded by SP, else Megatron's scatter-gather
     # optimisation, Narayanan et al. 2021 section 4.1, whose intra-node all-gather rides NVLink).
@@ -316,10 +314,14 @@ def rank_trace_spec(config: Any, rank: int) -> step_trace.RankSpec | None:
     """What the memory prediction traces for pipeline rank ``rank`` of a config (to replay it elsewhere: the
     allocator benchmark replays it through PyTorch's allocator)."""
     inp = parse(config)
-    model, lay = inp.model, inp.layout
+    counts, m, sp = _pipeline_shape(inp.model, inp.layout)
+    return rank_memory.rank_spec(inp.model, inp.layout, counts, m, rank, sp)
+
+
+def _pipeline_shape(model: ModelConfig, lay: Layout) -> tuple[list[int], int, bool]:
+    """Layers per pipeline stage, micro-batches per step, and whether sequence parallelism is on."""
     counts = split_layers(model.layers, lay.pp * lay.vpp)
-    m = lay.global_batch // (lay.dp * lay.micro_batch)
-    return rank_memory.rank_spec(model, lay, counts, m, rank, lay.sequence_parallel and lay.tp > 1)
+    return counts, lay.global_batch // (lay.dp * lay.micro_batch), lay.sequence_parallel and lay.tp > 1
 
 
 def predict(config: Any, manager=None, allocator: bool = True) -> dict[str, Any]:
