@@ -1,4 +1,4 @@
-"""Event-driven simulation of a :class:`~dspark_lab.pipeline.ir.Schedule` with per-op costs.
+"""Simulation of a :class:`~dspark_lab.pipeline.ir.Schedule` with per-op costs.
 
 Each rank runs its ops in IR order; an op starts when its rank is free and its inputs have arrived (a forward needs
 the previous stage's forward of the same micro-batch, a backward the next stage's backward and its own forward, a W
@@ -121,45 +121,40 @@ class Graph:
 
 
 def dependency_graph(schedule: Schedule) -> Graph:
-    """Order the ops so every op follows its inputs (Kahn's algorithm over rank order and data edges)."""
+    """Order the ops so every op follows its inputs: each rank walks its ops until one waits for a value not yet
+    produced, and resumes when that value is."""
     s = schedule
-    node_ids = {(r, i): n for n, (r, i) in enumerate((r, i) for r in range(s.ranks) for i in range(len(s.ops[r])))}
-    producer = {}
-    for (r, i), n in node_ids.items():
-        for key in _outputs(s, r, s.ops[r][i]):
-            producer[key] = n
-    inputs: list[list[tuple[int, bool]]] = []
-    waiting_on = [0] * len(node_ids)
-    dependants: list[list[int]] = [[] for _ in node_ids]
-    for (r, i), n in node_ids.items():
-        deps = []
-        for key, rank in _inputs(s, r, s.ops[r][i]):
-            d = producer.get(key, -1)  # -1: never produced, so the op waits forever
-            deps.append((d, rank != r))
-        inputs.append(deps)
-        before = [d for d, _ in deps] + ([node_ids[(r, i - 1)]] if i else [])
-        waiting_on[n] = len(before)
-        for d in before:
-            if d >= 0:
-                dependants[d].append(n)
-    ready = [n for n in range(len(node_ids)) if waiting_on[n] == 0]
-    order = []
+    produced: dict[tuple, int] = {}  # value -> place of the op producing it
+    nodes: list[tuple[int, int]] = []
+    inputs: list[tuple[tuple[int, bool], ...]] = []
+    head = [0] * s.ranks
+    waiting: dict[tuple, list[int]] = {}
+    ready = list(range(s.ranks))
     while ready:
-        n = ready.pop()
-        order.append(n)
-        for x in dependants[n]:
-            waiting_on[x] -= 1
-            if not waiting_on[x]:
-                ready.append(x)
-    positions = list(node_ids)
-    place = {n: k for k, n in enumerate(order)}
-    ran = [0] * s.ranks
-    for n in order:
-        ran[positions[n][0]] += 1
-    stuck = tuple((r, ran[r]) for r in range(s.ranks) if ran[r] < len(s.ops[r]))
-    nodes = tuple(positions[n] for n in order)
-    return Graph(s, nodes, tuple(tuple((place[d], crosses) for d, crosses in inputs[n]) for n in order),
-                 tuple(_cost_key(r, s.ops[r][i]) for r, i in nodes), stuck, tuple(peak_activations(s)))
+        r = ready.pop()
+        ops, i = s.ops[r], head[r]
+        while i < len(ops):
+            deps = []
+            for key, rank in _inputs(s, r, ops[i]):
+                place = produced.get(key)
+                if place is None:
+                    waiting.setdefault(key, []).append(r)
+                    break
+                deps.append((place, rank != r))
+            else:
+                place = len(nodes)
+                nodes.append((r, i))
+                inputs.append(tuple(deps))
+                for key in _outputs(s, r, ops[i]):
+                    produced[key] = place
+                    ready.extend(waiting.pop(key, ()))
+                i += 1
+                continue
+            break
+        head[r] = i
+    stuck = tuple((r, head[r]) for r in range(s.ranks) if head[r] < len(s.ops[r]))
+    return Graph(s, tuple(nodes), tuple(inputs), tuple(_cost_key(r, s.ops[r][i]) for r, i in nodes), stuck,
+                 tuple(peak_activations(s)))
 
 
 def _cost_key(rank: int, op: Op) -> tuple[int, int, str]:
