@@ -24,15 +24,18 @@ def make_model(layers=4, width=32):
     return nn.Sequential(nn.Linear(8, width), nn.Sequential(*[block() for _ in range(layers)]), nn.Linear(width, 1))
 
 
-@pytest.fixture
-def cpu_job(tmp_path):
+def new_cpu_job(root) -> Job:
     from dspark_lab.backends import cpu
 
     manager = make_manager([cpu, builtin_policies], entry_points=False)
-    run_dir = RunDir.create("20260101-000000-abcdef", {"name": "unit"}, root=tmp_path)
-    job = Job(run_dir, rank=0, world=1, manager=manager)
-    model = make_model()
-    job.set_model(model)
+    run_dir = RunDir.create("20260101-000000-abcdef", {"name": "unit"}, root=root)
+    return Job(run_dir, rank=0, world=1, manager=manager)
+
+
+@pytest.fixture
+def cpu_job(tmp_path):
+    job = new_cpu_job(tmp_path)
+    job.set_model(make_model())
     yield job
     job.close()
 
@@ -340,3 +343,117 @@ def test_plain_status_shows_the_live_job(cpu_job, monkeypatch, tmp_path):
     assert "comm.grad_sync" in reasons and "memory.activation_checkpointing" not in reasons
     assert {k.removeprefix("cannot apply: "): v for k, v in rows.items() if k.startswith("cannot")} == reasons
     assert all(f"cannot apply: {k}" in text for k in reasons)
+
+
+# --- what the runtime leaves on a script's modules -----------------------------------------------------------------
+
+
+class NormBlock(nn.Module):
+    """A residual block holding BatchNorm, whose running statistics a training forward updates."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.norm = nn.Linear(16, 16), nn.BatchNorm1d(16)
+
+    def forward(self, x):
+        return x + torch.relu(self.norm(self.linear(x)))
+
+
+def bn_model():
+    return nn.Sequential(nn.Linear(8, 16), *[NormBlock() for _ in range(3)], nn.Linear(16, 1))
+
+
+def test_checkpointing_leaves_batchnorm_running_statistics_as_they_are_without_it():
+    # The checkpoint runs each block's forward again in backward; a second training-mode BatchNorm forward would
+    # move running_mean / running_var again and count num_batches_tracked twice.
+    torch.manual_seed(2)
+    reference = bn_model()
+    model = bn_model()
+    model.load_state_dict(reference.state_dict())
+    assert train_steps(model, policy="full")[0] == train_steps(reference)[0]
+    for (key, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(ours, theirs), key
+
+
+def test_a_copy_or_a_pickle_of_the_model_carries_none_of_the_runtime(tmp_path):
+    import copy
+    import io
+
+    from dspark_lab.runtime.module_hooks import InstanceForward
+
+    cpu_job = new_cpu_job(tmp_path)
+    model = bn_model()
+    cpu_job.set_model(model)
+    builtin_policies.dspark_apply_policy(cpu_job, "memory.activation_checkpointing", "full", "none")
+    assert all(isinstance(b.__dict__.get("forward"), InstanceForward) for b in cpu_job.blocks)
+    x = torch.randn(4, 8)
+    model(x)
+    counted = cpu_job.meter._samples
+    assert counted == 4
+    twin = copy.deepcopy(model)  # an EMA model, a "best so far" snapshot
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    model.eval()
+    expected = model(x)
+    for other in (twin, loaded):
+        assert all("forward" not in b.__dict__ or not isinstance(b.forward, InstanceForward) for b in other[1:4])
+        other.eval()
+        assert torch.equal(other(x), expected)
+        other.train()
+        other(x).sum().backward()  # a plain backward: no checkpoint, no count
+    assert cpu_job.meter._samples == counted + 4  # only the original's eval forward above counted
+    cpu_job.close()
+
+
+def test_the_step_boundary_follows_a_new_optimizer_but_not_one_taking_turns(tmp_path):
+    import gc
+
+    job = new_cpu_job(tmp_path)
+    model = make_model()
+    job.set_model(model)
+
+    def step(optimizer, times=1):
+        for _ in range(times):
+            job.on_step_begin(optimizer)
+            job.on_step_end(optimizer)
+
+    head = torch.optim.SGD(model[-1].parameters(), lr=0.1)
+    step(head, 3)
+    assert job.step == 3 and job.optimizer is head
+    rival = torch.optim.SGD(model.parameters(), lr=0.1)
+    step(head)
+    step(rival)  # taking turns (a GAN's two optimizers): the first one keeps the boundary
+    step(head)
+    step(rival)
+    assert job.step == 5 and job.optimizer is head
+    full = torch.optim.AdamW(model.parameters())  # the next phase of a fine-tune: its own optimizer, head still held
+    step(full, 4)
+    assert job.optimizer is full and job.step == 8  # followed from its second step on
+    del head, rival
+    gc.collect()
+    last = torch.optim.SGD(model.parameters(), lr=0.1)
+    del full
+    gc.collect()  # the script dropped the optimizer: the next one to step ends the step at once
+    step(last)
+    assert job.optimizer is last and job.step == 9
+    reasons = [e["reason"] for e in job.run_dir.events() if e["kind"] == "boundary"]
+    assert len(reasons) == 2 and "AdamW" in reasons[0] and "stepped 2 times" in reasons[0]
+    assert "dropped" in reasons[1]
+    job.close()
+
+
+def test_an_attached_optimizer_keeps_the_step_boundary(tmp_path, monkeypatch):
+    from dspark_lab.runtime import attach as attach_module
+
+    job = new_cpu_job(tmp_path)
+    monkeypatch.setattr(Job, "current", job)
+    model = make_model()
+    main = torch.optim.SGD(model.parameters(), lr=0.1)
+    attach_module.attach(model, main)
+    other = torch.optim.SGD(model.parameters(), lr=0.1)
+    for optimizer in (main, other, other, other):
+        job.on_step_end(optimizer)
+    assert job.optimizer is main and job.step == 1
+    job.close()

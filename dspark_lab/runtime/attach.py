@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
+import weakref
 from typing import Any
 
 import psutil
@@ -43,12 +44,16 @@ from dspark_lab.runtime.nodes import store_address
 from dspark_lab.runtime.coordinator import Coordinator, PendingChange
 from dspark_lab.runtime.jobinfo import describe
 from dspark_lab.runtime.metering import StepMeter
+from dspark_lab.runtime.module_hooks import RuntimeHook
 from dspark_lab.runtime.patches import install_patches
 from dspark_lab.runtime.limits import short
 from dspark_lab.runtime.policies import builtin as builtin_policies
 from dspark_lab.runtime.policies.memory import SavedActivations
 from dspark_lab.runtime.policy_state import PolicyState
 from dspark_lab.runtime.records import JsonlWriter, RunDir, new_run_id
+
+
+RIVAL_STEPS = 2  # steps of another optimizer, while the job's does not step, that make it the job's
 
 
 def _env_int(name: str, default: int) -> int:
@@ -92,7 +97,10 @@ class Job:
         self.backend = self.manager.default_backend()
         self._events = JsonlWriter(run_dir.events_path)
         self._metrics = JsonlWriter(run_dir.metrics_path)
-        self.model = self.optimizer = self.ddp = None
+        self.model = self.ddp = None
+        self._optimizer: weakref.ref | None = None  # the one whose steps are the job's steps (see on_step_end)
+        self.optimizer_pinned = False  # handed over by attach(optimizer=...)
+        self._rival: tuple[weakref.ref, int] | None = None  # another optimizer, and its steps since ours last did
         self.discovered = False  # set at the first optimizer step, or when attach() hands over the model
         self.found_blocks = discover.Blocks()
         self.blocks: list = []
@@ -172,7 +180,7 @@ class Job:
         if first is not None:
             self.backend = _backend_for(self.manager, first.device.type)
         if not self.discovered:
-            inner.register_forward_pre_hook(self.meter.count_batch, with_kwargs=True)
+            inner.register_forward_pre_hook(RuntimeHook(self.meter.count_batch), with_kwargs=True)
         self.discovered = True
         self.notify_states("on_model")
 
@@ -221,14 +229,47 @@ class Job:
     def on_backward(self, tensors, run):
         return self.meter.on_backward(tensors, run)
 
+    @property
+    def optimizer(self):
+        """The optimizer whose ``step()`` ends the job's step (None before the first; held weakly, so an optimizer
+        the script dropped is freed)."""
+        return self._optimizer() if self._optimizer is not None else None
+
+    @optimizer.setter
+    def optimizer(self, optimizer) -> None:
+        self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
+        self._rival = None
+
     def on_step_begin(self, optimizer) -> None:
-        if self.optimizer is None or optimizer is self.optimizer:
+        current = self.optimizer
+        if current is None or optimizer is current:
             self.meter.on_step_begin()
 
+    def _follows(self, optimizer) -> bool:
+        """Whether ``optimizer``'s step ends the job's step. The first optimizer to step does, until the script
+        drops it or (unless attach() named it) another steps twice while it does not: a script that trains in
+        phases makes a new optimizer for the next phase, and a GAN's optimizers take turns."""
+        current = self.optimizer
+        if optimizer is current:
+            self._rival = None
+            return True
+        if current is not None:
+            rival = self._rival
+            count = rival[1] + 1 if rival is not None and rival[0]() is optimizer else 1
+            self._rival = (weakref.ref(optimizer), count)
+            if self.optimizer_pinned or count < RIVAL_STEPS:
+                return False
+        if self.step:
+            self.record_event("boundary", step=self.step, rank=self.rank,
+                              reason=f"{type(optimizer).__name__} ends each step from now: "
+                                     + ("the optimizer before it was dropped" if current is None
+                                        else f"it stepped {RIVAL_STEPS} times while {type(current).__name__} "
+                                             "did not"))
+        self.optimizer = optimizer
+        return True
+
     def on_step_end(self, optimizer) -> None:
-        if self.optimizer is None:
-            self.optimizer = optimizer
-        elif optimizer is not self.optimizer:
+        if not self._follows(optimizer):
             return
         if self.model is None and self.step == 0:  # also when attach() handed over only the optimizer
             model = discover.model_of_optimizer(optimizer)
@@ -337,6 +378,7 @@ def attach(model=None, optimizer=None, *, blocks=None, policies: dict[str, Any] 
         job.notify_states("on_model")
     if optimizer is not None:
         job.optimizer = optimizer
+        job.optimizer_pinned = True
     return job
 
 

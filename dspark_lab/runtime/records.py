@@ -24,7 +24,6 @@ from dspark_lab.output import SCHEMA_VERSION
 from dspark_lab.runtime import liveness
 
 RUN_STATES = ("starting", "running", "finished", "failed", "stopped")
-EVENT_KINDS = ("start", "pending", "apply", "refuse", "rollback", "placement", "stop", "error", "reapply")
 DIR_MODE, FILE_MODE = 0o700, 0o600
 
 # What every record of a file must hold, by file name: field -> the types it may have (bool is never an int here).

@@ -25,10 +25,12 @@ import weakref
 from typing import Callable
 
 import torch
+from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.checkpoint import checkpoint
 
 from dspark_lab.allocator import HostPool
 from dspark_lab.runtime.discover import fsdp2_groups, fsdp2_modules
+from dspark_lab.runtime.module_hooks import InstanceForward
 from dspark_lab.runtime.policies.offload import Offloaded, Offloader
 
 MIN_OFFLOAD_BYTES = 1 << 14  # tiny tensors (masks, indices, scalars) are not worth a copy
@@ -210,30 +212,53 @@ def blocks_to_checkpoint(policy: str, count: int) -> list[int]:
     return list(range(0, count, every))
 
 
-def _checkpointed_forward(block, original, tracker, *args, **kwargs):
+def _checkpointed_forward(original, norms, tracker, *args, **kwargs):
     if not torch.is_grad_enabled():
         return original(*args, **kwargs)
+    function = _restoring_running_stats(original, norms) if norms else original
     if tracker is None:
-        return checkpoint(original, *args, use_reentrant=False, **kwargs)
-    return tracker.checkpoint(original, args, kwargs)
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+    return tracker.checkpoint(function, args, kwargs)
+
+
+def _restoring_running_stats(original, norms):
+    """``original`` for one checkpointed call: the checkpoint runs it again in backward, where a training-mode
+    BatchNorm would update its running statistics (and ``num_batches_tracked``) a second time; the second run
+    puts back what the first left, so the module's state is what it is without checkpointing."""
+    calls = 0
+
+    def run(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        live = [m for m in norms if m.training and m.track_running_stats] if calls > 1 else []
+        kept = [(b, b.clone()) for m in live for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+                if b is not None]
+        try:
+            return original(*args, **kwargs)
+        finally:
+            with torch.no_grad():
+                for buffer, value in kept:
+                    buffer.copy_(value)
+    return run
 
 
 def set_checkpointing(blocks, policy: str, tracker: SavedActivations | None = None) -> list[int]:
     """Make exactly the blocks that ``policy`` names checkpointed (unwrapping the others); returns their indices.
 
-    The wrapper is an instance attribute ``forward``: module hooks, parameters and ``state_dict`` keys stay as they
-    were, and deleting the attribute restores the class's forward.
+    The wrapper is an instance attribute ``forward`` (:class:`~dspark_lab.runtime.module_hooks.InstanceForward`):
+    module hooks, parameters and ``state_dict`` keys stay as they were, deleting the attribute restores the class's
+    forward, and a copy of the block (``copy.deepcopy``, pickle) gets its plain forward.
     """
     wanted = set(blocks_to_checkpoint(policy, len(blocks)))
     for index, block in enumerate(blocks):
-        wrapped = "forward" in block.__dict__ and getattr(block.forward, "_dspark_checkpoint", False)
+        wrapped = isinstance(block.__dict__.get("forward"), InstanceForward)
         if index in wanted and not wrapped:
-            forward = functools.partial(_checkpointed_forward, block, block.forward, tracker)
-            forward._dspark_checkpoint = True
-            forward._dspark_replaced = block.__dict__.get("forward")  # a script's own instance forward, if any
-            block.forward = forward
+            norms = [m for m in block.modules() if isinstance(m, _NormBase)]
+            replaced = block.__dict__.get("forward")  # a script's own instance forward, if any
+            block.forward = InstanceForward(
+                block, functools.partial(_checkpointed_forward, block.forward, norms, tracker), replaced)
         elif index not in wanted and wrapped:
-            replaced = block.forward._dspark_replaced
+            replaced = block.forward.replaced
             del block.__dict__["forward"]
             if replaced is not None:
                 block.forward = replaced

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dspark_lab.runtime.module_hooks import RuntimeHook
 
 
 def moe_layers(model) -> list:
@@ -67,7 +68,7 @@ class ExpertPlacement:
         self.counts: list[torch.Tensor | None] = [None] * len(layers)  # made on the device of the first output
         self.history: deque[StepLoads] = deque(maxlen=10_000)  # oldest first
         for index, layer in enumerate(layers):
-            layer.router.register_forward_hook(self._hook(index))
+            layer.router.register_forward_hook(RuntimeHook(self._hook(index)))
 
     def _hook(self, index: int):
         def record(module, inputs, output):

@@ -42,6 +42,8 @@ from typing import Callable
 
 import torch
 
+from dspark_lab.runtime.module_hooks import RuntimeHook
+
 LAG_GROUPS = 1  # group k's forward starts once group k-2's copies to the host are done (a device-side wait)
 FP8_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the FP8 kernels quantise and restore
 _NONFINITE_POS, _NONFINITE_NEG = 0x7F, 0xFF  # e4m3fn NaN codes; the largest finite magnitude is 0x7e (448)
@@ -232,8 +234,8 @@ class Offloader:
             handle.remove()
         self._hooks = []
         for block in blocks:
-            self._hooks.append(block.register_forward_pre_hook(self._bump))
-            self._hooks.append(block.register_forward_hook(self._bump))
+            self._hooks.append(block.register_forward_pre_hook(RuntimeHook(self._bump)))
+            self._hooks.append(block.register_forward_hook(RuntimeHook(self._bump)))
 
     def _bump(self, *_):
         self.serial += 1
