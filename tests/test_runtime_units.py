@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -457,3 +458,28 @@ def test_an_attached_optimizer_keeps_the_step_boundary(tmp_path, monkeypatch):
         job.on_step_end(optimizer)
     assert job.optimizer is main and job.step == 1
     job.close()
+
+
+def test_a_script_that_spawns_its_own_workers_is_told_why_policies_cannot_reach_them(tmp_path, monkeypatch):
+    import torch.multiprocessing as mp
+
+    from dspark_lab.runtime import patches
+    from dspark_lab.runtime.control import ControlServer, RequestError
+
+    job = new_cpu_job(tmp_path)
+    monkeypatch.setattr(Job, "current", job)
+    patches.install_patches(lambda: Job.current)
+    mp.spawn(_spawned_worker, args=(str(tmp_path),), nprocs=1)  # the classic mp.spawn DDP script's launch
+    assert (tmp_path / "worker-0").exists()
+    errors = [e["reason"] for e in job.run_dir.events() if e["kind"] == "error"]
+    assert len(errors) == 1 and "1 worker process(es) of its own" in errors[0]
+    job.server = ControlServer(job)
+    started = time.monotonic()
+    with pytest.raises(RequestError, match="trains in 1 worker process"):
+        job.server._wait_for_first_step(30.0)
+    assert time.monotonic() - started < 5  # refused at once, not after the wait for a first step
+    job.close()
+
+
+def _spawned_worker(index: int, root: str) -> None:
+    open(os.path.join(root, f"worker-{index}"), "w").close()

@@ -109,6 +109,7 @@ class Job:
         self.compiled: list[str] | bool = []  # paths of modules running under torch.compile
         self.compiled_ids: set[int] = set()
         self.compiled_functions = 0
+        self.spawned = 0  # worker processes the script started itself (on_spawn)
         self.registered: dict[str, Any] = dict(registered or {})  # attach(pipeline=..., moe_layers=...)
         self.step = 0
         self._param_storages: set[int] = set()
@@ -216,6 +217,16 @@ class Job:
                 self.compiled = discover.compiled_paths(self.model, self.compiled_ids)
         else:
             self.compiled_functions += 1
+
+    def on_spawn(self, processes: int) -> None:
+        """The script starts ``processes`` workers of its own (``torch.multiprocessing.spawn``): they train outside
+        the runtime, which stays attached to this process only."""
+        self.spawned += processes
+        self.record_event("error", step=self.step, rank=self.rank,
+                          reason=f"the script started {processes} worker process(es) of its own "
+                                 "(torch.multiprocessing); they train without the runtime, so policies cannot "
+                                 "reach them: launch the training function once per rank with "
+                                 "`dspark-lab run --nproc N` instead")
 
     def describe(self) -> dict[str, Any]:
         """What this job is (parallelism, compile, precision, blocks, which policies apply): see :mod:`.jobinfo`."""

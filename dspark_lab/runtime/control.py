@@ -298,6 +298,10 @@ class ControlServer:
         request sent right after launch waits for it instead of being refused for a model not yet built."""
         deadline = time.monotonic() + timeout
         while self.job.step == 0:
+            if self.job.spawned:
+                raise RequestError(f"set: the script trains in {self.job.spawned} worker process(es) it started "
+                                   "itself (torch.multiprocessing), outside the runtime; launch the training "
+                                   "function once per rank with `dspark-lab run --nproc N` instead", 409)
             if time.monotonic() > deadline:
                 raise RequestError(f"set: the job has not finished its first step within {timeout:g} s, so its "
                                    "model is not known yet; try again once it trains", 409)

@@ -6,7 +6,9 @@
   a launch-time ``comm.bucket_mb`` reaches DDP;
 - ``torch.autograd.backward`` is wrapped to time backward and read the loss;
 - ``torch.compile`` is wrapped to notice compiled modules (memory policies are refused there); compiling a plain
-  function (torchtitan compiles ``flex_attention`` at import) is counted, not taken for a compiled model.
+  function (torchtitan compiles ``flex_attention`` at import) is counted, not taken for a compiled model;
+- ``torch.multiprocessing``'s ``start_processes`` (what ``mp.spawn`` calls) is wrapped to notice a script that
+  trains in worker processes of its own, where the runtime is not attached.
 
 The order in which the runtime's pieces wrap a step is written down once, in :mod:`.attach`'s docstring.
 
@@ -16,6 +18,7 @@ A failure of the runtime inside these wrappers is logged once and never raised i
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Any, Callable
 
 import torch
@@ -89,3 +92,16 @@ def install_patches(current_job: Callable[[], Any]) -> None:
         return original_compile(*args, **kwargs)
 
     torch.compile = compile
+
+    import torch.multiprocessing as torch_mp
+
+    torch_spawn = importlib.import_module("torch.multiprocessing.spawn")  # the attribute is the spawn function
+
+    original_start = torch_spawn.start_processes
+
+    @functools.wraps(original_start)
+    def start_processes(fn, args=(), nprocs=1, *rest, **kwargs):
+        _guarded(current_job(), "on_spawn", nprocs)
+        return original_start(fn, args, nprocs, *rest, **kwargs)
+
+    torch_spawn.start_processes = torch_mp.start_processes = start_processes
