@@ -21,7 +21,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 import pluggy
@@ -341,8 +341,14 @@ class Manager:
             if spec.key in specs:
                 self.problem(plugin, "dspark_register_policies", f"policy {spec.key!r} is already registered")
             else:
-                specs[spec.key] = spec
+                specs[spec.key] = self._with_collectives(spec) if spec.plus_collectives else spec
         return dict(sorted(specs.items()))
+
+    def _with_collectives(self, spec):
+        """``spec`` with every plugin collective (on any backend) among its choices; whether the job's backend
+        offers it is the policy's own check when it applies."""
+        offered = [n for b in self.backends() for n in self.collective_names(b) if n not in spec.choices]
+        return replace(spec, choices=(*spec.choices, *dict.fromkeys(offered)))
 
 
 def make_manager(plugins: Iterable[Any] = (), *, entry_points: bool = True, only: Iterable[str] | None = None,

@@ -32,7 +32,8 @@ class PolicySpec:
     another thread count); ``dspark-lab tune`` reports which kind it tried. ``tunable``: False for a key that is a
     request (``profile.steps`` starts a capture) or a what-if knob that slows the job on purpose
     (``comm.emulate_links``), not a setting a faster or smaller configuration could be made of; the tuner leaves it
-    out.
+    out. ``plus_collectives``: an enum that also takes the name of every collective a plugin offers
+    (``dspark_collective_names``); :meth:`dspark_lab.plugins.Manager.policies` adds them to ``choices``.
     """
 
     key: str
@@ -46,6 +47,7 @@ class PolicySpec:
     lossy_values: tuple[str, ...] = ()
     bit_exact: bool = True
     tunable: bool = True
+    plus_collectives: bool = False
 
     def __post_init__(self):
         if "." not in self.key:

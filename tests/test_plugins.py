@@ -147,6 +147,27 @@ def test_hook_dspark_collective_names(toy, builtin_plugins):
     assert "toy-sum" not in manager.collective_names(manager.backend("cpu"))
 
 
+def test_a_plugins_collective_is_a_grad_sync_choice_and_refused_where_its_backend_is_not(toy, builtin_plugins):
+    from types import SimpleNamespace
+
+    from dspark_lab.runtime.policies import builtin
+
+    manager, _, _ = toy
+    for plugin in builtin_plugins:
+        manager.register(plugin)
+    manager.register(builtin)
+    spec = manager.policies()["comm.grad_sync"]
+    assert spec.validate("toy-sum") == "toy-sum" and "toy-sum" in spec.allowed()
+    with pytest.raises(PolicyError, match="allowed: builtin .*toy-sum"):
+        spec.validate("nope")
+    grad_sync = SimpleNamespace(refusal=lambda: None)
+    job = SimpleNamespace(model=None, fsdp=False, state={"comm": SimpleNamespace(grad_sync=grad_sync)}, manager=manager,
+                          backend=manager.backend("cpu"))
+    assert "backend cpu offers no 'toy-sum' collective" in builtin.refusal(job, "comm.grad_sync", "toy-sum")
+    job.backend = manager.backend("toy")
+    assert builtin.refusal(job, "comm.grad_sync", "toy-sum") is None
+
+
 def test_hook_dspark_doctor_checks(toy):
     from dspark_lab import commands
 

@@ -34,8 +34,9 @@ SPECS = (
                    "backward (true, ZeRO-3-like) or keep them until backward (false, ZeRO-2-like: more memory, "
                    "one all-gather fewer per block)"),
     PolicySpec(key="comm.grad_sync", type="enum", choices=GRAD_SYNC, default="builtin",
-               lossy_values=COMPRESSED, bit_exact=False,
-               doc="collective that reduces DDP gradient buckets (bf16/fp8: compressed with error feedback, lossy)"),
+               lossy_values=COMPRESSED, bit_exact=False, plus_collectives=True,
+               doc="collective that reduces DDP gradient buckets (bf16/fp8: compressed with error feedback, lossy; "
+                   "a backend plugin's collectives by name)"),
     PolicySpec(key="comm.topology", type="str", default="backend", live=False,
                doc="the link graph comm.grad_sync=packed-trees plans on: backend (what the backend reports), a "
                    "preset (dgx1-v100, hgx-h100, mi300x, nodes:N,gpus:G) or a topology JSON file"),
