@@ -67,6 +67,8 @@ def test_run_lookup_by_id_name_and_prefix(tmp_path):
         find_run("2026", tmp_path)
     with pytest.raises(RunNotFound, match="no run matches"):
         find_run("gamma", tmp_path)
+    multi = RunDir.create("rdzv-job-42", {"name": "train"}, root=tmp_path)  # a multi-node run, by its --rdzv-id
+    assert find_run("job-42", tmp_path).id == multi.id == find_run("rdzv-job-42", tmp_path).id
     assert oct(os.stat(a.token_path).st_mode & 0o777) == "0o600"
     assert json.loads(a.run_json.read_text())["state"] == "starting"
 

@@ -25,6 +25,7 @@ from dspark_lab.runtime import liveness
 
 RUN_STATES = ("starting", "running", "finished", "failed", "stopped")
 DIR_MODE, FILE_MODE = 0o700, 0o600
+RDZV_RUN_PREFIX = "rdzv-"  # a multi-node run's id is this and its --rdzv-id, the same on every node
 
 # What every record of a file must hold, by file name: field -> the types it may have (bool is never an int here).
 RECORD_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
@@ -254,9 +255,11 @@ def list_runs(root: Path | None = None) -> list[RunDir]:
 
 
 def find_run(ref: str, root: Path | None = None) -> RunDir:
-    """A run by id, name or unique id prefix; :class:`RunNotFound` in one line otherwise."""
+    """A run by id, rendezvous id (a multi-node run's ``--rdzv-id``), name or unique id prefix;
+    :class:`RunNotFound` in one line otherwise."""
     runs = list_runs(root)
-    exact = [r for r in runs if r.id == ref] or [r for r in runs if r.info().get("name") == ref]
+    exact = ([r for r in runs if r.id == ref] or [r for r in runs if r.id == RDZV_RUN_PREFIX + ref]
+             or [r for r in runs if r.info().get("name") == ref])
     if len(exact) == 1:
         return exact[0]
     if len(exact) > 1:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dspark_lab.errors import DSparkError
+from dspark_lab.runtime.records import RDZV_RUN_PREFIX
 
 # torchrun reads each of its options from PET_<OPTION> when the flag is absent (torch.distributed.argparse_util).
 PET_VARIABLES = {"nnodes": "PET_NNODES", "node_rank": "PET_NODE_RANK", "rdzv_backend": "PET_RDZV_BACKEND",
@@ -60,7 +61,7 @@ def run_id_for(rdzv_id: str) -> str:
     if not RDZV_ID.fullmatch(rdzv_id):
         raise DSparkError(f"--rdzv-id: {rdzv_id[:70]!r} is not allowed; allowed: 1 to 64 letters, digits, '.', '_' "
                           "or '-', starting with a letter or digit")
-    return f"rdzv-{rdzv_id}"
+    return RDZV_RUN_PREFIX + rdzv_id
 
 
 def read_token_file(path: str) -> str:
