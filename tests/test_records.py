@@ -119,13 +119,13 @@ def test_metrics_and_events_verbs_skip_bad_lines(home, capsys):
 def test_run_directory_is_0700_and_its_files_0600(tmp_path):
     old = os.umask(0)  # the most permissive umask: the modes must not depend on it
     try:
-        run = RunDir.create("20260101-000000-abcdef", {"name": "private"}, root=tmp_path / "runs")
+        run = RunDir.create("20260101-000000-abcdef", {"name": "private"}, root=tmp_path / "home" / "runs")
         run.update_info(state="running")
         for path in (run.events_path, run.metrics_path):
             JsonlWriter(path).write({"step": 1, "rank": 0, "kind": "start"})
     finally:
         os.umask(old)
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
-    assert mode(tmp_path / "runs") == 0o700 and mode(run.path) == 0o700
+    assert mode(tmp_path / "home") == mode(tmp_path / "home" / "runs") == mode(run.path) == 0o700
     assert {p.name: mode(p) for p in run.path.iterdir()} == {
         "run.json": 0o600, "token": 0o600, "events.jsonl": 0o600, "metrics.jsonl": 0o600}

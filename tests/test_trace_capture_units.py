@@ -59,6 +59,26 @@ def test_capture_records_exactly_n_steps_and_refuses_a_second(tmp_path):
     assert len(job.events) == 1
 
 
+def test_a_capture_is_private_like_every_record_of_the_run(tmp_path):
+    import os
+    import stat
+
+    from dspark_lab.trace.commands import show
+
+    old = os.umask(0)  # the most permissive umask: the modes must not depend on it
+    try:
+        job = FakeJob(tmp_path)
+        apply(job, 1)
+        job.run_step()
+        show([str(tmp_path / "profiles" / "step11")])
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    found = {str(p.relative_to(tmp_path)): mode(p) for p in tmp_path.rglob("*")}
+    assert found == {"profiles": 0o700, "profiles/step11": 0o700, "profiles/step11/rank0.json.gz": 0o600,
+                     "profiles/step11/timeline.html": 0o600}
+
+
 def test_rollback_undoes_the_start_and_zero_ends_early(tmp_path):
     job = FakeJob(tmp_path)
     capture.dspark_apply_policy(job, capture.KEY, 3, 0)  # applied, not committed: the runtime then rolls back

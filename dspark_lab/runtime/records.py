@@ -39,6 +39,22 @@ def dspark_home() -> Path:
     return Path(os.environ.get("DSPARK_HOME") or Path.home() / ".dspark")
 
 
+def make_private_dir(path: Path) -> Path:
+    """Create ``path`` and any missing parents as the user's alone (0700, whatever the umask); directories that
+    exist already are left as they are."""
+    missing, parent = [], path
+    while not parent.is_dir():
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=DIR_MODE)
+        except FileExistsError:  # another process made it meanwhile
+            continue
+        os.chmod(directory, DIR_MODE)
+    return path
+
+
 def runs_root() -> Path:
     return dspark_home() / "runs"
 
@@ -169,8 +185,7 @@ class RunDir:
                token: str | None = None) -> "RunDir":
         """A new run directory; ``token`` is the run's control token when given at launch (multi-node), else new."""
         root = root or runs_root()
-        if not root.is_dir():
-            root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)  # another run may create it meanwhile
+        make_private_dir(root)
         path = root / run_id
         path.mkdir(mode=DIR_MODE)
         os.chmod(path, DIR_MODE)  # mkdir's mode is masked by the umask; the run directory is the user's alone

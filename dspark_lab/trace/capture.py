@@ -24,6 +24,7 @@ from typing import Any
 from dspark_lab import hookimpl
 from dspark_lab.errors import PolicyError
 from dspark_lab.policy import PolicySpec
+from dspark_lab.runtime.records import FILE_MODE, make_private_dir
 
 KEY = "profile.steps"
 MAX_STEPS = 50
@@ -113,8 +114,7 @@ def start(job, steps: int) -> Capture:
     activities = [ProfilerActivity.CPU]
     if job.backend.torch_device == "cuda" and torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
-    directory = Path(job.run_dir.path) / "profiles" / f"step{job.step + 1}"
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = make_private_dir(Path(job.run_dir.path) / "profiles" / f"step{job.step + 1}")
     capture = Capture(profiler=profile(activities=activities, record_shapes=True, with_stack=stacks_wanted()),
                       boundary=job.step, steps=steps, directory=directory)
     capture.profiler.start()
@@ -134,7 +134,10 @@ def _stop(job, capture: Capture, last_step: int, note: str = "") -> None:
         capture.profiler.export_chrome_trace(str(raw))
         size = raw.stat().st_size
         cut = _cut_to(raw, max_bytes()) if size > max_bytes() else ""
-        with open(raw, "rb") as src, gzip.open(capture.directory / f"rank{job.rank}.json.gz", "wb", 6) as dst:
+        packed = capture.directory / f"rank{job.rank}.json.gz"
+        fd = os.open(packed, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        with open(raw, "rb") as src, os.fdopen(fd, "wb") as out, gzip.GzipFile(fileobj=out, mode="wb",
+                                                                                compresslevel=6) as dst:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
         raw.unlink()

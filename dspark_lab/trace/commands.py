@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 from dspark_lab.errors import DSparkError
 from dspark_lab.output import Report
+from dspark_lab.runtime.records import FILE_MODE, find_run
 
 MAX_TRACES = 1024
 _FIGURES = ("span_ms", "compute_ms", "comm_busy_ms", "comm_overlap_ms", "comm_exposed_ms", "wait_ms", "idle_ms")
@@ -18,8 +20,6 @@ def resolve(refs) -> list[Path]:
     for ref in refs:
         path = Path(ref)
         if not path.exists() and ":" in str(ref):
-            from dspark_lab.runtime.records import find_run
-
             run, _, profile_id = str(ref).partition(":")
             path = find_run(run).path / "profiles" / profile_id
             if not path.is_dir():
@@ -97,6 +97,8 @@ def show(refs, out: str | None = None, classifier=None) -> Report:
     classifier = _classifier(classifier)
     path = save_html(traces, classifier, out or files[0].parent / "timeline.html",
                      title=f"{len(traces)} trace(s): {files[0].name}", result=analyze_traces(traces, classifier))
+    if out is None:
+        os.chmod(path, FILE_MODE)  # beside the traces, in the run directory: private like every record there
     return Report("trace.show", {"html": str(path), "traces": [str(f) for f in files]},
                   lines=[f"wrote {path} (BokehJS inlined)"])
 
@@ -104,7 +106,6 @@ def show(refs, out: str | None = None, classifier=None) -> Report:
 def profile(run: str, steps: int = 2, wait: bool = False, timeout: float = 600.0) -> Report:
     """``profile``: set ``profile.steps`` on a running job; with ``wait``, wait for every rank's file and analyse."""
     from dspark_lab.runtime.commands import set_policies
-    from dspark_lab.runtime.records import find_run
 
     run_dir = find_run(run)
     reply = set_policies(run, [f"profile.steps={steps}"], wait=True, timeout=min(timeout, 120.0))
