@@ -177,6 +177,8 @@ def test_cli_json_outputs(live_job, capsys):
 
 def test_stop_ends_every_rank_at_a_boundary(live_job):
     commands.stop(live_job.id)
+    listed = {j["id"]: j["state"] for j in commands.jobs().data["jobs"]}
+    assert listed[live_job.id] == "stopped"  # the answer comes once the run reads ended, as `jobs` says
     assert live_job.wait(60) == 0
     info = live_job.run_dir.info()
     assert info["state"] == "stopped"

@@ -129,12 +129,21 @@ def stop(run: str, timeout: float = 60.0) -> Report:
     """Stop every rank at the next step boundary; answers once the ranks stopped (exit_code 4 if not in time)."""
     timeout = check_timeout(timeout, "--timeout")
     run_dir = _run(run)
+    started = time.monotonic()
     reply = ControlClient(run_dir, timeout=timeout + 5).request("POST", "/stop", {"timeout": timeout})
+    if reply["state"] == "stopped":  # the ranks stopped: wait for the supervisor to record the run's end too
+        _wait_until_ended(run_dir, started + timeout)
     words = {"stopped": f"run {run_dir.id} stopped after step {reply['step']}",
              "ended": f"run {run_dir.id} ended by itself at step {reply['step']} before the stop applied",
              "timed_out": f"run {run_dir.id}: {reply['reason']} (last step {reply['step']})"}
     return Report("stop", {"id": run_dir.id, **reply, "exit_code": EXIT_CODES.get(reply["state"], 0)},
                   lines=[words.get(reply["state"], f"run {run_dir.id} {reply['state']}")])
+
+
+def _wait_until_ended(run_dir, deadline: float) -> None:
+    """Wait (until ``deadline``, monotonic) for the run to read as ended, so `jobs` right after agrees."""
+    while run_state(run_dir).get("state") in ("running", "starting") and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def launch(script, args=(), *, nproc: int = 1, policies=(), name: str | None = None, options=None, env=None,
