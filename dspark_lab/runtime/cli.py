@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from dspark_lab.errors import DSparkError
 from dspark_lab.output import Report, cell
 
 MAX_TAIL = 100_000  # metric records printed by `metrics --tail`
@@ -35,11 +36,24 @@ def _bounded(low: int, high: int):
     return parse
 
 
+def _script_arguments(parser, what: str) -> None:
+    """SCRIPT and everything after it (the script's own arguments, options included, are passed through)."""
+    parser.add_argument("script", nargs="?", help=f"{what}; every argument after it is the script's own")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+
+def _script(args) -> str:
+    if args.script is None:  # optional to argparse only so that its usage error does not list script_args
+        raise DSparkError("script: required: the script to run, then its own arguments (dspark-lab options go "
+                          "before it)")
+    return args.script
+
+
 def _run(args) -> int:
     from dspark_lab.runtime.launch import TORCHRUN_OPTIONS, prepare, supervise
 
     options = {name: getattr(args, name) for name in TORCHRUN_OPTIONS}
-    run_dir = prepare(args.script, args.script_args, nproc=args.nproc, policies=args.policy, name=args.name,
+    run_dir = prepare(_script(args), args.script_args, nproc=args.nproc, policies=args.policy, name=args.name,
                       options=options, launcher=args.launcher, token_file=args.token_file,
                       control_host=args.control_host)
     ranks = run_dir.info().get("ranks")
@@ -78,7 +92,7 @@ def _metrics(args):
 def _k8s_manifest(args):
     from dspark_lab.runtime.launchers import k8s
 
-    document = k8s.manifest(image=args.image, nodes=args.nodes, nproc=args.nproc_per_node, script=args.script,
+    document = k8s.manifest(image=args.image, nodes=args.nodes, nproc=args.nproc_per_node, script=_script(args),
                             script_args=args.script_args, name=args.name, max_restarts=args.max_restarts,
                             control_host=args.control_host, policies=args.policy)
     text = "" if args.json else k8s.to_yaml(document).rstrip("\n")
@@ -121,8 +135,7 @@ def add_parsers(subparsers, common) -> None:
     run.add_argument("--control-host", metavar="HOST",
                      help="bind rank 0's control endpoint to HOST instead of 127.0.0.1 (token-authenticated, "
                           "plain HTTP: docs/security.md)")
-    run.add_argument("script")
-    run.add_argument("script_args", nargs=argparse.REMAINDER)
+    _script_arguments(run, "the training script")
     run.set_defaults(func=_run)
 
     k8s = subparsers.add_parser("k8s", help="Kubernetes: a Kubeflow PyTorchJob that runs a script under dspark-lab")
@@ -142,8 +155,7 @@ def add_parsers(subparsers, common) -> None:
     manifest.add_argument("--control-host", metavar="HOST",
                           help="bind rank 0's control endpoint to HOST in its pod (default: loopback only)")
     manifest.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE", help="policy at launch")
-    manifest.add_argument("script", help="the script's path inside the image")
-    manifest.add_argument("script_args", nargs=argparse.REMAINDER)
+    _script_arguments(manifest, "the script's path inside the image")
     manifest.set_defaults(func=_k8s_manifest)
 
     demo = subparsers.add_parser("demo", parents=[common], help="train a small transformer on 2 ranks and change "
