@@ -153,5 +153,5 @@ def parse_assignment(text: str) -> tuple[str, str]:
     """Split ``key=value``; raise :class:`PolicyError` in one line when it is not of that form."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip() or not value.strip():
-        raise PolicyError(f"expected KEY=VALUE, got {text!r}")
+        raise PolicyError(f"policy: expected KEY=VALUE (e.g. memory.activation_checkpointing=full), got {text!r}")
     return key.strip(), value.strip()

@@ -125,7 +125,7 @@ def test_parse_assignment():
     assert parse_assignment(" memory.offload = cpu ") == ("memory.offload", "cpu")
     assert parse_assignment("comm.codec=a=b") == ("comm.codec", "a=b")
     for bad in ("memory.offload", "=cpu", "memory.offload="):
-        with pytest.raises(PolicyError, match="expected KEY=VALUE, got"):
+        with pytest.raises(PolicyError, match="policy: expected KEY=VALUE .*, got"):
             parse_assignment(bad)
 
 

@@ -15,6 +15,11 @@ MAX_CONFIG_BYTES = 16 << 20
 def _load_json(path: str, field: str) -> Any:
     p = Path(path)
     if not p.is_file():
+        if field == "--model":
+            from dspark_lab.planner.presets import PRESETS
+
+            raise DSparkError(f"--model: {path!r} is neither a preset nor a file; allowed: {' | '.join(PRESETS)} "
+                              "or a model JSON file")
         raise DSparkError(f"{field}: no such file {path!r}")
     if p.stat().st_size > MAX_CONFIG_BYTES:
         raise DSparkError(f"{field}: {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB")
