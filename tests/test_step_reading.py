@@ -73,6 +73,26 @@ def test_memory_is_read_every_n_steps_and_every_step_while_wanted(tmp_path, monk
     assert read == [1, 4, 6, 7, 8] and reads == read  # step 8: a multiple of 4 (still wanted at 6 and 7)
 
 
+def test_under_gradient_accumulation_the_loss_is_the_sum_of_the_micro_batches_shares(tmp_path):
+    job = Job(RunDir.create("20260101-000000-4f4f4f", {"name": "accumulate"}, root=tmp_path), rank=0, world=1)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    job.set_model(model)
+    job.optimizer = optimizer
+    batch_losses = []
+    try:
+        for step in range(3):
+            shares = [model(torch.randn(2, 4)).pow(2).mean() / 2 for _ in range(2)]
+            for share in shares:
+                job.on_backward(share, share.backward)  # what the torch.autograd.backward wrapper calls
+            batch_losses.append(float(shares[0].detach() + shares[1].detach()))
+            job.on_step_begin(optimizer)
+            job.on_step_end(optimizer)
+    finally:
+        job.close()
+    assert [r["loss"] for r in job.run_dir.metrics()] == batch_losses  # each step starts its own sum
+
+
 def psutil_calls(monkeypatch, job) -> list[int]:
     calls = []
     real = job.meter._process.memory_info

@@ -1,11 +1,12 @@
 """Step metering: what one rank measures between two step boundaries, written as one metrics record per step.
 
 Forward time runs from the boundary to the first backward, backward time is summed over ``torch.autograd.backward``
-calls, optimizer time from the step pre-hook to the boundary; samples and tokens are counted from the model's
-first tensor argument. After a policy change whose effect is worth a number (:data:`MEASURED`), the meter compares
-the :data:`EFFECT_STEPS` steps before the apply with the first :data:`EFFECT_STEPS` after it and logs an ``effect``
-event with the step-time and memory change. Nothing here waits for the device: the loss is read one step late and
-memory counters every few steps (:mod:`.step_reads`).
+calls, and so is the loss (each one-element tensor backpropagated in the step: under gradient accumulation the
+micro-batches' shares add up to the batch's loss), optimizer time from the step pre-hook to the boundary; samples
+and tokens are counted from the model's first tensor argument. After a policy change whose effect is worth a number
+(:data:`MEASURED`), the meter compares the :data:`EFFECT_STEPS` steps before the apply with the first
+:data:`EFFECT_STEPS` after it and logs an ``effect`` event with the step-time and memory change. Nothing here waits
+for the device: the loss is read one step late and memory counters every few steps (:mod:`.step_reads`).
 """
 
 from __future__ import annotations
@@ -78,7 +79,10 @@ class StepMeter:
         if self._first_backward is None:
             self._first_backward = start
         if isinstance(tensors, torch.Tensor) and tensors.numel() == 1:
-            self._loss = tensors.detach()
+            # under gradient accumulation each micro-batch backpropagates its share of the loss: their sum is the
+            # step's loss (added on the device, read with the record)
+            loss = tensors.detach()
+            self._loss = loss if self._loss is None else self._loss + loss
         try:
             return run()
         finally:
