@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from dspark_lab import __version__
 from dspark_lab.errors import DSparkError
 from dspark_lab.output import Report
+
+SIGPIPE_STATUS = 141
 
 # Modules that contribute verbs, in the order their help is listed.
 AREA_MODULES = (
@@ -69,6 +72,20 @@ def build_parser(extra=None, prog: str = "dspark-lab") -> argparse.ArgumentParse
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb; its exit status. A reader that closed the pipe early (``| head -1``) ends it quietly with 141."""
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows up here rather than at interpreter exit
+        return code
+    except BrokenPipeError:
+        # what Python's docs advise (library/signal.html, note on SIGPIPE): the interpreter's final flush must not
+        # raise again; 141 = 128 + SIGPIPE, the status of a C tool the signal killed
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return SIGPIPE_STATUS
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

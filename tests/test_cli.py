@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,7 @@ from dspark_lab.plugins import make_manager, reset_manager
 
 BACKEND_KEYS = {"name", "vendor", "plugin", "available", "devices", "reason", "torch_device", "collectives", "specs",
                 "topology"}
+ROOT = Path(__file__).resolve().parents[1]
 SPEC_KEYS = {"bf16_tflops", "fp8_tflops", "memory_gb", "memory_bandwidth_gb_s", "link_gb_s", "source"}
 
 
@@ -60,7 +62,8 @@ def test_doctor_json_reports_plugin_problems_with_hints(builtin_plugins, fixture
     assert all(c["hint"] for c in doc["checks"] if c["status"] != "ok"), "every problem carries a fix hint"
     problems = [c for c in doc["checks"] if c["status"] == "problem"]
     assert doc["problems"] == len(problems) == 2
-    assert {c["check"] for c in problems} == {"plugin dspark_fixture_raises_in_hook", "plugin dspark_fixture_unknown_hook"}
+    assert {c["check"] for c in problems} == {"plugin dspark_fixture_raises_in_hook",
+                                              "plugin dspark_fixture_unknown_hook"}
     assert any("vendor library crashed" in c["detail"] for c in problems)
 
 
@@ -161,6 +164,18 @@ def test_metrics_follow_prints_records_appended_while_the_run_lives(tmp_path, mo
     finally:
         timer.cancel()
     assert [json.loads(line)["step"] for line in capsys.readouterr().out.splitlines()] == [3, 4, 5]
+
+
+@pytest.mark.parametrize("argv", [["jobs"], ["events", "followed"], ["metrics", "followed", "--follow", "--tail", "5"]])
+def test_a_reader_that_closed_the_pipe_ends_the_verb_quietly_with_status_141(tmp_path, argv):
+    write_metrics(tmp_path, range(1, 8))
+    env = {**os.environ, "DSPARK_HOME": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    child = subprocess.Popen([sys.executable, "-m", "dspark_lab", *argv], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env)
+    child.stdout.close()  # before the child prints its first line: `| true`
+    err = child.stderr.read().decode()
+    assert (child.wait(timeout=120), err) == (141, "")  # 128 + SIGPIPE, no traceback
 
 
 @pytest.mark.parametrize("argv, message", [
