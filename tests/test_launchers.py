@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from dspark_lab.runtime import launchers
 from dspark_lab.runtime.launchers import builtin
 from dspark_lab.runtime.launchers.base import TORCHRUN_OPTIONS
 
+ROOT = Path(__file__).resolve().parents[1]
 REAL_JOBS = Path(__file__).parent / "real_jobs"
 
 
@@ -123,3 +125,58 @@ def test_cli_refuses_in_one_line_and_creates_no_run(argv, message, tmp_path, mon
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith(message) and "\n" not in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+# A stand-in for torchrun whose ranks have failed: rank 1 first (sys.exit(3)), then rank 0 on the closed connection;
+# a plugin's error before them has no exit code (the rank trained on). The launcher itself exits 1.
+FAILED_RANKS = """
+import json, os, sys
+with open(os.path.join(os.environ["DSPARK_RUN_DIR"], "events.jsonl"), "a") as f:
+    for time, rank, reason, code in ((1.0, 0, "dspark_job_started: a plugin failed", None),
+                                     (2.0, 1, "script exited with 3", 3), (3.0, 0, "RuntimeError: closed", 1)):
+        event = {"time": time, "step": 5, "rank": rank, "kind": "error", "reason": reason}
+        f.write(json.dumps({**event, **({"exit_code": code} if code else {})}) + "\\n")
+sys.exit(1)
+"""
+
+# A stand-in for torchrun that says when it runs, then waits to be interrupted.
+WAITS = "import time; print('ready', flush=True); time.sleep(60)"
+
+
+def fake_run(tmp_path, code: str):
+    from dspark_lab.runtime.records import RunDir
+
+    return RunDir.create("20260101-000000-c0ffee", {"name": "fake", "launcher": "torchrun", "ranks": 2,
+                                                    "command": [sys.executable, "-c", code]}, root=tmp_path)
+
+
+def test_a_failed_run_reports_the_first_failing_ranks_reason_and_exit_code(tmp_path):
+    from dspark_lab.runtime.launch import supervise
+
+    run_dir = fake_run(tmp_path, FAILED_RANKS)
+    assert supervise(run_dir) == 3
+    info = run_dir.info()
+    assert (info["state"], info["exit_code"], info["error"]) == ("failed", 3, "rank 1: script exited with 3")
+    assert run_dir.events()[-1]["reason"] == "rank 1: script exited with 3"
+
+
+def test_a_failed_run_without_a_ranks_word_reports_the_launchers_exit_code(tmp_path):
+    from dspark_lab.runtime.launch import supervise
+
+    run_dir = fake_run(tmp_path, "import sys; sys.exit(7)")
+    assert supervise(run_dir) == 7
+    assert (run_dir.info()["state"], run_dir.info()["error"]) == ("failed", "torchrun exited with code 7")
+
+
+def test_ctrl_c_stops_the_run_with_exit_code_130_and_a_one_line_reason(tmp_path):
+    run_dir = fake_run(tmp_path, WAITS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    supervisor = subprocess.Popen([sys.executable, "-m", "dspark_lab.runtime.launch", str(run_dir.path)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                  start_new_session=True)
+    assert supervisor.stdout.readline() == "ready\n"
+    os.killpg(supervisor.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    assert supervisor.wait(timeout=60) == 130, supervisor.stderr.read()[-2000:]
+    info = run_dir.info()
+    assert (info["state"], info["exit_code"], info["error"]) == ("stopped", 130, "interrupted (SIGINT, Ctrl-C)")
+    assert run_dir.events()[-1]["kind"] == "stop"

@@ -19,6 +19,7 @@ from conftest import plain_torchrun, wait_for_step
 from dspark_lab.runtime import commands
 from dspark_lab.cli import main as cli_main
 from dspark_lab.errors import ControlError, DSparkError, PolicyError
+from dspark_lab.runtime.records import find_run
 
 pytestmark = pytest.mark.slow
 
@@ -223,10 +224,44 @@ def test_crashed_rank_marks_the_run_failed(tmp_path):
     assert jobs[job.id]["state"] == "failed"
     errors = [e for e in job.run_dir.events() if e["kind"] == "error"]
     assert any("crashed on purpose" in e["reason"] for e in errors)
+    info = job.run_dir.info()  # the run says why in the crashed rank's words, not "torchrun exited with code 1"
+    assert (info["exit_code"], info["error"]) == (1, "rank 1: RuntimeError: rank 1 crashed on purpose")
+    survivors = [e["reason"] for e in errors if e["rank"] == 0]  # unless torchrun's SIGTERM ended rank 0 first
+    assert all(r.startswith("peer rank 1 failed first (RuntimeError: rank 1 crashed on purpose); here: ")
+               for r in survivors), survivors
     started = time.monotonic()
     with pytest.raises(DSparkError, match="failed"):
         commands.set_policies(job.id, ["memory.activation_checkpointing=full"])
     assert time.monotonic() - started < 5
+
+
+def test_a_rank_that_exits_with_3_makes_the_run_exit_with_3_and_say_so():
+    done = subprocess.run([sys.executable, "-m", "dspark_lab", "run", "--nproc", "2", "--name", "exit3",
+                           str(FIXTURES / "crash_train.py"), "exit"], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 3, done.stderr[-2000:]
+    info = find_run({j["name"]: j["id"] for j in commands.jobs().data["jobs"]}["exit3"]).info()
+    assert (info["state"], info["exit_code"], info["error"]) == ("failed", 3, "rank 1: script exited with 3")
+
+
+def test_ctrl_c_stops_a_torchrun_job_with_exit_code_130_and_no_traceback():
+    run = subprocess.Popen([sys.executable, "-m", "dspark_lab", "run", "--nproc", "2", "--name", "ctrl-c", str(DEMO),
+                            *SMALL, "--steps", "100000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    try:
+        run_id = run.stderr.readline().split()[2]
+        run_dir = find_run(run_id)
+        deadline = time.monotonic() + 90
+        while not run_dir.metrics() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.killpg(run.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
+        assert run.wait(timeout=120) == 130
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    err = run.stderr.read()
+    assert "Traceback" not in err and err.rstrip().endswith(f"run {run_id} stopped (exit code 130)"), err[-2000:]
+    info = run_dir.info()
+    assert (info["state"], info["exit_code"], info["error"]) == ("stopped", 130, "interrupted (SIGINT, Ctrl-C)")
 
 
 def test_killed_job_is_reported_failed_and_attach_api_works():
@@ -234,8 +269,6 @@ def test_killed_job_is_reported_failed_and_attach_api_works():
                             stdout=subprocess.PIPE, text=True)
     try:
         run_id = proc.stdout.readline().strip()
-        from dspark_lab.runtime.records import find_run
-
         run_dir = find_run(run_id)
         deadline = time.monotonic() + 30
         while not run_dir.metrics() and time.monotonic() < deadline:

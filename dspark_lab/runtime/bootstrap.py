@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import signal
 import sys
 import traceback
 
 from dspark_lab.runtime.attach import Job, start_job
 from dspark_lab.runtime.coordinator import StopRun
+from dspark_lab.runtime.launch import INTERRUPTED_EXIT
 from dspark_lab.runtime.records import RunDir
 
 
@@ -33,15 +35,29 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if code:
-            job.record_event("error", step=job.step, rank=job.rank, reason=f"script exited with {exc.code}")
+            job.record_event("error", step=job.step, rank=job.rank, reason=f"script exited with {exc.code}",
+                             exit_code=code)  # the supervisor reports the first rank's (runtime/launch.py)
+    except KeyboardInterrupt:  # Ctrl-C reached the whole process group: a stop, as `dspark-lab stop` records one
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun passes the same Ctrl-C on: one is enough
+        job.record_event("stop", step=job.step, rank=job.rank, reason="interrupted (SIGINT, Ctrl-C)")
+        code = INTERRUPTED_EXIT
     except BaseException as exc:
-        job.record_event("error", step=job.step, rank=job.rank, reason=f"{type(exc).__name__}: {exc}")
+        job.record_event("error", step=job.step, rank=job.rank, exit_code=1,
+                         reason=after_peer(run_dir, job.rank, f"{type(exc).__name__}: {exc}"))
         traceback.print_exc()
         code = 1
     finally:
         job.close()
         Job.current = None
     return code
+
+
+def after_peer(run_dir: RunDir, rank: int, reason: str) -> str:
+    """``reason``, saying so when another rank failed first: a rank whose peer died mostly fails on a closed
+    connection, which is not why the run failed."""
+    first = next((e for e in run_dir.events() if e.get("kind") == "error" and e.get("exit_code")
+                  and e.get("rank") not in (None, rank)), None)
+    return reason if first is None else f"peer rank {first['rank']} failed first ({first['reason']}); here: {reason}"
 
 
 def exit_now(code: int) -> None:

@@ -28,6 +28,8 @@ from dspark_lab.runtime.launchers import TORCHRUN_OPTIONS, get_launcher  # noqa:
 from dspark_lab.runtime.launchers import multinode
 from dspark_lab.runtime.records import JsonlWriter, RunDir, new_run_id, runs_root
 
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
+
 
 def parse_policies(assignments: Sequence[str]) -> dict[str, Any]:
     """``["k=v", ...]`` validated against the registered schemas (launch-only keys allowed)."""
@@ -86,7 +88,8 @@ def prepare(script: str, script_args: Sequence[str] = (), *, nproc: int | None =
 
 
 def supervise(run_dir: RunDir, *, output=None) -> int:
-    """Run the launcher's command for ``run_dir`` to completion, keeping run.json's state true; returns its exit code."""
+    """Run the launcher's command for ``run_dir`` to completion, keeping run.json's state true; returns the run's
+    exit code (:func:`ending`)."""
     info = run_dir.info()
     launcher = get_launcher(info.get("launcher"))
     env = launcher.environment({**os.environ, "DSPARK_RUN_DIR": str(run_dir.path),
@@ -102,21 +105,45 @@ def supervise(run_dir: RunDir, *, output=None) -> int:
         proc.send_signal(signum)
 
     previous = signal.signal(signal.SIGTERM, forward)
+    interrupted = False
     try:
         code = proc.wait()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: the ranks got the SIGINT too; let the launcher wind them down
+        interrupted = True
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip run.json's end
         proc.send_signal(signal.SIGINT)
         code = proc.wait()
+        signal.signal(signal.SIGINT, interrupt)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    stopped = any(e.get("kind") == "stop" for e in run_dir.events())
-    state = "finished" if code == 0 and not stopped else ("stopped" if stopped else "failed")
-    error = None if code == 0 else f"{launcher.name} exited with code {code}"
+    state, code, error = ending(run_dir.events(), launcher.name, code, interrupted=interrupted)
     run_dir.update_info(state=state, end_time=time.time(), exit_code=code, error=error, control=None)
     if code != 0:
-        events.write({"time": time.time(), "step": None, "rank": None, "kind": "error", "reason": error})
+        events.write({"time": time.time(), "step": None, "rank": None, "reason": error,
+                      "kind": "stop" if interrupted else "error"})
     events.close()
     return code
+
+
+def ending(events: list[dict[str, Any]], launcher: str, code: int, *,
+           interrupted: bool = False) -> tuple[str, int, str | None]:
+    """How a run ended: its state, exit code and one-line reason (``None`` when the exit code is 0).
+
+    A Ctrl-C stops the run like ``dspark-lab stop`` (exit 130). A failed launcher reports the first rank that
+    failed, in its own words and with its own exit code (the ranks' ``error`` events that carry ``exit_code``,
+    written by :mod:`.bootstrap`); the launcher's code only when no rank said why (a rank killed by a signal).
+    """
+    if interrupted:
+        return "stopped", INTERRUPTED_EXIT, "interrupted (SIGINT, Ctrl-C)"
+    stopped = any(e.get("kind") == "stop" for e in events)
+    if code == 0:
+        return ("stopped" if stopped else "finished"), 0, None
+    failures = [e for e in events if e.get("kind") == "error" and e.get("rank") is not None
+                and isinstance(e.get("exit_code"), int) and e["exit_code"] != 0]
+    if not failures:
+        return ("stopped" if stopped else "failed"), code, f"{launcher} exited with code {code}"
+    first = min(failures, key=lambda e: e.get("time") or 0.0)
+    return ("stopped" if stopped else "failed"), first["exit_code"], f"rank {first['rank']}: {first['reason']}"
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""A DDP script whose rank 1 raises at step 4 (a crashed rank)."""
+"""A DDP script whose rank 1 raises at step 4 (a crashed rank), or with ``exit`` calls ``sys.exit(3)`` there."""
+import sys
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -12,4 +14,6 @@ for step in range(100):
     loss.backward()
     opt.step()
     if step == 3 and dist.get_rank() == 1:
+        if sys.argv[1:] == ["exit"]:
+            sys.exit(3)
         raise RuntimeError("rank 1 crashed on purpose")

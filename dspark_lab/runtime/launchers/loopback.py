@@ -74,9 +74,13 @@ def create_handler(params: RendezvousParameters) -> RendezvousHandler:
 
 def main(argv: list[str]) -> None:
     from torch.distributed import run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
 
     rendezvous_handler_registry.register(BACKEND, create_handler)
-    run.main(argv)
+    try:
+        run.main(argv)
+    except SignalException as exc:  # Ctrl-C or a forwarded SIGTERM: torchrun has already passed it to the ranks
+        raise SystemExit(128 + int(exc.sigval)) from None
 
 
 if __name__ == "__main__":
