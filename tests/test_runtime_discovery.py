@@ -110,6 +110,16 @@ def test_ddp_knobs_do_not_matter_to_a_job_without_ddp(job):
         assert "no DistributedDataParallel model" in job.policy_state.not_here(key)
     assert job.policy_state.not_here("memory.activation_checkpointing") is None
 
+def test_a_refusal_names_at_most_three_compiled_blocks_and_counts_the_rest(job):
+    model = mixed_sequential(5)
+    for block in list(model)[1:6]:
+        block.compile()  # torchtitan's per-block compile
+    job.set_model(model)
+    assert job.compiled == [f"model.{i}" for i in range(1, 6)]
+    with pytest.raises(PolicyError, match=r"torch.compile compiled model.1, model.2, model.3 and 2 more: "):
+        job.validate({"memory.activation_checkpointing": "full"})
+
+
 def test_compiling_a_function_is_not_a_compiled_model(job):
     """torchtitan compiles flex_attention (a function) at import; that must not refuse memory policies."""
     job.on_compile(lambda q, k, v: q)

@@ -67,9 +67,15 @@ SPECS_BY_KEY = {spec.key: spec for spec in SPECS}
 
 
 def _compiled_reason(job) -> str:
-    where = ", ".join(job.compiled[:3]) if isinstance(job.compiled, list) else "the model"
+    where = _listed(job.compiled) if isinstance(job.compiled, list) else "the model"
     return (f"torch.compile compiled {where}: its graphs keep their own saved activations, and changing them "
             "would recompile (memory policies apply to uncompiled modules)")
+
+
+def _listed(names: list[str], shown: int = 3) -> str:
+    """The first ``shown`` names, and how many more there are."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def refusal(job, key: str, value) -> str | None:
