@@ -274,6 +274,9 @@ def test_controls_come_from_the_schema():
         control_for({"key": "a.b", "type": "list"})
     pending = {**SCHEMA[0], "state": "pending", "pending_value": "ring", "pending_step": 12}
     assert state_text(pending) == "ddp in force since step 0 | pending: ring at step 12"
+    hooked = {**SCHEMA[0], "state": "not_applicable", "reason": "the script registered its own DDP comm hook (h)"}
+    assert state_text(hooked) == "ddp in force since step 0 | not applicable: the script registered its own DDP " \
+                                 "comm hook (h)"
     assert state_text(SCHEMA[4]).startswith("launch-only | False in force")
 
 

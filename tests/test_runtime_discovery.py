@@ -110,6 +110,37 @@ def test_ddp_knobs_do_not_matter_to_a_job_without_ddp(job):
         assert "no DistributedDataParallel model" in job.policy_state.not_here(key)
     assert job.policy_state.not_here("memory.activation_checkpointing") is None
 
+@pytest.fixture
+def one_rank_world():
+    import torch.distributed as dist
+
+    from dspark_lab.localhost import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_get_shows_policies_a_ddp_job_cannot_use_as_not_applicable_with_the_reason(job, one_rank_world):
+    from dspark_lab.runtime.control import policy_rows
+
+    ddp = nn.parallel.DistributedDataParallel(mixed_sequential())
+    job.on_ddp(ddp)
+    rows = {row["key"]: row for row in policy_rows(job)}
+    reshard = rows["memory.reshard_after_forward"]  # FSDP2's: a DDP job has nothing to reshard
+    assert reshard["state"] == "not_applicable" and not reshard["applicable"]
+    assert reshard["reason"].startswith("the model is not sharded with FSDP2's fully_shard")
+    assert rows["comm.grad_sync"]["state"] == "applied" and rows["comm.grad_sync"]["reason"] is None
+
+    def my_powersgd(state, bucket):
+        return bucket
+
+    ddp.register_comm_hook(None, my_powersgd)  # the script's own hook: the runtime's grad_sync no longer runs
+    row = {row["key"]: row for row in policy_rows(job)}["comm.grad_sync"]
+    assert row["state"] == "not_applicable" and not row["applicable"]
+    assert row["reason"] == "the script registered its own DDP comm hook (my_powersgd)"
+
+
 def test_a_refusal_names_at_most_three_compiled_blocks_and_counts_the_rest(job):
     model = mixed_sequential(5)
     for block in list(model)[1:6]:

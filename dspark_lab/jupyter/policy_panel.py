@@ -55,6 +55,8 @@ def state_text(policy: dict[str, Any], message: str = "") -> str:
         parts.append("launch-only")
     since = policy.get("since_step")
     parts.append(f"{policy.get('value')!s} in force" + (f" since step {since}" if since is not None else ""))
+    if policy.get("state") == "not_applicable":
+        parts.append(f"not applicable: {policy.get('reason')}")
     if policy.get("state") == "pending":
         at = policy.get("pending_step")
         parts.append(f"pending: {policy.get('pending_value')!s}" + (f" at step {at}" if at is not None else ""))
@@ -147,7 +149,8 @@ class PolicyPanel(widgets.VBox):
             if key.split(".", 1)[0] != area:
                 area = key.split(".", 1)[0]
                 rows.append(widgets.HTML(f"<b>{html.escape(area)}</b>"))
-            control = _make_widget(control_for(policy), policy.get("value", policy.get("default")), policy.get("doc", ""))
+            control = _make_widget(control_for(policy), policy.get("value", policy.get("default")),
+                                   policy.get("doc", ""))
             control.observe(lambda change, key=key: self._on_change(key, change["new"]), "value")
             self.controls[key] = control
             self.states[key] = widgets.HTML(layout=widgets.Layout(margin="0 0 0 12px"))

@@ -61,7 +61,8 @@ def status(run: str) -> Report:
                   lines=[f"records: {run_dir.path}"])
 
 
-_POLICY_COLUMNS = ("key", "value", "since_step", "state", "allowed", "live", "lossless")
+# reason: why a policy is not_applicable to this job (no FSDP2 to reshard, the script's own DDP comm hook, ...)
+_POLICY_COLUMNS = ("key", "value", "since_step", "state", "allowed", "live", "lossless", "reason")
 
 
 def policies(run: str) -> Report:

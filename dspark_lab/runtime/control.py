@@ -48,15 +48,26 @@ class RequestError(DSparkError):
 
 
 def policy_rows(job) -> list[dict[str, Any]]:
+    """Every policy's schema, value in force and state: ``applied``, ``pending``, or ``not_applicable`` (with the
+    ``reason``) where this job lacks what it acts on (no FSDP2 to reshard, the script's own DDP comm hook, ...)."""
     pending = job.pending_changes()
     rows = []
     for key, spec in job.specs.items():
         change = pending.get(key)
+        reason = _not_here(job, key)
         rows.append({**spec.as_dict(), "value": job.policies[key], "since_step": job.since[key],
-                     "state": "pending" if change else "applied",
+                     "state": "pending" if change else ("not_applicable" if reason else "applied"),
                      "pending_value": change.changes[key] if change else None,
-                     "pending_step": change.step if change else None})
+                     "pending_step": change.step if change else None,
+                     "applicable": reason is None, "reason": reason})
     return rows
+
+
+def _not_here(job, key: str) -> str | None:
+    try:
+        return job.policy_state.not_here(key)
+    except Exception:  # read from the server thread while the job trains: never fail the request over it
+        return None
 
 
 def tail_records(path: Path, count: int) -> list[dict[str, Any]]:
