@@ -180,6 +180,7 @@ def test_stop_ends_every_rank_at_a_boundary(live_job):
     commands.stop(live_job.id)
     listed = {j["id"]: j["state"] for j in commands.jobs().data["jobs"]}
     assert listed[live_job.id] == "stopped"  # the answer comes once the run reads ended, as `jobs` says
+    assert (live_job.run_dir.path / "output.log").stat().st_mode & 0o777 == 0o600  # private like every record
     assert live_job.wait(60) == 0
     info = live_job.run_dir.info()
     assert info["state"] == "stopped"

@@ -26,7 +26,7 @@ from dspark_lab.policy import parse_assignment
 from dspark_lab.runtime.control import ControlClient
 from dspark_lab.runtime.launchers import TORCHRUN_OPTIONS, get_launcher  # noqa: F401 (runtime/cli.py reads it)
 from dspark_lab.runtime.launchers import multinode
-from dspark_lab.runtime.records import JsonlWriter, RunDir, new_run_id, runs_root
+from dspark_lab.runtime.records import FILE_MODE, JsonlWriter, RunDir, new_run_id, runs_root
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 
@@ -180,7 +180,7 @@ def launch_background(script: str, script_args: Sequence[str] = (), *, nproc: in
     """Start a supervised run in a child process and return at once; output goes to the run's output.log."""
     run_dir = prepare(script, script_args, nproc=nproc, policies=policies, name=name, options=options,
                       launcher=launcher)
-    log = open(run_dir.path / "output.log", "ab")
+    log = os.fdopen(os.open(run_dir.path / "output.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE), "ab")
     process = subprocess.Popen([sys.executable, "-m", "dspark_lab.runtime.launch", str(run_dir.path)],
                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                env={**os.environ, **(env or {})}, start_new_session=True)
