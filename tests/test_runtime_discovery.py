@@ -300,3 +300,20 @@ def test_weights_in_storage_the_runtime_never_saw_are_not_counted_as_activations
         y = layer(x)
     assert tracker.held == x.untyped_storage().nbytes()  # the input only, not the 256 KiB weight
     y.sum().backward()
+
+
+def test_a_second_ddp_model_gets_the_gradient_sync_in_force_and_every_change(job, one_rank_world):
+    from dspark_lab.runtime.policies import builtin
+
+    generator = nn.parallel.DistributedDataParallel(mixed_sequential())
+    job.on_ddp(generator)
+    builtin.dspark_apply_policy(job, "comm.grad_sync", "bf16", "builtin")
+    discriminator = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1)))
+    job.on_ddp(discriminator)  # a GAN's second network, built after the change
+    assert job.ddp is generator and job.model is generator.module  # the job's model stays the first
+    members = job.state["comm"].grad_sync.members
+    assert [m.mode for m in members] == ["bf16", "bf16"]
+    discriminator(torch.randn(4, 8)).sum().backward()  # its buckets go through the runtime's dispatcher
+    assert members[1].take_comm_time() > 0 and members[0].take_comm_time() == 0
+    builtin.dspark_apply_policy(job, "comm.grad_sync", "ring", "bf16")
+    assert [m.mode for m in members] == ["ring", "ring"]

@@ -186,7 +186,11 @@ class Job:
         self.notify_states("on_model")
 
     def on_ddp(self, ddp) -> None:
-        """Called right after a DistributedDataParallel is constructed, before its first forward."""
+        """Called right after a DistributedDataParallel is constructed, before its first forward. The first one
+        is the job's model; a later one (a GAN's second network) gets the same gradient sync."""
+        if self.ddp is not None:
+            self.notify_states("on_ddp", ddp)
+            return
         self.ddp = ddp
         self.set_model(ddp.module)
         self.notify_states("on_ddp", ddp)

@@ -64,7 +64,7 @@ def install_patches(current_job: Callable[[], Any]) -> None:
         if current is not None and current.launch_policies.get("comm.bucket_mb") is not None:
             kwargs["bucket_cap_mb"] = current.launch_policies["comm.bucket_mb"]
         original_init(self, module, *args, **kwargs)
-        if current is not None and current.ddp is None:
+        if current is not None:
             _guarded(current, "on_ddp", self)
 
     DDP.__init__ = ddp_init

@@ -109,12 +109,42 @@ def install_on_ddp(ddp_module, grad_sync: GradSync) -> None:
     ddp_module.register_comm_hook = register_comm_hook
 
 
-class CommState:
-    """The comm policies' per-job state (created by ``dspark_job_started``): the gradient-sync dispatcher, once
-    DDP is constructed, and the link graph ``packed-trees`` plans on."""
+class GradSyncs:
+    """The dispatchers of every DDP model of the job (a GAN has two), switched together: a mode that fails to
+    build on one leaves every one in the mode it had."""
 
     def __init__(self):
-        self.grad_sync: GradSync | None = None
+        self.members: list[GradSync] = []
+
+    @property
+    def mode(self) -> str:
+        return self.members[0].mode
+
+    def refusal(self) -> str | None:
+        return next((r for r in (m.refusal() for m in self.members) if r), None)
+
+    def set_mode(self, mode: str) -> None:
+        before = self.mode
+        done = []
+        try:
+            for member in self.members:
+                member.set_mode(mode)
+                done.append(member)
+        except Exception:
+            for member in done:
+                member.set_mode(before)
+            raise
+
+    def take_comm_time(self) -> float:
+        return sum(m.take_comm_time() for m in self.members)
+
+
+class CommState:
+    """The comm policies' per-job state (created by ``dspark_job_started``): the gradient-sync dispatchers, once
+    DDP is constructed (one per DDP model, all in one mode), and the link graph ``packed-trees`` plans on."""
+
+    def __init__(self):
+        self.grad_sync: GradSyncs | None = None
         self.topology_spec = "backend"  # comm.topology
         self.emulate = 0.0  # comm.emulate_links: 0 runs at full speed
 
@@ -129,8 +159,13 @@ class CommState:
                 return PackedTreesCollective(self.topology(job), grp, emulate=self.emulate or None)
             return job.manager.make_collective(job.backend, name, grp)
 
-        self.grad_sync = GradSync(make, group=group)
-        install_on_ddp(ddp, self.grad_sync)
+        member = GradSync(make, group=group)
+        if self.grad_sync is None:
+            self.grad_sync = GradSyncs()
+        elif self.grad_sync.mode != member.mode:
+            member.set_mode(self.grad_sync.mode)  # a later DDP model joins in the mode in force
+        self.grad_sync.members.append(member)
+        install_on_ddp(ddp, member)
 
     def topology(self, job):
         """The job's link graph: a preset or file named by ``comm.topology``, else what the backend reports for
