@@ -189,7 +189,7 @@ def test_in_a_terminal_watch_policies_and_devices_print_text(ip, recorder, capsy
     ("status", "%dspark status: the following arguments are required: run"),
     ("run --nproc 0 x.py", "argument --nproc/--nproc-per-node: must be an integer in [1, 1024], got '0'"),
     ("run --nproc two x.py", "argument --nproc/--nproc-per-node: must be an integer in [1, 1024], got 'two'"),
-    ("run", "%dspark run: the following arguments are required: script"),
+    ("run", "script: required: the script to run"),
     ("metrics r1 --tail -1", "argument --tail: must be an integer in [0, 100000], got '-1'"),
     ("watch r1 --hz 100", "hz: must be within [0.05, 20], got 100"),
     ("devices --hz 0", "hz: must be within [0.05, 20], got 0"),

@@ -23,6 +23,7 @@ from dspark_lab.cli import build_parser
 from dspark_lab.errors import DSparkError
 from dspark_lab.jupyter.display import ensure_bokehjs, in_notebook, show
 from dspark_lab.output import Report
+from dspark_lab.runtime.cli import script_of
 from dspark_lab.runtime.records import dspark_home
 
 PROG = "%dspark"
@@ -73,7 +74,7 @@ def _run(args):
     from dspark_lab.runtime.launch import TORCHRUN_OPTIONS
 
     options = {name: getattr(args, name) for name in TORCHRUN_OPTIONS}
-    job = _runtime().launch(args.script, list(args.script_args), nproc=args.nproc, policies=tuple(args.policy),
+    job = _runtime().launch(script_of(args), list(args.script_args), nproc=args.nproc, policies=tuple(args.policy),
                             name=args.name, options=options, launcher=args.launcher)
     if not args.no_dashboard:
         _watch_run(job.id, refresh_hz=2.0)

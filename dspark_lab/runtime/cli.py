@@ -42,7 +42,8 @@ def _script_arguments(parser, what: str) -> None:
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 
-def _script(args) -> str:
+def script_of(args) -> str:
+    """SCRIPT of ``run`` / ``k8s manifest``; one line naming it when it is missing."""
     if args.script is None:  # optional to argparse only so that its usage error does not list script_args
         raise DSparkError("script: required: the script to run, then its own arguments (dspark-lab options go "
                           "before it)")
@@ -53,7 +54,7 @@ def _run(args) -> int:
     from dspark_lab.runtime.launch import TORCHRUN_OPTIONS, prepare, supervise
 
     options = {name: getattr(args, name) for name in TORCHRUN_OPTIONS}
-    run_dir = prepare(_script(args), args.script_args, nproc=args.nproc, policies=args.policy, name=args.name,
+    run_dir = prepare(script_of(args), args.script_args, nproc=args.nproc, policies=args.policy, name=args.name,
                       options=options, launcher=args.launcher, token_file=args.token_file,
                       control_host=args.control_host)
     ranks = run_dir.info().get("ranks")
@@ -92,7 +93,7 @@ def _metrics(args):
 def _k8s_manifest(args):
     from dspark_lab.runtime.launchers import k8s
 
-    document = k8s.manifest(image=args.image, nodes=args.nodes, nproc=args.nproc_per_node, script=_script(args),
+    document = k8s.manifest(image=args.image, nodes=args.nodes, nproc=args.nproc_per_node, script=script_of(args),
                             script_args=args.script_args, name=args.name, max_restarts=args.max_restarts,
                             control_host=args.control_host, policies=args.policy)
     text = "" if args.json else k8s.to_yaml(document).rstrip("\n")
