@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from dspark_lab.collectives.commands import plan_collective
-from dspark_lab.collectives.packing import allocations, best_ring, broadcast_bound, min_arborescence, plan, _Links
+from dspark_lab.collectives.packing import (allocations, best_ring, broadcast_bound, min_arborescence, plan, _Links,
+                                           _two_rings_rate)
 from dspark_lab.collectives.topology import PRESETS, from_dict, load_topology
 from dspark_lab.errors import DSparkError
 
@@ -112,16 +113,47 @@ def test_a_hand_computed_partial_dgx1_allocation():
     assert result.ring_rate_gb_s == pytest.approx(16.0)
 
 
-def test_best_ring_is_the_exhaustive_optimum():
-    topo = load_topology("dgx1-v100")
-    for devices in (["gpu0", "gpu1", "gpu2", "gpu4", "gpu6"], topo.devices[:6]):
-        links = _Links(topo.graph(devices), devices)
-        order, rate = best_ring(links)
-        from dspark_lab.collectives.packing import _ring_rate
+@pytest.mark.parametrize("name, devices", [
+    ("dgx1-v100", ["gpu0", "gpu1", "gpu2", "gpu4", "gpu6"]),
+    ("dgx1-v100", ["gpu0", "gpu1", "gpu2", "gpu3", "gpu4", "gpu5"]),
+    ("dgx1-v100", ["gpu0", "gpu1", "gpu6", "gpu7"]),  # both rings cross PCIe uplinks: the pruning must allow for it
+    ("hgx-h100", ["gpu0", "gpu1", "gpu2", "gpu3", "gpu4", "gpu5"]),  # every order shares every switch port
+])
+def test_best_ring_is_the_exhaustive_optimum(name, devices):
+    topo = load_topology(name)
+    links = _Links(topo.graph(devices), devices)
+    order, rate = best_ring(links)
+    brute = max(_two_rings_rate(links, [devices[0], *p]) for p in itertools.permutations(devices[1:]))
+    assert rate == pytest.approx(brute) and sorted(order) == sorted(devices)
 
-        brute = max(_ring_rate(links, [devices[0], *p]) + _ring_rate(links, [devices[0], *p][::-1])
-                    for p in itertools.permutations(devices[1:]))
-        assert rate == pytest.approx(brute) and sorted(order) == sorted(devices)
+
+@pytest.mark.parametrize("name, link", [("mi300x", 64.0), ("dgx1-v100", 25.0)])
+def test_two_device_rings_share_their_links(name, link):
+    # The ring gpu0>gpu1>gpu0 and its reverse cross the same two directed links, so together they carry one link's
+    # rate; all-reduce sends 2 (n - 1) / n = 1 x the data per rank, so algbw is the link's rate (not twice it).
+    result = plan(load_topology(name), ["gpu0", "gpu1"], op="allreduce")
+    assert result.ring_rate_gb_s == pytest.approx(link)
+    assert result.ring_algbw_gb_s == pytest.approx(link)
+    if name == "mi300x":  # one link, no switch path: the trees are the same two directions
+        assert result.rate_gb_s == pytest.approx(64.0) and result.as_dict()["speedup_over_ring"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name, devices, both_rings, trees", [
+    # direct links: the ring 0>1>2>0 and its reverse 0>2>1>0 use disjoint directed links at 64 each, 128 together;
+    # the trees: 6 directed links x 64 over 4 link uses per all-reduce tree = 96
+    ("mi300x", ["gpu0", "gpu1", "gpu2"], 128.0, 96.0),
+    # every hop crosses the NVSwitch: each ring loads every GPU's uplink and downlink once, so the two rings share
+    # all of them, 450 together; the trees: 3 x 450 x 2 directions over 4 link uses = 337.5
+    ("hgx-h100", ["gpu0", "gpu1", "gpu2"], 450.0, 337.5),
+    # gpu6 only by PCIe and QPI: gpu1>gpu6 in one ring and gpu0>gpu6 in the other both cross pcie0>cpu0 (16)
+    ("dgx1-v100", ["gpu0", "gpu1", "gpu6"], 16.0, None),
+])
+def test_three_device_rings_add_up_only_over_disjoint_links(name, devices, both_rings, trees):
+    result = plan(load_topology(name), devices, op="allreduce")
+    assert result.ring_rate_gb_s == pytest.approx(both_rings)
+    assert result.ring_algbw_gb_s == pytest.approx(both_rings * 3 / 4)  # algbw = ring rate x n / (2 (n - 1))
+    if trees is not None:
+        assert result.rate_gb_s == pytest.approx(trees) and result.ring_algbw_gb_s == pytest.approx(trees)
 
 
 @pytest.mark.parametrize("name", [*PRESETS, "nodes:2,gpus:4"])

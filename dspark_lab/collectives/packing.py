@@ -21,8 +21,9 @@ over destinations of the max flow from the root (networkx's max-flow). All-reduc
 trees plus broadcast over the trees, both at once on opposite link directions, so a tree loads each link by its
 forward and its reversed use. ``busbw`` follows the nccl-tests factors (broadcast 1, all-reduce 2(n-1)/n).
 
-The ring reference is the best single ring order (the one whose bottleneck link is widest), searched exhaustively
-with branch and bound, used in both directions for all-reduce (as NCCL does) and as a chain for broadcast.
+The ring reference is the best single ring order, searched exhaustively with branch and bound, used in both
+directions for all-reduce (as NCCL does) and as a chain for broadcast. The two directions share link capacity: they
+add up only over disjoint directed links (with 2 devices, or through a switch port, they carry what one ring does).
 """
 
 from __future__ import annotations
@@ -352,60 +353,99 @@ def _pack_tiered(graph, devices: list[str], root: str, both_directions: bool,
     return first + second
 
 
+def _hop_loads(links: _Links) -> dict[tuple[str, str], np.ndarray]:
+    """Per ordered device pair, the link uses of its widest path (the one a ring hop takes)."""
+    def width(path: tuple[str, ...]) -> float:
+        return min(links.capacity[links.index[h]] for h in zip(path, path[1:]))
+
+    return {pair: links.path_vector(max(paths, key=width)) for pair, paths in links.paths.items() if paths}
+
+
+def _pair_rate(a: np.ndarray, b: np.ndarray, capacity: np.ndarray) -> float:
+    """max ``r1 + r2`` subject to ``r1 a(e) + r2 b(e) <= capacity(e)`` on every link, ``r1, r2 >= 0``: the most two
+    streams with link uses ``a`` and ``b`` carry together. Two variables, so the optimum is the best feasible vertex:
+    an axis point or where two link constraints meet."""
+    used = (a > 0) | (b > 0)
+    a, b, c = a[used], b[used], capacity[used]
+    points = [(float(np.min(c[a > 0] / a[a > 0])) if (a > 0).any() else 0.0, 0.0),
+              (0.0, float(np.min(c[b > 0] / b[b > 0])) if (b > 0).any() else 0.0)]
+    i, j = np.triu_indices(len(c), k=1)
+    det = a[i] * b[j] - a[j] * b[i]
+    meet = np.abs(det) > 1e-12
+    i, j, det = i[meet], j[meet], det[meet]
+    points += zip(((c[i] * b[j] - c[j] * b[i]) / det).tolist(), ((a[i] * c[j] - a[j] * c[i]) / det).tolist())
+    slack = 1e-9 * float(c.max())
+    return max(x + y for x, y in points if x >= -slack and y >= -slack and np.all(a * x + b * y <= c + slack))
+
+
+def _ring_load(hops: dict[tuple[str, str], np.ndarray], order: list[str]) -> np.ndarray | None:
+    """Link uses of one ring along ``order`` (closing back to its first device); None when a hop has no path."""
+    pairs = list(zip(order, order[1:] + order[:1]))
+    if any(pair not in hops for pair in pairs):
+        return None
+    return sum(hops[pair] for pair in pairs)
+
+
 def _ring_rate(links: _Links, order: list[str]) -> float:
     """Bottleneck rate of one ring order, each hop on its widest path, used in one direction."""
-    load = np.zeros(len(links.edges))
-    for u, v in zip(order, order[1:] + order[:1]):
-        paths = links.paths.get((u, v))
-        if not paths:
-            return 0.0
-        best = max(paths, key=lambda p: min(links.capacity[links.index[h]] for h in zip(p, p[1:])))
-        load += links.path_vector(best)  # a widest path exists in both directions only if links are symmetric
-    used = load > 0
+    load = _ring_load(_hop_loads(links), order)
+    if load is None:
+        return 0.0
+    used = load > 0  # a widest path exists in both directions only if links are symmetric
     return float(np.min(links.capacity[used] / load[used]))
 
 
+def _two_rings_rate(links: _Links, order: list[str], hops: dict | None = None) -> float:
+    """The most two rings carry together, one along ``order`` and one along its reverse, sharing link capacity.
+
+    Over disjoint directed links (3 or more devices on direct links) this is the sum of the two rings' rates; with 2
+    devices, or where both rings cross a switch's port in the same direction, they share it and are credited once.
+    """
+    hops = _hop_loads(links) if hops is None else hops
+    forward, backward = _ring_load(hops, order), _ring_load(hops, order[::-1])
+    if forward is None or backward is None:
+        return 0.0
+    return _pair_rate(forward, backward, links.capacity)
+
+
 def best_ring(links: _Links) -> tuple[list[str], float]:
-    """The ring order with the widest bottleneck (branch and bound up to RING_EXHAUSTIVE devices, else greedy),
-    and its rate counting both directions (a second ring runs the reverse order on the reverse links)."""
+    """The ring order whose two rings (the order and its reverse, as NCCL runs all-reduce) carry the most together
+    (``_two_rings_rate``): branch and bound up to RING_EXHAUSTIVE devices, else greedy widest next hop."""
     devices = links.devices
+    hops = _hop_loads(links)
     width = {pair: max(min(links.capacity[links.index[h]] for h in zip(p, p[1:])) for p in paths)
              for pair, paths in links.paths.items()}
-
-    def both(order: list[str]) -> float:
-        return _ring_rate(links, order) + _ring_rate(links, order[::-1])
-
     position = {d: i for i, d in enumerate(devices)}  # ties broken by device order: every rank finds one ring
     first, rest = devices[0], devices[1:]
-    best_order, best = [first, *rest], both([first, *rest])
+    best_order, best = [first, *rest], _two_rings_rate(links, [first, *rest], hops)
     if len(devices) <= RING_EXHAUSTIVE:
-        def extend(order: list[str], left: set[str], bottleneck: float) -> None:
+        def extend(order: list[str], left: set[str], forward: np.ndarray, backward: np.ndarray) -> None:
             nonlocal best_order, best
-            if 2 * bottleneck <= best:
-                return  # both directions together cannot beat the incumbent
+            if len(order) > 1 and _pair_rate(forward, backward, links.capacity) <= best:
+                return  # the hops so far already cap both rings together at the incumbent
             if not left:
-                rate = both(order)
+                rate = _two_rings_rate(links, order, hops)
                 if rate > best:
                     best_order, best = list(order), rate
                 return
             for v in sorted(left, key=lambda v: (-width.get((order[-1], v), 0), position[v])):
-                w = width.get((order[-1], v), 0.0)
-                if len(left) == 1:
-                    w = min(w, width.get((v, first), 0.0))
-                if w > 0:
+                pair, back = (order[-1], v), (v, order[-1])
+                if pair in hops and back in hops:
                     order.append(v)
-                    extend(order, left - {v}, min(bottleneck, w))
+                    extend(order, left - {v}, forward + hops[pair], backward + hops[back])
                     order.pop()
 
-        extend([first], set(rest), math.inf)
+        zeros = np.zeros(len(links.edges))
+        extend([first], set(rest), zeros, zeros)
     else:  # greedy widest-next-hop, then 2-opt is left out: large rings are the hierarchical planner's job
         order, left = [first], set(rest)
         while left:
             nxt = max(sorted(left, key=position.get), key=lambda v: width.get((order[-1], v), 0.0))
             order.append(nxt)
             left.discard(nxt)
-        if both(order) > best:
-            best_order, best = order, both(order)
+        rate = _two_rings_rate(links, order, hops)
+        if rate > best:
+            best_order, best = order, rate
     return best_order, best
 
 
