@@ -6,16 +6,35 @@ Building the parser imports nothing heavy; the verb imports :mod:`.commands` whe
 from __future__ import annotations
 
 import argparse
+import math
 
 
-def _bounded(kind, low, high):
-    def parse(text: str):
+MAX_CAP = 1 << 30  # MB or GB: the same bound the control endpoint checks (driver.MAX_MB)
+
+
+def _int_in(low: int, high: int):
+    """An argparse type: an int in ``low..high``, refused in one line saying so."""
+    def parse(text: str) -> int:
         try:
-            value = kind(text)
+            value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number in ({low:g}, {high:g}], got {text!r}") from None
-        if not low < value <= high:
-            raise argparse.ArgumentTypeError(f"must be a number in ({low:g}, {high:g}], got {text!r}")
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an int in {low}..{high}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _positive(high: int):
+    """An argparse type: a number above 0 and at most ``high``, refused in one line saying so."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0 < value <= high:  # nan fails too
+            raise argparse.ArgumentTypeError(f"must be a number > 0 and <= {high}, got {text!r}")
         return value
 
     return parse
@@ -47,11 +66,11 @@ def add_parsers(subparsers, common) -> None:
                     "the best; the job trains on throughout. --stop ends a running tune (the best stays).")
     p.add_argument("run", help="run id, name or unique id prefix")
     p.add_argument("--objective", choices=("throughput", "memory"), default="throughput")
-    p.add_argument("--max-activation-mb", type=_bounded(float, 0, 1 << 30), metavar="MB",
+    p.add_argument("--max-activation-mb", type=_positive(MAX_CAP), metavar="MB",
                    help="cap on the peak bytes saved for backward (any rank)")
-    p.add_argument("--max-memory-gb", type=_bounded(float, 0, 1 << 30), metavar="GB",
+    p.add_argument("--max-memory-gb", type=_positive(MAX_CAP), metavar="GB",
                    help="cap on device peak memory (CUDA) or RSS (cpu)")
-    p.add_argument("--budget-steps", type=_bounded(int, 9, 100_000), default=200,
+    p.add_argument("--budget-steps", type=_int_in(10, 100_000), default=200,
                    help="steps the whole search may use (default 200, 10 to 100000)")
     p.add_argument("--keys", metavar="KEY,...", help="only these policies (default: every live one that applies)")
     p.add_argument("--allow-lossy", action="store_true", help="also try lossy values (fp8, compression)")

@@ -113,7 +113,7 @@ def _number(body: dict, name: str, hi: float) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not 0 < value <= hi:
-        raise DSparkError(f"--{name.replace('_', '-')}: {value!r} is not allowed; allowed: a number in (0, {hi:g}]")
+        raise DSparkError(f"--{name.replace('_', '-')}: {value!r} is not allowed; allowed: a number > 0 and <= {hi}")
     return float(value)
 
 
@@ -124,7 +124,7 @@ def parse_request(body: dict[str, Any]) -> dict[str, Any]:
         raise DSparkError(f"--objective: {str(objective)[:40]!r} is not allowed; allowed: {' | '.join(OBJECTIVES)}")
     budget = body.get("budget_steps", 200)
     if isinstance(budget, bool) or not isinstance(budget, int) or not 10 <= budget <= 100_000:
-        raise DSparkError(f"--budget-steps: {str(budget)[:40]!r} is not allowed; allowed: 10 to 100000")
+        raise DSparkError(f"--budget-steps: {str(budget)[:40]!r} is not allowed; allowed: an int in 10..100000")
     keys = body.get("keys")
     if keys is not None and (not isinstance(keys, list) or not all(isinstance(k, str) and len(k) <= 100
                                                                     for k in keys) or len(keys) > 32):

@@ -107,7 +107,7 @@ class TuneOptions:
         if self.objective not in OBJECTIVES:
             raise DSparkError(f"--objective: {self.objective!r} is not allowed; allowed: {' | '.join(OBJECTIVES)}")
         if not 10 <= self.budget_steps <= 100_000:
-            raise DSparkError(f"--budget-steps: {self.budget_steps} is not allowed; allowed: 10 to 100000")
+            raise DSparkError(f"--budget-steps: {self.budget_steps} is not allowed; allowed: an int in 10..100000")
         if self.max_peak_bytes is not None and not (math.isfinite(self.max_peak_bytes) and self.max_peak_bytes > 0):
             raise DSparkError(f"memory cap: {self.max_peak_bytes!r} is not allowed; allowed: a positive number")
         if self.block_stat not in BLOCK_STATS:
@@ -122,7 +122,7 @@ class TuneOptions:
             raise DSparkError(f"min_pairs, max_pairs: {self.min_pairs}, {self.max_pairs} are not allowed; "
                               "allowed: 2 <= min_pairs <= max_pairs <= 64")
         if not 10 <= self.min_trial_steps <= 100_000:
-            raise DSparkError(f"min_trial_steps: {self.min_trial_steps} is not allowed; allowed: 10 to 100000")
+            raise DSparkError(f"min_trial_steps: {self.min_trial_steps} is not allowed; allowed: an int in 10..100000")
 
 
 @dataclass(slots=True)
