@@ -231,7 +231,10 @@ def test_the_space_comes_from_the_schemas():
     assert space.keys == {"memory.activation_checkpointing": ["none", "full", "every-2", "every-4"],
                           "memory.activation_offload": ["off", "host"], "compute.threads": [1, 2]}
     assert not space.bit_exact  # compute.threads reorders sums
-    assert {r["key"] for r in space.needs_restart} == {"comm.topology", "comm.bucket_mb"}
+    # comm.topology is launch-only but a name or a path: no value to offer, so excluded, not "would try []"
+    assert {r["key"] for r in space.needs_restart} == {"comm.bucket_mb"}
+    assert all(r["would_try"] for r in space.needs_restart)
+    assert {"key": "comm.topology", "reason": "launch-only, and no other value a search can list"} in space.excluded
     assert {"comm.emulate_links"} <= {r["key"] for r in space.excluded}  # slows the job on purpose
     assert "host-fp8" in build(SPECS_BY_KEY, values, refuse, allow_lossy=True).keys["memory.activation_offload"]
     no_ddp = build(SPECS_BY_KEY, values, refuse, not_here=lambda key: "no DDP" if key.startswith("comm.") else None)

@@ -3,8 +3,8 @@
 Every registered policy (built-in and plugins') is a candidate key, except those whose spec says ``tunable=False``
 (a request such as ``profile.steps``, or a knob that slows the job on purpose). Live ones that apply to this job are
 searched; lossy values only with ``allow_lossy``; launch-only ones are listed as "needs a restart" with the values a
-search would try, and never applied. Numbers are tried on a doubling grid from the spec's minimum, at most
-:data:`MAX_VALUES` per key.
+search would try, and never applied (one with no other value to list, a name or a path, is excluded instead).
+Numbers are tried on a doubling grid from the spec's minimum, at most :data:`MAX_VALUES` per key.
 """
 
 from __future__ import annotations
@@ -77,6 +77,9 @@ def build(specs: dict[str, PolicySpec], values: dict[str, Any], refusal: Callabl
                 space.excluded.append({"key": key, "reason": reason})
                 continue
             other = [v for v in tried if v != values.get(key)]
+            if not other:  # a name or a path (comm.topology): no value a restart could be offered with
+                space.excluded.append({"key": key, "reason": "launch-only, and no other value a search can list"})
+                continue
             space.needs_restart.append({"key": key, "value": values.get(key), "would_try": other,
                                         "reason": f"launch-only: `dspark-lab run --policy {key}=VALUE`"})
             continue
