@@ -145,7 +145,8 @@ def live_tune(job_name: str, budget: int, fraction: float) -> tuple[dict, float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="steps of each oracle run (10 to 1000)")
-    parser.add_argument("--budget-steps", type=int, default=200, help="the tune's step budget (its default: 200)")
+    parser.add_argument("--budget-steps", type=int, default=200,
+                        help="the tune's step budget (the CLI's default: 110 per candidate)")
     parser.add_argument("--cap-fraction", type=float, default=0.5,
                         help="the cap as a fraction of the unconstrained peak (0.05 to 1; default 0.5)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of oracle runs (2 to 8)")

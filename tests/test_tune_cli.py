@@ -24,3 +24,33 @@ def test_an_option_out_of_range_says_what_is_allowed_in_one_line(argv, message, 
 def test_options_in_range_parse():
     args = cli.build_parser().parse_args(["tune", "RUN", "--budget-steps", "10", "--max-activation-mb", "0.5"])
     assert args.budget_steps == 10 and args.max_activation_mb == 0.5
+
+
+def test_the_default_budget_is_left_to_the_driver():
+    # None: the driver gives the search covering_budget(space), 110 steps per candidate (was a fixed 200)
+    assert cli.build_parser().parse_args(["tune", "RUN"]).budget_steps is None
+
+
+def trial(change, verdict):
+    return {"change": change, "verdict": verdict, "steps": 0 if verdict == "skipped_budget" else 98}
+
+
+def state(trials, **extra):
+    return {"id": "t1", "state": "done", "options": {"budget_steps": 200},
+            "space": {"keys": {"memory.activation_checkpointing": ["none", "full", "every-2", "every-4"]},
+                      "needs_restart": [{"key": "comm.bucket_mb", "value": 25.0, "would_try": [1.0, 2.0]}],
+                      "bit_exact": True},
+            "trials": trials, **extra}
+
+
+def test_the_report_ends_saying_how_many_candidates_the_budget_skipped_and_how_to_try_them():
+    from dspark_lab.tune.commands import report
+
+    trials = [trial({"memory.activation_checkpointing": "full"}, "tie"),
+              trial({"memory.activation_checkpointing": "every-2"}, "skipped_budget"),
+              trial({"memory.activation_checkpointing": "every-4"}, "skipped_budget")]
+    lines = report(state(trials, budget_for_all=336)).to_text().splitlines()
+    assert lines[-2:] == ["skipped for budget: 2 of 3 candidates not tried within --budget-steps 200; "
+                          "--budget-steps 336 (the default) tries them all", "tune t1: done"]
+    assert "skipped for budget" not in report(state(trials[:1], budget_for_all=336)).to_text()
+    assert "needs a restart: comm.bucket_mb (now 25.0, would try [1.0, 2.0])" in lines

@@ -267,7 +267,7 @@ def test_a_tune_request_is_checked_option_by_option():
     from dspark_lab.errors import DSparkError
     from dspark_lab.tune.driver import parse_request
 
-    assert parse_request({})["budget_steps"] == 200
+    assert parse_request({})["budget_steps"] is None  # the driver gives it covering_budget(space)
     for body, field in (({"objective": "fast"}, "--objective"), ({"budget_steps": 5}, "--budget-steps"),
                         ({"budget_steps": True}, "--budget-steps"), ({"max_activation_mb": -1}, "--max-activation-mb"),
                         ({"max_memory_gb": float("inf")}, "--max-memory-gb"), ({"keys": "a,b"}, "--keys"),
@@ -395,3 +395,19 @@ def test_a_long_trial_is_ordered_by_the_coin_and_still_finds_a_winner():
     (trial,) = out.trials
     assert trial.design == "coin" and trial.verdict == "win" and out.best["b"] == 2 and out.seed == 4
     assert trial.ci[1] < 1 and 0.75 < trial.ratio < 0.85
+
+
+def test_the_default_budget_gives_every_candidate_a_trial():
+    # 9 candidates (3 + 5 + 1 other values) on a machine where nothing differs: every trial is a tie and runs to
+    # its share, the most a trial can use. The old default of 200 steps tried 2 and skipped 7 for budget.
+    from dspark_lab.tune.search import covering_budget
+
+    start = {"a": "x", "b": 1, "c": False}
+    space = {"a": ["x", "y", "z", "w"], "b": [1, 2, 4, 8, 16, 32], "c": [False, True]}
+    assert covering_budget(space, start) == 2 + 4 + 9 * 110  # warm-up and block, then 110 steps per candidate
+    for budget, skipped in ((covering_budget(space, start), 0), (200, 7)):
+        job = FakeJob(lambda v: 0.10, drift=jumps(3), seed=3)
+        job.values = dict(start)
+        out = Search(job, start, space, TuneOptions(budget_steps=budget, seed=3)).run()
+        assert len(out.trials) == 9 and out.steps <= budget
+        assert sum(t.verdict == "skipped_budget" for t in out.trials) == skipped, budget

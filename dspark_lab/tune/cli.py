@@ -70,8 +70,9 @@ def add_parsers(subparsers, common) -> None:
                    help="cap on the peak bytes saved for backward (any rank)")
     p.add_argument("--max-memory-gb", type=_positive(MAX_CAP), metavar="GB",
                    help="cap on device peak memory (CUDA) or RSS (cpu)")
-    p.add_argument("--budget-steps", type=_int_in(10, 100_000), default=200,
-                   help="steps the whole search may use (default 200, 10 to 100000)")
+    p.add_argument("--budget-steps", type=_int_in(10, 100_000), default=None,
+                   help="steps the whole search may use, 10 to 100000 (default: 110 per candidate, enough to try "
+                        "them all)")
     p.add_argument("--keys", metavar="KEY,...", help="only these policies (default: every live one that applies)")
     p.add_argument("--allow-lossy", action="store_true", help="also try lossy values (fp8, compression)")
     p.add_argument("--stop", action="store_true", help="end the running tune; the best found so far stays")

@@ -45,6 +45,7 @@ def report(state: dict[str, Any]) -> Report:
                      f"{cell((out['best_peak_bytes'] or 0) / 2**20)} MB"
                      f"{'' if out['feasible'] else ' (over the memory cap: nothing tried met it)'}; "
                      f"{out['steps']} steps, {out['seconds']:.1f} s")
+    lines += _budget_lines(state)
     if state.get("error"):
         lines.append(f"tune failed: {state['error']}")
     lines.append(f"tune {state.get('id')}: {state.get('state')}")
@@ -52,8 +53,21 @@ def report(state: dict[str, Any]) -> Report:
                   lines=lines)
 
 
+def _budget_lines(state: dict[str, Any]) -> list[str]:
+    """A line saying how many candidates the budget left untried and how to try them, when it left any."""
+    trials = state.get("trials", [])
+    skipped = sum(t["verdict"] == "skipped_budget" for t in trials)
+    if not skipped:
+        return []
+    budget = (state.get("options") or {}).get("budget_steps")
+    fix = (f"--budget-steps {state['budget_for_all']} (the default) tries them all" if state.get("budget_for_all")
+           else "a larger --budget-steps tries them")
+    return [f"skipped for budget: {skipped} of {len(trials)} candidates not tried within --budget-steps {budget}; "
+            f"{fix}"]
+
+
 def start(run: str, *, objective: str = "throughput", max_activation_mb: float | None = None,
-          max_memory_gb: float | None = None, budget_steps: int = 200, keys: list[str] | None = None,
+          max_memory_gb: float | None = None, budget_steps: int | None = None, keys: list[str] | None = None,
           allow_lossy: bool = False, client: ControlClient | None = None) -> dict[str, Any]:
     """Start a tune on ``run`` and return its first state (``id``, ``space``) without waiting for it."""
     client = client or ControlClient(find_run(run), timeout=70)
@@ -63,7 +77,7 @@ def start(run: str, *, objective: str = "throughput", max_activation_mb: float |
 
 
 def tune(run: str, *, objective: str = "throughput", max_activation_mb: float | None = None,
-         max_memory_gb: float | None = None, budget_steps: int = 200, keys: list[str] | None = None,
+         max_memory_gb: float | None = None, budget_steps: int | None = None, keys: list[str] | None = None,
          allow_lossy: bool = False, follow: Callable[[dict], None] | None = None) -> Report:
     """Start a tune on ``run`` and wait until it ends; ``follow(trial)`` is called once per finished trial."""
     client = ControlClient(find_run(run), timeout=70)

@@ -18,7 +18,7 @@ from typing import Any
 
 from dspark_lab.errors import DSparkError, PolicyError
 from dspark_lab.tune import space as space_mod
-from dspark_lab.tune.search import OBJECTIVES, Sample, Search, TuneOptions
+from dspark_lab.tune.search import OBJECTIVES, Sample, Search, TuneOptions, covering_budget
 
 STEP_WAIT_S = 120.0  # a trial gives up when the job makes no step for this long
 APPLY_WAIT_S = 300.0
@@ -122,8 +122,8 @@ def parse_request(body: dict[str, Any]) -> dict[str, Any]:
     objective = body.get("objective", "throughput")
     if objective not in OBJECTIVES:
         raise DSparkError(f"--objective: {str(objective)[:40]!r} is not allowed; allowed: {' | '.join(OBJECTIVES)}")
-    budget = body.get("budget_steps", 200)
-    if isinstance(budget, bool) or not isinstance(budget, int) or not 10 <= budget <= 100_000:
+    budget = body.get("budget_steps")  # None: enough for every candidate (search.covering_budget)
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or not 10 <= budget <= 100_000):
         raise DSparkError(f"--budget-steps: {str(budget)[:40]!r} is not allowed; allowed: an int in 10..100000")
     keys = body.get("keys")
     if keys is not None and (not isinstance(keys, list) or not all(isinstance(k, str) and len(k) <= 100
@@ -152,6 +152,9 @@ class Tune:
         self.stop_event = threading.Event()
         self.space = space_mod.build(job.specs, dict(job.policies), self._refusal, keys=request["keys"],
                                      allow_lossy=request["allow_lossy"], not_here=job.policy_state.not_here)
+        self.budget_for_all = covering_budget(self.space.keys, dict(job.policies))
+        if request["budget_steps"] is None:
+            self.request = request = {**request, "budget_steps": self.budget_for_all}
         memory_field = "memory_peak_bytes" if job.backend.torch_device == "cuda" else "rss_bytes"
         self.peak_field = memory_field if request["max_memory_gb"] is not None else "peak_activation_bytes"
         cap = (request["max_memory_gb"] * 2**30 if request["max_memory_gb"] is not None
@@ -204,7 +207,8 @@ class Tune:
 
     def report(self) -> dict[str, Any]:
         return {"id": self.id, "state": self.state, "error": self.error, "options": self.request,
-                "peak_field": self.peak_field, "space": self.space.as_dict(), "trials": list(self.trials),
+                "peak_field": self.peak_field, "space": self.space.as_dict(), "budget_for_all": self.budget_for_all,
+                "trials": list(self.trials),
                 "outcome": self.outcome, "step": self.job.step}
 
 

@@ -235,6 +235,19 @@ def trial_design(o: TuneOptions, limit: int) -> str:
     return "coin" if trial_pairs(o, limit, "coin") >= COIN_FROM_PAIRS else "abba"
 
 
+def covering_budget(space: dict[str, list[Any]], start: dict[str, Any], o: TuneOptions | None = None) -> int:
+    """Steps that give every candidate of ``space`` (each value but the start's) a trial of ``min_trial_steps``,
+    after the baseline block: what ``--budget-steps`` defaults to, so a tune tries the whole space (at most 100000).
+
+    Enough: a trial uses at most its share, ``max(min_trial_steps, steps left / candidates left)``, so every
+    candidate still to try keeps about ``min_trial_steps`` (less the switch to each winner), well above the
+    ``min_pairs`` pairs a trial needs to start."""
+    o = o or TuneOptions()
+    # a key's start value is skipped where it comes first; later in its list, a win before it makes it a candidate
+    candidates = sum(len(values) - (values[:1] == [start.get(key)]) for key, values in space.items())
+    return min(100_000, max(10, o.warmup + o.block + candidates * o.min_trial_steps))
+
+
 class Search:
     """Greedy coordinate search: for each key, try each of its values against the incumbent; a win replaces it."""
 
