@@ -30,7 +30,7 @@ import datetime
 import os
 import time
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 import torch
@@ -98,9 +98,9 @@ class Job:
         self._events = JsonlWriter(run_dir.events_path)
         self._metrics = JsonlWriter(run_dir.metrics_path)
         self.model = self.ddp = None
-        self._optimizer: weakref.ref | None = None  # the one whose steps are the job's steps (see on_step_end)
+        self._optimizer: Callable[[], Any] | None = None  # the one whose steps are the job's steps (see on_step_end)
         self.optimizer_pinned = False  # handed over by attach(optimizer=...)
-        self._rival: tuple[weakref.ref, int] | None = None  # another optimizer, and its steps since ours last did
+        self._rival: tuple[Callable[[], Any], int] | None = None  # another optimizer, and its steps since ours last did
         self.discovered = False  # set at the first optimizer step, or when attach() hands over the model
         self.found_blocks = discover.Blocks()
         self.blocks: list = []
@@ -252,7 +252,7 @@ class Job:
 
     @optimizer.setter
     def optimizer(self, optimizer) -> None:
-        self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
+        self._optimizer = _weak(optimizer) if optimizer is not None else None
         self._rival = None
 
     def on_step_begin(self, optimizer) -> None:
@@ -271,7 +271,7 @@ class Job:
         if current is not None:
             rival = self._rival
             count = rival[1] + 1 if rival is not None and rival[0]() is optimizer else 1
-            self._rival = (weakref.ref(optimizer), count)
+            self._rival = (_weak(optimizer), count)
             if self.optimizer_pinned or count < RIVAL_STEPS:
                 return False
         if self.step:
@@ -322,6 +322,15 @@ class Job:
         if self.cluster is not None:
             self.cluster.close()
         self.activations.uninstall()
+
+
+def _weak(obj) -> Callable[[], Any]:
+    """A weak reference to ``obj``, or a strong one where its type allows none (``__slots__`` without
+    ``__weakref__``)."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
 
 
 def param_storages(model) -> set[int]:
