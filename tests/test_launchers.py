@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,23 @@ def test_ctrl_c_stops_the_run_with_exit_code_130_and_a_one_line_reason(tmp_path)
     info = run_dir.info()
     assert (info["state"], info["exit_code"], info["error"]) == ("stopped", 130, "interrupted (SIGINT, Ctrl-C)")
     assert run_dir.events()[-1]["kind"] == "stop"
+
+
+def test_a_forced_stop_ends_a_run_that_never_reaches_a_step_boundary(tmp_path, monkeypatch):
+    from dspark_lab.runtime import commands
+
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path))
+    run_dir = fake_run(tmp_path / "runs", WAITS)  # a job that never steps: no boundary for a plain stop
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    supervisor = subprocess.Popen([sys.executable, "-m", "dspark_lab.runtime.launch", str(run_dir.path)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                  start_new_session=True)
+    assert supervisor.stdout.readline() == "ready\n"
+    started = time.monotonic()
+    report = commands.stop(run_dir.id, timeout=30, force=True)
+    assert time.monotonic() - started < 20 and supervisor.wait(timeout=30) != 0
+    assert (report.data["state"], report.data["exit_code"], report.data["forced"]) == ("stopped", 0, True)
+    info = run_dir.info()
+    assert info["state"] == "stopped" and info["error"].startswith("forced: dspark-lab stop --force")
+    with pytest.raises(DSparkError, match="is stopped: there is nothing to stop"):
+        commands.stop(run_dir.id, timeout=5, force=True)

@@ -177,7 +177,10 @@ def add_parsers(subparsers, common) -> None:
     stop = subparsers.add_parser("stop", parents=[common], help="stop a running job at the next step boundary")
     stop.add_argument("run", help="run id, name or unique id prefix")
     stop.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the ranks to stop (default 60)")
-    stop.set_defaults(func=lambda a: _commands().stop(a.run, timeout=a.timeout))
+    stop.add_argument("--force", action="store_true",
+                      help="end the run now (SIGTERM to its launcher and ranks) instead of at a step boundary: for a "
+                           "job that never reaches one")
+    stop.set_defaults(func=lambda a: _commands().stop(a.run, timeout=a.timeout, force=a.force))
 
     get = subparsers.add_parser("get", parents=[common], help="a policy's value in force and since which step")
     get.add_argument("run")

@@ -6,6 +6,8 @@ come from the run directory (:mod:`.records`); changes go to rank 0's control en
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -16,7 +18,8 @@ from dspark_lab.runtime import jobtext
 from dspark_lab.runtime.control import ControlClient
 from dspark_lab.runtime.launch import launch_background
 from dspark_lab.runtime.limits import check_timeout
-from dspark_lab.runtime.records import find_run, list_runs, run_state, tail_records
+from dspark_lab.runtime.liveness import read_heartbeat
+from dspark_lab.runtime.records import JsonlWriter, find_run, list_runs, process_alive, run_state, tail_records
 
 
 def _run(ref: str):
@@ -126,10 +129,13 @@ def events(run: str) -> Report:
                   columns=("step", "rank", "kind", "key", "old", "new", "reason"))
 
 
-def stop(run: str, timeout: float = 60.0) -> Report:
-    """Stop every rank at the next step boundary; answers once the ranks stopped (exit_code 4 if not in time)."""
+def stop(run: str, timeout: float = 60.0, force: bool = False) -> Report:
+    """Stop every rank at the next step boundary; answers once the ranks stopped (exit_code 4 if not in time).
+    ``force``: end the run now, without waiting for a boundary (:func:`_force_stop`)."""
     timeout = check_timeout(timeout, "--timeout")
     run_dir = _run(run)
+    if force:
+        return _force_stop(run_dir, timeout)
     started = time.monotonic()
     reply = ControlClient(run_dir, timeout=timeout + 5).request("POST", "/stop", {"timeout": timeout})
     if reply["state"] == "stopped":  # the ranks stopped: wait for the supervisor to record the run's end too
@@ -139,6 +145,36 @@ def stop(run: str, timeout: float = 60.0) -> Report:
              "timed_out": f"run {run_dir.id}: {reply['reason']} (last step {reply['step']})"}
     return Report("stop", {"id": run_dir.id, **reply, "exit_code": EXIT_CODES.get(reply["state"], 0)},
                   lines=[words.get(reply["state"], f"run {run_dir.id} {reply['state']}")])
+
+
+def _force_stop(run_dir, timeout: float) -> Report:
+    """End a run that may never reach a step boundary (a hung collective, workers the script spawned itself):
+    SIGTERM to its supervisor, which passes it to the launcher and so to every rank; the run ends ``stopped``
+    with this reason. Only the run's own processes are signalled (pid and start time from its records)."""
+    info = run_state(run_dir)
+    if info.get("state") not in ("running", "starting"):
+        raise DSparkError(f"run: {run_dir.id} is {info.get('state')}: there is nothing to stop")
+    if info.get("supervisor") == "gone":  # the supervisor was killed: rank 0 is what is left to signal
+        beat = read_heartbeat(run_dir.path) or {}
+        pid, started_at = beat.get("pid"), beat.get("start")
+    else:
+        pid, started_at = info.get("launcher_pid"), info.get("launcher_start")
+    if not isinstance(pid, int) or not process_alive(pid, started_at):
+        raise DSparkError(f"run: {run_dir.id} has no live process of its own to signal")
+    reason = "forced: dspark-lab stop --force (SIGTERM, no step boundary awaited)"
+    JsonlWriter(run_dir.events_path).write({"time": time.time(), "step": _last_step(run_dir), "rank": None,
+                                            "kind": "stop", "reason": reason})
+    os.kill(pid, signal.SIGTERM)
+    _wait_until_ended(run_dir, time.monotonic() + timeout)
+    state = run_state(run_dir).get("state")
+    ended = state not in ("running", "starting")
+    step = _last_step(run_dir)
+    data = {"id": run_dir.id, "state": "stopped" if ended else "timed_out", "forced": True, "step": step,
+            "reason": reason if ended else f"SIGTERM sent; the run still reads {state} after {timeout:g} s",
+            "exit_code": 0 if ended else EXIT_CODES["timed_out"]}
+    at = f"after step {step}" if step is not None else "before its first step"
+    words = f"run {run_dir.id} stopped (forced) {at}" if ended else f"run {run_dir.id}: {data['reason']} ({at})"
+    return Report("stop", data, lines=[words])
 
 
 def _wait_until_ended(run_dir, deadline: float) -> None:

@@ -140,8 +140,10 @@ def ending(events: list[dict[str, Any]], launcher: str, code: int, *,
         return ("stopped" if stopped else "finished"), 0, None
     failures = [e for e in events if e.get("kind") == "error" and e.get("rank") is not None
                 and isinstance(e.get("exit_code"), int) and e["exit_code"] != 0]
-    if not failures:
-        return ("stopped" if stopped else "failed"), code, f"{launcher} exited with code {code}"
+    if not failures:  # no rank said why: a forced stop's own reason, else the launcher's code
+        forced = next((e.get("reason") for e in reversed(events) if e.get("kind") == "stop" and e.get("rank") is None
+                       and e.get("reason")), None) if stopped else None
+        return ("stopped" if stopped else "failed"), code, forced or f"{launcher} exited with code {code}"
     first = min(failures, key=lambda e: e.get("time") or 0.0)
     return ("stopped" if stopped else "failed"), first["exit_code"], f"rank {first['rank']}: {first['reason']}"
 

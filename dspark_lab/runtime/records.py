@@ -240,7 +240,7 @@ def run_state(run_dir: RunDir) -> dict[str, Any]:
     """
     info = run_dir.info()
     if info.get("state") in ("running", "starting") and info.get("launcher_pid"):
-        if not _alive(info["launcher_pid"], info.get("launcher_start")):
+        if not process_alive(info["launcher_pid"], info.get("launcher_start")):
             beat = liveness.read_heartbeat(run_dir.path)
             if liveness.beating(beat):
                 info = {**info, "state": "running", "supervisor": "gone",
@@ -252,7 +252,8 @@ def run_state(run_dir: RunDir) -> dict[str, Any]:
     return info
 
 
-def _alive(pid: int, started: float | None) -> bool:
+def process_alive(pid: int, started: float | None) -> bool:
+    """Whether process ``pid`` lives and is the one started at ``started`` (not a later one given its pid)."""
     try:
         proc = psutil.Process(pid)
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and (
