@@ -8,6 +8,7 @@ tests/real_jobs/titan_cpu.py), Hugging Face ``Trainer`` and Lightning DDP. The f
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import plain_torchrun, wait_for_step
 from dspark_lab.runtime import commands
@@ -95,6 +97,47 @@ def test_nanogpt_shape_under_the_python_launcher_matches_plain_python(monkeypatc
     assert_changed_live(report, run_dir, 40)
     expected = losses(plain, ITER)
     assert len(expected) == 40 and losses(output, ITER) == expected
+
+
+# --- a plain DDP script with everyday habits -----------------------------------------------------------------------
+
+HABITS = JOBS / "habits_train.py"
+
+
+def test_everyday_script_habits_survive_a_live_change_and_match_plain_torchrun(tmp_path, monkeypatch):
+    """BatchNorm blocks, gradient accumulation, an EMA and a snapshot made with deepcopy, a second optimizer for a
+    second phase, torch.save(model): checkpointing switched on in the second phase changes no printed figure."""
+    args = ["--head-steps", "6", "--steps", "24", "--step-sleep", "0.1"]
+    plain = plain_torchrun([HABITS, *args, "--save", str(tmp_path / "plain.pt")], nproc=2).stdout
+    job = launch_background(str(HABITS), [*args, "--save", str(tmp_path / "ours.pt")], nproc=2, name="habits")
+    try:
+        wait_for_step(job, 9, timeout=180)  # the second optimizer ends the steps from its second step on
+        report = commands.set_policies(job.id, ["memory.activation_checkpointing=full"], timeout=60)
+        code = job.wait(180)
+    finally:
+        if job.poll() is None:
+            job.process.kill()
+            job.process.wait()
+    output = (job.run_dir.path / "output.log").read_text()
+    assert code == 0, output[-3000:]
+    assert report.data["state"] == "applied" and report.data["step"] > 9
+    boundary = [e for e in job.run_dir.events() if e["kind"] == "boundary"]
+    assert len(boundary) == 2 and all("AdamW" in e["reason"] for e in boundary)  # one per rank
+    expected = losses(plain, STEP)
+    assert len(expected) == 30 and losses(output, STEP) == expected
+    tail = lambda text: [line for line in text.splitlines() if line.startswith(("bn ", "ema ", "latest "))]
+    assert tail(output) == tail(plain) and "latest matches True" in tail(output)
+    spec = importlib.util.spec_from_file_location("habits_train", HABITS)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(sys.modules["__main__"], "Block", script.Block, raising=False)  # the script's __main__.Block
+    ours, theirs = (torch.load(tmp_path / name, weights_only=False) for name in ("ours.pt", "plain.pt"))
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    # the checkpointed blocks were saved with their class's forward (pickled as getattr(block, "forward"))
+    assert all(m.__dict__["forward"].__func__ is type(m).forward for m in ours.modules() if "forward" in m.__dict__)
+    # under gradient accumulation the recorded loss is the step's (the micro-batches' shares added)
+    recorded = {m["step"]: m["loss"] for m in job.run_dir.metrics() if m["rank"] == 0 and m.get("loss") is not None}
+    assert all(recorded[k] == pytest.approx(expected[k], rel=1e-6) for k in range(2, 6))
 
 
 # --- torchtitan: its Trainer on 2 CPU ranks, FSDP2 and TP ----------------------------------------------------------
