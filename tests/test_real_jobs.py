@@ -109,19 +109,11 @@ def test_everyday_script_habits_survive_a_live_change_and_match_plain_torchrun(t
     second phase, torch.save(model): checkpointing switched on in the second phase changes no printed figure."""
     args = ["--head-steps", "6", "--steps", "24", "--step-sleep", "0.1"]
     plain = plain_torchrun([HABITS, *args, "--save", str(tmp_path / "plain.pt")], nproc=2).stdout
-    job = launch_background(str(HABITS), [*args, "--save", str(tmp_path / "ours.pt")], nproc=2, name="habits")
-    try:
-        wait_for_step(job, 9, timeout=180)  # the second optimizer ends the steps from its second step on
-        report = commands.set_policies(job.id, ["memory.activation_checkpointing=full"], timeout=60)
-        code = job.wait(180)
-    finally:
-        if job.poll() is None:
-            job.process.kill()
-            job.process.wait()
-    output = (job.run_dir.path / "output.log").read_text()
-    assert code == 0, output[-3000:]
+    # the second optimizer ends the steps from its second step on: step 9 is in the second phase
+    report, output, run_dir = run_live(HABITS, [*args, "--save", str(tmp_path / "ours.pt")], nproc=2, at_step=9,
+                                       change="memory.activation_checkpointing=full", timeout=180)
     assert report.data["state"] == "applied" and report.data["step"] > 9
-    boundary = [e for e in job.run_dir.events() if e["kind"] == "boundary"]
+    boundary = [e for e in run_dir.events() if e["kind"] == "boundary"]
     assert len(boundary) == 2 and all("AdamW" in e["reason"] for e in boundary)  # one per rank
     expected = losses(plain, STEP)
     assert len(expected) == 30 and losses(output, STEP) == expected
@@ -136,7 +128,7 @@ def test_everyday_script_habits_survive_a_live_change_and_match_plain_torchrun(t
     # the checkpointed blocks were saved with their class's forward (pickled as getattr(block, "forward"))
     assert all(m.__dict__["forward"].__func__ is type(m).forward for m in ours.modules() if "forward" in m.__dict__)
     # under gradient accumulation the recorded loss is the step's (the micro-batches' shares added)
-    recorded = {m["step"]: m["loss"] for m in job.run_dir.metrics() if m["rank"] == 0 and m.get("loss") is not None}
+    recorded = {m["step"]: m["loss"] for m in run_dir.metrics() if m["rank"] == 0 and m.get("loss") is not None}
     assert all(recorded[k] == pytest.approx(expected[k], rel=1e-6) for k in range(2, 6))
 
 
