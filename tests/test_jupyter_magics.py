@@ -118,7 +118,7 @@ def test_verbs_pass_their_arguments(ip, recorder):
         ("set_policies", ("r1", ["memory.activation_checkpointing=full", "comm.grad_sync=ring"]),
          {"wait": True, "timeout": 60.0}),
         ("set_policies", ("r1", ["a.b=1"]), {"wait": False, "timeout": 5.0}),
-        ("stop", ("r1",), {"timeout": 60.0}),
+        ("stop", ("r1",), {"timeout": 60.0, "force": False}),
         ("metrics", ("r1", 3), {}),
         ("events", ("r1",), {}),
         ("show", ("r1", "my charts.html"), {}),
@@ -251,3 +251,20 @@ def test_run_with_the_python_launcher_then_status_and_profile_through_the_magics
     info = job.run_dir.info()
     assert info["launcher"] == "python" and info["state"] == "stopped"
     assert "ddp=False" in (job.run_dir.path / "output.log").read_text().splitlines()
+
+
+def test_a_closed_widget_is_forgotten_so_its_data_can_go(monkeypatch):
+    import ipywidgets
+
+    import IPython.display
+
+    from dspark_lab.jupyter import magics
+
+    monkeypatch.setattr(IPython.display, "display", lambda *objects: None)
+    monkeypatch.setattr(magics, "OPEN", [])
+    kept, closed = ipywidgets.HTML("kept"), ipywidgets.HTML("closed")
+    magics._display_widget(kept)
+    magics._display_widget(closed)
+    closed.close()  # what a view's close button does
+    assert magics.OPEN == [kept]
+    assert magics.close_all() == 1 and magics.OPEN == [] and kept.comm is None

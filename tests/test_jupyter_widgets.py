@@ -84,6 +84,35 @@ def test_watch_shows_a_finished_run_whole_then_stops(home):
     assert any("apply memory.activation_checkpointing: none -> full" in line for line in watch.event_lines())
 
 
+def test_a_dashboard_of_an_ended_run_sends_the_whole_run_with_its_first_render(home):
+    # jupyter_bokeh sends the document as it is when the plot widget is made; a browser that renders the view
+    # later never receives streams sent before it, so the history must be in that first document.
+    import json
+    import re
+
+    run = write_run(home, steps=10, apply_at=6)
+    dash = Dashboard(run.id)
+    document = json.dumps(dash.plot.render_bundle["docs_json"])
+    steps = re.findall(r'\["step", \[([^\]]*)\]', document)
+    assert steps.count(", ".join(f"{k:.1f}" for k in range(10))) == 2 and "6" in steps  # 2 ranks, the marker
+    assert not dash.poller.alive and "whole run shown" in dash.header.value  # ended: nothing left to poll
+    dash.close()
+
+
+def test_refresh_rates_outside_the_views_range_are_one_line_errors(home):
+    from dspark_lab.errors import DSparkError
+
+    run = write_run(home, steps=2, state="running")
+    for hz in (0, 0.01, 25):
+        with pytest.raises(DSparkError, match=r"hz: must be within \[0.05, 20\]"):
+            Dashboard(run.id, refresh_hz=hz)
+    dash = Dashboard(run.id, refresh_hz=20)
+    try:
+        assert dash.rate.value == 20 and dash.poller.interval == pytest.approx(0.05)  # the slider shows the rate
+    finally:
+        dash.close()
+
+
 def test_dashboard_streams_a_live_run_and_close_stops_its_thread(home):
     run = write_run(home, steps=3, state="running")
     dash = Dashboard(run.id, refresh_hz=20)
@@ -314,6 +343,27 @@ def test_panel_dropdown_change_applies_and_a_refusal_snaps_back():
     finally:
         panel.close()
     assert not panel.poller.alive
+
+
+def test_the_panel_stops_polling_and_goes_read_only_once_the_run_ended(home):
+    from dspark_lab.errors import DSparkError
+
+    run = write_run(home, steps=2, state="running")
+    client = FakeClient()
+    panel = PolicyPanel(run.id, client, refresh_s=0.05)
+    try:
+        assert wait_for(lambda: panel.poller.ticks >= 2) and panel.poller.alive
+
+        def gone(_run):
+            raise DSparkError(f"run {run.id} is finished: it has no live control endpoint")
+
+        client.policies = gone
+        run.update_info(state="finished")
+        assert wait_for(lambda: not panel.poller.alive)
+        assert all(control.disabled for control in panel.controls.values())
+        assert "ended finished: the values shown were the last in force" in panel.header.value
+    finally:
+        panel.close()
 
 
 # --- the job panel and the profile bar ---------------------------------------------------------------------------

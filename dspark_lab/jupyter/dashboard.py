@@ -1,8 +1,9 @@
 """The run dashboard: :class:`~dspark_lab.views.MetricCharts` in a widget, fed from the run directory.
 
-A :class:`~dspark_lab.jupyter.poller.Poller` tails ``metrics.jsonl``/``events.jsonl`` (:class:`~dspark_lab.views.RunFeed`)
-and streams the new records into the bokeh sources, which jupyter_bokeh forwards as small patches. It needs no
-control plane: a finished run shows whole, a live one grows. Each dashboard owns its thread; ``close()`` ends it.
+A :class:`~dspark_lab.jupyter.poller.Poller` tails ``metrics.jsonl``/``events.jsonl``
+(:class:`~dspark_lab.views.RunFeed`) and streams the new records into the bokeh sources, which jupyter_bokeh
+forwards as small patches. It needs no control plane: a finished run shows whole (its last :data:`STEPS_KEPT`
+steps), a live one grows. Each dashboard owns its thread; ``close()`` ends it.
 
 Two panels come with the same poller: what the job is (``status``'s ``job`` object from rank 0's control endpoint,
 read while the run is live: once, then after each applied change and every :data:`JOB_REFRESH_S`; shown as
@@ -20,15 +21,16 @@ import ipywidgets as widgets
 from dspark_lab.jupyter.plot import BokehPlot
 
 from dspark_lab.jupyter.display import close_tree, ensure_bokehjs
-from dspark_lab.jupyter.live_box import LiveBox
+from dspark_lab.jupyter.live_box import LiveBox, rate_slider
 from dspark_lab.errors import DSparkError
-from dspark_lab.jupyter.poller import Poller
+from dspark_lab.jupyter.poller import Poller, interval_for
 from dspark_lab.runtime import jobtext, liveness
 from dspark_lab.runtime.records import RunDir, find_run
 from dspark_lab.views import MetricCharts, RunFeed
 
 DEFAULT_HZ = 2.0
 EVENT_KINDS_SHOWN = ("pending", "apply", "refuse", "rollback", "stop", "error", "profile")
+STEPS_KEPT = 20_000  # steps per rank a dashboard holds (kernel and browser); `dspark-lab show` draws a whole run
 JOB_REFRESH_S = 10.0  # a live run's job object is read again at most this often (and after each change)
 
 
@@ -64,7 +66,7 @@ class RunWatch:
         self.feed = RunFeed(self.run_dir)
         info = self.feed.info()
         self.ranks = int(info.get("ranks") or 1)
-        self.charts = charts or MetricCharts(ranks=self.ranks)
+        self.charts = charts or MetricCharts(ranks=self.ranks, rollover=STEPS_KEPT)
         self.step: int | None = None
         self.events: list[dict] = []
         self.done = False
@@ -161,13 +163,16 @@ class Dashboard(LiveBox):
 
     def __init__(self, run: str | RunDir, refresh_hz: float = DEFAULT_HZ, stop_run=None, job_source=live_job):
         ensure_bokehjs()
+        interval = interval_for(refresh_hz)
         self.watch = RunWatch(run, job_source=job_source)
+        # The history so far goes into the charts before the plot widget is made: jupyter_bokeh sends the document
+        # as it is then, and a browser that renders the view later never receives the streams sent before it.
+        self.watch.tick()
         self._stop_run = stop_run
         self.header = widgets.HTML()
         self.pause = widgets.ToggleButton(value=False, description="pause", icon="pause", tooltip="pause updates",
                                           layout=widgets.Layout(width="90px"))
-        self.rate = widgets.FloatSlider(value=refresh_hz, min=0.2, max=10.0, step=0.2, description="refresh Hz",
-                                        continuous_update=False, readout_format=".1f")
+        self.rate = rate_slider(refresh_hz)
         self.stop_button = widgets.Button(description="stop run", icon="stop", button_style="danger",
                                           tooltip="stop the training job", layout=widgets.Layout(width="100px"))
         self.close_button = widgets.Button(description="close", icon="times", tooltip="close this dashboard",
@@ -185,9 +190,10 @@ class Dashboard(LiveBox):
                           self.job_panel, self.plot, self.profile_panel, self.event_log])
         self.add_class("dspark-dashboard")
         self._lock = threading.Lock()
-        self.poller = Poller(self._tick, 1.0 / refresh_hz, name=f"dspark-dashboard-{self.watch.run_dir.id}")
-        self._tick()  # the history so far, before the first view renders
-        self.poller.start()
+        self.poller = Poller(self._tick, interval, name=f"dspark-dashboard-{self.watch.run_dir.id}")
+        self._render_text()
+        if not self.watch.done:
+            self.poller.start()
 
     @property
     def charts(self) -> MetricCharts:

@@ -16,7 +16,8 @@ from dspark_lab.jupyter.plot import BokehPlot
 from dspark_lab.collectives.topology import backend_topology
 from dspark_lab.errors import DSparkError
 from dspark_lab.jupyter.display import close_tree, ensure_bokehjs
-from dspark_lab.jupyter.poller import Poller
+from dspark_lab.jupyter.live_box import rate_slider
+from dspark_lab.jupyter.poller import Poller, interval_for
 from dspark_lab.output import Report
 from dspark_lab.plugins import Manager, get_manager
 from dspark_lab.views import DeviceCharts, device_rows
@@ -82,6 +83,7 @@ class DeviceView(widgets.VBox):
 
     def __init__(self, manager: Manager | None = None, refresh_hz: float = 2.0, history: int = 240):
         ensure_bokehjs()
+        interval = interval_for(refresh_hz)
         self._samplers = samplers(manager)
         first, errors = sample_all(self._samplers)
         self.charts = DeviceCharts(first, history=history)
@@ -90,8 +92,7 @@ class DeviceView(widgets.VBox):
         self.plot = BokehPlot(self.charts.layout)
         self.pause = widgets.ToggleButton(value=False, description="pause", icon="pause",
                                           layout=widgets.Layout(width="90px"))
-        self.rate = widgets.FloatSlider(value=refresh_hz, min=0.2, max=10.0, step=0.2, description="refresh Hz",
-                                        continuous_update=False, readout_format=".1f")
+        self.rate = rate_slider(refresh_hz)
         self.close_button = widgets.Button(description="close", icon="times", layout=widgets.Layout(width="90px"))
         self.status = widgets.HTML()
         self.topology = widgets.HTML("<br>".join(html.escape(line) for line in topology_lines(manager)))
@@ -101,7 +102,7 @@ class DeviceView(widgets.VBox):
         super().__init__([widgets.HBox([self.pause, self.rate, self.close_button]), self.plot, self.topology,
                           self.status])
         self.add_class("dspark-devices")
-        self.poller = Poller(self._tick, 1.0 / refresh_hz, name="dspark-devices").start()
+        self.poller = Poller(self._tick, interval, name="dspark-devices").start()
 
     def _tick(self) -> None:
         self.samples, self.errors = sample_all(self._samplers)

@@ -12,6 +12,13 @@ from typing import Callable
 import ipywidgets as widgets
 
 from dspark_lab.jupyter.display import close_tree
+from dspark_lab.jupyter.poller import HZ_RANGE
+
+
+def rate_slider(hz: float) -> widgets.FloatSlider:
+    """The refresh-rate slider of a view, over the same range ``--hz`` takes."""
+    return widgets.FloatSlider(value=hz, min=HZ_RANGE[0], max=HZ_RANGE[1], step=0.05, description="refresh Hz",
+                               continuous_update=False, readout_format=".2f")
 
 
 class LiveBox(widgets.VBox):

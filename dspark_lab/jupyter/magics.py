@@ -22,12 +22,12 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from dspark_lab.cli import build_parser
 from dspark_lab.errors import DSparkError
 from dspark_lab.jupyter.display import ensure_bokehjs, in_notebook, show
+from dspark_lab.jupyter.poller import interval_for
 from dspark_lab.output import Report
 from dspark_lab.runtime.cli import script_of
 from dspark_lab.runtime.records import dspark_home
 
 PROG = "%dspark"
-MAX_HZ = 20.0
 
 # Open widgets, newest last, so `%dspark watch --close-all` (and a test) can end their threads.
 OPEN: list[Any] = []
@@ -41,32 +41,34 @@ def _runtime():
 
 def _display_widget(widget: Any) -> Any:
     OPEN.append(widget)
+    # closed (its close button, or code): forgotten here too, so its charts and data can go
+    widget.observe(lambda change: _forget(widget) if change["new"] is None else None, names="comm")
     from IPython.display import display
 
     display(widget)
     return widget
 
 
+def _forget(widget: Any) -> None:
+    if widget in OPEN:
+        OPEN.remove(widget)
+
+
 def close_all() -> int:
     """Close every widget the magics opened (their polling threads end); returns how many."""
-    count = 0
-    while OPEN:
-        OPEN.pop().close()
-        count += 1
-    return count
+    widgets = list(OPEN)
+    for widget in widgets:
+        widget.close()
+    OPEN.clear()
+    return len(widgets)
 
 
 # --- the widget verbs: everything else is the CLI's own verb -----------------------------------------------------
 
 
 def _hz(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.05 <= value <= MAX_HZ:
-        raise DSparkError(f"hz: must be within [0.05, {MAX_HZ:g}], got {text}")
-    return value
+    interval_for(text)  # refuses a rate outside the views' range in one line
+    return float(text)
 
 
 def _run(args):

@@ -19,6 +19,7 @@ import ipywidgets as widgets
 from dspark_lab.errors import DSparkError
 from dspark_lab.jupyter.display import close_tree
 from dspark_lab.jupyter.poller import Poller
+from dspark_lab.runtime.records import find_run, run_state
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +134,15 @@ def _make_widget(spec: ControlSpec, value: Any, doc: str) -> widgets.ValueWidget
     return widgets.FloatText(value=float(value), continuous_update=False, **common)
 
 
+def _ended(run: str) -> str | None:
+    """The run's end state (finished, stopped, failed), or None while it runs or cannot be read."""
+    try:
+        state = run_state(find_run(run)).get("state")
+    except DSparkError:
+        return None
+    return None if state in ("running", "starting") else state
+
+
 class PolicyPanel(widgets.VBox):
     """Controls for every policy of a run; a change is submitted on its own thread so the kernel stays free."""
 
@@ -176,16 +186,25 @@ class PolicyPanel(widgets.VBox):
             self.busy.discard(key)
             self._render()
 
-    def _refresh(self) -> None:
+    def _refresh(self) -> bool | None:
+        """Read the values in force; False (the poller stops) once the run has ended: the controls then show the
+        last values in force, read-only."""
         if self.busy:
-            return
+            return None
         with self._lock:
             try:
                 self.model.refresh()
             except DSparkError as exc:
-                self.header.value = f"<b>policies of run {html.escape(self.model.run)}</b> ({html.escape(str(exc))})"
-                return
+                ended = _ended(self.model.run)
+                note = f"ended {ended}: the values shown were the last in force" if ended else str(exc)
+                self.header.value = f"<b>policies of run {html.escape(self.model.run)}</b> ({html.escape(note)})"
+                if ended:
+                    for control in self.controls.values():
+                        control.disabled = True
+                    return False
+                return None
         self._render()
+        return None
 
     def _render(self) -> None:
         """Show the value in force in each control (a refused request snaps back) and its state line."""

@@ -6,14 +6,30 @@ jupyterlab-nvdashboard's ``apps/gpu.py``, which samples in the bokeh callback), 
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Callable
 
+from dspark_lab.errors import DSparkError
+
 MIN_INTERVAL_S = 0.05
+HZ_RANGE = (0.05, 20.0)  # the refresh rates a view takes: `%dspark ... --hz` and every view's slider
 
 # Every poller not yet stopped, so tests and ``close_all`` can check that none outlives its widget.
 LIVE: "set[Poller]" = set()
 _live_lock = threading.Lock()
+
+
+def interval_for(hz) -> float:
+    """Seconds between ticks at ``hz``; one line naming ``hz`` when it is outside :data:`HZ_RANGE`."""
+    low, high = HZ_RANGE
+    try:
+        value = float(hz)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not low <= value <= high:
+        raise DSparkError(f"hz: must be within [{low:g}, {high:g}], got {hz}")
+    return 1.0 / value
 
 
 class Poller:

@@ -28,7 +28,7 @@ from bokeh.plotting import figure
 from dspark_lab.jupyter.display import ensure_bokehjs
 from dspark_lab.jupyter.live_box import LiveBox
 from dspark_lab.jupyter.plot import BokehPlot
-from dspark_lab.jupyter.poller import Poller
+from dspark_lab.jupyter.poller import Poller, interval_for
 from dspark_lab.output import Report
 from dspark_lab.runtime.records import RunDir, find_run
 from dspark_lab.tune import commands as tune_commands
@@ -155,7 +155,9 @@ class TuneView(LiveBox):
     def __init__(self, run: str | RunDir, tune_id: str | None = None, refresh_hz: float = DEFAULT_HZ,
                  stop_tune=None):
         ensure_bokehjs()
+        interval = interval_for(refresh_hz)
         self.watch = TuneWatch(run, tune_id)
+        self.watch.tick()  # before the plot widget is made (see dashboard.Dashboard)
         self._stop_tune = stop_tune or tune_commands.stop
         self.header = widgets.HTML()
         self.table = widgets.HTML()
@@ -171,9 +173,10 @@ class TuneView(LiveBox):
                           self.message])
         self.add_class("dspark-tune")
         self._lock = threading.Lock()
-        self.poller = Poller(self._tick, 1.0 / refresh_hz, name=f"dspark-tune-{self.watch.run_dir.id}")
-        self._tick()
-        self.poller.start()
+        self.poller = Poller(self._tick, interval, name=f"dspark-tune-{self.watch.run_dir.id}")
+        self._render()
+        if not self.watch.done:
+            self.poller.start()
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -182,13 +185,16 @@ class TuneView(LiveBox):
     def _tick(self) -> bool:
         with self._lock:
             more = self.watch.tick()
-            error = getattr(self, "poller", None) and self.poller.error
-            self.header.value = f"<b>{html.escape(self.watch.summary())}</b>" + (
-                f' <span style="color:#d62728">read error: {html.escape(str(error))}</span>' if error else "")
-            self.table.value = self.watch.report()._repr_html_()
-            if self.watch.done:
-                self.stop_button.disabled = True
+            self._render()
         return more
+
+    def _render(self) -> None:
+        error = getattr(self, "poller", None) and self.poller.error
+        self.header.value = f"<b>{html.escape(self.watch.summary())}</b>" + (
+            f' <span style="color:#d62728">read error: {html.escape(str(error))}</span>' if error else "")
+        self.table.value = self.watch.report()._repr_html_()
+        if self.watch.done:
+            self.stop_button.disabled = True
 
     def _on_stop(self, _button) -> None:
         self._stop_in_background(self._stop_tune, self.watch.run_dir.id, self.message, self.stop_button)
