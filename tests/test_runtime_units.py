@@ -175,6 +175,10 @@ def test_validation_refuses_in_one_line_with_allowed_values(cpu_job):
     with pytest.raises(PolicyError, match="unknown policy"):
         cpu_job.validate({"memory.nope": "1"})
     assert cpu_job.validate({"comm.bucket_mb": "50"}, live_only=False) == {"comm.bucket_mb": 50.0}
+    with pytest.raises(PolicyError):
+        cpu_job.request({"memory.activation_offload": "disk"})
+    [refused] = [e for e in cpu_job.run_dir.events() if e["kind"] == "refuse"]
+    assert (refused["key"], refused["new"]) == ("memory.activation_offload", "disk")  # the events table's columns
 
 
 @pytest.mark.parametrize("flag, key, value, reason", [

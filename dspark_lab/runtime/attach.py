@@ -139,7 +139,10 @@ class Job:
         try:
             parsed = self.validate(changes) if kind == "change" else {}
         except PolicyError as exc:
+            one = next(iter(changes.items())) if len(changes) == 1 else (None, None)  # the key, for event tables
             self.record_event("refuse", step=self.step, rank=None, reason=short(str(exc), 300),
+                              key=short(one[0]) if one[0] is not None else None,
+                              new=short(one[1]) if one[0] is not None else None,
                               changes={short(k): short(v) for k, v in changes.items()})
             raise
         return self.coordinator.submit(parsed, kind)

@@ -134,6 +134,9 @@ def stop(run: str, timeout: float = 60.0, force: bool = False) -> Report:
     ``force``: end the run now, without waiting for a boundary (:func:`_force_stop`)."""
     timeout = check_timeout(timeout, "--timeout")
     run_dir = _run(run)
+    state = run_state(run_dir).get("state")
+    if state not in ("running", "starting"):
+        raise DSparkError(f"run: {run_dir.id} is {state}: there is nothing to stop")
     if force:
         return _force_stop(run_dir, timeout)
     started = time.monotonic()
@@ -152,8 +155,6 @@ def _force_stop(run_dir, timeout: float) -> Report:
     SIGTERM to its supervisor, which passes it to the launcher and so to every rank; the run ends ``stopped``
     with this reason. Only the run's own processes are signalled (pid and start time from its records)."""
     info = run_state(run_dir)
-    if info.get("state") not in ("running", "starting"):
-        raise DSparkError(f"run: {run_dir.id} is {info.get('state')}: there is nothing to stop")
     if info.get("supervisor") == "gone":  # the supervisor was killed: rank 0 is what is left to signal
         beat = read_heartbeat(run_dir.path) or {}
         pid, started_at = beat.get("pid"), beat.get("start")
