@@ -489,3 +489,24 @@ def test_a_script_that_spawns_its_own_workers_is_told_why_policies_cannot_reach_
 
 def _spawned_worker(index: int, root: str) -> None:
     open(os.path.join(root, f"worker-{index}"), "w").close()
+
+
+def test_a_disk_that_takes_no_record_costs_records_never_the_step_boundary(tmp_path, monkeypatch, capsys):
+    job = new_cpu_job(tmp_path)
+    job.set_model(make_model())
+    optimizer = torch.optim.SGD(job.model.parameters(), lr=0.1)
+
+    def full(record):
+        raise OSError(28, "No space left on device")
+
+    boundaries = []
+    monkeypatch.setattr(job._metrics, "write", full)
+    monkeypatch.setattr(job._events, "write", full)
+    monkeypatch.setattr(job.coordinator, "at_boundary", boundaries.append)
+    for _ in range(3):
+        job.on_step_end(optimizer)
+        job.record_event("error", step=job.step, rank=0, reason="anything")
+    job.meter.flush()
+    assert boundaries == [1, 2, 3] and job.records_lost >= 6  # changes and stops still apply at every boundary
+    assert capsys.readouterr().err.count("could not be written") == 1
+    job.close()

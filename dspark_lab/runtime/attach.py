@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import time
 import weakref
 from typing import Any, Callable
@@ -123,6 +124,7 @@ class Job:
         self.server = None
         self.cluster = None  # runtime.cluster.Cluster under torchrun: restarts and other nodes
         self._runtime_error_logged = False
+        self.records_lost = 0  # records a full or failing disk did not take (_write)
         self.state: dict[str, Any] = {}
         # a plugin's bug must not stop the job from starting: dispatch records it, the job logs it once
         for problem in self.manager.dispatch("dspark_job_started", job=self).failed:
@@ -315,8 +317,22 @@ class Job:
     def record_event(self, kind: str, *, step: int | None, rank: int | None, key: str | None = None,
                      old: Any = None, new: Any = None, reason: str = "", change_id: str | None = None,
                      **extra: Any) -> None:
-        self._events.write({"time": time.time(), "step": step, "rank": rank, "kind": kind, "key": key,
-                            "old": old, "new": new, "reason": reason, "change_id": change_id, **extra})
+        self._write(self._events, {"time": time.time(), "step": step, "rank": rank, "kind": kind, "key": key,
+                                   "old": old, "new": new, "reason": reason, "change_id": change_id, **extra})
+
+    def write_metrics_record(self, record: dict[str, Any]) -> None:
+        self._write(self._metrics, record)
+
+    def _write(self, writer, record: dict[str, Any]) -> None:
+        """Append a record; a disk that cannot take it (full, gone) costs the record, never the step or the step
+        boundary where changes and stops apply. Said once on stderr; ``records_lost`` counts them."""
+        try:
+            writer.write(record)
+        except OSError as exc:
+            self.records_lost += 1
+            if self.records_lost == 1:
+                print(f"dspark-lab: rank {self.rank}: a record could not be written ({exc}); the job goes on, "
+                      "records are lost until the disk takes them again", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self.meter.flush()
@@ -411,8 +427,6 @@ def attach(model=None, optimizer=None, *, blocks=None, policies: dict[str, Any] 
 
 def _own_run_dir(name: str | None, policies: dict[str, Any]) -> RunDir:
     """The run directory of a script that attached by itself; rank 0 makes it and tells the others via the store."""
-    import sys
-
     if os.environ.get("DSPARK_RUN_DIR"):
         return RunDir(os.environ["DSPARK_RUN_DIR"])
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)

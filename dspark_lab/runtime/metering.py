@@ -42,7 +42,7 @@ class StepMeter:
         self.memory_every = step_reads.memory_every()
         self._memory_wanted: set[str] = set()
         # looked up at each write: a multi-node cluster swaps job._metrics for a relaying writer after this
-        self._late = step_reads.LateLoss(lambda record: job._metrics.write(record),
+        self._late = step_reads.LateLoss(job.write_metrics_record,
                                          late_on_cpu=step_reads.loss_read() == "late")
         self._later: list = []  # (key, tensor, on_read) for this step's record, read with its loss
         self.reset(time.perf_counter())
