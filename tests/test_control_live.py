@@ -143,3 +143,30 @@ def test_a_killed_supervisor_leaves_a_job_that_reads_running_and_obeys():
             commands.set_policies(job.id, ["memory.activation_checkpointing=none"])
     finally:
         kill_all(processes)
+
+
+def test_a_change_one_ranks_schema_refuses_rolls_back_at_once_and_the_next_ones_apply():
+    """Two plugin versions on two ranks: rank 0 takes ``skew.mode=c``, rank 1's copy refuses it. Rank 1 must say no
+    (not wait as for a forged value), so the change rolls back with its reason and later changes and the stop work."""
+    plugins = Path(__file__).parent / "plugins"
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(plugins), os.environ.get("PYTHONPATH")])),
+           "DSPARK_PLUGIN_MODULES": "rank_skewed_policy"}
+    job = commands.launch(DEMO, SMALL, nproc=2, name="skewed", env=env)
+    try:
+        wait_for_step(job, 2)
+        started = time.monotonic()
+        skewed = commands.set_policies(job.id, ["skew.mode=c"], timeout=60)
+        assert time.monotonic() - started < 30, "rank 1 made the change wait out the agreement timeout"
+        assert skewed.data["state"] == "rolled_back"
+        assert "rank 1: this rank's policy schema refuses it: skew.mode: 'c' is not allowed" in skewed.data["reason"]
+        rollbacks = [e for e in job.run_dir.events() if e["kind"] == "rollback"
+                     and e["change_id"] == skewed.data["change_id"]]
+        assert sorted(e["rank"] for e in rollbacks) == [0, 1]
+        after = commands.set_policies(job.id, ["memory.activation_checkpointing=full"], timeout=60)
+        assert after.data["state"] == "applied", after.data
+        assert commands.set_policies(job.id, ["skew.mode=b"], timeout=60).data["state"] == "applied"
+        assert commands.stop(job.id, timeout=60).data["state"] == "stopped"
+        assert job.wait(60) == 0
+    finally:
+        if job.poll() is None:
+            job.process.kill()

@@ -224,24 +224,35 @@ class Coordinator:
                 return
             try:
                 announcement = self.sealer.open(key, self.store.get(key))
-                self._check_announcement(announcement, self._next_seq)
-            except (ValueError, TypeError, PolicyError) as exc:
+                self._check_shape(announcement, self._next_seq)
+            except (ValueError, TypeError) as exc:
                 self._ignore(key, str(exc))
                 return  # rank 0's real announcement overwrites it; it is read then
+            refusal = self._value_refusal(announcement)
+            if refusal:  # sealed by rank 0, so real, but this rank's schema refuses it (another plugin version):
+                # take part and say no, so every rank rolls back at once with the reason instead of waiting
+                announcement = {**announcement, "refused_here": refusal}
             self._scheduled.append(announcement)
             self._next_seq += 1
 
-    def _check_announcement(self, announcement: Any, seq: int) -> None:
-        """Every rank checks what rank 0 sealed against the schema: the right sequence number, kind and values."""
+    def _check_shape(self, announcement: Any, seq: int) -> None:
+        """Every rank checks what rank 0 sealed: the right sequence number, kind, step and fields."""
         if not isinstance(announcement, dict) or announcement.get("seq") != seq or \
                 announcement.get("kind") not in KINDS or type(announcement.get("step")) is not int or \
                 not isinstance(announcement.get("change_id"), str) or \
                 not isinstance(announcement.get("changes"), dict):
             raise ValueError("not an announcement of this sequence number")
+
+    def _value_refusal(self, announcement: dict[str, Any]) -> str:
+        """Why this rank's policy schema refuses the announced values ("" when it takes them all)."""
         for key, value in announcement["changes"].items():
             spec = self.job.specs.get(key)
-            if spec is None or spec.validate(value) != value:
-                raise ValueError(f"{short(key)} is not a policy of this run or {short(value)} is not its value")
+            try:
+                if spec is None or spec.validate(value) != value:
+                    raise PolicyError(f"{short(key)}: not a policy of this run here, or {short(value)} not its value")
+            except PolicyError as exc:
+                return short(str(exc), 300)
+        return ""
 
     def _ignore(self, key: str, why: str) -> None:
         if key in self._ignored:
@@ -260,7 +271,10 @@ class Coordinator:
             if self.rank == 0:
                 self.abandon(f"refused: the run stopped after step {step}, before this change applied")
             raise StopRun()
-        failure, applied = self.job.apply_changes(announcement["changes"])
+        if announcement.get("refused_here"):
+            failure, applied = f"this rank's policy schema refuses it: {announcement['refused_here']}", []
+        else:
+            failure, applied = self.job.apply_changes(announcement["changes"])
         reasons = self._agree(announcement["seq"], failure)
         if reasons:
             self.job.rollback_changes(applied, announcement, "; ".join(reasons))

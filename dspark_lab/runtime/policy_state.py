@@ -89,7 +89,7 @@ class PolicyState:
                 reason += f"; restoring {key}={old} failed: {exc}"
         for key, new in announcement["changes"].items():
             self.job.record_event("rollback", step=announcement["step"], rank=self.job.rank, key=key,
-                                  old=self.values[key], new=new, reason=reason, change_id=announcement["change_id"])
+                                  old=self.values.get(key), new=new, reason=reason, change_id=announcement["change_id"])
 
     def apply_launch(self, prefixes: tuple[str, ...], step: int) -> None:
         """Apply the launch values (``--policy k=v``) of keys starting with ``prefixes`` that differ from now."""
