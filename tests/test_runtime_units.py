@@ -510,3 +510,30 @@ def test_a_disk_that_takes_no_record_costs_records_never_the_step_boundary(tmp_p
     assert boundaries == [1, 2, 3] and job.records_lost >= 6  # changes and stops still apply at every boundary
     assert capsys.readouterr().err.count("could not be written") == 1
     job.close()
+
+
+def test_a_change_back_to_the_default_survives_a_restart_over_the_launch_value(tmp_path):
+    from types import SimpleNamespace
+
+    from dspark_lab.runtime import restarts
+    from dspark_lab.runtime.coordinator import Sealer
+
+    class Store(dict):
+        def set(self, key, value):
+            self[key] = value.encode() if isinstance(value, str) else value
+
+        def check(self, keys):
+            return all(k in self for k in keys)
+
+        def get(self, key):
+            return self[key]
+
+    store, sealer = Store(), Sealer("token", "run")
+    job = new_cpu_job(tmp_path)
+    launched = SimpleNamespace(policies={**job.policies, "memory.activation_checkpointing": "none"},
+                               specs=job.specs, step=7, launch_policies={"memory.activation_checkpointing": "full"})
+    restarts.Saver(store, sealer, launched, 0)()  # `set ... =none` (the default) was committed after `--policy full`
+    version, saved = restarts.load(store, sealer)
+    assert version == 1 and saved == {"memory.activation_checkpointing": "none"}
+    assert {**launched.launch_policies, **saved}["memory.activation_checkpointing"] == "none"  # what the group gets
+    job.close()

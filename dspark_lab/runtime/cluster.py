@@ -97,7 +97,7 @@ class Cluster:
             job._metrics = nodes.RelayedWriter(job._metrics, relay)
             if int(os.environ.get("LOCAL_RANK", 0)) == 0:
                 self.watcher = nodes.EndpointWatcher(self.run_dir, ignored)
-        if self.saved:
+        if self.version:  # a previous group saved what was in force (maybe all defaults): this group restarted
             job.record_event("reapply", step=0, rank=self.rank, changes=self.saved, version=self.version,
                              reason=f"the group restarted: the policies in force before (version {self.version}) "
                                     "apply again")

@@ -1,6 +1,7 @@
 """Policies that survive a restart: torchrun restarts the whole group when a worker dies (``--max-restarts``).
 
-After every change it commits, rank 0 saves the policies in force that differ from their defaults at ``policies``
+After every change it commits, rank 0 saves the policies in force that differ from their defaults, and those set at
+launch whatever their value now (a change back to the default must win over ``--policy``), at ``policies``
 in the run's store (the rendezvous store of a multi-node run, :func:`.nodes.store_address`), with a version (one
 more per commit), sealed with the run's token. That store lives in a torchrun agent, so it outlives the workers;
 the ranks of the next group find the value there before their job starts (a new run never does: its id, and so its
@@ -36,7 +37,8 @@ class Saver:
         self.store, self.sealer, self.job, self.version = store, sealer, job, version
 
     def __call__(self, announcement: dict[str, Any] | None = None) -> None:
-        values = {k: v for k, v in self.job.policies.items() if v != self.job.specs[k].default}
+        launch = self.job.launch_policies
+        values = {k: v for k, v in self.job.policies.items() if v != self.job.specs[k].default or k in launch}
         self.version += 1
         self.store.set(POLICIES_KEY, self.sealer.seal(POLICIES_KEY, {"version": self.version, "values": values,
                                                                      "step": self.job.step}))
