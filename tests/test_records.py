@@ -129,3 +129,20 @@ def test_run_directory_is_0700_and_its_files_0600(tmp_path):
     assert mode(tmp_path / "home") == mode(tmp_path / "home" / "runs") == mode(run.path) == 0o700
     assert {p.name: mode(p) for p in run.path.iterdir()} == {
         "run.json": 0o600, "token": 0o600, "events.jsonl": 0o600, "metrics.jsonl": 0o600}
+
+
+def test_metrics_tail_reads_the_end_of_a_long_history_not_all_of_it(home):
+    import tracemalloc
+
+    run = make_run(home, "20260101-000000-bbbbbb", "long")
+    padding = json.dumps({"step": 0, "rank": 0, "pad": "p" * 1000}).encode()
+    write_lines(run.metrics_path, [padding] * 40_000 + [json.dumps(GOOD[0]).encode(), json.dumps(GOOD[1]).encode()])
+    tracemalloc.start()
+    try:
+        records = commands.metrics("long", 2).data["metrics"]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [r["step"] for r in records] == [1, 2]
+    assert peak < 2 * 1024 * 1024, f"peak {peak} bytes to show 2 records of a 40 MB history"
+    assert len(commands.metrics("long", 500).data["metrics"]) == 500  # the window grows to what is asked

@@ -7,6 +7,7 @@ when it runs, so the record readers never load torch.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 
@@ -81,12 +82,16 @@ def _metrics(args):
     row = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
     if not args.json:
         print(row(columns), flush=True)
-    # The last --tail records already written come first, then every new one as it lands.
-    skip = max(0, len(run_dir.metrics()) - args.tail)
+    # The last --tail records already written come first (read from the file's end), then every new one as it
+    # lands; a record written while the tail was read is shown once.
+    path = run_dir.metrics_path
+    start = path.stat().st_size if path.exists() else 0
+    shown = commands.metrics(args.run, args.tail).data["metrics"]
+    again = {(r.get("step"), r.get("rank")) for r in shown}
     stop = lambda: run_state(run_dir).get("state") not in ("running", "starting")
-    for index, record in enumerate(iter_follow(run_dir.metrics_path, stop=stop)):
-        if index >= skip:
-            print(json.dumps(record) if args.json else row([cell(record.get(c)) for c in columns]), flush=True)
+    follow = (r for r in iter_follow(path, stop=stop, start=start) if (r.get("step"), r.get("rank")) not in again)
+    for record in itertools.chain(shown, follow):
+        print(json.dumps(record) if args.json else row([cell(record.get(c)) for c in columns]), flush=True)
     return 0
 
 

@@ -289,9 +289,9 @@ def find_run(ref: str, root: Path | None = None) -> RunDir:
                       "give more of the id")
 
 
-def iter_follow(path: Path, poll_s: float = 0.5, stop=lambda: False) -> Iterator[dict[str, Any]]:
-    """Yield records as they are appended to ``path`` until ``stop()`` is true."""
-    offset = 0
+def iter_follow(path: Path, poll_s: float = 0.5, stop=lambda: False, start: int = 0) -> Iterator[dict[str, Any]]:
+    """Yield records as they are appended to ``path`` (from byte ``start``) until ``stop()`` is true."""
+    offset = start
     while True:
         records, offset = read_jsonl(path, offset)
         yield from records
