@@ -97,6 +97,9 @@ def test_torchrun_single_node_uses_the_loopback_rendezvous(manager):
         torchrun.validate(1, {"nnodes": "two"})
     with pytest.raises(DSparkError, match="^--nproc: must be 1 to 1024"):
         torchrun.validate(5000, {})
+    with pytest.raises(DSparkError, match="^--max-restarts: a one-node run cannot restart its group yet"):
+        torchrun.validate(2, {"max_restarts": "1"})  # its restarted group could not rejoin (session 10's audit)
+    torchrun.validate(2, {"max_restarts": "1", "nnodes": "2", "rdzv_id": "j"})  # multi-node runs restart
 
 
 @pytest.mark.slow

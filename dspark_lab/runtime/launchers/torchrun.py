@@ -32,6 +32,11 @@ class TorchrunLauncher(Launcher):
             raise DSparkError(f"--nproc: must be 1 to {MAX_NPROC}, got {nproc}")
         if _nnodes(options) > 1 and not options.get("rdzv_id"):
             raise DSparkError(f"--rdzv-id: required when --nnodes is above 1 (got --nnodes {options['nnodes']})")
+        if single_node_loopback(options) and str(options.get("max_restarts") or "0") != "0":
+            # a restarted group fails in init_process_group (gloo cannot connect) or hangs: not offered until fixed
+            raise DSparkError(f"--max-restarts: a one-node run cannot restart its group yet (got "
+                              f"{options['max_restarts']}; the restarted ranks cannot rejoin the loopback "
+                              "rendezvous); allowed: 0 here, any value on a multi-node run (docs/clusters.md)")
 
     def ranks(self, nproc: int, options: Mapping[str, Any]) -> int:
         return nproc * _nnodes(options)
