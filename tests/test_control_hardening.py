@@ -447,3 +447,18 @@ def test_a_stop_that_outlasts_its_wait_says_so_and_still_happens(fresh, capsys):
     assert not fresh.thread.is_alive()
     stops = [e for e in fresh.run_dir.events() if e["kind"] == "stop"]
     assert [e["step"] for e in stops] == [fresh.job.step]
+
+
+def test_a_request_that_races_the_end_of_the_run_says_the_run_ended(tmp_path, monkeypatch):
+    from dspark_lab.errors import ControlError
+    from dspark_lab.localhost import free_port
+    from dspark_lab.runtime import control as control_mod
+
+    run = RunDir.create("20260101-000000-e0e0e0", {"name": "ending"}, root=tmp_path)
+    run.update_info(state="running")
+    liveness.write_private_json(run.path / "control.json", {"host": "127.0.0.1", "port": free_port()})
+    client = control_mod.ControlClient(run, timeout=2, start_wait=0)
+    run.update_info(state="finished")  # the job ended while the request was on its way: nothing listens now
+    with pytest.raises(ControlError, match=r"^refused: run 20260101-000000-e0e0e0 ended \(finished\) before this "
+                                           r"request was answered$"):
+        client.request("POST", "/set", {"changes": {"memory.activation_checkpointing": "full"}})

@@ -371,6 +371,18 @@ class ControlServer:
         self.heartbeat.stop("stopped" if coordinator.stopped else "ended")
 
 
+def _ended_meanwhile(run_dir, wait_s: float = 3.0) -> str | None:
+    """The run's end state if it ended (or ends within ``wait_s``, while its supervisor records it), else None."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        state = run_state(run_dir).get("state")
+        if state not in ("running", "starting"):
+            return state
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.1)
+
+
 class ControlClient:
     """Talks to a run's control endpoint; every failure is a one-line :class:`ControlError`."""
 
@@ -410,6 +422,10 @@ class ControlClient:
                 message = str(exc)
             raise (PolicyError if exc.code == 400 else ControlError)(message) from None
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+            ended = _ended_meanwhile(self.run_dir)
+            if ended:  # the request raced the end of the run: say that, not what the closed socket said
+                raise ControlError(f"refused: run {self.run_dir.id} ended ({ended}) before this request was "
+                                   "answered") from None
             reason = getattr(exc, "reason", exc)
             raise ControlError(f"run {self.run_dir.id}: control endpoint {self.url} did not answer ({reason}); "
                                f"see `dspark-lab status {self.run_dir.id}`") from None
