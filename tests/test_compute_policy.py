@@ -12,7 +12,7 @@ from dspark_lab.runtime.policies import builtin, compute
 
 
 def test_threads_apply_and_refuse_beyond_the_cpus():
-    job = SimpleNamespace(model=None, fsdp=False, fsdp_kind="", compiled=[], state={}, registered={})
+    job = SimpleNamespace(model=None, blocks=[], fsdp=False, fsdp_kind="", compiled=[], state={}, registered={})
     before = torch.get_num_threads()
     target = 2 if before != 2 else 1
     try:

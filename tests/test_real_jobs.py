@@ -63,8 +63,9 @@ def run_live(script: Path, args: list[str], *, nproc: int, change: str, launcher
     return report, output, job.run_dir
 
 
-def assert_changed_live(report, run_dir, last_step: int) -> int:
-    """The change applied on every rank at one step inside the run, and checkpointing cut what backward holds."""
+def assert_changed_live(report, run_dir, last_step: int, cuts: bool = True) -> int:
+    """The change applied on every rank at one step inside the run, and checkpointing cut what backward holds
+    (``cuts``; or, switched off, raised it)."""
     assert report.data["state"] == "applied", report.data
     step = report.data["step"]
     assert 1 < step < last_step
@@ -73,7 +74,8 @@ def assert_changed_live(report, run_dir, last_step: int) -> int:
     metrics = [m for m in run_dir.metrics() if m["rank"] == 0]
     before = [m["peak_activation_bytes"] for m in metrics if 1 < m["step"] < step]
     after = [m["peak_activation_bytes"] for m in metrics if m["step"] >= step]
-    assert before and after and max(after) < 0.8 * min(before), (before, after)
+    smaller, larger = (after, before) if cuts else (before, after)
+    assert smaller and larger and max(smaller) < 0.8 * min(larger), (before, after)
     return step
 
 
@@ -140,6 +142,8 @@ TITAN_STEP = r"step:\s+(\d+)\s+loss:\s+([\d.]+)"
 TITAN_LAYOUTS = {
     "fsdp2": ["--parallelism.data_parallel_shard_degree=2"],
     "tp": ["--parallelism.data_parallel_shard_degree=1", "--parallelism.tensor_parallel_degree=2"],
+    # torchtitan's own full AC (checkpoint_wrapper under fully_shard), switched off live through it
+    "fsdp2-own-ac": ["--parallelism.data_parallel_shard_degree=2", "--activation_checkpoint.mode=full"],
 }
 
 
@@ -150,8 +154,14 @@ def test_torchtitan_checkpointing_live_matches_plain_torchrun(layout, tmp_path):
     to the bit until the live change, and within 1e-6 after it."""
     pytest.importorskip("torchtitan", reason=EXTRA)
     args = [*TITAN_LAYOUTS[layout], f"--training.steps={TITAN_STEPS}", f"--job.dump_folder={tmp_path}"]
-    report, output, run_dir = run_live(TITAN, args, nproc=2, change="memory.activation_checkpointing=full")
-    step = assert_changed_live(report, run_dir, TITAN_STEPS)  # first, so a run that cannot pass yet ends early
+    own = layout.endswith("own-ac")
+    report, output, run_dir = run_live(TITAN, args, nproc=2,
+                                       change=f"memory.activation_checkpointing={'none' if own else 'full'}")
+    step = assert_changed_live(report, run_dir, TITAN_STEPS, cuts=not own)  # first: a failing run ends early
+    if own:  # read as in force from the start, and switched through torchtitan's own wrappers
+        assert report.data["changes"][0]["old"] == "full", report.data
+        assert "script's own torch checkpoint_wrapper" in next(e["reason"] for e in run_dir.events()
+                                                               if e["kind"] == "apply")
     assert run_dir.info()["state"] == "finished"
     plain = plain_torchrun([TITAN, *args], nproc=2)
     expected = losses(plain.stdout + plain.stderr, TITAN_STEP)
@@ -202,14 +212,20 @@ def plain_lightning_losses() -> dict[int, float]:
 
 
 @pytest.mark.frameworks
-def test_hf_trainer_checkpointing_live_matches_plain_torchrun(tmp_path):
+@pytest.mark.parametrize("own", [False, True], ids=["ours", "trainer-own"])
+def test_hf_trainer_checkpointing_live_matches_plain_torchrun(own, tmp_path):
+    """Switched on live; or, where the Trainer checkpoints itself (gradient_checkpointing=True), read as in force
+    and switched off live through its own flag."""
     pytest.importorskip("transformers", reason=EXTRA)
     pytest.importorskip("accelerate", reason=EXTRA)
     script = JOBS / "hf_trainer.py"
     args = ["--steps", str(FRAMEWORK_STEPS), "--step-sleep", "0.05", "--out", str(tmp_path)]
+    args += ["--gradient-checkpointing"] if own else []
     plain = plain_torchrun([script, *args], nproc=2)
-    report, output, run_dir = run_live(script, args, nproc=2, change="memory.activation_checkpointing=full")
-    assert_changed_live(report, run_dir, FRAMEWORK_STEPS)
+    report, output, run_dir = run_live(script, args, nproc=2,
+                                       change=f"memory.activation_checkpointing={'none' if own else 'full'}")
+    assert_changed_live(report, run_dir, FRAMEWORK_STEPS, cuts=not own)
+    assert report.data["changes"][0]["old"] == ("full" if own else "none")
     expected = losses(plain.stdout, STEP)
     assert len(expected) == FRAMEWORK_STEPS and losses(output, STEP) == pytest.approx(expected, rel=1e-6)
 

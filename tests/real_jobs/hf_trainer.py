@@ -2,6 +2,7 @@
 
 The data are seeded random token ids; the model is ``GPT2LMHeadModel`` (blocks under ``model.transformer.h``).
 Under torchrun the Trainer (through Accelerate) wraps it in DDP itself. Prints ``step N loss X`` from rank 0.
+``--gradient-checkpointing`` switches on the Trainer's own (``TrainingArguments(gradient_checkpointing=True)``).
 ``python hf_trainer.py --steps 30 --step-sleep 0.05 --out DIR``
 """
 
@@ -15,6 +16,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=30)
 parser.add_argument("--step-sleep", type=float, default=0.0)
 parser.add_argument("--out", required=True)
+parser.add_argument("--gradient-checkpointing", action="store_true")
 args = parser.parse_args()
 
 VOCAB, SEQ = 128, 32
@@ -44,5 +46,6 @@ torch.manual_seed(0)
 model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=64, n_layer=4, n_head=4))
 training = TrainingArguments(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=4,
                              learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                             seed=0, disable_tqdm=True, dataloader_num_workers=0)
+                             seed=0, disable_tqdm=True, dataloader_num_workers=0,
+                             gradient_checkpointing=args.gradient_checkpointing)
 Trainer(model=model, args=training, train_dataset=RandomIds(512), callbacks=[PrintLoss()]).train()

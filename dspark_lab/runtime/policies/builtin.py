@@ -136,13 +136,15 @@ def _no_gradient_sync(job) -> str | None:
 
 def observed_values(job) -> dict:
     """Values the script chose itself (read once the first step ran), so `get` shows what is really in force."""
+    from dspark_lab.runtime.policies import memory  # imports torch: once a job runs (module docstring)
+
     found = {"sched.pipeline": sched.current(job), "compute.threads": compute.current()}
     if job.fsdp_kind == "fsdp2":
-        from dspark_lab.runtime.policies import memory  # imports torch: once a job runs (module docstring)
-
         setting = memory.reshard_after_forward(job.model)
         if isinstance(setting, bool):
             found["memory.reshard_after_forward"] = setting
+    if job.blocks and (checkpointing := memory.checkpointing_in_force(job.blocks)):
+        found["memory.activation_checkpointing"] = checkpointing
     return found
 
 
@@ -177,8 +179,14 @@ def dspark_apply_policy(job, key, value, old):
     from dspark_lab.runtime.policies import memory  # imports torch: once a job runs (module docstring)
 
     if key == "memory.activation_checkpointing":
-        wrapped = memory.set_checkpointing(job.blocks, value, job.activations)
-        return f"{len(wrapped)} of {len(job.blocks)} blocks checkpointed"
+        wrapped, by_script = memory.set_checkpointing(job.blocks, value, job.activations)
+        said = f"{len(wrapped)} of {len(job.blocks)} blocks checkpointed"
+        own = memory.own_checkpointing.describe(job.blocks)
+        if own and by_script == len(wrapped):
+            said += f" (through the script's own {own})"
+        elif own:
+            said += f" ({by_script} through the script's own {own}, {len(wrapped) - by_script} by the runtime)"
+        return said
     if key == "memory.reshard_after_forward":
         count = memory.set_reshard_after_forward(job.model, value)
         return f"{count} FSDP2 modules {'reshard' if value else 'keep gathered weights'} after forward"

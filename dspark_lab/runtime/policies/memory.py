@@ -31,6 +31,8 @@ from torch.utils.checkpoint import checkpoint
 from dspark_lab.allocator import HostPool
 from dspark_lab.runtime.discover import fsdp2_groups, fsdp2_modules
 from dspark_lab.runtime.module_hooks import InstanceForward
+from dspark_lab.runtime.policies import own_checkpointing
+from dspark_lab.runtime.policies.choices import CHECKPOINTING
 from dspark_lab.runtime.policies.offload import Offloaded, Offloader
 
 MIN_OFFLOAD_BYTES = 1 << 14  # tiny tensors (masks, indices, scalars) are not worth a copy
@@ -242,15 +244,23 @@ def _restoring_running_stats(original, norms):
     return run
 
 
-def set_checkpointing(blocks, policy: str, tracker: SavedActivations | None = None) -> list[int]:
-    """Make exactly the blocks that ``policy`` names checkpointed (unwrapping the others); returns their indices.
+def set_checkpointing(blocks, policy: str, tracker: SavedActivations | None = None) -> tuple[list[int], int]:
+    """Make exactly the blocks that ``policy`` names checkpointed; returns their indices and how many of them the
+    script's own checkpointing covers (:mod:`.own_checkpointing`).
 
-    The wrapper is an instance attribute ``forward`` (:class:`~dspark_lab.runtime.module_hooks.InstanceForward`):
-    module hooks, parameters and ``state_dict`` keys stay as they were, deleting the attribute restores the class's
-    forward, and a copy of the block (``copy.deepcopy``, pickle) gets its plain forward.
+    A block the script checkpoints itself is switched through the script's own mechanism and never gets a second
+    checkpoint. Others get an instance attribute ``forward``
+    (:class:`~dspark_lab.runtime.module_hooks.InstanceForward`): module hooks, parameters and ``state_dict`` keys
+    stay as they were, deleting the attribute restores the class's forward, and a copy of the block
+    (``copy.deepcopy``, pickle) gets its plain forward.
     """
     wanted = set(blocks_to_checkpoint(policy, len(blocks)))
+    by_script = 0
     for index, block in enumerate(blocks):
+        if own_checkpointing.own(block):
+            own_checkpointing.switch(block, index in wanted)
+            by_script += index in wanted
+            continue
         wrapped = isinstance(block.__dict__.get("forward"), InstanceForward)
         if index in wanted and not wrapped:
             norms = [m for m in block.modules() if isinstance(m, _NormBase)]
@@ -262,7 +272,16 @@ def set_checkpointing(blocks, policy: str, tracker: SavedActivations | None = No
             del block.__dict__["forward"]
             if replaced is not None:
                 block.forward = replaced
-    return sorted(wanted)
+    return sorted(wanted), by_script
+
+
+def checkpointing_in_force(blocks) -> str | None:
+    """The policy value the script's own checkpointing amounts to (``full``, ``every-2``, ...), or None where the
+    script checkpoints no block itself or a pattern no value names."""
+    on = [index for index, block in enumerate(blocks) if own_checkpointing.is_on(block)]
+    if not on:
+        return None
+    return next((policy for policy in CHECKPOINTING if blocks_to_checkpoint(policy, len(blocks)) == on), None)
 
 
 # --- FSDP2 resharding --------------------------------------------------------------------------------------------
