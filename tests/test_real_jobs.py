@@ -1,7 +1,7 @@
 """Real clients, unmodified, each run plain and under ``dspark-lab run`` with a live policy change; losses compared.
 
 nanoGPT-shaped single process (``--launcher python``), torchtitan FSDP2 and TP (its Trainer on CPU over gloo, through
-tests/real_jobs/titan_cpu.py), Hugging Face ``Trainer`` and Lightning DDP. The frameworks come from the
+tests/real_jobs/titan_cpu.py), Hugging Face ``Trainer``, a hand-written Accelerate loop and Lightning DDP. The frameworks come from the
 ``frameworks`` extra; a test whose framework is absent is skipped and says so.
 """
 
@@ -228,6 +228,35 @@ def test_hf_trainer_checkpointing_live_matches_plain_torchrun(own, tmp_path):
     assert report.data["changes"][0]["old"] == ("full" if own else "none")
     expected = losses(plain.stdout, STEP)
     assert len(expected) == FRAMEWORK_STEPS and losses(output, STEP) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.frameworks
+def test_accelerate_loop_takes_checkpointing_then_bf16_grad_sync_live(tmp_path):
+    """A hand-written Accelerate loop (accumulate, clip, scheduler, gather, save_state): the runtime's step is the
+    optimizer's real step, checkpointing keeps the losses to the bit, bf16 gradient sync keeps them close."""
+    pytest.importorskip("accelerate", reason=EXTRA)
+    script = JOBS / "accelerate_loop.py"
+    args = ["--steps", str(FRAMEWORK_STEPS), "--step-sleep", "0.1", "--out", str(tmp_path / "state")]
+    expected = losses(plain_torchrun([script, *args], nproc=2).stdout, STEP)
+    job = launch_background(str(script), args, nproc=2, name="accelerate")
+    try:
+        wait_for_step(job, 3, timeout=120)
+        checkpointing = commands.set_policies(job.id, ["memory.activation_checkpointing=full"], timeout=60)
+        bf16 = commands.set_policies(job.id, ["comm.grad_sync=bf16"], timeout=60)
+        assert job.wait(240) == 0, (job.run_dir.path / "output.log").read_text()[-3000:]
+    finally:
+        if job.poll() is None:
+            job.process.kill()
+    assert_changed_live(checkpointing, job.run_dir, FRAMEWORK_STEPS)
+    assert bf16.data["state"] == "applied" and checkpointing.data["step"] < bf16.data["step"] < FRAMEWORK_STEPS
+    got = losses((job.run_dir.path / "output.log").read_text(), STEP)
+    assert len(expected) == FRAMEWORK_STEPS and max(m["step"] for m in job.run_dir.metrics()) == FRAMEWORK_STEPS
+    # step N prints the loss before its update: bf16 gradients of step b+1 first show at step b+2
+    exact = [s for s in expected if s <= bf16.data["step"] + 1]
+    assert [got[s] for s in exact] == [expected[s] for s in exact]
+    assert any(got[s] != expected[s] for s in expected if s not in exact)  # compressed for real
+    assert got == pytest.approx(expected, rel=2e-2)
+    assert (tmp_path / "state").is_dir()
 
 
 @pytest.mark.frameworks
