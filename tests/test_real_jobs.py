@@ -1,8 +1,8 @@
 """Real clients, unmodified, each run plain and under ``dspark-lab run`` with a live policy change; losses compared.
 
 nanoGPT-shaped single process (``--launcher python``), torchtitan FSDP2 and TP (its Trainer on CPU over gloo, through
-tests/real_jobs/titan_cpu.py), Hugging Face ``Trainer``, a hand-written Accelerate loop and Lightning DDP. The frameworks come from the
-``frameworks`` extra; a test whose framework is absent is skipped and says so.
+tests/real_jobs/titan_cpu.py), Hugging Face ``Trainer``, a hand-written Accelerate loop and Lightning DDP. The
+frameworks come from the ``frameworks`` extra; a test whose framework is absent is skipped and says so.
 """
 
 from __future__ import annotations
