@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
+import time
 
 import pytest
 
 from dspark_lab.runtime import commands
-from dspark_lab.runtime.records import JsonlWriter, RunDir, read_jsonl, tail_records
+from dspark_lab.runtime.records import JsonlWriter, RunDir, read_jsonl, tail_records, wait_for_end
 
 GOOD = [{"step": 1, "rank": 0, "loss": 1.0}, {"step": 2, "rank": 0, "loss": 0.5}]
 BAD_LINES = [
@@ -104,6 +106,20 @@ def test_one_damaged_run_does_not_break_jobs_for_all_runs(home, capsys):
     for run_id in ("20260101-000002-cccccc", "20260101-000003-dddddd"):
         assert rows[run_id]["state"] == "failed"
     assert rows[badpid.id]["state"] == "failed" and "unreadable record" in rows[badpid.id]["error"]
+
+
+def test_wait_for_end_returns_the_end_state_once_written_and_none_while_the_run_stays_live(tmp_path):
+    run = RunDir.create("20260101-000000-aaaaaa", {"name": "ending"}, root=tmp_path)
+    run.update_info(state="running")
+    assert wait_for_end(run, 0) is None
+    started = time.monotonic()
+    assert wait_for_end(run, 0.3) is None
+    assert time.monotonic() - started >= 0.3  # it waited the time given
+    threading.Timer(0.3, lambda: run.update_info(state="stopped")).start()
+    started = time.monotonic()
+    assert wait_for_end(run, 30) == "stopped"
+    assert time.monotonic() - started < 10  # it answered once the run ended, not at the deadline
+    assert wait_for_end(run, 0) == "stopped"
 
 
 def test_metrics_and_events_verbs_skip_bad_lines(home, capsys):

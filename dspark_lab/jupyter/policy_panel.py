@@ -19,7 +19,7 @@ import ipywidgets as widgets
 from dspark_lab.errors import DSparkError
 from dspark_lab.jupyter.display import close_tree
 from dspark_lab.jupyter.poller import Poller
-from dspark_lab.runtime.records import find_run, run_state
+from dspark_lab.runtime.records import find_run, wait_for_end
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,15 +134,6 @@ def _make_widget(spec: ControlSpec, value: Any, doc: str) -> widgets.ValueWidget
     return widgets.FloatText(value=float(value), continuous_update=False, **common)
 
 
-def _ended(run: str) -> str | None:
-    """The run's end state (finished, stopped, failed), or None while it runs or cannot be read."""
-    try:
-        state = run_state(find_run(run)).get("state")
-    except DSparkError:
-        return None
-    return None if state in ("running", "starting") else state
-
-
 class PolicyPanel(widgets.VBox):
     """Controls for every policy of a run; a change is submitted on its own thread so the kernel stays free."""
 
@@ -195,7 +186,10 @@ class PolicyPanel(widgets.VBox):
             try:
                 self.model.refresh()
             except DSparkError as exc:
-                ended = _ended(self.model.run)
+                try:
+                    ended = wait_for_end(find_run(self.model.run), 0)
+                except DSparkError:  # the run cannot be found (its directory went away): not known to have ended
+                    ended = None
                 note = f"ended {ended}: the values shown were the last in force" if ended else str(exc)
                 self.header.value = f"<b>policies of run {html.escape(self.model.run)}</b> ({html.escape(note)})"
                 if ended:

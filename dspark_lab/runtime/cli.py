@@ -74,7 +74,7 @@ def _metrics(args):
     commands = _commands()
     if not args.follow:
         return commands.metrics(args.run, args.tail)
-    from dspark_lab.runtime.records import find_run, iter_follow, run_state
+    from dspark_lab.runtime.records import LIVE_STATES, find_run, iter_follow, run_state
 
     run_dir = find_run(args.run)
     columns = commands.metrics(args.run, 0).columns
@@ -88,7 +88,7 @@ def _metrics(args):
     start = path.stat().st_size if path.exists() else 0
     shown = commands.metrics(args.run, args.tail).data["metrics"]
     again = {(r.get("step"), r.get("rank")) for r in shown}
-    stop = lambda: run_state(run_dir).get("state") not in ("running", "starting")
+    stop = lambda: run_state(run_dir).get("state") not in LIVE_STATES
     follow = (r for r in iter_follow(path, stop=stop, start=start) if (r.get("step"), r.get("rank")) not in again)
     for record in itertools.chain(shown, follow):
         print(json.dumps(record) if args.json else row([cell(record.get(c)) for c in columns]), flush=True)

@@ -19,7 +19,8 @@ from dspark_lab.runtime.control import ControlClient
 from dspark_lab.runtime.launch import launch_background
 from dspark_lab.runtime.limits import check_timeout
 from dspark_lab.runtime.liveness import read_heartbeat
-from dspark_lab.runtime.records import JsonlWriter, find_run, list_runs, process_alive, run_state, tail_records
+from dspark_lab.runtime.records import (LIVE_STATES, JsonlWriter, find_run, list_runs, process_alive, run_state,
+                                       tail_records, wait_for_end)
 
 
 def _run(ref: str):
@@ -147,14 +148,14 @@ def stop(run: str, timeout: float = 60.0, force: bool = False) -> Report:
     timeout = check_timeout(timeout, "--timeout")
     run_dir = _run(run)
     state = run_state(run_dir).get("state")
-    if state not in ("running", "starting"):
+    if state not in LIVE_STATES:
         raise DSparkError(f"run: {run_dir.id} is {state}: there is nothing to stop")
     if force:
         return _force_stop(run_dir, timeout)
     started = time.monotonic()
     reply = ControlClient(run_dir, timeout=timeout + 5).request("POST", "/stop", {"timeout": timeout})
-    if reply["state"] == "stopped":  # the ranks stopped: wait for the supervisor to record the run's end too
-        _wait_until_ended(run_dir, started + timeout)
+    if reply["state"] == "stopped":  # the ranks stopped: wait for the supervisor to record the run's end too,
+        wait_for_end(run_dir, started + timeout - time.monotonic())  # so `jobs` right after agrees
     words = {"stopped": f"run {run_dir.id} stopped after step {reply['step']}",
              "ended": f"run {run_dir.id} ended by itself at step {reply['step']} before the stop applied",
              "timed_out": f"run {run_dir.id}: {reply['reason']} (last step {reply['step']})"}
@@ -178,9 +179,8 @@ def _force_stop(run_dir, timeout: float) -> Report:
     JsonlWriter(run_dir.events_path).write({"time": time.time(), "step": _last_step(run_dir), "rank": None,
                                             "kind": "stop", "reason": reason})
     os.kill(pid, signal.SIGTERM)
-    _wait_until_ended(run_dir, time.monotonic() + timeout)
-    state = run_state(run_dir).get("state")
-    ended = state not in ("running", "starting")
+    state = wait_for_end(run_dir, timeout) or run_state(run_dir).get("state")
+    ended = state not in LIVE_STATES
     step = _last_step(run_dir)
     data = {"id": run_dir.id, "state": "stopped" if ended else "timed_out", "forced": True, "step": step,
             "reason": reason if ended else f"SIGTERM sent; the run still reads {state} after {timeout:g} s",
@@ -188,12 +188,6 @@ def _force_stop(run_dir, timeout: float) -> Report:
     at = f"after step {step}" if step is not None else "before its first step"
     words = f"run {run_dir.id} stopped (forced) {at}" if ended else f"run {run_dir.id}: {data['reason']} ({at})"
     return Report("stop", data, lines=[words])
-
-
-def _wait_until_ended(run_dir, deadline: float) -> None:
-    """Wait (until ``deadline``, monotonic) for the run to read as ended, so `jobs` right after agrees."""
-    while run_state(run_dir).get("state") in ("running", "starting") and time.monotonic() < deadline:
-        time.sleep(0.1)
 
 
 def launch(script, args=(), *, nproc: int = 1, policies=(), name: str | None = None, options=None, env=None,

@@ -32,7 +32,7 @@ from dspark_lab.errors import ControlError, DSparkError, PolicyError
 from dspark_lab.output import SCHEMA_VERSION
 from dspark_lab.runtime import limits, liveness
 from dspark_lab.runtime.limits import check_timeout, one_line, short
-from dspark_lab.runtime.records import RunDir, run_state
+from dspark_lab.runtime.records import LIVE_STATES, RunDir, run_state, wait_for_end
 from dspark_lab.tune import driver as tune_driver
 
 LOOPBACK = "127.0.0.1"
@@ -371,25 +371,13 @@ class ControlServer:
         self.heartbeat.stop("stopped" if coordinator.stopped else "ended")
 
 
-def _ended_meanwhile(run_dir, wait_s: float = 3.0) -> str | None:
-    """The run's end state if it ended (or ends within ``wait_s``, while its supervisor records it), else None."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        state = run_state(run_dir).get("state")
-        if state not in ("running", "starting"):
-            return state
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.1)
-
-
 class ControlClient:
     """Talks to a run's control endpoint; every failure is a one-line :class:`ControlError`."""
 
     def __init__(self, run_dir: RunDir, timeout: float = 10.0, start_wait: float = 60.0):
         self.run_dir = run_dir
         info, control = self._wait_for_endpoint(run_dir, start_wait)
-        if info.get("state") not in ("running", "starting") or not control:
+        if info.get("state") not in LIVE_STATES or not control:
             raise ControlError(f"run {run_dir.id} is {info.get('state', 'unknown')}: it has no live control "
                                "endpoint (policies change only on a running job)")
         self.url = f"http://{control['host']}:{control['port']}"
@@ -402,7 +390,7 @@ class ControlClient:
         while True:
             info = run_state(run_dir)
             control = liveness.read_endpoint(run_dir.path)
-            if control or info.get("state") not in ("running", "starting") or time.monotonic() > deadline:
+            if control or info.get("state") not in LIVE_STATES or time.monotonic() > deadline:
                 return info, control
             time.sleep(0.2)
 
@@ -422,8 +410,10 @@ class ControlClient:
                 message = str(exc)
             raise (PolicyError if exc.code == 400 else ControlError)(message) from None
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
-            ended = _ended_meanwhile(self.run_dir)
-            if ended:  # the request raced the end of the run: say that, not what the closed socket said
+            # the request raced the end of the run (its supervisor records it within a moment): say that, not
+            # what the closed socket said
+            ended = wait_for_end(self.run_dir, 3.0)
+            if ended:
                 raise ControlError(f"refused: run {self.run_dir.id} ended ({ended}) before this request was "
                                    "answered") from None
             reason = getattr(exc, "reason", exc)

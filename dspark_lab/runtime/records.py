@@ -24,6 +24,7 @@ from dspark_lab.output import SCHEMA_VERSION
 from dspark_lab.runtime import liveness
 
 RUN_STATES = ("starting", "running", "finished", "failed", "stopped")
+LIVE_STATES = ("running", "starting")  # a run in one of these has not ended
 DIR_MODE, FILE_MODE = 0o700, 0o600
 RDZV_RUN_PREFIX = "rdzv-"  # a multi-node run's id is this and its --rdzv-id, the same on every node
 
@@ -239,7 +240,7 @@ def run_state(run_dir: RunDir) -> dict[str, Any]:
     only the supervisor (:mod:`.launch`) writes run.json.
     """
     info = run_dir.info()
-    if info.get("state") in ("running", "starting") and info.get("launcher_pid"):
+    if info.get("state") in LIVE_STATES and info.get("launcher_pid"):
         if not process_alive(info["launcher_pid"], info.get("launcher_start")):
             beat = liveness.read_heartbeat(run_dir.path)
             if liveness.beating(beat):
@@ -250,6 +251,19 @@ def run_state(run_dir: RunDir) -> dict[str, Any]:
             else:
                 info = {**info, "state": "failed", "control": None, "error": "the launcher process is gone (killed?)"}
     return info
+
+
+def wait_for_end(run_dir: RunDir, seconds: float) -> str | None:
+    """The run's end state (as :func:`run_state` reads it) once it has ended, waiting up to ``seconds`` for that;
+    None if it still reads live (or has no state) by then. ``seconds`` <= 0 reads once."""
+    deadline = time.monotonic() + seconds
+    while True:
+        state = run_state(run_dir).get("state")
+        if state not in LIVE_STATES:
+            return state
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
 
 
 def process_alive(pid: int, started: float | None) -> bool:
