@@ -6,9 +6,12 @@ whatever happens to be installed never leaks in; only the tests about entry-poin
 
 from __future__ import annotations
 
+import builtins
+import collections
 import importlib
 import importlib.metadata
 import importlib.util
+import io
 import os
 import sys
 from pathlib import Path
@@ -51,6 +54,33 @@ def fixture_plugin():
 def builtin_plugins():
     """The built-in backend plugin modules, imported directly (not through entry points)."""
     return [importlib.import_module(name) for name in BUILTIN_MODULES]
+
+
+class _CountingFileIO(io.FileIO):
+    counts: collections.Counter
+
+    def readinto(self, buffer):
+        n = super().readinto(buffer)
+        self.counts[self.name] += n or 0
+        return n
+
+
+@pytest.fixture
+def bytes_read(monkeypatch):
+    """Bytes read from the disk, by path as opened, of each file opened with ``open(path, "rb")`` during the test,
+    by any thread (what buffering read ahead included): what a reader really read, however it is written."""
+    counts: collections.Counter = collections.Counter()
+    real_open = builtins.open
+
+    def counting_open(file, mode="r", buffering=-1, *args, **kwargs):
+        if mode != "rb" or args or kwargs or not isinstance(file, (str, os.PathLike)):
+            return real_open(file, mode, buffering, *args, **kwargs)
+        raw = _CountingFileIO(os.fspath(file), "r")
+        raw.counts = counts
+        return raw if buffering == 0 else io.BufferedReader(raw)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    return counts
 
 
 @pytest.fixture

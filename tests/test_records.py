@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import threading
 import time
@@ -12,7 +13,7 @@ import time
 import pytest
 
 from dspark_lab.runtime import commands
-from dspark_lab.runtime.records import JsonlWriter, RunDir, read_jsonl, tail_records, wait_for_end
+from dspark_lab.runtime.records import JsonlWriter, RunDir, last_records, read_jsonl, tail_records, wait_for_end
 
 GOOD = [{"step": 1, "rank": 0, "loss": 1.0}, {"step": 2, "rank": 0, "loss": 0.5}]
 BAD_LINES = [
@@ -81,6 +82,39 @@ def test_tail_drops_the_line_its_window_cuts_without_a_warning(tmp_path, capsys)
     assert tail and tail[-1]["step"] == 199 and [r["step"] for r in tail] == list(range(tail[0]["step"], 200))
     assert capsys.readouterr().err == ""
     assert tail_records(tmp_path / "missing.jsonl") == []
+
+
+def test_last_records_skips_bad_lines_and_the_line_its_window_cuts(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    write_lines(path, [b"\xff\xfe not json", b"[1, 2]", b'{"step": 1, "rank": 0}', b'{"step": 2}',
+                       b'{"step": 2, "rank": 0}'])
+    with open(path, "ab") as f:
+        f.write(b'{"step": 3, "ra')  # a write in progress
+    assert [r["step"] for r in last_records(path, 5)] == [1, 2]
+    assert [r["step"] for r in last_records(path, 1)] == [2]
+    assert last_records(path, 0) == [] and last_records(tmp_path / "missing.jsonl", 3) == []
+    assert "metrics.jsonl:1: skipped, not UTF-8" in capsys.readouterr().err
+
+
+def test_last_records_reads_backwards_each_byte_once_and_stops_at_its_cap(tmp_path, bytes_read, capsys):
+    path = tmp_path / "metrics.jsonl"
+    line = json.dumps({"step": 0, "rank": 0, "pad": "p" * 200}).encode()
+    junk = json.dumps({"not": "a metrics record", "pad": "p" * 2000}).encode()
+    write_lines(path, [json.dumps({"step": -1, "rank": 0}).encode(), junk] * 20_000)
+    write_lines(path, [line] * 3)
+    size = path.stat().st_size
+    assert [r["step"] for r in last_records(path, 3)] == [0, 0, 0]
+    assert bytes_read[str(path)] < 80 * 1024  # a 64 KiB window (and what buffering reads ahead)
+    # the skipped line deep in the file is named by its offset: its line number would take reading all before it
+    at = int(re.search(r"metrics.jsonl: the line at byte (\d+): skipped", capsys.readouterr().err)[1])
+    with open(path, "rb") as f:
+        assert at > size - 80 * 1024 and f.seek(at) and f.readline() == junk + b"\n"
+    bytes_read.clear()
+    assert len(last_records(path, 20_003)) == 20_003
+    assert size <= bytes_read[str(path)] < size + 64 * 1024  # windows of 64 KiB x 4^k, each byte read once
+    bytes_read.clear()
+    assert len(last_records(path, 20_003, max_bytes=1 << 20)) < 1000
+    assert bytes_read[str(path)] < (1 << 20) + 64 * 1024
 
 
 def make_run(home, run_id: str, name: str) -> RunDir:

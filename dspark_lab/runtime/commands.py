@@ -19,8 +19,8 @@ from dspark_lab.runtime.control import ControlClient
 from dspark_lab.runtime.launch import launch_background
 from dspark_lab.runtime.limits import check_timeout
 from dspark_lab.runtime.liveness import read_heartbeat
-from dspark_lab.runtime.records import (LIVE_STATES, JsonlWriter, find_run, list_runs, process_alive, run_state,
-                                       tail_records, wait_for_end)
+from dspark_lab.runtime.records import (LIVE_STATES, JsonlWriter, find_run, last_records, list_runs, process_alive,
+                                       run_state, tail_records, wait_for_end)
 
 
 def _run(ref: str):
@@ -118,21 +118,9 @@ def set_policies(run: str, assignments, wait: bool = True, timeout: float = 60.0
 
 def metrics(run: str, tail: int = 20) -> Report:
     """The last ``tail`` metric records of a run (read from its records, live or not)."""
-    records = _last_records(_run(run).metrics_path, tail) if tail > 0 else []
+    records = last_records(_run(run).metrics_path, tail)
     columns = ("step", "rank", "step_time_s", "loss", "peak_activation_bytes", "comm_s", "samples_per_s")
     return Report("metrics", {"metrics": records}, rows=records, columns=columns)
-
-
-def _last_records(path: Path, count: int) -> list[dict]:
-    """The last ``count`` records of ``path``, read from its end in a window that grows until it holds them: the
-    cost follows what is asked, not the file's length."""
-    size = path.stat().st_size if path.exists() else 0
-    window = 1 << 16
-    while True:
-        records = tail_records(path, window)
-        if len(records) >= count or window >= size:
-            return records[-count:]
-        window *= 4
 
 
 def events(run: str) -> Report:

@@ -24,7 +24,6 @@ import urllib.error
 import urllib.request
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -32,7 +31,7 @@ from dspark_lab.errors import ControlError, DSparkError, PolicyError
 from dspark_lab.output import SCHEMA_VERSION
 from dspark_lab.runtime import limits, liveness
 from dspark_lab.runtime.limits import check_timeout, one_line, short
-from dspark_lab.runtime.records import LIVE_STATES, RunDir, run_state, wait_for_end
+from dspark_lab.runtime.records import LIVE_STATES, RunDir, last_records, run_state, wait_for_end
 from dspark_lab.tune import driver as tune_driver
 
 LOOPBACK = "127.0.0.1"
@@ -68,36 +67,6 @@ def _not_here(job, key: str) -> str | None:
         return job.policy_state.not_here(key)
     except Exception:  # read from the server thread while the job trains: never fail the request over it
         return None
-
-
-def tail_records(path: Path, count: int) -> list[dict[str, Any]]:
-    """The last ``count`` JSON-object lines of ``path``, read backwards from its end (at most MAX_TAIL_BYTES)."""
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        return []
-    with f:
-        end = f.seek(0, os.SEEK_END)
-        pos, data = end, b""
-        while pos > 0 and data.count(b"\n") <= count and end - pos < limits.MAX_TAIL_BYTES:
-            step = min(65536, pos)
-            pos -= step
-            f.seek(pos)
-            data = f.read(step) + data
-    lines = data[:data.rfind(b"\n") + 1].splitlines()
-    if pos > 0:
-        lines = lines[1:]  # the first line may be cut
-    records = []
-    for line in reversed(lines):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-            if len(records) == count:
-                break
-    return records[::-1]
 
 
 def _query_int(query: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
@@ -320,7 +289,7 @@ class ControlServer:
 
     def metrics(self, body) -> dict[str, Any]:
         tail = _query_int(body, "tail", 20, 1, limits.MAX_TAIL)
-        return {"metrics": tail_records(self.job.run_dir.metrics_path, tail)}
+        return {"metrics": last_records(self.job.run_dir.metrics_path, tail, limits.MAX_TAIL_BYTES)}
 
     def stop(self, body) -> dict[str, Any]:
         timeout = check_timeout(body.get("timeout", 60), "timeout")

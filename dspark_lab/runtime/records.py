@@ -14,8 +14,9 @@ import os
 import secrets
 import sys
 import time
+from collections import deque
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import psutil
 
@@ -34,6 +35,7 @@ RECORD_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "events.jsonl": {"kind": (str,), "step": (int, type(None)), "rank": (int, type(None))},
 }
 _warned: set[str] = set()  # files already warned about in this process
+WARN_COUNT_BYTES = 1 << 20  # a warning counts the lines before a read that starts this far into a file, not further
 
 
 def dspark_home() -> Path:
@@ -94,26 +96,43 @@ def read_jsonl(path: Path, start: int = 0) -> tuple[list[dict[str, Any]], int]:
     record of this file (:data:`RECORD_FIELDS`) is skipped; the first one in each file is named on stderr.
     """
     records: list[dict[str, Any]] = []
+    return records, _scan(Path(path), start, records.append)
+
+
+def _scan(path: Path, start: int, keep: Callable[[dict[str, Any]], Any], stop: int | None = None) -> int:
+    """Hand each record of ``path`` between byte ``start`` and ``stop`` (a line start; None: the end) to ``keep``,
+    one line at a time; returns the offset after the last complete line read."""
+    offset = start
+    fields = RECORD_FIELDS.get(path.name, {})
     try:
         with open(path, "rb") as f:
             f.seek(start)
-            data = f.read()
+            for index, line in enumerate(f):
+                if not line.endswith(b"\n") or (stop is not None and offset >= stop):
+                    break
+                offset += len(line)
+                if not line.strip():
+                    continue
+                record, problem = _parse(line, fields)
+                if problem is None:
+                    keep(record)
+                else:
+                    _warn_once(path, problem, (start, index, offset - len(line)))
     except FileNotFoundError:
-        return records, start
+        pass
     except OSError as exc:  # a directory, no permission: a bad run must not break readers of all runs
-        _warn_once(Path(path), 0, -1, f"unreadable ({exc.strerror})")
-        return records, start
-    end = data.rfind(b"\n") + 1
-    fields = RECORD_FIELDS.get(Path(path).name, {})
-    for index, line in enumerate(data[:end].split(b"\n")[:-1]):
-        if not line.strip():
-            continue
-        record, problem = _parse(line, fields)
-        if problem is None:
-            records.append(record)
-        else:
-            _warn_once(Path(path), start, index, problem)
-    return records, start + end
+        _warn_once(path, f"unreadable ({exc.strerror})")
+    return offset
+
+
+def _line_start(path: Path, offset: int) -> int:
+    """The offset of the first line of ``path`` that starts at or after ``offset`` (its size if none does)."""
+    if offset <= 0:
+        return 0
+    with open(path, "rb") as f:
+        f.seek(offset - 1)
+        f.readline()  # the rest of the line the offset cuts, up to the end of the file at most
+        return f.tell()
 
 
 def tail_records(path: Path, max_bytes: int = 65536) -> list[dict[str, Any]]:
@@ -122,15 +141,33 @@ def tail_records(path: Path, max_bytes: int = 65536) -> list[dict[str, Any]]:
         size = os.path.getsize(path)
     except OSError:
         return []
-    start = max(0, size - max_bytes)
-    if start:
-        with open(path, "rb") as f:
-            f.seek(start - 1)
-            cut = f.read(max_bytes + 1).find(b"\n")  # the window starts after the newline that ends a line
-        if cut < 0:
-            return []
-        start += cut
-    return read_jsonl(path, start)[0]
+    return read_jsonl(path, _line_start(Path(path), size - max_bytes))[0]
+
+
+def last_records(path: Path, count: int, max_bytes: int | None = None) -> list[dict[str, Any]]:
+    """The last ``count`` records of ``path``, read backwards from its end in windows that grow (x4 from 64 KiB)
+    until they hold them, reach the file's start or ``max_bytes``: each byte is read once, and the cost follows what
+    is asked, not the file's length. Memory holds ``count`` records and one line."""
+    path = Path(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return []
+    limit = size if max_bytes is None else min(size, max_bytes)
+    records: list[dict[str, Any]] = []
+    start, window = None, 1 << 16  # start: where the lines read so far begin (None: nothing read yet)
+    while count > 0 and len(records) < count and start != 0:
+        window = min(window, limit)
+        begin = _line_start(path, size - window)
+        if start is None or begin < start:
+            older: deque[dict[str, Any]] = deque(maxlen=count)
+            _scan(path, begin, older.append, stop=start)  # the first window reads on past `size`, as a write lands
+            records = [*older, *records][-count:]
+            start = begin
+        if window >= limit:
+            break
+        window *= 4
+    return records
 
 
 def _parse(line: bytes, fields: dict[str, tuple[type, ...]]) -> tuple[dict[str, Any] | None, str | None]:
@@ -150,20 +187,26 @@ def _parse(line: bytes, fields: dict[str, tuple[type, ...]]) -> tuple[dict[str, 
     return record, None
 
 
-def _warn_once(path: Path, start: int, index: int, problem: str) -> None:
+def _warn_once(path: Path, problem: str, where: tuple[int, int, int] | None = None) -> None:
+    """Say ``problem`` of ``path`` on stderr, once per file and process. ``where`` is (offset the read started at,
+    index of the line from there, the line's offset): the line is named by its number when the read started within
+    :data:`WARN_COUNT_BYTES` of the file's start, else by its byte offset (counting would read all before it)."""
     key = str(path.resolve())
     if key in _warned:
         return
     _warned.add(key)
-    if index < 0:
+    if where is None:
         print(f"dspark-lab: warning: {path}: {problem}", file=sys.stderr)
         return
-    before = 0
-    if start:  # count the lines before the window, only when there is something to say
+    start, index, offset = where
+    if start > WARN_COUNT_BYTES:
+        location = f"{path}: the line at byte {offset}"
+    else:
         with open(path, "rb") as f:
             before = f.read(start).count(b"\n")
-    print(f"dspark-lab: warning: {path}:{before + index + 1}: skipped, {problem}; later bad lines of this file are "
-          "skipped silently", file=sys.stderr)
+        location = f"{path}:{before + index + 1}"
+    print(f"dspark-lab: warning: {location}: skipped, {problem}; later bad lines of this file are skipped silently",
+          file=sys.stderr)
 
 
 class RunDir:
