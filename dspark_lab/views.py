@@ -24,7 +24,7 @@ from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 from bokeh.resources import INLINE
 
-from dspark_lab.runtime.records import RunDir, read_jsonl
+from dspark_lab.runtime.records import RunDir, read_jsonl, run_state
 
 NAN = float("nan")
 GB = 1e9
@@ -47,10 +47,11 @@ class RunFeed:
         return metrics, events
 
     def info(self) -> dict[str, Any]:
-        return self.run_dir.info()
+        return run_state(self.run_dir)
 
     def finished(self) -> bool:
-        """True once the run has ended (run.json says so); a last :meth:`poll` then reads everything."""
+        """True once the run has ended (as :func:`~dspark_lab.runtime.records.run_state` reads it: a live rank 0
+        outvotes a dead supervisor or an unreadable run.json); a last :meth:`poll` then reads everything."""
         return self.info().get("state") in ("finished", "failed", "stopped")
 
 

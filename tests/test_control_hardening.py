@@ -21,10 +21,10 @@ from dspark_lab import hookimpl
 from dspark_lab.cli import main as cli_main
 from dspark_lab.plugins import make_manager
 from dspark_lab.policy import PolicySpec
-from dspark_lab.runtime import control, limits, liveness
+from dspark_lab.runtime import commands, control, limits, liveness
 from dspark_lab.runtime.attach import Job
 from dspark_lab.runtime.coordinator import StopRun
-from dspark_lab.runtime.records import RunDir, run_state
+from dspark_lab.runtime.records import RunDir, find_run, run_state
 
 
 class KnobPlugin:
@@ -409,6 +409,35 @@ def test_run_state_follows_rank_0_when_the_supervisor_is_gone(home):
     assert run_state(run_dir)["state"] == "failed"  # a stale beat says nothing
     liveness.write_private_json(beat.path, {**stale, "time": time.time(), "pid": gone.pid})
     assert run_state(run_dir)["state"] == "failed"  # nor does a fresh one from a dead process
+
+
+def test_a_live_run_whose_run_json_someone_damaged_is_still_listed_found_by_name_and_controlled(fresh, capsys):
+    fresh.run_dir.run_json.write_text('{"id": "20260101-000000-c0c0c1", "name": "fre')  # truncated by someone else
+    row = next(r for r in commands.jobs().data["jobs"] if r["id"] == fresh.run_dir.id)
+    assert (row["name"], row["state"]) == ("fresh", "running")
+    assert row["error"].startswith("run.json unreadable: not JSON")
+    assert cli_main(["jobs"]) == 0
+    assert "running (run.json unreadable: not JSON" in capsys.readouterr().out
+    assert cli_main(["set", "fresh", "test.knob=b"]) == 0
+    assert fresh.job.policies["test.knob"] == "b"
+    fresh.run_dir.run_json.unlink()  # or deleted
+    assert find_run("fresh").id == fresh.run_dir.id
+    closer = threading.Thread(target=lambda: (fresh.thread.join(30), fresh.job.close()))  # what the script's end does
+    closer.start()
+    assert cli_main(["stop", "fresh", "--timeout", "30"]) == 0
+    closer.join(30)
+    assert run_state(fresh.run_dir)["state"] == "stopped"
+    assert not fresh.run_dir.run_json.exists()  # a read never writes run.json
+
+
+def test_a_dead_run_whose_run_json_is_unreadable_still_reads_failed(home):
+    run_dir = RunDir.create("20260101-000000-dead00", {"name": "dead"}, root=home / "runs")
+    run_dir.run_json.write_text("[]")
+    assert run_state(run_dir)["state"] == "failed"
+    assert run_state(run_dir)["error"] == "run.json unreadable: a JSON list, not an object"
+    beat = liveness.Heartbeat(run_dir.path)
+    beat.stop("stopped")
+    assert run_state(run_dir)["state"] == "stopped"  # rank 0's last word
 
 
 def test_rank_0_never_writes_run_json(live):

@@ -39,12 +39,15 @@ def jobs() -> Report:
             info = run_state(run_dir)
             row = {"id": run_dir.id, "name": info.get("name"), "state": info.get("state"),
                    "ranks": info.get("ranks"), "step": _last_step(run_dir), "start_time": info.get("start_time")}
+            if info.get("supervisor") == "unknown":  # run.json unreadable: the state is rank 0's word
+                row["error"] = info["error"]
             _clock(row["start_time"])
         except (OSError, ValueError, TypeError, OverflowError) as exc:  # one damaged run must not hide the others
             row = {"id": run_dir.id, "name": None, "state": "failed", "ranks": None, "step": None,
                    "start_time": None, "error": f"unreadable record: {type(exc).__name__}: {exc}"[:200]}
         rows.append(row)
-    table = [{**r, "start": _clock(r["start_time"])} for r in rows]
+    table = [{**r, "start": _clock(r["start_time"]),
+              "state": f"{r['state']} ({r['error']})" if r.get("error") else r["state"]} for r in rows]
     return Report("jobs", {"jobs": rows}, rows=table, columns=("id", "name", "state", "ranks", "step", "start"))
 
 
@@ -156,7 +159,7 @@ def _force_stop(run_dir, timeout: float) -> Report:
     SIGTERM to its supervisor, which passes it to the launcher and so to every rank; the run ends ``stopped``
     with this reason. Only the run's own processes are signalled (pid and start time from its records)."""
     info = run_state(run_dir)
-    if info.get("supervisor") == "gone":  # the supervisor was killed: rank 0 is what is left to signal
+    if info.get("supervisor") in ("gone", "unknown"):  # killed, or run.json unreadable: rank 0 is left to signal
         beat = read_heartbeat(run_dir.path) or {}
         pid, started_at = beat.get("pid"), beat.get("start")
     else:

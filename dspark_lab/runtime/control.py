@@ -243,8 +243,10 @@ class ControlServer:
         self._thread = threading.Thread(target=self._server.serve_forever, name="dspark-control", daemon=True)
         self._thread.start()
         self.heartbeat = liveness.Heartbeat(job.run_dir.path, step=lambda: self.job.step)
+        # the name too: the run stays found by it if someone else damages run.json (records.run_state)
         liveness.write_private_json(job.run_dir.path / liveness.CONTROL_FILE,
-                                    {"host": self.host, "port": self.port, "pid": os.getpid()})
+                                    {"host": self.host, "port": self.port, "pid": os.getpid(),
+                                     "name": job.run_dir.name()})
 
     def status(self, body) -> dict[str, Any]:
         return {"step": self.job.step, "rank_count": self.job.world, "backend": self.job.backend.name,

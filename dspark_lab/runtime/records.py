@@ -241,15 +241,27 @@ class RunDir:
         run.write_info({"id": run_id, "state": "starting", **info})
         return run
 
-    def info(self) -> dict[str, Any]:
-        """run.json; a run whose run.json is missing, unreadable or not a JSON object reads as failed."""
+    def read_info(self) -> tuple[dict[str, Any] | None, str]:
+        """run.json, or None and why it cannot be read (missing, not UTF-8, not JSON, not an object)."""
         try:
-            info = json.loads(self.run_json.read_bytes().decode("utf-8"))
-        except (OSError, ValueError):  # ValueError: not UTF-8, not JSON
-            info = None
-        if not isinstance(info, dict):
-            return {"id": self.id, "state": "failed", "error": "run.json is missing or unreadable"}
+            data = self.run_json.read_bytes()
+        except OSError as exc:
+            return None, "missing" if isinstance(exc, FileNotFoundError) else exc.strerror or type(exc).__name__
+        info, problem = _parse(data, {})
+        return info, problem or ""
+
+    def info(self) -> dict[str, Any]:
+        """run.json; one that is missing, unreadable or not a JSON object reads as failed (:func:`run_state` asks the
+        ranks too)."""
+        info, problem = self.read_info()
+        if info is None:
+            return {"id": self.id, "state": "failed", "error": f"run.json unreadable: {problem}"}
         return info
+
+    def name(self) -> str | None:
+        """The run's name: run.json's, or, when that cannot be read, the one rank 0 published in control.json."""
+        info, _ = self.read_info()
+        return (info if info is not None else liveness.read_endpoint(self.path) or {}).get("name")
 
     def write_info(self, info: dict[str, Any]) -> None:
         """Replace run.json atomically (write a temporary file, then rename)."""
@@ -276,24 +288,34 @@ class RunDir:
 
 
 def run_state(run_dir: RunDir) -> dict[str, Any]:
-    """run.json as a reader should see it, with the ranks' word when the supervisor is gone.
+    """run.json as a reader should see it, with the ranks' word when the supervisor is gone or run.json unreadable.
 
     A 'running' run whose supervisor died still runs while rank 0's heartbeat is fresh (:mod:`.liveness`); once
-    rank 0 has ended too, the run reads as its last beat says ('stopped'), or as failed. A read never writes:
-    only the supervisor (:mod:`.launch`) writes run.json.
+    rank 0 has ended too, the run reads as its last beat says ('stopped'), or as failed. So does a run whose run.json
+    someone else damaged (its name then comes from control.json): a live one stays listed, found and controlled. A
+    read never writes: only the supervisor (:mod:`.launch`) writes run.json.
     """
-    info = run_dir.info()
+    info, problem = run_dir.read_info()
+    if info is None:
+        unreadable = f"run.json unreadable: {problem}"
+        return _ranks_word(run_dir, {"id": run_dir.id, "name": run_dir.name(), "supervisor": "unknown",
+                                     "error": unreadable}, unreadable, unreadable)
     if info.get("state") in LIVE_STATES and info.get("launcher_pid"):
         if not process_alive(info["launcher_pid"], info.get("launcher_start")):
-            beat = liveness.read_heartbeat(run_dir.path)
-            if liveness.beating(beat):
-                info = {**info, "state": "running", "supervisor": "gone",
-                        "note": f"the supervisor is gone; rank 0 (pid {beat['pid']}) is alive and training"}
-            elif beat and beat.get("state") == "stopped":
-                info = {**info, "state": "stopped", "control": None, "supervisor": "gone"}
-            else:
-                info = {**info, "state": "failed", "control": None, "error": "the launcher process is gone (killed?)"}
+            info = _ranks_word(run_dir, {**info, "supervisor": "gone"}, "the supervisor is gone",
+                               "the launcher process is gone (killed?)")
     return info
+
+
+def _ranks_word(run_dir: RunDir, info: dict[str, Any], why: str, failed: str) -> dict[str, Any]:
+    """``info`` in the state rank 0's heartbeat says, since its supervisor cannot (``why``): running while it beats,
+    then as its last beat says ('stopped'), else failed (``failed`` says why)."""
+    beat = liveness.read_heartbeat(run_dir.path)
+    if liveness.beating(beat):
+        return {**info, "state": "running", "note": f"{why}; rank 0 (pid {beat['pid']}) is alive and training"}
+    if beat and beat.get("state") == "stopped":
+        return {**info, "state": "stopped", "control": None}
+    return {**info, "state": "failed", "control": None, "error": failed}
 
 
 def wait_for_end(run_dir: RunDir, seconds: float) -> str | None:
@@ -320,11 +342,14 @@ def process_alive(pid: int, started: float | None) -> bool:
 
 
 def list_runs(root: Path | None = None) -> list[RunDir]:
-    """Every run directory, newest first."""
+    """Every run directory (with a run.json, or with a control endpoint: a live rank 0 whose run.json was deleted),
+    newest first."""
     root = root or runs_root()
     if not root.is_dir():
         return []
-    return sorted((RunDir(p) for p in root.iterdir() if (p / "run.json").exists()), key=lambda r: r.id, reverse=True)
+    return sorted((RunDir(p) for p in root.iterdir()
+                   if (p / "run.json").exists() or (p / liveness.CONTROL_FILE).exists()), key=lambda r: r.id,
+                  reverse=True)
 
 
 def find_run(ref: str, root: Path | None = None) -> RunDir:
@@ -332,7 +357,7 @@ def find_run(ref: str, root: Path | None = None) -> RunDir:
     :class:`RunNotFound` in one line otherwise."""
     runs = list_runs(root)
     exact = ([r for r in runs if r.id == ref] or [r for r in runs if r.id == RDZV_RUN_PREFIX + ref]
-             or [r for r in runs if r.info().get("name") == ref])
+             or [r for r in runs if r.name() == ref])
     if len(exact) == 1:
         return exact[0]
     if len(exact) > 1:

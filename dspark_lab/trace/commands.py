@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dspark_lab.errors import DSparkError
 from dspark_lab.output import Report
-from dspark_lab.runtime.records import FILE_MODE, LIVE_STATES, find_run
+from dspark_lab.runtime.records import FILE_MODE, LIVE_STATES, find_run, run_state
 
 MAX_TRACES = 1024
 _FIGURES = ("span_ms", "compute_ms", "comm_busy_ms", "comm_overlap_ms", "comm_exposed_ms", "wait_ms", "idle_ms")
@@ -123,9 +123,9 @@ def profile(run: str, steps: int = 2, wait: bool = False, timeout: float = 600.0
                 if e.get("kind") == "profile" and (e.get("first_step") or 0) >= first}
         if len(done) >= ranks:
             break
-        if time.monotonic() > deadline or run_dir.info().get("state") not in (None, *LIVE_STATES):
+        if time.monotonic() > deadline or run_state(run_dir).get("state") not in (None, *LIVE_STATES):
             raise DSparkError(f"profile: {len(done)} of {ranks} rank(s) wrote their trace "
-                              f"(run state {run_dir.info().get('state')}, waited {timeout:g} s)")
+                              f"(run state {run_state(run_dir).get('state')}, waited {timeout:g} s)")
         time.sleep(0.5)
     files = [run_dir.path / done[r]["file"] for r in sorted(done)]
     report = analyze([str(f) for f in files if f.exists()]) if all(f.exists() for f in files) else None
