@@ -24,7 +24,8 @@ from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 from bokeh.resources import INLINE
 
-from dspark_lab.runtime.records import RunDir, read_jsonl, run_state
+from dspark_lab.runtime.jsonl import Follower, read_jsonl
+from dspark_lab.runtime.records import RunDir, run_state
 
 NAN = float("nan")
 GB = 1e9
@@ -34,15 +35,16 @@ GB = 1e9
 
 
 class RunFeed:
-    """Tail one run directory: each :meth:`poll` returns the metrics and events appended since the last call."""
+    """Tail one run directory: each :meth:`poll` returns the metrics and events appended since the last call (the
+    first, every record kept, metrics.jsonl's moved files included)."""
 
     def __init__(self, run_dir: RunDir):
         self.run_dir = run_dir
-        self._metrics_offset = 0
+        self._metrics = Follower(run_dir.metrics_path, lookback=None)
         self._events_offset = 0
 
     def poll(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        metrics, self._metrics_offset = read_jsonl(self.run_dir.metrics_path, self._metrics_offset)
+        metrics = self._metrics.poll()
         events, self._events_offset = read_jsonl(self.run_dir.events_path, self._events_offset)
         return metrics, events
 
@@ -384,7 +386,7 @@ def policy_comparison(rows: Sequence[dict[str, Any]], width: int = 300, height: 
 def run_charts(run_dir: RunDir) -> MetricCharts:
     """Charts holding a run's whole history so far."""
     charts = MetricCharts(ranks=int(run_dir.info().get("ranks") or 1))
-    metrics, _ = read_jsonl(run_dir.metrics_path)
+    metrics = run_dir.metrics()
     events, _ = read_jsonl(run_dir.events_path)
     charts.update(metrics, events)
     return charts

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from dspark_lab.runtime import commands
-from dspark_lab.runtime.records import JsonlWriter, RunDir, last_records, read_jsonl, tail_records, wait_for_end
+from dspark_lab.runtime.jsonl import last_records
+from dspark_lab.runtime.records import JsonlWriter, RunDir, read_jsonl, wait_for_end
 
 GOOD = [{"step": 1, "rank": 0, "loss": 1.0}, {"step": 2, "rank": 0, "loss": 0.5}]
 BAD_LINES = [
@@ -78,10 +79,10 @@ def test_tail_drops_the_line_its_window_cuts_without_a_warning(tmp_path, capsys)
     writer = JsonlWriter(path)
     for step in range(1, 200):
         writer.write({"step": step, "rank": 0, "loss": 1.0})
-    tail = tail_records(path, max_bytes=200)
+    tail = last_records(path, 1000, max_bytes=200)
     assert tail and tail[-1]["step"] == 199 and [r["step"] for r in tail] == list(range(tail[0]["step"], 200))
     assert capsys.readouterr().err == ""
-    assert tail_records(tmp_path / "missing.jsonl") == []
+    assert last_records(tmp_path / "missing.jsonl", 5) == []
 
 
 def test_last_records_skips_bad_lines_and_the_line_its_window_cuts(tmp_path, capsys):

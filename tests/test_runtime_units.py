@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dspark_lab.errors import PolicyError, RunNotFound
+from dspark_lab.errors import DSparkError, PolicyError, RunNotFound
 from dspark_lab.plugins import make_manager
 from dspark_lab.runtime import discover
 from dspark_lab.runtime.attach import Job
@@ -56,6 +56,18 @@ def test_jsonl_reader_skips_a_torn_last_line_and_reads_it_once_whole(tmp_path):
         f.write('ss": 0.5}\n')
     more, _ = read_jsonl(path, offset)
     assert more == [{"step": 2, "loss": 0.5}]
+
+
+def test_a_jobs_metrics_rotate_at_the_bound_its_environment_sets(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPARK_METRICS_MAX_MB", "1")
+    job = new_cpu_job(tmp_path)
+    for step in range(1, 151):
+        job.write_metrics_record({"step": step, "rank": 0, "pad": "p" * 10_000})
+    assert (job.run_dir.path / "metrics.1.jsonl").stat().st_size >= 1 << 20
+    assert [m["step"] for m in job.run_dir.metrics()] == list(range(1, 151))
+    monkeypatch.setenv("DSPARK_METRICS_MAX_MB", "huge")
+    with pytest.raises(DSparkError, match="^DSPARK_METRICS_MAX_MB: 'huge' is not allowed"):
+        new_cpu_job(tmp_path / "other")
 
 
 def test_run_lookup_by_id_name_and_prefix(tmp_path):

@@ -97,7 +97,7 @@ class Job:
         self.manager = manager or get_manager()
         self.backend = self.manager.default_backend()
         self._events = JsonlWriter(run_dir.events_path)
-        self._metrics = JsonlWriter(run_dir.metrics_path)
+        self._metrics = run_dir.metrics_writer()  # rotates past DSPARK_METRICS_MAX_MB (runtime/rotation.py)
         self.model = self.ddp = None
         self._optimizer: Callable[[], Any] | None = None  # the one whose steps are the job's steps (see on_step_end)
         self.optimizer_pinned = False  # handed over by attach(optimizer=...)

@@ -53,7 +53,9 @@ def script_of(args) -> str:
 
 def _run(args) -> int:
     from dspark_lab.runtime.launch import TORCHRUN_OPTIONS, prepare, supervise
+    from dspark_lab.runtime.rotation import max_bytes
 
+    max_bytes()  # a bad DSPARK_METRICS_MAX_MB is said here, in one line, not by every rank as it starts
     options = {name: getattr(args, name) for name in TORCHRUN_OPTIONS}
     run_dir = prepare(script_of(args), args.script_args, nproc=args.nproc, policies=args.policy, name=args.name,
                       options=options, launcher=args.launcher, token_file=args.token_file,
@@ -74,7 +76,8 @@ def _metrics(args):
     commands = _commands()
     if not args.follow:
         return commands.metrics(args.run, args.tail)
-    from dspark_lab.runtime.records import LIVE_STATES, find_run, iter_follow, run_state
+    from dspark_lab.runtime.jsonl import Follower
+    from dspark_lab.runtime.records import LIVE_STATES, find_run, run_state
 
     run_dir = find_run(args.run)
     columns = commands.metrics(args.run, 0).columns
@@ -83,13 +86,12 @@ def _metrics(args):
     if not args.json:
         print(row(columns), flush=True)
     # The last --tail records already written come first (read from the file's end), then every new one as it
-    # lands; a record written while the tail was read is shown once.
-    path = run_dir.metrics_path
-    start = path.stat().st_size if path.exists() else 0
+    # lands, across rotations of the file; a record written while the tail was read is shown once.
+    follower = Follower(run_dir.metrics_path)  # from the end as it is now, before the tail is read
     shown = commands.metrics(args.run, args.tail).data["metrics"]
     again = {(r.get("step"), r.get("rank")) for r in shown}
     stop = lambda: run_state(run_dir).get("state") not in LIVE_STATES
-    follow = (r for r in iter_follow(path, stop=stop, start=start) if (r.get("step"), r.get("rank")) not in again)
+    follow = (r for r in follower.follow(stop=stop) if (r.get("step"), r.get("rank")) not in again)
     for record in itertools.chain(shown, follow):
         print(json.dumps(record) if args.json else row([cell(record.get(c)) for c in columns]), flush=True)
     return 0

@@ -19,8 +19,11 @@ from dspark_lab.runtime.control import ControlClient
 from dspark_lab.runtime.launch import launch_background
 from dspark_lab.runtime.limits import check_timeout
 from dspark_lab.runtime.liveness import read_heartbeat
-from dspark_lab.runtime.records import (LIVE_STATES, JsonlWriter, find_run, last_records, list_runs, process_alive,
-                                       run_state, tail_records, wait_for_end)
+from dspark_lab.runtime.jsonl import JsonlWriter, last_records
+from dspark_lab.runtime.records import LIVE_STATES, find_run, list_runs, process_alive, run_state, wait_for_end
+
+
+LAST_STEP_RECORDS = 128  # the newest records a run's step is read from (ranks write theirs a moment apart)
 
 
 def _run(ref: str):
@@ -28,7 +31,7 @@ def _run(ref: str):
 
 
 def _last_step(run_dir) -> int | None:
-    return max((r["step"] for r in tail_records(run_dir.metrics_path)), default=None)
+    return max((r["step"] for r in last_records(run_dir.metrics_path, LAST_STEP_RECORDS)), default=None)
 
 
 def jobs() -> Report:

@@ -31,7 +31,8 @@ from dspark_lab.errors import ControlError, DSparkError, PolicyError
 from dspark_lab.output import SCHEMA_VERSION
 from dspark_lab.runtime import limits, liveness
 from dspark_lab.runtime.limits import check_timeout, one_line, short
-from dspark_lab.runtime.records import LIVE_STATES, RunDir, last_records, run_state, wait_for_end
+from dspark_lab.runtime.jsonl import last_records
+from dspark_lab.runtime.records import LIVE_STATES, RunDir, run_state, wait_for_end
 from dspark_lab.tune import driver as tune_driver
 
 LOOPBACK = "127.0.0.1"

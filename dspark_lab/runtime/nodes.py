@@ -104,7 +104,7 @@ class Collector:
     def __init__(self, run_dir, ranks: list[int], on_ignored=lambda key, why: None):
         self.run_dir, self.ranks, self.on_ignored = run_dir, ranks, on_ignored
         self.sealer = Sealer(run_dir.token(), run_dir.id)
-        self.writers = {name: JsonlWriter(run_dir.path / name) for name in FILES}
+        self.writers = {"events.jsonl": JsonlWriter(run_dir.events_path), "metrics.jsonl": run_dir.metrics_writer()}
         self.next: dict[int, int] = {}
         self._done = threading.Event()
         self._store = None

@@ -10,13 +10,13 @@ and reports it (``GET /tune``). Each trial and the decision become ``tune`` even
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import threading
 import time
 from typing import Any
 
 from dspark_lab.errors import DSparkError, PolicyError
+from dspark_lab.runtime.jsonl import Follower
 from dspark_lab.tune import space as space_mod
 from dspark_lab.tune.search import OBJECTIVES, Sample, Search, TuneOptions, covering_budget
 
@@ -32,14 +32,9 @@ class LiveJob:
 
     def __init__(self, job, peak_field: str):
         self.job, self.peak_field = job, peak_field
-        self._file = open(job.run_dir.metrics_path, "rb")
         # Start a little before the end: another rank may already have written its record of the step after
         # rank 0's current one (ranks finish a step a moment apart), and a read must still find it.
-        end = self._file.seek(0, 2)
-        self._file.seek(max(0, end - LOOKBACK_BYTES))
-        if end > LOOKBACK_BYTES:
-            self._file.readline()  # the rest of a line cut by the seek
-        self._partial = b""
+        self._follower = Follower(job.run_dir.metrics_path, lookback=LOOKBACK_BYTES)
         self._records: dict[int, list[dict]] = {}
         if peak_field != "peak_activation_bytes":  # memory counters are read every step only when asked for
             job.meter.want_memory("tune")
@@ -70,15 +65,8 @@ class LiveJob:
             time.sleep(0.005)
 
     def _load(self) -> None:
-        data = self._partial + self._file.read()
-        lines = data.split(b"\n")
-        self._partial = lines.pop()
-        for line in lines:
-            try:
-                record = json.loads(line)
-                self._records.setdefault(int(record["step"]), []).append(record)
-            except (ValueError, KeyError, TypeError):
-                continue
+        for record in self._follower.poll():
+            self._records.setdefault(record["step"], []).append(record)
 
     def read(self, n: int) -> list[Sample]:
         first = self.job.step + 1
@@ -103,7 +91,7 @@ class LiveJob:
         return samples
 
     def close(self) -> None:
-        self._file.close()
+        self._follower.close()
         self.job.meter.want_memory("tune", False)
 
 
