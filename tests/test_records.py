@@ -13,7 +13,7 @@ import time
 import pytest
 
 from dspark_lab.runtime import commands
-from dspark_lab.runtime.jsonl import last_records
+from dspark_lab.runtime.jsonl import Follower, last_records
 from dspark_lab.runtime.records import JsonlWriter, RunDir, read_jsonl, wait_for_end
 
 GOOD = [{"step": 1, "rank": 0, "loss": 1.0}, {"step": 2, "rank": 0, "loss": 0.5}]
@@ -116,6 +116,19 @@ def test_last_records_reads_backwards_each_byte_once_and_stops_at_its_cap(tmp_pa
     bytes_read.clear()
     assert len(last_records(path, 20_003, max_bytes=1 << 20)) < 1000
     assert bytes_read[str(path)] < (1 << 20) + 64 * 1024
+
+
+def test_a_follower_started_while_a_line_is_written_reads_that_line_once_whole(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    write_lines(path, [json.dumps(GOOD[0]).encode()])
+    with open(path, "ab") as f:
+        f.write(b'{"step": 2, "rank": 0, "lo')  # a write in progress
+    follower = Follower(path)  # from the end
+    assert follower.poll() == []
+    with open(path, "ab") as f:
+        f.write(b'ss": 0.5}\n{"step": 3, "rank": 0}\n')
+    assert follower.poll() == [{"step": 2, "rank": 0, "loss": 0.5}, {"step": 3, "rank": 0}]
+    assert Follower(tmp_path / "new.jsonl").poll() == []  # a file not made yet is read from its start once it is
 
 
 def make_run(home, run_id: str, name: str) -> RunDir:

@@ -111,6 +111,15 @@ def _line_start(f: BinaryIO, offset: int) -> int:
     return f.tell()
 
 
+def _lines_end(f: BinaryIO, size: int) -> int:
+    """The offset after the last whole line in the first ``size`` bytes of ``f`` (a line being written is left to be
+    read once whole), looked for in the last 64 KiB; ``size`` if none ends there."""
+    window = min(size, 1 << 16)
+    tail = os.pread(f.fileno(), window, size - window)
+    newline = tail.rfind(b"\n")
+    return size - window + newline + 1 if newline >= 0 or window == size else size
+
+
 def last_records(path: Path, count: int, max_bytes: int | None = None) -> list[Record]:
     """The last ``count`` records of ``path`` and, when it holds fewer, of its moved files (:mod:`.rotation`), read
     backwards from the end in windows that grow (x4 from 64 KiB) until they hold them, reach the oldest file's start
@@ -177,7 +186,7 @@ class Follower:
             self._files = rotation.open_newest_first(self.path)[::-1]
         elif (f := _open(self.path)) is not None:
             size = os.fstat(f.fileno()).st_size
-            self._files, self._offset = [f], _line_start(f, size - lookback) if lookback else size
+            self._files, self._offset = [f], _line_start(f, size - lookback) if lookback else _lines_end(f, size)
 
     def poll(self) -> list[Record]:
         """The whole records appended since the last poll (or the start)."""
