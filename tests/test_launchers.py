@@ -102,6 +102,35 @@ def test_torchrun_single_node_uses_the_loopback_rendezvous(manager):
     torchrun.validate(2, {"max_restarts": "1", "nnodes": "2", "rdzv_id": "j"})  # multi-node runs restart
 
 
+def test_loopback_gives_each_round_a_new_store_and_keeps_the_first_for_the_runtime(monkeypatch):
+    """A restarted group must not meet the dead group's gloo keys; the runtime's keys stay in the first store."""
+    import socket
+
+    from dspark_lab.runtime.launchers.loopback import LoopbackRendezvous
+
+    def serving(port: int) -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    monkeypatch.delenv("DSPARK_STORE", raising=False)
+    handler = LoopbackRendezvous("run")
+    ports = []
+    for _ in range(3):  # the agent holds each round's store only until the next round
+        info = handler.next_rendezvous()
+        info.store.set("gloo/0", "from this round")
+        ports.append(info.bootstrap_store_info.master_port)
+        assert os.environ["DSPARK_STORE"] == f"127.0.0.1:{ports[0]}"
+        del info
+    assert len(set(ports)) == 3
+    assert (serving(ports[0]), serving(ports[2])) == (True, True)
+    deadline = time.monotonic() + 5
+    while serving(ports[1]) and time.monotonic() < deadline:  # its server thread stops soon after
+        time.sleep(0.05)
+    assert not serving(ports[1])
+    later = handler.next_rendezvous().store
+    assert not later.check(["gloo/0"])  # a fresh store: nothing of the groups before
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs iproute2's ss")
 def test_single_node_torchrun_listens_on_loopback_only(tmp_path):

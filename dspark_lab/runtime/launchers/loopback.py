@@ -7,11 +7,19 @@ binds one on loopback, hands it to the store and tells the ranks ``MASTER_ADDR=1
 torchrun's own handler registry, then torchrun's ``main`` runs unchanged:
 
 ``python -m dspark_lab.runtime.launchers.loopback --rdzv-backend=dspark-loopback --rdzv-endpoint=127.0.0.1:0 ...``
+
+Every rendezvous round (the first group of workers, then one per restart under ``--max-restarts``) gets a new store:
+torch's workers expect a fresh agent store per round (``torch.distributed.rendezvous._create_c10d_store``), and a
+restarted group on the old one reads the dead group's gloo addresses and cannot connect. The first round's store
+lives as long as the agent and is the runtime's (``DSPARK_STORE``, :func:`~dspark_lab.runtime.nodes.store_address`):
+the saved policies and the group names outlive every restart there. A later round's store is freed when the next
+round starts, so at most two are open.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 import sys
 
@@ -22,16 +30,33 @@ from torch.distributed.elastic.rendezvous import (RendezvousHandler, RendezvousI
 BACKEND = "dspark-loopback"
 HOST = "127.0.0.1"
 TIMEOUT_S = 900
+STORE_VARIABLE = "DSPARK_STORE"
+
+
+def listening_store() -> tuple[TCPStore, int]:
+    """A TCPStore server on a free loopback port, and the port."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind((HOST, 0))
+        listener.listen(128)
+        port = listener.getsockname()[1]
+        store = TCPStore(HOST, port, 1, True, datetime.timedelta(seconds=TIMEOUT_S), multi_tenant=True,
+                         master_listen_fd=listener.fileno())
+    except BaseException:
+        listener.close()
+        raise
+    listener.detach()  # the store owns the descriptor now and closes it when it is freed
+    return store, port
 
 
 class LoopbackRendezvous(RendezvousHandler):
-    """One node, rank 0; the store is created on first use and lives as long as torchrun's agent."""
+    """One node, rank 0; a new store per round, the first kept as the runtime's for as long as torchrun's agent."""
 
     def __init__(self, run_id: str):
         self.run_id = run_id
-        self._store = None
-        self._socket = None
-        self._port = 0
+        self._first = None  # (store, port): round 0's, kept
+        self._latest = None  # the latest later round's, freed when the next one starts
+        self.rounds = 0
 
     def get_backend(self) -> str:
         return BACKEND
@@ -41,14 +66,16 @@ class LoopbackRendezvous(RendezvousHandler):
         return True  # the ranks connect to this store (MASTER_ADDR / MASTER_PORT) instead of making their own
 
     def next_rendezvous(self) -> RendezvousInfo:
-        if self._store is None:
-            self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            self._socket.bind((HOST, 0))
-            self._socket.listen(128)
-            self._port = self._socket.getsockname()[1]
-            self._store = TCPStore(HOST, self._port, 1, True, datetime.timedelta(seconds=TIMEOUT_S),
-                                   multi_tenant=True, master_listen_fd=self._socket.fileno())
-        return RendezvousInfo(PrefixStore(self.run_id, self._store), 0, 1, RendezvousStoreInfo(HOST, self._port))
+        # the agent has stopped the previous round's workers: nothing reads that round's store any more
+        self._latest = None
+        store, port = listening_store()
+        if self._first is None:
+            self._first = (store, port)
+            os.environ[STORE_VARIABLE] = f"{HOST}:{port}"  # the workers inherit the agent's environment
+        else:
+            self._latest = (store, port)
+        self.rounds += 1
+        return RendezvousInfo(PrefixStore(self.run_id, store), 0, 1, RendezvousStoreInfo(HOST, port))
 
     def is_closed(self) -> bool:
         return False
