@@ -97,9 +97,11 @@ def test_torchrun_single_node_uses_the_loopback_rendezvous(manager):
         torchrun.validate(1, {"nnodes": "two"})
     with pytest.raises(DSparkError, match="^--nproc: must be 1 to 1024"):
         torchrun.validate(5000, {})
-    with pytest.raises(DSparkError, match="^--max-restarts: a one-node run cannot restart its group yet"):
-        torchrun.validate(2, {"max_restarts": "1"})  # its restarted group could not rejoin (session 10's audit)
-    torchrun.validate(2, {"max_restarts": "1", "nnodes": "2", "rdzv_id": "j"})  # multi-node runs restart
+    torchrun.validate(2, {"max_restarts": "100"})  # one node restarts too: a store per round (loopback.py)
+    torchrun.validate(2, {"max_restarts": "1", "nnodes": "2", "rdzv_id": "j"})
+    for bad in ("-1", "101", "three", "1.5", "\u0663"):
+        with pytest.raises(DSparkError, match=rf"^--max-restarts: must be a whole number 0 to 100, got '{bad}'$"):
+            torchrun.validate(2, {"max_restarts": bad})
 
 
 def test_loopback_gives_each_round_a_new_store_and_keeps_the_first_for_the_runtime(monkeypatch):

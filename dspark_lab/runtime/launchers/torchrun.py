@@ -15,6 +15,7 @@ from dspark_lab.runtime.launchers.base import BOOTSTRAP, TORCHRUN_OPTIONS, Launc
 from dspark_lab.runtime.launchers.multinode import max_nodes as _nnodes
 
 MAX_NPROC = 1024
+MAX_RESTARTS = 100  # what `dspark-lab k8s manifest --max-restarts` allows too
 
 
 def single_node_loopback(options: Mapping[str, Any]) -> bool:
@@ -32,11 +33,9 @@ class TorchrunLauncher(Launcher):
             raise DSparkError(f"--nproc: must be 1 to {MAX_NPROC}, got {nproc}")
         if _nnodes(options) > 1 and not options.get("rdzv_id"):
             raise DSparkError(f"--rdzv-id: required when --nnodes is above 1 (got --nnodes {options['nnodes']})")
-        if single_node_loopback(options) and str(options.get("max_restarts") or "0") != "0":
-            # a restarted group fails in init_process_group (gloo cannot connect) or hangs: not offered until fixed
-            raise DSparkError(f"--max-restarts: a one-node run cannot restart its group yet (got "
-                              f"{options['max_restarts']}; the restarted ranks cannot rejoin the loopback "
-                              "rendezvous); allowed: 0 here, any value on a multi-node run (docs/clusters.md)")
+        restarts = str(options.get("max_restarts") or 0)
+        if not (restarts.isascii() and restarts.isdigit() and int(restarts) <= MAX_RESTARTS):
+            raise DSparkError(f"--max-restarts: must be a whole number 0 to {MAX_RESTARTS}, got {restarts[:40]!r}")
 
     def ranks(self, nproc: int, options: Mapping[str, Any]) -> int:
         return nproc * _nnodes(options)
