@@ -104,11 +104,15 @@ def test_torchrun_single_node_uses_the_loopback_rendezvous(manager):
             torchrun.validate(2, {"max_restarts": bad})
 
 
-def test_loopback_gives_each_round_a_new_store_and_keeps_the_first_for_the_runtime(monkeypatch):
+def test_loopback_gives_each_round_a_new_store_and_keeps_the_first_for_the_runtime(monkeypatch, tmp_path):
     """A restarted group must not meet the dead group's gloo keys; the runtime's keys stay in the first store."""
     import socket
 
     from dspark_lab.runtime.launchers.loopback import LoopbackRendezvous
+    from dspark_lab.runtime.records import RunDir
+
+    run_dir = RunDir.create("20260101-000000-c0ffee", {"name": "rounds"}, root=tmp_path)
+    monkeypatch.setenv("DSPARK_RUN_DIR", str(run_dir.path))
 
     def serving(port: int) -> bool:
         with socket.socket() as probe:
@@ -131,6 +135,7 @@ def test_loopback_gives_each_round_a_new_store_and_keeps_the_first_for_the_runti
     assert not serving(ports[1])
     later = handler.next_rendezvous().store
     assert not later.check(["gloo/0"])  # a fresh store: nothing of the groups before
+    assert [(e["kind"], e["rank"], e["restart"]) for e in run_dir.events()] == [("restart", None, n) for n in (1, 2, 3)]
 
 
 @pytest.mark.slow
@@ -201,6 +206,68 @@ def test_a_failed_run_without_a_ranks_word_reports_the_launchers_exit_code(tmp_p
     run_dir = fake_run(tmp_path, "import sys; sys.exit(7)")
     assert supervise(run_dir) == 7
     assert (run_dir.info()["state"], run_dir.info()["error"]) == ("failed", "torchrun exited with code 7")
+
+
+def own(rank, time, reason="RuntimeError: Connection closed by peer", code=1):
+    return {"time": time, "step": 5, "rank": rank, "kind": "error", "reason": reason, "exit_code": code}
+
+
+def agent(rank, time, signal_number):
+    from dspark_lab.runtime.launchers.agent_events import exit_status
+
+    code, number, reason = exit_status(-signal_number)
+    return {"time": time, "step": None, "rank": rank, "kind": "error", "reason": reason, "exit_code": code,
+            "signal": number, "source": "agent"}
+
+
+RESTART = {"time": 20.0, "step": None, "rank": None, "kind": "restart", "restart": 1}
+
+
+@pytest.mark.parametrize("events, expected", [
+    # the survivor failed on the closed connection; the agent saw rank 1 end (its time is torchrun's, in whole
+    # seconds, after the survivor's): the killed rank is the reason, exit code 128 + 9
+    ([own(0, 10.2), agent(1, 11.0, 9)], (137, "rank 1: killed by signal 9 (SIGKILL)")),
+    ([own(0, 10.2), agent(1, 10.0, 11)], (139, "rank 1: killed by signal 11 (SIGSEGV)")),
+    # torchrun's SIGTERM of the rank it stopped after rank 1 raised is not why
+    ([own(1, 10.2, "RuntimeError: boom"), agent(0, 10.0, 15)], (1, "rank 1: RuntimeError: boom")),
+    # ... nor its SIGKILL 30 s later of a rank that ignored the SIGTERM
+    ([own(1, 10.2, "RuntimeError: boom"), agent(0, 41.0, 9)], (1, "rank 1: RuntimeError: boom")),
+    # a SIGTERM is named when no rank said why (someone else's kill)
+    ([agent(1, 10.0, 15)], (143, "rank 1: killed by signal 15 (SIGTERM)")),
+    # only the last group counts: the first group's failure made torchrun restart it
+    ([agent(1, 10.0, 9), own(0, 10.2), RESTART, own(1, 30.0, "RuntimeError: boom")], (1, "rank 1: RuntimeError: boom")),
+])
+def test_the_runs_reason_is_the_rank_that_ended_its_last_group(events, expected):
+    from dspark_lab.runtime.launch import ending
+
+    assert ending(events, "torchrun", 1) == ("failed", *expected)
+
+
+def test_a_launcher_killed_by_a_signal_says_so_with_128_plus_the_signal():
+    from dspark_lab.runtime.launch import ending
+
+    assert ending([], "torchrun", -9) == ("failed", 137, "torchrun was killed by signal 9 (SIGKILL)")
+
+
+def test_the_agent_names_only_the_ranks_that_said_nothing_in_their_group(tmp_path, monkeypatch):
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from dspark_lab.runtime.launchers.agent_events import record_failures
+    from dspark_lab.runtime.records import JsonlWriter, RunDir
+
+    run_dir = RunDir.create("20260101-000000-c0ffee", {"name": "agent"}, root=tmp_path)
+    monkeypatch.setenv("DSPARK_RUN_DIR", str(run_dir.path))
+    writer = JsonlWriter(run_dir.events_path)
+    for event in (own(1, 1.0, "RuntimeError: an earlier group's"), RESTART, own(0, 30.0)):
+        writer.write(event)
+    writer.close()
+    failures = {0: ProcessFailure(0, 100, 1, "<N/A>"), 1: ProcessFailure(1, 101, -9, "<N/A>"),
+                2: ProcessFailure(2, 102, 0, "<N/A>"), 3: ProcessFailure(3, 103, 7, "<N/A>")}
+    record_failures(failures)
+    written = [(e["rank"], e["exit_code"], e["signal"], e["pid"], e["reason"]) for e in run_dir.events()[3:]]
+    assert written == [(1, 137, 9, 101, "killed by signal 9 (SIGKILL)"),
+                       (3, 7, None, 103, "exited with code 7 without an error of its own (os._exit, or before the "
+                                         "runtime)")]
 
 
 def test_ctrl_c_stops_the_run_with_exit_code_130_and_a_one_line_reason(tmp_path):

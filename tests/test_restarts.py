@@ -91,6 +91,9 @@ def test_a_killed_rank_restarts_a_one_node_group_with_the_live_change_in_force(t
 
     events = read_jsonl(run_dir / "events.jsonl")
     assert sorted(e["rank"] for e in events if e["kind"] == "start") == [0, 0, 1, 1]
+    restarts = [i for i, e in enumerate(events) if e["kind"] == "restart"]
+    assert [(events[i]["rank"], events[i]["restart"]) for i in restarts] == [(None, 1)]  # torchrun's agent says so
+    assert [e["rank"] for e in events[restarts[0]:] if e["kind"] == "start"] in ([0, 1], [1, 0])
     reapply = [e for e in events if e["kind"] == "reapply"]
     assert sorted(e["rank"] for e in reapply) == [0, 1], events
     assert all(e["changes"] == {KEY: "full"} and e["version"] == 1 and "restarted" in e["reason"] for e in reapply)

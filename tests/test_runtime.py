@@ -244,6 +244,18 @@ def test_a_rank_that_exits_with_3_makes_the_run_exit_with_3_and_say_so():
     assert (info["state"], info["exit_code"], info["error"]) == ("failed", 3, "rank 1: script exited with 3")
 
 
+def test_a_rank_killed_by_sigkill_is_the_runs_reason_not_the_survivors_closed_connection():
+    done = subprocess.run([sys.executable, "-m", "dspark_lab", "run", "--nproc", "2", "--name", "killed",
+                           str(FIXTURES / "crash_train.py"), "kill"], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 137, done.stderr[-2000:]  # 128 + 9, as a shell reports a process SIGKILL ended
+    run_dir = find_run({j["name"]: j["id"] for j in commands.jobs().data["jobs"]}["killed"])
+    info = run_dir.info()
+    assert (info["state"], info["exit_code"], info["error"]) == ("failed", 137, "rank 1: killed by signal 9 (SIGKILL)")
+    assert done.stderr.rstrip().endswith(f"run {run_dir.id} failed (exit code 137)"), done.stderr[-2000:]
+    killed = [e for e in run_dir.events() if e["kind"] == "error" and e["rank"] == 1]
+    assert [(e["signal"], e["exit_code"], e["source"]) for e in killed] == [(9, 137, "agent")]
+
+
 def test_ctrl_c_stops_a_torchrun_job_with_exit_code_130_and_no_traceback():
     run = subprocess.Popen([sys.executable, "-m", "dspark_lab", "run", "--nproc", "2", "--name", "ctrl-c", str(DEMO),
                             *SMALL, "--steps", "100000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -15,6 +15,7 @@ import traceback
 from dspark_lab.runtime.attach import Job, start_job
 from dspark_lab.runtime.coordinator import StopRun
 from dspark_lab.runtime.launch import INTERRUPTED_EXIT
+from dspark_lab.runtime.launchers.agent_events import group_events
 from dspark_lab.runtime.records import RunDir
 
 
@@ -54,8 +55,8 @@ def main(argv: list[str]) -> int:
 
 def after_peer(run_dir: RunDir, rank: int, reason: str) -> str:
     """``reason``, saying so when another rank failed first: a rank whose peer died mostly fails on a closed
-    connection, which is not why the run failed."""
-    first = next((e for e in run_dir.events() if e.get("kind") == "error" and e.get("exit_code")
+    connection, which is not why the run failed. Only this group's failures count (not those before a restart)."""
+    first = next((e for e in group_events(run_dir.events()) if e.get("kind") == "error" and e.get("exit_code")
                   and e.get("rank") not in (None, rank)), None)
     return reason if first is None else f"peer rank {first['rank']} failed first ({first['reason']}); here: {reason}"
 

@@ -25,7 +25,7 @@ from dspark_lab.plugins import get_manager
 from dspark_lab.policy import parse_assignment
 from dspark_lab.runtime.control import ControlClient
 from dspark_lab.runtime.launchers import TORCHRUN_OPTIONS, get_launcher  # noqa: F401 (runtime/cli.py reads it)
-from dspark_lab.runtime.launchers import multinode
+from dspark_lab.runtime.launchers import agent_events, multinode
 from dspark_lab.runtime.records import FILE_MODE, JsonlWriter, RunDir, new_run_id, runs_root
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
@@ -129,22 +129,27 @@ def ending(events: list[dict[str, Any]], launcher: str, code: int, *,
            interrupted: bool = False) -> tuple[str, int, str | None]:
     """How a run ended: its state, exit code and one-line reason (``None`` when the exit code is 0).
 
-    A Ctrl-C stops the run like ``dspark-lab stop`` (exit 130). A failed launcher reports the first rank that
-    failed, in its own words and with its own exit code (the ranks' ``error`` events that carry ``exit_code``,
-    written by :mod:`.bootstrap`); the launcher's code only when no rank said why (a rank killed by a signal).
+    A Ctrl-C stops the run like ``dspark-lab stop`` (exit 130). A failed launcher reports the rank that ended its
+    last group of workers, with that rank's exit code: a rank killed by a signal, as torchrun's agent saw it
+    (``rank 1: killed by signal 9 (SIGKILL)``, exit 137 as a shell says it; :mod:`.launchers.agent_events`), else
+    the first rank that said why in its own words (the ranks' ``error`` events, written by :mod:`.bootstrap`); the
+    launcher's own code when no rank failed (128 + N when a signal N ended the launcher itself).
     """
     if interrupted:
         return "stopped", INTERRUPTED_EXIT, "interrupted (SIGINT, Ctrl-C)"
     stopped = any(e.get("kind") == "stop" for e in events)
     if code == 0:
         return ("stopped" if stopped else "finished"), 0, None
-    failures = [e for e in events if e.get("kind") == "error" and e.get("rank") is not None
+    failures = [e for e in agent_events.group_events(events) if e.get("kind") == "error" and e.get("rank") is not None
                 and isinstance(e.get("exit_code"), int) and e["exit_code"] != 0]
-    if not failures:  # no rank said why: a forced stop's own reason, else the launcher's code
+    first = agent_events.first_cause(failures)
+    if first is None:  # no rank said why: a forced stop's own reason, else the launcher's code
         forced = next((e.get("reason") for e in reversed(events) if e.get("kind") == "stop" and e.get("rank") is None
                        and e.get("reason")), None) if stopped else None
+        if code < 0:  # the launcher itself was killed
+            code, _, killed = agent_events.exit_status(code)
+            return ("stopped" if stopped else "failed"), code, forced or f"{launcher} was {killed}"
         return ("stopped" if stopped else "failed"), code, forced or f"{launcher} exited with code {code}"
-    first = min(failures, key=lambda e: e.get("time") or 0.0)
     return ("stopped" if stopped else "failed"), first["exit_code"], f"rank {first['rank']}: {first['reason']}"
 
 

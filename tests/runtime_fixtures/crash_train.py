@@ -1,4 +1,7 @@
-"""A DDP script whose rank 1 raises at step 4 (a crashed rank), or with ``exit`` calls ``sys.exit(3)`` there."""
+"""A DDP script whose rank 1 raises at step 4 (a crashed rank), or with ``exit`` calls ``sys.exit(3)`` there, or
+with ``kill`` kills itself with SIGKILL there (what ``kill -9`` or the OOM killer does: the rank writes nothing)."""
+import os
+import signal
 import sys
 
 import torch
@@ -16,4 +19,6 @@ for step in range(100):
     if step == 3 and dist.get_rank() == 1:
         if sys.argv[1:] == ["exit"]:
             sys.exit(3)
+        if sys.argv[1:] == ["kill"]:
+            os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError("rank 1 crashed on purpose")

@@ -13,7 +13,8 @@ torch's workers expect a fresh agent store per round (``torch.distributed.rendez
 restarted group on the old one reads the dead group's gloo addresses and cannot connect. The first round's store
 lives as long as the agent and is the runtime's (``DSPARK_STORE``, :func:`~dspark_lab.runtime.nodes.store_address`):
 the saved policies and the group names outlive every restart there. A later round's store is freed when the next
-round starts, so at most two are open.
+round starts, so at most two are open. Each restart is a ``restart`` event, and when the run fails, each rank of
+its last group that ended without a word (a signal) gets an ``error`` event (:mod:`.agent_events`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import sys
 from torch.distributed import PrefixStore, TCPStore
 from torch.distributed.elastic.rendezvous import (RendezvousHandler, RendezvousInfo, RendezvousParameters,
                                                   RendezvousStoreInfo, rendezvous_handler_registry)
+
+from dspark_lab.runtime.launchers import agent_events
 
 BACKEND = "dspark-loopback"
 HOST = "127.0.0.1"
@@ -74,6 +77,7 @@ class LoopbackRendezvous(RendezvousHandler):
             os.environ[STORE_VARIABLE] = f"{HOST}:{port}"  # the workers inherit the agent's environment
         else:
             self._latest = (store, port)
+            agent_events.record_restart(self.rounds)
         self.rounds += 1
         return RendezvousInfo(PrefixStore(self.run_id, store), 0, 1, RendezvousStoreInfo(HOST, port))
 
@@ -102,12 +106,16 @@ def create_handler(params: RendezvousParameters) -> RendezvousHandler:
 def main(argv: list[str]) -> None:
     from torch.distributed import run
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     rendezvous_handler_registry.register(BACKEND, create_handler)
     try:
         run.main(argv)
     except SignalException as exc:  # Ctrl-C or a forwarded SIGTERM: torchrun has already passed it to the ranks
         raise SystemExit(128 + int(exc.sigval)) from None
+    except ChildFailedError as exc:  # the ranks that ended without a word (a signal) are named in the events
+        agent_events.record_failures(exc.failures)
+        raise
 
 
 if __name__ == "__main__":

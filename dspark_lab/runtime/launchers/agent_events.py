@@ -1,0 +1,107 @@
+"""What torchrun's agent adds to a one-node run's events: each restart of the group, and each rank that ended
+without a word of its own.
+
+A rank that fails says why itself (:mod:`dspark_lab.runtime.bootstrap`: an ``error`` event with its reason and exit
+code). A rank killed by a signal (``kill -9``, the OOM killer) or one that left through ``os._exit`` writes nothing,
+so the first error in the events was a surviving rank's (gloo's ``Connection closed by peer``). torchrun's agent
+sees every rank's exit status: the loopback launcher (:mod:`.loopback`) passes the failures torchrun reports to
+:func:`record_failures`, which writes an ``error`` event (``source: "agent"``, ``signal`` for a signal, exit code
+128 + the signal as a shell reports it) for each failed rank with none of its own in the group; the supervisor's
+:func:`~dspark_lab.runtime.launch.ending` then names that rank. Imports nothing heavy: the supervisor reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any, Iterable, Mapping
+
+from dspark_lab.runtime.records import JsonlWriter, RunDir
+
+RESTART = "restart"  # a run-level event: torchrun started the group again
+SOURCE = "agent"  # the ``source`` of an error event the agent wrote for a rank
+RUN_DIR_VARIABLE = "DSPARK_RUN_DIR"
+LATE_SIGNAL_S = 5.0  # a rank killed this long after another rank's error: torchrun's SIGKILL, 30 s after its SIGTERM
+
+
+def group_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The events since the group last (re)started: a failure of an earlier group is not why this one ended."""
+    last = max((i for i, e in enumerate(events) if e.get("kind") == RESTART and e.get("rank") is None), default=-1)
+    return events[last + 1:]
+
+
+def exit_status(exitcode: int) -> tuple[int, int | None, str]:
+    """(exit code as a shell reports it, signal or None, reason) of a rank's exit code as torchrun reports it
+    (a signal as its negative number)."""
+    if exitcode < 0:
+        number = -exitcode
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = "unknown signal"
+        return 128 + number, number, f"killed by signal {number} ({name})"
+    return exitcode, None, f"exited with code {exitcode} without an error of its own (os._exit, or before the runtime)"
+
+
+def _run_dir() -> RunDir | None:
+    path = os.environ.get(RUN_DIR_VARIABLE)
+    return RunDir(path) if path else None
+
+
+def record_restart(restart: int) -> None:
+    """A ``restart`` event: the group's workers start again (``restart`` counts from 1)."""
+    run_dir = _run_dir()
+    if run_dir is None:
+        return
+    writer = JsonlWriter(run_dir.events_path)
+    try:
+        writer.write({"time": time.time(), "step": None, "rank": None, "kind": RESTART, "restart": restart,
+                      "reason": f"torchrun restarted the group (restart {restart}): a rank had ended, every rank "
+                                "starts again"})
+    finally:
+        writer.close()
+
+
+def record_failures(failures: Mapping[int, Any]) -> list[dict[str, Any]]:
+    """An ``error`` event for each failed rank (global rank -> torchrun's ``ProcessFailure``) that said nothing
+    itself in this group; returns them."""
+    run_dir = _run_dir()
+    if run_dir is None:
+        return []
+    spoke = {e.get("rank") for e in group_events(run_dir.events()) if e.get("kind") == "error"}
+    written = []
+    writer = JsonlWriter(run_dir.events_path)
+    try:
+        for rank, failure in failures.items():
+            if failure.exitcode == 0 or rank in spoke:
+                continue
+            code, number, reason = exit_status(failure.exitcode)
+            event = {"time": float(failure.timestamp), "step": None, "rank": rank, "kind": "error", "reason": reason,
+                     "exit_code": code, "signal": number, "pid": failure.pid, "source": SOURCE}
+            writer.write(event)
+            written.append(event)
+    finally:
+        writer.close()
+    return written
+
+
+def first_cause(failures: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """The failure that ended the group, from its ranks' ``error`` events with an exit code.
+
+    A rank that ended without a word (an agent's event) and not by SIGTERM is the cause: the ranks that said why
+    then mostly failed on its closed connection. SIGTERM is what torchrun sends the other ranks once one failed, so
+    such a rank is named only when no rank said anything; and a signal :data:`LATE_SIGNAL_S` after the first rank's
+    own error is torchrun's SIGKILL of a rank that ignored its SIGTERM.
+    """
+    failures = list(failures)
+    own = [e for e in failures if e.get("source") != SOURCE]
+    spoke = {e.get("rank") for e in own}
+    silent = [e for e in failures if e.get("source") == SOURCE and e.get("rank") not in spoke]
+    first_own = min((e.get("time") or 0.0 for e in own), default=None)
+    killed = [e for e in silent if e.get("signal") != signal.SIGTERM
+              and (first_own is None or (e.get("time") or 0.0) <= first_own + LATE_SIGNAL_S)]
+    for group in (killed, own, silent):
+        if group:
+            return min(group, key=lambda e: e.get("time") or 0.0)
+    return None
