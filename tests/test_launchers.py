@@ -302,3 +302,13 @@ def test_a_forced_stop_ends_a_run_that_never_reaches_a_step_boundary(tmp_path, m
     assert info["state"] == "stopped" and info["error"].startswith("forced: dspark-lab stop --force")
     with pytest.raises(DSparkError, match="is stopped: there is nothing to stop"):
         commands.stop(run_dir.id, timeout=5, force=True)
+
+
+def test_events_the_agent_cannot_write_cost_the_records_not_the_restart(tmp_path, monkeypatch, capsys):
+    from dspark_lab.runtime.launchers.agent_events import record_restart
+
+    (tmp_path / "events.jsonl").mkdir()  # a write fails as on a full or read-only disk
+    monkeypatch.setenv("DSPARK_RUN_DIR", str(tmp_path))
+    record_restart(1)
+    assert capsys.readouterr().err.startswith(f"dspark-lab: warning: {tmp_path / 'events.jsonl'}: 1 event(s) not "
+                                              "written: ")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from typing import Any, Iterable, Mapping
 
@@ -49,18 +50,27 @@ def _run_dir() -> RunDir | None:
     return RunDir(path) if path else None
 
 
+def _write(run_dir: RunDir, events: list[dict[str, Any]]) -> None:
+    """Append ``events``; a disk that cannot take them costs the records, never the restart or torchrun's exit."""
+    try:
+        writer = JsonlWriter(run_dir.events_path)
+        try:
+            for event in events:
+                writer.write(event)
+        finally:
+            writer.close()
+    except OSError as exc:
+        print(f"dspark-lab: warning: {run_dir.events_path}: {len(events)} event(s) not written: {exc.strerror}",
+              file=sys.stderr)
+
+
 def record_restart(restart: int) -> None:
     """A ``restart`` event: the group's workers start again (``restart`` counts from 1)."""
     run_dir = _run_dir()
-    if run_dir is None:
-        return
-    writer = JsonlWriter(run_dir.events_path)
-    try:
-        writer.write({"time": time.time(), "step": None, "rank": None, "kind": RESTART, "restart": restart,
-                      "reason": f"torchrun restarted the group (restart {restart}): a rank had ended, every rank "
-                                "starts again"})
-    finally:
-        writer.close()
+    if run_dir is not None:
+        _write(run_dir, [{"time": time.time(), "step": None, "rank": None, "kind": RESTART, "restart": restart,
+                          "reason": f"torchrun restarted the group (restart {restart}): a rank had ended, every "
+                                    "rank starts again"}])
 
 
 def record_failures(failures: Mapping[int, Any]) -> list[dict[str, Any]]:
@@ -70,20 +80,15 @@ def record_failures(failures: Mapping[int, Any]) -> list[dict[str, Any]]:
     if run_dir is None:
         return []
     spoke = {e.get("rank") for e in group_events(run_dir.events()) if e.get("kind") == "error"}
-    written = []
-    writer = JsonlWriter(run_dir.events_path)
-    try:
-        for rank, failure in failures.items():
-            if failure.exitcode == 0 or rank in spoke:
-                continue
+    events = []
+    for rank, failure in failures.items():
+        if failure.exitcode != 0 and rank not in spoke:
             code, number, reason = exit_status(failure.exitcode)
-            event = {"time": float(failure.timestamp), "step": None, "rank": rank, "kind": "error", "reason": reason,
-                     "exit_code": code, "signal": number, "pid": failure.pid, "source": SOURCE}
-            writer.write(event)
-            written.append(event)
-    finally:
-        writer.close()
-    return written
+            events.append({"time": float(failure.timestamp), "step": None, "rank": rank, "kind": "error",
+                           "reason": reason, "exit_code": code, "signal": number, "pid": failure.pid,
+                           "source": SOURCE})
+    _write(run_dir, events)
+    return events
 
 
 def first_cause(failures: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
