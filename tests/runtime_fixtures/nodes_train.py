@@ -1,7 +1,7 @@
 """DDP on gloo, 4 blocks; after every step each rank logs the policies in force to $NODES_LOG/rank<R>.jsonl.
 
-argv: steps, sleep per step; with `--die-after-change`, global rank 3 of the first group of workers exits with code 1 three
-steps after it sees comm.grad_sync changed (torchrun then restarts the group).
+argv: steps, sleep per step; with `--die-after-change`, global rank 3 of the first group of workers exits with code 1
+three steps after it sees comm.grad_sync changed (torchrun then restarts the group).
 """
 import json
 import os
@@ -13,15 +13,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from dspark_lab.runtime.attach import Job
+from residual import mixed_model
 
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
-
-    def forward(self, x):
-        return x + self.down(torch.relu(self.up(x)))
 
 
 steps, pause = int(sys.argv[1]), float(sys.argv[2])
@@ -34,8 +27,7 @@ rank = dist.get_rank()
 path = os.path.join(os.environ["NODES_LOG"], f"rank{rank}.jsonl")
 restart = sum('"start"' in line for line in open(path)) if os.path.exists(path) else 0
 torch.manual_seed(0)
-model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(8, 16), *[Block() for _ in range(4)],
-                                                          nn.Linear(16, 1)))
+model = nn.parallel.DistributedDataParallel(mixed_model(16, 32))
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
 log = open(path, "a")
 log.write(json.dumps({"restart": restart, "start": True}) + "\n")

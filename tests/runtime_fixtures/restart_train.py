@@ -17,15 +17,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from dspark_lab.runtime.attach import Job
+from residual import mixed_model
 
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up, self.down = nn.Linear(64, 256), nn.Linear(256, 64)
-
-    def forward(self, x):
-        return x + self.down(torch.relu(self.up(x)))
 
 
 steps, pause = int(sys.argv[1]), float(sys.argv[2])
@@ -35,8 +28,7 @@ if group and os.environ["RANK"] == "1":
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.manual_seed(0)
-model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(8, 64), *[Block() for _ in range(4)],
-                                                          nn.Linear(64, 1)))
+model = nn.parallel.DistributedDataParallel(mixed_model(64, 256))
 opt = torch.optim.SGD(model.parameters(), lr=0.001)
 log = open(os.path.join(os.environ["RESTART_LOG"], f"rank{rank}.jsonl"), "a")
 log.write(json.dumps({"group": group, "start": True, "pid": os.getpid()}) + "\n")
