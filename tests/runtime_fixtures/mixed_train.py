@@ -7,7 +7,6 @@ import torch
 from residual import mixed_model
 
 
-
 time.sleep(float(sys.argv[2]))  # "loading data"
 model = mixed_model(16, 64)
 opt = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -12,9 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from dspark_lab.runtime.attach import Job
-from residual import mixed_model
-
+from residual import mixed_model, step_and_log
 
 
 steps, pause = int(sys.argv[1]), float(sys.argv[2])
@@ -32,13 +30,7 @@ opt = torch.optim.SGD(model.parameters(), lr=0.01)
 log = open(path, "a")
 log.write(json.dumps({"restart": restart, "start": True}) + "\n")
 for step in range(1, steps + 1):
-    loss = model(torch.randn(8, 8)).pow(2).mean()
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    policies = dict(Job.current.policies)  # in force from the next step on
-    log.write(json.dumps({"restart": restart, "step": step, "policies": policies}) + "\n")
-    log.flush()
+    policies = step_and_log(model, opt, 8, log, restart=restart, step=step)
     if changed_at is None and policies["comm.grad_sync"] != "builtin":
         changed_at = step
     if die and restart == 0 and rank == 3 and changed_at is not None and step == changed_at + 3:

@@ -16,9 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from dspark_lab.runtime.attach import Job
-from residual import mixed_model
-
+from residual import mixed_model, step_and_log
 
 
 steps, pause = int(sys.argv[1]), float(sys.argv[2])
@@ -35,13 +33,7 @@ log.write(json.dumps({"group": group, "start": True, "pid": os.getpid()}) + "\n"
 log.flush()
 changed_at = None
 for step in range(1, (steps if group else 100_000) + 1):
-    loss = model(torch.randn(64, 8)).pow(2).mean()
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    policies = dict(Job.current.policies)  # in force from the next step on
-    log.write(json.dumps({"group": group, "step": step, "policies": policies}) + "\n")
-    log.flush()
+    policies = step_and_log(model, opt, 64, log, group=group, step=step)
     if changed_at is None and policies["memory.activation_checkpointing"] != "none":
         changed_at = step
     if group == 0 and rank == 1 and changed_at is not None and step == changed_at + 3:
