@@ -11,6 +11,8 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
+
 from dspark_lab.errors import DSparkError, PolicyError
 from dspark_lab.output import Report
 from dspark_lab.policy import parse_assignment
@@ -160,7 +162,8 @@ def stop(run: str, timeout: float = 60.0, force: bool = False) -> Report:
 def _force_stop(run_dir, timeout: float) -> Report:
     """End a run that may never reach a step boundary (a hung collective, workers the script spawned itself):
     SIGTERM to its supervisor, which passes it to the launcher and so to every rank; the run ends ``stopped``
-    with this reason. Only the run's own processes are signalled (pid and start time from its records)."""
+    with this reason. Only the run's own process is signalled: the pid and start time its records name, and only
+    when that process is the user's and holds the run's events.jsonl open (:func:`_check_run_process`)."""
     info = run_state(run_dir)
     if info.get("supervisor") in ("gone", "unknown"):  # killed, or run.json unreadable: rank 0 is left to signal
         beat = read_heartbeat(run_dir.path) or {}
@@ -169,6 +172,7 @@ def _force_stop(run_dir, timeout: float) -> Report:
         pid, started_at = info.get("launcher_pid"), info.get("launcher_start")
     if not isinstance(pid, int) or not process_alive(pid, started_at):
         raise DSparkError(f"run: {run_dir.id} has no live process of its own to signal")
+    _check_run_process(run_dir, pid)
     reason = "forced: dspark-lab stop --force (SIGTERM, no step boundary awaited)"
     JsonlWriter(run_dir.events_path).write({"time": time.time(), "step": _last_step(run_dir), "rank": None,
                                             "kind": "stop", "reason": reason})
@@ -182,6 +186,26 @@ def _force_stop(run_dir, timeout: float) -> Report:
     at = f"after step {step}" if step is not None else "before its first step"
     words = f"run {run_dir.id} stopped (forced) {at}" if ended else f"run {run_dir.id}: {data['reason']} ({at})"
     return Report("stop", data, lines=[words])
+
+
+def _check_run_process(run_dir, pid: int) -> None:
+    """Refuse in one line to signal ``pid`` unless it is the user's and has this run's events.jsonl open: the
+    supervisor (``dspark-lab run``) and rank 0 (also a script that attached by itself) keep it open for the whole
+    run, an unrelated process with a pid and start time copied into a planted run.json does not."""
+    try:
+        proc = psutil.Process(pid)
+        owner = proc.uids().real
+        if owner != os.getuid():
+            raise DSparkError(f"run: {run_dir.id}: refusing to signal pid {pid}: it belongs to uid {owner}, not to "
+                              f"you (uid {os.getuid()})")
+        events = os.path.realpath(run_dir.events_path)
+        holds = any(f.path == events for f in proc.open_files())
+    except psutil.Error as exc:
+        raise DSparkError(f"run: {run_dir.id}: refusing to signal pid {pid}: cannot inspect it "
+                          f"({type(exc).__name__})") from None
+    if not holds:
+        raise DSparkError(f"run: {run_dir.id}: refusing to signal pid {pid}: it does not have the run's "
+                          f"{run_dir.events_path} open, so it is not this run's supervisor or rank 0")
 
 
 def launch(script, args=(), *, nproc: int = 1, policies=(), name: str | None = None, options=None, env=None,

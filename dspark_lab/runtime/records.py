@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from dspark_lab.errors import RunNotFound
+from dspark_lab.errors import DSparkError, RunNotFound
 from dspark_lab.output import SCHEMA_VERSION
 from dspark_lab.runtime import liveness, rotation
 from dspark_lab.runtime.jsonl import FILE_MODE, JsonlWriter, parse, read_all, read_jsonl
@@ -33,9 +34,51 @@ def dspark_home() -> Path:
     return Path(os.environ.get("DSPARK_HOME") or Path.home() / ".dspark")
 
 
+def untrusted(path: Path, *, private: bool = False) -> str | None:
+    """Why directory ``path`` is not the user's own, or None when it is: it must be a real directory (not a symbolic
+    link), owned by the user and writable by no one else; ``private`` (a run directory) also readable by no one
+    else (0700)."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "it is not a directory"
+    if st.st_uid != os.geteuid():
+        return f"it is owned by uid {st.st_uid}, not by you (uid {os.geteuid()})"
+    mode = stat.S_IMODE(st.st_mode)
+    if private and mode & 0o077:
+        return f"its mode is {mode:04o}, not 0700"
+    if mode & 0o022:
+        return f"its mode is {mode:04o}: others can write in it"
+    return None
+
+
+def check_own_dir(path: Path, what: str, *, private: bool = False) -> Path:
+    """``path`` when it is the user's own directory (:func:`untrusted`); else one-line :class:`DSparkError`."""
+    why = untrusted(path, private=private)
+    if why is not None:
+        raise DSparkError(f"{what}: refusing {path}: {why} (records and control tokens are trusted only in a "
+                          "directory that is yours alone)")
+    return path
+
+
+def check_home(root: Path | None = None) -> Path:
+    """The runs root, refused in one line unless it (and ``$DSPARK_HOME`` above the default one) is the user's own:
+    another user who owns or can write in either could plant runs, swap a run's token or name a pid to signal."""
+    root = root or runs_root()
+    if root == runs_root() and dspark_home().exists():
+        home = dspark_home()
+        check_own_dir(home.resolve() if home.is_symlink() else home, "DSPARK_HOME")  # ~/.dspark -> /data/me/x
+    return check_own_dir(root, "runs")
+
+
 def make_private_dir(path: Path) -> Path:
     """Create ``path`` and any missing parents as the user's alone (0700, whatever the umask); directories that
-    exist already are left as they are."""
+    exist already are left as they are, but ``path`` itself is refused in one line unless it is the user's own
+    (:func:`check_own_dir`)."""
     missing, parent = [], path
     while not parent.is_dir():
         missing.append(parent)
@@ -46,7 +89,7 @@ def make_private_dir(path: Path) -> Path:
         except FileExistsError:  # another process made it meanwhile
             continue
         os.chmod(directory, DIR_MODE)
-    return path
+    return check_own_dir(path, str(path.name) or "directory")
 
 
 def runs_root() -> Path:
@@ -79,6 +122,7 @@ class RunDir:
         """A new run directory; ``token`` is the run's control token when given at launch (multi-node), else new."""
         root = root or runs_root()
         make_private_dir(root)
+        check_home(root)
         path = root / run_id
         path.mkdir(mode=DIR_MODE)
         os.chmod(path, DIR_MODE)  # mkdir's mode is masked by the umask; the run directory is the user's alone
@@ -197,13 +241,15 @@ def process_alive(pid: int, started: float | None) -> bool:
 
 def list_runs(root: Path | None = None) -> list[RunDir]:
     """Every run directory (with a run.json, or with a control endpoint: a live rank 0 whose run.json was deleted),
-    newest first."""
+    newest first. A runs root or ``$DSPARK_HOME`` that is not the user's own is refused in one line
+    (:func:`check_home`); a run directory in it that is not the user's own (:func:`untrusted`) is left out."""
     root = root or runs_root()
     if not root.is_dir():
         return []
+    check_home(root)
     return sorted((RunDir(p) for p in root.iterdir()
-                   if (p / "run.json").exists() or (p / liveness.CONTROL_FILE).exists()), key=lambda r: r.id,
-                  reverse=True)
+                   if ((p / "run.json").exists() or (p / liveness.CONTROL_FILE).exists())
+                   and untrusted(p) is None), key=lambda r: r.id, reverse=True)
 
 
 def find_run(ref: str, root: Path | None = None) -> RunDir:
@@ -220,6 +266,14 @@ def find_run(ref: str, root: Path | None = None) -> RunDir:
     if len(prefixed) == 1:
         return prefixed[0]
     if not prefixed:
+        _refuse_foreign(root or runs_root(), ref)
         raise RunNotFound(f"run: no run matches {ref!r}; see `dspark-lab jobs`")
     raise RunNotFound(f"run: {ref!r} matches {len(prefixed)} runs ({', '.join(r.id for r in prefixed[:4])}); "
                       "give more of the id")
+
+
+def _refuse_foreign(root: Path, ref: str) -> None:
+    """One line when run ``ref`` exists under ``root`` but :func:`list_runs` left it out as not the user's own."""
+    path = root / ref
+    if "/" not in ref and ref not in (".", "..") and os.path.lexists(path):
+        check_own_dir(path, "run")
