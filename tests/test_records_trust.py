@@ -1,6 +1,6 @@
 """Records are trusted only in directories that are the user's own: a DSPARK_HOME, runs/ or run directory owned by
 another user, or that others can write in, is refused in one line; `stop --force` signals only a process of the
-user's that has the run's events.jsonl open.
+user's that has the run's events.jsonl open; a run.json's `ranks` is bounded before anything is sized by it.
 
 Foreign ownership is simulated with ``os.chown`` to uid 65534 (nobody), which needs root: those tests skip, saying
 so, when not run as root."""
@@ -16,7 +16,7 @@ import pytest
 
 from dspark_lab.errors import DSparkError
 from dspark_lab.runtime import commands
-from dspark_lab.runtime.records import RunDir, find_run, list_runs
+from dspark_lab.runtime.records import MAX_RANKS, RunDir, find_run, list_runs
 
 NOBODY = 65534
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="simulating another user's directory needs os.chown (root)")
@@ -125,3 +125,30 @@ def test_a_forced_stop_refuses_another_users_process(home):
     finally:
         victim.kill()
         victim.wait()
+
+
+@pytest.mark.parametrize("ranks", [1_000_000_000, MAX_RANKS + 1, 0, -3, 2.5, "8", True])
+def test_a_run_json_ranks_out_of_bounds_reads_as_absent_said_once(home, capsys, ranks):
+    run = plant(home, ranks=ranks)
+    assert run.info()["ranks"] is None and run.info()["name"] == "mine"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{run.run_json}: 'ranks' " in err
+    assert err.rstrip().endswith(f"ignored; allowed: a whole number from 1 to {MAX_RANKS}")
+
+
+def test_a_run_json_ranks_in_bounds_is_kept(home):
+    assert plant(home, ranks=MAX_RANKS).info()["ranks"] == MAX_RANKS
+
+
+def test_a_dashboard_of_a_run_json_with_a_million_ranks_builds_at_once(home):
+    """A crafted ``ranks`` (in bounds for run.json) must not make `%dspark watch` draw a line per rank up front."""
+    from dspark_lab.jupyter.dashboard import CHART_RANKS, RunWatch
+
+    plant(home, ranks=1_000_000, state="finished")
+    started = time.monotonic()
+    watch = RunWatch("mine")
+    took = time.monotonic() - started
+    assert took < 10, took  # 8 ms a rank: a line per rank took minutes
+    assert len(watch.charts.sources) == CHART_RANKS and watch.ranks == 1_000_000
+    assert watch.summary().endswith(f"| ranks: 1000000 in run.json; the charts start with {CHART_RANKS} ranks' lines "
+                                    "and add a rank's when its metrics arrive")

@@ -32,6 +32,7 @@ DEFAULT_HZ = 2.0
 EVENT_KINDS_SHOWN = ("pending", "apply", "refuse", "rollback", "stop", "error", "profile")
 STEPS_KEPT = 20_000  # steps per rank a dashboard holds (kernel and browser); `dspark-lab show` draws a whole run
 JOB_REFRESH_S = 10.0  # a live run's job object is read again at most this often (and after each change)
+CHART_RANKS = 64  # ranks whose lines the charts draw before their metrics arrive (about 8 ms each); see RunWatch
 
 
 def resolve_run(run: str | RunDir) -> RunDir:
@@ -57,6 +58,14 @@ def analyse_profile(files: list) -> dict:
     return analyze([str(f) for f in files]).data
 
 
+def chart_ranks_note(ranks: int) -> str:
+    """One line when a run has more ranks than the charts draw up front (:data:`CHART_RANKS`), else ''."""
+    if ranks <= CHART_RANKS:
+        return ""
+    return (f"ranks: {ranks} in run.json; the charts start with {CHART_RANKS} ranks' lines and add a rank's when "
+            "its metrics arrive")
+
+
 class RunWatch:
     """The dashboard's logic without widgets: read what is new, stream it into the charts, describe the state."""
 
@@ -65,8 +74,9 @@ class RunWatch:
         self.run_dir = resolve_run(run)
         self.feed = RunFeed(self.run_dir)
         info = self.feed.info()
-        self.ranks = int(info.get("ranks") or 1)
-        self.charts = charts or MetricCharts(ranks=self.ranks, rollover=STEPS_KEPT)
+        self.ranks = int(info.get("ranks") or 1)  # bounded by records.bounded: 1 to records.MAX_RANKS
+        self.note = chart_ranks_note(self.ranks)
+        self.charts = charts or MetricCharts(ranks=min(self.ranks, CHART_RANKS), rollover=STEPS_KEPT)
         self.step: int | None = None
         self.events: list[dict] = []
         self.done = False
@@ -146,7 +156,8 @@ class RunWatch:
         name = info.get("name") or ""
         step = "-" if self.step is None else self.step
         extra = " (whole run shown)" if self.done else ""
-        return f"run {self.run_dir.id} {name} | {state}{extra} | step {step} | {self.charts.points} points"
+        note = f" | {self.note}" if self.note else ""
+        return f"run {self.run_dir.id} {name} | {state}{extra} | step {step} | {self.charts.points} points{note}"
 
     def event_lines(self, last: int = 6) -> list[str]:
         out = []

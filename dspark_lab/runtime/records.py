@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import stat
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ RUN_STATES = ("starting", "running", "finished", "failed", "stopped")
 LIVE_STATES = ("running", "starting")  # a run in one of these has not ended
 DIR_MODE = 0o700
 RDZV_RUN_PREFIX = "rdzv-"  # a multi-node run's id is this and its --rdzv-id, the same on every node
+MAX_RANKS = 1024 * 1024  # run.json's `ranks`: the most `dspark-lab run` or a k8s manifest can make (1024 x 1024)
+_bad_fields_said: set[str] = set()  # run.json fields already warned about in this process
 
 
 
@@ -141,7 +144,7 @@ class RunDir:
         except OSError as exc:
             return None, "missing" if isinstance(exc, FileNotFoundError) else exc.strerror or type(exc).__name__
         info, problem = parse(data, {})
-        return info, problem or ""
+        return (bounded(info, self.run_json) if info is not None else None), problem or ""
 
     def info(self) -> dict[str, Any]:
         """run.json; one that is missing, unreadable or not a JSON object reads as failed (:func:`run_state` asks the
@@ -183,6 +186,20 @@ class RunDir:
     def metrics_writer(self) -> JsonlWriter:
         """A writer of metrics.jsonl that rotates it past ``DSPARK_METRICS_MAX_MB`` (one line naming it if bad)."""
         return JsonlWriter(self.metrics_path, rotation.max_bytes())
+
+
+def bounded(info: dict[str, Any], source: Path) -> dict[str, Any]:
+    """run.json's fields that size a reader's work, bounded: a ``ranks`` that is not a whole number from 1 to
+    :data:`MAX_RANKS` (a crafted ``1000000000`` would freeze a dashboard that draws a line per rank) reads as
+    absent, said once per file on stderr."""
+    ranks = info.get("ranks")
+    if ranks is None or (type(ranks) is int and 1 <= ranks <= MAX_RANKS):
+        return info
+    if str(source) not in _bad_fields_said:
+        _bad_fields_said.add(str(source))
+        print(f"dspark-lab: warning: {source}: 'ranks' {str(ranks)[:40]} ignored; allowed: a whole number from 1 "
+              f"to {MAX_RANKS}", file=sys.stderr)
+    return {**info, "ranks": None}
 
 
 def run_state(run_dir: RunDir) -> dict[str, Any]:
