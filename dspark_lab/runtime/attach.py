@@ -27,17 +27,19 @@ runs through them:
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import sys
 import time
 import weakref
+from pathlib import Path
 from typing import Any, Callable
 
 import psutil
 import torch
 import torch.distributed as dist
 
-from dspark_lab.errors import PolicyError
+from dspark_lab.errors import DSparkError, PolicyError
 from dspark_lab.plugins import Manager, get_manager
 from dspark_lab.runtime import discover
 from dspark_lab.runtime.cluster import Cluster
@@ -51,7 +53,8 @@ from dspark_lab.runtime.limits import short
 from dspark_lab.runtime.policies import builtin as builtin_policies
 from dspark_lab.runtime.policies.memory import SavedActivations
 from dspark_lab.runtime.policy_state import PolicyState
-from dspark_lab.runtime.records import JsonlWriter, RunDir, new_run_id
+from dspark_lab.runtime.launchers.multinode import run_id_for
+from dspark_lab.runtime.records import JsonlWriter, RunDir, new_run_id, runs_root, trusted_run_dir
 
 
 RIVAL_STEPS = 2  # steps of another optimizer, while the job's does not step, that make it the job's
@@ -426,19 +429,85 @@ def attach(model=None, optimizer=None, *, blocks=None, policies: dict[str, Any] 
 
 
 def _own_run_dir(name: str | None, policies: dict[str, Any]) -> RunDir:
-    """The run directory of a script that attached by itself; rank 0 makes it and tells the others via the store."""
+    """The run directory of a script that attached by itself, never a path read from torchrun's store (anyone who
+    reaches the store can write it): ``DSPARK_RUN_DIR`` when set, else the run id every rank derives alike
+    (:func:`_shared_run_id`), which rank 0 creates under the user's :func:`.records.runs_root` and the others wait
+    for. A directory that is not the user's own 0700 one right under it is refused in one line."""
     if os.environ.get("DSPARK_RUN_DIR"):
-        return RunDir(os.environ["DSPARK_RUN_DIR"])
+        return trusted_run_dir(Path(os.environ["DSPARK_RUN_DIR"]), "DSPARK_RUN_DIR")
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    run_id = new_run_id() if world == 1 else _shared_run_id(world)
+    if rank != 0:
+        return _await_run_dir(runs_root() / run_id)
     script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else "<interactive>"
-    if rank == 0:
-        run_dir = RunDir.create(new_run_id(), {
+    try:
+        return RunDir.create(run_id, {
             "name": name or os.path.basename(script), "state": "running", "command": sys.argv, "script": script,
             "script_args": sys.argv[1:], "cwd": os.getcwd(), "start_time": time.time(), "ranks": world,
             "launcher_pid": os.getpid(), "launcher_start": psutil.Process().create_time(),
             "launch_policies": policies,
         })
-        if world > 1:
-            _connect_store("attach").set("run_dir", str(run_dir.path))
-        return run_dir
-    return RunDir(_connect_store("attach").get("run_dir").decode())
+    except FileExistsError:
+        raise DSparkError(f"attach: run directory {runs_root() / run_id} exists already: an earlier launch had the "
+                          "same torchrun rendezvous id, master address and port; give torchrun a new --rdzv-id, "
+                          "or launch with `dspark-lab run`") from None
+
+
+def _shared_run_id(world: int) -> str:
+    """The run id every rank of this launch derives alike from what the launcher gave them all; nothing in it is
+    read from the store. On one node: the launcher process (torchrun's agent; else the rank's parent, as under
+    Ray or mpirun), with the rendezvous id, master address and port and the restart count, so each launch and
+    each restart gets a new run. On several nodes: ``rdzv-<torchrun's --rdzv-id>`` (DSPARK_HOME then has to be
+    on a file system the nodes share)."""
+    rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    restart = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    if _env_int("LOCAL_WORLD_SIZE", world) < world:
+        if rdzv in ("", "none"):
+            raise DSparkError("attach: a run of several nodes needs torchrun's --rdzv-id (rendezvous c10d) for its "
+                              "ranks to agree on one run directory, or `dspark-lab run`")
+        run_id = run_id_for(rdzv)
+        return run_id if restart == 0 else f"{run_id}-restart{restart}"
+    launcher = _launcher_process()
+    started = round(launcher.create_time(), 2)
+    key = "\n".join(map(str, (launcher.pid, started, rdzv, os.environ.get("MASTER_ADDR"),
+                              os.environ.get("MASTER_PORT"), world, restart)))
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
+    return f"{stamp}-{hashlib.sha256(key.encode()).hexdigest()[:6]}"
+
+
+LAUNCHER_NAMES = ("torch.distributed.run", "torchrun")  # a command line with one of these is torchrun's agent
+LAUNCHER_DEPTH = 4  # parents searched for the agent (a rank may run under a shell script torchrun started)
+
+
+def _launcher_process() -> psutil.Process:
+    """The process that started this node's ranks: the nearest ancestor that is torchrun's agent, else the parent."""
+    parent = psutil.Process().parent()
+    here = parent
+    for _ in range(LAUNCHER_DEPTH):
+        if here is None:
+            break
+        try:
+            if any(n in part for part in here.cmdline()[:3] for n in LAUNCHER_NAMES):
+                return here
+        except psutil.Error:
+            break
+        here = here.parent()
+    if parent is None:
+        raise DSparkError("attach: this rank has no parent process to agree on a run directory with the others")
+    return parent
+
+
+ATTACH_WAIT_S = 120.0  # how long a rank other than 0 waits for rank 0 to create the run directory
+
+
+def _await_run_dir(path: Path) -> RunDir:
+    """Rank 0's run directory once it holds its token and run.json (checked to be the user's own, 0700, right under
+    the runs root); one-line :class:`DSparkError` after :data:`ATTACH_WAIT_S`."""
+    deadline = time.monotonic() + ATTACH_WAIT_S
+    while not ((path / "token").exists() and (path / "run.json").exists()):
+        if time.monotonic() > deadline:
+            raise DSparkError(f"attach: rank 0 did not create the run directory {path} within {ATTACH_WAIT_S:g} s "
+                              "(every rank calls dspark_lab.attach; ranks on other nodes need DSPARK_HOME on a file "
+                              "system shared with rank 0)")
+        time.sleep(0.1)
+    return trusted_run_dir(path, "attach")

@@ -78,6 +78,18 @@ def check_home(root: Path | None = None) -> Path:
     return check_own_dir(root, "runs")
 
 
+def trusted_run_dir(path: Path, what: str) -> "RunDir":
+    """Run directory ``path`` when it is the user's own 0700 directory right under their own :func:`runs_root`;
+    else one-line :class:`DSparkError` (``what`` says where the path came from)."""
+    root = runs_root()
+    if Path(os.path.realpath(path)).parent != Path(os.path.realpath(root)):
+        raise DSparkError(f"{what}: refusing {path}: it is not a directory right under {root} (records and control "
+                          "tokens are trusted only in a directory that is yours alone)")
+    check_home(root)
+    check_own_dir(path, what, private=True)
+    return RunDir(path)
+
+
 def make_private_dir(path: Path) -> Path:
     """Create ``path`` and any missing parents as the user's alone (0700, whatever the umask); directories that
     exist already are left as they are, but ``path`` itself is refused in one line unless it is the user's own
