@@ -383,9 +383,12 @@ def policy_comparison(rows: Sequence[dict[str, Any]], width: int = 300, height: 
 # --- whole-run pages (the CLI) ---------------------------------------------------------------------------------
 
 
+CHART_RANKS = 64  # ranks whose lines the charts draw before their metrics arrive (about 8 ms each); more join as seen
+
+
 def run_charts(run_dir: RunDir) -> MetricCharts:
-    """Charts holding a run's whole history so far."""
-    charts = MetricCharts(ranks=int(run_dir.info().get("ranks") or 1))
+    """Charts holding a run's whole history so far (the ranks past :data:`CHART_RANKS` join as their metrics do)."""
+    charts = MetricCharts(ranks=min(int(run_dir.info().get("ranks") or 1), CHART_RANKS))
     metrics = run_dir.metrics()
     events, _ = read_jsonl(run_dir.events_path)
     charts.update(metrics, events)

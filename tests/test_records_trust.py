@@ -152,3 +152,13 @@ def test_a_dashboard_of_a_run_json_with_a_million_ranks_builds_at_once(home):
     assert len(watch.charts.sources) == CHART_RANKS and watch.ranks == 1_000_000
     assert watch.summary().endswith(f"| ranks: 1000000 in run.json; the charts start with {CHART_RANKS} ranks' lines "
                                     "and add a rank's when its metrics arrive")
+
+
+def test_show_of_a_run_json_with_a_million_ranks_draws_the_ranks_it_has(home):
+    """``dspark-lab show`` (views.run_charts) bounds the lines it draws up front the same way."""
+    from dspark_lab.views import CHART_RANKS, run_charts
+
+    run_dir = plant(home, ranks=1_000_000, state="finished")
+    started = time.monotonic()
+    charts = run_charts(run_dir)
+    assert time.monotonic() - started < 10 and len(charts.sources) == CHART_RANKS

@@ -26,13 +26,12 @@ from dspark_lab.errors import DSparkError
 from dspark_lab.jupyter.poller import Poller, interval_for
 from dspark_lab.runtime import jobtext, liveness
 from dspark_lab.runtime.records import RunDir, find_run
-from dspark_lab.views import MetricCharts, RunFeed
+from dspark_lab.views import CHART_RANKS, MetricCharts, RunFeed
 
 DEFAULT_HZ = 2.0
 EVENT_KINDS_SHOWN = ("pending", "apply", "refuse", "rollback", "stop", "error", "profile")
 STEPS_KEPT = 20_000  # steps per rank a dashboard holds (kernel and browser); `dspark-lab show` draws a whole run
 JOB_REFRESH_S = 10.0  # a live run's job object is read again at most this often (and after each change)
-CHART_RANKS = 64  # ranks whose lines the charts draw before their metrics arrive (about 8 ms each); see RunWatch
 
 
 def resolve_run(run: str | RunDir) -> RunDir:
