@@ -74,7 +74,7 @@ def _query_int(query: dict[str, str], name: str, default: int, lo: int, hi: int)
     text = query.get(name)
     if text is None:
         return default
-    if not text.isdigit() or not lo <= int(text) <= hi:
+    if not limits.is_whole_number(text) or not lo <= int(text) <= hi:
         raise RequestError(f"{name}: {short(text, 40)!r} is not allowed; allowed: a whole number in [{lo}, {hi}]")
     return int(text)
 
@@ -125,8 +125,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body(self) -> dict[str, Any]:
         text = self.headers.get("Content-Length") or "0"
-        if not text.isdigit():
-            raise RequestError(f"Content-Length: {short(text, 40)!r} is not a whole number of bytes")
+        if not limits.is_whole_number(text):
+            raise RequestError(f"Content-Length: {short(text, 40)!r} is not allowed; allowed: a whole number "
+                               "of bytes in ASCII digits")
         length = int(text)
         if length > limits.MAX_BODY_BYTES:
             self.close_connection = True  # the body is not read

@@ -7,6 +7,7 @@ neither grow the records without limit nor hold rank 0's threads.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from dspark_lab.errors import DSparkError
@@ -37,6 +38,14 @@ def one_line(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() also takes '²', which int() refuses
+
+
+def is_whole_number(text: str) -> bool:
+    """Whether ``text`` is a whole number written in ASCII digits, short enough for int() to read."""
+    return WHOLE_NUMBER.fullmatch(text) is not None
 
 
 def check_timeout(value: Any, field: str) -> float:
