@@ -12,6 +12,9 @@ from typing import Any
 
 from dspark_lab.errors import DSparkError
 
+MAX_REQUEST_LINE = 2 * 1024  # bytes of a request line ("GET /metrics?tail=20 HTTP/1.1"); longer: 414
+MAX_HEADERS = 20  # header lines of one request; more: 431
+MAX_HEADER_BYTES = 8 * 1024  # bytes of all of one request's header lines; more: 431
 MAX_BODY_BYTES = 64 * 1024  # one request body
 MAX_KEYS = 32  # policy keys in one change
 MAX_TEXT = 256  # characters of one key or value
