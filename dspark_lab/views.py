@@ -24,6 +24,7 @@ from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 from bokeh.resources import INLINE
 
+from dspark_lab.private_files import write_private_text
 from dspark_lab.runtime.jsonl import Follower, read_jsonl
 from dspark_lab.runtime.records import RunDir, run_state
 
@@ -401,6 +402,5 @@ def run_html(run_dir: RunDir) -> str:
 
 
 def save_run_html(run_dir: RunDir, path: Path) -> Path:
-    path = Path(path)
-    path.write_text(run_html(run_dir), encoding="utf-8")
-    return path
+    """Write the run's charts as one HTML page at ``path``, mode 0600 like the records it shows."""
+    return write_private_text(Path(path), run_html(run_dir))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import time
 from pathlib import Path
 
@@ -172,6 +174,28 @@ def test_cell_run_writes_the_body_as_the_script(ip, recorder, tmp_path):
     name, (script, args), kwargs = recorder.calls[-1]
     assert Path(script).read_text() == body and Path(script).is_relative_to(tmp_path)
     assert args == ["--steps", "3"] and kwargs["nproc"] == 2 and kwargs["name"] == "cellrun"
+
+
+def test_a_cell_script_and_the_folders_it_creates_are_private_whatever_the_umask(ip, recorder, tmp_path,
+                                                                                 monkeypatch):
+    """Notebook training code may hold credentials: under umask 000 the old code made DSPARK_HOME and scripts/
+    0777 and the script 0666."""
+    class Job:
+        id = "r11"
+
+    home = tmp_path / "fresh-home"
+    monkeypatch.setenv("DSPARK_HOME", str(home))
+    recorder("launch", result=Job())
+    old = os.umask(0)
+    try:
+        ip.run_cell_magic("dspark", "run --nproc 1 --no-dashboard", "TOKEN = 'secret'\n")
+    finally:
+        os.umask(old)
+    script = Path(recorder.calls[-1][1][0])
+    assert script.read_text() == "TOKEN = 'secret'\n"
+    modes = {path: stat.S_IMODE(path.stat().st_mode) for path in (home, home / "scripts", script)}
+    assert modes == {home: 0o700, home / "scripts": 0o700, script: 0o600}
+    assert [p.name for p in (home / "scripts").iterdir()] == [script.name]  # no temporary file left
 
 
 def test_in_a_terminal_watch_policies_and_devices_print_text(ip, recorder, capsys):

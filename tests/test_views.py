@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 
 import pytest
 from bokeh.document import Document
 from bokeh.document.events import ColumnDataChangedEvent, ColumnsPatchedEvent, ColumnsStreamedEvent
 
 from dspark_lab import views
+from dspark_lab.runtime import commands
 from dspark_lab.runtime.records import JsonlWriter, RunDir, new_run_id
 
 
@@ -146,6 +149,23 @@ def test_run_html_is_self_contained(home):
     assert charts.points == 16 and charts.marker_steps() == [4]
     out = views.save_run_html(run, home / "page.html")
     assert "activation_checkpointing=full" in out.read_text()
+
+
+def test_show_writes_a_private_page_whatever_the_umask(home):
+    """docs/records.md: every file in a run directory is 0600; the old charts.html took the umask's 0666."""
+    run = write_run(home, steps=4, apply_at=2)
+    stale = run.path / "charts.html"
+    stale.write_text("old")
+    stale.chmod(0o644)
+    old = os.umask(0)
+    try:
+        report = commands.show(run.id)
+        other = views.save_run_html(run, home / "mine.html")
+    finally:
+        os.umask(old)
+    assert report.data["html"] == str(stale) and "Bokeh" in stale.read_text()
+    assert stat.S_IMODE(stale.stat().st_mode) == 0o600 and stat.S_IMODE(other.stat().st_mode) == 0o600
+    assert sorted(p.name for p in run.path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
 
 
 def test_mean_around_sees_the_drop_after_a_change(home):

@@ -24,8 +24,9 @@ from dspark_lab.errors import DSparkError
 from dspark_lab.jupyter.display import ensure_bokehjs, in_notebook, show
 from dspark_lab.jupyter.poller import interval_for
 from dspark_lab.output import Report
+from dspark_lab.private_files import write_private_text
 from dspark_lab.runtime.cli import script_of
-from dspark_lab.runtime.records import dspark_home
+from dspark_lab.runtime.records import dspark_home, make_private_dir
 
 PROG = "%dspark"
 
@@ -153,12 +154,12 @@ def magic_parser():
 
 
 def _cell_script(body: str) -> Path:
-    """Write a cell body to a script file under ``$DSPARK_HOME/scripts`` (named by its content)."""
-    folder = dspark_home() / "scripts"
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write a cell body to a script file under ``$DSPARK_HOME/scripts`` (named by its content), the user's alone:
+    the folders 0700 when this creates them, the file 0600 (notebook code may hold credentials)."""
+    folder = make_private_dir(dspark_home() / "scripts")
     path = folder / f"cell_{hashlib.sha1(body.encode()).hexdigest()[:12]}.py"
     if not path.exists():
-        path.write_text(body, encoding="utf-8")
+        write_private_text(path, body)
     return path
 
 
