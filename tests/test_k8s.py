@@ -95,6 +95,57 @@ def test_the_pet_variables_are_what_the_operator_derives_from_the_elastic_policy
     assert nproc == 8 and multinode.max_nodes(options) == 4 and multinode.run_id_for(options["rdzv_id"]) == "rdzv-job"
 
 
+def kubernetes_expand(word: str, env: dict[str, str]) -> str:
+    """What Kubernetes makes of a word of a container's command or args (third_party/forked/golang/expansion,
+    expand.go): ``$(NAME)`` of a defined variable is its value, ``$$`` is ``$``, anything else stays."""
+    out, i = [], 0
+    while i < len(word):
+        if word[i] == "$" and i + 1 < len(word):
+            if word[i + 1] == "$":
+                out.append("$")
+                i += 2
+                continue
+            close = word.find(")", i + 2) if word[i + 1] == "(" else -1
+            if close != -1:
+                name = word[i + 2:close]
+                out.append(env.get(name, f"$({name})"))
+                i = close + 1
+                continue
+        out.append(word[i])
+        i += 1
+    return "".join(out)
+
+
+def test_script_arguments_reach_the_pod_unexpanded():
+    """Kubernetes substitutes $(VAR) in a command: the manifest doubles every '$' so the script gets its words."""
+    words = ["--out", "$(PET_RDZV_ID)/ckpt", "$$(HOME)", "cost$5", "$", "$(", "a)$(b"]
+    document = k8s.manifest(image="img", nodes=2, nproc=1, script="t$(PET_NNODES).py", script_args=words,
+                            name="job", policies=["profile.steps=2"])
+    container = document["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]} | {"HOME": "/root"}
+    seen = [kubernetes_expand(word, env) for word in container["command"]]
+    assert seen[-len(words) - 1:] == ["t$(PET_NNODES).py", *words]
+    assert seen[:2] == ["dspark-lab", "run"] and "profile.steps=2" in seen
+    assert kubernetes_expand("$(PET_RDZV_ID)", env) == "job"  # the emulation does substitute
+
+
+@pytest.mark.parametrize("policy, message", [
+    ("a=b\n---\nkind: Pod", "--policy: unknown policy 'a'; known: "),
+    ("memory.activation_checkpointing=bogus", "memory.activation_checkpointing: 'bogus' is not allowed; allowed: "),
+    ("no-equals-sign", "policy: expected KEY=VALUE"),
+])
+def test_policies_are_checked_when_the_manifest_is_written(policy, message):
+    """As `dspark-lab run --policy` checks them in the pod, with the same parser and schemas: one line, no file."""
+    done = subprocess.run([*CLI, "k8s", "manifest", "--image", "img", "--nodes", "2", "--policy", policy, "t.py"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == "" and done.stderr.startswith(f"error: {message}"), done.stderr
+    assert done.stderr.count("\n") == 1
+    document = cli_manifest("--image", "img", "--nodes", "2", "--policy", "memory.activation_checkpointing=full",
+                            "t.py")
+    command = document["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--policy") + 1] == "memory.activation_checkpointing=full"
+
+
 @pytest.mark.slow
 def test_two_pods_with_those_variables_form_one_run(tmp_path):
     """Two agents started the way the pods are: the container's command and exactly its PET_* variables, except

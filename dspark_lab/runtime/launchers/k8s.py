@@ -7,6 +7,8 @@ node count ``MIN:MAX``, the restarts and the ranks per node. The manifest writes
 container's environment too, so a pod reads the same rendezvous whichever of the two it sees, and
 ``dspark-lab run`` (which reads ``PET_*`` itself, :mod:`.multinode`) joins that rendezvous rather than its
 single-node loopback one. The token comes from a Secret mounted as a file, never from an environment variable.
+``--policy`` values are checked here as ``dspark-lab run`` checks them, and the command is written so Kubernetes
+passes every word through unchanged (it expands ``$(VAR)`` in a container's command: :func:`k8s_literal`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import re
 from typing import Any, Sequence
 
 from dspark_lab.errors import DSparkError
+from dspark_lab.runtime.launch import parse_policies
 
 API_VERSION = "kubeflow.org/v1"
 CONTAINER = "pytorch"  # the operator finds the rendezvous port on the container of this name
@@ -54,6 +57,12 @@ def _check(name: str, image: str, nodes: int, nproc: int, max_restarts: int, scr
         raise DSparkError("script: give the training script's path inside the image")
 
 
+def k8s_literal(word: str) -> str:
+    """``word`` written so that Kubernetes hands it to the container as it is: in ``command`` and ``args`` it
+    replaces ``$(VAR)`` with the variable's value and ``$$`` with ``$``, so every ``$`` is doubled."""
+    return word.replace("$", "$$")
+
+
 def default_name(script: str) -> str:
     stem = re.sub(r"[^a-z0-9-]+", "-", script.rsplit("/", 1)[-1].rsplit(".", 1)[0].lower()).strip("-")
     return (stem or "train")[:40].rstrip("-") or "train"
@@ -65,6 +74,7 @@ def manifest(*, image: str, nodes: int, nproc: int, script: str, script_args: Se
     """The PyTorchJob as a dict (render it with PyYAML or JSON; ``kubectl apply -f`` takes either)."""
     name = name or default_name(script)
     _check(name, image, nodes, nproc, max_restarts, script)
+    parse_policies(policies)  # refused here in one line, as `dspark-lab run --policy` would in the pod
     command = ["dspark-lab", "run", "--token-file", f"{TOKEN_DIR}/token", "--name", name]
     if control_host:
         command += ["--control-host", control_host]
@@ -73,7 +83,7 @@ def manifest(*, image: str, nodes: int, nproc: int, script: str, script_args: Se
     command += [script, *script_args]
     env = [{"name": k, "value": v} for k, v in pet_environment(name, nodes, nproc, max_restarts).items()]
     container = {
-        "name": CONTAINER, "image": image, "command": command, "env": env,
+        "name": CONTAINER, "image": image, "command": [k8s_literal(word) for word in command], "env": env,
         "ports": [{"name": PORT_NAME, "containerPort": RDZV_PORT}],
         "volumeMounts": [{"name": "dspark-token", "mountPath": TOKEN_DIR, "readOnly": True}],
     }
