@@ -16,7 +16,7 @@ import pytest
 from dspark_lab.errors import DSparkError
 from dspark_lab.plugins import make_manager
 from dspark_lab.runtime import launchers
-from dspark_lab.runtime.launchers import builtin
+from dspark_lab.runtime.launchers import builtin, multinode
 from dspark_lab.runtime.launchers.base import TORCHRUN_OPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,8 +93,11 @@ def test_torchrun_single_node_uses_the_loopback_rendezvous(manager):
     assert single[1:3] == ["-m", "dspark_lab.runtime.launchers.loopback"]
     assert {"--rdzv-backend=dspark-loopback", "--rdzv-endpoint=127.0.0.1:0", "--max-restarts=1"} <= set(single)
     assert torchrun.ranks(2, {"nnodes": "1:3"}) == 6
-    with pytest.raises(DSparkError, match="^--nnodes: "):
-        torchrun.validate(1, {"nnodes": "two"})
+    for bad in ("two", "\u00b2", "1:\u00b2"):  # str.isdigit() takes '²', which int() refuses
+        with pytest.raises(DSparkError, match="^--nnodes: "):
+            torchrun.validate(1, {"nnodes": bad})
+    with pytest.raises(DSparkError, match="^PET_NPROC_PER_NODE: "):
+        multinode.from_environment({}, None, {"PET_NPROC_PER_NODE": "\u00b2"})
     with pytest.raises(DSparkError, match="^--nproc: must be 1 to 1024"):
         torchrun.validate(5000, {})
     torchrun.validate(2, {"max_restarts": "100"})  # one node restarts too: a store per round (loopback.py)

@@ -25,6 +25,7 @@ from dspark_lab.jupyter.live_box import LiveBox, rate_slider
 from dspark_lab.errors import DSparkError
 from dspark_lab.jupyter.poller import Poller, interval_for
 from dspark_lab.runtime import jobtext, liveness
+from dspark_lab.runtime.limits import is_whole_number
 from dspark_lab.runtime.records import RunDir, find_run
 from dspark_lab.views import CHART_RANKS, MetricCharts, RunFeed
 
@@ -118,12 +119,12 @@ class RunWatch:
         complete = [pid for pid, files in self._profile_files.items() if len(files) >= self.ranks]
         if not complete:
             return
-        newest = max(complete, key=lambda pid: int(pid.removeprefix("step")) if pid[4:].isdigit() else -1)
+        newest = max(complete, key=lambda pid: int(pid[4:]) if is_whole_number(pid[4:]) else -1)
         if self.profile is not None and self.profile["id"] == newest:
             return
         files = self._profile_files[newest]
         paths = [self.run_dir.path / files[r] for r in sorted(files) if files[r]]
-        self.profile = {"id": newest, "first_step": int(newest[4:]) if newest[4:].isdigit() else None,
+        self.profile = {"id": newest, "first_step": int(newest[4:]) if is_whole_number(newest[4:]) else None,
                         "result": None}
         try:
             if not paths:

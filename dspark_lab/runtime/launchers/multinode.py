@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dspark_lab.errors import DSparkError
+from dspark_lab.runtime.limits import is_whole_number
 from dspark_lab.runtime.records import RDZV_RUN_PREFIX
 
 # torchrun reads each of its options from PET_<OPTION> when the flag is absent (torch.distributed.argparse_util).
@@ -42,7 +43,7 @@ def from_environment(options: Mapping[str, Any], nproc: int | None,
             filled[name] = env[variable]
     if nproc is None:
         text = env.get(PET_NPROC) or "1"
-        if not text.isdigit():
+        if not is_whole_number(text):
             raise DSparkError(f"{PET_NPROC}: expected a whole number of ranks per node, got {text[:40]!r}")
         nproc = int(text)
     return filled, nproc
@@ -51,7 +52,7 @@ def from_environment(options: Mapping[str, Any], nproc: int | None,
 def max_nodes(options: Mapping[str, Any]) -> int:
     text = str(options.get("nnodes") or 1)
     parts = text.split(":")
-    if len(parts) > 2 or not all(p.isdigit() and int(p) >= 1 for p in parts) or int(parts[0]) > int(parts[-1]):
+    if len(parts) > 2 or not all(is_whole_number(p) and int(p) >= 1 for p in parts) or int(parts[0]) > int(parts[-1]):
         raise DSparkError(f"--nnodes: expected N or MIN:MAX (whole numbers, 1 <= MIN <= MAX), got {text[:40]!r}")
     return int(parts[-1])
 

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 from dspark_lab.errors import DSparkError
 from dspark_lab.runtime.launchers.base import BOOTSTRAP, TORCHRUN_OPTIONS, Launcher
 from dspark_lab.runtime.launchers.multinode import max_nodes as _nnodes
+from dspark_lab.runtime.limits import is_whole_number
 
 MAX_NPROC = 1024
 MAX_RESTARTS = 100  # what `dspark-lab k8s manifest --max-restarts` allows too
@@ -34,7 +35,7 @@ class TorchrunLauncher(Launcher):
         if _nnodes(options) > 1 and not options.get("rdzv_id"):
             raise DSparkError(f"--rdzv-id: required when --nnodes is above 1 (got --nnodes {options['nnodes']})")
         restarts = str(options.get("max_restarts") or 0)
-        if not (restarts.isascii() and restarts.isdigit() and int(restarts) <= MAX_RESTARTS):
+        if not (is_whole_number(restarts) and int(restarts) <= MAX_RESTARTS):
             raise DSparkError(f"--max-restarts: must be a whole number 0 to {MAX_RESTARTS}, got {restarts[:40]!r}")
 
     def ranks(self, nproc: int, options: Mapping[str, Any]) -> int:
