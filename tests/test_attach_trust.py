@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import plain_torchrun
 
 from dspark_lab.errors import DSparkError
 from dspark_lab.runtime import attach
@@ -34,9 +34,7 @@ def test_a_run_dir_forged_in_torchruns_store_is_not_used(home, tmp_path):
     evil = tmp_path / "evil"  # the other user's directory, with a token of their choosing
     evil.mkdir(mode=0o777)
     (evil / "token").write_text("attackerTOKENattackerTOKEN123")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(FORGED), str(evil)], capture_output=True, text=True, timeout=240, env=env)
+    done = plain_torchrun([FORGED, evil], nproc=2, timeout=240)  # tried again if gloo aborts an exit (conftest)
     dirs = dict(re.findall(r"^rank (\d) run dir (\S+)$", done.stdout, re.M))
     assert sorted(dirs) == ["0", "1"], done.stdout + done.stderr[-3000:]
     assert dirs["1"] == dirs["0"] and Path(dirs["0"]).parent == home / "runs", dirs

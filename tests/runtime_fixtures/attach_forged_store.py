@@ -20,6 +20,7 @@ if rank == 1:
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                           timeout=datetime.timedelta(seconds=30))
     dist.PrefixStore("dspark/attach/", store).set("run_dir", EVIL)
+    del store  # a store client still alive at interpreter exit aborts the process (std::terminate)
 dist.barrier()
 if rank == 0:
     time.sleep(1.0)
