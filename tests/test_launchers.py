@@ -121,7 +121,10 @@ def test_loopback_gives_each_round_a_new_store_and_keeps_the_first_for_the_runti
         with socket.socket() as probe:
             return probe.connect_ex(("127.0.0.1", port)) == 0
 
-    monkeypatch.delenv("DSPARK_STORE", raising=False)
+    # the handler sets DSPARK_STORE in this process: set it first so monkeypatch removes it afterwards (a delenv
+    # of an absent variable records nothing, and later tests' ranks would inherit this dead store's address)
+    monkeypatch.setenv("DSPARK_STORE", "")
+    monkeypatch.delenv("DSPARK_STORE")
     handler = LoopbackRendezvous("run")
     ports = []
     for _ in range(3):  # the agent holds each round's store only until the next round
