@@ -1,4 +1,5 @@
-"""Files only their owner reads: notebook cell scripts and chart pages hold training code and run data.
+"""Files only their owner reads: run.json, control.json and the heartbeat, notebook cell scripts and chart pages
+hold tokens' whereabouts, training code and run data. :data:`FILE_MODE` is every record file's mode.
 
 Directories come from :func:`dspark_lab.runtime.records.make_private_dir`; this module writes the files.
 """

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 from dspark_lab.output import SCHEMA_VERSION
+from dspark_lab.private_files import FILE_MODE
 from dspark_lab.runtime import rotation
-
-FILE_MODE = 0o600
 
 # What every record of a file must hold, by file name: field -> the types it may have (bool is never an int here).
 RECORD_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {

@@ -10,13 +10,14 @@ run.json stays the supervisor's alone.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+from dspark_lab.private_files import write_private_text
 
 HEARTBEAT_FILE = "heartbeat.json"
 CONTROL_FILE = "control.json"
@@ -26,11 +27,7 @@ FRESH_S = 5.0  # a heartbeat older than this (or of a dead pid) says nothing abo
 
 def write_private_json(path: Path, data: dict[str, Any]) -> None:
     """Replace ``path`` atomically with ``data`` as JSON, readable by the owner only."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(data))
-    os.replace(tmp, path)
+    write_private_text(path, json.dumps(data))
 
 
 def _read(path: Path) -> dict[str, Any] | None:

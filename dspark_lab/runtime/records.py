@@ -21,6 +21,7 @@ import psutil
 
 from dspark_lab.errors import DSparkError, RunNotFound
 from dspark_lab.output import SCHEMA_VERSION
+from dspark_lab.private_files import write_private_text
 from dspark_lab.runtime import liveness, rotation
 from dspark_lab.runtime.jsonl import FILE_MODE, JsonlWriter, parse, read_all, read_jsonl
 
@@ -172,13 +173,9 @@ class RunDir:
         return (info if info is not None else liveness.read_endpoint(self.path) or {}).get("name")
 
     def write_info(self, info: dict[str, Any]) -> None:
-        """Replace run.json atomically (write a temporary file, then rename)."""
-        tmp = self.run_json.with_suffix(".json.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(fd, FILE_MODE)  # a temporary file left by a crash may have other bits
-            f.write(json.dumps({"schema_version": SCHEMA_VERSION, **info}, indent=2, default=str))
-        os.replace(tmp, self.run_json)
+        """Replace run.json atomically (write a temporary file, then rename), 0600."""
+        write_private_text(self.run_json, json.dumps({"schema_version": SCHEMA_VERSION, **info}, indent=2,
+                                                     default=str))
 
     def update_info(self, **changes: Any) -> dict[str, Any]:
         info = {**self.info(), **changes}
