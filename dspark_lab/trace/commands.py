@@ -123,9 +123,10 @@ def profile(run: str, steps: int = 2, wait: bool = False, timeout: float = 600.0
                 if e.get("kind") == "profile" and (e.get("first_step") or 0) >= first}
         if len(done) >= ranks:
             break
-        if time.monotonic() > deadline or run_state(run_dir).get("state") not in (None, *LIVE_STATES):
+        state = run_state(run_dir).get("state")
+        if time.monotonic() > deadline or state not in (None, *LIVE_STATES):
             raise DSparkError(f"profile: {len(done)} of {ranks} rank(s) wrote their trace "
-                              f"(run state {run_state(run_dir).get('state')}, waited {timeout:g} s)")
+                              f"(run state {state}, waited {timeout:g} s)")
         time.sleep(0.5)
     files = [run_dir.path / done[r]["file"] for r in sorted(done)]
     report = analyze([str(f) for f in files if f.exists()]) if all(f.exists() for f in files) else None

@@ -176,12 +176,12 @@ def dspark_apply_policy(job, key, value, old):
     reason = refusal(job, key, value)
     if reason:
         raise PolicyError(f"{key}: {reason}")
-    from dspark_lab.runtime.policies import memory  # imports torch: once a job runs (module docstring)
+    from dspark_lab.runtime.policies import memory, own_checkpointing  # import torch: once a job runs (docstring)
 
     if key == "memory.activation_checkpointing":
         wrapped, by_script = memory.set_checkpointing(job.blocks, value, job.activations)
         said = f"{len(wrapped)} of {len(job.blocks)} blocks checkpointed"
-        own = memory.own_checkpointing.describe(job.blocks)
+        own = own_checkpointing.describe(job.blocks)
         if own and by_script == len(wrapped):
             said += f" (through the script's own {own})"
         elif own:
