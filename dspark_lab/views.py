@@ -26,7 +26,7 @@ from bokeh.resources import INLINE
 
 from dspark_lab.private_files import write_private_text
 from dspark_lab.runtime.jsonl import Follower, read_jsonl
-from dspark_lab.runtime.records import RunDir, run_state
+from dspark_lab.runtime.records import ENDED_STATES, RunDir, run_state
 
 NAN = float("nan")
 GB = 1e9
@@ -55,7 +55,7 @@ class RunFeed:
     def finished(self) -> bool:
         """True once the run has ended (as :func:`~dspark_lab.runtime.records.run_state` reads it: a live rank 0
         outvotes a dead supervisor or an unreadable run.json); a last :meth:`poll` then reads everything."""
-        return self.info().get("state") in ("finished", "failed", "stopped")
+        return self.info().get("state") in ENDED_STATES
 
 
 @dataclass(frozen=True, slots=True)
