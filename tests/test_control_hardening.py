@@ -185,7 +185,7 @@ def test_bad_content_length_answers_400(live, header):
 
 
 def test_a_body_shorter_than_announced_answers_408(live, monkeypatch):
-    monkeypatch.setattr(control._Handler, "timeout", 0.5)
+    monkeypatch.setattr(limits, "REQUEST_DEADLINE_S", 0.5)
     reply = raw_request(live, f"POST /set HTTP/1.0\r\nAuthorization: Bearer {live.run_dir.token()}\r\n"
                               f"Content-Length: 12\r\n\r\n{{}}".encode())
     assert reply.startswith(b"HTTP/1.0 408")
@@ -352,34 +352,115 @@ def test_metrics_tail_reads_at_most_its_cap_when_the_end_holds_no_records(live, 
 # --- connections ----------------------------------------------------------------------------------------------
 
 
-def test_idle_connections_are_closed_by_the_server(live, monkeypatch):
-    monkeypatch.setattr(control._Handler, "timeout", 0.5)
+def open_connections(live, count: int) -> list[socket.socket]:
     endpoint = liveness.read_endpoint(live.run_dir.path)
-    with socket.create_connection((endpoint["host"], endpoint["port"]), timeout=5) as sock:
+    return [socket.create_connection((endpoint["host"], endpoint["port"]), timeout=10) for _ in range(count)]
+
+
+def trickle(sock: socket.socket, data: bytes, every_s: float, stop: threading.Event) -> None:
+    """Send ``data`` one byte every ``every_s`` seconds (well inside any idle timeout) until told to stop."""
+    for byte in data:
+        if stop.wait(every_s):
+            return
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:  # the server closed the connection: what is checked
+            return
+
+
+def read_all(sock: socket.socket, timeout: float = 5) -> bytes:
+    """What the server sends until it closes the connection."""
+    sock.settimeout(timeout)
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def handler_threads() -> int:
+    return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("part", ["head", "body"])
+def test_a_client_trickling_its_request_gets_408_within_the_deadline_while_the_owner_is_served(live, monkeypatch,
+                                                                                               part):
+    """Before, a request trickled one byte at a time (each inside the 10 s idle timeout, the whole within the size
+    bounds) held a handler thread for as long as it went on: 8 KiB of headers at one byte every 9 s is 20 hours."""
+    monkeypatch.setattr(limits, "REQUEST_DEADLINE_S", 1.0)
+    token = live.run_dir.token()
+    head = b"GET /status HTTP/1.0\r\n" + b"X-Slow: " + b"s" * 200 + b"\r\n\r\n"
+    if part == "body":
+        head = f"POST /set HTTP/1.0\r\nAuthorization: Bearer {token}\r\nContent-Length: 300\r\n\r\n".encode()
+    (sock,), stop = open_connections(live, 1), threading.Event()
+    started = time.monotonic()
+    if part == "body":
+        sock.sendall(head)
+    sender = threading.Thread(target=trickle, args=(sock, head if part == "head" else b" " * 300, 0.05, stop))
+    sender.start()
+    try:
+        status, body, _ = call(live, "GET", "/status", timeout=5)  # the owner, meanwhile
+        assert status == 200 and time.monotonic() - started < 1.0
+        knob = "b" if live.job.policies["test.knob"] != "b" else "a"
+        status, body, _ = call(live, "POST", "/set", set_body({"test.knob": knob}, timeout=5), timeout=10)
+        assert status == 200 and body["state"] == "applied"
+        reply = read_all(sock)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        sender.join(5)
+        sock.close()
+    assert reply.startswith(b"HTTP/1.0 408") and took < 2.5, (reply[:120], took)
+    error = json.loads(reply.partition(b"\r\n\r\n")[2])["error"]
+    assert error.startswith("request: did not arrive in full within 1 s") and "\n" not in error
+
+
+def test_a_silent_connection_gets_408_at_the_deadline(live, monkeypatch):
+    monkeypatch.setattr(limits, "REQUEST_DEADLINE_S", 0.5)
+    (sock,) = open_connections(live, 1)
+    with sock:
         sock.sendall(b"GET /status HTTP/1.0\r\n")  # ...and never the rest
         started = time.monotonic()
-        assert sock.recv(100) == b""  # closed by the server, not by our 5 s timeout
-        assert time.monotonic() - started < 4
+        assert sock.recv(100).startswith(b"HTTP/1.0 408")
+        assert time.monotonic() - started < 3
 
 
-def test_too_many_connections_get_503_and_the_endpoint_recovers(live, monkeypatch):
-    monkeypatch.setattr(control._Handler, "timeout", 30)
-    endpoint = liveness.read_endpoint(live.run_dir.path)
-    idle = [socket.create_connection((endpoint["host"], endpoint["port"]), timeout=5)
-            for _ in range(limits.MAX_CONNECTIONS)]
+def test_connections_without_a_request_cannot_lock_out_the_owner(live):
+    """Before, 64 connections that sent nothing (each held up to the 10 s idle timeout, then reopened) answered
+    every owner's request 503 for as long as they were held. Now a new connection closes the oldest one still
+    waiting for its head (503 to it), and the threads serving connections stay at most MAX_CONNECTIONS."""
+    idle = open_connections(live, 2 * limits.MAX_CONNECTIONS)
     try:
         time.sleep(0.3)
+        assert handler_threads() <= limits.MAX_CONNECTIONS
         started = time.monotonic()
         status, body, _ = call(live, "GET", "/status", timeout=5)
-        assert status == 503 and "busy" in body["error"] and time.monotonic() - started < 3
+        assert status == 200 and time.monotonic() - started < 2, (status, body)
+        reply = read_all(idle[0])  # the oldest made room
+        assert reply.startswith(b"HTTP/1.0 503") and b"busy: closed to make room" in reply, reply[:200]
     finally:
         for sock in idle:
             sock.close()
-    deadline = time.monotonic() + 5
-    while call(live, "GET", "/status")[0] != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    assert handler_threads() <= limits.MAX_CONNECTIONS
     assert control._Server.request_queue_size >= 128
+
+
+def test_connections_whose_requests_arrived_are_never_closed_and_more_get_503(home, monkeypatch):
+    monkeypatch.setattr(limits, "MAX_CONNECTIONS", 3)
+    job = LiveJob(RunDir.create("20260101-000000-c0c0c2", {"name": "full"}, root=home / "runs"), paused=True)
+    try:  # three owner's requests wait (for a first step that does not come) and hold every connection
+        waiting = [threading.Thread(target=call, args=(job, "POST", "/set", set_body({"test.knob": "b"}, timeout=2)),
+                                    daemon=True) for _ in range(3)]
+        for thread in waiting:
+            thread.start()
+        wait_until(lambda: job.job.server._server.requests == 3)
+        started = time.monotonic()
+        status, body, _ = call(job, "GET", "/status", timeout=5)
+        assert status == 503 and body["error"] == "busy: too many connections" and time.monotonic() - started < 2
+        for thread in waiting:
+            thread.join(10)
+        assert call(job, "GET", "/status")[0] == 200  # and it recovers
+    finally:
+        job.close()
 
 
 # --- replies and exit codes -----------------------------------------------------------------------------------

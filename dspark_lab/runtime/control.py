@@ -30,7 +30,7 @@ from urllib.parse import parse_qs, urlparse
 
 from dspark_lab.errors import ControlError, DSparkError, PolicyError
 from dspark_lab.output import SCHEMA_VERSION
-from dspark_lab.runtime import limits, liveness
+from dspark_lab.runtime import connections, limits, liveness
 from dspark_lab.runtime.limits import check_timeout, one_line, short
 from dspark_lab.runtime.jsonl import last_records
 from dspark_lab.runtime.records import LIVE_STATES, RunDir, run_state, wait_for_end
@@ -125,20 +125,33 @@ def read_head(rfile) -> tuple[bytes, bytes]:
 
 class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
-    timeout = limits.IDLE_TIMEOUT_S  # the socket's timeout: an idle or trickling client is dropped
+    timeout = limits.IDLE_TIMEOUT_S  # the socket's timeout while the reply is written; reads: the request deadline
 
     def log_message(self, *args):  # keep the training script's output clean
         pass
 
+    def setup(self) -> None:
+        """http.server's, with reads through a DeadlineReader: the request arrives in full in time or not at all."""
+        super().setup()
+        self.rfile.close()  # the socket stays open: the handler's wfile and the reader below use it
+        self._reader = connections.DeadlineReader(self.connection, limits.REQUEST_DEADLINE_S, self.timeout)
+        self.rfile = io.BufferedReader(self._reader)
+        self.server.slots.head_arriving(self._reader)
+
+    def finish(self) -> None:
+        self.server.slots.forget(self._reader)
+        super().finish()
+
     def handle_one_request(self) -> None:
         """http.server's, except that the request line and headers are read within their bounds (read_head)
-        before anything parses them: an oversized head costs rank 0 a few KiB, not http.server's 100 x 64 KiB."""
+        before anything parses them: an oversized head costs rank 0 a few KiB, not http.server's 100 x 64 KiB;
+        and the whole request within its deadline (:mod:`.connections`)."""
         try:
             try:
                 self.raw_requestline, block = read_head(self.rfile)
+                self.server.slots.head_arrived(self._reader)
             except HeadTooLarge as exc:
-                self.requestline = self.request_version = self.command = ""
-                self.send_error(exc.status, str(exc))
+                self._refuse(exc.status, str(exc))
                 return
             if not self.raw_requestline:
                 self.close_connection = True
@@ -146,8 +159,26 @@ class _Handler(BaseHTTPRequestHandler):
             if self._parse(block):
                 self._handle(self.command)
                 self.wfile.flush()
-        except TimeoutError:
+        except connections.RequestTimeout:
+            self._refuse(408, self._late())
+        except connections.Evicted:
+            self._refuse(503, f"busy: closed to make room for another connection (at most "
+                              f"{self.server.slots.size} at once); the request head had not arrived")
+        except (TimeoutError, ConnectionError):  # the reply could not be written: the client left or reads nothing
             self.close_connection = True
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` before the request was parsed, and close."""
+        if not hasattr(self, "request_version"):
+            self.requestline = self.request_version = self.command = ""
+        try:
+            self.send_error(status, message)
+        except (TimeoutError, ConnectionError):
+            self.close_connection = True
+
+    def _late(self) -> str:
+        return (f"request: did not arrive in full within {self._reader.deadline_s:g} s of connecting; allowed: "
+                f"the request line, headers and body within {self._reader.deadline_s:g} s")
 
     def _parse(self, block: bytes) -> bool:
         """http.server's parse_request over the header lines read_head already read."""
@@ -187,9 +218,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(f"request: a body of {length} bytes; allowed: at most {limits.MAX_BODY_BYTES}", 413)
         try:
             data = self.rfile.read(length)
-        except TimeoutError:
+        except (connections.RequestTimeout, connections.Evicted):
             self.close_connection = True
-            raise RequestError(f"request: the body did not arrive within {self.timeout:g} s", 408) from None
+            raise RequestError(self._late(), 408) from None
         if len(data) < length:
             raise RequestError(f"request: the body ended after {len(data)} of {length} bytes")
 
@@ -246,11 +277,11 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, *args, **kwargs):
         self.in_flight = threading.Condition()
         self.requests = 0
-        self._slots = threading.BoundedSemaphore(limits.MAX_CONNECTIONS)
+        self.slots = connections.Slots(limits.MAX_CONNECTIONS)
         super().__init__(*args, **kwargs)
 
     def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
+        if not self.slots.take():
             try:
                 body = json.dumps({"schema_version": SCHEMA_VERSION, "error": "busy: too many connections"})
                 request.sendall(f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -262,14 +293,14 @@ class _Server(ThreadingHTTPServer):
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self.slots.release()
             raise
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self.slots.release()
 
 
 class ControlServer:

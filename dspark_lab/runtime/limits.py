@@ -22,8 +22,9 @@ MAX_TAIL = 1000  # metric records one /metrics?tail=N returns
 MAX_TAIL_BYTES = 8 * 1024 * 1024  # bytes read from the end of metrics.jsonl to find them
 MAX_TIMEOUT_S = 3600.0  # a request's or a command's wait
 MAX_STORE_VALUE = 64 * 1024  # one announcement or agreement value read from torchrun's store
-IDLE_TIMEOUT_S = 10.0  # a connection that sends nothing for this long is closed by the server
-MAX_CONNECTIONS = 64  # connections served at once; more are answered 503 and closed
+REQUEST_DEADLINE_S = 5.0  # a request (line, headers, body) must arrive in full this soon after connecting; later: 408
+IDLE_TIMEOUT_S = 10.0  # a reply its client does not take within this long is dropped
+MAX_CONNECTIONS = 64  # connections served at once; more close the oldest still sending its head, else get 503
 LISTEN_BACKLOG = 128
 LOG_CHARS = 120  # characters of a client-chosen value kept in a record or an error line
 
