@@ -276,6 +276,28 @@ def test_the_agent_names_only_the_ranks_that_said_nothing_in_their_group(tmp_pat
                                          "runtime)")]
 
 
+def test_a_restart_names_the_rank_that_ended_the_group_before(tmp_path, monkeypatch):
+    """Before, every restart event said only "torchrun restarted the group (restart 1): a rank had ended"."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from dspark_lab.runtime.launchers.agent_events import record_restart
+    from dspark_lab.runtime.records import JsonlWriter, RunDir
+
+    run_dir = RunDir.create("20260101-000000-c0ffef", {"name": "agent"}, root=tmp_path)
+    monkeypatch.setenv("DSPARK_RUN_DIR", str(run_dir.path))
+    writer = JsonlWriter(run_dir.events_path)
+    writer.write(own(0, time.time()))  # the survivor said why: the closed connection
+    writer.close()
+    record_restart(1, {0: ProcessFailure(0, 100, 1, "<N/A>"), 1: ProcessFailure(1, 101, -9, "<N/A>")})
+    killed, restart = run_dir.events()[1:]
+    assert (killed["kind"], killed["rank"], killed["signal"], killed["source"]) == ("error", 1, 9, "agent")
+    assert (restart["kind"], restart["rank"], restart["failed_rank"], restart["exit_code"], restart["signal"],
+            restart["failed_ranks"]) == ("restart", None, 1, 137, 9, [0, 1])
+    assert restart["reason"] == "restart 1: rank 1: killed by signal 9 (SIGKILL); torchrun started every rank again"
+    record_restart(2)  # a restart torchrun saw no failure for (a node joined or left)
+    assert run_dir.events()[-1]["reason"] == "restart 2: a rank had ended; torchrun started every rank again"
+
+
 def test_ctrl_c_stops_the_run_with_exit_code_130_and_a_one_line_reason(tmp_path):
     run_dir = fake_run(tmp_path, WAITS)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}

@@ -93,6 +93,13 @@ def test_a_killed_rank_restarts_a_one_node_group_with_the_live_change_in_force(t
     assert sorted(e["rank"] for e in events if e["kind"] == "start") == [0, 0, 1, 1]
     restarts = [i for i, e in enumerate(events) if e["kind"] == "restart"]
     assert [(events[i]["rank"], events[i]["restart"]) for i in restarts] == [(None, 1)]  # torchrun's agent says so
+    restart = events[restarts[0]]  # ...and names the rank that ended the first group, and how
+    assert (restart["failed_rank"], restart["exit_code"], restart["signal"]) == (1, 137, 9), restart
+    assert restart["reason"].startswith("restart 1: rank 1: killed by signal 9 (SIGKILL); "), restart
+    killed = [e for e in events[:restarts[0]] if e["kind"] == "error" and e.get("source") == "agent"]
+    assert [(e["rank"], e["signal"]) for e in killed] == [(1, 9)], events  # in the first group's events
+    shown = subprocess.run([*CLI, "events", "restarts"], env=env, capture_output=True, text=True, timeout=60)
+    assert "restart 1: rank 1: killed by signal 9 (SIGKILL)" in shown.stdout, shown.stdout[-2000:]
     assert [e["rank"] for e in events[restarts[0]:] if e["kind"] == "start"] in ([0, 1], [1, 0])
     reapply = [e for e in events if e["kind"] == "reapply"]
     assert sorted(e["rank"] for e in reapply) == [0, 1], events

@@ -150,7 +150,7 @@ def ending(events: list[dict[str, Any]], launcher: str, code: int, *,
             code, _, killed = agent_events.exit_status(code)
             return ("stopped" if stopped else "failed"), code, forced or f"{launcher} was {killed}"
         return ("stopped" if stopped else "failed"), code, forced or f"{launcher} exited with code {code}"
-    return ("stopped" if stopped else "failed"), first["exit_code"], f"rank {first['rank']}: {first['reason']}"
+    return ("stopped" if stopped else "failed"), first["exit_code"], agent_events.cause_text(first)
 
 
 @dataclass

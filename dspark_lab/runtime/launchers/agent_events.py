@@ -1,5 +1,5 @@
-"""What torchrun's agent adds to a one-node run's events: each restart of the group, and each rank that ended
-without a word of its own.
+"""What torchrun's agent adds to a one-node run's events: each restart of the group with the rank that caused it,
+and each rank that ended without a word of its own.
 
 A rank that fails says why itself (:mod:`dspark_lab.runtime.bootstrap`: an ``error`` event with its reason and exit
 code). A rank killed by a signal (``kill -9``, the OOM killer) or one that left through ``os._exit`` writes nothing,
@@ -7,7 +7,9 @@ so the first error in the events was a surviving rank's (gloo's ``Connection clo
 sees every rank's exit status: the loopback launcher (:mod:`.loopback`) passes the failures torchrun reports to
 :func:`record_failures`, which writes an ``error`` event (``source: "agent"``, ``signal`` for a signal, exit code
 128 + the signal as a shell reports it) for each failed rank with none of its own in the group; the supervisor's
-:func:`~dspark_lab.runtime.launch.ending` then names that rank. Imports nothing heavy: the supervisor reads it.
+:func:`~dspark_lab.runtime.launch.ending` then names that rank. A restart under ``--max-restarts`` does the same
+for the group it ends, and its ``restart`` event names the rank (:func:`record_restart`), so ``dspark-lab events``
+says ``restart 1: rank 1: killed by signal 9 (SIGKILL)``. Imports nothing heavy: the supervisor reads it.
 """
 
 from __future__ import annotations
@@ -64,13 +66,34 @@ def _write(run_dir: RunDir, events: list[dict[str, Any]]) -> None:
               file=sys.stderr)
 
 
-def record_restart(restart: int) -> None:
-    """A ``restart`` event: the group's workers start again (``restart`` counts from 1)."""
+def record_restart(restart: int, failures: Mapping[int, Any] | None = None) -> dict[str, Any] | None:
+    """A ``restart`` event: the group's workers start again (``restart`` counts from 1), naming why.
+
+    ``failures`` are what torchrun restarted over (global rank -> ``ProcessFailure``, :mod:`.failures`): each
+    failed rank that said nothing gets its ``error`` event first, as when a run fails, and the restart names the
+    rank that ended the group (:func:`first_cause`) in ``failed_rank``, ``exit_code``, ``signal`` and its reason
+    (``restart 1: rank 1: killed by signal 9 (SIGKILL); ...``), every failed rank in ``failed_ranks``."""
     run_dir = _run_dir()
-    if run_dir is not None:
-        _write(run_dir, [{"time": time.time(), "step": None, "rank": None, "kind": RESTART, "restart": restart,
-                          "reason": f"torchrun restarted the group (restart {restart}): a rank had ended, every "
-                                    "rank starts again"}])
+    if run_dir is None:
+        return None
+    failures = failures or {}
+    silent, first = [], None
+    if failures:  # else nothing is read: the event goes out whatever the records hold
+        silent = _failure_events(run_dir, failures)
+        first = first_cause(e for e in group_events(run_dir.events()) + silent if e.get("kind") == "error"
+                            and e.get("rank") in failures and isinstance(e.get("exit_code"), int) and e["exit_code"])
+    cause = cause_text(first) if first else "a rank had ended"
+    event = {"time": time.time(), "step": None, "rank": None, "kind": RESTART, "restart": restart,
+             "failed_rank": first and first["rank"], "exit_code": first and first["exit_code"],
+             "signal": first and first.get("signal"), "failed_ranks": sorted(failures),
+             "reason": f"restart {restart}: {cause}; torchrun started every rank again"}
+    _write(run_dir, [*silent, event])
+    return event
+
+
+def cause_text(failure: dict[str, Any]) -> str:
+    """``rank 1: killed by signal 9 (SIGKILL)``: a failed rank's ``error`` event as a run's end or restart names it."""
+    return f"rank {failure['rank']}: {failure['reason']}"
 
 
 def record_failures(failures: Mapping[int, Any]) -> list[dict[str, Any]]:
@@ -79,6 +102,13 @@ def record_failures(failures: Mapping[int, Any]) -> list[dict[str, Any]]:
     run_dir = _run_dir()
     if run_dir is None:
         return []
+    events = _failure_events(run_dir, failures)
+    _write(run_dir, events)
+    return events
+
+
+def _failure_events(run_dir: RunDir, failures: Mapping[int, Any]) -> list[dict[str, Any]]:
+    """The ``error`` events of the failed ranks that said nothing themselves in this group (not written)."""
     spoke = {e.get("rank") for e in group_events(run_dir.events()) if e.get("kind") == "error"}
     events = []
     for rank, failure in failures.items():
@@ -87,7 +117,6 @@ def record_failures(failures: Mapping[int, Any]) -> list[dict[str, Any]]:
             events.append({"time": float(failure.timestamp), "step": None, "rank": rank, "kind": "error",
                            "reason": reason, "exit_code": code, "signal": number, "pid": failure.pid,
                            "source": SOURCE})
-    _write(run_dir, events)
     return events
 
 

@@ -13,8 +13,9 @@ torch's workers expect a fresh agent store per round (``torch.distributed.rendez
 restarted group on the old one reads the dead group's gloo addresses and cannot connect. The first round's store
 lives as long as the agent and is the runtime's (``DSPARK_STORE``, :func:`~dspark_lab.runtime.nodes.store_address`):
 the saved policies and the group names outlive every restart there. A later round's store is freed when the next
-round starts, so at most two are open. Each restart is a ``restart`` event, and when the run fails, each rank of
-its last group that ended without a word (a signal) gets an ``error`` event (:mod:`.agent_events`).
+round starts, so at most two are open. Each restart is a ``restart`` event naming the rank that ended the group
+before (:mod:`.failures`), and each rank of a group that ended without a word (a signal) gets an ``error`` event
+(:mod:`.agent_events`), at a restart and when the run fails.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch.distributed import PrefixStore, TCPStore
 from torch.distributed.elastic.rendezvous import (RendezvousHandler, RendezvousInfo, RendezvousParameters,
                                                   RendezvousStoreInfo, rendezvous_handler_registry)
 
-from dspark_lab.runtime.launchers import agent_events
+from dspark_lab.runtime.launchers import agent_events, failures
 
 BACKEND = "dspark-loopback"
 HOST = "127.0.0.1"
@@ -77,7 +78,7 @@ class LoopbackRendezvous(RendezvousHandler):
             os.environ[STORE_VARIABLE] = f"{HOST}:{port}"  # the workers inherit the agent's environment
         else:
             self._latest = (store, port)
-            agent_events.record_restart(self.rounds)
+            agent_events.record_restart(self.rounds, failures.take())  # names the rank that ended the group
         self.rounds += 1
         return RendezvousInfo(PrefixStore(self.run_id, store), 0, 1, RendezvousStoreInfo(HOST, port))
 
@@ -105,10 +106,12 @@ def create_handler(params: RendezvousParameters) -> RendezvousHandler:
 
 def main(argv: list[str]) -> None:
     from torch.distributed import run
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     rendezvous_handler_registry.register(BACKEND, create_handler)
+    failures.watch(LocalElasticAgent)  # what each restart was over, for its event
     try:
         run.main(argv)
     except SignalException as exc:  # Ctrl-C or a forwarded SIGTERM: torchrun has already passed it to the ranks
