@@ -11,12 +11,14 @@ runs through them:
 1. ``torch.compile`` (the script's, outermost when it compiles the whole model): a compiled module's graph has
    its activations baked in, so memory policies are refused on it rather than forcing a recompile; compiling a
    plain function (torchtitan's ``flex_attention``) touches no module and changes nothing here.
-2. FSDP2 / TP (the script's ``fully_shard`` and ``parallelize_module``, applied before the first step): the
-   runtime never re-wraps these. Their module hooks run around ``module.forward``, so anything the runtime puts
-   inside ``forward`` sees unsharded parameters in forward and, since FSDP2 unshards again before a block's
-   backward, in recompute too.
+2. FSDP2 / FSDP1 / TP (the script's ``fully_shard``, ``FullyShardedDataParallel`` and ``parallelize_module``,
+   applied before the first step): the runtime never re-wraps these. FSDP2's module hooks run around
+   ``module.forward`` and an FSDP1 unit's forward around its wrapped module's, so anything the runtime puts inside
+   that ``forward`` sees unsharded parameters in forward and, since both unshard again before a block's backward,
+   in recompute too.
 3. Activation checkpointing: an instance ``forward`` on each chosen block, inside FSDP2's hooks (what torchtitan
-   gets by wrapping blocks before ``fully_shard``), so ``state_dict`` keys and FSDP units never change.
+   gets by wrapping blocks before ``fully_shard``) or, under FSDP1, on the module an FSDP1 unit wraps (what
+   ``apply_activation_checkpointing`` after wrapping gets), so ``state_dict`` keys and FSDP units never change.
 4. DDP comm hook: registered once when DDP is constructed (DDP allows one, before the first forward); the
    runtime's dispatcher switches collectives inside it, so it never has to be re-registered.
 5. Saved-tensor hooks (innermost, a thread-wide context pushed at start): they see every tensor autograd keeps,
@@ -41,7 +43,7 @@ import torch.distributed as dist
 
 from dspark_lab.errors import DSparkError, PolicyError
 from dspark_lab.plugins import Manager, get_manager
-from dspark_lab.runtime import discover
+from dspark_lab.runtime import discover, fsdp1
 from dspark_lab.runtime.cluster import Cluster
 from dspark_lab.runtime.nodes import store_address
 from dspark_lab.runtime.coordinator import Coordinator, PendingChange
@@ -177,7 +179,7 @@ class Job:
         self.fsdp = discover.is_fsdp(inner)
         self.fsdp_kind = "fsdp2" if discover.fsdp2_modules(inner) else ("fsdp1" if self.fsdp else "")
         if blocks is not None:
-            blocks = list(blocks)
+            blocks = [fsdp1.inner(block) for block in blocks]  # checkpointed inside an FSDP1 unit, never the unit
             kind = type(blocks[0]).__name__ if blocks else ""
             self.found_blocks = discover.Blocks(blocks, kind, "blocks=", "passed to dspark_lab.attach(blocks=...)")
         else:

@@ -1,11 +1,12 @@
 """Find what the runtime needs in a script it did not write: the model behind an optimizer, its repeated blocks,
-and which wrappers (DDP, FSDP2, torch.compile) sit on it.
+and which wrappers (DDP, FSDP2, FSDP1, torch.compile) sit on it.
 
 Blocks are the longest run of consecutive same-type children with parameters inside any container of the model
 (``nn.ModuleList``, ``nn.ModuleDict``, ``nn.Sequential`` or a plain module's attributes): a transformer's layers
 (HF ``model.transformer.h`` / ``model.model.layers``, torchtitan's ``model.layers`` ModuleDict) as well as the four
 ``Block``s of ``nn.Sequential(Linear, Block, Block, Block, Block, Linear)``. Activation checkpointing (Chen et al.
-2016) wraps these.
+2016) wraps these. FSDP1 units are looked through (:mod:`.fsdp1`): a block each unit wraps is the module inside the
+unit, and blocks inside one unit's flat parameter count the parameters FSDP1 took from them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from dspark_lab.runtime import fsdp1
 
 
 def model_of_optimizer(optimizer: torch.optim.Optimizer) -> nn.Module | None:
@@ -46,9 +49,12 @@ def _is_fsdp2_class(cls: type) -> bool:
 
 
 def user_class(module: nn.Module) -> type:
-    """The class the script wrote: FSDP2's ``FSDP<Name>`` subclass and compile's OptimizedModule are looked through."""
+    """The class the script wrote: FSDP2's ``FSDP<Name>`` subclass, an FSDP1 unit and compile's OptimizedModule are
+    looked through."""
     if type(module).__name__ == "OptimizedModule" and "_orig_mod" in module._modules:
         return user_class(module._modules["_orig_mod"])
+    if fsdp1.is_unit(module):
+        return user_class(fsdp1.inner(module))
     return next((cls for cls in type(module).__mro__ if not _is_fsdp2_class(cls)), type(module))
 
 
@@ -65,17 +71,36 @@ class Blocks:
         return {"type": self.kind or None, "count": len(self.modules), "path": self.path or None, "why": self.why}
 
 
-def _has_params(module: nn.Module) -> bool:
-    return next(module.parameters(), None) is not None
+def _numel(module: nn.Module, flattened: dict[int, int]) -> int:
+    """Elements of ``module``'s parameters, those FSDP1 flattened counted at their unsharded size."""
+    total = 0
+    for m in module.modules():
+        if id(m) in flattened:
+            total += flattened[id(m)]
+        else:
+            total += sum(p.numel() for p in m.parameters(recurse=False) if not getattr(p, "_is_flat_param", False))
+    return total
+
+
+def param_count(model: nn.Module) -> int:
+    """Elements of the model's parameters: DTensors at their global size, FSDP1's flattened ones unsharded."""
+    return _numel(model, fsdp1.flattened_numels(model))
+
+
+def _path(root: str, name: str) -> str:
+    """``root.name`` without FSDP1's ``_fsdp_wrapped_module`` steps (the names FSDP1 itself reports)."""
+    parts = [part for part in name.split(".") if part and part != "_fsdp_wrapped_module"]
+    return ".".join([root, *parts])
 
 
 def find_blocks(model: nn.Module, root: str = "model") -> Blocks:
     """The longest run of consecutive same-type children (with parameters) inside any module of ``model``.
 
     Ties go to the run holding more parameters. ``path`` names the container (``model.layers``); a run that is
-    only part of its container gets a slice (``model[1:5]``).
+    only part of its container gets a slice (``model[1:5]``). A run of FSDP1 units gives the modules they wrap.
     """
     best, best_key = Blocks(), (1, 0)
+    flattened = fsdp1.flattened_numels(model)
     for name, container in model.named_modules():
         children = list(container.children())
         start = 0
@@ -85,14 +110,14 @@ def find_blocks(model: nn.Module, root: str = "model") -> Blocks:
             while end < len(children) and user_class(children[end]) is kind:
                 end += 1
             run = children[start:end]
-            if len(run) >= 2 and _has_params(run[0]):
-                key = (len(run), sum(p.numel() for m in run for p in m.parameters()))
+            if len(run) >= 2 and _numel(run[0], flattened):
+                key = (len(run), sum(_numel(m, flattened) for m in run))
                 if key > best_key:
-                    path = f"{root}.{name}" if name else root
+                    path = _path(root, name)
                     if len(run) != len(children):
                         path += f"[{start}:{end}]"
                     best_key = key
-                    best = Blocks(run, kind.__name__, path,
+                    best = Blocks([fsdp1.inner(m) for m in run], kind.__name__, path,
                                   f"longest run of same-type modules with parameters: {len(run)} x {kind.__name__} "
                                   f"at {path}")
             start = end

@@ -1,11 +1,11 @@
 """What the job is, as a plain dict for ``status --json`` (``job``) and the dashboard.
 
 Read from the live objects, never guessed from the script: data parallelism (DDP; FSDP2's ``fully_shard`` with its
-DeviceMesh and ``reshard_after_forward``), tensor parallelism (DTensor parameters whose mesh dimensions are not
-FSDP's: their placements and mesh), pipeline parallelism (a ``torch.distributed.pipelining`` schedule or DSpark's
-executor), which modules run under ``torch.compile``, mixed precision, the model's class and its shape for the
-planner (:mod:`.modelshape`), the parallel degrees, the blocks found and why, and for every policy whether it can
-apply here and, if not, the reason.
+DeviceMesh and ``reshard_after_forward``; FSDP1's units, sharding strategy and ``use_orig_params``), tensor
+parallelism (DTensor parameters whose mesh dimensions are not FSDP's: their placements and mesh), pipeline
+parallelism (a ``torch.distributed.pipelining`` schedule or DSpark's executor), which modules run under
+``torch.compile``, mixed precision, the model's class and its shape for the planner (:mod:`.modelshape`), the
+parallel degrees, the blocks found and why, and for every policy whether it can apply here and, if not, the reason.
 """
 
 from __future__ import annotations
@@ -17,8 +17,12 @@ from typing import Any
 
 from torch import nn
 
-from dspark_lab.runtime import discover, modelshape
+from dspark_lab.runtime import discover, fsdp1, modelshape
 from dspark_lab.runtime.policies import sched
+
+
+# FSDP1's sharding strategies as ZeRO stages: SHARD_GRAD_OP keeps gathered weights from forward to backward
+FSDP1_ZERO = {"FULL_SHARD": 3, "HYBRID_SHARD": 3, "SHARD_GRAD_OP": 2, "_HYBRID_SHARD_ZERO2": 2, "NO_SHARD": 0}
 
 
 def _mesh(mesh) -> dict[str, Any] | None:
@@ -49,8 +53,9 @@ def data_parallel(job) -> dict[str, Any] | None:
         found = _fsdp2(job.model)
         if found:
             return found
-        if discover.is_fsdp(job.model):
-            return {"kind": "fsdp1"}
+        found = fsdp1.describe(job.model)
+        if found:
+            return found
     if job.ddp is not None:
         group = getattr(job.ddp, "process_group", None)
         return {"kind": "ddp", "world": group.size() if group is not None else job.world,
@@ -109,6 +114,9 @@ def parallelism(world: int, dp: dict | None, tp: dict | None, pipe: dict | None)
     if dp and dp.get("kind") == "fsdp2" and dp.get("mesh"):
         out["dp"] = math.prod(dp["mesh"]["shape"])
         out["zero"] = 2 if dp.get("reshard_after_forward") is False else 3
+    elif dp and dp.get("kind") == "fsdp1" and dp.get("world"):
+        out["dp"] = int(dp["world"])
+        out["zero"] = FSDP1_ZERO.get(dp.get("sharding_strategy"), 3)
     elif dp and dp.get("kind") == "ddp":
         out["dp"], out["zero"] = int(dp["world"]), 0
     else:

@@ -29,6 +29,9 @@ def _data_parallel(dp: dict | None) -> str:
     if kind == "fsdp2":
         return (f"FSDP2 (fully_shard, {dp.get('modules')} modules){_mesh(dp.get('mesh'))}, "
                 f"reshard_after_forward={dp.get('reshard_after_forward')}")
+    if kind == "fsdp1":
+        return (f"FSDP1 (FullyShardedDataParallel, {dp.get('units')} units), world {dp.get('world')}, "
+                f"{dp.get('sharding_strategy')}, use_orig_params={dp.get('use_orig_params')}")
     return str(kind)
 
 
@@ -64,7 +67,7 @@ def _precision(mp: dict | None) -> str:
         parts.append(f"autocast {mp['autocast']}")
     fsdp = mp.get("fsdp") or {}
     if fsdp.get("param_dtype") or fsdp.get("reduce_dtype"):
-        parts.append(f"FSDP2 param {fsdp.get('param_dtype')}, reduce {fsdp.get('reduce_dtype')}")
+        parts.append(f"FSDP param {fsdp.get('param_dtype')}, reduce {fsdp.get('reduce_dtype')}")
     return "; ".join(parts)
 
 

@@ -13,8 +13,9 @@ and up: SwiGLU; one: GeLU) where the configuration does not give them. A model w
 the rank, is read from its modules: the repeated blocks' count, the widest ``nn.Embedding`` (vocabulary and width)
 and the first block's ``nn.MultiheadAttention`` heads. ``seq_len`` is the longest sequence the model
 takes, an upper bound on what it trains on (``plan whatif --seq`` overrides it). The parameter count is the
-model's own (DTensor parameters count their global size), on a rank that holds the whole model (no pipeline).
-A field that cannot be read is left out; the planner then asks for ``--model``.
+model's own (DTensor parameters count their global size, FSDP1's flattened ones their unsharded size), on a rank
+that holds the whole model (no pipeline). A field that cannot be read is left out; the planner then asks for
+``--model``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+
+from dspark_lab.runtime.discover import param_count
 
 ALIASES = {
     "layers": ("num_hidden_layers", "n_layer", "n_layers", "num_layers"),
@@ -122,5 +125,5 @@ def describe(model: nn.Module, blocks: list[nn.Module], whole: bool) -> dict[str
         for key, value in feed_forward(first_block, out["hidden"]).items():
             out.setdefault(key, value)
     if whole:
-        out["params"] = sum(p.numel() for p in model.parameters())
+        out["params"] = param_count(model)
     return out

@@ -91,9 +91,6 @@ def refusal(job, key: str, value) -> str | None:
     if key.startswith("memory."):
         if job.compiled:
             return _compiled_reason(job)
-        if key == "memory.activation_checkpointing" and job.fsdp and job.fsdp_kind != "fsdp2":
-            return ("the model is sharded with FSDP1 (FullyShardedDataParallel), whose wrapper owns forward; "
-                    "wrap blocks with checkpoint_wrapper before FSDP, or use FSDP2's fully_shard")
         if key == "memory.activation_checkpointing" and not job.blocks and value != "none":
             return f"no repeated blocks were found in the model ({job.found_blocks.why}); pass blocks= to " \
                    "dspark_lab.attach"
