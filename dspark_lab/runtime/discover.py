@@ -72,13 +72,16 @@ class Blocks:
 
 
 def _numel(module: nn.Module, flattened: dict[int, int]) -> int:
-    """Elements of ``module``'s parameters, those FSDP1 flattened counted at their unsharded size."""
-    total = 0
+    """Elements of ``module``'s parameters (a shared one once), those FSDP1 flattened at their unsharded size."""
+    total, seen = 0, set()
     for m in module.modules():
         if id(m) in flattened:
             total += flattened[id(m)]
-        else:
-            total += sum(p.numel() for p in m.parameters(recurse=False) if not getattr(p, "_is_flat_param", False))
+            continue
+        for p in m.parameters(recurse=False):
+            if id(p) not in seen and not getattr(p, "_is_flat_param", False):
+                seen.add(id(p))
+                total += p.numel()
     return total
 
 
