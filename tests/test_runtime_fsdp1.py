@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import re
+import sys
 import threading
 from pathlib import Path
 
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.slow
 
 SCRIPT = Path(__file__).parent / "runtime_fixtures" / "fsdp1_train.py"
 STEPS = 12
+PARAMS = 10752  # sharded_train.Transformer(): what status counts, not the padded shards FSDP1 holds per rank
 LOSS = re.compile(r"^step (\d+) loss (\S+) rank (\d+)$", re.M)
 
 
@@ -35,7 +37,9 @@ def dspark_home(tmp_path, monkeypatch):
 
 @functools.cache
 def fixture():
-    """tests/runtime_fixtures/fsdp1_train.py as a module (its Transformer and Block), in a gloo world's worker."""
+    """tests/runtime_fixtures/fsdp1_train.py as a module (sharded_train's Transformer), in a gloo world's worker."""
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))  # what running the script puts there: it imports sharded_train
     spec = importlib.util.spec_from_file_location("fsdp1_train", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -104,14 +108,14 @@ def test_checkpointing_goes_live_inside_fsdp1_units_and_off_again_with_torchruns
     assert status["data_parallel"] == {"kind": "fsdp1", "units": 5, "world": 2, "sharding_strategy": "FULL_SHARD",
                                        "use_orig_params": False,
                                        "mixed_precision": {"param_dtype": None, "reduce_dtype": None}}
-    assert status["blocks"]["path"] == "model.layers" and status["blocks"]["type"] == "Block"
-    assert status["model"]["class"] == "__main__.Transformer" and status["model"]["params"] == 37824
+    assert status["blocks"]["path"] == "model.layers" and status["blocks"]["type"] == "TransformerBlock"
+    assert status["model"]["class"] == "sharded_train.Transformer" and status["model"]["params"] == PARAMS
     assert status["parallelism"]["dp"] == 2 and status["parallelism"]["zero"] == 3
     assert status["policies"]["memory.activation_checkpointing"] == {"applies": True, "reason": None}
     rows = dict(jobtext.rows(status))
     assert rows["data parallel"] == ("FSDP1 (FullyShardedDataParallel, 5 units), world 2, FULL_SHARD, "
                                      "use_orig_params=False")
-    assert rows["blocks"] == "4 x Block at model.layers"
+    assert rows["blocks"] == "4 x TransformerBlock at model.layers"
 
 
 def test_every_2nd_block_and_offload_go_live_inside_one_root_fsdp1_unit_with_torchruns_losses():
@@ -138,7 +142,7 @@ def test_every_2nd_block_and_offload_go_live_inside_one_root_fsdp1_unit_with_tor
 # --- every wrap style x use_orig_params x sharding strategy, in one gloo world ---------------------------------------
 
 WRAPS = [(wrap, orig, sharding) for wrap in ("blocks", "root") for orig in (False, True)
-         for sharding in ("FULL_SHARD", "SHARD_GRAD_OP")]
+         for sharding in ("FULL_SHARD", "SHARD_GRAD_OP")] + [("nested", False, "FULL_SHARD")]
 
 
 def _build(wrap, orig, sharding):
@@ -148,10 +152,10 @@ def _build(wrap, orig, sharding):
 
     torch.manual_seed(0)
     script = fixture()
-    model = FullyShardedDataParallel(script.Transformer(), auto_wrap_policy=ModuleWrapPolicy({script.Block})
-                                     if wrap == "blocks"
-                                     else None, sharding_strategy=ShardingStrategy[sharding], use_orig_params=orig,
-                                     device_id=torch.device("cpu"))
+    units = {"blocks": {script.TransformerBlock}, "nested": {script.TransformerBlock, torch.nn.Linear}}.get(wrap)
+    per_block = ModuleWrapPolicy(units) if units else None  # nested: units around the Linears inside block units
+    model = FullyShardedDataParallel(script.Transformer(), auto_wrap_policy=per_block, use_orig_params=orig,
+                                     sharding_strategy=ShardingStrategy[sharding], device_id=torch.device("cpu"))
     return model, torch.optim.SGD(model.parameters(), lr=0.1)
 
 
@@ -191,9 +195,9 @@ def check_checkpointing_every_wrap_style_and_strategy(rank, world):
         reference, _ = _train(*_build(wrap, orig, sharding), rank)
         model, optimizer = _build(wrap, orig, sharding)
         blocks = discover.find_blocks(model)
-        assert (blocks.kind, blocks.path, len(blocks.modules)) == ("Block", "model.layers", 4), blocks
-        assert all(type(b).__name__ == "Block" for b in blocks.modules)  # inside the units, never a unit
-        assert discover.param_count(model) == 37824  # unsharded, as in the script's Transformer()
+        assert (blocks.kind, blocks.path, len(blocks.modules)) == ("TransformerBlock", "model.layers", 4), blocks
+        assert all(type(b).__name__ == "TransformerBlock" for b in blocks.modules)  # inside the units, never one
+        assert discover.param_count(model) == PARAMS
         activations = _tracked(model)
         switch = functools.partial(set_checkpointing, blocks.modules, tracker=activations)
         try:
@@ -226,7 +230,7 @@ def check_offload_and_the_scripts_own_checkpoint_wrapper_inside_units(rank, worl
     model, optimizer = _build("blocks", False, "FULL_SHARD")
     wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
     apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper,
-                                   check_fn=lambda m: isinstance(m, fixture().Block))
+                                   check_fn=lambda m: isinstance(m, fixture().TransformerBlock))
     blocks = discover.find_blocks(model).modules
     assert checkpointing_in_force(blocks) == "full"
     activations = _tracked(model)

@@ -1,8 +1,8 @@
-"""An unmodified FSDP1 training script: a small transformer sharded with ``FullyShardedDataParallel`` over gloo on
-CPU (``device_id=torch.device("cpu")``: torch 2.13 refuses None without an accelerator), each block its own FSDP
-unit (``--wrap blocks``, ``auto_wrap_policy``) or one unit around the whole model (``--wrap root``: the blocks are
-plain modules inside one flat parameter). Prints ``step N loss X rank R`` (every rank, the loss to the last bit)
-after each optimizer step.
+"""An unmodified FSDP1 training script: sharded_train.py's small transformer sharded with
+``FullyShardedDataParallel`` over gloo on CPU (``device_id=torch.device("cpu")``: torch 2.13 refuses None without
+an accelerator), each block its own FSDP unit (``--wrap blocks``, ``auto_wrap_policy``) or one unit around the
+whole model (``--wrap root``: the blocks are plain modules inside one flat parameter). Prints
+``step N loss X rank R`` (every rank, the loss to the last bit) after each optimizer step.
 ``torchrun --nproc-per-node 2 fsdp1_train.py --steps 12 [--wrap root] [--sharding SHARD_GRAD_OP] [--orig-params]``
 """
 
@@ -12,36 +12,13 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import ShardingStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-DIM, VOCAB = 32, 64
+from sharded_train import Transformer, TransformerBlock  # the FSDP2 tests' model: 4 blocks in model.layers
 
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.norm = nn.LayerNorm(DIM)
-        self.w1, self.w2 = nn.Linear(DIM, 4 * DIM), nn.Linear(4 * DIM, DIM)
-
-    def forward(self, x):
-        return x + self.w2(torch.nn.functional.gelu(self.w1(self.norm(x))))
-
-
-class Transformer(nn.Module):
-    def __init__(self, layers=4):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, DIM)
-        self.layers = nn.ModuleList(Block() for _ in range(layers))
-        self.output = nn.Linear(DIM, VOCAB)
-
-    def forward(self, tokens):
-        h = self.embed(tokens)
-        for layer in self.layers:
-            h = layer(h)
-        return self.output(h)
+VOCAB = 64
 
 
 def main():
@@ -55,7 +32,8 @@ def main():
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
-    model = FSDP(Transformer(), auto_wrap_policy=ModuleWrapPolicy({Block}) if args.wrap == "blocks" else None,
+    per_block = ModuleWrapPolicy({TransformerBlock}) if args.wrap == "blocks" else None
+    model = FSDP(Transformer(), auto_wrap_policy=per_block,
                  sharding_strategy=ShardingStrategy[args.sharding], use_orig_params=args.orig_params,
                  device_id=torch.device("cpu"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
