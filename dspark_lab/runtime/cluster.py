@@ -23,30 +23,56 @@ from typing import Any
 import torch.distributed as dist
 
 from dspark_lab.runtime import nodes, restarts
-from dspark_lab.runtime.coordinator import Sealer
+from dspark_lab.runtime.sealed import Sealer
 
 GROUP_KEY = "group"
 
 
 class GroupStore:
-    """The coordinator's store for this group of workers (check / get / set / wait), its prefix named by rank 0."""
+    """The coordinator's store for this group of workers (check / get / set / delete_key), its prefix named by rank 0.
+
+    ``scope`` is the group's nonce: the coordinator seals its values for it, so a value sealed in an earlier group
+    does not open in this one even when copied under this group's keys.
+    """
 
     def __init__(self, base, sealer: Sealer, rank: int):
         self.base, self.sealer = base, sealer
         self._store = None
+        self._named = b""  # rank 0: the sealed group name it wrote (repair() writes it again when it is gone)
         if rank == 0:
             nonce = secrets.token_hex(6) if base.check([GROUP_KEY]) else ""
-            base.set(GROUP_KEY, sealer.seal(GROUP_KEY, {"nonce": nonce}))
-            self._store = dist.PrefixStore(f"{nonce}/", base) if nonce else base
+            self._named = sealer.seal(GROUP_KEY, {"nonce": nonce})
+            base.set(GROUP_KEY, self._named)
+            self._use(nonce)
+
+    def _use(self, nonce: str):
+        self.nonce = nonce
+        self._store = dist.PrefixStore(f"{nonce}/", self.base) if nonce else self.base
+        return self._store
 
     def _resolve(self):
         if self._store is None:
-            value = self.sealer.open(GROUP_KEY, self.base.get(GROUP_KEY))
-            nonce = value.get("nonce") if isinstance(value, dict) else None
-            if not isinstance(nonce, str) or not (nonce == "" or len(nonce) == 12 and nonce.isalnum()):
-                raise ValueError("not a group name")
-            self._store = dist.PrefixStore(f"{nonce}/", self.base) if nonce else self.base
+            raw = self.base.get(GROUP_KEY)
+            try:
+                value = self.sealer.open(GROUP_KEY, raw)
+                nonce = value.get("nonce") if isinstance(value, dict) else None
+                if not isinstance(nonce, str) or not (nonce == "" or len(nonce) == 12 and nonce.isalnum()):
+                    raise ValueError("not a group name")
+            except ValueError:
+                self.base.delete_key(GROUP_KEY)  # never fetched twice; rank 0 writes its own again (repair)
+                raise
+            return self._use(nonce)
         return self._store
+
+    @property
+    def scope(self) -> str:
+        self._resolve()
+        return self.nonce
+
+    def repair(self) -> None:
+        """Rank 0: write the group's name again if someone deleted it before every rank had read it."""
+        if self._named and not self.base.check([GROUP_KEY]):
+            self.base.set(GROUP_KEY, self._named)
 
     def check(self, keys):
         if self._store is None and not self.base.check([GROUP_KEY]):
@@ -62,8 +88,8 @@ class GroupStore:
     def set(self, key, value):
         return self._resolve().set(key, value)
 
-    def wait(self, keys, timeout):
-        return self._resolve().wait(keys, timeout)
+    def delete_key(self, key):
+        return self._resolve().delete_key(key)
 
 
 class Cluster:

@@ -154,7 +154,9 @@ def stop(run: str, timeout: float = 60.0, force: bool = False) -> Report:
         wait_for_end(run_dir, started + timeout - time.monotonic())  # so `jobs` right after agrees
     words = {"stopped": f"run {run_dir.id} stopped after step {reply['step']}",
              "ended": f"run {run_dir.id} ended by itself at step {reply['step']} before the stop applied",
-             "timed_out": f"run {run_dir.id}: {reply['reason']} (last step {reply['step']})"}
+             "timed_out": f"run {run_dir.id}: {reply['reason']} (last step {reply['step']})",
+             "rolled_back": f"run {run_dir.id}: the stop did not apply at step {reply['step']}, no rank stopped: "
+                            f"{reply['reason']}"}
     return Report("stop", {"id": run_dir.id, **reply, "exit_code": EXIT_CODES.get(reply["state"], 0)},
                   lines=[words.get(reply["state"], f"run {run_dir.id} {reply['state']}")])
 

@@ -382,8 +382,8 @@ class ControlServer:
         pending = self.job.request({}, kind="stop")
         finished = (pending.done if wait else pending.announced).wait(timeout)
         last = pending.step - 1 if pending.step is not None else None  # the last step that runs
-        if pending.state == "ended":
-            return {"change_id": pending.change_id, "state": "ended", "step": self.job.step,
+        if pending.state in ("ended", "rolled_back"):  # rolled back: not every rank took part, none stopped
+            return {"change_id": pending.change_id, "state": pending.state, "step": self.job.step,
                     "reason": pending.reason}
         state = "stopped" if pending.done.is_set() else ("stopping" if pending.step is not None else "queued")
         reply = {"change_id": pending.change_id, "state": state, "step": last, "reason": ""}

@@ -1,16 +1,29 @@
 """Every rank applies a change at the same step, without a collective on every step.
 
 Rank 0 receives a change from the control endpoint and, at its next step boundary ``s``, *announces* it in the
-run's c10d store (torchrun's own TCPStore) as "takes effect from step s+2". Every other rank makes one non-blocking
-``store.check`` per step for the next announcement. Under DDP (or any per-step collective) no rank can finish step
-s+1 before rank 0 has started it, so all ranks have seen the announcement by boundary s+1, where they apply it. The
-ranks then agree through the store: if any rank failed, all roll back, and the event says which rank and why.
+run's c10d store (torchrun's own TCPStore) at ``announce/N`` as "takes effect from step s+2". Every other rank makes
+one non-blocking ``store.check`` per step for the next announcement. Under DDP (or any per-step collective) no rank
+can finish step s+1 before rank 0 has started it, so all ranks have seen the announcement by boundary s+1, where
+they apply it and answer at ``result/N/R``.
+
+Rank 0 *decides*: it waits for the other ranks' answers for a bounded window (``window_s`` in the announcement:
+the larger of DECIDE_MIN_S and DECIDE_STEPS times the slowest recent step), then commits when every rank applied
+it, or rolls back, naming the ranks that failed and why, or that did not answer in the window; it writes that
+decision at ``decision/N`` and the other ranks, which wait for it (never for each other, and at most twice the window
+plus DECISION_GRACE_S), do the same. A rank that never saw an announcement (deleted or overwritten in the store) so
+holds the job up for the window at most: under DDP it waits in the next step's collective meanwhile. Rank 0 then
+writes the announcement again (at the decision, and again 1, 2, 4 ... 64 steps later until that rank answers a later
+change; and the group's name, if it was deleted); a rank that reads an announcement whose decision is already
+written takes no part in it (``rollback`` events with rank 0's reason) and goes on to the next one, so the ranks
+never fall out of step on the sequence. A stop is decided the same way: it applies on every rank or on none.
 
 The store has no authentication and anyone who reaches its port can write to it, so every value the ranks exchange
-is sealed with an HMAC-SHA256 (RFC 2104) keyed by the run's token, which each rank reads from the run directory
-(never from the store), over the store key and the body; every rank also checks an announcement against the policy
-schema. A value that fails either check is ignored (logged once per key): it changes nothing, and since the real
-value overwrites it, it stalls nothing.
+is sealed (:mod:`.sealed`): an HMAC-SHA256 keyed by the run's token, which each rank reads from the run directory
+(never from the store), over the run id, the restart group's nonce, the store key and the body, checked with the
+size bound before any byte is parsed; every rank also checks an announcement against the policy schema. A value that
+fails is ignored (logged once per key) and deleted: its owner's real value replaces it, and a rank fetches a key it
+rejected again only after 1, 2, 4 ... 32 steps, so a junk value, however big, costs a bounded number of fetches.
+An announcement written again after its decision (a replay) is never applied.
 
 A plugin can hold changes back while it must not be disturbed (a profile capture): a state object in ``job.state``
 with a true ``busy`` (its reason), or with ``busy_keys`` of which a change is announced but not yet applied, makes
@@ -20,22 +33,28 @@ reply and ``apply`` event say what it waited for. A stop, and changes of the bus
 
 from __future__ import annotations
 
-import datetime
-import hashlib
-import hmac
+import collections
 import itertools
-import json
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from dspark_lab.errors import PolicyError
-from dspark_lab.runtime.limits import MAX_STORE_VALUE, short
+from dspark_lab.runtime.limits import short
+from dspark_lab.runtime.sealed import Sealer
 
 ANNOUNCE_MARGIN = 2  # an announcement at boundary s takes effect from step s + ANNOUNCE_MARGIN
-AGREE_TIMEOUT_S = 120.0
+DECIDE_MIN_S = 3.0  # rank 0 waits at least this long for the other ranks' answers ...
+DECIDE_STEPS = 4  # ... or this many times the slowest of the last RECENT_STEPS steps
+RECENT_STEPS = 16
+DECISION_GRACE_S = 5.0  # another rank waits for rank 0's decision up to twice the window plus this
+MAX_WINDOW_S = 600.0
+POLL_S = 0.005
+MAX_FETCHES = 4  # fetches of one key rejected while waiting for an answer; then it counts as missing
+MAX_BACKOFF_STEPS = 32  # a rejected announcement key is fetched again after 1, 2, 4 ... this many steps
+REASSERT_STEPS = 64  # rank 0 writes a missed announcement again 1, 2, 4 ... this many steps after its decision
 KINDS = ("change", "stop")
 
 
@@ -63,46 +82,17 @@ class PendingChange:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-class Sealer:
-    """Seals and opens store values with the run's token: ``{"body": json, "mac": hex}``."""
-
-    def __init__(self, token: str, run_id: str):
-        self._key = token.encode()
-        self._run = run_id
-
-    def _mac(self, key: str, body: str) -> str:
-        return hmac.new(self._key, f"{self._run}\n{key}\n{body}".encode(), hashlib.sha256).hexdigest()
-
-    def seal(self, key: str, value: Any) -> str:
-        body = json.dumps(value, sort_keys=True)
-        return json.dumps({"body": body, "mac": self._mac(key, body)})
-
-    def open(self, key: str, raw: bytes) -> Any:
-        """The value sealed at ``key``; ValueError when it is too big, malformed or not sealed with this token."""
-        if len(raw) > MAX_STORE_VALUE:
-            raise ValueError(f"{len(raw)} bytes, over the {MAX_STORE_VALUE}-byte limit")
-        try:
-            outer = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError("not JSON") from None
-        if not isinstance(outer, dict) or not isinstance(outer.get("body"), str) or \
-                not isinstance(outer.get("mac"), str):
-            raise ValueError("not a sealed value")
-        if not hmac.compare_digest(outer["mac"].encode(), self._mac(key, outer["body"]).encode()):
-            raise ValueError("its HMAC does not match the run's token")
-        return json.loads(outer["body"])
-
-
 class Coordinator:
-    """Announces, discovers and applies changes at step boundaries on one rank."""
+    """Announces, discovers, applies and decides changes at step boundaries on one rank."""
 
     def __init__(self, job, store, rank: int, world: int):
         self.job = job
-        self.store = store  # a PrefixStore on torchrun's store, or None when alone
+        self.store = store  # a GroupStore / PrefixStore on torchrun's store, or None when alone
         self.rank = rank
         self.world = world
         self.margin = ANNOUNCE_MARGIN if world > 1 else 1
         self.sealer = Sealer(job.run_dir.token(), job.run_dir.id) if store is not None else None
+        self._scoped: Sealer | None = None
         self.inbox: queue.SimpleQueue[PendingChange] = queue.SimpleQueue()
         self._ids = itertools.count(1)
         self._next_seq = 1
@@ -113,6 +103,10 @@ class Coordinator:
         self._held: list[PendingChange] = []  # rank 0: queued while the job is busy, oldest first
         self.stopped = False
         self._ignored: set[str] = set()
+        self._rejected: dict[str, tuple[int, int]] = {}  # announcement key -> (rejections, step it may be read at)
+        self._missed: dict[int, dict[str, Any]] = {}  # rank 0: seq -> what to write again for ranks that missed it
+        self._step_times: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
+        self._left_boundary: float | None = None
         self.after_commit = None  # rank 0: called with each committed announcement (runtime.restarts.Saver)
 
     # --- rank 0: from the control thread -----------------------------------------------------------------------
@@ -162,15 +156,36 @@ class Coordinator:
 
     def at_boundary(self, step: int) -> None:
         """Called after optimizer step ``step`` completed, before step ``step + 1`` begins."""
-        if self.rank == 0:
-            self._announce_queued(step)
-        elif self.store is not None:
-            self._discover()
-        due = [a for a in self._scheduled if a["step"] <= step + 1]
-        if due:
-            self._scheduled = [a for a in self._scheduled if a["step"] > step + 1]
-            for announcement in due:
-                self._execute(announcement, step)
+        now = time.monotonic()
+        if self._left_boundary is not None:  # the step itself, not the time spent here (a decision window)
+            self._step_times.append(now - self._left_boundary)
+        try:
+            if self.rank == 0:
+                self._announce_queued(step)
+                if self._missed:
+                    self._reassert(step)
+            elif self.store is not None:
+                self._discover(step)
+            due = [a for a in self._scheduled if a["step"] <= step + 1]
+            if due:
+                self._scheduled = [a for a in self._scheduled if a["step"] > step + 1]
+                for announcement in due:
+                    self._execute(announcement, step)
+        finally:
+            self._left_boundary = time.monotonic()
+
+    def _window(self) -> float:
+        """How long rank 0 waits for the other ranks' answers: several of the slowest recent steps, or the floor."""
+        return min(MAX_WINDOW_S, max([DECIDE_MIN_S, *(DECIDE_STEPS * t for t in self._step_times)]))
+
+    def _sealer(self) -> Sealer:
+        """The sealer of this restart group's keys (its nonce is known once the group's store is resolved)."""
+        if self._scoped is None:
+            self._scoped = self.sealer.scoped(getattr(self.store, "scope", ""))
+        return self._scoped
+
+    def _seal(self, key: str, value: Any) -> bytes:
+        return self._sealer().seal(key, value)
 
     def _busy(self) -> tuple[str, frozenset]:
         """Why the job is busy now ("" if not), and the keys that may still change (a plugin's ``job.state``)."""
@@ -203,12 +218,13 @@ class Coordinator:
                 continue
             seq = self._next_seq
             announcement = {"seq": seq, "change_id": pending.change_id, "kind": pending.kind,
-                            "step": step + self.margin, "changes": pending.changes}
+                            "step": step + self.margin, "changes": pending.changes,
+                            "window_s": round(self._window(), 3)}
             if pending.waited:
                 announcement["waited"] = pending.waited
             self._next_seq += 1
             if self.store is not None:
-                self.store.set(f"announce/{seq}", self.sealer.seal(f"announce/{seq}", announcement))
+                self.store.set(f"announce/{seq}", self._seal(f"announce/{seq}", announcement))
             pending.step, pending.state = announcement["step"], "pending"
             with self._lock:
                 self._local[pending.change_id] = pending
@@ -217,31 +233,55 @@ class Coordinator:
                                   changes=pending.changes, **({"reason": pending.waited} if pending.waited else {}))
             pending.announced.set()
 
-    def _discover(self) -> None:
+    def _reassert(self, step: int) -> None:
+        """Rank 0: write again the announcements (and decisions) a rank missed, on a doubling schedule."""
+        for seq, missed in list(self._missed.items()):
+            if step < missed["at"]:
+                continue
+            missed["every"] = min(REASSERT_STEPS, 2 * missed["every"])
+            missed["at"] = step + missed["every"]
+            self._write_missed(seq, missed)
+
+    def _write_missed(self, seq: int, missed: dict[str, Any]) -> None:
+        repair = getattr(self.store, "repair", None)
+        if repair is not None:
+            repair()  # the group's name, in case that is what the rank could not read
+        self.store.set(f"decision/{seq}", missed["decision"])
+        self.store.set(f"announce/{seq}", missed["announce"])
+
+    def _discover(self, step: int) -> None:
         while True:
-            key = f"announce/{self._next_seq}"
-            if not self.store.check([key]):
+            seq = self._next_seq
+            key = f"announce/{seq}"
+            # a key rejected before is fetched again only after its backoff, or right after a step that waited
+            # out a decision window (rank 0 may have written it again: see _write_missed)
+            waited = bool(self._step_times) and self._step_times[-1] >= DECIDE_MIN_S
+            if (step < self._rejected.get(key, (0, 0))[1] and not waited) or not self.store.check([key]):
                 return
-            try:
-                announcement = self.sealer.open(key, self.store.get(key))
-                self._check_shape(announcement, self._next_seq)
-            except (ValueError, TypeError) as exc:
-                self._ignore(key, str(exc))
-                return  # rank 0's real announcement overwrites it; it is read then
-            refusal = self._value_refusal(announcement)
+            announcement = self._read(key, lambda a: self._check_shape(a, seq))
+            if announcement is None:
+                count = self._rejected.get(key, (0, 0))[0] + 1
+                self._rejected[key] = (count, step + min(MAX_BACKOFF_STEPS, 2 ** (count - 1)))
+                return  # rank 0's real announcement replaces it; it is read then
+            self._rejected.pop(key, None)
+            self._next_seq += 1
+            decided = self._decision(seq)
+            if decided is not None:  # decided without this rank (it missed it), or written again: a replay
+                self._took_no_part(announcement, decided)
+                continue
+            refusal = self._value_refusal(announcement) if announcement["kind"] == "change" else ""
             if refusal:  # sealed by rank 0, so real, but this rank's schema refuses it (another plugin version):
                 # take part and say no, so every rank rolls back at once with the reason instead of waiting
                 announcement = {**announcement, "refused_here": refusal}
             self._scheduled.append(announcement)
-            self._next_seq += 1
 
-    def _check_shape(self, announcement: Any, seq: int) -> None:
+    def _check_shape(self, announcement: Any, seq: int) -> bool:
         """Every rank checks what rank 0 sealed: the right sequence number, kind, step and fields."""
-        if not isinstance(announcement, dict) or announcement.get("seq") != seq or \
-                announcement.get("kind") not in KINDS or type(announcement.get("step")) is not int or \
-                not isinstance(announcement.get("change_id"), str) or \
-                not isinstance(announcement.get("changes"), dict):
-            raise ValueError("not an announcement of this sequence number")
+        window = announcement.get("window_s", DECIDE_MIN_S) if isinstance(announcement, dict) else None
+        return isinstance(announcement, dict) and announcement.get("seq") == seq and \
+            announcement.get("kind") in KINDS and type(announcement.get("step")) is int and \
+            isinstance(announcement.get("change_id"), str) and isinstance(announcement.get("changes"), dict) and \
+            isinstance(window, (int, float)) and 0 < window <= MAX_WINDOW_S
 
     def _value_refusal(self, announcement: dict[str, Any]) -> str:
         """Why this rank's policy schema refuses the announced values ("" when it takes them all)."""
@@ -261,21 +301,68 @@ class Coordinator:
         self.job.record_event("refuse", step=self.job.step, rank=self.rank,
                               reason=f"store: ignored the value at dspark/{self.job.run_dir.id}/{key}: {short(why)}")
 
+    def _read(self, key: str, valid: Callable[[Any], bool]) -> Any:
+        """The sealed value at ``key`` if it is there and ``valid``; else None. A value that fails is logged once and
+        deleted (its writer's real value replaces it), so the same bytes are never fetched twice."""
+        try:
+            value = self._sealer().open(key, self.store.get(key))
+            if not valid(value):
+                raise ValueError("sealed, but not the value expected at this key")
+            return value
+        except ValueError as exc:
+            self._ignore(key, str(exc))
+            try:
+                self.store.delete_key(key)
+            except Exception:  # a store without delete_key, or the key went away meanwhile
+                pass
+            return None
+
+    def _poll(self, keys: dict[int, str], deadline: float, valid: Callable[[Any], bool],
+              on_poll: Callable[[], None] | None = None) -> dict[int, Any]:
+        """The valid sealed values at ``keys`` (by rank) that arrive before ``deadline``; each key is fetched at most
+        MAX_FETCHES times (a key an attacker keeps overwriting counts as missing)."""
+        got: dict[int, Any] = {}
+        fetches = dict.fromkeys(keys, 0)
+        while True:
+            for rank, key in keys.items():
+                if rank in got or fetches[rank] >= MAX_FETCHES or not self.store.check([key]):
+                    continue
+                fetches[rank] += 1
+                value = self._read(key, valid)
+                if value is not None:
+                    got[rank] = value
+            if len(got) == len(keys) or time.monotonic() >= deadline:
+                return got
+            if on_poll is not None:
+                on_poll()
+            time.sleep(POLL_S)
+
+    def _post(self, key: str, value: dict[str, Any]) -> bytes:
+        raw = self._seal(key, value)
+        self.store.set(key, raw)
+        return raw
+
+    def _decision(self, seq: int, deadline: float | None = None) -> dict[str, Any] | None:
+        """Rank 0's sealed decision on announcement ``seq`` (waiting for it until ``deadline``), or None."""
+        def valid(d):
+            return isinstance(d, dict) and d.get("seq") == seq and d.get("outcome") in ("applied", "rolled_back") \
+                and isinstance(d.get("reasons"), list) and all(isinstance(r, str) for r in d["reasons"])
+        return self._poll({0: f"decision/{seq}"}, deadline or 0.0, valid).get(0)
+
+    # --- applying and deciding ---------------------------------------------------------------------------------
+
     def _execute(self, announcement: dict[str, Any], step: int) -> None:
         late = step + 1 - announcement["step"]
+        applied: list = []
         if announcement["kind"] == "stop":
-            self.stopped = True
-            self.job.record_event("stop", step=step, rank=self.rank, change_id=announcement["change_id"],
-                                  reason="stop requested")
-            self._finish(announcement, "applied", "")
-            if self.rank == 0:
-                self.abandon(f"refused: the run stopped after step {step}, before this change applied")
-            raise StopRun()
-        if announcement.get("refused_here"):
-            failure, applied = f"this rank's policy schema refuses it: {announcement['refused_here']}", []
+            failure = ""
+        elif announcement.get("refused_here"):
+            failure = f"this rank's policy schema refuses it: {announcement['refused_here']}"
         else:
             failure, applied = self.job.apply_changes(announcement["changes"])
-        reasons = self._agree(announcement["seq"], failure)
+        reasons, answered = self._agree(announcement, failure)
+        if announcement["kind"] == "stop":
+            return self._end_stop(announcement, step, reasons)
         if reasons:
             self.job.rollback_changes(applied, announcement, "; ".join(reasons))
         else:
@@ -284,44 +371,94 @@ class Coordinator:
             self.job.commit_changes(applied, announcement, note)
             if self.after_commit is not None:
                 self.after_commit(announcement)
-        # The reply goes out once every rank has logged its apply/rollback, so a reader sees all of them.
-        self._agree(f"{announcement['seq']}/logged", "", wait=self.rank == 0)
-        self._finish(announcement, "rolled_back" if reasons else "applied", "; ".join(reasons))
+        outcome = "rolled_back" if reasons else "applied"
+        # The reply goes out once every rank that took part has logged its apply/rollback, so a reader sees all.
+        reasons += self._logged(announcement, outcome, answered)
+        self._finish(announcement, outcome, "; ".join(reasons))
 
-    def _agree(self, seq, failure: str, wait: bool = True) -> list[str]:
-        """Every rank's failure reason for announcement ``seq`` (empty when all succeeded).
+    def _agree(self, announcement: dict[str, Any], failure: str) -> tuple[list[str], list[int]]:
+        """Why announcement ``seq`` rolls back on every rank ([] when it applies), and the ranks that answered.
 
-        With ``wait=False`` a rank only posts its own answer and goes on. A value that is not sealed by a rank of
-        this run is ignored and waited past: the rank's own write replaces it.
+        Rank 0 decides after at most the announcement's window and writes the decision; any other rank posts its
+        answer and waits for that decision (up to twice the window plus DECISION_GRACE_S).
         """
+        mine = [f"rank {self.rank}: {failure}"] if failure else []
         if self.store is None or self.world == 1:
-            return [f"rank {self.rank}: {failure}"] if failure else []
-        mine = f"result/{seq}/{self.rank}"
-        self.store.set(mine, self.sealer.seal(mine, {"rank": self.rank, "failure": failure}))
-        if not wait:
+            return mine, []
+        seq, window = announcement["seq"], float(announcement.get("window_s", DECIDE_MIN_S))
+        started = time.monotonic()
+        if self.rank != 0:
+            self._post(f"result/{seq}/{self.rank}", {"rank": self.rank, "failure": failure})
+            decision = self._decision(seq, started + 2 * window + DECISION_GRACE_S)
+            if decision is None:
+                return [f"rank {self.rank}: no decision from rank 0 within {2 * window + DECISION_GRACE_S:g} s"], []
+            return (decision["reasons"] if decision["outcome"] == "rolled_back" else []), []
+        others = {r: f"result/{seq}/{r}" for r in range(1, self.world)}
+        answers = self._poll(others, started + window,
+                             lambda v: isinstance(v, dict) and isinstance(v.get("failure"), str))
+        missing = sorted(set(others) - set(answers))
+        reasons = mine + [f"rank {r}: {answers[r]['failure']}" for r in sorted(answers) if answers[r]["failure"]]
+        if missing:
+            reasons.append(f"rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))} did not answer within "
+                           f"{window:g} s (the announcement did not reach it: deleted or overwritten in the store?)")
+        for entry in self._missed.values():  # a rank that answered this one has read every earlier one
+            entry["ranks"] -= set(answers)
+        self._missed = {s: e for s, e in self._missed.items() if e["ranks"]}
+        decision = self._post(f"decision/{seq}", {"seq": seq, "outcome": "rolled_back" if reasons else "applied",
+                                                  "reasons": reasons})
+        if missing:
+            self._missed[seq] = {"ranks": set(missing), "decision": decision, "every": 1,
+                                 "at": self.job.step + 1, "announce": self._seal(f"announce/{seq}", announcement)}
+            self._write_missed(seq, self._missed[seq])
+        return reasons, sorted(answers)
+
+    def _logged(self, announcement: dict[str, Any], outcome: str, answered: list[int]) -> list[str]:
+        """Every rank says how it ended; rank 0 waits (one window) for those that answered, writing the decision
+        again if it went missing meanwhile, and returns what disagrees with its own outcome."""
+        if self.store is None or self.world == 1:
             return []
-        answers: dict[int, str] = {}
-        deadline = time.monotonic() + AGREE_TIMEOUT_S
-        while len(answers) < self.world:
-            missing = [f"result/{seq}/{r}" for r in range(self.world) if r not in answers]
-            try:
-                self.store.wait(missing, datetime.timedelta(seconds=max(0.01, deadline - time.monotonic())))
-            except RuntimeError:  # torch's DistStoreError on timeout
-                return ["not every rank reached the apply step in time"]
-            for key in missing:
-                rank = int(key.rsplit("/", 1)[1])
-                try:
-                    value = self.sealer.open(key, self.store.get(key))
-                    if value.get("rank") != rank or not isinstance(value.get("failure"), str):
-                        raise ValueError("not this rank's answer")
-                    answers[rank] = value["failure"]
-                except (ValueError, TypeError, AttributeError) as exc:
-                    self._ignore(key, str(exc))
-            if len(answers) < self.world:
-                if time.monotonic() > deadline:
-                    return ["not every rank reached the apply step in time"]
-                time.sleep(0.01)
-        return [f"rank {r}: {text}" for r, text in sorted(answers.items()) if text]
+        seq = announcement["seq"]
+        if self.rank != 0:
+            self._post(f"result/{seq}/logged/{self.rank}", {"rank": self.rank, "outcome": outcome})
+            return []
+        decision_key = f"decision/{seq}"
+        decision = self._seal(decision_key, {"seq": seq, "outcome": outcome, "reasons": []})
+
+        def restore():
+            if not self.store.check([decision_key]):
+                self.store.set(decision_key, self._missed[seq]["decision"] if seq in self._missed else decision)
+        logged = self._poll({r: f"result/{seq}/logged/{r}" for r in answered},
+                            time.monotonic() + float(announcement.get("window_s", DECIDE_MIN_S)),
+                            lambda v: isinstance(v, dict) and v.get("outcome") in ("applied", "rolled_back"),
+                            restore)
+        return [f"rank {r} ended {v['outcome']}" for r, v in sorted(logged.items()) if v["outcome"] != outcome]
+
+    def _took_no_part(self, announcement: dict[str, Any], decision: dict[str, Any]) -> None:
+        """A rank that read an announcement only after rank 0 decided it: nothing applies here; say why."""
+        why = "; ".join(decision["reasons"]) or "decided without this rank"
+        reason = f"decided by rank 0 before this rank read it: {why}"
+        for key, value in (announcement["changes"].items() if announcement["kind"] == "change" else [(None, None)]):
+            self.job.record_event("rollback", step=announcement["step"], rank=self.rank, key=key,
+                                  old=self.job.policies.get(key), new=value, reason=reason,
+                                  change_id=announcement["change_id"])
+
+    def _end_stop(self, announcement: dict[str, Any], step: int, reasons: list[str]) -> None:
+        if reasons:  # some rank did not take part: nobody stops, and a new stop may be asked
+            reason = "; ".join(reasons)
+            self.job.record_event("rollback", step=step, rank=self.rank, change_id=announcement["change_id"],
+                                  reason=f"the stop did not apply: {reason}")
+            with self._lock:
+                if self._stop is not None and self._stop.change_id == announcement["change_id"]:
+                    self._stop = None
+            self._finish(announcement, "rolled_back", reason)
+            return
+        self.stopped = True
+        self.job.record_event("stop", step=step, rank=self.rank, change_id=announcement["change_id"],
+                              reason="stop requested")
+        self._finish(announcement, "applied", "")
+        if self.rank == 0:
+            self.abandon(f"refused: the run stopped after step {step}, before this change applied")
+        raise StopRun()
 
     def _finish(self, announcement: dict[str, Any], state: str, reason: str) -> None:
         with self._lock:

@@ -3,7 +3,7 @@
 Each node has its own run directory (same run id, its own ``DSPARK_HOME``), and its ranks write their records
 there. Ranks on other nodes cannot write rank 0's files on a real cluster, so they also hand each record to rank 0
 through torchrun's store: record ``n`` of rank ``r`` goes to ``records/g<restart>/<r>/<n>``, sealed with the run's
-token like every other value (:class:`~.coordinator.Sealer`); a collector thread of rank 0 moves them into rank 0's
+token like every other value (:class:`~.sealed.Sealer`); a collector thread of rank 0 moves them into rank 0's
 ``events.jsonl`` / ``metrics.jsonl`` (about every half second) and deletes the keys, so the store does not grow.
 Rank 0's node thus shows every rank; another node shows its own ranks.
 
@@ -20,7 +20,7 @@ import threading
 from typing import Any
 
 from dspark_lab.runtime import liveness
-from dspark_lab.runtime.coordinator import Sealer
+from dspark_lab.runtime.sealed import Sealer
 from dspark_lab.runtime.records import JsonlWriter
 
 ENDPOINT_KEY = "endpoint"
