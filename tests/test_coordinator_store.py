@@ -94,6 +94,7 @@ def assert_rolled_back_everywhere_then_next_applies(job, attacked: dict) -> dict
     assert report.data["state"] == "rolled_back", report.data
     assert "rank 1 did not answer within" in report.data["reason"], report.data
     assert took < STALL_S, took
+    print(f"{job.id}: the attacked change rolled back in {took:.1f} s")
     wait_steps(job.run_dir, 3, timeout=30)  # both ranks step on
     change_id = report.data["change_id"]
     assert by_rank(job, change_id, "rollback") == [0, 1]
@@ -139,46 +140,53 @@ def test_deeply_nested_json_is_never_parsed(live):
     assert not [e for e in job.run_dir.events() if e["kind"] == "error"]
 
 
-def rank1_rate(job, seconds: float) -> float:
+def rank1_rate(job, seconds: float) -> tuple[int, float]:
     start, began = steps_by_rank(job.run_dir).get(1, 0), time.monotonic()
     time.sleep(seconds)
-    return (steps_by_rank(job.run_dir).get(1, 0) - start) / (time.monotonic() - began)
+    return steps_by_rank(job.run_dir).get(1, 0) - start, time.monotonic() - began
 
 
 @pytest.mark.slow
 def test_an_8mb_value_at_the_next_announcement_is_fetched_a_bounded_number_of_times(live):
     """The attacker keeps an 8 MB value at ``announce/1`` (writes it again whenever it is gone). Rank 1 used to
-    fetch it at every step boundary (20 ms a fetch here); now once, then after 1, 2, 4 ... 32 steps."""
-    job, port = live("f5-big", late=False)
+    fetch it at every step boundary (20 ms a fetch here); now once, then after 1, 2, 4 ... 32 steps. Steps are short
+    (5 ms sleep) so a fetch per step would halve the rate; periods with and without the value alternate, so load
+    from other work on the machine weighs on both alike."""
+    fast = [a if a != "0.02" else "0.005" for a in SMALL]
+    job, port = live("f5-big", late=False, args=fast)
     store = store_client(port, job.id)
     junk, key = b"x" * (8 * 1024 * 1024 - 4096), "announce/1"
     assert len(junk) > MAX_STORE_VALUE
-    before = rank1_rate(job, 3)
-    writes, stop = [0], threading.Event()
+    writes, there, stop = [0], threading.Event(), threading.Event()
 
     def keep_it_there():
         while not stop.is_set():
-            if not store.check([key]):
+            if there.is_set() and not store.check([key]):
                 store.set(key, junk)
                 writes[0] += 1
             stop.wait(0.02)
 
     keeper = threading.Thread(target=keep_it_there, daemon=True)
     keeper.start()
+    totals = {False: [0, 0.0], True: [0, 0.0]}
     try:
-        steps_at = steps_by_rank(job.run_dir).get(1, 0)
-        during = rank1_rate(job, 4)
-        steps = steps_by_rank(job.run_dir).get(1, 0) - steps_at
+        for with_junk in (False, True) * 3:
+            (there.set if with_junk else there.clear)()
+            if not with_junk:
+                store.delete_key(key)
+            steps, seconds = rank1_rate(job, 1.5)
+            totals[with_junk][0] += steps
+            totals[with_junk][1] += seconds
     finally:
         stop.set()
         keeper.join(5)
-    print(f"rank 1: {before:.1f} steps/s before, {during:.1f} with the 8 MB value; {writes[0]} writes (fetches) "
-          f"in {steps} steps")
-    assert during > 0.8 * before, (before, during)
-    # each write was fetched (and deleted) at most once, at steps 1, 2, 4, 8 ... 32 apart
-    assert writes[0] <= 4 + steps // 16, (writes[0], steps)
+    before, during = (totals[w][0] / totals[w][1] for w in (False, True))
+    print(f"rank 1: {before:.1f} steps/s without, {during:.1f} with the 8 MB value; {writes[0]} writes (each "
+          f"fetched at most once) in {totals[True][0]} steps")
+    assert during > 0.75 * before, (before, during)
+    assert writes[0] <= 6 + totals[True][0] // 16, (writes[0], totals[True][0])
     store.delete_key(key)
-    after = commands.set_policies(job.id, [NEXT], timeout=STALL_S)  # may wait out one backoff
+    after = commands.set_policies(job.id, [NEXT], timeout=STALL_S)  # may be rolled back by one backoff
     assert after.data["state"] in ("applied", "rolled_back"), after.data
     assert commands.set_policies(job.id, [CHANGE], timeout=STALL_S).data["state"] == "applied"
 
