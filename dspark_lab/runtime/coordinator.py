@@ -34,6 +34,7 @@ reply and ``apply`` event say what it waited for. A stop, and changes of the bus
 from __future__ import annotations
 
 import collections
+import datetime
 import itertools
 import queue
 import threading
@@ -51,7 +52,7 @@ DECIDE_STEPS = 4  # ... or this many times the slowest of the last RECENT_STEPS 
 RECENT_STEPS = 16
 DECISION_GRACE_S = 5.0  # another rank waits for rank 0's decision up to twice the window plus this
 MAX_WINDOW_S = 600.0
-POLL_S = 0.005
+WAIT_SLICE_S = 0.25  # rank 0's wait for the logged answers wakes this often to repair a deleted decision
 MAX_FETCHES = 4  # fetches of one key rejected while waiting for an answer; then it counts as missing
 MAX_BACKOFF_STEPS = 32  # a rejected announcement key is fetched again after 1, 2, 4 ... this many steps
 REASSERT_STEPS = 64  # rank 0 writes a missed announcement again 1, 2, 4 ... this many steps after its decision
@@ -320,10 +321,25 @@ class Coordinator:
     def _poll(self, keys: dict[int, str], deadline: float, valid: Callable[[Any], bool],
               on_poll: Callable[[], None] | None = None) -> dict[int, Any]:
         """The valid sealed values at ``keys`` (by rank) that arrive before ``deadline``; each key is fetched at most
-        MAX_FETCHES times (a key an attacker keeps overwriting counts as missing)."""
+        MAX_FETCHES times (a key an attacker keeps overwriting counts as missing).
+
+        It waits in ``store.wait`` (the store answers once every key is there), never in a loop of checks: a
+        thousand ranks waiting for rank 0's decision cost the store one request each, not one every few ms. Keys
+        are fetched once all are there, or at the deadline; ``on_poll``, when given, runs about every WAIT_SLICE_S.
+        """
         got: dict[int, Any] = {}
         fetches = dict.fromkeys(keys, 0)
         while True:
+            waiting = [key for rank, key in keys.items() if rank not in got and fetches[rank] < MAX_FETCHES]
+            left = deadline - time.monotonic()
+            if waiting and left > 0:
+                try:
+                    self.store.wait(waiting, datetime.timedelta(seconds=min(left, WAIT_SLICE_S) if on_poll else left))
+                except RuntimeError:  # torch's DistStoreError: not all there within the slice
+                    if time.monotonic() < deadline:
+                        if on_poll is not None:
+                            on_poll()
+                        continue
             for rank, key in keys.items():
                 if rank in got or fetches[rank] >= MAX_FETCHES or not self.store.check([key]):
                     continue
@@ -331,11 +347,11 @@ class Coordinator:
                 value = self._read(key, valid)
                 if value is not None:
                     got[rank] = value
-            if len(got) == len(keys) or time.monotonic() >= deadline:
+            if len(got) == len(keys) or time.monotonic() >= deadline or \
+                    all(rank in got or fetches[rank] >= MAX_FETCHES for rank in keys):
                 return got
             if on_poll is not None:
                 on_poll()
-            time.sleep(POLL_S)
 
     def _post(self, key: str, value: dict[str, Any]) -> bytes:
         raw = self._seal(key, value)
