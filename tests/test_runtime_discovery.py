@@ -142,12 +142,14 @@ def test_get_shows_policies_a_ddp_job_cannot_use_as_not_applicable_with_the_reas
 
 
 def test_a_refusal_names_at_most_three_compiled_blocks_and_counts_the_rest(job):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
     model = mixed_sequential(5)
-    for block in list(model)[1:6]:
-        block.compile()  # torchtitan's per-block compile
+    for index in range(1, 6):  # torchtitan with AC and compile: the script's own checkpoint is inside each graph
+        model[index] = torch.compile(checkpoint_wrapper(model[index]))
     job.set_model(model)
     assert job.compiled == [f"model.{i}" for i in range(1, 6)]
-    with pytest.raises(PolicyError, match=r"torch.compile compiled model.1, model.2, model.3 and 2 more: "):
+    with pytest.raises(PolicyError, match=r"compiled into the graphs of model.1, model.2, model.3 and 2 more: "):
         job.validate({"memory.activation_checkpointing": "full"})
 
 
@@ -160,12 +162,17 @@ def test_compiling_a_function_is_not_a_compiled_model(job):
     assert job.describe()["compile"] == {"compiled": False, "modules": [], "functions_compiled": 1}
 
 
-def test_a_compiled_block_is_found_and_named_in_the_refusal(job):
+def test_a_compiled_block_is_found_and_a_compiled_container_named_in_the_refusal(job):
     model = mixed_sequential()
-    model[2].compile()  # module.compile(): torchtitan's per-block compile; nothing compiles until it runs
+    model[2].compile()  # module.compile() of one block; nothing compiles until it runs
     job.set_model(model)
     assert job.compiled == ["model.2"]
-    with pytest.raises(PolicyError, match=r"torch.compile compiled model.2"):
+    job.validate({"memory.activation_checkpointing": "full"})  # wrapped from outside its graph
+    model = nn.Sequential(nn.Linear(8, 16), nn.Sequential(*[Block() for _ in range(4)]), nn.Linear(16, 1))
+    model[1].compile()  # the container holding the blocks: they are inside its graph
+    job.set_model(model)
+    assert job.compiled == ["model.1"]
+    with pytest.raises(PolicyError, match=r"torch.compile compiled model.1, which holds the repeated blocks"):
         job.validate({"memory.activation_checkpointing": "full"})
 
 

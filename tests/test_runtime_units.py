@@ -195,7 +195,6 @@ def test_validation_refuses_in_one_line_with_allowed_values(cpu_job):
 
 @pytest.mark.parametrize("flag, key, value, reason", [
     ("compiled", "memory.activation_checkpointing", "full", "torch.compile"),
-    ("compiled", "memory.activation_offload", "host", "torch.compile"),
     ("fsdp", "memory.reshard_after_forward", "false", "FSDP2"),
     ("fsdp", "comm.grad_sync", "ring", "FSDP"),
     (None, "comm.grad_sync", "ring", "no DistributedDataParallel"),

@@ -8,9 +8,11 @@ them when a policy asks).
 Wrapping order (the one place it is written down; docs/runtime.md repeats it). From the outside in, as a step
 runs through them:
 
-1. ``torch.compile`` (the script's, outermost when it compiles the whole model): a compiled module's graph has
-   its activations baked in, so memory policies are refused on it rather than forcing a recompile; compiling a
-   plain function (torchtitan's ``flex_attention``) touches no module and changes nothing here.
+1. ``torch.compile`` (the script's, outermost when it compiles the whole model): a compiled graph saves its
+   activations through autograd, so the saved-tensor hooks (5.) count and offload them; checkpointing wraps a
+   block compiled on its own from outside its graph, and is refused on blocks inside a bigger compiled graph
+   rather than forcing a recompile (:mod:`.policies.compiled`); compiling a plain function (torchtitan's
+   ``flex_attention``) touches no module and changes nothing here.
 2. FSDP2 / FSDP1 / TP (the script's ``fully_shard``, ``FullyShardedDataParallel`` and ``parallelize_module``,
    applied before the first step): the runtime never re-wraps these. FSDP2's module hooks run around
    ``module.forward`` and an FSDP1 unit's forward around its wrapped module's, so anything the runtime puts inside
@@ -52,7 +54,7 @@ from dspark_lab.runtime.metering import StepMeter
 from dspark_lab.runtime.module_hooks import RuntimeHook
 from dspark_lab.runtime.patches import install_patches
 from dspark_lab.runtime.limits import short
-from dspark_lab.runtime.policies import builtin as builtin_policies
+from dspark_lab.runtime.policies import builtin as builtin_policies, compiled
 from dspark_lab.runtime.policies.memory import SavedActivations
 from dspark_lab.runtime.policy_state import PolicyState
 from dspark_lab.runtime.launchers.multinode import run_id_for
@@ -185,13 +187,16 @@ class Job:
         else:
             self.found_blocks = discover.find_blocks(inner)
         self.blocks = self.found_blocks.modules
-        self.activations.track_blocks(self.blocks)  # offload prefetches one block ahead of backward
+        self.activations.track_blocks(compiled.hookable_blocks(self))  # offload prefetches a block ahead of backward
         self._param_storages = param_storages(inner)
         first = next(inner.parameters(), None)
         if first is not None:
             self.backend = _backend_for(self.manager, first.device.type)
         if not self.discovered:
-            inner.register_forward_pre_hook(RuntimeHook(self.meter.count_batch), with_kwargs=True)
+            # on torch.compile's wrapper, whose hooks run outside the graph: traced into it, the batch counter's
+            # attributes become guards and every step with another count recompiles
+            outer = model if type(model).__name__ == "OptimizedModule" else inner
+            outer.register_forward_pre_hook(RuntimeHook(self.meter.count_batch), with_kwargs=True)
         self.discovered = True
         self.notify_states("on_model")
 
@@ -221,14 +226,15 @@ class Job:
                                   reason=f"{name}.{method} failed: {type(exc).__name__}: {exc}")
 
     def on_compile(self, target) -> None:
-        """``torch.compile(target)`` was called: a module is compiled (memory policies refused), a function is not."""
+        """``torch.compile(target)`` was called: a module is compiled (:mod:`.policies.compiled` says which memory
+        policies still apply), a function is not. The saved-tensor hooks stay: compiled graphs save through them."""
         owner = getattr(target, "__self__", None)  # module.compile() compiles the bound module._call_impl
         target = owner if isinstance(owner, torch.nn.Module) else target
         if isinstance(target, torch.nn.Module):
             self.compiled_ids.update(id(m) for m in target.modules())
-            self.activations.uninstall()  # saved-tensor hooks and compiled graphs do not mix
             if self.model is not None:
                 self.compiled = discover.compiled_paths(self.model, self.compiled_ids)
+                self.activations.track_blocks(compiled.hookable_blocks(self))
         else:
             self.compiled_functions += 1
 

@@ -5,7 +5,7 @@
 - ``DistributedDataParallel.__init__`` is wrapped so the runtime's gradient-sync dispatcher is DDP's comm hook and
   a launch-time ``comm.bucket_mb`` reaches DDP;
 - ``torch.autograd.backward`` is wrapped to time backward and read the loss;
-- ``torch.compile`` is wrapped to notice compiled modules (memory policies are refused there); compiling a plain
+- ``torch.compile`` is wrapped to notice compiled modules (where some memory policies are refused); compiling a plain
   function (torchtitan compiles ``flex_attention`` at import) is counted, not taken for a compiled model;
 - ``torch.multiprocessing``'s ``start_processes`` (what ``mp.spawn`` calls) is wrapped to notice a script that
   trains in worker processes of its own, where the runtime is not attached.

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dspark_lab import hookimpl
 from dspark_lab.errors import DSparkError, PolicyError
 from dspark_lab.policy import PolicySpec
-from dspark_lab.runtime.policies import compute, sched
+from dspark_lab.runtime.policies import compiled, compute, sched
 from dspark_lab.runtime.policies.choices import CHECKPOINTING, COMPRESSED, GRAD_SYNC, OFFLOAD, PLACEMENT
 
 SPECS = (
@@ -66,16 +66,10 @@ SPECS = SPECS + (
 SPECS_BY_KEY = {spec.key: spec for spec in SPECS}
 
 
-def _compiled_reason(job) -> str:
-    where = _listed(job.compiled) if isinstance(job.compiled, list) else "the model"
-    return (f"torch.compile compiled {where}: its graphs keep their own saved activations, and changing them "
-            "would recompile (memory policies apply to uncompiled modules)")
-
-
-def _listed(names: list[str], shown: int = 3) -> str:
-    """The first ``shown`` names, and how many more there are."""
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
+def _compiled_reason(job, key: str) -> str | None:
+    """Why a memory policy cannot apply to this compiled job, or None (:mod:`.compiled`: offload applies to any
+    compiled graph, checkpointing to blocks compiled one by one)."""
+    return compiled.checkpointing_refusal(job) if key == "memory.activation_checkpointing" else None
 
 
 def refusal(job, key: str, value) -> str | None:
@@ -89,8 +83,8 @@ def refusal(job, key: str, value) -> str | None:
                     "switch (FSDPModule.set_reshard_after_forward)")
         return None
     if key.startswith("memory."):
-        if job.compiled:
-            return _compiled_reason(job)
+        if job.compiled and (reason := _compiled_reason(job, key)):
+            return reason
         if key == "memory.activation_checkpointing" and not job.blocks and value != "none":
             return f"no repeated blocks were found in the model ({job.found_blocks.why}); pass blocks= to " \
                    "dspark_lab.attach"

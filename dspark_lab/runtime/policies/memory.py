@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from dspark_lab.allocator import HostPool
 from dspark_lab.runtime.discover import fsdp2_groups, fsdp2_modules
 from dspark_lab.runtime.module_hooks import InstanceForward
-from dspark_lab.runtime.policies import own_checkpointing
+from dspark_lab.runtime.policies import compiled, own_checkpointing
 from dspark_lab.runtime.policies.choices import CHECKPOINTING
 from dspark_lab.runtime.policies.offload import Offloaded, Offloader
 
@@ -252,7 +252,8 @@ def set_checkpointing(blocks, policy: str, tracker: SavedActivations | None = No
     checkpoint. Others get an instance attribute ``forward``
     (:class:`~dspark_lab.runtime.module_hooks.InstanceForward`): module hooks, parameters and ``state_dict`` keys
     stay as they were, deleting the attribute restores the class's forward, and a copy of the block
-    (``copy.deepcopy``, pickle) gets its plain forward.
+    (``copy.deepcopy``, pickle) gets its plain forward. A ``block.compile()``d block gets it on its compiled call
+    instead (:mod:`.compiled`), so the checkpoint runs the compiled graph and never changes what it traced.
     """
     wanted = set(blocks_to_checkpoint(policy, len(blocks)))
     by_script = 0
@@ -261,17 +262,17 @@ def set_checkpointing(blocks, policy: str, tracker: SavedActivations | None = No
             own_checkpointing.switch(block, index in wanted)
             by_script += index in wanted
             continue
-        wrapped = isinstance(block.__dict__.get("forward"), InstanceForward)
+        attribute = compiled.checkpointed_attribute(block)  # a block.compile()d block: its compiled call
+        wrapped = isinstance(block.__dict__.get(attribute), InstanceForward)
         if index in wanted and not wrapped:
             norms = [m for m in block.modules() if isinstance(m, _NormBase)]
-            replaced = block.__dict__.get("forward")  # a script's own instance forward, if any
-            block.forward = InstanceForward(
-                block, functools.partial(_checkpointed_forward, block.forward, norms, tracker), replaced)
+            replaced = block.__dict__.get(attribute)  # a script's own instance forward, if any
+            setattr(block, attribute, InstanceForward(
+                block, functools.partial(_checkpointed_forward, getattr(block, attribute), norms, tracker), replaced))
         elif index not in wanted and wrapped:
-            replaced = block.forward.replaced
-            del block.__dict__["forward"]
+            replaced = block.__dict__.pop(attribute).replaced
             if replaced is not None:
-                block.forward = replaced
+                setattr(block, attribute, replaced)
     return sorted(wanted), by_script
 
 

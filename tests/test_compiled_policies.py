@@ -1,0 +1,181 @@
+"""Memory policies on torch.compile'd models (runtime/policies/compiled.py): checkpointing wraps a block compiled on
+its own from outside its graph, offload goes through the saved-tensor hooks every compiled graph saves through, and
+a block inside a bigger compiled graph stays refused. "No recompile" is Dynamo's own count of graphs it built."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._dynamo.utils import counters
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+from conftest import wait_for_step
+from dspark_lab.errors import PolicyError
+from dspark_lab.plugins import make_manager
+from dspark_lab.runtime.attach import Job
+from dspark_lab.runtime.policies import builtin as builtin_policies
+from dspark_lab.runtime.records import RunDir
+
+FIXTURES = Path(__file__).parent / "runtime_fixtures"
+CHECKPOINTING, OFFLOAD = "memory.activation_checkpointing", "memory.activation_offload"
+
+
+class Block(nn.Module):
+    def __init__(self, width=32):
+        super().__init__()
+        self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(x)).sin())
+
+
+def model_of(blocks: int = 3) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), *[Block() for _ in range(blocks)], nn.Linear(32, 1))
+
+
+@pytest.fixture
+def job(tmp_path):
+    from dspark_lab.backends import cpu
+
+    manager = make_manager([cpu, builtin_policies], entry_points=False)
+    job = Job(RunDir.create("20260101-000000-abcdef", {"name": "unit"}, root=tmp_path), rank=0, world=1,
+              manager=manager)
+    job.activations.install()  # what start_job does before the script runs
+    yield job
+    job.activations.uninstall()
+    job.close()
+
+
+def compile_blocks(job, model, style: str) -> None:
+    """Compile each block on its own: torchtitan's ``torch.compile(block)`` put back, or ``block.compile()``."""
+    for index in range(1, len(model) - 1):
+        if style == "torch.compile(block)":
+            model[index] = torch.compile(model[index], backend="aot_eager", fullgraph=True)
+        else:
+            model[index].compile(backend="aot_eager", fullgraph=True)
+
+
+def step(job, model, run=None) -> tuple[float, list[torch.Tensor], int]:
+    """One forward and backward: the loss, the gradients and the peak bytes held for backward."""
+    data = torch.randn(128, 8, generator=torch.Generator().manual_seed(1))
+    model.zero_grad()
+    loss = (run or model)(data).pow(2).mean()
+    job.activations.reset_peak()
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in model.parameters()], job.activations.reset_peak()
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def apply(job, key, value) -> str:
+    job.validate({key: value})
+    failure, applied = job.apply_changes({key: value})
+    assert not failure, failure
+    return applied[0][3]
+
+
+@pytest.mark.parametrize("style", ["torch.compile(block)", "block.compile()"])
+def test_checkpointing_blocks_compiled_one_by_one_runs_their_graphs_again_without_recompiling(job, style):
+    model = model_of()
+    compile_blocks(job, model, style)
+    job.set_model(model)
+    assert len(job.compiled) == 3 and len(job.blocks) == 3
+    loss, grads, peak = step(job, model)
+    built = graphs()
+    for value in ("full", "none", "every-2", "full"):
+        assert apply(job, CHECKPOINTING, value).startswith(f"{0 if value == 'none' else 3 if value == 'full' else 2} ")
+        got_loss, got_grads, got_peak = step(job, model)
+        assert got_loss == loss and all(torch.equal(a, b) for a, b in zip(got_grads, grads))
+        assert graphs() == built, f"checkpointing={value} recompiled"
+        if value == "full":
+            assert got_peak < peak / 4  # only each block's input is kept, not the graphs' saved activations
+        if value == "none":
+            assert got_peak == peak
+
+
+def test_a_block_compile_checkpoint_wraps_the_compiled_call_and_switching_off_restores_it(job):
+    model = model_of()
+    compile_blocks(job, model, "block.compile()")
+    compiled_calls = [block._compiled_call_impl for block in model[1:4]]
+    job.set_model(model)
+    apply(job, CHECKPOINTING, "full")
+    assert all("forward" not in block.__dict__ for block in model[1:4])  # forward is what Dynamo traced
+    apply(job, CHECKPOINTING, "none")
+    assert [block._compiled_call_impl for block in model[1:4]] == compiled_calls
+
+
+def test_offload_goes_through_a_whole_model_compile_without_recompiling(job):
+    model = model_of()
+    job.on_compile(model)
+    run = torch.compile(model, backend="aot_eager")
+    job.set_model(run)
+    loss, grads, peak = step(job, model, run)
+    assert peak > 0  # the hooks stayed installed: the compiled graph's saved tensors are counted
+    built = graphs()
+    assert step(job, model, run)[0] == loss and graphs() == built  # no runtime hook is traced into the graph
+    assert "no memory effect" in apply(job, OFFLOAD, "host")
+    got_loss, got_grads, got_peak = step(job, model, run)
+    assert got_loss == loss and all(torch.equal(a, b) for a, b in zip(got_grads, grads)) and got_peak == peak
+    apply(job, OFFLOAD, "host-fp8")
+    assert step(job, model, run)[2] < peak / 2 and graphs() == built
+
+
+def test_checkpointing_blocks_inside_a_whole_model_compile_stays_refused_with_the_reason(job):
+    model = model_of()
+    job.on_compile(model)
+    job.set_model(torch.compile(model, backend="aot_eager"))
+    with pytest.raises(PolicyError, match=r"torch.compile compiled model, which holds the repeated blocks: a "
+                                          r"checkpoint put on a block inside a compiled graph is traced into it"):
+        job.validate({CHECKPOINTING: "full"})
+
+
+def test_the_scripts_own_checkpoint_compiled_into_each_block_stays_refused(job):
+    """torchtitan with AC on and compile: checkpoint_wrapper first, then torch.compile of the wrapped block."""
+    model = model_of(5)
+    for index in range(1, 6):
+        model[index] = torch.compile(checkpoint_wrapper(model[index]), backend="aot_eager")
+    job.set_model(model)
+    with pytest.raises(PolicyError, match=r"the script's own torch checkpoint_wrapper is compiled into the graphs "
+                                          r"of model.1, model.2, model.3 and 2 more: switching it would recompile"):
+        job.validate({CHECKPOINTING: "none"})
+    job.validate({OFFLOAD: "host"})
+
+
+@pytest.mark.slow
+def test_a_per_block_compiled_job_checkpoints_live_with_its_plain_losses_and_no_recompile(tmp_path):
+    from dspark_lab.runtime import commands
+
+    env = {**os.environ, "DSPARK_HOME": str(tmp_path / "home")}
+    plain = tmp_path / "plain.json"
+    subprocess.run([sys.executable, str(FIXTURES / "compile_blocks_train.py"), "40", str(plain)], check=True,
+                   timeout=120, env=env)
+    ours = tmp_path / "ours.json"
+    saved = os.environ.get("DSPARK_HOME")
+    os.environ["DSPARK_HOME"] = env["DSPARK_HOME"]
+    try:
+        job = commands.launch(FIXTURES / "compile_blocks_train.py", ["40", str(ours), "0.1"], nproc=1,
+                              name="compiled-blocks")
+        wait_for_step(job, 3)
+        assert commands.set_policies(job.id, [f"{CHECKPOINTING}=full"]).data["state"] == "applied"
+        assert job.wait(120) == 0, (job.run_dir.path / "output.log").read_text()[-3000:]
+        [applied] = [e for e in job.run_dir.events() if e["kind"] == "apply" and e["key"] == CHECKPOINTING]
+        metrics = {m["step"]: m for m in job.run_dir.metrics()}
+    finally:
+        os.environ.pop("DSPARK_HOME") if saved is None else os.environ.__setitem__("DSPARK_HOME", saved)
+    assert applied["reason"] == "4 of 4 blocks checkpointed" and applied["step"] < 35
+    got, want = json.loads(ours.read_text()), json.loads(plain.read_text())
+    assert got["losses"] == want["losses"]
+    assert set(got["graphs"]) == {got["graphs"][0]}, got["graphs"]  # Dynamo built no graph after the first step
+    before = [metrics[s]["peak_activation_bytes"] for s in range(2, applied["step"])]
+    after = [metrics[s]["peak_activation_bytes"] for s in range(applied["step"] + 1, 40)]
+    assert min(before) > 0 and max(after) < min(before) / 3, (before, after)
