@@ -5,7 +5,6 @@ a block inside a bigger compiled graph stays refused. "No recompile" is Dynamo's
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,21 +23,16 @@ from dspark_lab.runtime.policies import builtin as builtin_policies
 from dspark_lab.runtime.records import RunDir
 
 FIXTURES = Path(__file__).parent / "runtime_fixtures"
+sys.path.append(str(FIXTURES))
+from residual import mixed_model  # noqa: E402  (the fixture scripts' model)
+
 CHECKPOINTING, OFFLOAD = "memory.activation_checkpointing", "memory.activation_offload"
-
-
-class Block(nn.Module):
-    def __init__(self, width=32):
-        super().__init__()
-        self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
-
-    def forward(self, x):
-        return x + self.down(torch.nn.functional.gelu(self.up(x)).sin())
+STEPS = 24  # of the live run
 
 
 def model_of(blocks: int = 3) -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 32), *[Block() for _ in range(blocks)], nn.Linear(32, 1))
+    return mixed_model(32, 128, blocks)
 
 
 @pytest.fixture
@@ -98,7 +92,7 @@ def test_checkpointing_blocks_compiled_one_by_one_runs_their_graphs_again_withou
         assert got_loss == loss and all(torch.equal(a, b) for a, b in zip(got_grads, grads))
         assert graphs() == built, f"checkpointing={value} recompiled"
         if value == "full":
-            assert got_peak < peak / 4  # only each block's input is kept, not the graphs' saved activations
+            assert got_peak < peak / 3  # only each block's input is kept, not the graphs' saved activations
         if value == "none":
             assert got_peak == peak
 
@@ -152,30 +146,29 @@ def test_the_scripts_own_checkpoint_compiled_into_each_block_stays_refused(job):
 
 
 @pytest.mark.slow
-def test_a_per_block_compiled_job_checkpoints_live_with_its_plain_losses_and_no_recompile(tmp_path):
+def test_a_per_block_compiled_job_checkpoints_live_with_its_plain_losses_and_no_recompile(tmp_path, monkeypatch):
     from dspark_lab.runtime import commands
 
-    env = {**os.environ, "DSPARK_HOME": str(tmp_path / "home")}
-    plain = tmp_path / "plain.json"
-    subprocess.run([sys.executable, str(FIXTURES / "compile_blocks_train.py"), "40", str(plain)], check=True,
-                   timeout=120, env=env)
-    ours = tmp_path / "ours.json"
-    saved = os.environ.get("DSPARK_HOME")
-    os.environ["DSPARK_HOME"] = env["DSPARK_HOME"]
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path / "home"))
+    plain, ours = tmp_path / "plain.json", tmp_path / "ours.json"
+    reference = subprocess.Popen([sys.executable, str(FIXTURES / "compile_blocks_train.py"), str(STEPS), str(plain)])
+    job = commands.launch(FIXTURES / "compile_blocks_train.py", [str(STEPS), str(ours), "0.1"], nproc=1,
+                          name="compiled-blocks")
     try:
-        job = commands.launch(FIXTURES / "compile_blocks_train.py", ["40", str(ours), "0.1"], nproc=1,
-                              name="compiled-blocks")
         wait_for_step(job, 3)
         assert commands.set_policies(job.id, [f"{CHECKPOINTING}=full"]).data["state"] == "applied"
         assert job.wait(120) == 0, (job.run_dir.path / "output.log").read_text()[-3000:]
         [applied] = [e for e in job.run_dir.events() if e["kind"] == "apply" and e["key"] == CHECKPOINTING]
         metrics = {m["step"]: m for m in job.run_dir.metrics()}
     finally:
-        os.environ.pop("DSPARK_HOME") if saved is None else os.environ.__setitem__("DSPARK_HOME", saved)
-    assert applied["reason"] == "4 of 4 blocks checkpointed" and applied["step"] < 35
+        if job.poll() is None:
+            job.stop()
+    assert reference.wait(120) == 0
+    assert applied["reason"] == "4 of 4 blocks checkpointed" and applied["step"] < STEPS - 4
     got, want = json.loads(ours.read_text()), json.loads(plain.read_text())
     assert got["losses"] == want["losses"]
-    assert set(got["graphs"]) == {got["graphs"][0]}, got["graphs"]  # Dynamo built no graph after the first step
+    # Dynamo built its graphs in the first step and none after, across the switch
+    assert got["graphs"][0] > 0 and set(got["graphs"]) == {got["graphs"][0]}, got["graphs"]
     before = [metrics[s]["peak_activation_bytes"] for s in range(2, applied["step"])]
-    after = [metrics[s]["peak_activation_bytes"] for s in range(applied["step"] + 1, 40)]
+    after = [metrics[s]["peak_activation_bytes"] for s in range(applied["step"] + 1, STEPS)]
     assert min(before) > 0 and max(after) < min(before) / 3, (before, after)

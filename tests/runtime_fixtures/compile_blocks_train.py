@@ -8,28 +8,19 @@ import sys
 import time
 
 import torch
-import torch.nn as nn
 from torch._dynamo.utils import counters
 
-
-class Block(nn.Module):
-    def __init__(self, width=64):
-        super().__init__()
-        self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
-
-    def forward(self, x):
-        return x + self.down(torch.nn.functional.gelu(self.up(x)).sin())
-
+from residual import mixed_model
 
 torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(16, 64), *[Block() for _ in range(4)], nn.Linear(64, 1))
+model = mixed_model(64, 256, 4)
 for index in range(1, 5):
     model[index] = torch.compile(model[index], backend="aot_eager", fullgraph=True)
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
 steps, out, pause = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
 losses, graphs = [], []
 for step in range(steps):
-    data = torch.randn(64, 16, generator=torch.Generator().manual_seed(step))
+    data = torch.randn(64, 8, generator=torch.Generator().manual_seed(step))
     loss = model(data).pow(2).mean()
     opt.zero_grad()
     loss.backward()
