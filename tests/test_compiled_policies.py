@@ -145,6 +145,22 @@ def test_the_scripts_own_checkpoint_compiled_into_each_block_stays_refused(job):
     job.validate({OFFLOAD: "host"})
 
 
+def test_the_first_step_boundary_looks_through_dead_weak_proxies_torch_compile_leaves_on_the_heap(job):
+    """torchtitan with --compile.enable: the boundary's scan for a pipeline schedule raised ReferenceError."""
+    import weakref
+
+    from torch.distributed.pipelining import schedules  # noqa: F401  (the scan looks only once it is imported)
+
+    class Gone:
+        pass
+
+    gone = Gone()
+    dead = weakref.proxy(gone)
+    del gone
+    job.set_model(model_of())
+    assert builtin_policies.observed_values(job)["sched.pipeline"] == "none" and dead is not None
+
+
 @pytest.mark.slow
 def test_a_per_block_compiled_job_checkpoints_live_with_its_plain_losses_and_no_recompile(tmp_path, monkeypatch):
     from dspark_lab.runtime import commands

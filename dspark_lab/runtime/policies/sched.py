@@ -51,7 +51,9 @@ class PipelineState:
             return registered
         if registered is None and job.discovered and not self._scanned:
             self._scanned = True
-            found = [o for o in gc.get_objects() if isinstance(o, schedules._PipelineSchedule)]
+            # type(), not isinstance(): the heap holds dead weak proxies (torch.compile leaves some), and
+            # isinstance on one raises ReferenceError
+            found = [o for o in gc.get_objects() if issubclass(type(o), schedules._PipelineSchedule)]
             self.live_schedules = len(found)
             self.schedule = found[0] if len(found) == 1 else None
         return self.schedule
