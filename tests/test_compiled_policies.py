@@ -5,6 +5,7 @@ a block inside a bigger compiled graph stays refused. "No recompile" is Dynamo's
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from conftest import wait_for_step
 from dspark_lab.errors import PolicyError
 from dspark_lab.plugins import make_manager
+from dspark_lab.runtime import commands
 from dspark_lab.runtime.attach import Job
 from dspark_lab.runtime.policies import builtin as builtin_policies
 from dspark_lab.runtime.records import RunDir
@@ -133,12 +135,22 @@ def test_checkpointing_blocks_inside_a_whole_model_compile_stays_refused_with_th
         job.validate({CHECKPOINTING: "full"})
 
 
-def test_the_scripts_own_checkpoint_compiled_into_each_block_stays_refused(job):
-    """torchtitan with AC on and compile: checkpoint_wrapper first, then torch.compile of the wrapped block."""
+class FSDPModule:
+    """Stands for FSDP2's class of that name: ``fully_shard`` swaps a module's class for ``FSDP<Name>(FSDPModule,
+    <Name>)``, so torchtitan's compiled blocks are ``FSDPOptimizedModule``s."""
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["OptimizedModule", "FSDPOptimizedModule"])
+def test_the_scripts_own_checkpoint_compiled_into_each_block_stays_refused(job, sharded):
+    """torchtitan with AC on and compile: checkpoint_wrapper first, then torch.compile of the wrapped block, then
+    (sharded) fully_shard of the compiled block."""
     model = model_of(5)
     for index in range(1, 6):
         model[index] = torch.compile(checkpoint_wrapper(model[index]), backend="aot_eager")
+        if sharded:
+            model[index].__class__ = type("FSDPOptimizedModule", (FSDPModule, type(model[index])), {})
     job.set_model(model)
+    assert job.compiled == [f"model.{i}" for i in range(1, 6)]
     with pytest.raises(PolicyError, match=r"the script's own torch checkpoint_wrapper is compiled into the graphs "
                                           r"of model.1, model.2, model.3 and 2 more: switching it would recompile"):
         job.validate({CHECKPOINTING: "none"})
@@ -163,8 +175,6 @@ def test_the_first_step_boundary_looks_through_dead_weak_proxies_torch_compile_l
 
 @pytest.mark.slow
 def test_a_per_block_compiled_job_checkpoints_live_with_its_plain_losses_and_no_recompile(tmp_path, monkeypatch):
-    from dspark_lab.runtime import commands
-
     monkeypatch.setenv("DSPARK_HOME", str(tmp_path / "home"))
     plain, ours = tmp_path / "plain.json", tmp_path / "ours.json"
     reference = subprocess.Popen([sys.executable, str(FIXTURES / "compile_blocks_train.py"), str(STEPS), str(plain)])
@@ -188,3 +198,46 @@ def test_a_per_block_compiled_job_checkpoints_live_with_its_plain_losses_and_no_
     before = [metrics[s]["peak_activation_bytes"] for s in range(2, applied["step"])]
     after = [metrics[s]["peak_activation_bytes"] for s in range(applied["step"] + 1, STEPS)]
     assert min(before) > 0 and max(after) < min(before) / 3, (before, after)
+
+
+TITAN = Path(__file__).parent / "real_jobs" / "titan_cpu.py"
+
+
+def titan_losses(text: str) -> dict[int, float]:
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", text)  # torchtitan colours its log lines
+    return {int(step): float(loss) for step, loss in re.findall(r"step:\s+(\d+)\s+loss:\s+([\d.]+)", plain)}
+
+
+@pytest.mark.frameworks
+@pytest.mark.slow
+def test_torchtitan_compile_enable_checkpoints_its_compiled_blocks_live_with_plain_losses(tmp_path, monkeypatch):
+    """torchtitan 0.2.2's debug model, FSDP2 on 2 CPU ranks, ``--compile.enable`` (each TransformerBlock through
+    torch.compile, then fully_shard): checkpointing switched on live gives plain torchrun's losses, no recompile."""
+    pytest.importorskip("torchtitan", reason="the frameworks extra is not installed")
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path / "home"))
+    steps = 10
+    args = ["--parallelism.data_parallel_shard_degree=2", f"--training.steps={steps}", "--compile.enable",
+            "--compile.backend=aot_eager"]
+    reference = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                                  str(TITAN), *args, f"--job.dump_folder={tmp_path / 'plain'}"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # meanwhile
+    job = commands.launch(TITAN, [*args, f"--job.dump_folder={tmp_path / 'ours'}"], nproc=2, name="titan-compiled",
+                          env={"TORCH_LOGS": "recompiles"})
+    try:
+        wait_for_step(job, 3, timeout=240)
+        report = commands.set_policies(job.id, [f"{CHECKPOINTING}=full"], timeout=120)
+        assert job.wait(240) == 0
+    finally:
+        if job.poll() is None:
+            job.stop()
+    output = (job.run_dir.path / "output.log").read_text()
+    plain = reference.communicate(timeout=240)[0]
+    assert report.data["state"] == "applied" and 1 < report.data["step"] < steps
+    applies = [e for e in job.run_dir.events() if e["kind"] == "apply"]
+    assert [e["reason"] for e in applies] == ["4 of 4 blocks checkpointed"] * 2
+    assert not [e for e in job.run_dir.events() if e["kind"] == "error"]
+    assert "Recompiling" not in output
+    assert titan_losses(output) == titan_losses(plain) and len(titan_losses(plain)) == steps
+    peak = {m["step"]: m["peak_activation_bytes"] for m in job.run_dir.metrics() if m["rank"] == 0}
+    step = report.data["step"]
+    assert max(peak[s] for s in range(step, steps + 1)) < min(peak[s] for s in range(1, step)) / 3, peak

@@ -48,10 +48,16 @@ def _is_fsdp2_class(cls: type) -> bool:
     return any(c.__name__ == "FSDPModule" for c in cls.__mro__)
 
 
+def is_optimized_module(module: nn.Module) -> bool:
+    """A ``torch.compile(module)`` wrapper, also once ``fully_shard`` made it an ``FSDPOptimizedModule`` (torchtitan
+    compiles each block, then shards it)."""
+    return any(cls.__name__ == "OptimizedModule" for cls in type(module).__mro__) and "_orig_mod" in module._modules
+
+
 def user_class(module: nn.Module) -> type:
     """The class the script wrote: FSDP2's ``FSDP<Name>`` subclass, an FSDP1 unit and compile's OptimizedModule are
     looked through."""
-    if type(module).__name__ == "OptimizedModule" and "_orig_mod" in module._modules:
+    if is_optimized_module(module):
         return user_class(module._modules["_orig_mod"])
     if fsdp1.is_unit(module):
         return user_class(fsdp1.inner(module))
@@ -164,7 +170,7 @@ def compiled_paths(model: nn.Module, compiled_ids: set[int] = frozenset(), root:
         path = f"{root}.{name}" if name else root
         if any(path.startswith(f + ".") for f in found):  # inside a compiled module already named
             continue
-        if (type(module).__name__ == "OptimizedModule" or id(module) in compiled_ids
+        if (is_optimized_module(module) or id(module) in compiled_ids
                 or module.__dict__.get("_compiled_call_impl") is not None):
             found.append(path)
     return found
