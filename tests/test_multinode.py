@@ -86,7 +86,8 @@ def test_pet_variables_take_the_place_of_missing_options(tmp_path, monkeypatch, 
     assert options == {"nnodes": "2", "max_restarts": "5", "rdzv_backend": "c10d",
                        "rdzv_endpoint": "job-worker-0:29400", "rdzv_id": "job"}
     command = TorchrunLauncher().command("s.py", [], nproc, options)
-    assert command[1:3] == ["-m", "torch.distributed.run"]  # not the single-node loopback rendezvous
+    # torchrun's own main behind the agent's hooks, not the single-node loopback rendezvous
+    assert command[1:3] == ["-m", "dspark_lab.runtime.launchers.agent"]
     assert multinode.from_environment({}, None, {}) == ({}, 1)
     with pytest.raises(DSparkError, match="^PET_NPROC_PER_NODE: "):
         multinode.from_environment({}, None, {"PET_NPROC_PER_NODE": "auto"})
@@ -300,6 +301,28 @@ def test_a_killed_worker_restarts_the_group_with_the_policies_in_force(nodes_fac
     assert all(records[0]["policies"]["comm.grad_sync"] == "ring" for records in second.values())
     assert all(records[-1]["policies"]["memory.activation_checkpointing"] == "full" for records in second.values())
     assert_ranks_agree(steps, restart=1)
+
+
+@pytest.mark.slow
+def test_a_rank_killed_on_the_other_node_is_named_in_rank_0s_run_record(nodes_factory):
+    # rank 3 (the second node's) kills itself with SIGKILL after step 3: it says nothing, the other ranks fail on
+    # its closed connection; only the second node's agent saw the signal, and relays it to rank 0's node
+    nodes = nodes_factory([100000, 0.05, "--sigkill-at", 3], rdzv_id="killed")
+    zero = nodes.rank0_node()
+    started = time.monotonic()
+    codes = nodes.wait(60)
+    took = time.monotonic() - started
+    infos = [json.loads((nodes.run_dir(node) / "run.json").read_text()) for node in (0, 1)]
+    for node in (zero, 1 - zero):  # rank 0's node names the relayed death; the second node its own rank's
+        info = infos[node]
+        assert (info["state"], info["exit_code"], info["error"]) == \
+            ("failed", 137, "rank 3: killed by signal 9 (SIGKILL)"), (node, info, nodes.output())
+    assert codes == [137, 137], nodes.output()
+    killed = [e for e in nodes.events(zero) if e["kind"] == "error" and e.get("source") == "agent"]
+    # rank 3's death, relayed; rank 2 is the SIGTERM its agent sent it once rank 3 had died (not the cause)
+    assert {(e["rank"], e["exit_code"], e["signal"]) for e in killed} <= {(3, 137, 9), (2, 143, 15)}, killed
+    assert [e["rank"] for e in killed if e["signal"] == 9] == [3], killed
+    print(f"both agents ended {took:.1f} s after rank 0 started")
 
 
 # --- the store pieces, on an in-process store (fast) -------------------------------------------------------------

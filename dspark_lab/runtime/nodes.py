@@ -2,7 +2,7 @@
 
 Each node has its own run directory (same run id, its own ``DSPARK_HOME``), and its ranks write their records
 there. Ranks on other nodes cannot write rank 0's files on a real cluster, so they also hand each record to rank 0
-through torchrun's store: record ``n`` of rank ``r`` goes to ``records/g<restart>/<r>/<n>``, sealed with the run's
+through torchrun's store: record ``n`` of rank ``r`` goes to ``records/<r>/<n>``, sealed with the run's
 token like every other value (:class:`~.sealed.Sealer`); a collector thread of rank 0 moves them into rank 0's
 ``events.jsonl`` / ``metrics.jsonl`` (about every half second) and deletes the keys, so the store does not grow.
 Rank 0's node thus shows every rank; another node shows its own ranks.
@@ -50,9 +50,14 @@ def run_store(run_id: str):
     """A new client of torchrun's store under ``dspark/<run-id>/`` (one per thread that uses it), or None alone."""
     if _env_int("WORLD_SIZE", 1) == 1 or "MASTER_ADDR" not in os.environ:
         return None
+    return connect(run_id, *store_address())
+
+
+def connect(run_id: str, host: str, port: int, timeout_s: float = 60):
+    """A new client of the store at ``host:port``, under the run's prefix ``dspark/<run-id>/``."""
     import torch.distributed as dist
 
-    store = dist.TCPStore(*store_address(), is_master=False, timeout=datetime.timedelta(seconds=60))
+    store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
     return dist.PrefixStore(f"dspark/{run_id}/", store)
 
 
@@ -98,47 +103,35 @@ class RelayedWriter:
         self._writer.close()
 
 
-class Collector:
-    """Rank 0: a daemon thread moving other nodes' records from the store into this node's run directory."""
+class Drain:
+    """Moves the records other nodes relayed for ``ranks`` from the store into this node's run directory.
 
-    def __init__(self, run_dir, ranks: list[int], on_ignored=lambda key, why: None):
-        self.run_dir, self.ranks, self.on_ignored = run_dir, ranks, on_ignored
+    Each rank's ``records/<r>/read`` counts the records moved so far, so a later drain (the next group's rank 0, or
+    the agent of rank 0's node after its workers ended: :mod:`.launchers.node_agent`) goes on where this one stopped.
+    Only one drain may read the store at a time.
+    """
+
+    def __init__(self, store, run_dir, ranks: list[int], on_ignored=lambda key, why: None):
+        self.store, self.ranks, self.on_ignored = store, ranks, on_ignored
         self.sealer = Sealer(run_dir.token(), run_dir.id)
         self.writers = {"events.jsonl": JsonlWriter(run_dir.events_path), "metrics.jsonl": run_dir.metrics_writer()}
-        self.next: dict[int, int] = {}
-        self._done = threading.Event()
-        self._store = None
-        self._thread = threading.Thread(target=self._run, name="dspark-collector", daemon=True)
-        self._thread.start()
+        self.next = {rank: int(store.add(f"records/{rank}/read", 0)) for rank in ranks}
 
-    def _run(self) -> None:
-        try:
-            store = run_store(self.run_dir.id)
-            # where the previous group's rank 0 stopped reading (after a restart), else 0
-            self.next = {rank: int(store.add(f"records/{rank}/read", 0)) for rank in self.ranks}
-            self._store = store
-        except Exception:
-            return
-        while not self._done.wait(COLLECT_EVERY_S):
-            self.drain()
-
-    def drain(self) -> int:
+    def __call__(self) -> int:
         """Move every record waiting in the store; returns how many."""
         moved = 0
-        if self._store is None:
-            return moved
         for rank in self.ranks:
             while True:
                 key = f"records/{rank}/{self.next[rank]}"
                 try:
-                    if not self._store.check([key]):
+                    if not self.store.check([key]):
                         break
-                    raw = self._store.get(key)
-                    self._store.delete_key(key)
+                    raw = self.store.get(key)
+                    self.store.delete_key(key)
                 except Exception:
                     return moved
                 self.next[rank] += 1
-                self._store.add(f"records/{rank}/read", 1)
+                self.store.add(f"records/{rank}/read", 1)
                 try:
                     value = self.sealer.open(key, raw)
                     file, record = value["file"], value["record"]
@@ -152,6 +145,33 @@ class Collector:
                 moved += 1
         return moved
 
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
+class Collector:
+    """Rank 0: a daemon thread moving other nodes' records from the store into this node's run directory."""
+
+    def __init__(self, run_dir, ranks: list[int], on_ignored=lambda key, why: None):
+        self.run_dir, self.ranks, self.on_ignored = run_dir, ranks, on_ignored
+        self._drain: Drain | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dspark-collector", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._drain = Drain(run_store(self.run_dir.id), self.run_dir, self.ranks, self.on_ignored)
+        except Exception:
+            return
+        while not self._done.wait(COLLECT_EVERY_S):
+            self.drain()
+
+    def drain(self) -> int:
+        """Move every record waiting in the store; returns how many."""
+        return self._drain() if self._drain is not None else 0
+
     def close(self, grace_s: float = 1.0) -> None:
         """Stop, after the records the other nodes wrote in the last ``grace_s`` seconds came in."""
         self._done.set()
@@ -161,8 +181,8 @@ class Collector:
             if not self.drain():
                 threading.Event().wait(0.25)
                 deadline -= 0.25
-        for writer in self.writers.values():
-            writer.close()
+        if self._drain is not None:
+            self._drain.close()
 
 
 class EndpointWatcher:

@@ -1,10 +1,12 @@
 """DDP on gloo, 4 blocks; after every step each rank logs the policies in force to $NODES_LOG/rank<R>.jsonl.
 
 argv: steps, sleep per step; with `--die-after-change`, global rank 3 of the first group of workers exits with code 1
-three steps after it sees comm.grad_sync changed (torchrun then restarts the group).
+three steps after it sees comm.grad_sync changed (torchrun then restarts the group); with `--sigkill-at N`, global
+rank 3 (on the second node) of the first group kills itself with SIGKILL after step N, saying nothing.
 """
 import json
 import os
+import signal
 import sys
 import time
 
@@ -17,6 +19,7 @@ from residual import mixed_model, step_and_log
 
 steps, pause = int(sys.argv[1]), float(sys.argv[2])
 die = "--die-after-change" in sys.argv
+sigkill_at = int(sys.argv[sys.argv.index("--sigkill-at") + 1]) if "--sigkill-at" in sys.argv else None
 changed_at = None
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -35,5 +38,7 @@ for step in range(1, steps + 1):
         changed_at = step
     if die and restart == 0 and rank == 3 and changed_at is not None and step == changed_at + 3:
         os._exit(1)
+    if sigkill_at == step and restart == 0 and rank == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(pause)
 dist.destroy_process_group()

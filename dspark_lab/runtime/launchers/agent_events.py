@@ -1,15 +1,16 @@
-"""What torchrun's agent adds to a one-node run's events: each restart of the group with the rank that caused it,
+"""What torchrun's agent adds to a node's events: each restart of the group with the rank that caused it,
 and each rank that ended without a word of its own.
 
 A rank that fails says why itself (:mod:`dspark_lab.runtime.bootstrap`: an ``error`` event with its reason and exit
 code). A rank killed by a signal (``kill -9``, the OOM killer) or one that left through ``os._exit`` writes nothing,
 so the first error in the events was a surviving rank's (gloo's ``Connection closed by peer``). torchrun's agent
-sees every rank's exit status: the loopback launcher (:mod:`.loopback`) passes the failures torchrun reports to
-:func:`record_failures`, which writes an ``error`` event (``source: "agent"``, ``signal`` for a signal, exit code
+sees every rank's exit status: the agent entry (:mod:`.agent`, behind :mod:`.loopback` on one node) passes the
+failures torchrun reports to :func:`record_failures`, which writes an ``error`` event (``source: "agent"``, ``signal`` for a signal, exit code
 128 + the signal as a shell reports it) for each failed rank with none of its own in the group; the supervisor's
 :func:`~dspark_lab.runtime.launch.ending` then names that rank. A restart under ``--max-restarts`` does the same
 for the group it ends, and its ``restart`` event names the rank (:func:`record_restart`), so ``dspark-lab events``
-says ``restart 1: rank 1: killed by signal 9 (SIGKILL)``. Imports nothing heavy: the supervisor reads it.
+says ``restart 1: rank 1: killed by signal 9 (SIGKILL)``. On several nodes the other nodes' agents relay such
+events to rank 0's node (:mod:`.node_agent`). Imports nothing heavy: the supervisor reads it.
 """
 
 from __future__ import annotations
@@ -66,26 +67,32 @@ def _write(run_dir: RunDir, events: list[dict[str, Any]]) -> None:
               file=sys.stderr)
 
 
-def record_restart(restart: int, failures: Mapping[int, Any] | None = None) -> dict[str, Any] | None:
+def record_restart(restart: int, failures: Mapping[int, Any] | None = None,
+                   others: Iterable[int] = ()) -> dict[str, Any] | None:
     """A ``restart`` event: the group's workers start again (``restart`` counts from 1), naming why.
 
     ``failures`` are what torchrun restarted over (global rank -> ``ProcessFailure``, :mod:`.failures`): each
     failed rank that said nothing gets its ``error`` event first, as when a run fails, and the restart names the
     rank that ended the group (:func:`first_cause`) in ``failed_rank``, ``exit_code``, ``signal`` and its reason
-    (``restart 1: rank 1: killed by signal 9 (SIGKILL); ...``), every failed rank in ``failed_ranks``."""
+    (``restart 1: rank 1: killed by signal 9 (SIGKILL); ...``), every failed rank in ``failed_ranks``. The errors
+    of ``others`` (ranks of other nodes, relayed here: :mod:`.node_agent`) count as this group's too."""
     run_dir = _run_dir()
     if run_dir is None:
         return None
     failures = failures or {}
-    silent, first = [], None
-    if failures:  # else nothing is read: the event goes out whatever the records hold
+    others = set(others)
+    silent, first, failed = [], None, set(failures)
+    if failures or others:  # else nothing is read: the event goes out whatever the records hold
         silent = _failure_events(run_dir, failures)
-        first = first_cause(e for e in group_events(run_dir.events()) + silent if e.get("kind") == "error"
-                            and e.get("rank") in failures and isinstance(e.get("exit_code"), int) and e["exit_code"])
+        errors = [e for e in group_events(run_dir.events()) + silent if e.get("kind") == "error"
+                  and (e.get("rank") in failures or e.get("rank") in others)
+                  and isinstance(e.get("exit_code"), int) and e["exit_code"]]
+        failed |= {e["rank"] for e in errors}
+        first = first_cause(errors)
     cause = cause_text(first) if first else "a rank had ended"
     event = {"time": time.time(), "step": None, "rank": None, "kind": RESTART, "restart": restart,
              "failed_rank": first and first["rank"], "exit_code": first and first["exit_code"],
-             "signal": first and first.get("signal"), "failed_ranks": sorted(failures),
+             "signal": first and first.get("signal"), "failed_ranks": sorted(failed),
              "reason": f"restart {restart}: {cause}; torchrun started every rank again"}
     _write(run_dir, [*silent, event])
     return event

@@ -4,7 +4,7 @@ torch's TCPStore server binds every interface whatever host it is given, and tor
 that, so ``--standalone`` leaves the run's store (which accepts any ``set`` from anyone who can reach the port)
 open to the network. The store does accept an already-listening socket (``master_listen_fd``): this rendezvous
 binds one on loopback, hands it to the store and tells the ranks ``MASTER_ADDR=127.0.0.1``. It is registered with
-torchrun's own handler registry, then torchrun's ``main`` runs unchanged:
+torchrun's own handler registry, then torchrun's ``main`` runs unchanged with the agent's hooks (:mod:`.agent`):
 
 ``python -m dspark_lab.runtime.launchers.loopback --rdzv-backend=dspark-loopback --rdzv-endpoint=127.0.0.1:0 ...``
 
@@ -29,7 +29,7 @@ from torch.distributed import PrefixStore, TCPStore
 from torch.distributed.elastic.rendezvous import (RendezvousHandler, RendezvousInfo, RendezvousParameters,
                                                   RendezvousStoreInfo, rendezvous_handler_registry)
 
-from dspark_lab.runtime.launchers import agent_events, failures
+from dspark_lab.runtime.launchers import agent, agent_events, failures
 
 BACKEND = "dspark-loopback"
 HOST = "127.0.0.1"
@@ -105,20 +105,8 @@ def create_handler(params: RendezvousParameters) -> RendezvousHandler:
 
 
 def main(argv: list[str]) -> None:
-    from torch.distributed import run
-    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
     rendezvous_handler_registry.register(BACKEND, create_handler)
-    failures.watch(LocalElasticAgent)  # what each restart was over, for its event
-    try:
-        run.main(argv)
-    except SignalException as exc:  # Ctrl-C or a forwarded SIGTERM: torchrun has already passed it to the ranks
-        raise SystemExit(128 + int(exc.sigval)) from None
-    except ChildFailedError as exc:  # the ranks that ended without a word (a signal) are named in the events
-        agent_events.record_failures(exc.failures)
-        raise
+    agent.main(argv)
 
 
 if __name__ == "__main__":

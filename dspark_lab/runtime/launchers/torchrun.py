@@ -1,8 +1,9 @@
 """The default launcher: torch's own torchrun, with the bootstrap in front of the script on every rank.
 
-torchrun's options pass through, so multi-node runs (``--nnodes``, ``--rdzv-*``) work as under plain torchrun. A
-single-node run with no rendezvous of its own gets :mod:`.loopback`'s rendezvous, whose store listens on
-127.0.0.1 only (torchrun's ``--standalone`` store listens on every interface).
+torchrun's options pass through, so multi-node runs (``--nnodes``, ``--rdzv-*``) work as under plain torchrun; its
+``main`` runs behind the agent's hooks (:mod:`.agent`). A single-node run with no rendezvous of its own gets
+:mod:`.loopback`'s rendezvous, whose store listens on 127.0.0.1 only (torchrun's ``--standalone`` store listens on
+every interface).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class TorchrunLauncher(Launcher):
                        "--nnodes=1", "--rdzv-backend=dspark-loopback", "--rdzv-endpoint=127.0.0.1:0"]
             options = {k: v for k, v in options.items() if k in ("max_restarts", "monitor_interval", "rdzv_id")}
         else:
-            command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+            # torchrun's own main behind the agent's hooks (a rank killed on any node is named on rank 0's)
+            command = [sys.executable, "-m", "dspark_lab.runtime.launchers.agent", f"--nproc-per-node={nproc}"]
             if options.get("rdzv_endpoint") and not options.get("rdzv_backend"):
                 options = {**options, "rdzv_backend": "c10d"}  # torchrun's default, static, ignores the endpoint's id
         for name in TORCHRUN_OPTIONS:
