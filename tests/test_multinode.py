@@ -374,3 +374,40 @@ def test_relayed_records_reach_rank_0_and_forged_ones_do_not(tmp_path, monkeypat
     assert {k: liveness.read_endpoint(node1.path)[k] for k in ("host", "port")} == {"host": "10.1.2.3", "port": 4567}
     watcher.close()
     del server
+
+
+def test_another_nodes_agent_relays_a_killed_rank_and_rank_0s_agent_takes_it(tmp_path, monkeypatch):
+    import datetime
+    from types import SimpleNamespace as NS
+
+    import torch.distributed as dist
+
+    from dspark_lab.runtime.launchers import failures, node_agent
+    from dspark_lab.runtime.records import RunDir
+
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=datetime.timedelta(seconds=10))
+    token = secrets.token_urlsafe(24)
+    dirs = [RunDir.create("rdzv-agents", {"name": "unit"}, root=tmp_path / f"n{n}", token=token) for n in (0, 1)]
+    agents = [node_agent.NodeAgent(run_dir, f"127.0.0.1:{port}") for run_dir in dirs]
+    group = [NS(group_rank=n, group_world_size=2, workers=[NS(global_rank=2 * n + i, world_size=4) for i in (0, 1)])
+             for n in (0, 1)]
+    monkeypatch.setenv("DSPARK_RUN_DIR", str(dirs[1].path))  # the second node: rank 3 killed, relayed at once
+    agents[1].on_failures(group[1], {3: NS(exitcode=-9, timestamp=100.0, pid=42)})
+    assert [(e["rank"], e["signal"]) for e in dirs[1].events()] == [(3, 9)]
+    monkeypatch.setenv("DSPARK_RUN_DIR", str(dirs[0].path))  # rank 0's node: its ranks failed on the closed peer
+    dirs[0].events_path.write_text(json.dumps({"time": 100.2, "step": 4, "rank": 0, "kind": "error", "exit_code": 1,
+                                               "reason": "RuntimeError: Connection closed by peer"}) + "\n")
+    failures.take()
+    failures._seen[0] = NS(exitcode=1, timestamp=100.2, pid=41)  # what the agent's watch kept of rank 0
+    started = time.monotonic()
+    agents[0].after_stop(group[0], restarting=True)  # the report is there: no wait
+    assert time.monotonic() - started < node_agent.REPORT_WAIT_S
+    restart = dirs[0].events()[-1]
+    assert (restart["kind"], restart["failed_rank"], restart["exit_code"], restart["failed_ranks"]) == \
+        ("restart", 3, 137, [0, 3]), restart
+    assert restart["reason"].startswith("restart 1: rank 3: killed by signal 9 (SIGKILL); ")
+    started = time.monotonic()
+    agents[1].finish()  # rank 0's node took the report: the second node's agent exits at once
+    assert time.monotonic() - started < 1
+    del server

@@ -5,12 +5,13 @@ A rank that fails says why itself (:mod:`dspark_lab.runtime.bootstrap`: an ``err
 code). A rank killed by a signal (``kill -9``, the OOM killer) or one that left through ``os._exit`` writes nothing,
 so the first error in the events was a surviving rank's (gloo's ``Connection closed by peer``). torchrun's agent
 sees every rank's exit status: the agent entry (:mod:`.agent`, behind :mod:`.loopback` on one node) passes the
-failures torchrun reports to :func:`record_failures`, which writes an ``error`` event (``source: "agent"``, ``signal`` for a signal, exit code
-128 + the signal as a shell reports it) for each failed rank with none of its own in the group; the supervisor's
-:func:`~dspark_lab.runtime.launch.ending` then names that rank. A restart under ``--max-restarts`` does the same
-for the group it ends, and its ``restart`` event names the rank (:func:`record_restart`), so ``dspark-lab events``
-says ``restart 1: rank 1: killed by signal 9 (SIGKILL)``. On several nodes the other nodes' agents relay such
-events to rank 0's node (:mod:`.node_agent`). Imports nothing heavy: the supervisor reads it.
+failures torchrun reports to :func:`record_failures`, which writes an ``error`` event (``source: "agent"``,
+``signal`` for a signal, exit code 128 + the signal as a shell reports it) for each failed rank with none of its own
+in the group; the supervisor's :func:`~dspark_lab.runtime.launch.ending` then names that rank. A restart under
+``--max-restarts`` does the same for the group it ends, and its ``restart`` event names the rank
+(:func:`record_restart`), so ``dspark-lab events`` says ``restart 1: rank 1: killed by signal 9 (SIGKILL)``. On
+several nodes the other nodes' agents relay such events to rank 0's node (:mod:`.node_agent`). Imports nothing
+heavy: the supervisor reads it.
 """
 
 from __future__ import annotations
