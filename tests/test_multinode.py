@@ -301,6 +301,10 @@ def test_a_killed_worker_restarts_the_group_with_the_policies_in_force(nodes_fac
     assert all(records[0]["policies"]["comm.grad_sync"] == "ring" for records in second.values())
     assert all(records[-1]["policies"]["memory.activation_checkpointing"] == "full" for records in second.values())
     assert_ranks_agree(steps, restart=1)
+    # torchrun's agent restarted the group: rank 0's node says so once, naming rank 3 (relayed by its node's agent)
+    restart = [e for e in events if e["kind"] == "restart"]
+    assert [(e["restart"], e["failed_rank"], e["exit_code"]) for e in restart] == [(1, 3, 1)], restart
+    assert restart[0]["reason"].startswith("restart 1: rank 3: exited with code 1 without an error of its own"), restart
 
 
 @pytest.mark.slow
