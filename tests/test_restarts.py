@@ -97,7 +97,9 @@ def test_a_killed_rank_restarts_a_one_node_group_with_the_live_change_in_force(t
     assert (restart["failed_rank"], restart["exit_code"], restart["signal"]) == (1, 137, 9), restart
     assert restart["reason"].startswith("restart 1: rank 1: killed by signal 9 (SIGKILL); "), restart
     killed = [e for e in events[:restarts[0]] if e["kind"] == "error" and e.get("source") == "agent"]
-    assert [(e["rank"], e["signal"]) for e in killed] == [(1, 9)], events  # in the first group's events
+    # in the first group's events; rank 0 may be there too, with torchrun's SIGTERM of the survivors (never the cause)
+    assert (1, 9) in [(e["rank"], e["signal"]) for e in killed], events
+    assert all(e["signal"] == 15 for e in killed if e["rank"] != 1), events
     shown = subprocess.run([*CLI, "events", "restarts"], env=env, capture_output=True, text=True, timeout=60)
     assert "restart 1: rank 1: killed by signal 9 (SIGKILL)" in shown.stdout, shown.stdout[-2000:]
     assert [e["rank"] for e in events[restarts[0]:] if e["kind"] == "start"] in ([0, 1], [1, 0])
