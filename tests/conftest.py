@@ -13,6 +13,7 @@ import importlib.metadata
 import importlib.util
 import io
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -128,6 +129,13 @@ def example_plugin_paths(tmp_path_factory) -> list[str]:
 
 
 EXIT_ABORT = "terminate called without an active exception"
+
+
+def terminal_sigint() -> None:
+    """``preexec_fn`` for a process a test Ctrl-Cs: SIGINT as a terminal's foreground job has it. A pytest started
+    in the background by a non-interactive shell (``pytest &``) has SIGINT ignored, and every child would inherit
+    that: the supervisor would never see the Ctrl-C and the test would wait out its timeout."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def plain_torchrun(args, nproc: int = 2, timeout: float = 300):

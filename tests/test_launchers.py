@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import terminal_sigint
 from dspark_lab.errors import DSparkError
 from dspark_lab.plugins import make_manager
 from dspark_lab.runtime import launchers
@@ -303,7 +304,7 @@ def test_ctrl_c_stops_the_run_with_exit_code_130_and_a_one_line_reason(tmp_path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     supervisor = subprocess.Popen([sys.executable, "-m", "dspark_lab.runtime.launch", str(run_dir.path)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                  start_new_session=True)
+                                  start_new_session=True, preexec_fn=terminal_sigint)
     assert supervisor.stdout.readline() == "ready\n"
     os.killpg(supervisor.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
     assert supervisor.wait(timeout=60) == 130, supervisor.stderr.read()[-2000:]

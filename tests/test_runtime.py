@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import plain_torchrun, wait_for_step
+from conftest import plain_torchrun, terminal_sigint, wait_for_step
 from dspark_lab.runtime import commands
 from dspark_lab.cli import main as cli_main
 from dspark_lab.errors import ControlError, DSparkError, PolicyError
@@ -259,7 +259,8 @@ def test_a_rank_killed_by_sigkill_is_the_runs_reason_not_the_survivors_closed_co
 def test_ctrl_c_stops_a_torchrun_job_with_exit_code_130_and_no_traceback():
     run = subprocess.Popen([sys.executable, "-m", "dspark_lab", "run", "--nproc", "2", "--name", "ctrl-c", str(DEMO),
                             *SMALL, "--steps", "100000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True)
+                           text=True, start_new_session=True,
+                           preexec_fn=terminal_sigint)
     try:
         run_id = run.stderr.readline().split()[2]
         run_dir = find_run(run_id)
