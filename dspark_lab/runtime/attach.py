@@ -30,7 +30,6 @@ runs through them:
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import os
 import sys
@@ -41,13 +40,12 @@ from typing import Any, Callable
 
 import psutil
 import torch
-import torch.distributed as dist
 
 from dspark_lab.errors import DSparkError, PolicyError
 from dspark_lab.plugins import Manager, get_manager
 from dspark_lab.runtime import discover, fsdp1
 from dspark_lab.runtime.cluster import Cluster
-from dspark_lab.runtime.nodes import store_address
+from dspark_lab.runtime.nodes import run_store as connect_run_store
 from dspark_lab.runtime.coordinator import Coordinator, PendingChange
 from dspark_lab.runtime.jobinfo import describe
 from dspark_lab.runtime.metering import StepMeter
@@ -66,16 +64,6 @@ RIVAL_STEPS = 2  # steps of another optimizer, while the job's does not step, th
 
 def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
-
-
-def _connect_store(run_id: str):
-    """A client of torchrun's TCPStore under a per-run prefix, or None when this process is alone."""
-    if _env_int("WORLD_SIZE", 1) == 1 or "MASTER_ADDR" not in os.environ:
-        return None
-    host, port = store_address()
-    store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=60))
-    return dist.PrefixStore(f"dspark/{run_id}/", store)
-
 
 
 def _backend_for(manager: Manager, device_type: str):
@@ -381,7 +369,7 @@ def start_job(run_dir: RunDir, *, launch_policies: dict[str, Any] | None = None,
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     cluster = None
     if store is None:
-        run_store = _connect_store(run_dir.id)
+        run_store = connect_run_store(run_dir.id)
         if run_store is not None:  # torchrun: restarts, other nodes; announcements under this group's keys
             cluster = Cluster(run_dir, rank, world, run_store)
             store = cluster.group_store

@@ -29,7 +29,8 @@ GROUP_KEY = "group"
 
 
 class GroupStore:
-    """The coordinator's store for this group of workers (check / get / set / delete_key / wait), its prefix named by rank 0.
+    """The coordinator's store for this group of workers (check / get / set / delete_key / wait), its prefix named
+    by rank 0.
 
     ``scope`` is the group's nonce: the coordinator seals its values for it, so a value sealed in an earlier group
     does not open in this one even when copied under this group's keys.
