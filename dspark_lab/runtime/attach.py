@@ -183,7 +183,7 @@ class Job:
         if not self.discovered:
             # on torch.compile's wrapper, whose hooks run outside the graph: traced into it, the batch counter's
             # attributes become guards and every step with another count recompiles
-            outer = model if type(model).__name__ == "OptimizedModule" else inner
+            outer = model if discover.is_optimized_module(model) else inner
             outer.register_forward_pre_hook(RuntimeHook(self.meter.count_batch), with_kwargs=True)
         self.discovered = True
         self.notify_states("on_model")

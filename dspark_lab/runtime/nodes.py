@@ -26,6 +26,7 @@ from dspark_lab.runtime.records import JsonlWriter
 ENDPOINT_KEY = "endpoint"
 COLLECT_EVERY_S = 0.5
 WATCH_EVERY_S = 1.0
+STORE_VARIABLE = "DSPARK_STORE"  # host:port of the store that outlives every group of workers
 FILES = ("events.jsonl", "metrics.jsonl")
 
 
@@ -40,8 +41,8 @@ def node_rank() -> int:
 def store_address() -> tuple[str, int]:
     """The store the runtime uses: the rendezvous store of a multi-node run (``DSPARK_STORE``, set by
     ``dspark-lab run``: it outlives every group of workers), else torchrun's MASTER_ADDR:MASTER_PORT."""
-    if os.environ.get("DSPARK_STORE"):
-        host, _, port = os.environ["DSPARK_STORE"].rpartition(":")
+    if os.environ.get(STORE_VARIABLE):
+        host, _, port = os.environ[STORE_VARIABLE].rpartition(":")
         return host, int(port)
     return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
 

@@ -30,11 +30,11 @@ from torch.distributed.elastic.rendezvous import (RendezvousHandler, RendezvousI
                                                   RendezvousStoreInfo, rendezvous_handler_registry)
 
 from dspark_lab.runtime.launchers import agent, agent_events, failures
+from dspark_lab.runtime.nodes import STORE_VARIABLE
 
 BACKEND = "dspark-loopback"
 HOST = "127.0.0.1"
 TIMEOUT_S = 900
-STORE_VARIABLE = "DSPARK_STORE"
 
 
 def listening_store() -> tuple[TCPStore, int]:

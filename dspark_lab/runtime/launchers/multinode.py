@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 from dspark_lab.errors import DSparkError
 from dspark_lab.runtime.limits import is_whole_number
+from dspark_lab.runtime.nodes import STORE_VARIABLE
 from dspark_lab.runtime.records import RDZV_RUN_PREFIX
 
 # torchrun reads each of its options from PET_<OPTION> when the flag is absent (torch.distributed.argparse_util).
@@ -124,7 +125,7 @@ def store_environment(options: Mapping[str, Any], env: Mapping[str, str]) -> dic
         return {}
     endpoint = str(options["rdzv_endpoint"])
     host, _, port = endpoint.rpartition(":") if ":" in endpoint else (endpoint, "", str(C10D_PORT))
-    added = {"DSPARK_STORE": f"{host}:{port or C10D_PORT}"}
+    added = {STORE_VARIABLE: f"{host}:{port or C10D_PORT}"}
     if str(options.get("max_restarts") or "0") != "0" and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in env:
         added["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     return added

@@ -33,7 +33,6 @@ from dspark_lab.runtime.launchers import agent_events, failures
 from dspark_lab.runtime.records import RunDir
 from dspark_lab.runtime.sealed import Sealer
 
-STORE_VARIABLE = "DSPARK_STORE"
 DRAINED = "agents/drained"
 REPORT_WAIT_S = 5.0  # rank 0's node waits this long for the other nodes' reports of a failed group
 DRAIN_WAIT_S = 5.0  # another node's agent waits this long for rank 0's node to take its reports before it exits
@@ -133,7 +132,7 @@ class NodeAgent:
 def install(agent_class: type) -> NodeAgent | None:
     """Hook ``agent_class`` (torchrun's ``LocalElasticAgent``) for a run whose store is ``DSPARK_STORE``; None when
     this is no multi-node run of ``dspark-lab run`` (or the torch has no such methods to hook)."""
-    address, run_dir = os.environ.get(STORE_VARIABLE), os.environ.get(agent_events.RUN_DIR_VARIABLE)
+    address, run_dir = os.environ.get(nodes.STORE_VARIABLE), os.environ.get(agent_events.RUN_DIR_VARIABLE)
     stop, restart = getattr(agent_class, "_stop_workers", None), getattr(agent_class, "_restart_workers", None)
     if not address or not run_dir or stop is None or restart is None or not failures.watch(agent_class):
         return None
