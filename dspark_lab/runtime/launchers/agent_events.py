@@ -31,9 +31,15 @@ LATE_SIGNAL_S = 5.0  # a rank killed this long after another rank's error: torch
 
 
 def group_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The events since the group last (re)started: a failure of an earlier group is not why this one ended."""
+    """The events since the group last (re)started: a failure of an earlier group is not why this one ended.
+
+    An event with a ``group`` (another node's agent numbers its relayed ``error`` events: :mod:`.node_agent`) below
+    the last restart's number belongs to an earlier group, however late it came in, and is left out."""
     last = max((i for i, e in enumerate(events) if e.get("kind") == RESTART and e.get("rank") is None), default=-1)
-    return events[last + 1:]
+    current = events[last].get("restart") if last >= 0 else 0
+    if type(current) is not int:
+        current = 0
+    return [e for e in events[last + 1:] if type(e.get("group")) is not int or e["group"] >= current]
 
 
 def exit_status(exitcode: int) -> tuple[int, int | None, str]:
@@ -104,13 +110,17 @@ def cause_text(failure: dict[str, Any]) -> str:
     return f"rank {failure['rank']}: {failure['reason']}"
 
 
-def record_failures(failures: Mapping[int, Any]) -> list[dict[str, Any]]:
+def record_failures(failures: Mapping[int, Any], group: int | None = None) -> list[dict[str, Any]]:
     """An ``error`` event for each failed rank (global rank -> torchrun's ``ProcessFailure``) that said nothing
-    itself in this group; returns them."""
+    itself in this group; returns them. ``group``, when given, is written into each (the group they belong to, for
+    the events another node relays: :func:`group_events`)."""
     run_dir = _run_dir()
     if run_dir is None:
         return []
     events = _failure_events(run_dir, failures)
+    if group is not None:
+        for event in events:
+            event["group"] = group
     _write(run_dir, events)
     return events
 
