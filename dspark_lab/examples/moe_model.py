@@ -11,8 +11,19 @@ Math does not depend on the placement (so re-placing experts mid-run leaves the 
 * dense parameters are data-parallel (gradients averaged over ranks).
 
 The router is its own module (:class:`Router`) whose forward returns ``(expert indices [T, k], gates [T, k])``, so
-the runtime records per-layer expert loads with a forward hook (:func:`expert_load_hook`). Shaped after the MoE
-layers of GShard / Switch Transformer (top-k softmax gating) and DeepSeek-V3's redundant experts.
+a script can count per-layer expert loads with a forward hook (:func:`expert_load_hook`). The layer also counts
+them itself, into its ``expert_load`` buffer, which the runtime reads and zeroes at each step boundary.
+
+Under ``torch.compile`` (the whole model, or each block): the router, the count and the gate-weighted combine are
+traced; the dispatch (slot choice, all-to-all, the per-slot expert loop) runs eagerly
+(:meth:`ExpertParallelMoE.dispatch`, ``torch.compiler.disable``). Its sizes depend on the routing, so traced they
+made Dynamo recompile whenever they changed, and the placement tensors it reads never enter a graph, so
+re-placing experts cannot invalidate one. The dispatch also counts the loads (into ``expert_load``): eager, it
+counts under any compile from the first step, whereas Dynamo ignores a hook added to a module it has already
+traced; and it skips a forward that activation checkpointing re-runs in backward, which a hook counts twice.
+
+Shaped after the MoE layers of GShard / Switch Transformer (top-k softmax gating) and DeepSeek-V3's redundant
+experts.
 """
 
 from __future__ import annotations
@@ -105,6 +116,8 @@ class ExpertParallelMoE(nn.Module):
         self.router = Router(config.dim, config.experts, config.top_k, config.router_skew)
         self.experts = nn.ModuleList(Expert(config.dim, config.hidden) for _ in range(config.slots_per_rank))
         self.last_rank_load = 0  # assignments this rank's slots processed in the last forward
+        # assignments per logical expert since the runtime last read it (not saved: per-step bookkeeping)
+        self.register_buffer("expert_load", torch.zeros(config.experts, dtype=torch.int64), persistent=False)
         self.set_placement(phy2log)
 
     def set_placement(self, phy2log) -> None:
@@ -125,9 +138,18 @@ class ExpertParallelMoE(nn.Module):
         self.phy2log, self.log2phy, self.count = phy2log, log2phy, count
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens, k, slots = x.shape[0], self.config.top_k, self.config.slots_per_rank
         indices, gates = self.router(x)
         expert = indices.reshape(-1)
+        back = self.dispatch(x, expert)
+        return (back.view(x.shape[0], self.config.top_k, -1) * gates.unsqueeze(-1)).sum(1)
+
+    @torch.compiler.disable
+    def dispatch(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """Each of ``x``'s token-expert assignments (``expert [T*k]``) through its replica's slot and back: ``[T*k,
+        dim]``, in assignment order. Eager under torch.compile (module docstring)."""
+        tokens, k, slots = x.shape[0], self.config.top_k, self.config.slots_per_rank
+        if torch._C._current_graph_task_id() == -1:  # not a checkpoint's recompute in backward: counted once
+            self.expert_load.scatter_add_(0, expert, torch.ones_like(expert))
         assignment = torch.arange(tokens * k) + self.rank * tokens * k  # global, so replica choice is placement-free
         slot = self.log2phy[expert, assignment % self.count[expert]]
         order = torch.argsort(slot, stable=True)                      # by destination rank, then local slot
@@ -147,8 +169,7 @@ class ExpertParallelMoE(nn.Module):
         sizes = torch.bincount(recv_slot, minlength=slots).tolist()
         chunks = received[by_slot].split(sizes)
         out = torch.cat([self.experts[s](chunk) for s, chunk in enumerate(chunks)])[torch.argsort(by_slot)]
-        back = all_to_all(out, send_counts.tolist(), recv_counts.tolist(), self.group)[torch.argsort(order)]
-        return (back.view(tokens, k, -1) * gates.unsqueeze(-1)).sum(1)
+        return all_to_all(out, send_counts.tolist(), recv_counts.tolist(), self.group)[torch.argsort(order)]
 
 
 class Block(nn.Module):
@@ -248,10 +269,18 @@ def _flat_grad(module: nn.Module) -> torch.Tensor:
 
 
 def expert_load_hook(loads: list[torch.Tensor], layer: int, experts: int):
-    """A forward hook for :class:`Router`: adds this forward's per-expert assignment counts to ``loads[layer]``."""
+    """A forward hook for :class:`Router`: adds this forward's per-expert assignment counts to ``loads[layer]`` (an
+    int64 ``[experts]`` tensor, zeroed in place between steps).
+
+    Compile-safe: it closes over that tensor, not over ``layer`` (Dynamo guards a closure's int by value, so each
+    layer would get its own graph), and counts with an in-place ``scatter_add_`` (``bincount``'s output size depends
+    on the data: a graph break)."""
+    counts = loads[layer]
+    if counts.shape != (experts,):
+        raise ValueError(f"loads[{layer}] must have shape [{experts}], got {list(counts.shape)}")
 
     def hook(module, inputs, output):
-        indices = output[0]
-        loads[layer] += torch.bincount(indices.reshape(-1), minlength=experts)
+        indices = output[0].reshape(-1)
+        counts.scatter_add_(0, indices, torch.ones_like(indices))
 
     return hook

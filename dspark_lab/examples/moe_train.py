@@ -10,6 +10,10 @@ Run on 2 CPU ranks (gloo)::
 placement and ``--move-cost``). Loads are the router's per-expert assignment counts over the last ``--window``
 steps, recorded by a forward hook on each layer's router and summed over ranks. The loss trajectory is the same for
 every policy (re-placement moves weights and optimizer state, it changes no math); the max-rank token load drops.
+
+``--compile whole`` runs ``torch.compile(model)``, ``--compile blocks`` compiles each block (``block.compile()``),
+with ``--compile-backend`` (docs/moe.md, "Under torch.compile"); ``--json`` then also carries Dynamo's count of the
+graphs it built, per step.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from dspark_lab.examples.moe_model import MoEConfig, TinyMoETransformer, expert_
 from dspark_lab.moe.placement import move_experts
 
 POLICIES = ("static", "eplb", "dspark")
+COMPILE = ("none", "whole", "blocks")
 
 
 def batch(config: MoEConfig, size: int, step: int, rank: int, world: int) -> torch.Tensor:
@@ -59,13 +64,16 @@ def new_placement(policy: str, loads: np.ndarray, current: np.ndarray, world: in
 
 def train(*, steps: int = 20, batch_size: int = 8, policy: str = "static", interval: int = 5, window: int = 5,
           move_cost: float = 0.0, replace_at: tuple[int, ...] = (), config: MoEConfig | None = None,
-          lr: float = 3e-3, step_sleep: float = 0.0) -> dict:
+          lr: float = 3e-3, step_sleep: float = 0.0, compile: str = "none", backend: str = "inductor") -> dict:
     """Train on this process's rank; returns the global loss, max-rank token load and moves per step.
 
     ``replace_at``: extra steps after which to re-place (in addition to every ``interval`` steps).
+    ``compile``: ``none``, ``whole`` (``torch.compile(model)``) or ``blocks`` (each block's ``compile()``).
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if compile not in COMPILE:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE)}, got {compile!r}")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     config = config or MoEConfig(slots_per_rank=-(-10 // world))  # 10 slots for 8 experts on 1 or 2 ranks
     if config.slots_per_rank * world < config.experts:
@@ -76,15 +84,26 @@ def train(*, steps: int = 20, batch_size: int = 8, policy: str = "static", inter
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     layers = model.moe_layers()
     step_loads = [torch.zeros(config.experts, dtype=torch.int64) for _ in layers]
-    for i, layer in enumerate(layers):  # what the runtime's router hook records
+    for i, layer in enumerate(layers):  # the loads this loop places from (before any compile traces the routers)
         layer.router.register_forward_hook(expert_load_hook(step_loads, i, config.experts))
+    run = model
+    if compile == "whole":
+        run = torch.compile(model, backend=backend)
+    elif compile == "blocks":
+        for block in model.blocks:
+            block.compile(backend=backend)
     history: deque[np.ndarray] = deque(maxlen=window)
-    record = {"loss": [], "max_rank_load": [], "mean_rank_load": [], "moved": [], "placements": [placement.tolist()]}
+    record = {"loss": [], "max_rank_load": [], "mean_rank_load": [], "moved": [], "placements": [placement.tolist()],
+              "loads": []}
+    if compile != "none":
+        from torch._dynamo.utils import counters
+
+        record["graphs"] = []
     for step in range(steps):
         for counts in step_loads:
             counts.zero_()
         tokens = batch(config, batch_size, step, rank, world)
-        logits = model(tokens[:, :-1])
+        logits = run(tokens[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, config.vocab), tokens[:, 1:].reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -102,6 +121,9 @@ def train(*, steps: int = 20, batch_size: int = 8, policy: str = "static", inter
         record["max_rank_load"].append(float(rank_loads.max(0).values.mean()))
         record["mean_rank_load"].append(float(rank_loads.mean(0).mean()))
         history.append(stats[1:1 + len(layers) * config.experts].view(len(layers), -1).numpy().copy())
+        record["loads"].append(history[-1].astype(np.int64).tolist())  # summed over ranks
+        if compile != "none":
+            record["graphs"].append(counters["stats"]["unique_graphs"])
         if step_sleep:
             time.sleep(step_sleep)
 
@@ -124,12 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=10, help="steps of load history used to place")
     parser.add_argument("--move-cost", type=float, default=0.0)
     parser.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep per step (a live demo)")
+    parser.add_argument("--compile", choices=COMPILE, default="none",
+                        help="torch.compile the whole model or each block")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (e.g. aot_eager)")
     parser.add_argument("--json", action="store_true", help="print the whole record as JSON (rank 0)")
     args = parser.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
     record = train(steps=args.steps, batch_size=args.batch, policy=args.placement, interval=args.interval,
-                   window=args.window, move_cost=args.move_cost, step_sleep=args.step_sleep)
+                   window=args.window, move_cost=args.move_cost, step_sleep=args.step_sleep, compile=args.compile,
+                   backend=args.compile_backend)
     if not dist.is_initialized() or dist.get_rank() == 0:
         if args.json:
             print(json.dumps(record))
