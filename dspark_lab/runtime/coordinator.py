@@ -56,6 +56,8 @@ WAIT_SLICE_S = 0.25  # rank 0's wait for the logged answers wakes this often to 
 MAX_FETCHES = 4  # fetches of one key rejected while waiting for an answer; then it counts as missing
 MAX_BACKOFF_STEPS = 32  # a rejected announcement key is fetched again after 1, 2, 4 ... this many steps
 REASSERT_STEPS = 64  # rank 0 writes a missed announcement again 1, 2, 4 ... this many steps after its decision
+MAX_KEPT = 16  # rank 0 keeps the keys of at most this many decided changes for ranks that may still read them
+FLOOR_KEY = "floor"  # every announcement below the sequence number sealed here is decided (and may be gone)
 KINDS = ("change", "stop")
 
 
@@ -105,7 +107,9 @@ class Coordinator:
         self.stopped = False
         self._ignored: set[str] = set()
         self._rejected: dict[str, tuple[int, int]] = {}  # announcement key -> (rejections, step it may be read at)
-        self._missed: dict[int, dict[str, Any]] = {}  # rank 0: seq -> what to write again for ranks that missed it
+        self._missed: dict[int, dict[str, Any]] = {}  # rank 0: seq -> its keys, kept for ranks that may read them
+        self._floor = 0  # rank 0: every announcement below it is decided and no longer kept (FLOOR_KEY)
+        self._logged_key: str | None = None  # another rank: its last logged answer, deleted once rank 0 is past it
         self._step_times: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
         self._left_boundary: float | None = None
         self.after_commit = None  # rank 0: called with each committed announcement (runtime.restarts.Saver)
@@ -237,7 +241,7 @@ class Coordinator:
     def _reassert(self, step: int) -> None:
         """Rank 0: write again the announcements (and decisions) a rank missed, on a doubling schedule."""
         for seq, missed in list(self._missed.items()):
-            if step < missed["at"]:
+            if not missed["rewrite"] or step < missed["at"]:
                 continue
             missed["every"] = min(REASSERT_STEPS, 2 * missed["every"])
             missed["at"] = step + missed["every"]
@@ -249,8 +253,84 @@ class Coordinator:
             repair()  # the group's name, in case that is what the rank could not read
         self.store.set(f"decision/{seq}", missed["decision"])
         self.store.set(f"announce/{seq}", missed["announce"])
+        if self._floor:  # a rank that missed this one may have missed one no longer kept, too
+            self.store.set(FLOOR_KEY, self._seal(FLOOR_KEY, {"seq": self._floor}))
+
+    def _keep(self, announcement: dict[str, Any], ranks: set[int], decision: bytes | None = None) -> None:
+        """Rank 0: keep an announcement's keys until ``ranks`` answer a later change; with its sealed ``decision``
+        (they missed it), write both again on the doubling schedule. Beyond MAX_KEPT changes the oldest goes."""
+        seq = announcement["seq"]
+        entry = self._missed.setdefault(seq, {"ranks": set(), "rewrite": False, "every": 1, "at": self.job.step + 1})
+        entry["ranks"] |= ranks
+        if decision is not None:
+            entry.update(rewrite=True, decision=decision, announce=self._seal(f"announce/{seq}", announcement))
+        while len(self._missed) > MAX_KEPT:
+            self._drop(min(self._missed))
+
+    def _drop(self, seq: int) -> None:
+        """Rank 0: stop keeping announcement ``seq`` (decided) and every one before it; a rank still behind them
+        skips to the floor after its next step that waited out a decision window (see _catch_up)."""
+        entry = self._missed.pop(seq)
+        self._forget(seq)
+        self._floor = max(self._floor, seq + 1)
+        self.store.set(FLOOR_KEY, self._seal(FLOOR_KEY, {"seq": self._floor}))
+        ranks = ", ".join(map(str, sorted(entry["ranks"])))
+        self.job.record_event("refuse", step=self.job.step, rank=self.rank,
+                              reason=f"store: announcement {seq} (decided) is no longer kept for rank(s) {ranks}: "
+                                     f"more than {MAX_KEPT} decided changes were waiting for them; they skip to "
+                                     f"announcement {self._floor}")
+
+    def _settle(self, answered) -> None:
+        """Rank 0: a rank that answered a change has read every earlier one: delete what nobody needs any more."""
+        for seq, entry in list(self._missed.items()):
+            entry["ranks"] -= set(answered)
+            if not entry["ranks"]:
+                del self._missed[seq]
+                self._forget(seq)
+
+    def _release(self, announcement: dict[str, Any], unsure: set[int]) -> None:
+        """Rank 0, a change done: delete its keys, unless ranks that missed it or were not seen to read its decision
+        (``unsure``) may still read them."""
+        if unsure:
+            self._keep(announcement, unsure)
+        if announcement["seq"] not in self._missed:
+            self._forget(announcement["seq"])
+
+    def _forget(self, seq: int) -> None:
+        for key in (f"announce/{seq}", f"decision/{seq}"):
+            self._delete(key)
+
+    def _delete(self, key: str) -> None:
+        try:
+            self.store.delete_key(key)
+        except Exception:  # a store without delete_key
+            pass
+
+    def _waited_out(self) -> bool:
+        """The last step took a decision window at least, and twice the fastest recent one: rank 0 waited for
+        this rank's answer meanwhile (under DDP this rank waited in the step's collective). A job whose every step
+        is that slow does not pass, so its steps cost no extra store round trip."""
+        if not self._step_times:
+            return False
+        *before, last = self._step_times
+        return last >= DECIDE_MIN_S and last >= 2 * min(before, default=0.0)
+
+    def _catch_up(self, step: int) -> None:
+        """Another rank, after a step that waited out a decision window: skip the announcements rank 0 decided
+        without this rank and no longer keeps (FLOOR_KEY), so it reads the ones still to come."""
+        if not self.store.check([FLOOR_KEY]):
+            return
+        floor = self._read(FLOOR_KEY, lambda f: isinstance(f, dict) and type(f.get("seq")) is int)
+        if floor is None or floor["seq"] <= self._next_seq:
+            return
+        self.job.record_event("rollback", step=step, rank=self.rank,
+                              reason=f"announcements {self._next_seq} to {floor['seq'] - 1} were decided by rank 0 "
+                                     "without this rank and are no longer kept in the store: skipped")
+        self._next_seq = floor["seq"]
 
     def _discover(self, step: int) -> None:
+        if self._waited_out():
+            self._catch_up(step)
         while True:
             seq = self._next_seq
             key = f"announce/{seq}"
@@ -378,7 +458,7 @@ class Coordinator:
             failure, applied = self.job.apply_changes(announcement["changes"])
         reasons, answered = self._agree(announcement, failure)
         if announcement["kind"] == "stop":
-            return self._end_stop(announcement, step, reasons)
+            return self._end_stop(announcement, step, reasons, answered)
         if reasons:
             self.job.rollback_changes(applied, announcement, "; ".join(reasons))
         else:
@@ -406,6 +486,10 @@ class Coordinator:
         if self.rank != 0:
             self._post(f"result/{seq}/{self.rank}", {"rank": self.rank, "failure": failure})
             decision = self._decision(seq, started + 2 * window + DECISION_GRACE_S)
+            self._delete(f"result/{seq}/{self.rank}")  # rank 0 has decided, or has stopped waiting for it
+            if decision is not None and self._logged_key is not None:  # rank 0 is past the change before
+                self._delete(self._logged_key)
+                self._logged_key = None
             if decision is None:
                 return [f"rank {self.rank}: no decision from rank 0 within {2 * window + DECISION_GRACE_S:g} s"], []
             return (decision["reasons"] if decision["outcome"] == "rolled_back" else []), []
@@ -417,14 +501,11 @@ class Coordinator:
         if missing:
             reasons.append(f"rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))} did not answer within "
                            f"{window:g} s (the announcement did not reach it: deleted or overwritten in the store?)")
-        for entry in self._missed.values():  # a rank that answered this one has read every earlier one
-            entry["ranks"] -= set(answers)
-        self._missed = {s: e for s, e in self._missed.items() if e["ranks"]}
+        self._settle(answers)
         decision = self._post(f"decision/{seq}", {"seq": seq, "outcome": "rolled_back" if reasons else "applied",
                                                   "reasons": reasons})
         if missing:
-            self._missed[seq] = {"ranks": set(missing), "decision": decision, "every": 1,
-                                 "at": self.job.step + 1, "announce": self._seal(f"announce/{seq}", announcement)}
+            self._keep(announcement, set(missing), decision)
             self._write_missed(seq, self._missed[seq])
         return reasons, sorted(answers)
 
@@ -435,7 +516,8 @@ class Coordinator:
             return []
         seq = announcement["seq"]
         if self.rank != 0:
-            self._post(f"result/{seq}/logged/{self.rank}", {"rank": self.rank, "outcome": outcome})
+            self._logged_key = f"result/{seq}/logged/{self.rank}"
+            self._post(self._logged_key, {"rank": self.rank, "outcome": outcome})
             return []
         decision_key = f"decision/{seq}"
         decision = self._seal(decision_key, {"seq": seq, "outcome": outcome, "reasons": []})
@@ -447,6 +529,7 @@ class Coordinator:
                             time.monotonic() + float(announcement.get("window_s", DECIDE_MIN_S)),
                             lambda v: isinstance(v, dict) and v.get("outcome") in ("applied", "rolled_back"),
                             restore)
+        self._release(announcement, set(answered) - set(logged))  # each rank deletes its own answers
         return [f"rank {r} ended {v['outcome']}" for r, v in sorted(logged.items()) if v["outcome"] != outcome]
 
     def _took_no_part(self, announcement: dict[str, Any], decision: dict[str, Any]) -> None:
@@ -458,9 +541,11 @@ class Coordinator:
                                   old=self.job.policies.get(key), new=value, reason=reason,
                                   change_id=announcement["change_id"])
 
-    def _end_stop(self, announcement: dict[str, Any], step: int, reasons: list[str]) -> None:
+    def _end_stop(self, announcement: dict[str, Any], step: int, reasons: list[str], answered: list[int]) -> None:
         if reasons:  # some rank did not take part: nobody stops, and a new stop may be asked
             reason = "; ".join(reasons)
+            if self.rank == 0 and self.store is not None and self.world > 1:  # its keys: until they answer again
+                self._release(announcement, set(answered))
             self.job.record_event("rollback", step=step, rank=self.rank, change_id=announcement["change_id"],
                                   reason=f"the stop did not apply: {reason}")
             with self._lock:

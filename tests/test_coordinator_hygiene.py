@@ -1,0 +1,167 @@
+"""What the coordinator leaves behind in torchrun's store over a long run, in one process: each rank's
+:class:`Coordinator` in a thread of its own, on a real TCPStore, each step ended by a barrier (the step's
+collective under DDP, so no rank finishes a step before the others started it).
+
+- a healthy run of hundreds of changes leaves a bounded number of keys (each change's keys are deleted once no
+  rank can need them);
+- a rank that never answers leaves rank 0 keeping at most MAX_KEPT changes for it (and a bounded number of keys),
+  and when it comes back it skips what is no longer kept and the next change applies on both ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+
+import pytest
+import torch.distributed as dist
+
+from dspark_lab.runtime import coordinator
+from dspark_lab.runtime.coordinator import Coordinator
+
+TOKEN, RUN = "t" * 64, "hygiene"
+KEPT = 16  # coordinator.MAX_KEPT, spelled out so that this file also runs against the code before it
+STEP_S = 0.001
+
+
+class RunDir:
+    id = RUN
+
+    def token(self) -> str:
+        return TOKEN
+
+
+class Spec:
+    def validate(self, value):
+        return value
+
+
+class Job:
+    """What a Coordinator uses of a Job: the step, the policy schema and values, and the events it records."""
+
+    def __init__(self, rank: int):
+        self.rank, self.run_dir, self.step, self.state = rank, RunDir(), 0, {}
+        self.specs, self.policies, self.events = {"k": Spec()}, {"k": 0}, []
+
+    def record_event(self, kind: str, *, step, rank, **fields) -> None:
+        self.events.append({"kind": kind, "step": step, "rank": rank, **fields})
+
+    def apply_changes(self, changes):
+        old = [(key, self.policies.get(key)) for key in changes]
+        self.policies.update(changes)
+        return "", old
+
+    def commit_changes(self, applied, announcement, note: str = "") -> None:
+        for key, _ in applied:
+            self.record_event("apply", step=announcement["step"], rank=self.rank, key=key,
+                              change_id=announcement["change_id"])
+
+    def rollback_changes(self, applied, announcement, reason: str) -> None:
+        self.policies.update(dict(applied))
+        self.record_event("rollback", step=announcement["step"], rank=self.rank, change_id=announcement["change_id"],
+                          reason=reason)
+
+
+class Ranks:
+    """Step boundaries of some ranks, each in a thread, until ``stop()``; a barrier ends each step."""
+
+    def __init__(self, coords: list[Coordinator], start: int = 0):
+        self.coords, self.done, self.errors = coords, threading.Event(), []
+        self.barrier = threading.Barrier(len(coords))
+        self.threads = [threading.Thread(target=self._run, args=(c, start), daemon=True) for c in coords]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, coord: Coordinator, step: int) -> None:
+        try:
+            while not self.done.is_set():
+                time.sleep(STEP_S)
+                self.barrier.wait(timeout=60)
+                step += 1
+                coord.job.step = step
+                coord.at_boundary(step)
+        except threading.BrokenBarrierError:
+            pass
+        except Exception as exc:  # noqa: BLE001 (reported by stop())
+            self.errors.append(exc)
+            self.barrier.abort()
+
+    def stop(self) -> int:
+        """Stop every rank at a boundary; the last step run."""
+        self.done.set()
+        for thread in self.threads:
+            thread.join(60)
+        self.barrier.abort()
+        assert not self.errors, self.errors
+        return max(c.job.step for c in self.coords)
+
+
+@pytest.fixture
+def store():
+    """A TCPStore's server (``num_keys`` counts every key) and a factory of clients under the run's keys."""
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                           timeout=datetime.timedelta(seconds=30))
+
+    def client():
+        return dist.PrefixStore(f"dspark/{RUN}/", dist.TCPStore("127.0.0.1", server.port, is_master=False,
+                                                               timeout=datetime.timedelta(seconds=30)))
+    return server, client
+
+
+def change(coord: Coordinator, value, timeout: float = 60):
+    pending = coord.submit({"k": value})
+    assert pending.done.wait(timeout), "the change never ended"
+    return pending
+
+
+def test_hundreds_of_changes_leave_a_bounded_number_of_keys_in_the_store(store):
+    server, client = store
+    world = 2
+    coords = [Coordinator(Job(rank), client(), rank, world) for rank in range(world)]
+    before = server.num_keys()
+    ranks = Ranks(coords)
+    try:
+        for n in range(1, 301):
+            pending = change(coords[0], n)
+            assert pending.state == "applied", (n, pending.reason)
+    finally:
+        ranks.stop()
+    assert coords[1].job.policies["k"] == 300
+    left = server.num_keys() - before
+    # per rank but rank 0: at most its last answers; per change kept for a late rank: announce and decision
+    bound = 2 * (world - 1) + 2 * KEPT + 1
+    print(f"300 changes on {world} ranks left {left} coordinator keys (bound {bound})")
+    assert left <= bound, left  # before: 4 keys per change on 2 ranks (1200)
+
+
+def test_a_rank_that_never_answers_costs_rank_0_a_bounded_memory_and_the_rank_catches_up(store, monkeypatch):
+    monkeypatch.setattr(coordinator, "DECIDE_MIN_S", 0.05)  # rank 0's window: short, there are 120 changes
+    server, client = store
+    world = 2
+    coords = [Coordinator(Job(rank), client(), rank, world) for rank in range(world)]
+    before = server.num_keys()
+    alone = Ranks(coords[:1])  # rank 1 reads nothing (as a rank cut off from the store, or on the wrong keys)
+    try:
+        for n in range(1, 121):
+            pending = change(coords[0], n)
+            assert pending.state == "rolled_back" and "rank 1 did not answer" in pending.reason, pending.reason
+            assert len(coords[0]._missed) <= KEPT, (n, len(coords[0]._missed))  # before: one entry per change
+    finally:
+        step = alone.stop()
+    assert server.num_keys() - before <= 2 * KEPT + 2 * (world - 1) + 1
+    dropped = [e for e in coords[0].job.events if e["kind"] == "refuse" and "no longer kept" in e["reason"]]
+    assert len(dropped) == 120 - KEPT, len(dropped)  # each said once, with the rank it was kept for
+    assert "rank(s) 1" in dropped[0]["reason"]
+
+    coords[1].job.step = step  # rank 1 is back (it reads the store again), in step with rank 0
+    both = Ranks(coords, start=step)
+    try:
+        outcomes = [change(coords[0], 1000 + n).state for n in range(4)]
+    finally:
+        both.stop()
+    # the first may roll back (rank 1 still behind, it skips to the floor meanwhile); the rest apply on both
+    assert outcomes[1:] == ["applied"] * 3, outcomes
+    assert coords[1].job.policies["k"] == 1003
+    assert any("no longer kept in the store: skipped" in e.get("reason", "") for e in coords[1].job.events)
+    assert coords[0]._missed == {}
