@@ -5,7 +5,9 @@ collective under DDP, so no rank finishes a step before the others started it).
 - a healthy run of hundreds of changes leaves a bounded number of keys (each change's keys are deleted once no
   rank can need them);
 - a rank that never answers leaves rank 0 keeping at most MAX_KEPT changes for it (and a bounded number of keys),
-  and when it comes back it skips what is no longer kept and the next change applies on both ranks.
+  and when it comes back it skips what is no longer kept and the next change applies on both ranks;
+- the previous restart group's name written back into the store after a restart is followed to the new group, so
+  changes still apply on every rank.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import pytest
 import torch.distributed as dist
 
 from dspark_lab.runtime import coordinator
+from dspark_lab.runtime.cluster import GroupStore
 from dspark_lab.runtime.coordinator import Coordinator
+from dspark_lab.runtime.sealed import Sealer
 
 TOKEN, RUN = "t" * 64, "hygiene"
 KEPT = 16  # coordinator.MAX_KEPT, spelled out so that this file also runs against the code before it
@@ -165,3 +169,26 @@ def test_a_rank_that_never_answers_costs_rank_0_a_bounded_memory_and_the_rank_ca
     assert coords[1].job.policies["k"] == 1003
     assert any("no longer kept in the store: skipped" in e.get("reason", "") for e in coords[1].job.events)
     assert coords[0]._missed == {}
+
+
+@pytest.mark.parametrize("restarts", [1, 2])
+def test_an_earlier_groups_name_written_back_after_a_restart_is_followed_to_the_new_group(store, monkeypatch,
+                                                                                         restarts):
+    monkeypatch.setattr(coordinator, "DECIDE_MIN_S", 0.5)  # before the fix the change rolled back after it
+    server, client = store
+    sealer = Sealer(TOKEN, RUN)
+    GroupStore(client(), sealer, 0)  # the first group: the run's own keys
+    stale = client().get("group")  # what an attacker (or a stale writer) writes back after the restart
+    groups = [GroupStore(client(), sealer, 0) for _ in range(restarts)]  # rank 0 of each later group names it
+    client().set("group", stale)
+    world = 2
+    stores = [groups[-1], GroupStore(client(), sealer, 1)]
+    coords = [Coordinator(Job(rank), stores[rank], rank, world) for rank in range(world)]
+    ranks = Ranks(coords)
+    try:
+        outcomes = [change(coords[0], n).state for n in (1, 2)]
+    finally:
+        ranks.stop()
+    assert outcomes == ["applied", "applied"], coords[1].job.events  # before: both rolled back, rank 1 silent
+    assert stores[1].scope == groups[-1].nonce != ""
+    assert [e["change_id"] for e in coords[1].job.events if e["kind"] == "apply"] == ["c1", "c2"]

@@ -12,6 +12,11 @@ group keeps the run's own keys (``dspark/<run-id>/announce/N``), a later one pic
 coordinator's keys move under ``dspark/<run-id>/<nonce>/``. Rank 0 writes the nonce (sealed) before its script
 starts; the other ranks read it at their first step boundary, which they reach only after rank 0 joined the first
 step's collectives.
+
+A sealed value is authenticated, not fresh: anyone who reaches the store can write the previous group's name back
+(it is sealed for the run, as every group's is) before the other ranks read it. So rank 0 of a new group first
+writes, under the group before's keys and sealed for that group, the name of its successor
+(``<old-nonce>/successor``); a rank that reads a group's name follows its successors to the newest group.
 """
 
 from __future__ import annotations
@@ -26,6 +31,15 @@ from dspark_lab.runtime import nodes, restarts
 from dspark_lab.runtime.sealed import Sealer
 
 GROUP_KEY = "group"
+SUCCESSOR_KEY = "successor"  # under a group's keys: the name of the group that replaced it
+MAX_SUCCESSORS = 64  # successors a rank follows from the name it read (one store round trip each, once a group)
+
+
+def _nonce_of(value: Any) -> str:
+    nonce = value.get("nonce") if isinstance(value, dict) else None
+    if not isinstance(nonce, str) or not (nonce == "" or len(nonce) == 12 and nonce.isalnum()):
+        raise ValueError("not a group name")
+    return nonce
 
 
 class GroupStore:
@@ -42,9 +56,37 @@ class GroupStore:
         self._named = b""  # rank 0: the sealed group name it wrote (repair() writes it again when it is gone)
         if rank == 0:
             nonce = secrets.token_hex(6) if base.check([GROUP_KEY]) else ""
+            if nonce:
+                self._succeed(nonce)
             self._named = sealer.seal(GROUP_KEY, {"nonce": nonce})
             base.set(GROUP_KEY, self._named)
             self._use(nonce)
+
+    @staticmethod
+    def _successor_key(nonce: str) -> str:
+        return f"{nonce}/{SUCCESSOR_KEY}" if nonce else SUCCESSOR_KEY
+
+    def _succeed(self, nonce: str) -> None:
+        """Rank 0 of a new group: name it as the successor of the group before (if that one's name is sealed)."""
+        try:
+            before = _nonce_of(self.sealer.open(GROUP_KEY, self.base.get(GROUP_KEY)))
+        except ValueError:
+            return  # not a group's name: nobody follows it anyway
+        self.base.set(self._successor_key(before),
+                      self.sealer.scoped(before).seal(SUCCESSOR_KEY, {"nonce": nonce}))
+
+    def _newest(self, nonce: str) -> str:
+        """The group that replaced ``nonce``, and the one that replaced that ... (an old name written back)."""
+        for _ in range(MAX_SUCCESSORS):
+            key = self._successor_key(nonce)
+            if not self.base.check([key]):
+                break
+            try:
+                nonce = _nonce_of(self.sealer.scoped(nonce).open(SUCCESSOR_KEY, self.base.get(key)))
+            except ValueError:
+                self.base.delete_key(key)  # forged: only the group's successor can seal it for that group
+                break
+        return nonce
 
     def _use(self, nonce: str):
         self.nonce = nonce
@@ -55,14 +97,11 @@ class GroupStore:
         if self._store is None:
             raw = self.base.get(GROUP_KEY)
             try:
-                value = self.sealer.open(GROUP_KEY, raw)
-                nonce = value.get("nonce") if isinstance(value, dict) else None
-                if not isinstance(nonce, str) or not (nonce == "" or len(nonce) == 12 and nonce.isalnum()):
-                    raise ValueError("not a group name")
+                nonce = _nonce_of(self.sealer.open(GROUP_KEY, raw))
             except ValueError:
                 self.base.delete_key(GROUP_KEY)  # never fetched twice; rank 0 writes its own again (repair)
                 raise
-            return self._use(nonce)
+            return self._use(self._newest(nonce))
         return self._store
 
     @property
