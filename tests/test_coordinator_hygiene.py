@@ -151,6 +151,8 @@ def test_a_rank_that_never_answers_costs_rank_0_a_bounded_memory_and_the_rank_ca
             pending = change(coords[0], n)
             assert pending.state == "rolled_back" and "rank 1 did not answer" in pending.reason, pending.reason
             assert len(coords[0]._missed) <= KEPT, (n, len(coords[0]._missed))  # before: one entry per change
+            if n == 1:
+                stolen = client().get("announce/1")  # sealed by rank 0: an attacker writes it back later
     finally:
         step = alone.stop()
     assert server.num_keys() - before <= 2 * KEPT + 2 * (world - 1) + 1
@@ -158,6 +160,7 @@ def test_a_rank_that_never_answers_costs_rank_0_a_bounded_memory_and_the_rank_ca
     assert len(dropped) == 120 - KEPT, len(dropped)  # each said once, with the rank it was kept for
     assert "rank(s) 1" in dropped[0]["reason"]
 
+    client().set("announce/1", stolen)  # its decision is gone: rank 1 must not take it for a new change
     coords[1].job.step = step  # rank 1 is back (it reads the store again), in step with rank 0
     both = Ranks(coords, start=step)
     try:
@@ -169,6 +172,9 @@ def test_a_rank_that_never_answers_costs_rank_0_a_bounded_memory_and_the_rank_ca
     assert coords[1].job.policies["k"] == 1003
     assert any("no longer kept in the store: skipped" in e.get("reason", "") for e in coords[1].job.events)
     assert coords[0]._missed == {}
+    first = [e for e in coords[1].job.events if e.get("change_id") == "c1"]
+    assert [(e["kind"], e["reason"]) for e in first] == [
+        ("rollback", "decided by rank 0 before this rank read it: decided and no longer kept in the store")]
 
 
 @pytest.mark.parametrize("restarts", [1, 2])
@@ -192,3 +198,29 @@ def test_an_earlier_groups_name_written_back_after_a_restart_is_followed_to_the_
     assert outcomes == ["applied", "applied"], coords[1].job.events  # before: both rolled back, rank 1 silent
     assert stores[1].scope == groups[-1].nonce != ""
     assert [e["change_id"] for e in coords[1].job.events if e["kind"] == "apply"] == ["c1", "c2"]
+
+
+def test_an_earlier_groups_name_written_back_with_the_successor_deleted_costs_one_change_at_most(store,
+                                                                                                 monkeypatch):
+    monkeypatch.setattr(coordinator, "DECIDE_MIN_S", 0.5)
+    server, client = store
+    sealer = Sealer(TOKEN, RUN)
+    GroupStore(client(), sealer, 0)
+    stale = client().get("group")
+    group = GroupStore(client(), sealer, 0)
+    client().delete_key("successor")  # nothing says the first group ended ...
+    client().set("group", stale)  # ... and its name is back
+    world = 2
+    stores = [group, GroupStore(client(), sealer, 1)]
+    coords = [Coordinator(Job(rank), stores[rank], rank, world) for rank in range(world)]
+    ranks = Ranks(coords)
+    try:
+        outcomes = [change(coords[0], n).state for n in (1, 2, 3)]
+    finally:
+        ranks.stop()
+    # rank 1 did not hear the first change; rank 0 wrote the group's name again, rank 1 followed it at its next
+    # step (which waited out rank 0's window) and took part from then on. Before: all three rolled back.
+    assert outcomes == ["rolled_back", "applied", "applied"], coords[1].job.events
+    assert stores[1].scope == group.nonce
+    assert [e["change_id"] for e in coords[1].job.events if e["kind"] == "apply"] == ["c2", "c3"]
+    assert any("an earlier group's" in e["reason"] for e in coords[1].job.events if e["kind"] == "refuse")

@@ -53,7 +53,8 @@ class GroupStore:
     def __init__(self, base, sealer: Sealer, rank: int):
         self.base, self.sealer = base, sealer
         self._store = None
-        self._named = b""  # rank 0: the sealed group name it wrote (repair() writes it again when it is gone)
+        self._named = b""  # rank 0: the sealed group name it wrote (repair() writes it again)
+        self._succession: tuple[str, bytes] | None = None  # rank 0: the successor key it wrote, and its value
         if rank == 0:
             nonce = secrets.token_hex(6) if base.check([GROUP_KEY]) else ""
             if nonce:
@@ -72,8 +73,9 @@ class GroupStore:
             before = _nonce_of(self.sealer.open(GROUP_KEY, self.base.get(GROUP_KEY)))
         except ValueError:
             return  # not a group's name: nobody follows it anyway
-        self.base.set(self._successor_key(before),
-                      self.sealer.scoped(before).seal(SUCCESSOR_KEY, {"nonce": nonce}))
+        self._succession = (self._successor_key(before), self.sealer.scoped(before).seal(SUCCESSOR_KEY,
+                                                                                          {"nonce": nonce}))
+        self.base.set(*self._succession)
 
     def _newest(self, nonce: str) -> str:
         """The group that replaced ``nonce``, and the one that replaced that ... (an old name written back)."""
@@ -110,9 +112,27 @@ class GroupStore:
         return self.nonce
 
     def repair(self) -> None:
-        """Rank 0: write the group's name again if someone deleted it before every rank had read it."""
-        if self._named and not self.base.check([GROUP_KEY]):
+        """Rank 0, when a rank did not answer: write the group's name again (deleted, or an earlier group's
+        written back) and the successor it wrote for the group before (deleted)."""
+        if self._named:
             self.base.set(GROUP_KEY, self._named)
+        if self._succession is not None and not self.base.check([self._succession[0]]):
+            self.base.set(*self._succession)
+
+    def refresh(self) -> bool:
+        """Another rank, after it waited out a decision window: read the group's name again, and say whether it
+        names (through its successors) another group than the one this rank used; if so, use that one."""
+        if self._store is None or self._named or not self.base.check([GROUP_KEY]):
+            return False
+        try:
+            nonce = self._newest(_nonce_of(self.sealer.open(GROUP_KEY, self.base.get(GROUP_KEY))))
+        except ValueError:
+            self.base.delete_key(GROUP_KEY)
+            return False
+        if nonce == self.nonce:
+            return False
+        self._use(nonce)
+        return True
 
     def check(self, keys):
         if self._store is None and not self.base.check([GROUP_KEY]):

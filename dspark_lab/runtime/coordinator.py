@@ -315,18 +315,31 @@ class Coordinator:
         *before, last = self._step_times
         return last >= DECIDE_MIN_S and last >= 2 * min(before, default=0.0)
 
-    def _catch_up(self, step: int) -> None:
-        """Another rank, after a step that waited out a decision window: skip the announcements rank 0 decided
-        without this rank and no longer keeps (FLOOR_KEY), so it reads the ones still to come."""
+    def _floor_seq(self) -> int:
+        """Another rank: rank 0's floor (every announcement below it is decided and no longer kept), or 0."""
         if not self.store.check([FLOOR_KEY]):
-            return
+            return 0
         floor = self._read(FLOOR_KEY, lambda f: isinstance(f, dict) and type(f.get("seq")) is int)
-        if floor is None or floor["seq"] <= self._next_seq:
-            return
-        self.job.record_event("rollback", step=step, rank=self.rank,
-                              reason=f"announcements {self._next_seq} to {floor['seq'] - 1} were decided by rank 0 "
-                                     "without this rank and are no longer kept in the store: skipped")
-        self._next_seq = floor["seq"]
+        return floor["seq"] if floor is not None else 0
+
+    def _catch_up(self, step: int) -> None:
+        """Another rank, after a step that waited out a decision window: follow the group's name if rank 0 wrote
+        it again (this rank read an earlier group's), and skip the announcements rank 0 decided without this rank
+        and no longer keeps, so it reads the ones still to come."""
+        refresh = getattr(self.store, "refresh", None)
+        if refresh is not None and refresh():
+            self.job.record_event("refuse", step=step, rank=self.rank,
+                                  reason=f"store: the group's name read before was an earlier group's; now on "
+                                         f"group {self.store.scope or '(the first)'}, from its first announcement")
+            self._scoped, self._next_seq, self._scheduled, self._logged_key = None, 1, [], None
+            self._rejected.clear()
+            self._ignored.clear()
+        floor = self._floor_seq()
+        if floor > self._next_seq:
+            self.job.record_event("rollback", step=step, rank=self.rank,
+                                  reason=f"announcements {self._next_seq} to {floor - 1} were decided by rank 0 "
+                                         "without this rank and are no longer kept in the store: skipped")
+            self._next_seq = floor
 
     def _discover(self, step: int) -> None:
         if self._waited_out():
@@ -349,6 +362,9 @@ class Coordinator:
             decided = self._decision(seq)
             if decided is not None:  # decided without this rank (it missed it), or written again: a replay
                 self._took_no_part(announcement, decided)
+                continue
+            if announcement["step"] <= step and self._floor_seq() > seq:  # decided, no longer kept: a replay
+                self._took_no_part(announcement, {"reasons": ["decided and no longer kept in the store"]})
                 continue
             refusal = self._value_refusal(announcement) if announcement["kind"] == "change" else ""
             if refusal:  # sealed by rank 0, so real, but this rank's schema refuses it (another plugin version):
