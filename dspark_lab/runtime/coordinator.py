@@ -13,9 +13,18 @@ decision at ``decision/N`` and the other ranks, which wait for it (never for eac
 plus DECISION_GRACE_S), do the same. A rank that never saw an announcement (deleted or overwritten in the store) so
 holds the job up for the window at most: under DDP it waits in the next step's collective meanwhile. Rank 0 then
 writes the announcement again (at the decision, and again 1, 2, 4 ... 64 steps later until that rank answers a later
-change; and the group's name, if it was deleted); a rank that reads an announcement whose decision is already
-written takes no part in it (``rollback`` events with rank 0's reason) and goes on to the next one, so the ranks
-never fall out of step on the sequence. A stop is decided the same way: it applies on every rank or on none.
+change; and the group's name, deleted or an earlier group's written back); a rank that reads an announcement whose
+decision is already written takes no part in it (``rollback`` events with rank 0's reason) and goes on to the next
+one, so the ranks never fall out of step on the sequence. A stop is decided the same way: it applies on every rank
+or on none.
+
+The store does not grow with the number of changes: once every rank answered a change and said how it ended, rank 0
+deletes its announcement and decision, and each other rank deletes its own answers (the first once it read the
+decision, the second once it read the next one), all at a change's step. A change some rank did not answer, or did
+not say it ended, is kept until that rank answers a later one, for at most MAX_KEPT changes: past them rank 0 drops
+the oldest (a ``refuse`` event names it and the ranks) and seals ``floor``, below which every announcement is decided;
+a rank jumps to it after a step that waited out rank 0's window (the only steps where it may be behind), and takes
+no part in an announcement below it that it reads late (an old one written back after its decision was deleted).
 
 The store has no authentication and anyone who reaches its port can write to it, so every value the ranks exchange
 is sealed (:mod:`.sealed`): an HMAC-SHA256 keyed by the run's token, which each rank reads from the run directory
