@@ -44,14 +44,16 @@ class Spec:
 class Job:
     """What a Coordinator uses of a Job: the step, the policy schema and values, and the events it records."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, failure: str = ""):
         self.rank, self.run_dir, self.step, self.state = rank, RunDir(), 0, {}
-        self.specs, self.policies, self.events = {"k": Spec()}, {"k": 0}, []
+        self.specs, self.policies, self.events, self.failure = {"k": Spec()}, {"k": 0}, [], failure
 
     def record_event(self, kind: str, *, step, rank, **fields) -> None:
         self.events.append({"kind": kind, "step": step, "rank": rank, **fields})
 
     def apply_changes(self, changes):
+        if self.failure:
+            return self.failure, []
         old = [(key, self.policies.get(key)) for key in changes]
         self.policies.update(changes)
         return "", old
@@ -225,3 +227,38 @@ def test_an_earlier_groups_name_written_back_with_the_successor_deleted_costs_on
     assert stores[1].scope == group.nonce
     assert [e["change_id"] for e in coords[1].job.events if e["kind"] == "apply"] == ["c2", "c3"]
     assert any("an earlier group's" in e["reason"] for e in coords[1].job.events if e["kind"] == "refuse")
+
+
+class LosesTheFirstDecision:
+    """A rank's store on which the first decision it finds is deleted before it reads it (an attacker's delete)."""
+
+    def __init__(self, store):
+        self._store, self.lost = store, []
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def check(self, keys):
+        there = self._store.check(keys)
+        if there and not self.lost and keys[0].startswith("decision/"):
+            self._store.delete_key(keys[0])
+            self.lost.append(keys[0])
+            return False
+        return there
+
+
+def test_a_rolled_back_decision_written_again_after_a_delete_still_rolls_back(store):
+    server, client = store
+    world = 3
+    stores = [client(), client(), LosesTheFirstDecision(client())]
+    coords = [Coordinator(Job(rank, "boom" if rank == 1 else ""), stores[rank], rank, world) for rank in range(world)]
+    ranks = Ranks(coords)
+    try:
+        pending = change(coords[0], 1)
+    finally:
+        ranks.stop()
+    assert stores[2].lost == ["decision/1"]  # rank 2 read the copy rank 0 wrote again
+    assert pending.state == "rolled_back" and "ended applied" not in pending.reason, pending.reason
+    # before: the copy had no reasons, and rank 2 read "rolled back, nothing failed" as applied
+    assert [e["kind"] for e in coords[2].job.events if e.get("change_id") == "c1"] == ["rollback"]
+    assert coords[2].job.policies["k"] == 0

@@ -119,6 +119,7 @@ class Coordinator:
         self._missed: dict[int, dict[str, Any]] = {}  # rank 0: seq -> its keys, kept for ranks that may read them
         self._floor = 0  # rank 0: every announcement below it is decided and no longer kept (FLOOR_KEY)
         self._logged_key: str | None = None  # another rank: its last logged answer, deleted once rank 0 is past it
+        self._decided = b""  # rank 0: the sealed decision it wrote last
         self._step_times: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
         self._left_boundary: float | None = None
         self.after_commit = None  # rank 0: called with each committed announcement (runtime.restarts.Saver)
@@ -529,6 +530,7 @@ class Coordinator:
         self._settle(answers)
         decision = self._post(f"decision/{seq}", {"seq": seq, "outcome": "rolled_back" if reasons else "applied",
                                                   "reasons": reasons})
+        self._decided = decision  # _logged writes it again if it goes missing
         if missing:
             self._keep(announcement, set(missing), decision)
             self._write_missed(seq, self._missed[seq])
@@ -545,11 +547,10 @@ class Coordinator:
             self._post(self._logged_key, {"rank": self.rank, "outcome": outcome})
             return []
         decision_key = f"decision/{seq}"
-        decision = self._seal(decision_key, {"seq": seq, "outcome": outcome, "reasons": []})
 
-        def restore():
+        def restore():  # the decision itself: a copy without its reasons read "rolled back" as "nothing failed"
             if not self.store.check([decision_key]):
-                self.store.set(decision_key, self._missed[seq]["decision"] if seq in self._missed else decision)
+                self.store.set(decision_key, self._decided)
         logged = self._poll({r: f"result/{seq}/logged/{r}" for r in answered},
                             time.monotonic() + float(announcement.get("window_s", DECIDE_MIN_S)),
                             lambda v: isinstance(v, dict) and v.get("outcome") in ("applied", "rolled_back"),
