@@ -55,6 +55,8 @@ class LiveJob:
         self.job.server = control.ControlServer(self.job)
         self.run_dir, self.period = run_dir, period
         self.running = threading.Event()
+        self._between = threading.Condition()  # guards ``held``: the thread waits for ``running`` between two steps
+        self.held = False
         if not paused:
             self.running.set()
         self.stopped = threading.Event()
@@ -67,7 +69,12 @@ class LiveJob:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         try:
             while not self.stopped.is_set():
-                self.running.wait()
+                with self._between:  # running is read here, under the lock pause() clears it under
+                    while not self.running.is_set() and not self.stopped.is_set():
+                        self.held = True
+                        self._between.notify_all()
+                        self._between.wait(0.02)
+                    self.held = False
                 if self.stopped.is_set():
                     break
                 model(torch.randn(2, 4)).sum().backward()
@@ -78,6 +85,13 @@ class LiveJob:
             pass
         finally:
             self.stopped.set()
+
+    def pause(self, timeout: float = 20) -> None:
+        """Hold the job between two steps, and return once it is held (a step under way ends first; on a loaded
+        machine that can take longer than any fixed sleep)."""
+        with self._between:
+            self.running.clear()
+            assert self._between.wait_for(lambda: self.held, timeout), "the job did not stop between two steps"
 
     def wait_step(self, step: int, timeout: float = 20):
         deadline = time.monotonic() + timeout
@@ -316,8 +330,7 @@ def test_metrics_tail_reads_the_end_of_the_file_not_all_of_it(live, bytes_read):
     assert status == 200 and [r["step"] for r in body["metrics"]][-1] >= expected[-1]["step"]
     # a history of 40 MB: the endpoint must not read it whole inside rank 0. What it read is counted per file (not
     # by tracemalloc, which also counts whatever the job's other threads allocate meanwhile).
-    live.running.clear()
-    time.sleep(0.1)
+    live.pause()
     padding = json.dumps({"step": -1, "rank": 0, "pad": "p" * 1000}) + "\n"
     with open(live.run_dir.metrics_path, "a") as f:
         f.write(padding * 40_000)
@@ -334,8 +347,7 @@ def test_metrics_tail_reads_the_end_of_the_file_not_all_of_it(live, bytes_read):
 
 def test_metrics_tail_reads_at_most_its_cap_when_the_end_holds_no_records(live, bytes_read):
     """The endpoint's window grows until it holds the records asked, but never past limits.MAX_TAIL_BYTES."""
-    live.running.clear()
-    time.sleep(0.1)
+    live.pause()
     junk = json.dumps({"note": "not a metrics record: no step, no rank", "pad": "p" * 1000}) + "\n"
     with open(live.run_dir.metrics_path, "a") as f:
         f.write(junk * (2 * limits.MAX_TAIL_BYTES // len(junk)))
@@ -473,8 +485,7 @@ def test_set_exit_codes_say_applied_rolled_back_timed_out_and_refused(fresh, cap
     assert cli_main(["set", run, "test.knob=fail", "--json"]) == 3
     out = json.loads(capsys.readouterr().out)
     assert out["state"] == "rolled_back" and "breaks on purpose" in out["reason"] and out["exit_code"] == 3
-    fresh.running.clear()  # a rank that does not step: nothing can apply
-    time.sleep(0.1)
+    fresh.pause()  # a rank that does not step: nothing can apply
     assert cli_main(["set", run, "test.knob=a", "--timeout", "0.5"]) == 4
     assert "timed out" in capsys.readouterr().out
     fresh.running.set()
@@ -491,8 +502,7 @@ def test_cli_timeout_must_be_finite(home, value, capsys):
 
 
 def test_a_change_after_a_stop_is_refused_with_the_reason_and_stop_agrees_with_its_events(fresh):
-    fresh.running.clear()  # hold the job between two boundaries, as when both arrive within one step
-    time.sleep(0.1)
+    fresh.pause()  # hold the job between two boundaries, as when both arrive within one step
     results = {}
     stopper = threading.Thread(target=lambda: results.update(stop=call(fresh, "POST", "/stop", b"{}")))
     stopper.start()
@@ -511,8 +521,7 @@ def test_a_change_after_a_stop_is_refused_with_the_reason_and_stop_agrees_with_i
 
 
 def test_a_change_still_queued_when_the_run_ends_is_refused_not_lost(fresh):
-    fresh.running.clear()
-    time.sleep(0.1)
+    fresh.pause()
     results = {}
     setter = threading.Thread(target=lambda: results.update(set=call(fresh, "POST", "/set",
                                                                       set_body({"test.knob": "b"}))))
@@ -624,8 +633,7 @@ def test_a_change_sent_before_the_first_step_waits_for_the_model_instead_of_a_fa
 
 
 def test_a_stop_that_outlasts_its_wait_says_so_and_still_happens(fresh, capsys):
-    fresh.running.clear()
-    time.sleep(0.1)
+    fresh.pause()
     assert cli_main(["stop", fresh.run_dir.id, "--timeout", "0.5"]) == 4
     assert "not done within 0.5 s" in capsys.readouterr().out
     fresh.running.set()
