@@ -177,6 +177,7 @@ class Job:
         self.blocks = self.found_blocks.modules
         self.activations.track_blocks(compiled.hookable_blocks(self))  # offload prefetches a block ahead of backward
         self._param_storages = param_storages(inner)
+        self.activations.refresh_params()
         first = next(inner.parameters(), None)
         if first is not None:
             self.backend = _backend_for(self.manager, first.device.type)

@@ -21,6 +21,7 @@ is of what is really held: on a CPU backend ``host`` holds the same bytes and ha
 from __future__ import annotations
 
 import functools
+import operator
 import weakref
 from typing import Callable
 
@@ -43,19 +44,40 @@ def _is_wrapper_subclass(tensor: torch.Tensor) -> bool:
     return type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__")
 
 
-class _Held:
-    """A saved tensor kept as it is; releases its storage's bytes from the count when autograd drops it."""
+class _Held(tuple):
+    """A saved tensor kept as it is: ``(tensor, counter, key)``. Built and read by C code (a tuple; the unpack hook
+    is ``operator.itemgetter(0)``), so the only Python a kept tensor costs is :meth:`SavedActivations.pack` and this
+    ``__del__``, which releases its storage's bytes from the count when autograd drops it."""
 
-    __slots__ = ("tensor", "counter", "key", "__weakref__")
+    __slots__ = ()
 
-    def __init__(self, tensor, counter, key):
-        self.tensor, self.counter, self.key = tensor, counter, key
-
-    def get(self):
-        return self.tensor
+    @property
+    def tensor(self):
+        return tuple.__getitem__(self, 0)
 
     def __del__(self):
-        self.counter.release(self.key)
+        _, counter, key = self
+        refs = counter._refs
+        ref = refs.get(key)
+        if ref is not None:
+            ref[0] -= 1
+            if not ref[0]:
+                del refs[key]
+                counter.held -= ref[1]
+
+
+class _HeldOffloaded(_Held):
+    """A saved tensor in host buffers: ``(Offloaded, counter, key)``; unpacking it brings it back."""
+
+    __slots__ = ()
+
+    def __getitem__(self, index):
+        _, counter, _ = self
+        return counter.offloader.unpack(tuple.__getitem__(self, 0))
+
+
+_unpack = operator.itemgetter(0)  # the unpack hook: a pass-through (tensor,), _Held or _HeldOffloaded -> the tensor
+_Tensor, _Parameter = torch.Tensor, torch.nn.Parameter
 
 
 class SavedActivations:
@@ -63,18 +85,39 @@ class SavedActivations:
 
     ``held`` / ``peak`` are bytes of distinct storages kept for backward (a storage saved by several ops counts
     once); parameters are not activations and are never counted or moved. ``reset_peak()`` starts a new step.
+
+    Cost: they see every tensor autograd saves (about a hundred a step in the demo model), so the common case, a
+    plain tensor kept as it is, runs one Python function on pack (:meth:`pack`, no ``isinstance`` against
+    ``Parameter``, whose metaclass check is Python) and one on release (``_Held.__del__``); unpacking it is C.
+    The parameter storages are read once per step (:meth:`refresh_params`), not per tensor.
     """
 
     def __init__(self, param_storages: Callable[[], set[int]] = set, allocator_factory=None, copies_factory=None):
-        self.mode = "off"
         self.held = 0
         self.peak = 0
         self._refs: dict[object, list[int]] = {}  # key -> [references, bytes]
         self._offloaded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._param_storages = param_storages
+        self._params: set[int] = param_storages()
         self.offloader = Offloader(allocator_factory or HostPool, copies_factory)
+        self._mode = "off"
         self._hooks = None
         self._seen: set[int] | None = None  # storages pack received while a checkpoint saved its inputs
+
+    @property
+    def mode(self) -> str:
+        """``off``, ``host`` or ``host-fp8`` (``memory.activation_offload``); the offloader's block hooks are on
+        only while it is not ``off``."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self._mode = value
+        self.offloader.activate(value != "off")
+
+    def refresh_params(self) -> None:
+        """Read the parameter storages again (the model was found or changed; and at every step boundary)."""
+        self._params = self._param_storages()
 
     # --- accounting --------------------------------------------------------------------------------------------
 
@@ -101,6 +144,7 @@ class SavedActivations:
         """Return the peak since the last reset and start counting from what is held now (a step boundary)."""
         peak, self.peak = self.peak, self.held
         self.offloader.poll()
+        self.refresh_params()
         return peak
 
     def track_blocks(self, blocks) -> None:
@@ -110,52 +154,80 @@ class SavedActivations:
     # --- hooks -------------------------------------------------------------------------------------------------
 
     def pack(self, tensor: torch.Tensor, offload: bool = True):
+        """What autograd keeps of a saved tensor: ``(tensor,)`` for one not counted (a parameter, a view of one),
+        a :class:`_Held` for one counted, a :class:`_HeldOffloaded` for one moved to host buffers."""
         if self._seen is not None:
             self._seen.add(_storage_ptr(tensor))
         try:
-            return self._pack(tensor, offload)
+            kind = type(tensor)
+            if kind is not _Tensor:  # a parameter (kept as it is), a DTensor, another subclass: the careful path
+                return (tensor,) if kind is _Parameter else self._pack_other(tensor, offload)
+            storage = tensor.untyped_storage()
+            ptr = storage.data_ptr()
+            if not ptr or ptr in self._params:
+                return (tensor,)
+            base = tensor._base
+            if base is not None and type(base) is not _Tensor and isinstance(base, _Parameter):
+                return (tensor,)  # a view of a weight (FSDP2's unsharded weights live in fresh storage every step)
+            nbytes = storage.nbytes()
+            if offload and self._mode != "off" and nbytes >= MIN_OFFLOAD_BYTES and tensor.is_floating_point():
+                return self._offload(tensor, ptr)
+            refs = self._refs
+            ref = refs.get(ptr)
+            if ref is None:
+                refs[ptr] = [1, nbytes]
+                held = self.held = self.held + nbytes
+                if held > self.peak:
+                    self.peak = held
+            else:
+                ref[0] += 1
+            return _Held((tensor, self, ptr))
         except RuntimeError:  # a tensor kind we cannot look into: keep it as it is, never fail the user's forward
-            return tensor
+            return (tensor,)
 
-    def _pack(self, tensor: torch.Tensor, offload: bool = True):
+    def _pack_other(self, tensor: torch.Tensor, offload: bool):
         if _is_wrapper_subclass(tensor):  # a DTensor (TP): count its local shard, never move the wrapper
             local = getattr(tensor, "_local_tensor", None)
             if isinstance(local, torch.Tensor) and not _is_wrapper_subclass(local):
                 ptr = local.untyped_storage().data_ptr()
-                if ptr and ptr not in self._param_storages():
+                if ptr and ptr not in self._params:
                     self._hold(ptr, local.untyped_storage().nbytes())
-                    return _Held(tensor, self, ptr)
-            return tensor
+                    return _Held((tensor, self, ptr))
+            return (tensor,)
         if isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter):
-            return tensor  # a weight or a view of one (FSDP2's unsharded weights live in fresh storage every step)
+            return (tensor,)  # a weight or a view of one
         storage = tensor.untyped_storage()
         ptr = storage.data_ptr()
-        if ptr == 0 or ptr in self._param_storages():
-            return tensor
+        if ptr == 0 or ptr in self._params:
+            return (tensor,)
         nbytes = storage.nbytes()
-        if not offload or self.mode == "off" or nbytes < MIN_OFFLOAD_BYTES or not tensor.is_floating_point():
-            self._hold(ptr, nbytes)
-            return _Held(tensor, self, ptr)
+        if offload and self._mode != "off" and nbytes >= MIN_OFFLOAD_BYTES and tensor.is_floating_point():
+            return self._offload(tensor, ptr)
+        self._hold(ptr, nbytes)
+        return _Held((tensor, self, ptr))
+
+    def _offload(self, tensor: torch.Tensor, ptr: int):
         # One copy per tensor saved several times (y * y saves y twice). The original may be freed once copied and
         # its address reused by another tensor, so a cached copy counts only while its source tensor is alive.
         view_key = (ptr, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor._version)
         packed = self._offloaded.get(view_key)
         if packed is None or packed.source() is not tensor:
-            packed = self.offloader.offload(tensor, fp8=self.mode == "host-fp8")
+            packed = self.offloader.offload(tensor, fp8=self._mode == "host-fp8")
             self._offloaded[view_key] = packed
         self._hold(id(packed), packed.nbytes)
-        return _Held(packed, self, id(packed))
+        return _HeldOffloaded((packed, self, id(packed)))
 
     def unpack(self, packed):
-        if isinstance(packed, _Held):
-            inner = packed.tensor
-            return self.offloader.unpack(inner) if isinstance(inner, Offloaded) else inner
+        """The tensor :meth:`pack` kept (brought back from host buffers if it was offloaded)."""
+        if type(packed) is tuple or isinstance(packed, _Held):
+            return packed[0]
         return packed
 
     def install(self) -> None:
         """Push the hooks for the rest of this thread's life (forward passes run on the training thread)."""
         if self._hooks is None:
-            self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+            self.refresh_params()
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack)
             self._hooks.__enter__()
 
     def uninstall(self) -> None:

@@ -215,7 +215,9 @@ class Offloader:
         self.serial = 0  # bumped when a tracked block's forward starts or ends
         self._group: Group | None = None
         self._in_flight: deque = deque()  # (engine, ticket) of the groups before the current one, oldest first
-        self._hooks: list = []
+        self._blocks: list[weakref.ref] = []  # the blocks offloaded tensors are grouped by (track_blocks)
+        self._hooks: list = []  # their forward hooks, while offload is on
+        self._active = False
 
     def copies(self, device: torch.device):
         engine = self._copies.get(device)
@@ -229,13 +231,21 @@ class Offloader:
         return self._pool
 
     def track_blocks(self, blocks) -> None:
-        """Start a new group at the start and at the end of each block's forward (hooks replace earlier ones)."""
+        """Start a new group at the start and at the end of each block's forward. The hooks are on the blocks only
+        while offload is on (:meth:`activate`): with it off they would only slow every block's call."""
+        self._blocks = [weakref.ref(block) for block in blocks]
+        self.activate(self._active)
+
+    def activate(self, on: bool) -> None:
+        """Put the grouping hooks on the tracked blocks (offload is on) or take them off (off); idempotent."""
+        self._active = on
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
-        for block in blocks:
-            self._hooks.append(block.register_forward_pre_hook(RuntimeHook(self._bump)))
-            self._hooks.append(block.register_forward_hook(RuntimeHook(self._bump)))
+        for block in (ref() for ref in self._blocks) if on else ():
+            if block is not None:
+                self._hooks.append(block.register_forward_pre_hook(RuntimeHook(self._bump)))
+                self._hooks.append(block.register_forward_hook(RuntimeHook(self._bump)))
 
     def _bump(self, *_):
         self.serial += 1
@@ -257,7 +267,7 @@ class Offloader:
                          fp8=fp8 and tensor.dtype in FP8_DTYPES and tensor.numel() > 0)
 
     def unpack(self, entry: Offloaded) -> torch.Tensor:
-        if not self._hooks:  # no blocks known: one tensor at a time, when backward needs it (no overlap)
+        if not self._blocks:  # no blocks known: one tensor at a time, when backward needs it (no overlap)
             return entry.get()
         group = entry.group
         if not group.fetched:  # backward reached a group nothing prefetched (the last one of forward)
