@@ -22,6 +22,7 @@ from dspark_lab.plugins import make_manager
 from dspark_lab.runtime.attach import Job
 from dspark_lab.runtime.policies import builtin as builtin_policies
 from dspark_lab.runtime.records import RunDir
+from moe_contract import ContractMoE
 
 CONFIG = MoEConfig(dim=16, hidden=32, seq=8, slots_per_rank=10)  # 2 MoE layers, 8 experts, 10 slots on 1 rank
 STEPS = 7
@@ -132,20 +133,12 @@ class Router(nn.Module):
         return (self.gate(x).topk(2, -1).indices,)
 
 
-class DenseMoE(nn.Module):
+class DenseMoE(ContractMoE):
     """A script's MoE layer (the contract of docs/runtime.md) that compiles without a graph break: every expert
     runs on every token and a mask keeps each token's top 2."""
 
     def __init__(self):
-        super().__init__()
-        self.config = type("Config", (), {"experts": EXPERTS})()
-        self.router = Router()
-        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(EXPERTS))
-        self.phy2log = torch.arange(EXPERTS)
-        self.last_rank_load = 0
-
-    def set_placement(self, phy2log):
-        self.phy2log = torch.as_tensor(phy2log)
+        super().__init__(Router(), EXPERTS)
 
     def forward(self, x):
         (chosen,) = self.router(x)

@@ -13,6 +13,7 @@ from dspark_lab.plugins import make_manager
 from dspark_lab.runtime.attach import Job
 from dspark_lab.runtime.policies import builtin as builtin_policies
 from dspark_lab.runtime.records import RunDir
+from moe_contract import ContractMoE
 
 EXPERTS, STEPS = 4, 7
 
@@ -26,19 +27,11 @@ class Router(nn.Module):
         return (self.gate(x).argmax(-1),)
 
 
-class MoE(nn.Module):
+class MoE(ContractMoE):
     """The MoE layer contract of docs/runtime.md on one rank: every expert in its one slot."""
 
     def __init__(self):
-        super().__init__()
-        self.config = type("Config", (), {"experts": EXPERTS})()
-        self.router = Router()
-        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(EXPERTS))
-        self.phy2log = torch.arange(EXPERTS)
-        self.last_rank_load = 0
-
-    def set_placement(self, phy2log):
-        self.phy2log = torch.as_tensor(phy2log)
+        super().__init__(Router(), EXPERTS)
 
     def forward(self, x):
         (chosen,) = self.router(x)

@@ -34,7 +34,7 @@ from dspark_lab.runtime.discover import fsdp2_groups, fsdp2_modules
 from dspark_lab.runtime.module_hooks import InstanceForward
 from dspark_lab.runtime.policies import compiled, own_checkpointing
 from dspark_lab.runtime.policies.choices import CHECKPOINTING
-from dspark_lab.runtime.policies.offload import Offloaded, Offloader
+from dspark_lab.runtime.policies.offload import Offloader
 
 MIN_OFFLOAD_BYTES = 1 << 14  # tiny tensors (masks, indices, scalars) are not worth a copy
 
