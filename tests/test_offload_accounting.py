@@ -97,3 +97,69 @@ def test_a_tensor_keyword_argument_kept_by_the_checkpoint_counts_once():
     finally:
         tracker.uninstall()
         set_checkpointing(list(blocks), "none", tracker)
+
+
+@pytest.mark.parametrize("offload", ["off", "host"])
+def test_a_forward_dropped_without_backward_frees_what_it_saved_without_the_garbage_collector(offload):
+    """An evaluation forward without ``no_grad``: once its output is dropped, what its ops saved is freed at once, as
+    without the hooks, and leaves the count (ops that save their own output, like tanh and sigmoid, would otherwise
+    hold it in a reference cycle through autograd's C++ nodes that the collector cannot break)."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH), nn.Sigmoid())
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    tracker = SavedActivations(lambda: params, copies_factory=lambda device: SyncCopies())
+    tracker.mode = offload
+    tracker.install()
+    gc.disable()
+    try:
+        hidden = model[1](model[0](torch.randn(ROWS, WIDTH)))  # tanh saves its output
+        out = model[3](model[2](hidden))  # so does sigmoid
+        outputs = [weakref.ref(hidden), weakref.ref(out)]
+        assert tracker.held > 0
+        del hidden, out
+        assert [ref() for ref in outputs] == [None, None]
+        assert tracker.held == 0
+    finally:
+        gc.enable()
+        tracker.uninstall()
+
+
+@pytest.mark.parametrize("changed", ["an op's own output", "an op's input", "a weight"])
+def test_a_saved_tensor_changed_in_place_before_backward_fails_as_without_the_hooks(changed):
+    """PyTorch checks a saved tensor's version at backward only when no saved-tensor hooks are installed; the
+    runtime's hooks make the same check, so a script that fails under plain torchrun does not compute wrong
+    gradients under dspark-lab run instead."""
+    linear = nn.Linear(WIDTH, WIDTH)
+    params = {p.untyped_storage().data_ptr() for p in linear.parameters()}
+    tracker = SavedActivations(lambda: params)
+    tracker.install()
+    try:
+        x = torch.randn(ROWS, WIDTH, requires_grad=True)
+        hidden = torch.tanh(linear(x))  # tanh saves its output; linear saves x and the weight
+        loss = (hidden * 2).sum()
+        with torch.no_grad():
+            {"an op's own output": hidden, "an op's input": x, "a weight": linear.weight}[changed].add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+    finally:
+        tracker.uninstall()
+
+
+def test_saved_tensors_left_alone_give_the_gradients_of_a_run_without_the_hooks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH), nn.Sigmoid())
+    x = torch.randn(ROWS, WIDTH)
+    model(x).square().sum().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    tracker = SavedActivations(lambda: params)
+    tracker.install()
+    try:
+        model(x).square().sum().backward()
+    finally:
+        tracker.uninstall()
+    assert all(torch.equal(a, p.grad) for a, p in zip(plain, model.parameters()))

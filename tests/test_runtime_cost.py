@@ -43,9 +43,10 @@ def python_calls_in(module_file: str, run) -> int:
     return calls
 
 
-def test_a_kept_saved_tensor_costs_two_python_calls_pack_and_release():
-    """Offload off: pack is one Python function and the release one ``__del__``; unpack runs no Python (it was
-    seven or more per tensor: pack, _pack, _is_wrapper_subclass, _hold, _Held.__init__, unpack, __del__, release)."""
+def test_a_kept_saved_tensor_costs_three_python_calls_pack_unpack_release():
+    """Offload off: pack, unpack (its in-place check) and the release (``__del__``) are one Python function each (it
+    was seven or more per tensor: pack, _pack, _is_wrapper_subclass, _hold, _Held.__init__, unpack, __del__,
+    release)."""
     model = make_blocks()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     x = torch.randn(32, WIDTH)
@@ -67,7 +68,7 @@ def test_a_kept_saved_tensor_costs_two_python_calls_pack_and_release():
         tracker.uninstall()
     counted = [t for t in saved if t.untyped_storage().data_ptr() not in params]
     assert tracker.held == 0 and 0 < len(counted) < len(saved)
-    assert calls <= len(saved) + len(counted), (calls, len(saved), len(counted))
+    assert calls <= 2 * len(saved) + len(counted), (calls, len(saved), len(counted))
 
 
 def test_parameter_storages_are_read_once_per_step_not_per_saved_tensor():

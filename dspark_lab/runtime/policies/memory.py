@@ -21,7 +21,6 @@ is of what is really held: on a CPU backend ``host`` holds the same bytes and ha
 from __future__ import annotations
 
 import functools
-import operator
 import weakref
 from typing import Callable
 
@@ -45,9 +44,9 @@ def _is_wrapper_subclass(tensor: torch.Tensor) -> bool:
 
 
 class _Held(tuple):
-    """A saved tensor kept as it is: ``(tensor, counter, key)``. Built and read by C code (a tuple; the unpack hook
-    is ``operator.itemgetter(0)``), so the only Python a kept tensor costs is :meth:`SavedActivations.pack` and this
-    ``__del__``, which releases its storage's bytes from the count when autograd drops it."""
+    """A saved tensor kept as it is: ``(tensor, counter, key, version)``. A tuple, built and read by C code, so the
+    Python a kept tensor costs is :meth:`SavedActivations.pack`, :func:`_unpack` and this ``__del__``, which
+    releases its storage's bytes from the count when autograd drops it."""
 
     __slots__ = ()
 
@@ -56,7 +55,7 @@ class _Held(tuple):
         return tuple.__getitem__(self, 0)
 
     def __del__(self):
-        _, counter, key = self
+        counter, key = tuple.__getitem__(self, 1), tuple.__getitem__(self, 2)
         refs = counter._refs
         ref = refs.get(key)
         if ref is not None:
@@ -76,7 +75,34 @@ class _HeldOffloaded(_Held):
         return counter.offloader.unpack(tuple.__getitem__(self, 0))
 
 
-_unpack = operator.itemgetter(0)  # the unpack hook: a pass-through (tensor,), _Held or _HeldOffloaded -> the tensor
+def _kept(tensor: torch.Tensor) -> torch.Tensor:
+    """What a pack keeps of a tensor that needs its gradient: an alias without autograd history (``detach``, the
+    same storage and version counter). Holding the tensor itself would close a reference cycle when an op saves its
+    own output (tensor -> grad_fn -> saved value -> tensor) that Python's collector cannot see through autograd's
+    C++ nodes: a forward whose graph is dropped without backward (an evaluation without ``no_grad``) would keep
+    its saved outputs, and their bytes in the count, for the rest of the run (torch's ``saved_tensors_hooks``
+    warns of this). About 1.6 us a tensor."""
+    return tensor.detach() if tensor.requires_grad else tensor
+
+
+def _unpack(packed: tuple) -> torch.Tensor:
+    """The unpack hook: the tensor :meth:`SavedActivations.pack` kept, after the check PyTorch makes itself only
+    when no saved-tensor hooks are installed: that it was not modified in place since it was saved (its version).
+    Without it a script that changes a saved tensor in place, which fails under plain torchrun, would compute wrong
+    gradients here. ``(tensor, version)`` passed through or a :class:`_Held` is checked; a :class:`_HeldOffloaded`
+    (3 items; its source may be gone: the point of offload) and ``(tensor,)`` (a kind pack could not look into)
+    are not."""
+    tensor = packed[0]
+    if len(packed) != 3 and len(packed) > 1:
+        saved = packed[-1]
+        if tensor._version != saved:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace operation: "
+                f"[{tensor.type()} {list(tensor.shape)}] is at version {tensor._version}; expected version {saved} "
+                "instead (checked by dspark-lab's saved-tensor hooks, as PyTorch checks without them)")
+    return tensor
+
+
 _Tensor, _Parameter = torch.Tensor, torch.nn.Parameter
 
 
@@ -88,7 +114,8 @@ class SavedActivations:
 
     Cost: they see every tensor autograd saves (about a hundred a step in the demo model), so the common case, a
     plain tensor kept as it is, runs one Python function on pack (:meth:`pack`, no ``isinstance`` against
-    ``Parameter``, whose metaclass check is Python) and one on release (``_Held.__del__``); unpacking it is C.
+    ``Parameter``, whose metaclass check is Python), one on unpack (:func:`_unpack`, the in-place check) and one on
+    release (``_Held.__del__``).
     The parameter storages are read once per step (:meth:`refresh_params`), not per tensor.
     """
 
@@ -161,14 +188,14 @@ class SavedActivations:
         try:
             kind = type(tensor)
             if kind is not _Tensor:  # a parameter (kept as it is), a DTensor, another subclass: the careful path
-                return (tensor,) if kind is _Parameter else self._pack_other(tensor, offload)
+                return (tensor, tensor._version) if kind is _Parameter else self._pack_other(tensor, offload)
             storage = tensor.untyped_storage()
             ptr = storage.data_ptr()
-            if not ptr or ptr in self._params:
-                return (tensor,)
+            if not ptr or ptr in self._params:  # a weight's storage, or none (nothing to count, still no cycle)
+                return (tensor, tensor._version) if ptr else (_kept(tensor), tensor._version)
             base = tensor._base
             if base is not None and type(base) is not _Tensor and isinstance(base, _Parameter):
-                return (tensor,)  # a view of a weight (FSDP2's unsharded weights live in fresh storage every step)
+                return (tensor, tensor._version)  # a view of a weight (FSDP2's unsharded weights live in fresh storage every step)
             nbytes = storage.nbytes()
             if offload and self._mode != "off" and nbytes >= MIN_OFFLOAD_BYTES and tensor.is_floating_point():
                 return self._offload(tensor, ptr)
@@ -181,7 +208,8 @@ class SavedActivations:
                     self.peak = held
             else:
                 ref[0] += 1
-            return _Held((tensor, self, ptr))
+            # _kept, inline: one Python call less per saved tensor on the path every step takes
+            return _Held((tensor.detach() if tensor.requires_grad else tensor, self, ptr, tensor._version))
         except RuntimeError:  # a tensor kind we cannot look into: keep it as it is, never fail the user's forward
             return (tensor,)
 
@@ -192,19 +220,19 @@ class SavedActivations:
                 ptr = local.untyped_storage().data_ptr()
                 if ptr and ptr not in self._params:
                     self._hold(ptr, local.untyped_storage().nbytes())
-                    return _Held((tensor, self, ptr))
+                    return _Held((_kept(tensor), self, ptr, tensor._version))
             return (tensor,)
         if isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter):
-            return (tensor,)  # a weight or a view of one
+            return (tensor, tensor._version)  # a weight or a view of one
         storage = tensor.untyped_storage()
         ptr = storage.data_ptr()
         if ptr == 0 or ptr in self._params:
-            return (tensor,)
+            return (tensor, tensor._version)
         nbytes = storage.nbytes()
         if offload and self._mode != "off" and nbytes >= MIN_OFFLOAD_BYTES and tensor.is_floating_point():
             return self._offload(tensor, ptr)
         self._hold(ptr, nbytes)
-        return _Held((tensor, self, ptr))
+        return _Held((_kept(tensor), self, ptr, tensor._version))
 
     def _offload(self, tensor: torch.Tensor, ptr: int):
         # One copy per tensor saved several times (y * y saves y twice). The original may be freed once copied and
@@ -219,9 +247,7 @@ class SavedActivations:
 
     def unpack(self, packed):
         """The tensor :meth:`pack` kept (brought back from host buffers if it was offloaded)."""
-        if type(packed) is tuple or isinstance(packed, _Held):
-            return packed[0]
-        return packed
+        return _unpack(packed) if isinstance(packed, tuple) else packed
 
     def install(self) -> None:
         """Push the hooks for the rest of this thread's life (forward passes run on the training thread)."""
