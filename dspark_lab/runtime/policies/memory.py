@@ -195,7 +195,8 @@ class SavedActivations:
                 return (tensor, tensor._version) if ptr else (_kept(tensor), tensor._version)
             base = tensor._base
             if base is not None and type(base) is not _Tensor and isinstance(base, _Parameter):
-                return (tensor, tensor._version)  # a view of a weight (FSDP2's unsharded weights live in fresh storage every step)
+                # a view of a weight (FSDP2's unsharded weights live in fresh storage every step)
+                return (tensor, tensor._version)
             nbytes = storage.nbytes()
             if offload and self._mode != "off" and nbytes >= MIN_OFFLOAD_BYTES and tensor.is_floating_point():
                 return self._offload(tensor, ptr)
