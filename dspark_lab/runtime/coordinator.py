@@ -313,7 +313,7 @@ class Coordinator:
     def _delete(self, key: str) -> None:
         try:
             self.store.delete_key(key)
-        except Exception:  # a store without delete_key
+        except Exception:  # a store without delete_key, or the key went away meanwhile
             pass
 
     def _waited_out(self) -> bool:
@@ -418,10 +418,7 @@ class Coordinator:
             return value
         except ValueError as exc:
             self._ignore(key, str(exc))
-            try:
-                self.store.delete_key(key)
-            except Exception:  # a store without delete_key, or the key went away meanwhile
-                pass
+            self._delete(key)
             return None
 
     def _poll(self, keys: dict[int, str], deadline: float, valid: Callable[[Any], bool],
