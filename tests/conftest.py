@@ -29,7 +29,14 @@ BUILTIN_MODULES = ("dspark_lab.backends.cpu", "dspark_lab.backends.nvidia", "dsp
 
 
 def pytest_collection_modifyitems(config, items):
-    """``gpu``-marked tests run only with ``DSPARK_GPU_TESTS=1`` (tests/gpu/check_device.sh sets it); else skipped."""
+    """Files with the most ``slow`` tests first; ``gpu``-marked tests run only with ``DSPARK_GPU_TESTS=1``
+    (tests/gpu/check_device.sh sets it), else skipped.
+
+    The order is for ``-n 2 --dist loadfile`` (the README's full run): pytest-xdist hands whole files to its workers
+    in this order, so the long multi-process files start first and no worker is left alone with one at the end.
+    """
+    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: (-slow[item.path], str(item.path)))  # stable: a file's own order is kept
     if os.environ.get("DSPARK_GPU_TESTS") == "1":
         return
     skip = pytest.mark.skip(reason="gpu test: set DSPARK_GPU_TESTS=1 on a machine with a CUDA device and driver")

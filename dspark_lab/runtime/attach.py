@@ -56,7 +56,8 @@ from dspark_lab.runtime.policies import builtin as builtin_policies, compiled
 from dspark_lab.runtime.policies.memory import SavedActivations
 from dspark_lab.runtime.policy_state import PolicyState
 from dspark_lab.runtime.launchers.multinode import run_id_for
-from dspark_lab.runtime.records import JsonlWriter, RunDir, new_run_id, runs_root, trusted_run_dir
+from dspark_lab.runtime.records import (RUN_DIR_VARIABLE, JsonlWriter, RunDir, new_run_id, runs_root,
+                                        trusted_run_dir)
 
 
 RIVAL_STEPS = 2  # steps of another optimizer, while the job's does not step, that make it the job's
@@ -430,8 +431,8 @@ def _own_run_dir(name: str | None, policies: dict[str, Any]) -> RunDir:
     reaches the store can write it): ``DSPARK_RUN_DIR`` when set, else the run id every rank derives alike
     (:func:`_shared_run_id`), which rank 0 creates under the user's :func:`.records.runs_root` and the others wait
     for. A directory that is not the user's own 0700 one right under it is refused in one line."""
-    if os.environ.get("DSPARK_RUN_DIR"):
-        return trusted_run_dir(Path(os.environ["DSPARK_RUN_DIR"]), "DSPARK_RUN_DIR")
+    if os.environ.get(RUN_DIR_VARIABLE):
+        return trusted_run_dir(Path(os.environ[RUN_DIR_VARIABLE]), RUN_DIR_VARIABLE)
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     run_id = new_run_id() if world == 1 else _shared_run_id(world)
     if rank != 0:

@@ -16,7 +16,7 @@ from dspark_lab.runtime.attach import Job, start_job
 from dspark_lab.runtime.coordinator import StopRun
 from dspark_lab.runtime.launch import INTERRUPTED_EXIT
 from dspark_lab.runtime.launchers.agent_events import group_events
-from dspark_lab.runtime.records import RunDir
+from dspark_lab.runtime.records import RUN_DIR_VARIABLE, RunDir
 
 
 def main(argv: list[str]) -> int:
@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m dspark_lab.runtime.bootstrap script.py [args...]", file=sys.stderr)
         return 2
     script, script_args = os.path.abspath(argv[0]), argv[1:]
-    run_dir = RunDir(os.environ["DSPARK_RUN_DIR"])
+    run_dir = RunDir(os.environ[RUN_DIR_VARIABLE])
     job = start_job(run_dir, launch_policies=json.loads(os.environ.get("DSPARK_LAUNCH_POLICIES", "{}")))
     sys.argv = [script, *script_args]
     sys.path.insert(0, os.path.dirname(script))

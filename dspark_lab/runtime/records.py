@@ -29,6 +29,7 @@ RUN_STATES = ("starting", "running", "finished", "failed", "stopped")
 LIVE_STATES = ("running", "starting")  # a run in one of these has not ended
 ENDED_STATES = tuple(state for state in RUN_STATES if state not in LIVE_STATES)
 DIR_MODE = 0o700
+RUN_DIR_VARIABLE = "DSPARK_RUN_DIR"  # the supervisor tells every rank and agent its run directory in this
 RDZV_RUN_PREFIX = "rdzv-"  # a multi-node run's id is this and its --rdzv-id, the same on every node
 MAX_RANKS = 1024 * 1024  # run.json's `ranks`: the most `dspark-lab run` or a k8s manifest can make (1024 x 1024)
 _bad_fields_said: set[str] = set()  # run.json fields already warned about in this process

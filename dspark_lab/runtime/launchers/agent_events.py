@@ -22,11 +22,10 @@ import sys
 import time
 from typing import Any, Iterable, Mapping
 
-from dspark_lab.runtime.records import JsonlWriter, RunDir
+from dspark_lab.runtime.records import RUN_DIR_VARIABLE, JsonlWriter, RunDir
 
 RESTART = "restart"  # a run-level event: torchrun started the group again
 SOURCE = "agent"  # the ``source`` of an error event the agent wrote for a rank
-RUN_DIR_VARIABLE = "DSPARK_RUN_DIR"
 LATE_SIGNAL_S = 5.0  # a rank killed this long after another rank's error: torchrun's SIGKILL, 30 s after its SIGTERM
 
 

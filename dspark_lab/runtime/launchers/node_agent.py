@@ -40,7 +40,7 @@ from typing import Any
 
 from dspark_lab.runtime import nodes
 from dspark_lab.runtime.launchers import agent_events, failures
-from dspark_lab.runtime.records import RunDir
+from dspark_lab.runtime.records import RUN_DIR_VARIABLE, RunDir
 from dspark_lab.runtime.sealed import Sealer
 
 REPORT_WAIT_S = 5.0  # rank 0's node waits at most this long for the other nodes' posts on a stopped group
@@ -184,7 +184,7 @@ class NodeAgent:
 def install(agent_class: type) -> NodeAgent | None:
     """Hook ``agent_class`` (torchrun's ``LocalElasticAgent``) for a run whose store is ``DSPARK_STORE``; None when
     this is no multi-node run of ``dspark-lab run`` (or the torch has no such methods to hook)."""
-    address, run_dir = os.environ.get(nodes.STORE_VARIABLE), os.environ.get(agent_events.RUN_DIR_VARIABLE)
+    address, run_dir = os.environ.get(nodes.STORE_VARIABLE), os.environ.get(RUN_DIR_VARIABLE)
     stop, restart = getattr(agent_class, "_stop_workers", None), getattr(agent_class, "_restart_workers", None)
     start = getattr(agent_class, "_start_workers", None)
     if not address or not run_dir or None in (stop, restart, start) or not failures.watch(agent_class):
