@@ -178,6 +178,11 @@ def _color(i: int) -> str:
     return Category10_10[i % len(Category10_10)]
 
 
+# A marker's label runs up its line, on the left of it; every second marker's on the right, so the labels of two
+# changes a few steps apart (the usual case: one change, then a second to compare) do not print over each other.
+LABEL_OFFSETS = (-3, 13)  # screen pixels from the line to the label's baseline (8pt text is about 10 px tall)
+
+
 class MetricCharts:
     """The dashboard's charts: one figure per :data:`PANELS` entry, sharing the step axis, with change markers.
 
@@ -189,7 +194,7 @@ class MetricCharts:
         self.rollover = rollover
         self.columns = MetricColumns()
         self.sources: dict[int, ColumnDataSource] = {}
-        self.markers = ColumnDataSource({"step": [], "label": []})
+        self.markers = ColumnDataSource({"step": [], "label": [], "x_offset": []})
         self._marker_rows: dict[int, int] = {}
         self.marker_labels: dict[int, str] = {}  # step -> label, our own record of what the sources were sent
         self.points = 0
@@ -202,7 +207,8 @@ class MetricCharts:
             x_range = x_range or fig.x_range
             fig.vspan(x="step", source=self.markers, line_color="#d62728", line_dash="dashed", line_width=1.5)
             fig.add_layout(LabelSet(x="step", y=4, y_units="screen", text="label", source=self.markers,
-                                    angle=math.pi / 2, x_offset=-3, text_font_size="8pt", text_color="#d62728"))
+                                    angle=math.pi / 2, x_offset="x_offset", text_font_size="8pt",
+                                    text_color="#d62728"))
             fig.toolbar.logo = None
             self.figures[panel.name] = fig
         for rank in range(max(ranks, 1)):
@@ -258,7 +264,8 @@ class MetricCharts:
         if new_steps:
             start = len(self.markers.data["step"])
             self._marker_rows.update({s: start + i for i, s in enumerate(new_steps)})
-            self.markers.stream({"step": new_steps, "label": new_labels})
+            self.markers.stream({"step": new_steps, "label": new_labels,
+                                 "x_offset": [LABEL_OFFSETS[(start + i) % 2] for i in range(len(new_steps))]})
 
     def marker_steps(self) -> list[int]:
         return sorted(self.marker_labels)

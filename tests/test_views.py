@@ -9,6 +9,7 @@ import stat
 import pytest
 from bokeh.document import Document
 from bokeh.document.events import ColumnDataChangedEvent, ColumnsPatchedEvent, ColumnsStreamedEvent
+from bokeh.models import LabelSet
 
 from dspark_lab import views
 from dspark_lab.runtime import commands
@@ -212,3 +213,19 @@ def test_run_summary_and_comparison(home):
     layout = views.policy_comparison([{**summary, "label": "none"}, {**summary, "label": "full", "step_time_s": 0.2}])
     bars = layout.children[0][0].renderers[0].data_source.data
     assert bars["label"] == ["none", "full"] and bars["step_time_s"] == [0.1, 0.2]
+
+
+def test_the_labels_of_consecutive_markers_sit_on_opposite_sides_of_their_lines():
+    """Two changes a few steps apart: one label left of its line, the next right of its own (not over each other)."""
+    charts = views.MetricCharts(ranks=1)
+    charts.update([], [{"kind": "apply", "step": 5, "rank": 0, "key": "memory.activation_checkpointing",
+                        "new": "full", "change_id": "a"}])
+    charts.update([], [{"kind": "apply", "step": 6, "rank": 0, "key": "comm.grad_sync", "new": "ring",
+                        "change_id": "b"},
+                       {"kind": "apply", "step": 7, "rank": 0, "key": "comm.grad_sync", "new": "tree",
+                        "change_id": "c"}])
+    offsets = charts.markers.data["x_offset"]
+    assert charts.markers.data["step"] == [5, 6, 7] and offsets[0] < 0 < offsets[1] and offsets[2] < 0
+    for fig in charts.figures.values():  # every chart's labels read the column, not one fixed offset
+        labels = [r for r in fig.center if isinstance(r, LabelSet)]
+        assert [label.x_offset for label in labels] == ["x_offset"]
