@@ -105,14 +105,20 @@ def test_update_streams_only_new_points_and_markers():
     assert charts.marker_steps() == [3] and charts.points == 7
 
 
-def test_two_changes_at_one_step_share_one_labelled_marker():
+def charts_with_three_changes(second_step: int, third_step: int, second_id: str) -> views.MetricCharts:
+    """Checkpointing applied at step 5, then in one update grad_sync=ring and grad_sync=tree at the steps given."""
+    def apply(step, key, new, change_id):
+        return {"kind": "apply", "step": step, "rank": 0, "key": key, "new": new, "change_id": change_id}
+
     charts = views.MetricCharts(ranks=1)
-    charts.update([], [{"kind": "apply", "step": 5, "rank": 0, "key": "memory.activation_checkpointing",
-                        "new": "full", "change_id": "a"}])
-    charts.update([], [{"kind": "apply", "step": 5, "rank": 0, "key": "comm.grad_sync", "new": "ring",
-                        "change_id": "a"},
-                       {"kind": "apply", "step": 9, "rank": 0, "key": "comm.grad_sync", "new": "tree",
-                        "change_id": "b"}])
+    charts.update([], [apply(5, "memory.activation_checkpointing", "full", "a")])
+    charts.update([], [apply(second_step, "comm.grad_sync", "ring", second_id),
+                       apply(third_step, "comm.grad_sync", "tree", "c")])
+    return charts
+
+
+def test_two_changes_at_one_step_share_one_labelled_marker():
+    charts = charts_with_three_changes(5, 9, second_id="a")
     assert charts.markers.data["step"] == [5, 9]
     assert charts.markers.data["label"] == ["activation_checkpointing=full, grad_sync=ring", "grad_sync=tree"]
 
@@ -217,13 +223,7 @@ def test_run_summary_and_comparison(home):
 
 def test_the_labels_of_consecutive_markers_sit_on_opposite_sides_of_their_lines():
     """Two changes a few steps apart: one label left of its line, the next right of its own (not over each other)."""
-    charts = views.MetricCharts(ranks=1)
-    charts.update([], [{"kind": "apply", "step": 5, "rank": 0, "key": "memory.activation_checkpointing",
-                        "new": "full", "change_id": "a"}])
-    charts.update([], [{"kind": "apply", "step": 6, "rank": 0, "key": "comm.grad_sync", "new": "ring",
-                        "change_id": "b"},
-                       {"kind": "apply", "step": 7, "rank": 0, "key": "comm.grad_sync", "new": "tree",
-                        "change_id": "c"}])
+    charts = charts_with_three_changes(6, 7, second_id="b")
     offsets = charts.markers.data["x_offset"]
     assert charts.markers.data["step"] == [5, 6, 7] and offsets[0] < 0 < offsets[1] and offsets[2] < 0
     for fig in charts.figures.values():  # every chart's labels read the column, not one fixed offset
