@@ -19,6 +19,7 @@ from conftest import plain_torchrun, terminal_sigint, wait_for_step
 from dspark_lab.runtime import commands
 from dspark_lab.cli import main as cli_main
 from dspark_lab.errors import ControlError, DSparkError, PolicyError
+from dspark_lab.runtime.bootstrap import CtrlC
 from dspark_lab.runtime.records import find_run
 
 pytestmark = pytest.mark.slow
@@ -257,10 +258,10 @@ def test_a_rank_killed_by_sigkill_is_the_runs_reason_not_the_survivors_closed_co
 
 
 def test_ctrl_c_stops_a_torchrun_job_with_exit_code_130_and_no_traceback():
-    run = subprocess.Popen([sys.executable, "-m", "dspark_lab", "run", "--nproc", "2", "--name", "ctrl-c", str(DEMO),
-                            *SMALL, "--steps", "100000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True,
-                           preexec_fn=terminal_sigint)
+    # the script spends its time in a finalizer, where Python would swallow the KeyboardInterrupt (bootstrap.CtrlC)
+    run = subprocess.Popen([sys.executable, "-m", "dspark_lab", "run", "--nproc", "2", "--name", "ctrl-c",
+                            str(FIXTURES / "finalizer_train.py")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True, preexec_fn=terminal_sigint)
     try:
         run_id = run.stderr.readline().split()[2]
         run_dir = find_run(run_id)
@@ -276,6 +277,24 @@ def test_ctrl_c_stops_a_torchrun_job_with_exit_code_130_and_no_traceback():
     assert "Traceback" not in err and err.rstrip().endswith(f"run {run_id} stopped (exit code 130)"), err[-2000:]
     info = run_dir.info()
     assert (info["state"], info["exit_code"], info["error"]) == ("stopped", 130, "interrupted (SIGINT, Ctrl-C)")
+
+
+def test_a_ctrl_c_that_lands_in_a_finalizer_is_raised_again_outside_it():
+    class PressesCtrlC:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # as a terminal's Ctrl-C arriving while the finalizer runs
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    ctrl_c = CtrlC()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            PressesCtrlC()
+            for _ in range(1000):
+                time.sleep(0.001)
+    finally:
+        ctrl_c.restore()
+        signal.signal(signal.SIGINT, previous)
+    assert ctrl_c.pressed and sys.unraisablehook is not ctrl_c.unraisable
 
 
 def test_killed_job_is_reported_failed_and_attach_api_works():

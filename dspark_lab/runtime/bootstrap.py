@@ -5,11 +5,14 @@
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
 import runpy
 import signal
 import sys
+import threading
+import time
 import traceback
 
 from dspark_lab.runtime.attach import Job, start_job
@@ -29,6 +32,7 @@ def main(argv: list[str]) -> int:
     sys.argv = [script, *script_args]
     sys.path.insert(0, os.path.dirname(script))
     code = 0
+    ctrl_c = CtrlC()
     try:
         runpy.run_path(script, run_name="__main__")
     except StopRun:
@@ -43,14 +47,63 @@ def main(argv: list[str]) -> int:
         job.record_event("stop", step=job.step, rank=job.rank, reason="interrupted (SIGINT, Ctrl-C)")
         code = INTERRUPTED_EXIT
     except BaseException as exc:
+        if ctrl_c.pressed:  # the Ctrl-C ended a peer first, and this rank failed on the connection it closed
+            job.record_event("stop", step=job.step, rank=job.rank, reason="interrupted (SIGINT, Ctrl-C)")
+            return INTERRUPTED_EXIT
         job.record_event("error", step=job.step, rank=job.rank, exit_code=1,
                          reason=after_peer(run_dir, job.rank, f"{type(exc).__name__}: {exc}"))
         traceback.print_exc()
         code = 1
     finally:
+        ctrl_c.restore()
         job.close()
         Job.current = None
     return code
+
+
+class CtrlC:
+    """SIGINT in a rank, made to end the script however it lands.
+
+    Python raises the KeyboardInterrupt wherever the main thread is, and when that is a finalizer (a ``__del__``, a
+    weakref callback: the runtime's saved-tensor counter has one) it only prints "Exception ignored" and the script
+    goes on, to fail moments later on the connection a peer closed when its own Ctrl-C ended it. So: remember that
+    Ctrl-C was pressed, and raise a swallowed one again once the finalizer is over (a thread asks for it once the
+    unraisable hook has returned: raised in the hook, it would be swallowed again), saying nothing about it.
+    """
+
+    def __init__(self):
+        self.pressed = False
+        self.in_hook = False
+        self.previous_hook = sys.unraisablehook
+        sys.unraisablehook = self.unraisable
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
+            signal.signal(signal.SIGINT, self.interrupt)
+
+    def interrupt(self, signum, frame):
+        self.pressed = True
+        if self.in_hook:  # a second Ctrl-C while one is being raised again: that one is enough
+            return
+        raise KeyboardInterrupt
+
+    def unraisable(self, unraisable) -> None:
+        if self.pressed and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            self.in_hook = True
+            try:
+                threading.Thread(target=self.raise_after_hook, name="dspark-ctrl-c", daemon=True).start()
+            finally:
+                self.in_hook = False
+            return
+        self.previous_hook(unraisable)
+
+    def raise_after_hook(self) -> None:
+        while self.in_hook:
+            time.sleep(0.001)
+        _thread.interrupt_main()  # the main thread runs :meth:`interrupt` at its next line
+
+    def restore(self) -> None:
+        sys.unraisablehook = self.previous_hook
+        if signal.getsignal(signal.SIGINT) == self.interrupt:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def after_peer(run_dir: RunDir, rank: int, reason: str) -> str:
