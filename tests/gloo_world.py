@@ -2,6 +2,7 @@
 
 Every rank runs every check of the module, records "ok" or its traceback, and each (world, check) pair becomes its own
 test. A check that fails on one rank can leave the others waiting; the process group's timeout bounds that wait.
+The ranks are forked from the test process where that is safe (:func:`start_ranks`): none imports torch again.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import datetime
 import importlib
 import json
 import os
+import sys
 import traceback
 
 import pytest
@@ -41,11 +43,30 @@ def _worker(rank: int, world: int, port: int, out: str, module: str, timeout_s: 
         json.dump(results, f)
     # every rank is done with the group: leave without its teardown, where gloo's threads can abort the process
     # ("terminate called without an active exception"; FSDP1's checks struck it in 1 spawn of 3) and fail them all
+    leave_rank()
+
+
+def start_ranks(fn, args: tuple, nprocs: int, *, fork: bool = True) -> None:
+    """``torch.multiprocessing.spawn(fn, args, nprocs)``, forked where that is safe: a forked rank starts with torch and
+    the test module already imported (a spawned one spends ~3 CPU-seconds importing them again, which is most of a
+    small world's cost). Spawned instead when this process holds a process group of its own, which a fork would copy
+    half-alive. Each rank sets one intra-op thread before any work, as DataLoader's forked workers do."""
+    method = "fork" if fork and not dist.is_initialized() else "spawn"
+    mp.start_processes(fn, args=args, nprocs=nprocs, start_method=method)
+
+
+def leave_rank() -> None:
+    """End a rank started by :func:`start_ranks` with exit code 0, now: no interpreter teardown (where gloo's threads
+    can abort the process) and none of the atexit handlers a forked rank inherited from the test process (pytest's
+    own, which would tidy up after a session that is not over)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)
 
 
-def world_results_for(module: str, timeout_s: float = 20):
-    """A module-scoped fixture: ``results(world)`` spawns the world once and returns each rank's results."""
+def world_results_for(module: str, timeout_s: float = 20, *, fork: bool = True):
+    """A module-scoped fixture: ``results(world)`` starts the world once and returns each rank's results (its ranks
+    spawned rather than forked with ``fork=False``)."""
 
     @pytest.fixture(scope="module")
     def world_results(tmp_path_factory):
@@ -54,7 +75,7 @@ def world_results_for(module: str, timeout_s: float = 20):
         def results(world: int) -> list[dict]:
             if world not in cache:
                 out = tmp_path_factory.mktemp(f"{module}-world{world}")
-                mp.spawn(_worker, args=(world, free_port(), str(out), module, timeout_s), nprocs=world)
+                start_ranks(_worker, (world, free_port(), str(out), module, timeout_s), world, fork=fork)
                 cache[world] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
             return cache[world]
 

@@ -15,10 +15,9 @@ from datetime import timedelta
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from dspark_lab.localhost import free_port
-from dspark_lab.runtime.bootstrap import exit_now
+from gloo_world import leave_rank, start_ranks
 
 LOADS = [1, 4, 1, 1, 2, 6, 1, 6]  # per layer: 8 experts on 10 slots of 2 ranks
 
@@ -83,13 +82,13 @@ def _worker(rank: int, port: int, out_path: str) -> None:
             json.dump({"placements": [p.tolist() for p in placements], "alone": [a.tolist() for a in alones],
                        "moved_right": moved_right}, f)
     dist.destroy_process_group()
-    exit_now(0)
+    leave_rank()
 
 
 @pytest.mark.slow
 def test_ranks_with_different_budgets_end_with_rank0s_placement(tmp_path):
     out = tmp_path / "agreement.json"
-    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=2, join=True)
+    start_ranks(_worker, (free_port(), str(out)), 2)
     result = json.loads(out.read_text())
     alone0, alone1 = result["alone"]
     assert alone0 != alone1  # the premise: left alone, the two ranks' balancers disagree

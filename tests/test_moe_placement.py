@@ -12,10 +12,9 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from dspark_lab.localhost import free_port
-from dspark_lab.runtime.bootstrap import exit_now
+from gloo_world import leave_rank, start_ranks
 from dspark_lab.examples.moe_model import MoEConfig, TinyMoETransformer
 from dspark_lab.moe.placement import _pack, plan_transfers
 
@@ -61,15 +60,13 @@ def _worker(rank: int, port: int, out_path: str) -> None:
         with open(out_path, "w") as f:
             json.dump(results, f)
     dist.destroy_process_group()
-    # gloo's threads can abort a finished worker's exit (SIGABRT), which spawn reports as a failure: leave the way
-    # the runtime's bootstrap makes its ranks leave.
-    exit_now(0)
+    leave_rank()  # gloo's threads can abort a finished worker's teardown (SIGABRT), reported as a failure
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("moe") / "runs.json"
-    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=2, join=True)
+    start_ranks(_worker, (free_port(), str(out)), 2)
     return json.loads(out.read_text())
 
 

@@ -120,7 +120,8 @@ def check_paced_links_follow_the_plan(rank, world):
 
 
 CHECKS = checks_in(globals())
-world_results = world_results_for(__name__, timeout_s=60)
+# spawned: forked from a loaded test process, the paced links' timings wandered out of their bounds (0.63, 1.053)
+world_results = world_results_for(__name__, timeout_s=60, fork=False)
 
 
 @pytest.mark.slow

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dspark_lab.pipeline.execute import PipelineTrainer
 from dspark_lab.pipeline.model import ModelConfig, build_stages, make_batch, mb_loss
 from dspark_lab.localhost import free_port
+from gloo_world import start_ranks
 from dspark_lab.pipeline.run import RunConfig, run_schedule
 from dspark_lab.pipeline.schedules import SCHEDULES, build
 
@@ -58,7 +58,7 @@ def _switch_worker(rank: int, port: int, out: str) -> None:
 
 def test_schedule_switch_between_steps_keeps_gradients(tmp_path):
     out = str(tmp_path / "switch.pt")
-    mp.start_processes(_switch_worker, args=(free_port(), out), nprocs=2, start_method="spawn")
+    start_ranks(_switch_worker, (free_port(), out), 2)
     result = torch.load(out)
     first, *rest = result["grads"]
     for g in rest:
