@@ -3,6 +3,7 @@ one c10d rendezvous on loopback, 2 ranks each; control from either node. Restart
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -15,6 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dspark_lab.errors import DSparkError
@@ -168,7 +170,12 @@ class Nodes:
     def kill(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
+                # torchrun starts each rank in a session of its own: killpg alone leaves a failed test's ranks training
+                workers = psutil.Process(proc.pid).children(recursive=True)
                 os.killpg(proc.pid, 9)
+                for worker in workers:
+                    with contextlib.suppress(psutil.Error):
+                        worker.kill()
                 proc.wait()
 
 
