@@ -132,7 +132,8 @@ def test_in_world(world_results, world, check):
 
 
 def test_more_ranks_than_devices_is_refused():
-    topo = from_dict({"nodes": ["a", "b"], "links": [{"src": "a", "dst": "b", "gb_s": 1}, {"src": "b", "dst": "a", "gb_s": 1}]})
+    links = [{"src": "a", "dst": "b", "gb_s": 1}, {"src": "b", "dst": "a", "gb_s": 1}]
+    topo = from_dict({"nodes": ["a", "b"], "links": links})
     collective = PackedTreesCollective(topo)
     collective.__class__ = type("Three", (PackedTreesCollective,), {"world_size": property(lambda self: 3)})
     with pytest.raises(ValueError, match="3 ranks but topology"):
