@@ -39,6 +39,12 @@ def dspark_home(tmp_path_factory):
     os.environ.pop("DSPARK_HOME") if saved is None else os.environ.__setitem__("DSPARK_HOME", saved)
 
 
+def needs(*modules: str) -> None:
+    """Skip unless ``modules`` are installed, without importing them here (seconds of CPU each)."""
+    if any(importlib.util.find_spec(name) is None for name in modules):
+        pytest.skip(EXTRA)
+
+
 def losses(text: str, pattern: str) -> dict[int, float]:
     """``{step: loss}`` from a job's output (ANSI colours stripped; ranks printing the same step agree)."""
     plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
@@ -68,9 +74,9 @@ def run_live(script: Path, args: list[str], *, nproc: int, change: str, launcher
     return report, output, job.run_dir
 
 
-def assert_changed_live(report, run_dir, last_step: int, cuts: bool = True) -> int:
+def assert_changed_live(report, run_dir, last_step: int, cuts: bool = True, until: int | None = None) -> int:
     """The change applied on every rank at one step inside the run, and checkpointing cut what backward holds
-    (``cuts``; or, switched off, raised it)."""
+    (``cuts``; or, switched off, raised it) from that step on (to step ``until``, excluded, when given)."""
     assert report.data["state"] == "applied", report.data
     step = report.data["step"]
     assert 1 < step < last_step
@@ -78,7 +84,7 @@ def assert_changed_live(report, run_dir, last_step: int, cuts: bool = True) -> i
     assert {e["step"] for e in applies} == {step} and len(applies) == run_dir.info()["ranks"]
     metrics = [m for m in run_dir.metrics() if m["rank"] == 0]
     before = [m["peak_activation_bytes"] for m in metrics if 1 < m["step"] < step]
-    after = [m["peak_activation_bytes"] for m in metrics if m["step"] >= step]
+    after = [m["peak_activation_bytes"] for m in metrics if step <= m["step"] < (until or last_step + 1)]
     smaller, larger = (after, before) if cuts else (before, after)
     assert smaller and larger and max(smaller) < 0.8 * min(larger), (before, after)
     return step
@@ -152,7 +158,8 @@ TITAN_LAYOUTS = {
 }
 # The plain torchrun run each layout's losses are compared with. torchtitan's own full AC recomputes the same ops on
 # the same inputs, so its plain losses are plain fsdp2's to the bit (checked on 20 steps): fsdp2-own-ac is compared
-# with the fsdp2 run, and that run is made once for both.
+# with the fsdp2 run, and that run is made once for both (and for the tune's first steps: titan_cpu.py's schedule
+# makes a step's loss independent of --training.steps).
 TITAN_PLAIN = {"fsdp2": "fsdp2", "fsdp2-own-ac": "fsdp2", "tp": "tp"}
 _titan_plain: dict[str, dict[int, float]] = {}
 
@@ -166,12 +173,21 @@ def plain_titan_losses(layout: str, dump: Path) -> dict[int, float]:
     return _titan_plain[layout]
 
 
+def assert_titan_matches_plain(output: str, layout: str, dump: Path, step: int) -> None:
+    """The first TITAN_STEPS losses are plain torchrun's to the bit before ``step``, and within 1e-6 after it."""
+    expected = plain_titan_losses(TITAN_PLAIN[layout], dump)
+    assert len(expected) == TITAN_STEPS
+    ours = {k: v for k, v in losses(output, TITAN_STEP).items() if k <= TITAN_STEPS}
+    assert {k: v for k, v in ours.items() if k < step} == {k: v for k, v in expected.items() if k < step}
+    assert ours == pytest.approx(expected, rel=1e-6)
+
+
 @pytest.mark.frameworks
-@pytest.mark.parametrize("layout", sorted(TITAN_LAYOUTS))
+@pytest.mark.parametrize("layout", ["tp", "fsdp2-own-ac"])  # fsdp2: the tune test below
 def test_torchtitan_checkpointing_live_matches_plain_torchrun(layout, tmp_path):
     """Under ``dspark-lab run`` (loopback rendezvous, bootstrap, records) torchtitan's losses are plain torchrun's
     to the bit until the live change, and within 1e-6 after it."""
-    pytest.importorskip("torchtitan", reason=EXTRA)
+    needs("torchtitan")
     args = [*TITAN_LAYOUTS[layout], f"--training.steps={TITAN_STEPS}", f"--job.dump_folder={tmp_path}"]
     own = layout.endswith("own-ac")
     report, output, run_dir = run_live(TITAN, args, nproc=2,
@@ -182,31 +198,32 @@ def test_torchtitan_checkpointing_live_matches_plain_torchrun(layout, tmp_path):
         assert "script's own torch checkpoint_wrapper" in next(e["reason"] for e in run_dir.events()
                                                                if e["kind"] == "apply")
     assert run_dir.info()["state"] == "finished"
-    expected = plain_titan_losses(TITAN_PLAIN[layout], tmp_path)
-    assert len(expected) == TITAN_STEPS
-    ours = losses(output, TITAN_STEP)
-    assert {k: v for k, v in ours.items() if k < step} == {k: v for k, v in expected.items() if k < step}
-    assert ours == pytest.approx(expected, rel=1e-6)
-
+    assert_titan_matches_plain(output, layout, tmp_path, step)
 
 
 @pytest.mark.frameworks
-def test_tune_keeps_a_torchtitan_fsdp2_job_under_a_memory_cap_and_loses_no_step(tmp_path):
-    """``dspark-lab tune`` on torchtitan's own Trainer: a cap at half the measured activation peak is met by a
-    checkpointing setting, and the job runs every step once to the end."""
-    pytest.importorskip("torchtitan", reason=EXTRA)
+def test_torchtitan_fsdp2_takes_checkpointing_live_then_a_tune_under_a_memory_cap_and_loses_no_step(tmp_path):
+    """FSDP2 under ``dspark-lab run``: checkpointing switched on live keeps the losses plain torchrun's (to the bit
+    before it, within 1e-6 after); switched off again, ``dspark-lab tune`` on torchtitan's own Trainer meets a cap at
+    half the measured activation peak by a checkpointing setting, and the job runs every step once to the end."""
+    needs("torchtitan")
     from dspark_lab.tune import commands as tune_commands
 
-    steps = 150  # the tune ends by about step 70 (120 steps of budget, most trials stopped early), with room
+    steps = 150  # the tune ends by about step 80 (120 steps of budget, most trials stopped early), with room
     args = [*TITAN_LAYOUTS["fsdp2"], f"--training.steps={steps}", f"--job.dump_folder={tmp_path}"]
     job = launch_background(str(TITAN), args, nproc=2, name="titan-tune")
     try:
-        wait_for_step(job, 4, timeout=240)
-        cap_mb = max(m["peak_activation_bytes"] for m in job.run_dir.metrics()) / 2 / 2**20
-        report = tune_commands.tune(job.id, budget_steps=120, keys=["memory.activation_checkpointing"],
-                                    max_activation_mb=cap_mb)
-        out = report.data["outcome"]
-        assert report.data["state"] == "done" and out["feasible"] and out["best_peak_bytes"] <= cap_mb * 2**20
+        wait_for_step(job, 3, timeout=240)
+        report = commands.set_policies(job.id, ["memory.activation_checkpointing=full"], timeout=120)
+        wait_for_step(job, report.data["step"] + 2, timeout=120)
+        off = commands.set_policies(job.id, ["memory.activation_checkpointing=none"], timeout=120)
+        on = report.data["step"]
+        cap_mb = max(m["peak_activation_bytes"] for m in job.run_dir.metrics() if m["step"] < on) / 2 / 2**20
+        tune = tune_commands.tune(job.id, budget_steps=120, keys=["memory.activation_checkpointing"],
+                                  max_activation_mb=cap_mb)
+        out = tune.data["outcome"]
+        assert tune.data["state"] == "done" and out["feasible"] and out["best_peak_bytes"] <= cap_mb * 2**20
+        assert out["start"]["memory.activation_checkpointing"] == "none"
         assert out["best"]["memory.activation_checkpointing"] != "none"
         code = job.wait(300)
     finally:
@@ -214,7 +231,11 @@ def test_tune_keeps_a_torchtitan_fsdp2_job_under_a_memory_cap_and_loses_no_step(
             job.stop()
     output = (job.run_dir.path / "output.log").read_text()
     assert code == 0, output[-3000:]
+    assert off.data["state"] == "applied", off.data
+    step = assert_changed_live(report, job.run_dir, steps, until=off.data["step"])
+    assert job.run_dir.info()["state"] == "finished"
     assert sorted(losses(output, TITAN_STEP)) == list(range(1, steps + 1))
+    assert_titan_matches_plain(output, "fsdp2", tmp_path, step)
 
 # --- Hugging Face Trainer (Accelerate builds DDP) and Lightning (strategy="ddp"), 2 CPU ranks ----------------------
 
@@ -248,8 +269,7 @@ def test_hf_trainer_checkpointing_live_matches_plain_torchrun(own, tmp_path):
     """Switched on live; or, where the Trainer checkpoints itself (gradient_checkpointing=True), read as in force
     and switched off live through its own flag. Our case then takes bf16 gradient sync live (the Trainer's DDP is
     Accelerate's): the losses stay plain torchrun's to the bit until its gradients show, close after."""
-    pytest.importorskip("transformers", reason=EXTRA)
-    pytest.importorskip("accelerate", reason=EXTRA)
+    needs("transformers", "accelerate")
     script = JOBS / "hf_trainer.py"
     args = ["--steps", str(FRAMEWORK_STEPS), "--step-sleep", "0.1", "--out", str(tmp_path)]
     args += ["--gradient-checkpointing"] if own else []
@@ -279,7 +299,7 @@ def test_hf_trainer_checkpointing_live_matches_plain_torchrun(own, tmp_path):
 def test_accelerate_loop_takes_checkpointing_then_bf16_grad_sync_live(tmp_path):
     """A hand-written Accelerate loop (accumulate, clip, scheduler, gather, save_state): the runtime's step is the
     optimizer's real step, checkpointing keeps the losses to the bit, bf16 gradient sync keeps them close."""
-    pytest.importorskip("accelerate", reason=EXTRA)
+    needs("accelerate")
     script = JOBS / "accelerate_loop.py"
     args = ["--steps", str(FRAMEWORK_STEPS), "--step-sleep", "0.1", "--out", str(tmp_path / "state")]
     expected = losses(plain_torchrun([script, *args[:2], *args[4:]], nproc=2).stdout, STEP)
@@ -308,7 +328,7 @@ def test_accelerate_loop_takes_checkpointing_then_bf16_grad_sync_live(tmp_path):
 def test_lightning_ddp_takes_checkpointing_then_bf16_grad_sync_live():
     """One live run: checkpointing keeps the losses plain torchrun's to the bit, bf16 gradient sync then keeps them
     close."""
-    pytest.importorskip("lightning", reason=EXTRA)
+    needs("lightning")
     script = JOBS / "lightning_ddp.py"
     (report, bf16), output, run_dir = run_live(script, list(LIGHTNING_ARGS), nproc=2,
                                                change="memory.activation_checkpointing=full",
@@ -329,7 +349,7 @@ def test_lightning_ddp_takes_checkpointing_then_bf16_grad_sync_live():
 
 @pytest.mark.frameworks
 def test_lightning_ddp_grad_sync_bf16_at_launch_keeps_training_close_to_plain():
-    pytest.importorskip("lightning", reason=EXTRA)
+    needs("lightning")
     job = launch_background(str(JOBS / "lightning_ddp.py"), list(LIGHTNING_ARGS), nproc=2,
                             policies=["comm.grad_sync=bf16"], name="bf16")
     assert job.wait(240) == 0, (job.run_dir.path / "output.log").read_text()[-3000:]

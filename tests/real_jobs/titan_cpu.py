@@ -11,7 +11,8 @@ its repository (not in the wheel) through a Hugging Face tokenizer. Before its m
 3. after ``parallelize_llama``, asks FSDP2 for plain SUM reductions: torchtitan sets a gradient divide factor of 1,
    which FSDP2 turns into ``ReduceOp.PREMUL_SUM``, an op gloo does not have (the factor is 1, so SUM is the same).
 
-Then torchtitan's own ``main(Trainer)`` runs with the command-line flags given, e.g.
+The learning rate stays at its peak after the warm-up (no decay phase), so a step's loss does not depend on
+``--training.steps``. Then torchtitan's own ``main(Trainer)`` runs with the command-line flags given, e.g.
 ``torchrun --nproc-per-node=2 titan_cpu.py --parallelism.data_parallel_shard_degree=2 --training.steps=8``.
 """
 
@@ -22,7 +23,7 @@ import types
 # torchtitan's ConfigManager.parse_args reads sys.argv as a default argument, bound when torchtitan is imported
 sys.argv = [sys.argv[0], "--model.name=dspark_debug", "--model.flavor=debugmodel", "--metrics.log_freq=1",
             "--training.local_batch_size=2", "--training.seq_len=32", "--activation_checkpoint.mode=none",
-            "--lr_scheduler.warmup_steps=2", "--debug.seed=0", *sys.argv[1:]]
+            "--lr_scheduler.warmup_steps=2", "--lr_scheduler.decay_ratio=0", "--debug.seed=0", *sys.argv[1:]]
 
 import torch  # noqa: E402
 from torch.utils.data import IterableDataset  # noqa: E402
