@@ -304,14 +304,16 @@ def test_a_live_read_finds_the_record_another_rank_wrote_before_the_tune_started
         f.write(json.dumps({"step": 6, "rank": 1, "step_time_s": 0.01}) + "\n")
     job = SimpleNamespace(run_dir=SimpleNamespace(metrics_path=metrics), step=5, world=2,
                           meter=SimpleNamespace(want_memory=lambda owner, on=True: None),
-                          coordinator=SimpleNamespace(stopped=False))
+                          coordinator=SimpleNamespace(stopped=False), stepped=threading.Condition())
     live = LiveJob(job, "peak_activation_bytes")
 
     def rank0_finishes_step_6():
         time.sleep(0.05)
         with metrics.open("a") as f:
             f.write(json.dumps({"step": 6, "rank": 0, "step_time_s": 0.02}) + "\n")
-        job.step = 6
+        with job.stepped:
+            job.step = 6
+            job.stepped.notify_all()
 
     threading.Thread(target=rank0_finishes_step_6).start()
     began = time.monotonic()

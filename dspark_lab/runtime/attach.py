@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -109,6 +110,7 @@ class Job:
         self.spawned = 0  # worker processes the script started itself (on_spawn)
         self.registered: dict[str, Any] = dict(registered or {})  # attach(pipeline=..., moe_layers=...)
         self.step = 0
+        self.stepped = threading.Condition()  # notified at every step's end, for threads that wait on steps
         self._param_storages: set[int] = set()
         self.activations = SavedActivations(lambda: self._param_storages, self._make_host_allocator)
         self.policy_state = PolicyState(self, launch_policies)
@@ -305,6 +307,8 @@ class Job:
             self.policies.update(builtin_policies.observed_values(self))
             self.policy_state.apply_launch(("memory.", "sched.", "moe.", "compute."), self.step + 1)
         self.coordinator.at_boundary(self.step)
+        with self.stepped:
+            self.stepped.notify_all()
 
     def _write_metrics(self, now: float) -> None:
         comm = self.state.get("comm")

@@ -22,6 +22,7 @@ from dspark_lab.tune.search import OBJECTIVES, Sample, Search, TuneOptions, cove
 
 STEP_WAIT_S = 120.0  # a trial gives up when the job makes no step for this long
 APPLY_WAIT_S = 300.0
+STOP_CHECK_S = 0.5  # how often a wait for a step looks whether the run is stopping
 MAX_MB = 1 << 30
 _ids = itertools.count(1)
 LOOKBACK_BYTES = 256 * 1024  # hundreds of metrics records
@@ -54,6 +55,8 @@ class LiveJob:
             raise RuntimeError(f"{pending.state}: {pending.reason}")
 
     def _wait_step(self, target: int) -> None:
+        """Until the job has ended step ``target``: woken at each step's end (``job.stepped``), not by polling,
+        which would take the GIL from the training thread hundreds of times a second."""
         last, seen = time.monotonic(), self.job.step
         while self.job.step < target:
             if self.job.coordinator.stopped:
@@ -62,7 +65,8 @@ class LiveJob:
                 last, seen = time.monotonic(), self.job.step
             elif time.monotonic() - last > STEP_WAIT_S:
                 raise RuntimeError(f"the job made no step for {STEP_WAIT_S:g} s")
-            time.sleep(0.005)
+            with self.job.stepped:
+                self.job.stepped.wait_for(lambda: self.job.step >= target, timeout=STOP_CHECK_S)
 
     def _load(self) -> None:
         for record in self._follower.poll():
