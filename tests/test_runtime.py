@@ -260,8 +260,8 @@ def test_a_rank_killed_by_sigkill_is_the_runs_reason_not_the_survivors_closed_co
 def test_ctrl_c_stops_a_torchrun_job_with_exit_code_130_and_no_traceback():
     # the script spends its time in a finalizer, where Python would swallow the KeyboardInterrupt (bootstrap.CtrlC)
     run = subprocess.Popen([sys.executable, "-m", "dspark_lab", "run", "--nproc", "2", "--name", "ctrl-c",
-                            str(FIXTURES / "finalizer_train.py")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True, preexec_fn=terminal_sigint)
+                            str(FIXTURES / "crash_train.py"), "finalizer"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=terminal_sigint)
     try:
         run_id = run.stderr.readline().split()[2]
         run_dir = find_run(run_id)
