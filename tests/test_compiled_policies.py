@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from torch._dynamo.utils import counters
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from conftest import wait_for_step
@@ -70,6 +69,8 @@ def step(job, model, run=None) -> tuple[float, list[torch.Tensor], int]:
 
 
 def graphs() -> int:
+    from torch._dynamo.utils import counters  # not at collection: importing dynamo takes seconds
+
     return counters["stats"]["unique_graphs"]
 
 

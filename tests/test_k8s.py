@@ -16,7 +16,6 @@ import pytest
 from dspark_lab.localhost import free_port
 from dspark_lab.runtime.launchers import k8s, multinode
 
-jsonschema = pytest.importorskip("jsonschema", reason="jsonschema comes with the dev extra")
 yaml = pytest.importorskip("yaml", reason="PyYAML comes with the k8s extra")
 
 CRD = Path(__file__).parent / "data" / "kubeflow.org_pytorchjobs.yaml"
@@ -40,6 +39,8 @@ def strict(schema):
 
 @pytest.fixture(scope="module")
 def validator():
+    # imported here, not at collection: jsonschema's format checkers build a URI grammar at import (seconds)
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema comes with the dev extra")
     crd = yaml.safe_load(CRD.read_text())
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     assert crd["spec"]["group"] == "kubeflow.org" and crd["spec"]["names"]["kind"] == "PyTorchJob"

@@ -277,6 +277,37 @@ def test_the_agent_names_only_the_ranks_that_said_nothing_in_their_group(tmp_pat
                                          "runtime)")]
 
 
+@pytest.mark.parametrize("before, failures, expected", [
+    # rank 1 said why; torchrun then stopped rank 0 with SIGTERM
+    ([own(1, 1.0, "RuntimeError: boom")], {0: -15},
+     {0: "peer rank 1 failed first (RuntimeError: boom); here: killed by signal 15 (SIGTERM)"}),
+    # rank 1 was killed silently in the same group torchrun then stopped
+    ([], {1: -9, 0: -15}, {1: "killed by signal 9 (SIGKILL)",
+                           0: "peer rank 1 failed first (killed by signal 9 (SIGKILL)); here: killed by signal 15 "
+                              "(SIGTERM)"}),
+    # a SIGTERM with no peer's failure before it (someone else's kill) says only that
+    ([], {1: -15}, {1: "killed by signal 15 (SIGTERM)"}),
+    # an earlier group's failure is not this group's peer
+    ([own(1, 1.0, "RuntimeError: an earlier group's"), RESTART], {0: -15}, {0: "killed by signal 15 (SIGTERM)"}),
+])
+def test_a_rank_torchrun_stopped_after_a_peer_failed_says_which_peer(tmp_path, monkeypatch, before, failures,
+                                                                     expected):
+    """Before, the stopped rank's event said only "killed by signal 15 (SIGTERM)", as if that were a failure."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from dspark_lab.runtime.launchers.agent_events import record_failures
+    from dspark_lab.runtime.records import JsonlWriter, RunDir
+
+    run_dir = RunDir.create("20260101-000000-c0ffed", {"name": "agent"}, root=tmp_path)
+    monkeypatch.setenv("DSPARK_RUN_DIR", str(run_dir.path))
+    writer = JsonlWriter(run_dir.events_path)
+    for event in before:
+        writer.write(event)
+    writer.close()
+    record_failures({rank: ProcessFailure(rank, 100 + rank, code, "<N/A>") for rank, code in failures.items()})
+    assert {e["rank"]: e["reason"] for e in run_dir.events()[len(before):]} == expected
+
+
 def test_a_restart_names_the_rank_that_ended_the_group_before(tmp_path, monkeypatch):
     """Before, every restart event said only "torchrun restarted the group (restart 1): a rank had ended"."""
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure

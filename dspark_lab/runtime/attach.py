@@ -57,8 +57,8 @@ from dspark_lab.runtime.policies import builtin as builtin_policies, compiled
 from dspark_lab.runtime.policies.memory import SavedActivations
 from dspark_lab.runtime.policy_state import PolicyState
 from dspark_lab.runtime.launchers.multinode import run_id_for
-from dspark_lab.runtime.records import (RUN_DIR_VARIABLE, JsonlWriter, RunDir, new_run_id, runs_root,
-                                        trusted_run_dir)
+from dspark_lab.runtime.records import (CONTROL_HOST_VARIABLE, RUN_DIR_VARIABLE, JsonlWriter, RunDir, new_run_id,
+                                        runs_root, trusted_run_dir)
 
 
 RIVAL_STEPS = 2  # steps of another optimizer, while the job's does not step, that make it the job's
@@ -389,7 +389,7 @@ def start_job(run_dir: RunDir, *, launch_policies: dict[str, Any] | None = None,
         from dspark_lab.runtime.control import LOOPBACK, ControlServer
 
         # publishes its endpoint in control.json; run.json is the supervisor's
-        job.server = ControlServer(job, host=os.environ.get("DSPARK_CONTROL_HOST") or LOOPBACK)
+        job.server = ControlServer(job, host=os.environ.get(CONTROL_HOST_VARIABLE) or LOOPBACK)
     if cluster is not None:
         job.cluster = cluster
         cluster.attach(job)

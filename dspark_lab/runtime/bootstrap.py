@@ -18,8 +18,8 @@ import traceback
 from dspark_lab.runtime.attach import Job, start_job
 from dspark_lab.runtime.coordinator import StopRun
 from dspark_lab.runtime.launch import INTERRUPTED_EXIT
-from dspark_lab.runtime.launchers.agent_events import group_events
-from dspark_lab.runtime.records import RUN_DIR_VARIABLE, RunDir
+from dspark_lab.runtime.launchers.agent_events import after_peer
+from dspark_lab.runtime.records import LAUNCH_POLICIES_VARIABLE, RUN_DIR_VARIABLE, RunDir
 
 
 def main(argv: list[str]) -> int:
@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
         return 2
     script, script_args = os.path.abspath(argv[0]), argv[1:]
     run_dir = RunDir(os.environ[RUN_DIR_VARIABLE])
-    job = start_job(run_dir, launch_policies=json.loads(os.environ.get("DSPARK_LAUNCH_POLICIES", "{}")))
+    job = start_job(run_dir, launch_policies=json.loads(os.environ.get(LAUNCH_POLICIES_VARIABLE, "{}")))
     sys.argv = [script, *script_args]
     sys.path.insert(0, os.path.dirname(script))
     code = 0
@@ -42,16 +42,15 @@ def main(argv: list[str]) -> int:
         if code:
             job.record_event("error", step=job.step, rank=job.rank, reason=f"script exited with {exc.code}",
                              exit_code=code)  # the supervisor reports the first rank's (runtime/launch.py)
-    except KeyboardInterrupt:  # Ctrl-C reached the whole process group: a stop, as `dspark-lab stop` records one
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun passes the same Ctrl-C on: one is enough
-        job.record_event("stop", step=job.step, rank=job.rank, reason="interrupted (SIGINT, Ctrl-C)")
-        code = INTERRUPTED_EXIT
     except BaseException as exc:
-        if ctrl_c.pressed:  # the Ctrl-C ended a peer first, and this rank failed on the connection it closed
+        # Ctrl-C reached the whole process group: a stop, as `dspark-lab stop` records one; also when the Ctrl-C
+        # ended a peer first and this rank failed on the connection it closed
+        if isinstance(exc, KeyboardInterrupt) or ctrl_c.pressed:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun passes the same Ctrl-C on: one is enough
             job.record_event("stop", step=job.step, rank=job.rank, reason="interrupted (SIGINT, Ctrl-C)")
             return INTERRUPTED_EXIT
         job.record_event("error", step=job.step, rank=job.rank, exit_code=1,
-                         reason=after_peer(run_dir, job.rank, f"{type(exc).__name__}: {exc}"))
+                         reason=after_peer(run_dir.events(), job.rank, f"{type(exc).__name__}: {exc}"))
         traceback.print_exc()
         code = 1
     finally:
@@ -104,14 +103,6 @@ class CtrlC:
         sys.unraisablehook = self.previous_hook
         if signal.getsignal(signal.SIGINT) == self.interrupt:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def after_peer(run_dir: RunDir, rank: int, reason: str) -> str:
-    """``reason``, saying so when another rank failed first: a rank whose peer died mostly fails on a closed
-    connection, which is not why the run failed. Only this group's failures count (not those before a restart)."""
-    first = next((e for e in group_events(run_dir.events()) if e.get("kind") == "error" and e.get("exit_code")
-                  and e.get("rank") not in (None, rank)), None)
-    return reason if first is None else f"peer rank {first['rank']} failed first ({first['reason']}); here: {reason}"
 
 
 def exit_now(code: int) -> None:

@@ -26,7 +26,8 @@ from dspark_lab.policy import parse_assignment
 from dspark_lab.runtime.control import ControlClient
 from dspark_lab.runtime.launchers import TORCHRUN_OPTIONS, get_launcher  # noqa: F401 (runtime/cli.py reads it)
 from dspark_lab.runtime.launchers import agent_events, multinode
-from dspark_lab.runtime.records import RUN_DIR_VARIABLE, FILE_MODE, JsonlWriter, RunDir, new_run_id, runs_root
+from dspark_lab.runtime.records import (CONTROL_HOST_VARIABLE, FILE_MODE, LAUNCH_POLICIES_VARIABLE, RUN_DIR_VARIABLE,
+                                        JsonlWriter, RunDir, new_run_id, runs_root)
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 
@@ -93,8 +94,8 @@ def supervise(run_dir: RunDir, *, output=None) -> int:
     info = run_dir.info()
     launcher = get_launcher(info.get("launcher"))
     env = launcher.environment({**os.environ, RUN_DIR_VARIABLE: str(run_dir.path),
-                                "DSPARK_LAUNCH_POLICIES": json.dumps(info.get("launch_policies") or {}),
-                                "DSPARK_CONTROL_HOST": info.get("control_host") or "",
+                                LAUNCH_POLICIES_VARIABLE: json.dumps(info.get("launch_policies") or {}),
+                                CONTROL_HOST_VARIABLE: info.get("control_host") or "",
                                 **multinode.store_environment(info.get("options") or {}, os.environ)})
     me = psutil.Process()
     run_dir.update_info(state="running", launcher_pid=me.pid, launcher_start=me.create_time())

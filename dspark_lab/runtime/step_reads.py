@@ -4,7 +4,8 @@ Reading a CUDA loss with ``.item()`` at every boundary would make the host wait 
 host could no longer queue step k+1 while the device runs step k). Instead the boundary of step k starts a
 non-blocking copy of the loss into pinned host memory and records an event; the record of step k, which carries
 step k's own loss, is written at a later boundary once that event is done (polled, never waited on), or at the
-latest when more than :data:`MAX_PENDING` records wait (then the oldest is waited for), and at the job's end (:meth:`LateLoss.flush`, also run at exit).
+latest when more than :data:`MAX_PENDING` records wait (then the oldest is waited for), and at the job's end
+(:meth:`LateLoss.flush`, also run at exit).
 A loss on the CPU is read at once, unless ``DSPARK_LOSS_READ=late`` asks for the late path there too (how the CPU
 tests exercise it). Other per-step device values a record carries (the MoE policy's expert loads) ride on the same
 copy-and-event path (:meth:`.metering.Meter.read_later`).

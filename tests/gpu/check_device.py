@@ -364,7 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     if refusal:
         print(f"check_device: {refusal}", flush=True)
         return 0
-    os.environ.setdefault("DSPARK_HOME", tempfile.mkdtemp(prefix="dspark-gpu-check-"))  # the checks' runs go here
+    home = None
+    if not os.environ.get("DSPARK_HOME"):  # the checks' runs go to a home of their own, removed at the end
+        home = tempfile.TemporaryDirectory(prefix="dspark-gpu-check-", ignore_cleanup_errors=True)
+        os.environ["DSPARK_HOME"] = home.name
     try:
         import dspark_lab.kernels  # noqa: F401  (installed under dspark_lab: the project must be installed)
         import dspark_lab.plugins  # noqa: F401
@@ -374,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         for fn in CHECKS:
             if not names or fn.__name__ in names:
                 run_check(fn)
+    finally:
+        if home is not None:
+            home.cleanup()
     print(f"check_device: {len(failed)} failed" + (f" ({', '.join(failed)})" if failed else ""), flush=True)
     return 1 if failed else 0
 

@@ -125,8 +125,12 @@ def record_failures(failures: Mapping[int, Any], group: int | None = None) -> li
 
 
 def _failure_events(run_dir: RunDir, failures: Mapping[int, Any]) -> list[dict[str, Any]]:
-    """The ``error`` events of the failed ranks that said nothing themselves in this group (not written)."""
-    spoke = {e.get("rank") for e in group_events(run_dir.events()) if e.get("kind") == "error"}
+    """The ``error`` events of the failed ranks that said nothing themselves in this group (not written).
+
+    A rank torchrun ended with SIGTERM because another had failed says so (:func:`after_peer`), as a rank that failed
+    on its peer's closed connection does."""
+    group = group_events(run_dir.events())
+    spoke = {e.get("rank") for e in group if e.get("kind") == "error"}
     events = []
     for rank, failure in failures.items():
         if failure.exitcode != 0 and rank not in spoke:
@@ -134,7 +138,20 @@ def _failure_events(run_dir: RunDir, failures: Mapping[int, Any]) -> list[dict[s
             events.append({"time": float(failure.timestamp), "step": None, "rank": rank, "kind": "error",
                            "reason": reason, "exit_code": code, "signal": number, "pid": failure.pid,
                            "source": SOURCE})
+    earlier = group + [e for e in events if e["signal"] != signal.SIGTERM]
+    for event in events:
+        if event["signal"] == signal.SIGTERM:
+            event["reason"] = after_peer(earlier, event["rank"], event["reason"])
     return events
+
+
+def after_peer(events: list[dict[str, Any]], rank: int, reason: str) -> str:
+    """``reason``, saying so when another rank failed first in this group (``events``, in order: the first with an
+    exit code counts): a rank whose peer died mostly fails on a closed connection or torchrun's SIGTERM, which is not
+    why the run failed."""
+    first = next((e for e in group_events(events) if e.get("kind") == "error" and e.get("exit_code")
+                  and e.get("rank") not in (None, rank)), None)
+    return reason if first is None else f"peer rank {first['rank']} failed first ({first['reason']}); here: {reason}"
 
 
 def first_cause(failures: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
