@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._dynamo.utils import counters
 
 from dspark_lab.examples.moe_model import MoEConfig, TinyMoETransformer, sync_gradients
 from dspark_lab.examples.moe_train import batch, initial_placement
@@ -29,13 +28,19 @@ STEPS = 7
 REPLACE = {"moe.placement": "eplb", "moe.placement_interval": 3, "moe.placement_window": 3}
 
 
+def dynamo_counters():
+    from torch._dynamo.utils import counters  # not at collection: importing dynamo takes seconds
+
+    return counters
+
+
 def graphs() -> int:
-    return counters["stats"]["unique_graphs"]
+    return dynamo_counters()["stats"]["unique_graphs"]
 
 
 def fresh_dynamo() -> None:
     torch._dynamo.reset()
-    counters.clear()
+    dynamo_counters().clear()
 
 
 def make_job(tmp_path, policies=None, registered=None) -> Job:
@@ -179,7 +184,7 @@ def train_registered(tmp_path, compile: str, layers: int = 10, steps: int = 4, l
             built.append(graphs())
     finally:
         job.close()
-    return {"graphs": built, "frames": dict(counters["frames"]), "loads": [r["expert_loads"] for r in
+    return {"graphs": built, "frames": dict(dynamo_counters()["frames"]), "loads": [r["expert_loads"] for r in
                                                                             job.run_dir.metrics()],
             "events": [e for e in job.run_dir.events() if e["kind"] in ("placement", "error")],
             "placement": [layer.phy2log.tolist() for layer in moe]}

@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
 from test_browser import notebook_env, stop_runs
 
@@ -23,30 +21,53 @@ def outputs_text(nb) -> str:
     return json.dumps([c.get("outputs", []) for c in nb.cells])
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_committed_clean(name):
-    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+def read_notebook(path: Path):
+    """The notebook at ``path``, validated. nbformat is imported here, not at collection: it takes seconds (its
+    jsonschema builds a URI grammar at import)."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
+    return nb
+
+
+def assert_committed_clean(path: Path) -> None:
+    """No outputs, no execution counts and no absolute paths in what is committed."""
+    nb = read_notebook(path)
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code")
     source = "\n".join(c.source for c in nb.cells)
     assert "/work/" not in source and "/home/" not in source and "/tmp/" not in source
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
-def test_notebook_runs(name, tmp_path, monkeypatch):
-    home = tmp_path / "home"
+def execute_in_quick_mode(path: Path, home: Path, monkeypatch, timeout: int) -> str:
+    """Run every cell of ``path`` headless (nbclient) in quick mode with runs under ``home``; stop what it left
+    running; return its outputs as JSON text, with no error in it."""
+    from nbclient import NotebookClient
+
     monkeypatch.setenv("DSPARK_HOME", str(home))
     for key, value in notebook_env().items():
         monkeypatch.setenv(key, value)
-    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    client = NotebookClient(nb, timeout=150, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}})
+    nb = read_notebook(path)
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
     try:
         client.execute()
     finally:
         stop_runs(home)
     text = outputs_text(nb)
     assert "Traceback" not in text and '"output_type": "error"' not in text
+    return text
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_clean(name):
+    assert_committed_clean(NOTEBOOKS / name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_runs(name, tmp_path, monkeypatch):
+    text = execute_in_quick_mode(NOTEBOOKS / name, tmp_path / "home", monkeypatch, timeout=150)
     if name.startswith("01"):
         assert "activation checkpointing applied at step" in text and "application/vnd.jupyter.widget-view+json" in text
         assert "MB held for backward" in text
