@@ -396,7 +396,7 @@ def test_another_nodes_agent_relays_a_killed_rank_and_rank_0s_agent_takes_it(tmp
     started = time.monotonic()
     agents[0].after_stop(group[0], restarting=True)
     agents[0].before_start()  # the next rendezvous is done; the other node has posted: no wait
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < node_agent.REPORT_WAIT_S / 2  # not the wait (a loaded machine took 1 s)
     restart = dirs[0].events()[-1]
     assert (restart["kind"], restart["failed_rank"], restart["exit_code"], restart["failed_ranks"]) == \
         ("restart", 3, 137, [0, 3]), restart
@@ -405,5 +405,5 @@ def test_another_nodes_agent_relays_a_killed_rank_and_rank_0s_agent_takes_it(tmp
     agents[0].after_stop(group[0], restarting=False)
     started = time.monotonic()
     agents[1].finish()  # rank 0's node took the last group's records: the second node's agent exits at once
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < node_agent.DRAIN_WAIT_S / 2
     del server
