@@ -28,7 +28,6 @@ def checks_in(namespace: dict) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, out: str, module: str, timeout_s: float) -> None:
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     results = {}
@@ -50,9 +49,15 @@ def start_ranks(fn, args: tuple, nprocs: int, *, fork: bool = True) -> None:
     """``torch.multiprocessing.spawn(fn, args, nprocs)``, forked where that is safe: a forked rank starts with torch and
     the test module already imported (a spawned one spends ~3 CPU-seconds importing them again, which is most of a
     small world's cost). Spawned instead when this process holds a process group of its own, which a fork would copy
-    half-alive. Each rank sets one intra-op thread before any work, as DataLoader's forked workers do."""
+    half-alive. Each rank runs ``fn`` with one intra-op thread, as DataLoader's forked workers do (ranks sharing two
+    cores only contend with more)."""
     method = "fork" if fork and not dist.is_initialized() else "spawn"
-    mp.start_processes(fn, args=args, nprocs=nprocs, start_method=method)
+    mp.start_processes(_one_thread, args=(fn, args), nprocs=nprocs, start_method=method)
+
+
+def _one_thread(rank: int, fn, args: tuple) -> None:
+    torch.set_num_threads(1)
+    fn(rank, *args)
 
 
 def leave_rank() -> None:

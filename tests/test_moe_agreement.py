@@ -41,7 +41,6 @@ def _worker(rank: int, port: int, out_path: str) -> None:
     from dspark_lab.examples.moe_model import MoEConfig, TinyMoETransformer
     from dspark_lab.runtime.policies.moe import ExpertPlacement, StepLoads
 
-    torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=30))
     config = MoEConfig(slots_per_rank=5)

@@ -26,7 +26,6 @@ def _worker(rank: int, port: int, out_path: str) -> None:
 
     from dspark_lab.examples import moe_train
 
-    torch.set_num_threads(1)  # two ranks on a 2-core machine: more threads only contend (torchrun does the same)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     results = {}

@@ -32,7 +32,6 @@ def test_every_schedule_matches_single_process_gradients_at_4_ranks():
 
 
 def _switch_worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     cfg = ModelConfig(**TINY, stages=2)
     stage = build_stages(cfg)[rank]
