@@ -178,3 +178,15 @@ def wait_for_step(job, step: int, timeout: float = 90):
         assert job.poll() is None, (job.run_dir.path / "output.log").read_text()[-3000:]
         time.sleep(0.1)
     raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def dynamo_counters():
+    """torch._dynamo's counters, imported on first use, not at collection (importing dynamo takes seconds)."""
+    from torch._dynamo.utils import counters
+
+    return counters
+
+
+def graphs() -> int:
+    """The graphs torch.compile has built so far in this process."""
+    return dynamo_counters()["stats"]["unique_graphs"]

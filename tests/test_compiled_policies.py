@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from conftest import wait_for_step
+from conftest import graphs, wait_for_step
 from dspark_lab.errors import PolicyError
 from dspark_lab.plugins import make_manager
 from dspark_lab.runtime import commands
@@ -66,12 +66,6 @@ def step(job, model, run=None) -> tuple[float, list[torch.Tensor], int]:
     job.activations.reset_peak()
     loss.backward()
     return loss.item(), [p.grad.clone() for p in model.parameters()], job.activations.reset_peak()
-
-
-def graphs() -> int:
-    from torch._dynamo.utils import counters  # not at collection: importing dynamo takes seconds
-
-    return counters["stats"]["unique_graphs"]
 
 
 def apply(job, key, value) -> str:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import dynamo_counters, graphs
 from dspark_lab.examples.moe_model import MoEConfig, TinyMoETransformer, sync_gradients
 from dspark_lab.examples.moe_train import batch, initial_placement
 from dspark_lab.moe import eplb_reference
@@ -26,16 +27,6 @@ from moe_contract import ContractMoE
 CONFIG = MoEConfig(dim=16, hidden=32, seq=8, slots_per_rank=10)  # 2 MoE layers, 8 experts, 10 slots on 1 rank
 STEPS = 7
 REPLACE = {"moe.placement": "eplb", "moe.placement_interval": 3, "moe.placement_window": 3}
-
-
-def dynamo_counters():
-    from torch._dynamo.utils import counters  # not at collection: importing dynamo takes seconds
-
-    return counters
-
-
-def graphs() -> int:
-    return dynamo_counters()["stats"]["unique_graphs"]
 
 
 def fresh_dynamo() -> None:

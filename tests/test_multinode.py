@@ -3,7 +3,6 @@ one c10d rendezvous on loopback, 2 ranks each; control from either node. Restart
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -24,6 +23,7 @@ from dspark_lab.localhost import free_port
 from dspark_lab.runtime.launch import prepare
 from dspark_lab.runtime.launchers import multinode
 from dspark_lab.runtime.launchers.torchrun import TorchrunLauncher
+from test_control_live import kill_all
 
 SCRIPT = Path(__file__).parent / "runtime_fixtures" / "nodes_train.py"
 CLI = [sys.executable, "-m", "dspark_lab.cli"]
@@ -173,9 +173,7 @@ class Nodes:
                 # torchrun starts each rank in a session of its own: killpg alone leaves a failed test's ranks training
                 workers = psutil.Process(proc.pid).children(recursive=True)
                 os.killpg(proc.pid, 9)
-                for worker in workers:
-                    with contextlib.suppress(psutil.Error):
-                        worker.kill()
+                kill_all(workers)
                 proc.wait()
 
 
