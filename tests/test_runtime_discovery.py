@@ -85,6 +85,38 @@ def test_longer_run_wins_and_parameterless_runs_are_not_blocks():
     assert discover.find_blocks(nn.Sequential(nn.Linear(2, 2), nn.ReLU())).modules == []
 
 
+class LlamaLayer(nn.Module):
+    """Hugging Face's LlamaDecoderLayer: four projections in attention and three in the MLP, each a Linear."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.self_attn = nn.Module()
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self.self_attn, name, nn.Linear(width, width))
+        self.mlp = nn.Module()
+        self.mlp.gate_proj, self.mlp.up_proj = nn.Linear(width, 2 * width), nn.Linear(width, 2 * width)
+        self.mlp.down_proj = nn.Linear(2 * width, width)
+        self.input_layernorm, self.post_attention_layernorm = nn.LayerNorm(width), nn.LayerNorm(width)
+
+
+@pytest.mark.parametrize("layers", [2, 3, 4])
+def test_a_small_llama_s_blocks_are_its_layers_not_the_projections_of_one_attention(layers):
+    # a debug-sized LlamaForCausalLM (1 to 4 layers) used to give "4 x Linear at model.model.layers.0.self_attn":
+    # checkpointing one layer's projections, each of which keeps its input anyway
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.embed_tokens = nn.Embedding(32, 16)
+    model.model.layers = nn.ModuleList(LlamaLayer() for _ in range(layers))
+    model.lm_head = nn.Linear(16, 32)
+    found = discover.find_blocks(model)
+    assert (found.kind, len(found.modules), found.path) == ("LlamaLayer", layers, "model.model.layers")
+
+
+def test_a_run_of_plain_layers_is_taken_when_nothing_holds_blocks():
+    found = discover.find_blocks(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)))
+    assert (found.kind, len(found.modules), found.path) == ("Linear", 3, "model")
+
+
 @pytest.fixture
 def job(tmp_path):
     from dspark_lab.backends import cpu

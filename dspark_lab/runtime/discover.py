@@ -2,7 +2,8 @@
 and which wrappers (DDP, FSDP2, FSDP1, torch.compile) sit on it.
 
 Blocks are the longest run of consecutive same-type children with parameters inside any container of the model
-(``nn.ModuleList``, ``nn.ModuleDict``, ``nn.Sequential`` or a plain module's attributes): a transformer's layers
+(``nn.ModuleList``, ``nn.ModuleDict``, ``nn.Sequential`` or a plain module's attributes), runs of modules with
+layers of their own before runs of single layers (``Linear``): a transformer's layers
 (HF ``model.transformer.h`` / ``model.model.layers``, torchtitan's ``model.layers`` ModuleDict) as well as the four
 ``Block``s of ``nn.Sequential(Linear, Block, Block, Block, Block, Linear)``. Activation checkpointing (Chen et al.
 2016) wraps these. FSDP1 units are looked through (:mod:`.fsdp1`): a block each unit wraps is the module inside the
@@ -102,13 +103,23 @@ def _path(root: str, name: str) -> str:
     return ".".join([root, *parts])
 
 
+def _holds_layers(module: nn.Module, flattened: dict[int, int]) -> bool:
+    """Whether ``module`` (under FSDP1 / compile wrappers) has a child with parameters: a block, not one layer."""
+    inner = fsdp1.inner(module)
+    while is_optimized_module(inner):
+        inner = fsdp1.inner(inner._modules["_orig_mod"])
+    return any(_numel(child, flattened) for child in inner.children())
+
+
 def find_blocks(model: nn.Module, root: str = "model") -> Blocks:
     """The longest run of consecutive same-type children (with parameters) inside any module of ``model``.
 
-    Ties go to the run holding more parameters. ``path`` names the container (``model.layers``); a run that is
+    A run of modules that hold layers of their own beats any run of single layers (a small Llama's 3 decoder
+    layers, not the 4 ``Linear`` projections inside one layer's attention: checkpointing a lone layer keeps its
+    input anyway). Ties go to the run holding more parameters. ``path`` names the container (``model.layers``); a run that is
     only part of its container gets a slice (``model[1:5]``). A run of FSDP1 units gives the modules they wrap.
     """
-    best, best_key = Blocks(), (1, 0)
+    best, best_key = Blocks(), (False, 1, 0)
     flattened = fsdp1.flattened_numels(model)
     for name, container in model.named_modules():
         children = list(container.children())
@@ -120,7 +131,7 @@ def find_blocks(model: nn.Module, root: str = "model") -> Blocks:
                 end += 1
             run = children[start:end]
             if len(run) >= 2 and _numel(run[0], flattened):
-                key = (len(run), sum(_numel(m, flattened) for m in run))
+                key = (_holds_layers(run[0], flattened), len(run), sum(_numel(m, flattened) for m in run))
                 if key > best_key:
                     path = _path(root, name)
                     if len(run) != len(children):
