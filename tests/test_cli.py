@@ -202,3 +202,28 @@ def test_run_json_prints_one_object_with_id_state_exit_code_and_run_dir(tmp_path
                                                                                      "finished", 0)
     assert doc["run_dir"] == str(tmp_path / "home" / "runs" / doc["id"])
     assert json.loads((tmp_path / "home" / "runs" / doc["id"] / "run.json").read_text())["name"] == "hello"
+
+
+def test_a_failed_run_says_which_rank_and_why_in_its_last_line_and_its_json(tmp_path, monkeypatch, capsys):
+    # the last line of a failed run (after torchrun's own dump) said only "failed (exit code 3)"; the reason was in
+    # run.json alone
+    from dspark_lab.runtime import launch
+    from dspark_lab.runtime.records import RunDir
+
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path))
+    script = tmp_path / "train.py"
+    script.write_text("")
+    run_dir = RunDir.create("20260101-000000-abcdef", {"name": "f", "ranks": 2, "state": "running"})
+
+    def supervise(run_dir):
+        run_dir.update_info(state="failed", exit_code=3, error="rank 1: script exited with 3")
+        return 3
+
+    monkeypatch.setattr(launch, "prepare", lambda *args, **kwargs: run_dir)
+    monkeypatch.setattr(launch, "supervise", supervise)
+    assert cli.main(["run", "--json", "--nproc", "2", str(script)]) == 3
+    out, err = capsys.readouterr()
+    assert err.rstrip().splitlines()[-1] == ("dspark-lab: run 20260101-000000-abcdef failed (exit code 3): "
+                                            "rank 1: script exited with 3")
+    doc = json.loads(out)
+    assert (doc["state"], doc["exit_code"], doc["error"]) == ("failed", 3, "rank 1: script exited with 3")

@@ -252,7 +252,8 @@ def test_a_rank_killed_by_sigkill_is_the_runs_reason_not_the_survivors_closed_co
     run_dir = find_run({j["name"]: j["id"] for j in commands.jobs().data["jobs"]}["killed"])
     info = run_dir.info()
     assert (info["state"], info["exit_code"], info["error"]) == ("failed", 137, "rank 1: killed by signal 9 (SIGKILL)")
-    assert done.stderr.rstrip().endswith(f"run {run_dir.id} failed (exit code 137)"), done.stderr[-2000:]
+    assert done.stderr.rstrip().endswith(f"run {run_dir.id} failed (exit code 137): "
+                                      "rank 1: killed by signal 9 (SIGKILL)"), done.stderr[-2000:]
     killed = [e for e in run_dir.events() if e["kind"] == "error" and e["rank"] == 1]
     assert [(e["signal"], e["exit_code"], e["source"]) for e in killed] == [(9, 137, "agent")]
 
@@ -274,7 +275,8 @@ def test_ctrl_c_stops_a_torchrun_job_with_exit_code_130_and_no_traceback():
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
     err = run.stderr.read()
-    assert "Traceback" not in err and err.rstrip().endswith(f"run {run_id} stopped (exit code 130)"), err[-2000:]
+    assert "Traceback" not in err and err.rstrip().endswith(
+        f"run {run_id} stopped (exit code 130): interrupted (SIGINT, Ctrl-C)"), err[-2000:]
     info = run_dir.info()
     assert (info["state"], info["exit_code"], info["error"]) == ("stopped", 130, "interrupted (SIGINT, Ctrl-C)")
 

@@ -64,10 +64,12 @@ def _run(args) -> int:
     print(f"dspark-lab: run {run_dir.id} ({ranks} rank(s)); records in {run_dir.path}", file=sys.stderr)
     print(f"dspark-lab: change it live with `dspark-lab set {run_dir.id} KEY=VALUE`", file=sys.stderr)
     code = supervise(run_dir)
-    state = run_dir.info().get("state")
-    print(f"dspark-lab: run {run_dir.id} {state} (exit code {code})", file=sys.stderr)
+    info = run_dir.info()
+    state, error = info.get("state"), info.get("error")
+    why = f": {error}" if code and error else ""  # after torchrun's own dump, which rank failed and why
+    print(f"dspark-lab: run {run_dir.id} {state} (exit code {code}){why}", file=sys.stderr)
     if args.json:
-        print(Report("run", {"id": run_dir.id, "state": state, "exit_code": code,
+        print(Report("run", {"id": run_dir.id, "state": state, "exit_code": code, "error": error or None,
                              "run_dir": str(run_dir.path)}).to_json(), flush=True)
     return code
 
