@@ -54,3 +54,12 @@ def test_the_report_ends_saying_how_many_candidates_the_budget_skipped_and_how_t
                           "--budget-steps 336 (the default) tries them all", "tune t1: done"]
     assert "skipped for budget" not in report(state(trials[:1], budget_for_all=336)).to_text()
     assert "needs a restart: comm.bucket_mb (now 25.0, would try [1.0, 2.0])" in lines
+
+
+def test_status_of_a_job_that_never_ran_a_tune_says_so_in_one_line():
+    # it printed an empty trial table and "tune None: none"
+    from dspark_lab.tune.commands import report
+
+    done = report({"id": None, "state": "none"})
+    assert done.to_text() == "no tune has run on this job; start one with `dspark-lab tune RUN`"
+    assert (done.data["state"], done.data["exit_code"]) == ("none", 0)

@@ -30,6 +30,9 @@ def row(trial: dict[str, Any]) -> dict[str, Any]:
 
 def report(state: dict[str, Any]) -> Report:
     """The tune's state as a table of trials and lines for the space and the decision."""
+    if state.get("state") == "none":  # the endpoint's answer when no tune has run on this job
+        return Report("tune", {**state, "exit_code": 0},
+                      lines=["no tune has run on this job; start one with `dspark-lab tune RUN`"])
     rows = [row(t) for t in state.get("trials", [])]
     lines = []
     space = state.get("space") or {}
