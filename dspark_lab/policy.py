@@ -80,8 +80,10 @@ class PolicySpec:
             return "true | false"
         if self.type == "str":
             return f"a string of 1 to {MAX_STR} printable characters"
-        lo = "(-inf" if self.min is None else f"[{self.min:g}"
-        hi = "inf)" if self.max is None else f"{self.max:g}]"
+        # a whole bound of an int policy as digits (1000000, never 1e+06, which the int parser refuses)
+        bound = lambda x: str(int(x)) if self.type == "int" and x == int(x) else f"{x:g}"  # noqa: E731
+        lo = "(-inf" if self.min is None else f"[{bound(self.min)}"
+        hi = "inf)" if self.max is None else f"{bound(self.max)}]"
         return f"{self.type} in {lo}, {hi}"
 
     def validate(self, value: Any) -> Any:

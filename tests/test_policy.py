@@ -54,6 +54,13 @@ def test_int_range_and_parsing():
             s.validate(bad)
 
 
+def test_an_int_bound_is_written_as_a_value_the_policy_takes():
+    # moe.placement_interval said "allowed: int in [1, 1e+06]" and then refused '1e+06'
+    s = spec(key="moe.placement_interval", type="int", default=10, choices=(), min=1, max=1_000_000)
+    assert s.allowed() == "int in [1, 1000000]"
+    assert s.validate("1000000") == 1_000_000
+
+
 def test_float_open_ended():
     s = spec(key="comm.bucket_mb", type="float", default=25.0, choices=(), min=0.5)
     assert s.validate("0.5") == 0.5 and s.validate(1e6) == 1e6
