@@ -157,3 +157,14 @@ def parse_assignment(text: str) -> tuple[str, str]:
     if not sep or not key.strip() or not value.strip():
         raise PolicyError(f"policy: expected KEY=VALUE (e.g. memory.activation_checkpointing=full), got {text!r}")
     return key.strip(), value.strip()
+
+
+def parse_assignments(texts) -> dict[str, str]:
+    """``["k=v", ...]`` as a dict; a key given twice is refused in one line rather than the last one winning."""
+    parsed: dict[str, str] = {}
+    for text in texts:
+        key, value = parse_assignment(text)
+        if key in parsed:
+            raise PolicyError(f"{key}: given twice ({parsed[key]!r}, then {value!r}); give each key once")
+        parsed[key] = value
+    return parsed

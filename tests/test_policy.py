@@ -136,6 +136,28 @@ def test_parse_assignment():
             parse_assignment(bad)
 
 
+def test_a_key_given_twice_is_refused_in_one_line_not_silently_the_last():
+    # `set RUN k=none k=every-2` applied every-2 and said nothing of the none
+    from dspark_lab.policy import parse_assignments
+
+    assert parse_assignments(["a.b=1", "c.d=2"]) == {"a.b": "1", "c.d": "2"}
+    with pytest.raises(PolicyError, match=r"^memory.activation_checkpointing: given twice \('none', then "
+                                          r"'every-2'\); give each key once$"):
+        parse_assignments(["memory.activation_checkpointing=none", "memory.activation_checkpointing=every-2"])
+
+
+def test_set_and_run_policy_refuse_a_key_given_twice(tmp_path, capsys):
+    from dspark_lab import cli
+
+    script = tmp_path / "train.py"
+    script.write_text("")
+    for argv in (["set", "somerun", "comm.grad_sync=ring", "comm.grad_sync=tree"],
+                 ["run", "--policy", "comm.grad_sync=ring", "--policy", "comm.grad_sync=tree", str(script)]):
+        assert cli.main(argv) == 2
+        assert capsys.readouterr().err == ("error: comm.grad_sync: given twice ('ring', then 'tree'); give each "
+                                           "key once\n")
+
+
 @pytest.mark.parametrize("assignment, message", [
     ("comm.bucket_mb=nan", r"^comm.bucket_mb: 'nan' is not allowed; allowed: float in \["),
     ("moe.move_cost=inf", r"^moe.move_cost: 'inf' is not allowed; allowed: float in \["),

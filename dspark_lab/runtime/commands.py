@@ -15,7 +15,7 @@ import psutil
 
 from dspark_lab.errors import DSparkError, PolicyError
 from dspark_lab.output import Report
-from dspark_lab.policy import parse_assignment
+from dspark_lab.policy import parse_assignments
 from dspark_lab.runtime import jobtext
 from dspark_lab.runtime.control import ControlClient
 from dspark_lab.runtime.launch import launch_background
@@ -108,7 +108,7 @@ def set_policies(run: str, assignments, wait: bool = True, timeout: float = 60.0
     if not assignments:
         raise DSparkError("set: give at least one KEY=VALUE")
     timeout = check_timeout(timeout, "--timeout")
-    changes = dict(parse_assignment(a) for a in assignments)
+    changes = parse_assignments(assignments)
     reply = ControlClient(_run(run), timeout=timeout + 5).request(
         "POST", "/set", {"changes": changes, "wait": wait, "timeout": timeout})
     if reply["state"] == "refused":

@@ -22,7 +22,7 @@ import psutil
 
 from dspark_lab.errors import DSparkError
 from dspark_lab.plugins import get_manager
-from dspark_lab.policy import parse_assignment
+from dspark_lab.policy import parse_assignments
 from dspark_lab.runtime.control import ControlClient
 from dspark_lab.runtime.launchers import TORCHRUN_OPTIONS, get_launcher  # noqa: F401 (runtime/cli.py reads it)
 from dspark_lab.runtime.launchers import agent_events, multinode
@@ -36,8 +36,7 @@ def parse_policies(assignments: Sequence[str]) -> dict[str, Any]:
     """``["k=v", ...]`` validated against the registered schemas (launch-only keys allowed)."""
     specs = get_manager().policies()
     parsed = {}
-    for text in assignments:
-        key, value = parse_assignment(text)
+    for key, value in parse_assignments(assignments).items():
         if key not in specs:
             raise DSparkError(f"--policy: unknown policy {key!r}; known: {', '.join(specs)}")
         parsed[key] = specs[key].validate(value)
