@@ -210,3 +210,11 @@ def test_metrics_tail_reads_the_end_of_a_long_history_not_all_of_it(home):
     assert [r["step"] for r in records] == [1, 2]
     assert peak < 2 * 1024 * 1024, f"peak {peak} bytes to show 2 records of a 40 MB history"
     assert len(commands.metrics("long", 500).data["metrics"]) == 500  # the window grows to what is asked
+
+
+def test_a_name_several_runs_share_finds_the_newest(home):
+    from dspark_lab.runtime.records import find_run
+
+    for run_id in ("20260101-000000-aaaaaa", "20260102-000000-bbbbbb", "20251231-000000-cccccc"):
+        RunDir.create(run_id, {"name": "mine", "state": "finished"})
+    assert find_run("mine").id == "20260102-000000-bbbbbb"
