@@ -260,6 +260,24 @@ def test_autocast_is_reported(job):
     assert job.describe()["mixed_precision"]["autocast"] == "cpu:torch.bfloat16"
 
 
+def test_autocast_entered_by_a_wrapper_of_the_models_own_forward_is_reported(job):
+    # Accelerate's mixed_precision (and so the Hugging Face Trainer's bf16=True) replaces the model's forward with
+    # one that enters autocast: the model's forward pre-hook runs before it, so status said "autocast: null"
+    model = mixed_sequential()
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+    job.set_model(model)
+    model(torch.randn(2, 8))
+    assert job.describe()["mixed_precision"]["autocast"] == "cpu:torch.bfloat16"
+
+
+def test_no_autocast_is_reported_as_none(job):
+    model = mixed_sequential()
+    job.set_model(model)
+    model(torch.randn(2, 8))
+    model(torch.randn(2, 8))
+    assert job.describe()["mixed_precision"]["autocast"] is None
+
+
 # --- registration instead of sys.modules scanning ----------------------------------------------------------------
 
 

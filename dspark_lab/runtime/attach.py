@@ -189,6 +189,9 @@ class Job:
             # attributes become guards and every step with another count recompiles
             outer = model if discover.is_optimized_module(model) else inner
             outer.register_forward_pre_hook(RuntimeHook(self.meter.count_batch), with_kwargs=True)
+            if self.blocks and not self.compiled:  # autocast entered inside the model's forward (Accelerate's
+                # mixed precision); a one-shot hook on a compiled block would be traced into its graph
+                self.meter.watch_autocast(self.blocks[0])
         self.discovered = True
         self.notify_states("on_model")
 

@@ -20,6 +20,7 @@ import psutil
 import torch
 
 from dspark_lab.runtime import step_reads
+from dspark_lab.runtime.module_hooks import RuntimeHook
 
 SAMPLE_EVERY_S = 1.0
 EFFECT_STEPS = 3
@@ -66,13 +67,30 @@ class StepMeter:
             if not first.is_floating_point() and first.dim() >= 2:
                 self._tokens += first.numel()
             if self.autocast is None:
-                device = first.device.type
-                try:
-                    if torch.is_autocast_enabled(device):
-                        self.autocast = f"{device}:{torch.get_autocast_dtype(device)}"
-                except (RuntimeError, TypeError, AttributeError):  # a device type autocast does not know, or
-                    # a torch before 2.4 (no device argument, no get_autocast_dtype): nothing to report
-                    self.autocast = ""
+                self._look_for_autocast(first.device.type)
+
+    def _look_for_autocast(self, device: str) -> None:
+        try:
+            if torch.is_autocast_enabled(device):
+                self.autocast = f"{device}:{torch.get_autocast_dtype(device)}"
+        except (RuntimeError, TypeError, AttributeError):  # a device type autocast does not know, or
+            # a torch before 2.4 (no device argument, no get_autocast_dtype): nothing to report
+            self.autocast = ""
+
+    def watch_autocast(self, block: torch.nn.Module) -> None:
+        """Look once from inside the model's forward, at ``block``'s first call: autocast that a wrapper of the
+        model's own ``forward`` enters (Accelerate's ``mixed_precision``, so the Hugging Face Trainer's
+        ``bf16=True``) is not on yet in the model's forward pre-hook. The hook removes itself after that call."""
+        def look(module, args):
+            handle.remove()
+            if self.autocast is None:
+                first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+                param = next(module.parameters(), None)
+                device = first if first is not None else param
+                if device is not None:
+                    self._look_for_autocast(device.device.type)
+
+        handle = block.register_forward_pre_hook(RuntimeHook(look))
 
     def on_backward(self, tensors, run):
         start = time.perf_counter()
