@@ -227,3 +227,31 @@ def test_a_failed_run_says_which_rank_and_why_in_its_last_line_and_its_json(tmp_
                                             "rank 1: script exited with 3")
     doc = json.loads(out)
     assert (doc["state"], doc["exit_code"], doc["error"]) == ("failed", 3, "rank 1: script exited with 3")
+
+
+def test_run_takes_torchruns_standalone_as_the_one_node_run_it_already_is(tmp_path, monkeypatch, capsys):
+    # `torchrun --standalone --nproc-per-node=2 train.py` is the usual one-node command; `dspark-lab run` refused
+    # it ("unrecognized arguments: --standalone"). One node runs on the loopback rendezvous anyway (docs/runtime.md)
+    from dspark_lab.runtime import launch
+    from dspark_lab.runtime.records import RunDir
+
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path))
+    script = tmp_path / "train.py"
+    script.write_text("")
+    run_dir = RunDir.create("20260101-000000-abcdef", {"name": "s", "ranks": 2, "state": "running"})
+    seen = []
+    monkeypatch.setattr(launch, "prepare", lambda *args, **kwargs: seen.append(kwargs) or run_dir)
+    monkeypatch.setattr(launch, "supervise", lambda run_dir: 0)
+    assert cli.main(["run", "--standalone", "--nproc-per-node", "2", str(script)]) == 0
+    assert cli.main(["run", "--nproc-per-node", "2", str(script)]) == 0
+    assert seen[0] == seen[1]  # the same launch as without it
+    capsys.readouterr()
+    for argv, message in ((["--standalone", "--nnodes", "2"], "--standalone: one node on this machine; it cannot "
+                           "go with --nnodes 2"),
+                          (["--standalone", "--rdzv-endpoint", "h:29400"], "--standalone: one node on this "
+                           "machine; it cannot go with --rdzv-endpoint h:29400"),
+                          (["--standalone", "--launcher", "python"], "--standalone: a torchrun option; "
+                           "--launcher python takes none (use --launcher torchrun)")):
+        assert cli.main(["run", *argv, str(script)]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert len(seen) == 2

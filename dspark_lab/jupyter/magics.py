@@ -74,8 +74,11 @@ def _hz(text: str) -> float:
 
 def _run(args):
     """Launch in the background; returns the job handle at once and shows the dashboard."""
+    from dspark_lab.runtime.cli import check_standalone
     from dspark_lab.runtime.launch import TORCHRUN_OPTIONS
 
+    if getattr(args, "standalone", False):
+        check_standalone(args)
     options = {name: getattr(args, name) for name in TORCHRUN_OPTIONS}
     job = _runtime().launch(script_of(args), list(args.script_args), nproc=args.nproc, policies=tuple(args.policy),
                             name=args.name, options=options, launcher=args.launcher)

@@ -56,6 +56,8 @@ def _run(args) -> int:
     from dspark_lab.runtime.rotation import max_bytes
 
     max_bytes()  # a bad DSPARK_METRICS_MAX_MB is said here, in one line, not by every rank as it starts
+    if args.standalone:
+        check_standalone(args)
     options = {name: getattr(args, name) for name in TORCHRUN_OPTIONS}
     run_dir = prepare(script_of(args), args.script_args, nproc=args.nproc, policies=args.policy, name=args.name,
                       options=options, launcher=args.launcher, token_file=args.token_file,
@@ -72,6 +74,20 @@ def _run(args) -> int:
         print(Report("run", {"id": run_dir.id, "state": state, "exit_code": code, "error": error or None,
                              "run_dir": str(run_dir.path)}).to_json(), flush=True)
     return code
+
+
+def check_standalone(args) -> None:
+    """torchrun's ``--standalone`` (one node, a local rendezvous) is what a one-node run does anyway, on the loopback
+    rendezvous (launchers/loopback.py); refused in one line with what contradicts it."""
+    if args.launcher not in (None, "torchrun"):
+        raise DSparkError(f"--standalone: a torchrun option; --launcher {args.launcher} takes none (use --launcher "
+                          "torchrun)")
+    if args.nnodes not in (None, "1", "1:1"):
+        raise DSparkError(f"--standalone: one node on this machine; it cannot go with --nnodes {args.nnodes}")
+    for option in ("rdzv_backend", "rdzv_endpoint", "rdzv_id"):
+        if getattr(args, option):
+            raise DSparkError(f"--standalone: one node on this machine; it cannot go with "
+                              f"--{option.replace('_', '-')} {getattr(args, option)}")
 
 
 def _metrics(args):
@@ -140,6 +156,9 @@ def add_parsers(subparsers, common) -> None:
                    "master-addr", "master-port", "monitor-interval", "local-addr"):
         run.add_argument(f"--{option}", dest=option.replace("-", "_"),
                          help="passed to torchrun (default: its PET_* variable)")
+    run.add_argument("--standalone", action="store_true",
+                     help="torchrun's one-node option: accepted, and what a one-node run does anyway (its "
+                          "rendezvous on 127.0.0.1)")
     run.add_argument("--token-file", metavar="PATH",
                      help="the run's control token, the same file on every node (required with --nnodes above 1)")
     run.add_argument("--control-host", metavar="HOST",
