@@ -218,3 +218,16 @@ def test_a_name_several_runs_share_finds_the_newest(home):
     for run_id in ("20260101-000000-aaaaaa", "20260102-000000-bbbbbb", "20251231-000000-cccccc"):
         RunDir.create(run_id, {"name": "mine", "state": "finished"})
     assert find_run("mine").id == "20260102-000000-bbbbbb"
+
+
+def test_the_events_table_names_what_a_pending_change_changes(home):
+    # a `pending` event carries its keys in `changes` only: its row read "pending  -  -  -"
+    run = make_run(home, "20260101-000000-aaaaaa", "pend")
+    pending = {"step": 5, "rank": None, "kind": "pending", "key": None, "old": None, "new": None, "reason": "",
+               "change_id": "c1", "changes": {"memory.activation_checkpointing": "full", "comm.grad_sync": "ring"}}
+    write_lines(run.events_path, [json.dumps(pending).encode()])
+    report = commands.events("pend")
+    row = report.to_text().splitlines()[-1].split()
+    assert row[:5] == ["5", "-", "pending", "memory.activation_checkpointing,", "comm.grad_sync"]
+    assert row[5:7] == ["-", "full,"] and row[7] == "ring"
+    assert report.data["events"] == [pending]  # the JSON is the record as written

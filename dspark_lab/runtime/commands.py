@@ -134,8 +134,16 @@ def metrics(run: str, tail: int = 20) -> Report:
 def events(run: str) -> Report:
     """Every event of a run: starts, applied / refused / rolled-back changes, stops and errors."""
     records = _run(run).events()
-    return Report("events", {"events": records}, rows=records,
+    return Report("events", {"events": records}, rows=[_event_row(r) for r in records],
                   columns=("step", "rank", "kind", "key", "old", "new", "reason"))
+
+
+def _event_row(record: dict) -> dict:
+    """A table row of one event: one that names its keys only in ``changes`` (``pending``) shows them too."""
+    changes = record.get("changes")
+    if record.get("key") is not None or not isinstance(changes, dict) or not changes:
+        return record
+    return {**record, "key": ", ".join(map(str, changes)), "new": ", ".join(str(v) for v in changes.values())}
 
 
 def stop(run: str, timeout: float = 60.0, force: bool = False) -> Report:
