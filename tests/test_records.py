@@ -231,3 +231,23 @@ def test_the_events_table_names_what_a_pending_change_changes(home):
     assert row[:5] == ["5", "-", "pending", "memory.activation_checkpointing,", "comm.grad_sync"]
     assert row[5:7] == ["-", "full,"] and row[7] == "ring"
     assert report.data["events"] == [pending]  # the JSON is the record as written
+
+
+def test_get_shows_a_pending_value_and_its_step_in_the_state_column(monkeypatch):
+    # the table said "pending" and nothing of what or when (only --json had pending_value / pending_step)
+    row = {"key": "memory.activation_offload", "value": "off", "since_step": 0, "state": "pending",
+           "allowed": "off | host | host-fp8", "live": True, "lossless": False, "reason": None, "doc": "",
+           "pending_value": "host", "pending_step": 6}
+
+    class Client:
+        def __init__(self, run_dir):
+            pass
+
+        def request(self, method, path):
+            return {"policies": [row]}
+
+    monkeypatch.setattr(commands, "_run", lambda run: None)
+    monkeypatch.setattr(commands, "ControlClient", Client)
+    for report in (commands.get("r"), commands.policies("r")):
+        assert "pending: host at step 6" in report.to_text().splitlines()[-1]
+        assert report.data["policies"] == [row]

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 
 from dspark_lab.errors import DSparkError, PolicyError
-from dspark_lab.output import Report
+from dspark_lab.output import Report, cell
 from dspark_lab.policy import parse_assignments
 from dspark_lab.runtime import jobtext
 from dspark_lab.runtime.control import ControlClient
@@ -80,7 +80,15 @@ _POLICY_COLUMNS = ("key", "value", "since_step", "state", "allowed", "live", "lo
 def policies(run: str) -> Report:
     """Every policy of a running job: schema, value in force, since which step, pending changes."""
     rows = ControlClient(_run(run)).request("GET", "/policies")["policies"]
-    return Report("policies", {"policies": rows}, rows=rows, columns=_POLICY_COLUMNS + ("doc",))
+    return Report("policies", {"policies": rows}, rows=[_policy_row(r) for r in rows],
+                  columns=_POLICY_COLUMNS + ("doc",))
+
+
+def _policy_row(row: dict) -> dict:
+    """A table row of one policy: a pending change says its value and step in the state column."""
+    if row.get("state") != "pending":
+        return row
+    return {**row, "state": f"pending: {cell(row.get('pending_value'))} at step {cell(row.get('pending_step'))}"}
 
 
 def get(run: str, key: str | None = None) -> Report:
@@ -92,7 +100,7 @@ def get(run: str, key: str | None = None) -> Report:
         if not rows:
             known = ", ".join(r["key"] for r in report.data["policies"])
             raise DSparkError(f"key: unknown policy {key!r}; known: {known}")
-    return Report("get", {"policies": rows}, rows=rows, columns=_POLICY_COLUMNS)
+    return Report("get", {"policies": rows}, rows=[_policy_row(r) for r in rows], columns=_POLICY_COLUMNS)
 
 
 # How `dspark-lab set` and `stop` exit (docs/cli.md): the state the request ended in. A refusal (bad key or value,
