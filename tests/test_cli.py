@@ -255,3 +255,21 @@ def test_run_takes_torchruns_standalone_as_the_one_node_run_it_already_is(tmp_pa
         assert cli.main(["run", *argv, str(script)]) == 2
         assert capsys.readouterr().err == f"error: {message}\n"
     assert len(seen) == 2
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("DSPARK_MEMORY_EVERY", "x", "DSPARK_MEMORY_EVERY: 'x' is not allowed; allowed: an integer in [1, 100000]"),
+    ("DSPARK_LOSS_READ", "soon", "DSPARK_LOSS_READ: 'soon' is not allowed; allowed: auto | late"),
+])
+def test_run_refuses_a_bad_step_variable_in_one_line_before_any_rank_starts(tmp_path, monkeypatch, capsys,
+                                                                            variable, value, message):
+    # every rank died of it instead, and the run said "rank 0: exited with code 1 without an error of its own"
+    from dspark_lab.runtime import launch
+
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path))
+    monkeypatch.setenv(variable, value)
+    script = tmp_path / "train.py"
+    script.write_text("")
+    monkeypatch.setattr(launch, "prepare", lambda *args, **kwargs: pytest.fail("launched"))
+    assert cli.main(["run", str(script)]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"

@@ -55,7 +55,10 @@ def _run(args) -> int:
     from dspark_lab.runtime.launch import TORCHRUN_OPTIONS, prepare, supervise
     from dspark_lab.runtime.rotation import max_bytes
 
+    from dspark_lab.runtime.step_env import loss_read, memory_every
+
     max_bytes()  # a bad DSPARK_METRICS_MAX_MB is said here, in one line, not by every rank as it starts
+    loss_read(), memory_every()  # and so are DSPARK_LOSS_READ and DSPARK_MEMORY_EVERY
     if args.standalone:
         check_standalone(args)
     options = {name: getattr(args, name) for name in TORCHRUN_OPTIONS}

@@ -18,38 +18,15 @@ while something asks for them (an effect being measured, a tune with a memory ca
 from __future__ import annotations
 
 import atexit
-import os
 from collections import deque
 from typing import Any, Callable
 
 import torch
 
-from dspark_lab.errors import DSparkError
+from dspark_lab.runtime.step_env import (LOSS_READ_ENV, LOSS_READS, MEMORY_EVERY_DEFAULT,  # noqa: F401
+                                        MEMORY_EVERY_ENV, MEMORY_EVERY_MAX, loss_read, memory_every)
 
-LOSS_READ_ENV = "DSPARK_LOSS_READ"
-LOSS_READS = ("auto", "late")
-MEMORY_EVERY_ENV = "DSPARK_MEMORY_EVERY"
-MEMORY_EVERY_DEFAULT, MEMORY_EVERY_MAX = 10, 100_000
 MAX_PENDING = 8
-
-
-def loss_read() -> str:
-    value = os.environ.get(LOSS_READ_ENV, "").strip().lower() or "auto"
-    if value not in LOSS_READS:
-        raise DSparkError(f"{LOSS_READ_ENV}: {value!r} is not allowed; allowed: {' | '.join(LOSS_READS)}")
-    return value
-
-
-def memory_every() -> int:
-    text = os.environ.get(MEMORY_EVERY_ENV, "").strip() or str(MEMORY_EVERY_DEFAULT)
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MEMORY_EVERY_MAX:
-        raise DSparkError(f"{MEMORY_EVERY_ENV}: {text!r} is not allowed; allowed: an integer in "
-                          f"[1, {MEMORY_EVERY_MAX}]")
-    return value
 
 
 class LateLoss:
