@@ -108,6 +108,40 @@ def test_without_tracked_blocks_each_tensor_is_fetched_alone_when_needed():
     assert engine_log == [1] * (3 * BLOCKS + 1)  # each tensor fetched alone, once, when backward needs it
 
 
+@pytest.mark.parametrize("mode", ["host", "host-fp8"])
+def test_a_saved_view_comes_back_with_its_strides(mode):
+    # a compiled graph's backward asserts the strides of what it saved (inductor's assert_size_stride): nanoGPT with
+    # --compile=True died at its first backward after `memory.activation_offload=host`, on the q/k/v views of one
+    # projection (the host copy came back contiguous)
+    seen = []
+
+    class Attention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, qkv):
+            view = qkv.view(4, 16, 3, 2, 16).permute(2, 0, 3, 1, 4)[1]  # k: (4, 2, 16, 16), strides of a slice
+            ctx.save_for_backward(view)
+            return view.sum()
+
+        @staticmethod
+        def backward(ctx, grad):
+            (view,) = ctx.saved_tensors
+            seen.append((view.size(), view.stride()))
+            return torch.zeros(4, 16, 96)
+
+    tracker = SavedActivations(allocator_factory=HostPool)
+    tracker.mode = mode
+    qkv = torch.randn(4, 16, 96, requires_grad=True)
+    tracker.install()
+    try:
+        out = Attention.apply(qkv)
+        expected = qkv.view(4, 16, 3, 2, 16).permute(2, 0, 3, 1, 4)[1]
+        out.backward()
+    finally:
+        tracker.uninstall()
+    assert seen == [(expected.size(), expected.stride())]
+    assert expected.stride() == (1536, 16, 96, 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_round_trip_is_within_the_tile_error_and_stores_a_quarter_of_fp32(dtype):
     tracker = SavedActivations()

@@ -163,15 +163,29 @@ class Group:
         return [e for e in (ref() for ref in self.entries) if e is not None]
 
 
+def _no_overlap(tensor: torch.Tensor) -> bool:
+    """Whether no two elements of ``tensor`` share memory: each stride, smallest first, passes the last element the
+    smaller ones reach (an expand's stride 0 does not)."""
+    reach = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(tensor.stride(), tensor.shape) if sz > 1):
+        if stride <= reach:
+            return False
+        reach += stride * (size - 1)
+    return True
+
+
 class Offloaded:
     """One saved tensor in host buffers (``fp8``: quantised), brought back to its device on :meth:`get`."""
 
-    __slots__ = ("source", "buffers", "shape", "dtype", "device", "pool", "copies", "group", "fp8", "ticket",
-                 "fetched", "fetch_ticket", "__weakref__")
+    __slots__ = ("source", "buffers", "shape", "stride", "dtype", "device", "pool", "copies", "group", "fp8",
+                 "ticket", "fetched", "fetch_ticket", "__weakref__")
 
     def __init__(self, tensor: torch.Tensor, pool, copies, group: Group, fp8: bool):
         self.source, self.pool, self.copies, self.group = weakref.ref(tensor), pool, copies, group
         self.shape, self.dtype, self.device, self.fp8 = tensor.shape, tensor.dtype, tensor.device, fp8
+        # the strides to give it back with: a compiled backward asserts them (a view such as one head of q/k/v);
+        # none for a tensor whose elements overlap (an expand), which a copy cannot be written into
+        self.stride = tensor.stride() if not tensor.is_contiguous() and _no_overlap(tensor) else None
         sources = list(fp8_pack(tensor)) if fp8 else [tensor.detach()]
         self.buffers = [pool.empty(s.shape, s.dtype) for s in sources]
         self.ticket = copies.to_host(sources, self.buffers)
@@ -194,9 +208,10 @@ class Offloaded:
         self.fetch()
         tensors, self.fetched = self.fetched, None  # a second backward (retain_graph) fetches again
         self.copies.use(tensors, self.fetch_ticket)
-        if self.fp8:
-            return fp8_unpack(tensors[0], tensors[1], self.dtype, self.shape)
-        return tensors[0]
+        tensor = fp8_unpack(tensors[0], tensors[1], self.dtype, self.shape) if self.fp8 else tensors[0]
+        if self.stride is None:
+            return tensor
+        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device).copy_(tensor)
 
     def __del__(self):
         pool = self.pool
