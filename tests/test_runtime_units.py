@@ -548,3 +548,30 @@ def test_a_change_back_to_the_default_survives_a_restart_over_the_launch_value(t
     assert version == 1 and saved == {"memory.activation_checkpointing": "none"}
     assert {**launched.launch_policies, **saved}["memory.activation_checkpointing"] == "none"  # what the group gets
     job.close()
+
+
+def test_an_effect_compares_three_steps_before_a_change_or_is_not_reported():
+    # a launch value of memory.reshard_after_forward applies at step 2: its effect compared step 1 alone (the
+    # first step, start-up included) with steps 2-4 and said "step_time_s -97.0%" as "median of 3 steps before"
+    import time as clock
+    from types import SimpleNamespace
+
+    from dspark_lab.runtime.metering import StepMeter
+
+    def meter_with(steps_before: int) -> list:
+        events = []
+        job = SimpleNamespace(rank=0, write_metrics_record=lambda record: None,
+                              activations=SimpleNamespace(reset_peak=lambda: 0),
+                              backend=SimpleNamespace(torch_device="cpu"),
+                              manager=SimpleNamespace(device_sampler=lambda backend: None),
+                              record_event=lambda kind, **fields: events.append((kind, fields["step"])))
+        meter = StepMeter(job)
+        for step in range(1, steps_before + 1):
+            meter.record(clock.perf_counter(), step, None)
+        meter.watch_effect("memory.reshard_after_forward", True, False, steps_before + 1)
+        for step in range(steps_before + 1, steps_before + 4):
+            meter.record(clock.perf_counter(), step, None)
+        return events
+
+    assert meter_with(1) == [] and meter_with(2) == []
+    assert meter_with(3) == [("effect", 6)]

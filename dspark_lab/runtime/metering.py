@@ -173,8 +173,9 @@ class StepMeter:
     # --- effect of a change ------------------------------------------------------------------------------------
 
     def watch_effect(self, key: str, old: Any, new: Any, step: int) -> None:
-        """After ``key`` changed (effective from ``step``), log an ``effect`` event once EFFECT_STEPS steps ran."""
-        if key in MEASURED and self._recent:
+        """After ``key`` changed (effective from ``step``), log an ``effect`` event once EFFECT_STEPS steps ran;
+        none when fewer than EFFECT_STEPS steps ran before it (a launch value: step 1 alone is no baseline)."""
+        if key in MEASURED and len(self._recent) == EFFECT_STEPS:
             before = _summary(list(self._recent))  # memory from the last records that read it
             before.update({f: v for f, v in _summary(list(self._recent_memory)).items() if f in MEMORY_FIELDS})
             owner = f"effect:{key}:{step}"
