@@ -87,8 +87,11 @@ def dspark_launchers():
     Called when ``dspark-lab run`` picks its launcher. Returns a list of
     :class:`dspark_lab.runtime.launchers.base.Launcher` (``name``, ``validate(nproc, options)``,
     ``ranks(nproc, options)``, ``command(script, script_args, nproc, options)``, ``environment(env)``); every
-    rank the command starts must run ``python -m dspark_lab.runtime.bootstrap script args...``. Names are unique
-    across plugins; the built-ins are ``torchrun`` (the default) and ``python``.
+    rank the command starts must run ``python -m dspark_lab.runtime.bootstrap script args...``. A launcher that
+    also runs modules (``dspark-lab run -m MODULE``) overrides ``module_command(module, module_args, nproc,
+    options)``, whose ranks run ``python -m dspark_lab.runtime.bootstrap -m MODULE args...``; one that does not is
+    refused in one line for ``-m``. Names are unique across plugins; the built-ins are ``torchrun`` (the default)
+    and ``python``.
     """
 
 

@@ -25,7 +25,7 @@ from dspark_lab.jupyter.display import ensure_bokehjs, in_notebook, show
 from dspark_lab.jupyter.poller import interval_for
 from dspark_lab.output import Report
 from dspark_lab.private_files import write_private_text
-from dspark_lab.runtime.cli import script_of
+from dspark_lab.runtime.cli import module_of, script_of
 from dspark_lab.runtime.records import dspark_home, make_private_dir
 
 PROG = "%dspark"
@@ -81,7 +81,7 @@ def _run(args):
         check_standalone(args)
     options = {name: getattr(args, name) for name in TORCHRUN_OPTIONS}
     job = _runtime().launch(script_of(args), list(args.script_args), nproc=args.nproc, policies=tuple(args.policy),
-                            name=args.name, options=options, launcher=args.launcher)
+                            name=args.name, options=options, launcher=args.launcher, module=module_of(args))
     if not args.no_dashboard:
         _watch_run(job.id, refresh_hz=2.0)
     return job
@@ -170,6 +170,10 @@ def _with_cell_script(words: list[str], cell: str) -> list[str]:
     """``%%dspark run [OPTIONS] [-- SCRIPT_ARGS]``: the cell body is the script, put where the CLI wants SCRIPT."""
     if not words or words[0] != "run":
         raise UsageError(f"%%dspark {words[0] if words else ''}: only `%%dspark run` takes a cell body")
+    options = words[:words.index("--")] if "--" in words else words
+    if "-m" in options or "--module" in options:
+        raise UsageError("%%dspark run: the cell is the script; give a script or -m and a module, not both "
+                         "(`%dspark run -m MODULE ARGS` on one line runs a module)")
     script = str(_cell_script(cell))
     if "--" in words:
         at = words.index("--")

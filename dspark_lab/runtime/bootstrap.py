@@ -1,6 +1,8 @@
 """What torchrun runs in every rank under ``dspark-lab run``: start the Job, then the user's script, unchanged.
 
-``python -m torch.distributed.run ... -m dspark_lab.runtime.bootstrap script.py args...``
+``python -m torch.distributed.run ... -m dspark_lab.runtime.bootstrap script.py args...``, or ``... -m
+dspark_lab.runtime.bootstrap -m MODULE args...`` for ``dspark-lab run -m MODULE``: the module runs as ``python -m``
+runs it (``runpy.run_module(MODULE, run_name="__main__", alter_sys=True)``: ``sys.argv[0]`` is its file).
 """
 
 from __future__ import annotations
@@ -19,22 +21,32 @@ from dspark_lab.runtime.attach import Job, start_job
 from dspark_lab.runtime.coordinator import StopRun
 from dspark_lab.runtime.launch import INTERRUPTED_EXIT
 from dspark_lab.runtime.launchers.agent_events import after_peer
+from dspark_lab.runtime.program import MODULE_FLAG
 from dspark_lab.runtime.records import LAUNCH_POLICIES_VARIABLE, RUN_DIR_VARIABLE, RunDir
 
 
 def main(argv: list[str]) -> int:
-    if not argv:
-        print("usage: python -m dspark_lab.runtime.bootstrap script.py [args...]", file=sys.stderr)
+    module = argv[:1] == [MODULE_FLAG]
+    if not argv or (module and len(argv) < 2):
+        print("usage: python -m dspark_lab.runtime.bootstrap (script.py | -m module) [args...]", file=sys.stderr)
         return 2
-    script, script_args = os.path.abspath(argv[0]), argv[1:]
     run_dir = RunDir(os.environ[RUN_DIR_VARIABLE])
     job = start_job(run_dir, launch_policies=json.loads(os.environ.get(LAUNCH_POLICIES_VARIABLE, "{}")))
-    sys.argv = [script, *script_args]
-    sys.path.insert(0, os.path.dirname(script))
+    if module:  # as python -m: the current directory first on sys.path, argv[0] the module's file (run_module's)
+        name, script_args = argv[1], argv[2:]
+        sys.argv = [name, *script_args]
+        if os.getcwd() not in sys.path[:1]:
+            sys.path.insert(0, os.getcwd())
+        run = lambda: runpy.run_module(name, run_name="__main__", alter_sys=True)
+    else:
+        script, script_args = os.path.abspath(argv[0]), argv[1:]
+        sys.argv = [script, *script_args]
+        sys.path.insert(0, os.path.dirname(script))
+        run = lambda: runpy.run_path(script, run_name="__main__")
     code = 0
     ctrl_c = CtrlC()
     try:
-        runpy.run_path(script, run_name="__main__")
+        run()
     except StopRun:
         pass
     except SystemExit as exc:

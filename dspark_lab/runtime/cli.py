@@ -38,17 +38,30 @@ def _bounded(low: int, high: int):
 
 
 def _script_arguments(parser, what: str) -> None:
-    """SCRIPT and everything after it (the script's own arguments, options included, are passed through)."""
+    """SCRIPT (or ``-m MODULE``) and everything after it (the script's own arguments, options included, are passed
+    through). ``-m`` is torchrun's: a flag saying that SCRIPT is a module's name, run as ``python -m`` runs it."""
+    parser.add_argument("-m", "--module", action="store_true",
+                        help="SCRIPT is a module's name, run as python -m runs it (torchrun's -m); every argument "
+                             "after it is the module's own")
     parser.add_argument("script", nargs="?", help=f"{what}; every argument after it is the script's own")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 
 def script_of(args) -> str:
-    """SCRIPT of ``run`` / ``k8s manifest``; one line naming it when it is missing."""
+    """SCRIPT of ``run`` / ``k8s manifest`` (the module's name with ``-m``: :func:`module_of`); one line naming it
+    when it is missing."""
     if args.script is None:  # optional to argparse only so that its usage error does not list script_args
-        raise DSparkError("script: required: the script to run, then its own arguments (dspark-lab options go "
-                          "before it)")
+        if getattr(args, "module", False):
+            raise DSparkError("-m: give the module's name, then its own arguments (dspark-lab run -m pkg.train "
+                              "ARGS)")
+        raise DSparkError("script: required: the script to run (or -m MODULE), then its own arguments "
+                          "(dspark-lab options go before it)")
     return args.script
+
+
+def module_of(args) -> bool:
+    """True when ``-m`` said that SCRIPT is a module's name."""
+    return bool(getattr(args, "module", False))
 
 
 def _run(args) -> int:
@@ -64,7 +77,7 @@ def _run(args) -> int:
     options = {name: getattr(args, name) for name in TORCHRUN_OPTIONS}
     run_dir = prepare(script_of(args), args.script_args, nproc=args.nproc, policies=args.policy, name=args.name,
                       options=options, launcher=args.launcher, token_file=args.token_file,
-                      control_host=args.control_host)
+                      control_host=args.control_host, module=module_of(args))
     ranks = run_dir.info().get("ranks")
     print(f"dspark-lab: run {run_dir.id} ({ranks} rank(s)); records in {run_dir.path}", file=sys.stderr)
     print(f"dspark-lab: change it live with `dspark-lab set {run_dir.id} KEY=VALUE`", file=sys.stderr)
@@ -122,8 +135,8 @@ def _k8s_manifest(args):
     from dspark_lab.runtime.launchers import k8s
 
     document = k8s.manifest(image=args.image, nodes=args.nodes, nproc=args.nproc_per_node, script=script_of(args),
-                            script_args=args.script_args, name=args.name, max_restarts=args.max_restarts,
-                            control_host=args.control_host, policies=args.policy)
+                            script_args=args.script_args, module=module_of(args), name=args.name,
+                            max_restarts=args.max_restarts, control_host=args.control_host, policies=args.policy)
     text = "" if args.json else k8s.to_yaml(document).rstrip("\n")
     return Report("k8s_manifest", {"manifest": document}, lines=[text] if text else [])
 
@@ -146,7 +159,8 @@ def _verb(name: str, *fields: str):
 def add_parsers(subparsers, common) -> None:
     run = subparsers.add_parser("run", parents=[common],
                                 help="launch a training script through torchrun with the runtime attached",
-                                description="Launch SCRIPT on N ranks with torchrun; the script is not modified. "
+                                description="Launch SCRIPT (or -m MODULE, as python -m runs it) on N ranks with "
+                                            "torchrun; the script is not modified. "
                                             "With --json, one JSON object (id, state, exit_code, run_dir) at the end.")
     run.add_argument("--nproc", "--nproc-per-node", type=_bounded(1, MAX_NPROC), default=None,
                      help=f"ranks per node (default: PET_NPROC_PER_NODE, else 1; at most {MAX_NPROC})")

@@ -227,14 +227,15 @@ def _check_run_process(run_dir, pid: int) -> None:
 
 
 def launch(script, args=(), *, nproc: int = 1, policies=(), name: str | None = None, options=None, env=None,
-           launcher: str | None = None):
+           launcher: str | None = None, module: bool = False):
     """Start ``script`` under the runtime in the background; returns a BackgroundRun handle at once.
 
     ``launcher`` is ``dspark-lab run --launcher``: ``torchrun`` (default), ``python`` (one process, no torchrun
-    environment) or a plugin's.
+    environment) or a plugin's. ``module``: ``script`` is a module's name, run as ``python -m`` runs it
+    (``dspark-lab run -m``).
     """
     return launch_background(str(script), list(args), nproc=nproc, policies=list(policies), name=name,
-                             options=options, env=env, launcher=launcher)
+                             options=options, env=env, launcher=launcher, module=module)
 
 
 def _clock(t) -> str | None:

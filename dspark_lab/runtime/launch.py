@@ -1,7 +1,8 @@
 """``dspark-lab run``: launch an unmodified script with the runtime attached to every rank.
 
 A launcher (:mod:`.launchers`: ``torchrun`` by default, ``python`` for one plain process, or a plugin's) builds
-the command; every rank it starts runs ``-m dspark_lab.runtime.bootstrap`` in front of the script. The process
+the command; every rank it starts runs ``-m dspark_lab.runtime.bootstrap`` in front of the script (or of ``-m
+MODULE``: :mod:`.program`). The process
 that runs this module supervises the launcher: it owns ``run.json``'s state from start to finish (finished /
 failed / stopped), so a crashed rank or a killed job never looks alive.
 """
@@ -23,6 +24,7 @@ import psutil
 from dspark_lab.errors import DSparkError
 from dspark_lab.plugins import get_manager
 from dspark_lab.policy import parse_assignments
+from dspark_lab.runtime import program
 from dspark_lab.runtime.control import ControlClient
 from dspark_lab.runtime.launchers import TORCHRUN_OPTIONS, get_launcher  # noqa: F401 (runtime/cli.py reads it)
 from dspark_lab.runtime.launchers import agent_events, multinode
@@ -51,15 +53,22 @@ def torchrun_command(script: str, script_args: Sequence[str], nproc: int, option
 def prepare(script: str, script_args: Sequence[str] = (), *, nproc: int | None = None,
             policies: Sequence[str] = (), name: str | None = None, options: dict[str, Any] | None = None,
             run_id: str | None = None, launcher: str | None = None, token_file: str | None = None,
-            control_host: str | None = None) -> RunDir:
+            control_host: str | None = None, module: bool = False) -> RunDir:
     """Validate, create the run directory and write run.json; nothing is started yet.
+
+    With ``module``, ``script`` is a module's name, run as ``python -m`` runs it (torchrun's ``-m``): it must be
+    found from here, without importing it (:mod:`.program`), and the launcher's ``module_command`` builds the command.
 
     Under torchrun, options not given come from torchrun's ``PET_*`` variables (a Kubeflow pod). A run of several
     nodes takes its id from ``--rdzv-id`` and its token from ``--token-file`` (:mod:`.launchers.multinode`).
     """
-    path = Path(script)
-    if not path.is_file():
-        raise DSparkError(f"script: {script} is not a file")
+    if module:
+        program.find_module(script)  # one line naming -m, before any rank starts
+    else:
+        path = Path(script)
+        if not path.is_file():
+            raise DSparkError(f"script: {script} is not a file")
+        script = str(path.resolve())
     chosen = get_launcher(launcher)
     options = options or {}
     if chosen.name == "torchrun":
@@ -72,14 +81,15 @@ def prepare(script: str, script_args: Sequence[str] = (), *, nproc: int | None =
     token = multinode.read_token_file(token_file) if token_file else None
     multinode.check_control_host(control_host)
     launch_policies = parse_policies(policies)
-    command = chosen.command(str(path.resolve()), script_args, nproc, options)
+    command = (chosen.module_command if module else chosen.command)(script, script_args, nproc, options)
     if run_id is None and options.get("rdzv_id") and multinode.max_nodes(options) > 1:
         run_id = multinode.run_id_for(str(options["rdzv_id"]))
         if (runs_root() / run_id).exists():
             raise DSparkError(f"--rdzv-id: run {run_id} already exists under {runs_root()}; every launch of a new "
                               "multi-node run needs a new --rdzv-id")
     return RunDir.create(run_id or new_run_id(), {
-        "name": name or path.stem, "command": command, "script": str(path.resolve()),
+        "name": name or (script if module else Path(script).stem), "command": command,
+        "script": program.shown(script, module), **({"module": script} if module else {}),
         "script_args": list(script_args), "cwd": os.getcwd(), "start_time": time.time(),
         "ranks": chosen.ranks(nproc, options), "launcher": chosen.name, "launch_policies": launch_policies,
         "nodes": multinode.max_nodes(options) if chosen.name == "torchrun" else 1,
@@ -183,10 +193,11 @@ class BackgroundRun:
 def launch_background(script: str, script_args: Sequence[str] = (), *, nproc: int | None = None,
                       policies: Sequence[str] = (), name: str | None = None,
                       options: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-                      launcher: str | None = None) -> BackgroundRun:
-    """Start a supervised run in a child process and return at once; output goes to the run's output.log."""
+                      launcher: str | None = None, module: bool = False) -> BackgroundRun:
+    """Start a supervised run in a child process and return at once; output goes to the run's output.log.
+    ``module``: ``script`` is a module's name (:func:`prepare`)."""
     run_dir = prepare(script, script_args, nproc=nproc, policies=policies, name=name, options=options,
-                      launcher=launcher)
+                      launcher=launcher, module=module)
     log = os.fdopen(os.open(run_dir.path / "output.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE), "ab")
     process = subprocess.Popen([sys.executable, "-m", "dspark_lab.runtime.launch", str(run_dir.path)],
                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -43,6 +43,18 @@ class Launcher(ABC):
         """The command line the supervisor runs; each rank it starts must run ``python -m
         dspark_lab.runtime.bootstrap script args...``."""
 
+    def module_command(self, module: str, module_args: Sequence[str], nproc: int,
+                       options: Mapping[str, Any]) -> list[str]:
+        """The command line of ``dspark-lab run -m MODULE``; each rank it starts must run ``python -m
+        dspark_lab.runtime.bootstrap -m MODULE args...`` (:func:`dspark_lab.runtime.program.bootstrap_words`).
+
+        A launcher written before module mode (a plugin's) implements only :meth:`command` and keeps working for
+        scripts; a module run through it is refused here in one line, before anything starts."""
+        from dspark_lab.errors import DSparkError
+
+        raise DSparkError(f"-m: --launcher {self.name} runs a script's path only (it has no module_command); give "
+                          "the module's file as the script, or use --launcher torchrun or python")
+
     def environment(self, env: Mapping[str, str]) -> dict[str, str]:
         """The environment the command runs in, given the supervisor's (which carries ``DSPARK_*``)."""
         return dict(env)

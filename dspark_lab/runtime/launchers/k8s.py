@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from dspark_lab.errors import DSparkError
 from dspark_lab.runtime.launch import parse_policies
+from dspark_lab.runtime.program import bootstrap_words, check_name
 
 API_VERSION = "kubeflow.org/v1"
 CONTAINER = "pytorch"  # the operator finds the rendezvous port on the container of this name
@@ -70,9 +71,14 @@ def default_name(script: str) -> str:
 
 def manifest(*, image: str, nodes: int, nproc: int, script: str, script_args: Sequence[str] = (),
              name: str | None = None, max_restarts: int = 3, control_host: str | None = None,
-             policies: Sequence[str] = ()) -> dict[str, Any]:
-    """The PyTorchJob as a dict (render it with PyYAML or JSON; ``kubectl apply -f`` takes either)."""
-    name = name or default_name(script)
+             policies: Sequence[str] = (), module: bool = False) -> dict[str, Any]:
+    """The PyTorchJob as a dict (render it with PyYAML or JSON; ``kubectl apply -f`` takes either).
+
+    With ``module``, ``script`` is a module's name inside the image (``dspark-lab run -m MODULE`` in every pod);
+    only its spelling is checked here, as a script's path is not looked for."""
+    if module:
+        check_name(script)
+    name = name or default_name(script.replace(".", "-") if module else script)
     _check(name, image, nodes, nproc, max_restarts, script)
     parse_policies(policies)  # refused here in one line, as `dspark-lab run --policy` would in the pod
     command = ["dspark-lab", "run", "--token-file", f"{TOKEN_DIR}/token", "--name", name]
@@ -80,7 +86,7 @@ def manifest(*, image: str, nodes: int, nproc: int, script: str, script_args: Se
         command += ["--control-host", control_host]
     for policy in policies:
         command += ["--policy", policy]
-    command += [script, *script_args]
+    command += bootstrap_words(script, script_args, module)
     env = [{"name": k, "value": v} for k, v in pet_environment(name, nodes, nproc, max_restarts).items()]
     container = {
         "name": CONTAINER, "image": image, "command": [k8s_literal(word) for word in command], "env": env,

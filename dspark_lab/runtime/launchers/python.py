@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from dspark_lab.errors import DSparkError
 from dspark_lab.runtime.launchers.base import BOOTSTRAP, TORCHRUN_OPTIONS, Launcher
+from dspark_lab.runtime.program import bootstrap_words
 
 # What torchrun (and torch.distributed's env:// init) sets for a rank; the script must not see any of them.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
@@ -37,7 +38,11 @@ class PythonLauncher(Launcher):
         return 1
 
     def command(self, script: str, script_args: Sequence[str], nproc: int, options: Mapping[str, Any]) -> list[str]:
-        return [sys.executable, *BOOTSTRAP, script, *script_args]
+        return [sys.executable, *BOOTSTRAP, *bootstrap_words(script, script_args, module=False)]
+
+    def module_command(self, module: str, module_args: Sequence[str], nproc: int,
+                       options: Mapping[str, Any]) -> list[str]:
+        return [sys.executable, *BOOTSTRAP, *bootstrap_words(module, module_args, module=True)]
 
     def environment(self, env: Mapping[str, str]) -> dict[str, str]:
         return {k: v for k, v in env.items() if k not in TORCHRUN_ENV}

@@ -15,6 +15,7 @@ from dspark_lab.errors import DSparkError
 from dspark_lab.runtime.launchers.base import BOOTSTRAP, TORCHRUN_OPTIONS, Launcher
 from dspark_lab.runtime.launchers.multinode import max_nodes as _nnodes
 from dspark_lab.runtime.limits import is_whole_number
+from dspark_lab.runtime.program import bootstrap_words
 
 MAX_NPROC = 1024
 MAX_RESTARTS = 100  # what `dspark-lab k8s manifest --max-restarts` allows too
@@ -43,6 +44,14 @@ class TorchrunLauncher(Launcher):
         return nproc * _nnodes(options)
 
     def command(self, script: str, script_args: Sequence[str], nproc: int, options: Mapping[str, Any]) -> list[str]:
+        return self._command(bootstrap_words(script, script_args, module=False), nproc, options)
+
+    def module_command(self, module: str, module_args: Sequence[str], nproc: int,
+                       options: Mapping[str, Any]) -> list[str]:
+        return self._command(bootstrap_words(module, module_args, module=True), nproc, options)
+
+    def _command(self, program: Sequence[str], nproc: int, options: Mapping[str, Any]) -> list[str]:
+        """torchrun's command line, every rank running the bootstrap with ``program`` (its script or -m MODULE)."""
         if single_node_loopback(options):
             # the loopback module registers its rendezvous with torchrun, then runs torchrun's own main
             command = [sys.executable, "-m", "dspark_lab.runtime.launchers.loopback", f"--nproc-per-node={nproc}",
@@ -56,4 +65,4 @@ class TorchrunLauncher(Launcher):
         for name in TORCHRUN_OPTIONS:
             if options.get(name) is not None:
                 command.append(f"--{name.replace('_', '-')}={options[name]}")
-        return [*command, *BOOTSTRAP, script, *script_args]
+        return [*command, *BOOTSTRAP, *program]
