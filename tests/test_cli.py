@@ -273,3 +273,67 @@ def test_run_refuses_a_bad_step_variable_in_one_line_before_any_rank_starts(tmp_
     monkeypatch.setattr(launch, "prepare", lambda *args, **kwargs: pytest.fail("launched"))
     assert cli.main(["run", str(script)]) == 2
     assert capsys.readouterr().err == f"error: {message}\n"
+
+
+# --- module mode: `dspark-lab run -m MODULE ARGS` (torchrun's -m) ---------------------------------------------------
+
+def _refused_in_one_line(argv, message, tmp_path, monkeypatch, capsys):
+    """``dspark-lab ARGV`` exits 2 with one ``error:`` line holding ``message``, and no run was created."""
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "home" / "runs").exists() or not any((tmp_path / "home" / "runs").iterdir())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "-m", "train.py", "--lr", "1"], "-m: 'train.py' is a script's path, not a module's name: give a "
+                                             "script, or -m and a module, not both"),
+    (["run", "--nproc", "2", "--module", "./pkg/train"], "-m: './pkg/train' is a script's path"),
+    (["run", "--nproc", "2", "-m"], "-m: give the module's name, then its own arguments"),
+    (["run", "-m", "pkg.2train"], "-m: 'pkg.2train' is not a module's name"),
+    (["k8s", "manifest", "--image", "img", "--nodes", "1", "-m", "train.py"], "-m: 'train.py' is a script's path"),
+])
+def test_run_refuses_a_script_and_a_module_both_or_a_module_without_a_name(argv, message, tmp_path, monkeypatch,
+                                                                          capsys):
+    (tmp_path / "train.py").write_text("")
+    _refused_in_one_line(argv, message, tmp_path, monkeypatch, capsys)
+
+
+def test_run_refuses_a_module_that_does_not_exist_before_any_rank_starts(tmp_path, monkeypatch, capsys):
+    package = tmp_path / "mypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    _refused_in_one_line(["run", "--nproc", "2", "-m", "no_such_module_xyz.train", "--steps", "3"],
+                         "-m: no module named 'no_such_module_xyz'", tmp_path, monkeypatch, capsys)
+    _refused_in_one_line(["run", "--nproc", "2", "-m", "mypkg.nope"], "-m: no module named 'mypkg.nope'", tmp_path,
+                         monkeypatch, capsys)
+    _refused_in_one_line(["run", "-m", "mypkg"], "-m: 'mypkg' is a package and has no __main__ module", tmp_path,
+                         monkeypatch, capsys)
+
+
+def test_a_module_is_found_without_importing_it_or_its_packages(tmp_path, monkeypatch):
+    """``torchtitan/__init__.py`` imports torch: the CLI finds ``torchtitan.train`` by its finders alone."""
+    from dspark_lab.runtime.program import find_module
+
+    package = tmp_path / "heavy_pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise RuntimeError('imported')\n")
+    (package / "sub" / "__init__.py").write_text("raise RuntimeError('imported')\n")
+    (package / "sub" / "train.py").write_text("raise RuntimeError('imported')\n")
+    (package / "__main__.py").write_text("")
+    monkeypatch.chdir(tmp_path)  # where python -m (and a rank) looks first
+    assert find_module("heavy_pkg.sub.train") == str(package / "sub" / "train.py")
+    assert find_module("heavy_pkg") == str(package / "__main__.py")  # a package runs its __main__
+    assert not any(name.startswith("heavy_pkg") for name in sys.modules)
+
+
+def test_an_unknown_module_is_refused_without_importing_torch(tmp_path):
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "dspark_lab", "run", "--nproc", "2", "-m",
+                           "torch.no_such_module_xyz"], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env={**os.environ, "DSPARK_HOME": str(tmp_path / "home")})
+    last = done.stderr.splitlines()[-1]
+    assert done.returncode == 2 and last == "error: -m: no module named 'torch.no_such_module_xyz'", done.stderr[-500:]
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" not in loaded

@@ -160,7 +160,7 @@ def test_run_parses_script_arguments_and_policies(ip, recorder):
     assert (name, args) == ("launch", ("train.py", ["--steps", "5", "--lr", "0.1"]))
     options = kwargs.pop("options")
     assert kwargs == {"nproc": 2, "policies": ("memory.activation_checkpointing=full", "comm.grad_sync=ring"),
-                      "name": None, "launcher": None}
+                      "name": None, "launcher": None, "module": False}
     assert options["nnodes"] == "1" and options["master_port"] == "29511" and options["rdzv_endpoint"] is None
 
 
@@ -237,6 +237,18 @@ def test_command_errors_become_usage_errors_without_traceback(ip, recorder, caps
         "UsageError: run: no run matches 'zz'; see `dspark-lab jobs`",
         "UsageError: comm.grad_sync: 'x' is not allowed; allowed: ddp | ring",
     ]
+
+
+def test_run_takes_a_module_as_the_cli_does_and_a_cell_is_a_script_not_a_module(ip, recorder):
+    class Job:
+        id = "r11"
+
+    recorder("launch", result=Job())
+    ip.run_line_magic("dspark", "run --nproc 2 --no-dashboard -m torchtitan.train --job.config_file x.toml")
+    name, args, kwargs = recorder.calls[-1]
+    assert args == ("torchtitan.train", ["--job.config_file", "x.toml"]) and kwargs["module"] is True
+    with pytest.raises(UsageError, match="the cell is the script; give a script or -m and a module, not both"):
+        ip.run_cell_magic("dspark", "run --nproc 2 -m pkg.train", "x = 1")
 
 
 def test_only_run_takes_a_cell_body(ip):

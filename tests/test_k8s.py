@@ -182,3 +182,11 @@ def test_two_pods_with_those_variables_form_one_run(tmp_path):
     starts = [e for e in starts if e["kind"] == "start"]
     assert {e["rank"] for e in starts} == {0, 1, 2, 3} and all(e["reason"].endswith("world 4") for e in starts)
 
+
+
+def test_a_module_runs_in_every_pod_as_dspark_lab_run_m():
+    document = k8s.manifest(image="img", nodes=2, nproc=2, script="torchtitan.train", module=True,
+                            script_args=["--job.config_file", "$(X).toml"])
+    container = document["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    assert container["command"][-4:] == ["-m", "torchtitan.train", "--job.config_file", "$$(X).toml"]
+    assert document["metadata"]["name"] == "torchtitan-train"

@@ -372,3 +372,55 @@ def test_events_the_agent_cannot_write_cost_the_records_not_the_restart(tmp_path
     record_restart(1)
     assert capsys.readouterr().err.startswith(f"dspark-lab: warning: {tmp_path / 'events.jsonl'}: 1 event(s) not "
                                               "written: ")
+
+
+def test_builtins_run_a_module_through_the_bootstrap_as_python_m_does(manager):
+    python = launchers.get_launcher("python", manager)
+    assert python.module_command("pkg.train", ["--a=1"], 1, {}) == [
+        sys.executable, "-m", "dspark_lab.runtime.bootstrap", "-m", "pkg.train", "--a=1"]
+    torchrun = launchers.get_launcher("torchrun", manager)
+    single = torchrun.module_command("pkg.train", ["--job.config_file", "x.toml"], 2, {})
+    assert single[1:3] == ["-m", "dspark_lab.runtime.launchers.loopback"] and "--nproc-per-node=2" in single
+    assert single[-6:] == ["-m", "dspark_lab.runtime.bootstrap", "-m", "pkg.train", "--job.config_file", "x.toml"]
+    several = torchrun.module_command("pkg.train", [], 2, {"nnodes": "2", "rdzv_id": "j", "rdzv_endpoint": "h:1"})
+    assert several[1:3] == ["-m", "dspark_lab.runtime.launchers.agent"] and several[-2:] == ["-m", "pkg.train"]
+
+
+def test_a_plugin_launcher_written_before_module_mode_keeps_running_scripts_and_refuses_a_module(tmp_path,
+                                                                                               monkeypatch,
+                                                                                               use_manager):
+    """A third party's launcher implements ``command`` only: scripts run as before; ``-m`` is one line naming it."""
+    from dspark_lab import hookimpl
+    from dspark_lab.runtime.launch import prepare
+    from dspark_lab.runtime.launchers.base import BOOTSTRAP, Launcher
+
+    class Old(Launcher):
+        name = "old"
+
+        def validate(self, nproc, options):
+            pass
+
+        def ranks(self, nproc, options):
+            return nproc
+
+        def command(self, script, script_args, nproc, options):
+            return ["ssh", "host", "python", *BOOTSTRAP, script, *script_args]
+
+    class Plugin:
+        @hookimpl
+        def dspark_launchers(self):
+            return [Old()]
+
+    use_manager(make_manager([builtin, Plugin()], entry_points=False))
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path / "home"))
+    script = tmp_path / "train.py"
+    script.write_text("")
+    run_dir = prepare(str(script), ["--x"], launcher="old")
+    assert run_dir.info()["command"] == ["ssh", "host", "python", *BOOTSTRAP, str(script), "--x"]
+    with pytest.raises(DSparkError) as err:
+        prepare("json.tool", launcher="old", module=True)
+    assert str(err.value).startswith("-m: --launcher old runs a script's path only") and "\n" not in str(err.value)
+    ran = prepare("json.tool", ["--indent", "2"], launcher="python", module=True).info()
+    assert (ran["script"], ran["module"], ran["name"], ran["script_args"]) == (
+        "-m json.tool", "json.tool", "json.tool", ["--indent", "2"])
+    assert ran["command"][-4:] == ["-m", "json.tool", "--indent", "2"]

@@ -349,3 +349,25 @@ def test_torchrun_options_pass_through():
     assert "--standalone" not in multi
     assert multi[-4:] == ["dspark_lab.runtime.bootstrap", "/x/train.py", "--lr", "1"]
     assert "--rdzv-backend=dspark-loopback" in torchrun_command("/x/train.py", [], 1, {})
+
+
+def test_a_module_runs_as_main_with_its_arguments_on_two_ranks_and_takes_a_live_change(tmp_path):
+    """``dspark-lab run -m module_job.train ARGS`` (torchrun's -m): each rank runs the module as ``python -m`` does
+    (``__main__``, ``sys.argv[0]`` its file, its own arguments after it), and a live ``set`` reaches both ranks."""
+    out = tmp_path / "ran.json"
+    job = commands.launch("module_job.train", [str(out), "--step-sleep", "0.02"], nproc=2, name="module",
+                          module=True)
+    try:
+        wait_for_step(job, 2)
+        module_file = str(FIXTURES / "module_job" / "train.py")
+        assert json.loads(out.read_text()) == {"name": "__main__", "file": module_file,
+                                               "argv": [module_file, str(out), "--step-sleep", "0.02"]}
+        report = commands.set_policies(job.id, ["comm.grad_sync=tree"])
+        assert report.data["state"] == "applied"
+        applies = [e for e in events_of(job, report.data["change_id"]) if e["kind"] == "apply"]
+        assert sorted(e["rank"] for e in applies) == [0, 1] and len({e["step"] for e in applies}) == 1
+        info = commands.status(job.id).data["run"]
+        assert (info["script"], info["module"], info["name"]) == ("-m module_job.train", "module_job.train", "module")
+    finally:
+        job.stop()
+    assert job.wait(60) == 0 and job.run_dir.info()["state"] == "stopped"
