@@ -337,3 +337,12 @@ def test_an_unknown_module_is_refused_without_importing_torch(tmp_path):
     assert done.returncode == 2 and last == "error: -m: no module named 'torch.no_such_module_xyz'", done.stderr[-500:]
     loaded = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert "torch" not in loaded
+
+
+def test_every_word_after_the_module_is_the_modules_own_as_under_torchrun_m():
+    args = cli.build_parser().parse_args(["run", "--nproc", "2", "-m", "torchtitan.train", "--job.config_file",
+                                          "X.toml", "--nproc", "4", "-m", "x"])
+    assert (args.module, args.script, args.nproc) == (True, "torchtitan.train", 2)
+    assert args.script_args == ["--job.config_file", "X.toml", "--nproc", "4", "-m", "x"]
+    script = cli.build_parser().parse_args(["run", "train.py", "-m", "x"])  # a script's -m is the script's own
+    assert (script.module, script.script, script.script_args) == (False, "train.py", ["-m", "x"])
