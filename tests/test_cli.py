@@ -346,3 +346,20 @@ def test_every_word_after_the_module_is_the_modules_own_as_under_torchrun_m():
     assert args.script_args == ["--job.config_file", "X.toml", "--nproc", "4", "-m", "x"]
     script = cli.build_parser().parse_args(["run", "train.py", "-m", "x"])  # a script's -m is the script's own
     assert (script.module, script.script, script.script_args) == (False, "train.py", ["-m", "x"])
+
+
+@pytest.mark.slow
+def test_run_m_finds_and_runs_a_module_from_the_current_directory_as_python_m_does(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "__init__.py").write_text("")
+    (tmp_path / "mine" / "__main__.py").write_text(
+        "import json, sys\nopen('ran.json', 'w').write(json.dumps([__name__, sys.argv]))\n")
+    done = subprocess.run([sys.executable, "-m", "dspark_lab", "run", "--json", "--launcher", "python", "-m", "mine",
+                           "--json", "-x"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "DSPARK_HOME": str(tmp_path / "home")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "ran.json").read_text()) == ["__main__", [str(tmp_path / "mine" / "__main__.py"),
+                                                                            "--json", "-x"]]
+    doc = json.loads(done.stdout[done.stdout.index("{\n"):])
+    info = json.loads((Path(doc["run_dir"]) / "run.json").read_text())
+    assert (info["script"], info["name"], info["script_args"]) == ("-m mine", "mine", ["--json", "-x"])
