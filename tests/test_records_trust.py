@@ -76,6 +76,36 @@ def test_a_home_or_runs_folder_others_can_write_in_is_refused(home, where):
     assert "its mode is 0777: others can write in it" in one_line(exc)
 
 
+def test_a_home_others_can_write_in_is_refused_by_every_reader_before_any_run_made_runs(home, tmp_path, capsys):
+    """A fresh unsafe home (no runs/ yet): every reading verb refuses it with the line and exit code of `run`, and
+    creates nothing in it."""
+    from dspark_lab.cli import main
+
+    os.chmod(home, 0o777)
+    refusal = (f"error: DSPARK_HOME: refusing {home}: its mode is 0777: others can write in it (records and control "
+               "tokens are trusted only in a directory that is yours alone)\n")
+    for verb in (["jobs"], ["status", "mine"], ["stop", "mine"], ["metrics", "mine"], ["events", "mine"],
+                 ["get", "mine"]):
+        assert main(verb) == 2, verb
+        assert capsys.readouterr().err == refusal, verb
+    assert os.listdir(home) == []
+    script = tmp_path / "hello.py"
+    script.write_text("print('hello')\n")
+    assert main(["run", "--launcher", "python", str(script)]) == 2  # the line and code the readers must match
+    assert capsys.readouterr().err == refusal
+
+
+def test_jobs_in_a_fresh_home_of_ones_own_lists_nothing(home, capsys):
+    from dspark_lab.cli import main
+
+    assert main(["jobs", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["jobs"] == []
+    assert main(["jobs"]) == 0
+    assert capsys.readouterr().out.split() == ["id", "name", "state", "ranks", "step", "start",
+                                               "--", "----", "-----", "-----", "----", "-----"]
+    assert list_runs() == [] and os.listdir(home) == []
+
+
 @as_root
 def test_a_run_directory_of_another_user_is_neither_listed_nor_found(home):
     ours = RunDir.create("20260101-000000-abcdef", {"name": "mine", "state": "finished"})

@@ -73,13 +73,16 @@ def check_own_dir(path: Path, what: str, *, private: bool = False) -> Path:
     return path
 
 
-def check_home(root: Path | None = None) -> Path:
+def check_home(root: Path | None = None, *, missing_ok: bool = False) -> Path:
     """The runs root, refused in one line unless it (and ``$DSPARK_HOME`` above the default one) is the user's own:
-    another user who owns or can write in either could plant runs, swap a run's token or name a pid to signal."""
+    another user who owns or can write in either could plant runs, swap a run's token or name a pid to signal.
+    ``missing_ok`` (a reader): a runs root not made yet passes; the home above it is checked all the same."""
     root = root or runs_root()
     if root == runs_root() and dspark_home().exists():
         home = dspark_home()
         check_own_dir(home.resolve() if home.is_symlink() else home, "DSPARK_HOME")  # ~/.dspark -> /data/me/x
+    if missing_ok and not os.path.lexists(root):
+        return root
     return check_own_dir(root, "runs")
 
 
@@ -272,11 +275,12 @@ def process_alive(pid: int, started: float | None) -> bool:
 def list_runs(root: Path | None = None) -> list[RunDir]:
     """Every run directory (with a run.json, or with a control endpoint: a live rank 0 whose run.json was deleted),
     newest first. A runs root or ``$DSPARK_HOME`` that is not the user's own is refused in one line
-    (:func:`check_home`); a run directory in it that is not the user's own (:func:`untrusted`) is left out."""
+    (:func:`check_home`, as by a new run, also before any run made ``runs/``); a run directory in it that is not the
+    user's own (:func:`untrusted`) is left out."""
     root = root or runs_root()
+    check_home(root, missing_ok=True)
     if not root.is_dir():
         return []
-    check_home(root)
     return sorted((RunDir(p) for p in root.iterdir()
                    if ((p / "run.json").exists() or (p / liveness.CONTROL_FILE).exists())
                    and untrusted(p) is None), key=lambda r: r.id, reverse=True)
