@@ -251,3 +251,39 @@ def test_get_shows_a_pending_value_and_its_step_in_the_state_column(monkeypatch)
     for report in (commands.get("r"), commands.policies("r")):
         assert "pending: host at step 6" in report.to_text().splitlines()[-1]
         assert report.data["policies"] == [row]
+
+
+def test_a_run_json_overwritten_mid_run_is_restored_by_the_supervisor_with_its_name(home, tmp_path):
+    """Someone overwrites run.json while the run runs: at its end the supervisor rewrites it from what it wrote, not
+    from the unreadable file, so the run keeps its name, ranks and start (and is still found by name), and a
+    `restore` event says run.json was unreadable and restored."""
+    from dspark_lab.runtime.records import find_run, run_state
+
+    go = tmp_path / "go"
+    script = tmp_path / "waits.py"
+    script.write_text("import pathlib, sys, time\n"
+                      "while not pathlib.Path(sys.argv[1]).exists():\n"
+                      "    time.sleep(0.05)\n")
+    job = commands.launch(script, [str(go)], name="keepme", launcher="python")
+    try:
+        launched = job.run_dir.info()
+        deadline = time.monotonic() + 120
+        while job.run_dir.info().get("state") != "running":  # the supervisor's first write is done
+            assert job.poll() is None and time.monotonic() < deadline, (job.run_dir.path / "output.log").read_text()
+            time.sleep(0.05)
+        job.run_dir.run_json.write_bytes(b"\x00garbage, not a run record")
+    finally:
+        go.touch()
+    assert job.wait(120) == 0, (job.run_dir.path / "output.log").read_text()[-3000:]
+    info = json.loads(job.run_dir.run_json.read_text())
+    for key in ("id", "name", "command", "script", "start_time", "ranks", "launcher"):
+        assert info[key] == launched[key], key
+    assert (info["state"], info["exit_code"]) == ("finished", 0)
+    assert find_run("keepme").id == job.id and run_state(job.run_dir)["state"] == "finished"
+    row = next(r for r in commands.jobs().data["jobs"] if r["id"] == job.id)
+    assert (row["name"], row["state"], row["ranks"], row["start_time"]) == ("keepme", "finished", 1,
+                                                                            launched["start_time"])
+    restored = [e for e in job.run_dir.events() if e["kind"] == "restore"]
+    assert len(restored) == 1 and restored[0]["rank"] is None
+    assert restored[0]["reason"].startswith("run.json unreadable: ")
+    assert restored[0]["reason"].endswith("; restored from the supervisor's copy")

@@ -107,8 +107,8 @@ def supervise(run_dir: RunDir, *, output=None) -> int:
                                 CONTROL_HOST_VARIABLE: info.get("control_host") or "",
                                 **multinode.store_environment(info.get("options") or {}, os.environ)})
     me = psutil.Process()
-    run_dir.update_info(state="running", launcher_pid=me.pid, launcher_start=me.create_time())
     events = JsonlWriter(run_dir.events_path)
+    info = rewrite_info(run_dir, info, events, state="running", launcher_pid=me.pid, launcher_start=me.create_time())
     proc = subprocess.Popen(info["command"], env=env, stdout=output, stderr=subprocess.STDOUT if output else None)
 
     def forward(signum, frame):
@@ -127,12 +127,28 @@ def supervise(run_dir: RunDir, *, output=None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     state, code, error = ending(run_dir.events(), launcher.name, code, interrupted=interrupted)
-    run_dir.update_info(state=state, end_time=time.time(), exit_code=code, error=error, control=None)
+    rewrite_info(run_dir, info, events, state=state, end_time=time.time(), exit_code=code, error=error, control=None)
     if code != 0:
         events.write({"time": time.time(), "step": None, "rank": None, "reason": error,
                       "kind": "stop" if interrupted else "error"})
     events.close()
     return code
+
+
+def rewrite_info(run_dir: RunDir, kept: dict[str, Any], events: JsonlWriter, **changes: Any) -> dict[str, Any]:
+    """run.json with ``changes``, written by the supervisor; returns what it wrote, its copy for the next write.
+
+    When run.json cannot be read (someone truncated or overwrote it), it is rewritten from ``kept`` (what this
+    supervisor wrote last) rather than from the unreadable file, so the run keeps its name, ranks and start, and a
+    ``restore`` event says so."""
+    info, problem = run_dir.read_info()
+    if info is None:
+        info = kept
+        events.write({"time": time.time(), "step": None, "rank": None, "kind": "restore",
+                      "reason": f"run.json unreadable: {problem}; restored from the supervisor's copy"})
+    info = {**info, **changes}
+    run_dir.write_info(info)
+    return info
 
 
 def ending(events: list[dict[str, Any]], launcher: str, code: int, *,
