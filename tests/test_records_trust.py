@@ -93,6 +93,7 @@ def test_a_home_others_can_write_in_is_refused_by_every_reader_before_any_run_ma
     script.write_text("print('hello')\n")
     assert main(["run", "--launcher", "python", str(script)]) == 2  # the line and code the readers must match
     assert capsys.readouterr().err == refusal
+    assert os.listdir(home) == []  # run refuses before it makes runs/ (docs/security.md: nothing created in it)
 
 
 def test_jobs_in_a_fresh_home_of_ones_own_lists_nothing(home, capsys):

@@ -144,6 +144,7 @@ class RunDir:
                token: str | None = None) -> "RunDir":
         """A new run directory; ``token`` is the run's control token when given at launch (multi-node), else new."""
         root = root or runs_root()
+        check_home(root, missing_ok=True)  # an unsafe home is refused before anything is made in it
         make_private_dir(root)
         check_home(root)
         path = root / run_id
