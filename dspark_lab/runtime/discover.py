@@ -116,8 +116,9 @@ def find_blocks(model: nn.Module, root: str = "model") -> Blocks:
 
     A run of modules that hold layers of their own beats any run of single layers (a small Llama's 3 decoder
     layers, not the 4 ``Linear`` projections inside one layer's attention: checkpointing a lone layer keeps its
-    input anyway). Ties go to the run holding more parameters. ``path`` names the container (``model.layers``); a run that is
-    only part of its container gets a slice (``model[1:5]``). A run of FSDP1 units gives the modules they wrap.
+    input anyway). Ties go to the run holding more parameters. ``path`` names the container (``model.layers``);
+    a run that is only part of its container gets a slice (``model[1:5]``). A run of FSDP1 units gives the modules
+    they wrap.
     """
     best, best_key = Blocks(), (False, 1, 0)
     flattened = fsdp1.flattened_numels(model)
