@@ -46,12 +46,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def load_fixture_plugin(name: str):
-    """Import tests/plugins/<name>.py as a fresh module (so module-level state starts clean in every test)."""
-    spec = importlib.util.spec_from_file_location(f"dspark_fixture_{name}", FIXTURE_PLUGINS / f"{name}.py")
+def load_file(name: str, path: Path):
+    """Import the Python file at ``path`` as a fresh module called ``name`` (not put in ``sys.modules``)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_fixture_plugin(name: str):
+    """Import tests/plugins/<name>.py as a fresh module (so module-level state starts clean in every test)."""
+    return load_file(f"dspark_fixture_{name}", FIXTURE_PLUGINS / f"{name}.py")
 
 
 @pytest.fixture

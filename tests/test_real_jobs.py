@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import plain_torchrun, wait_for_step
+from conftest import load_file, plain_torchrun, wait_for_step
 from dspark_lab.runtime import commands
 from dspark_lab.runtime.launch import launch_background
 
@@ -132,9 +132,7 @@ def test_everyday_script_habits_survive_a_live_change_and_match_plain_torchrun(t
     assert len(expected) == 30 and losses(output, STEP) == expected
     tail = lambda text: [line for line in text.splitlines() if line.startswith(("bn ", "ema ", "latest "))]
     assert tail(output) == tail(plain) and "latest matches True" in tail(output)
-    spec = importlib.util.spec_from_file_location("habits_train", HABITS)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_file("habits_train", HABITS)
     monkeypatch.setattr(sys.modules["__main__"], "Block", script.Block, raising=False)  # the script's __main__.Block
     ours, theirs = (torch.load(tmp_path / name, weights_only=False) for name in ("ours.pt", "plain.pt"))
     assert list(ours.state_dict()) == list(theirs.state_dict())

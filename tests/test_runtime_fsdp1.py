@@ -9,7 +9,6 @@ torchrun to the bit; one gloo world checks every wrap style x ``use_orig_params`
 from __future__ import annotations
 
 import functools
-import importlib.util
 import re
 import sys
 import threading
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import plain_torchrun, wait_for_step
+from conftest import load_file, plain_torchrun, wait_for_step
 from gloo_world import assert_passed_everywhere, checks_in, world_results_for
 from dspark_lab.runtime import commands, jobtext
 from dspark_lab.runtime.launch import launch_background
@@ -40,10 +39,7 @@ def fixture():
     """tests/runtime_fixtures/fsdp1_train.py as a module (sharded_train's Transformer), in a gloo world's worker."""
     if str(SCRIPT.parent) not in sys.path:
         sys.path.insert(0, str(SCRIPT.parent))  # what running the script puts there: it imports sharded_train
-    spec = importlib.util.spec_from_file_location("fsdp1_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("fsdp1_train", SCRIPT)
 
 
 def losses(text: str) -> dict[tuple[int, int], str]:

@@ -3,21 +3,19 @@ so a machine whose speed changes between rounds neither hides a slower kept conf
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import load_file
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "tune.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("tune_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("tune_benchmark", SCRIPT)
 
 
 def runs_with_drift(speeds: dict, drift=(1.0, 1.6, 0.7), noise=0.02, seed=0) -> dict:
