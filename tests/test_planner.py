@@ -656,3 +656,39 @@ def test_the_plan_magic_takes_the_cli_arguments():
     assert all(r["layout"]["zero"] in (0, 2, 3) for r in out["results"])
     with pytest.raises(UsageError, match="--with tp: is searched"):
         dispatch("plan search --model llama3-8b --gpu nvidia-h100 --gpus 8 --global-batch 8 --with tp=2")
+
+
+def test_each_1f1b_rank_holds_its_warm_up_micro_batches_layer_inputs(manager):
+    """Per-rank counts (what benchmarks/pipeline_memory.py checks against a real run): under 1F1B rank r of p
+    runs p - r forwards before its first backward, so at its peak it keeps p - r micro-batches of its layers'
+    inputs (full recompute) plus the one layer being recomputed; the fullest rank is the prediction."""
+    from dspark_lab.planner.predict import rank_memory_counts
+
+    s, b, h, p = 1024, 2, 1024, 4
+    cfg = config({"layers": 16, "hidden": h, "heads": 8, "vocab": 32000, "seq_len": s, "ffn_kind": "swiglu",
+                  "dropout": False}, gpus=p, tp=1, pp=p, dp=1, micro_batch=b, global_batch=8 * b, zero=2,
+                 recompute="full", framework="torchtitan")
+    per_rank = rank_memory_counts(cfg)
+    terms = memory.layer_activation_terms(s, b, h, 8, 1, 1.0, 4 * h, True, False)
+    recomputed = memory.layer_activation_bytes(terms, 1, False, False)
+    for r, gb in enumerate(per_rank):
+        assert gb["activations"] * 1e9 == pytest.approx((p - r) * 4 * 2 * s * b * h + recomputed)
+    assert max(gb["total"] for gb in per_rank) == predict(cfg, manager, allocator=False)["memory_gb"]["total"]
+
+
+def test_fsdp_under_torch_pipelining_frees_a_chunks_gradients_after_its_last_backward():
+    """Interleaved, 2 ranks, 2 chunks each, 2 micro-batches: rank 0 runs F0 F1 (chunk 0), F0 F1 (chunk 1), then
+    chunk 1's two backwards, then chunk 0's. Kept to the step's end, chunk 1's gradients are still there when
+    chunk 0's first backward makes its own; reduce-scattered at chunk 1's last backward (FSDP2's post-backward,
+    ``reduce_after`` = 2 micro-batches), only chunk 0's are."""
+    from dspark_lab.planner.model import liveness
+
+    sched = liveness.schedule("interleaved-1f1b", 2, 2, 2, "torch")
+    layers = (4, 4, 4, 4)
+    # the peaks: all four forwards' 16 layers with chunk 1's first gradients; chunk 0's 8 layers at its first backward
+    assert liveness.rank_envelope(sched, 0, layers) == ((16, frozenset({1}), 0), (8, frozenset({0, 1}), 0))
+    assert liveness.rank_envelope(sched, 0, layers, reduce_after=2) == ((16, frozenset({1}), 0),
+                                                                         (8, frozenset({0}), 0))
+    # one chunk per rank (1F1B): its last backward ends the step, so nothing changes
+    one = liveness.schedule("1f1b", 2, 4, 1, "torch")
+    assert liveness.rank_envelope(one, 0, (16, 16), reduce_after=4) == liveness.rank_envelope(one, 0, (16, 16))

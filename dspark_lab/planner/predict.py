@@ -318,6 +318,17 @@ def rank_trace_spec(config: Any, rank: int) -> step_trace.RankSpec | None:
     return rank_memory.rank_spec(inp.model, inp.layout, counts, m, rank, sp)
 
 
+def rank_memory_counts(config: Any) -> list[dict[str, float]]:
+    """Each pipeline rank's memory of a config in GB, counted tensor by tensor at its own peak, without the
+    allocator's share (:func:`rank_memory.counted_per_rank`): what the real-run check compares rank by rank."""
+    inp = parse(config)
+    model, lay = inp.model, inp.layout
+    counts, m, sp = _pipeline_shape(model, lay)
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    chunks = liveness.schedule(lay.schedule, lay.pp, m, lay.vpp, lay.pp_runtime).chunks if lay.pp > 1 else 1
+    return rank_memory.counted_per_rank(model, lay, counts, starts, m, chunks, sp)
+
+
 def _pipeline_shape(model: ModelConfig, lay: Layout) -> tuple[list[int], int, bool]:
     """Layers per pipeline stage, micro-batches per step, and whether sequence parallelism is on."""
     counts = split_layers(model.layers, lay.pp * lay.vpp)

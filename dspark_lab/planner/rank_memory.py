@@ -93,6 +93,27 @@ def fullest_rank(model, lay: Layout, counts, starts, m: int, chunks: int, dev: D
     """Memory of the fullest pipeline rank: its states, plus activations (and lazily made gradients) at the peak
     the schedule's op order gives (:mod:`~dspark_lab.planner.model.liveness`), plus, for torchtitan, what the
     caching allocator keeps reserved beyond that (:mod:`~dspark_lab.planner.model.step_trace`)."""
+    per_rank = counted_per_rank(model, lay, counts, starts, m, chunks, sp)
+    p = lay.pp
+    if allocator and lay.framework == "torchtitan" and not model.moe:
+        # What the caching allocator keeps mapped beyond the bytes counted (torchtitan reports reserved memory),
+        # traced for the first and last pipeline ranks and the fullest one, where the peak can be. Never past
+        # the device's memory: there the allocator unmaps its cached free pages and retries instead of failing.
+        for r in {0, p - 1, max(range(p), key=lambda x: per_rank[x]["total"])}:
+            gb = per_rank[r]
+            room = dev.memory_gb - gb["total"]
+            spec = rank_spec(model, lay, counts, m, r, sp) if room > 0 else None
+            if spec is not None:
+                held = step_trace.reserved_overhead(spec, lay.recompute) / 1e9
+                gb["allocator"] = min(held, room)
+                gb["total"] += gb["allocator"]
+    return max(per_rank, key=lambda gb: gb["total"])
+
+
+def counted_per_rank(model, lay: Layout, counts, starts, m: int, chunks: int, sp: bool) -> list[dict[str, float]]:
+    """Each pipeline rank's memory per GPU in GB (``params``, ``grads``, ``optimizer``, ``activations``,
+    ``other``, ``total``) at the peak its schedule's op order gives, counted tensor by tensor, without what the
+    caching allocator keeps beyond the bytes (``allocator`` is 0 here)."""
     t, c, b, p, v, e = lay.tp, lay.cp, lay.micro_batch, lay.pp, lay.vpp, lay.ep
     s = model.seq_len // c
     stages = len(counts)
@@ -119,8 +140,10 @@ def fullest_rank(model, lay: Layout, counts, starts, m: int, chunks: int, dev: D
     torch_pp = lay.pp_runtime == "torch" and p > 1
     boundary = memory.boundary_bytes(s, b, model.hidden, t, sp)
     if p > 1:
+        # FSDP2 under torch's pipelining reduce-scatters a stage's gradients at its last backward
+        reduce_after = m if torch_pp and lazy_grads and shard > 1 else 0
         env = liveness.envelopes((lay.schedule, p, m, v, lay.pp_runtime), tuple(counts), torch_pp,
-                                 lay.pp_return_outputs)
+                                 lay.pp_return_outputs, reduce_after)
     else:
         env = (((counts[0], frozenset({0}), 0),),)  # one stage: a micro-batch's layers, then its gradients
     per_rank = []
@@ -180,19 +203,7 @@ def fullest_rank(model, lay: Layout, counts, starts, m: int, chunks: int, dev: D
               "activations": act / 1e9, "other": other / 1e9, "allocator": 0.0}
         gb["total"] = sum(gb.values())
         per_rank.append(gb)
-    if allocator and lay.framework == "torchtitan" and not model.moe:
-        # What the caching allocator keeps mapped beyond the bytes counted (torchtitan reports reserved memory),
-        # traced for the first and last pipeline ranks and the fullest one, where the peak can be. Never past
-        # the device's memory: there the allocator unmaps its cached free pages and retries instead of failing.
-        for r in {0, p - 1, max(range(p), key=lambda x: per_rank[x]["total"])}:
-            gb = per_rank[r]
-            room = dev.memory_gb - gb["total"]
-            spec = rank_spec(model, lay, counts, m, r, sp) if room > 0 else None
-            if spec is not None:
-                held = step_trace.reserved_overhead(spec, lay.recompute) / 1e9
-                gb["allocator"] = min(held, room)
-                gb["total"] += gb["allocator"]
-    return max(per_rank, key=lambda gb: gb["total"])
+    return per_rank
 
 
 def rank_spec(model: ModelConfig, lay: Layout, counts, m: int, rank: int, sp: bool) -> step_trace.RankSpec | None:

@@ -36,7 +36,7 @@ def _pareto(points: set[tuple[int, frozenset, int]]) -> tuple[tuple[int, frozens
 
 
 def rank_envelope(schedule: Schedule, rank: int, stage_layers: tuple[int, ...], boundaries: bool = False,
-                  outputs: bool = True) -> tuple[tuple[int, frozenset, int], ...]:
+                  outputs: bool = True, reduce_after: int = 0) -> tuple[tuple[int, frozenset, int], ...]:
     """Candidate peaks of one rank: ``(live layer-micro-batches, chunks with gradients, kept boundaries)``,
     Pareto-pruned. ``boundaries`` counts the stage-boundary tensors ``torch.distributed.pipelining`` keeps beyond
     its preallocated receive buffers (``memory.pipeline_buffer_bytes``): every input gradient stays on its receive
@@ -47,10 +47,14 @@ def rank_envelope(schedule: Schedule, rank: int, stage_layers: tuple[int, ...], 
     ``memory.kept_output_bytes`` instead); without ``outputs`` each stays only in ``fwd_cache``, to its
     micro-batch's backward. While a micro-batch is in flight on a receiving stage with layers, its receive buffer
     is its first layer's saved input, already counted in the live layers, so one boundary less. Zero when
-    ``boundaries`` is false."""
+    ``boundaries`` is false. ``reduce_after``: a chunk's gradients go once it has run that many backwards (FSDP2
+    under ``torch.distributed.pipelining``: a stage's last backward, ``last_backward``, runs FSDP's post-backward,
+    which reduce-scatters the unsharded gradients and frees them, so a rank's earlier-finished chunk gives its
+    gradients back before its other chunk's backwards end); 0 keeps them to the step's end."""
     last = len(stage_layers) - 1
     live = kept = 0
     grads: set[int] = set()
+    backwards: dict[int, int] = {}
     points = {(0, frozenset(), 0)}
     for op in schedule.ops[rank]:
         for kind, _, chunk in op.parts():
@@ -70,6 +74,10 @@ def rank_envelope(schedule: Schedule, rank: int, stage_layers: tuple[int, ...], 
                 kept += shared_input + (boundaries and stage > 0)  # the buffer is free of the layer; its gradient
                 kept -= output and not outputs  # fwd_cache lets the output go
                 points.add((live, frozenset(grads), kept))
+                backwards[chunk] = backwards.get(chunk, 0) + (kind == "B")  # split backwards (Bi, W): kept
+                if backwards[chunk] == reduce_after:
+                    grads.discard(chunk)
+                    points.add((live, frozenset(grads), kept))
             elif kind == "W" and chunk not in grads:
                 grads.add(chunk)
                 points.add((live, frozenset(grads), kept))
@@ -78,8 +86,8 @@ def rank_envelope(schedule: Schedule, rank: int, stage_layers: tuple[int, ...], 
 
 @lru_cache(maxsize=1024)
 def envelopes(schedule_key: tuple, stage_layers: tuple[int, ...], boundaries: bool = False,
-              outputs: bool = True) -> tuple:
+              outputs: bool = True, reduce_after: int = 0) -> tuple:
     """Per rank :func:`rank_envelope` for the schedule ``(name, pp, microbatches, vpp, runtime)``, cached across
     layouts."""
     s = schedule(*schedule_key)
-    return tuple(rank_envelope(s, r, stage_layers, boundaries, outputs) for r in range(s.ranks))
+    return tuple(rank_envelope(s, r, stage_layers, boundaries, outputs, reduce_after) for r in range(s.ranks))
