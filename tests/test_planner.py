@@ -319,6 +319,9 @@ def test_whatif_without_model_or_params_is_refused(tmp_path, manager):
                     [{"step": 1, "rank": 0, "samples_per_s": 1.0, "step_time_s": 1.0}])
     with pytest.raises(DSparkError, match="model: the run publishes no model"):
         whatif(run, manager=manager)
+    early = _fake_run(tmp_path / "early", {"gpu": "nvidia-h100", "discovered": False}, [])
+    with pytest.raises(DSparkError, match="model: the job is not discovered yet .* or give --model"):
+        whatif(early, manager=manager)  # before its first optimizer step: not "publishes no model"
     out = whatif(run, model="llama3-8b", gpu="nvidia-b200", gpus=8, seq=2048, manager=manager)
     assert out["model_from"] == "--model" and out["target"]["gpu"] == "nvidia-b200"
     assert out["current"]["global_batch"] == 8  # 1 sample per step per rank x 8 data-parallel ranks

@@ -83,6 +83,9 @@ def job_model(run: RunDir, job: dict, model: str | dict | None, seq: int | None)
     params = params or job.get("params") or _metrics_last(run, "params")
     if params:
         return model_from_params(float(params), seq or DEFAULT_SEQ), "parameter count"
+    if job.get("discovered") is False:
+        raise DSparkError("model: the job is not discovered yet (the runtime finds the model at the first optimizer "
+                          "step); ask again after it, or give --model PRESET|FILE")
     raise DSparkError("model: the run publishes no model description or parameter count; give --model "
                       "PRESET|FILE")
 
