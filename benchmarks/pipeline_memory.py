@@ -19,6 +19,7 @@ stages hold the layers the planner assigns. A pipeline rank with dp above 1 repo
     python benchmarks/pipeline_memory.py                  # 4 ranks, 16 layers (about 3 min on 2 cores)
     python benchmarks/pipeline_memory.py --shape t5-fsdp  # torchtitan's Table 5 shape scaled down, FSDP2 over 2
     python benchmarks/pipeline_memory.py --shape t5       # the same without FSDP: 8 ranks, 126 layers (11 min)
+    python benchmarks/pipeline_memory.py --shape t5 --explain 7   # and what rank 7's peak holds, by what made it
 """
 
 from __future__ import annotations
@@ -117,10 +118,8 @@ def stage_modules(whole, counts: list[int], stage: int, dp_mesh=None):
     return part
 
 
-def _peak_after_marker(profiler) -> int:
-    """Most bytes live after the marker's free, counting from the profiler's start. Allocations are matched to
-    frees by address, and an address allocated again counts once: the profiler misses a free made on a thread it
-    does not trace (gloo's), so a running sum of its events would drift upward."""
+def _allocations(profiler) -> list:
+    """The profiler's allocation and free events (nodes of its event tree), in time order."""
     from torch._C._profiler import _EventType
 
     def walk(nodes):
@@ -128,26 +127,65 @@ def _peak_after_marker(profiler) -> int:
             yield node
             yield from walk(node.children)
 
-    events = sorted((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size)
-                    for node in walk(profiler.profiler.kineto_results.experimental_event_tree())
-                    if node.tag == _EventType.Allocation)
-    live: dict[int, int] = {}
-    total, peak, started = 0, 0, False
-    for _, ptr, nbytes in events:
+    nodes = [node for node in walk(profiler.profiler.kineto_results.experimental_event_tree())
+             if node.tag == _EventType.Allocation]
+    return sorted(nodes, key=lambda node: node.start_time_ns)
+
+
+def _live_at_peak(profiler) -> tuple[int, list]:
+    """Most bytes live after the marker's free, counting from the profiler's start, and the allocations live then.
+    Allocations are matched to frees by address, and an address allocated again counts once: the profiler misses a
+    free made on a thread it does not trace (gloo's), so a running sum of its events would drift upward."""
+    live: dict[int, object] = {}
+    total, peak, at_peak, started = 0, 0, [], False
+    for node in _allocations(profiler):
+        ptr, nbytes = node.extra_fields.ptr, node.extra_fields.alloc_size
         if nbytes > 0:
-            total += nbytes - live.get(ptr, 0)
-            live[ptr] = nbytes
+            old = live.get(ptr)
+            total += nbytes - (old.extra_fields.alloc_size if old is not None else 0)
+            live[ptr] = node
         else:
-            total -= live.pop(ptr, 0)
+            old = live.pop(ptr, None)
+            total -= old.extra_fields.alloc_size if old is not None else 0
         if not started:
             started = nbytes == -MARKER
             continue
-        peak = max(peak, total)
-    return peak
+        if total > peak:
+            peak, at_peak = total, list(live.values())
+    return peak, at_peak
 
 
-def rank_main(rank: int, shape: dict, vpp: int, return_outputs: bool, port: int, out) -> None:
-    """One pipeline rank: build its stages, run one step, then profile the second."""
+def _peak_after_marker(profiler) -> int:
+    return _live_at_peak(profiler)[0]
+
+
+def _made_by(node) -> str:
+    """The op and the innermost torch / torchtitan Python frame an allocation was made under (``--explain``)."""
+    from torch._C._profiler import _EventType
+
+    op = frame = None
+    parent = node.parent
+    while parent is not None and not (op and frame):
+        if parent.tag == _EventType.PyCall and frame is None and ("torch" in parent.name):
+            frame = parent.name
+        elif parent.tag == _EventType.TorchOp and op is None:
+            op = parent.name
+        parent = parent.parent
+    return f"{op or '-'} under {frame or 'no torch or torchtitan frame (the autograd engine, or the caller)'}"
+
+
+def explain(nodes: list, top: int = 12) -> list[tuple[int, str]]:
+    """Bytes live at a rank's peak grouped by what made them, largest first."""
+    groups: dict[str, int] = {}
+    for node in nodes:
+        label = _made_by(node)
+        groups[label] = groups.get(label, 0) + node.extra_fields.alloc_size
+    return sorted(((nbytes, label) for label, nbytes in groups.items()), reverse=True)[:top]
+
+
+def rank_main(rank: int, shape: dict, vpp: int, return_outputs: bool, port: int, out, explained: int) -> None:
+    """One process: build its stages, run one step, then profile the second. The process ``explained`` also
+    records Python frames and reports its peak's allocations grouped by what made them."""
     import torch
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage
@@ -190,28 +228,34 @@ def rank_main(rank: int, shape: dict, vpp: int, return_outputs: bool, port: int,
             for param in part.parameters():
                 param.grad = None  # torchtitan's zero_grad
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=rank == explained) as profiler:
         step()
         dist.barrier()
         marker = torch.empty(MARKER, dtype=torch.uint8)
         del marker
         step()
-    out[rank] = _peak_after_marker(profiler)
+    peak, nodes = _live_at_peak(profiler)
+    out[rank] = peak
+    if rank == explained:
+        out["explained"] = explain(nodes)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def measure(shape: dict, vpp: int, return_outputs: bool) -> list[int]:
-    """Each rank's measured peak bytes (see the module docstring)."""
+def measure(shape: dict, vpp: int, return_outputs: bool, explain_rank: int | None = None) -> tuple[list[int], list]:
+    """Each pipeline rank's measured peak bytes (see the module docstring; with dp above 1 its fullest process),
+    and with ``explain_rank`` what its first process's peak holds (:func:`explain`)."""
     import torch.multiprocessing as mp
 
+    d = shape.get("dp", 1)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    explained = -1 if explain_rank is None else explain_rank * d
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(rank_main, args=(shape, vpp, return_outputs, port, out), nprocs=shape["pp"] * shape.get("dp", 1))
-        return [max(out[r * shape.get("dp", 1) + i] for i in range(shape.get("dp", 1))) for r in range(shape["pp"])]
+        mp.spawn(rank_main, args=(shape, vpp, return_outputs, port, out, explained), nprocs=shape["pp"] * d)
+        return [max(out[r * d + i] for i in range(d)) for r in range(shape["pp"])], list(out.get("explained", []))
 
 
 def planner_config(shape: dict, vpp: int, return_outputs: bool) -> dict:
@@ -239,16 +283,19 @@ def counted(shape: dict, vpp: int, return_outputs: bool) -> list[float]:
              - OTHER_GB) * 1e9 for gb in per_rank]
 
 
-def compare(shape_name: str) -> list[dict]:
+def compare(shape_name: str, explain_rank: int | None = None) -> list[dict]:
     shape = SHAPES[shape_name]
     rows = []
     for vpp, return_outputs in RUNS[shape_name]:
         start = time.perf_counter()
-        measured = measure(shape, vpp, return_outputs)
-        rows.append({"shape": shape_name, "schedule": "interleaved-1f1b" if vpp > 1 else "1f1b", "vpp": vpp,
-                     "return_outputs": return_outputs, "measured_bytes": measured,
-                     "counted_bytes": counted(shape, vpp, return_outputs),
-                     "seconds": round(time.perf_counter() - start, 1)})
+        measured, explained = measure(shape, vpp, return_outputs, explain_rank)
+        row = {"shape": shape_name, "schedule": "interleaved-1f1b" if vpp > 1 else "1f1b", "vpp": vpp,
+               "return_outputs": return_outputs, "measured_bytes": measured,
+               "counted_bytes": counted(shape, vpp, return_outputs), "seconds": round(time.perf_counter() - start, 1)}
+        if explain_rank is not None:
+            row["explained_rank"] = explain_rank
+            row["explained"] = [{"bytes": nbytes, "made_by": label} for nbytes, label in explained]
+        rows.append(row)
     return rows
 
 
@@ -262,6 +309,10 @@ def report(rows: list[dict]) -> None:
         errors = [abs(c / mm - 1) for mm, c in zip(row["measured_bytes"], row["counted_bytes"])]
         print(f"  fullest rank: measured {meas / 1e6:.2f} MB, counted {count / 1e6:.2f} MB ({count / meas - 1:+.1%});"
               f" mean |error| over ranks {sum(errors) / len(errors):.1%}, max {max(errors):.1%}")
+        if "explained" in row:
+            print(f"  rank {row['explained_rank']}'s peak, by the op and Python frame that allocated it:")
+            for item in row["explained"]:
+                print(f"    {item['bytes'] / 1e6:8.3f} MB  {item['made_by']}")
     by_key = {(r["shape"], r["vpp"], r["return_outputs"]): r for r in rows}
     for (shape, vpp, kept), row in by_key.items():
         base = by_key.get((shape, 1, kept))
@@ -274,9 +325,13 @@ def report(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--explain", type=int, metavar="RANK",
+                        help="also group what pipeline rank RANK holds at its peak by the op and frame that made it")
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = parser.parse_args(argv)
-    rows = compare(args.shape)
+    if args.explain is not None and not 0 <= args.explain < SHAPES[args.shape]["pp"]:
+        parser.error(f"--explain: a pipeline rank in 0..{SHAPES[args.shape]['pp'] - 1}, got {args.explain}")
+    rows = compare(args.shape, args.explain)
     if args.json:
         print(json.dumps({"schema_version": 1, "kind": "pipeline_memory", "rows": rows}))
     else:
