@@ -695,3 +695,9 @@ def test_fsdp_under_torch_pipelining_frees_a_chunks_gradients_after_its_last_bac
     # one chunk per rank (1F1B): its last backward ends the step, so nothing changes
     one = liveness.schedule("1f1b", 2, 4, 1, "torch")
     assert liveness.rank_envelope(one, 0, (16, 16), reduce_after=4) == liveness.rank_envelope(one, 0, (16, 16))
+    # without reduce_after a split backward (Bi, then W) never drops gradients: zbv's rank 1, 2 ranks, 4
+    # micro-batches, holds both chunks' gradients at every candidate peak once its first W ran
+    zbv = liveness.schedule("zbv", 2, 4, 2)
+    both = frozenset({0, 1})
+    assert liveness.rank_envelope(zbv, 1, (4, 4, 4, 4), True) == ((16, both, 8), (12, both, 10), (8, both, 12),
+                                                                   (4, both, 14), (0, both, 16))

@@ -75,7 +75,7 @@ def rank_envelope(schedule: Schedule, rank: int, stage_layers: tuple[int, ...], 
                 kept -= output and not outputs  # fwd_cache lets the output go
                 points.add((live, frozenset(grads), kept))
                 backwards[chunk] = backwards.get(chunk, 0) + (kind == "B")  # split backwards (Bi, W): kept
-                if backwards[chunk] == reduce_after:
+                if reduce_after and backwards[chunk] == reduce_after:
                     grads.discard(chunk)
                     points.add((live, frozenset(grads), kept))
             elif kind == "W" and chunk not in grads:
