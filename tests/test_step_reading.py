@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dspark_lab.errors import DSparkError
-from dspark_lab.runtime import step_reads
+from dspark_lab.runtime import step_env, step_reads
 from dspark_lab.runtime.attach import Job
 from dspark_lab.runtime.records import RunDir
 
@@ -45,7 +45,7 @@ def test_a_cpu_loss_is_read_at_once_by_default():
 def test_bad_settings_are_refused_in_one_line(monkeypatch, name, value, allowed):
     monkeypatch.setenv(name, value)
     with pytest.raises(DSparkError) as info:
-        step_reads.loss_read() if name == "DSPARK_LOSS_READ" else step_reads.memory_every()
+        step_env.loss_read() if name == "DSPARK_LOSS_READ" else step_env.memory_every()
     assert str(info.value) == f"{name}: {value!r} is not allowed; allowed: {allowed}"
 
 

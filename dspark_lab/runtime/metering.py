@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 import torch
 
-from dspark_lab.runtime import step_reads
+from dspark_lab.runtime import step_env, step_reads
 from dspark_lab.runtime.module_hooks import RuntimeHook
 
 SAMPLE_EVERY_S = 1.0
@@ -40,11 +40,11 @@ class StepMeter:
         self._recent: deque[dict] = deque(maxlen=EFFECT_STEPS)
         self._recent_memory: deque[dict] = deque(maxlen=EFFECT_STEPS)  # the last records with memory read
         self._watches: list[dict] = []
-        self.memory_every = step_reads.memory_every()
+        self.memory_every = step_env.memory_every()
         self._memory_wanted: set[str] = set()
         # looked up at each write: a multi-node cluster swaps job._metrics for a relaying writer after this
         self._late = step_reads.LateLoss(job.write_metrics_record,
-                                         late_on_cpu=step_reads.loss_read() == "late")
+                                         late_on_cpu=step_env.loss_read() == "late")
         self._later: list = []  # (key, tensor, on_read) for this step's record, read with its loss
         self.reset(time.perf_counter())
 

@@ -23,9 +23,6 @@ from typing import Any, Callable
 
 import torch
 
-from dspark_lab.runtime.step_env import (LOSS_READ_ENV, LOSS_READS, MEMORY_EVERY_DEFAULT,  # noqa: F401
-                                        MEMORY_EVERY_ENV, MEMORY_EVERY_MAX, loss_read, memory_every)
-
 MAX_PENDING = 8
 
 
