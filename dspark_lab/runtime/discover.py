@@ -55,13 +55,21 @@ def is_optimized_module(module: nn.Module) -> bool:
     return any(cls.__name__ == "OptimizedModule" for cls in type(module).__mro__) and "_orig_mod" in module._modules
 
 
+def script_module(module: nn.Module) -> nn.Module:
+    """The module the script wrote under FSDP1 units and compile's OptimizedModule (FSDP2 keeps the module itself)."""
+    while True:
+        if is_optimized_module(module):
+            module = module._modules["_orig_mod"]
+        elif fsdp1.is_unit(module):
+            module = fsdp1.inner(module)
+        else:
+            return module
+
+
 def user_class(module: nn.Module) -> type:
     """The class the script wrote: FSDP2's ``FSDP<Name>`` subclass, an FSDP1 unit and compile's OptimizedModule are
     looked through."""
-    if is_optimized_module(module):
-        return user_class(module._modules["_orig_mod"])
-    if fsdp1.is_unit(module):
-        return user_class(fsdp1.inner(module))
+    module = script_module(module)
     return next((cls for cls in type(module).__mro__ if not _is_fsdp2_class(cls)), type(module))
 
 
@@ -105,10 +113,7 @@ def _path(root: str, name: str) -> str:
 
 def _holds_layers(module: nn.Module, flattened: dict[int, int]) -> bool:
     """Whether ``module`` (under FSDP1 / compile wrappers) has a child with parameters: a block, not one layer."""
-    inner = fsdp1.inner(module)
-    while is_optimized_module(inner):
-        inner = fsdp1.inner(inner._modules["_orig_mod"])
-    return any(_numel(child, flattened) for child in inner.children())
+    return any(_numel(child, flattened) for child in script_module(module).children())
 
 
 def find_blocks(model: nn.Module, root: str = "model") -> Blocks:
