@@ -146,7 +146,7 @@ class RunDir:
         root = root or runs_root()
         check_home(root, missing_ok=True)  # an unsafe home is refused before anything is made in it
         make_private_dir(root)
-        check_home(root)
+        check_home(root)  # again: a home someone made meanwhile is left as it is by make_private_dir
         path = root / run_id
         path.mkdir(mode=DIR_MODE)
         os.chmod(path, DIR_MODE)  # mkdir's mode is masked by the umask; the run directory is the user's alone
