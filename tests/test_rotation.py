@@ -4,7 +4,9 @@ several processes append to it (runtime/rotation.py). Every test first checks th
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -160,7 +162,31 @@ def test_ranks_appending_to_one_file_lose_and_repeat_nothing_when_it_rotates(run
             assert [r["step"] for r in records if r["rank"] == rank] == list(range(150)), rank
     assert [(r["step"], r["rank"]) for r in seen] == [(r["step"], r["rank"]) for r in kept]
     sizes = [(run.path / name).stat().st_size for name in moved(run)]
-    assert all(MIB <= size < MIB + 4 * 5100 for size in sizes), sizes  # no rank wrote on into a moved file
+    # past the bound, at most the slack (where a rotation waits for the lock) and one append per rank
+    assert all(MIB <= size < MIB + MIB // rotation.SLACK + 4 * 5100 for size in sizes), sizes
+
+
+def test_a_rotation_that_cannot_get_the_lock_lets_the_step_go_on_until_the_slack_then_waits(run):
+    held = os.open(run.path, os.O_RDONLY)  # another rank's append in flight, for as long as the test says
+    fcntl.flock(held, fcntl.LOCK_SH)
+    writer = run.metrics_writer()
+    slack_end = MIB + MIB // rotation.SLACK
+    step = 0
+    while step == 0 or run.metrics_path.stat().st_size < slack_end - 11_000:
+        step += 1
+        writer.write(record(step))  # past the bound: the rotation does not wait, the step goes on
+    assert not moved(run) and run.metrics_path.stat().st_size > MIB
+    release = threading.Timer(0.5, os.close, [held])
+    started = time.monotonic()
+    release.start()
+    while not moved(run) and step < 1000:
+        step += 1
+        writer.write(record(step))
+    waited = time.monotonic() - started
+    release.join()
+    assert moved(run) == ["metrics.1.jsonl"], f"still not rotated {step} records on"
+    assert slack_end <= (run.path / "metrics.1.jsonl").stat().st_size < slack_end + 11_000
+    assert waited >= 0.4  # the append past the slack waited for the lock
 
 
 @pytest.mark.parametrize("value", ["0", "abc", str((1 << 20) + 1), "-5", "1.5"])

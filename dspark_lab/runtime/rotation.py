@@ -5,9 +5,11 @@ Every rank of a node appends to the same file through its own ``O_APPEND`` descr
 other nodes' records), so a rename alone would leave the other ranks writing into the moved file. The files are
 guarded by a ``flock`` on the run directory instead: an append holds it shared while it checks that its descriptor
 is still the file named metrics.jsonl (reopening it when another rank rotated) and writes; a rotation holds it
-exclusive. Any rank may rotate, the one whose append passed the bound, but only if it gets the lock at once (a step
-never waits on it: the next append tries again) and the file is still past the bound (no other rank rotated it
-meanwhile). One file per rank would need no lock, but every reader and docs/records.md read one file per node.
+exclusive. Any rank may rotate, the one whose append passed the bound, if the file is still past the bound (no other
+rank rotated it meanwhile). Up to :data:`SLACK` past the bound it rotates only if it gets the lock at once (a step
+does not wait for other ranks' appends: the next append tries again); past that, which takes many ranks appending
+at once, it waits for the appends in flight, so a file never grows more than the slack and one append per rank past
+the bound. One file per rank would need no lock, but every reader and docs/records.md read one file per node.
 
 Since no append lands in a file once it has been moved, a follower that sees a new metrics.jsonl can read the moved
 one to its end and go on with the new one, losing and repeating nothing. Readers take the lock (shared) only to open
@@ -28,6 +30,7 @@ from dspark_lab.errors import DSparkError
 MAX_MB_ENV = "DSPARK_METRICS_MAX_MB"
 MAX_MB_DEFAULT, MAX_MB_RANGE = 256, (1, 1 << 20)
 KEEP = 3  # moved files kept beside the current one: metrics.1.jsonl (newest) .. metrics.3.jsonl
+SLACK = 16  # past the bound by 1/SLACK of it, a rotation waits for the lock instead of trying the next append
 
 
 def max_bytes() -> int:
@@ -134,12 +137,13 @@ class Appender:
                 os.write(self._fd, data)
             finally:
                 fcntl.flock(self._dir, fcntl.LOCK_UN)
-            if now.st_size + len(data) >= self.rotate_at:
-                self._rotate()
+            size = now.st_size + len(data)
+            if size >= self.rotate_at:
+                self._rotate(wait=size >= self.rotate_at + self.rotate_at // SLACK)
 
-    def _rotate(self) -> None:
+    def _rotate(self, wait: bool) -> None:
         try:
-            fcntl.flock(self._dir, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._dir, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # another rank appends or rotates: the next append tries again
             return
         try:
