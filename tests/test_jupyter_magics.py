@@ -115,8 +115,8 @@ def test_verbs_pass_their_arguments(ip, recorder):
     assert recorder.calls == [
         ("jobs", (), {}),
         ("status", ("r1",), {}),
-        ("get", ("r1", None), {}),
-        ("get", ("r1", "comm.grad_sync"), {}),
+        ("get", ("r1", []), {}),
+        ("get", ("r1", ["comm.grad_sync"]), {}),
         ("set_policies", ("r1", ["memory.activation_checkpointing=full", "comm.grad_sync=ring"]),
          {"wait": True, "timeout": 60.0}),
         ("set_policies", ("r1", ["a.b=1"]), {"wait": False, "timeout": 5.0}),

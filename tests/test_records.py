@@ -12,7 +12,9 @@ import time
 
 import pytest
 
+from dspark_lab.errors import DSparkError
 from dspark_lab.runtime import commands
+from dspark_lab.cli import build_parser
 from dspark_lab.runtime.jsonl import Follower, last_records
 from dspark_lab.runtime.records import JsonlWriter, RunDir, read_jsonl, wait_for_end
 
@@ -251,6 +253,35 @@ def test_get_shows_a_pending_value_and_its_step_in_the_state_column(monkeypatch)
     for report in (commands.get("r"), commands.policies("r")):
         assert "pending: host at step 6" in report.to_text().splitlines()[-1]
         assert report.data["policies"] == [row]
+
+
+def test_get_takes_several_keys_in_the_order_asked_and_prints_bools_as_set_takes_them(monkeypatch):
+    # `get RUN k1 k2` was refused (one key), and a bool in force read "yes" beside `allowed: true | false`
+    rows = [{"key": key, "value": value, "since_step": 0, "state": "applied", "allowed": allowed, "live": True,
+             "lossless": True, "reason": None, "doc": "", "pending_value": None, "pending_step": None}
+            for key, value, allowed in (("comm.grad_sync", "ring", "builtin | ring"),
+                                        ("memory.reshard_after_forward", False, "true | false"),
+                                        ("comm.bucket_mb", 25, "[1, 1024]"))]
+
+    class Client:
+        def __init__(self, run_dir):
+            pass
+
+        def request(self, method, path):
+            return {"policies": rows}
+
+    monkeypatch.setattr(commands, "_run", lambda run: None)
+    monkeypatch.setattr(commands, "ControlClient", Client)
+    args = build_parser().parse_args(["get", "r", "comm.bucket_mb", "memory.reshard_after_forward"])
+    report = args.func(args)
+    assert [r["key"] for r in report.data["policies"]] == ["comm.bucket_mb", "memory.reshard_after_forward"]
+    assert report.data["policies"][1]["value"] is False  # the JSON keeps the bool
+    assert [line.split()[:2] for line in report.to_text().splitlines()[2:]] == [
+        ["comm.bucket_mb", "25"], ["memory.reshard_after_forward", "false"]]
+    assert len(commands.get("r").data["policies"]) == 3
+    with pytest.raises(DSparkError, match=r"^key: unknown policy 'comm.ring'; known: comm.grad_sync, "
+                                          r"memory.reshard_after_forward, comm.bucket_mb$"):
+        commands.get("r", ["comm.grad_sync", "comm.ring"])
 
 
 def test_a_run_json_overwritten_mid_run_is_restored_by_the_supervisor_with_its_name(home, tmp_path):

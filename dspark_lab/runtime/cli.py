@@ -229,8 +229,8 @@ def add_parsers(subparsers, common) -> None:
 
     get = subparsers.add_parser("get", parents=[common], help="a policy's value in force and since which step")
     get.add_argument("run")
-    get.add_argument("key", nargs="?")
-    get.set_defaults(func=_verb("get", "run", "key"))
+    get.add_argument("keys", nargs="*", metavar="KEY", help="the policies to show (default: all)")
+    get.set_defaults(func=_verb("get", "run", "keys"))
 
     set_ = subparsers.add_parser("set", parents=[common], help="change policies of a running job")
     set_.add_argument("run")

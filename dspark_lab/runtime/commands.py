@@ -84,22 +84,32 @@ def policies(run: str) -> Report:
                   columns=_POLICY_COLUMNS + ("doc",))
 
 
+def _policy_value(value):
+    """A policy value as `set` takes it: a bool reads true / false (as its ``allowed`` says), not the tables'
+    yes / no."""
+    return str(value).lower() if isinstance(value, bool) else value
+
+
 def _policy_row(row: dict) -> dict:
     """A table row of one policy: a pending change says its value and step in the state column."""
+    shown = {**row, "value": _policy_value(row.get("value"))}
     if row.get("state") != "pending":
-        return row
-    return {**row, "state": f"pending: {cell(row.get('pending_value'))} at step {cell(row.get('pending_step'))}"}
+        return shown
+    pending = cell(_policy_value(row.get("pending_value")))
+    return {**shown, "state": f"pending: {pending} at step {cell(row.get('pending_step'))}"}
 
 
-def get(run: str, key: str | None = None) -> Report:
-    """The value in force of one policy (or all), and since which step."""
+def get(run: str, keys: str | list[str] | None = None) -> Report:
+    """The value in force of some policies (all without ``keys``), in the order asked, and since which step."""
     report = policies(run)
     rows = report.data["policies"]
-    if key is not None:
-        rows = [r for r in rows if r["key"] == key]
-        if not rows:
-            known = ", ".join(r["key"] for r in report.data["policies"])
-            raise DSparkError(f"key: unknown policy {key!r}; known: {known}")
+    if keys:
+        by_key = {r["key"]: r for r in rows}
+        asked = [keys] if isinstance(keys, str) else list(dict.fromkeys(keys))
+        unknown = [k for k in asked if k not in by_key]
+        if unknown:
+            raise DSparkError(f"key: unknown policy {unknown[0]!r}; known: {', '.join(by_key)}")
+        rows = [by_key[k] for k in asked]
     return Report("get", {"policies": rows}, rows=[_policy_row(r) for r in rows], columns=_POLICY_COLUMNS)
 
 
