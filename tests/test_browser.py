@@ -122,12 +122,15 @@ def drive_quickstart(page, url: str, token: str, notebook: str, screenshot: Path
     canvas = dashboard.locator("canvas").first
     canvas.wait_for(timeout=120_000)
     page.locator(".dspark-devices canvas").first.wait_for(timeout=150_000)  # the last cell that runs has run
+    # every cell's output (textContent: JupyterLab keeps off-screen cells in the DOM, unpainted)
+    seen = {"outputs": page.evaluate("() => [...document.querySelectorAll('.jp-OutputArea')]"
+                                     ".map(el => el.textContent).join('\\n')")}
     header = dashboard.locator(".widget-html").first
     dashboard.scroll_into_view_if_needed()
     # Wait on conditions, not fixed sleeps: the canvas has drawn something, then both the header and the canvas
     # changed since a first look (the dashboard refreshes on its own).
     page.wait_for_function(f"c => ({CANVAS_INK_JS})(c) > 2000", arg=canvas.element_handle(), timeout=60_000)
-    seen = {"ink": canvas.evaluate(CANVAS_INK_JS)}
+    seen["ink"] = canvas.evaluate(CANVAS_INK_JS)
     first = (header.inner_text(), canvas.evaluate(CANVAS_HASH_JS))
     with contextlib.suppress(PlaywrightTimeout):  # on a timeout the assertion on "looks" reports it
         page.wait_for_function(f"([h, c, text, hash]) => h.innerText !== text && ({CANVAS_HASH_JS})(c) !== hash",
@@ -183,6 +186,9 @@ def test_quickstart_renders_live_in_chromium(tmp_path):
     artifacts = Path(os.environ.get("DSPARK_ARTIFACTS", tmp_path))
     shot = artifacts / "quickstart.png"
     seen = run_in_browser(shot, tmp_path / "work")
+    # what tests/test_notebooks.py asks of the quickstart's outputs, which it leaves to this test where it runs
+    assert "activation checkpointing applied at step" in seen["outputs"] and "MB held for backward" in seen["outputs"]
+    assert "Traceback" not in seen["outputs"], seen["outputs"][-3000:]
     assert seen["ink"] > 2000, "the dashboard's canvas is blank: BokehJS did not load"
     (text1, hash1), (text2, hash2) = seen["looks"]
     assert text1 != text2 and hash1 != hash2, f"the dashboard did not update between two looks: {text1!r}"

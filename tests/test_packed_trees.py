@@ -1,5 +1,6 @@
-"""The packed-trees collective on gloo: equal to torch's all-reduce within fp32 reordering, at 2 to 6 ranks, odd
-sizes, sub-groups, and paced links whose measured rate follows the plan."""
+"""The packed-trees collective on gloo: equal to torch's all-reduce within fp32 reordering, at 2 and 5 ranks (3
+ranks were dropped for CI time: 5 covers odd sizes and a sub-group of several ranks), sub-groups, and paced links
+whose measured rate follows the plan."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dspark_lab.collectives.packing import chain_plan, plan
 from dspark_lab.collectives.topology import from_dict, load_topology
 from gloo_world import assert_passed_everywhere, checks_in, world_results_for
 
-WORLDS = (2, 3, 5)
+WORLDS = (2, 5)
 NUMELS = (0, 1, 2, 7, 1000, 4099, 65_537)
 
 

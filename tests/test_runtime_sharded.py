@@ -46,34 +46,27 @@ def no_runtime_errors(results):
     assert not errors, errors  # e.g. "on_step_end failed ... invalid python storage" on DTensor parameters
 
 
-def test_checkpointing_goes_live_on_fsdp2_blocks_with_identical_loss(tmp_path):
-    results = run(tmp_path, "fsdp", "memory.activation_checkpointing=full")
+def test_checkpointing_and_reshard_after_forward_go_live_on_fsdp2_blocks_with_identical_loss(tmp_path):
+    """Both memory policies in one change (one 2-rank run for both: a run costs seconds of CPU)."""
+    results = run(tmp_path, "fsdp", "memory.activation_checkpointing=full", "memory.reshard_after_forward=false")
     no_runtime_errors(results)
     assert results[0]["state"] == "applied", results[0]["reason"]
     applies = applied_on_both(results, "memory.activation_checkpointing")
     assert all(e["reason"] == "4 of 4 blocks checkpointed" for e in applies)
-    for r in results:
-        assert r["live"] == r["reference"]  # recompute saw the unsharded weights: not one bit differs
-    job = results[0]["after"]
-    assert job["data_parallel"]["kind"] == "fsdp2" and job["data_parallel"]["mesh"]["shape"] == [2]
-    assert job["data_parallel"]["reshard_after_forward"] is True
-    assert job["blocks"]["path"] == "model.layers" and job["blocks"]["type"] == "TransformerBlock"
-    assert job["tensor_parallel"] is None
-    assert "FSDP" in job["policies"]["comm.grad_sync"]["reason"]
-
-
-def test_reshard_after_forward_switches_live_and_reports_its_effect(tmp_path):
-    results = run(tmp_path, "fsdp", "memory.reshard_after_forward=false")
-    no_runtime_errors(results)
     applied_on_both(results, "memory.reshard_after_forward")
     for r in results:
-        assert r["live"] == r["reference"]
+        assert r["live"] == r["reference"]  # recompute saw the unsharded weights: not one bit differs
         assert r["before"]["data_parallel"]["reshard_after_forward"] is True
         assert r["after"]["data_parallel"]["reshard_after_forward"] is False  # read back from FSDP2 itself
         assert r["policies"]["memory.reshard_after_forward"] is False
         effects = [e for e in r["events"] if e["kind"] == "effect"]
         assert len(effects) == 1 and "step_time_s" in effects[0]["reason"]
         assert effects[0]["before"]["step_time_s"] > 0 and effects[0]["after"]["step_time_s"] > 0
+    job = results[0]["after"]
+    assert job["data_parallel"]["kind"] == "fsdp2" and job["data_parallel"]["mesh"]["shape"] == [2]
+    assert job["blocks"]["path"] == "model.layers" and job["blocks"]["type"] == "TransformerBlock"
+    assert job["tensor_parallel"] is None
+    assert "FSDP" in job["policies"]["comm.grad_sync"]["reason"]
 
 
 def test_checkpointing_goes_live_on_tensor_parallel_blocks_and_reshard_is_refused(tmp_path):
