@@ -93,28 +93,6 @@ def test_tune_keeps_a_configuration_under_the_cap_and_leaves_the_losses_bit_iden
     assert tuned_losses == plain_demo[0][:STEPS]  # bit for bit
 
 
-def test_tune_on_a_ddp_script_it_has_never_seen(tmp_path, monkeypatch):
-    monkeypatch.setenv("DSPARK_HOME", str(tmp_path / "home"))
-    script = Path(__file__).parent / "tune_fixtures" / "ddp_mlp.py"
-    tuned = commands.launch(script, [str(STEPS), str(tmp_path / "tuned.json")], nproc=2, name="mlp")
-    plain = commands.launch(script, [str(STEPS), str(tmp_path / "plain.json")], nproc=2, name="mlp-plain")
-    try:
-        wait_for_step(tuned, 4)
-        cap_mb = max(m["peak_activation_bytes"] for m in tuned.run_dir.metrics()) / 2 / 2**20
-        report = tune_commands.tune(tuned.id, budget_steps=120, keys=BIT_EXACT_KEYS.split(","),
-                                    max_activation_mb=cap_mb)
-        out = report.data["outcome"]
-        assert report.data["state"] == "done" and out["feasible"] and out["best_peak_bytes"] <= cap_mb * 2**20
-        assert out["best"]["memory.activation_checkpointing"] != "none"
-        assert tuned.wait(180) == 0 and plain.wait(180) == 0
-    finally:
-        for job in (tuned, plain):
-            if job.poll() is None:
-                job.stop()
-    assert json.loads((tmp_path / "tuned.json").read_text()) == json.loads((tmp_path / "plain.json").read_text())
-
-
-
 def test_tune_over_sum_reordering_policies_keeps_the_losses_within_1e5_relative(tmp_path, monkeypatch, plain_demo):
     """compute.threads and comm.grad_sync ring/tree are lossless but reorder sums (inside the kernels, across the
     ranks): after a tune of each, the tuned run's losses stay within 1e-5 relative of an untuned run's, and the
