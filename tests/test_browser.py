@@ -13,6 +13,7 @@ Needs chromium (``apt-get install -y chromium``); skipped with a reason when it 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import secrets
 import shutil
@@ -178,11 +179,19 @@ def run_in_browser(screenshot: Path, work: Path) -> dict:
         stop_runs(home)
 
 
+def no_browser() -> str | None:
+    """Why this file's test cannot run here (no playwright, no chromium), or None when it runs."""
+    if importlib.util.find_spec("playwright") is None:
+        return "playwright is not installed (pip install -e '.[dev]')"
+    if not Path(CHROMIUM).exists():
+        return f"no chromium at {CHROMIUM} (apt-get install -y chromium)"
+    return None
+
+
 @pytest.mark.slow
 def test_quickstart_renders_live_in_chromium(tmp_path):
-    pytest.importorskip("playwright")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install -y chromium)")
+    if no_browser():
+        pytest.skip(no_browser())
     artifacts = Path(os.environ.get("DSPARK_ARTIFACTS", tmp_path))
     shot = artifacts / "quickstart.png"
     seen = run_in_browser(shot, tmp_path / "work")

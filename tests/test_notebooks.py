@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from test_browser import CHROMIUM, notebook_env, stop_runs
+from test_browser import no_browser, notebook_env, stop_runs
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ["01_quickstart.ipynb", "02_write_a_backend_plugin.ipynb", "03_memory_and_communication.ipynb"]
@@ -64,20 +64,10 @@ def test_committed_clean(name):
     assert_committed_clean(NOTEBOOKS / name)
 
 
-def browser_runs_the_quickstart() -> bool:
-    """Whether tests/test_browser.py runs the quickstart (every cell, in JupyterLab in chromium) and checks the
-    outputs this test would: then running it again here would only cost a 2-rank job's minute."""
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
-        return False
-    return Path(CHROMIUM).exists()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs(name, tmp_path, monkeypatch):
-    if name.startswith("01") and browser_runs_the_quickstart():
+    if name.startswith("01") and no_browser() is None:  # it would only cost a 2-rank job's minute again
         pytest.skip("tests/test_browser.py runs the quickstart in chromium and checks these outputs")
     text = execute_in_quick_mode(NOTEBOOKS / name, tmp_path / "home", monkeypatch, timeout=150)
     if name.startswith("01"):

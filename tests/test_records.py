@@ -13,8 +13,8 @@ import time
 import pytest
 
 from dspark_lab.errors import DSparkError
-from dspark_lab.runtime import commands
 from dspark_lab.cli import build_parser
+from dspark_lab.runtime import commands
 from dspark_lab.runtime.jsonl import Follower, last_records
 from dspark_lab.runtime.records import JsonlWriter, RunDir, read_jsonl, wait_for_end
 
@@ -235,21 +235,26 @@ def test_the_events_table_names_what_a_pending_change_changes(home):
     assert report.data["events"] == [pending]  # the JSON is the record as written
 
 
-def test_get_shows_a_pending_value_and_its_step_in_the_state_column(monkeypatch):
-    # the table said "pending" and nothing of what or when (only --json had pending_value / pending_step)
-    row = {"key": "memory.activation_offload", "value": "off", "since_step": 0, "state": "pending",
-           "allowed": "off | host | host-fp8", "live": True, "lossless": False, "reason": None, "doc": "",
-           "pending_value": "host", "pending_step": 6}
+def serve_policies(monkeypatch, rows: list[dict]) -> None:
+    """Make every run's control endpoint answer ``GET /policies`` with ``rows`` (no job runs)."""
 
     class Client:
         def __init__(self, run_dir):
             pass
 
         def request(self, method, path):
-            return {"policies": [row]}
+            return {"policies": rows}
 
     monkeypatch.setattr(commands, "_run", lambda run: None)
     monkeypatch.setattr(commands, "ControlClient", Client)
+
+
+def test_get_shows_a_pending_value_and_its_step_in_the_state_column(monkeypatch):
+    # the table said "pending" and nothing of what or when (only --json had pending_value / pending_step)
+    row = {"key": "memory.activation_offload", "value": "off", "since_step": 0, "state": "pending",
+           "allowed": "off | host | host-fp8", "live": True, "lossless": False, "reason": None, "doc": "",
+           "pending_value": "host", "pending_step": 6}
+    serve_policies(monkeypatch, [row])
     for report in (commands.get("r"), commands.policies("r")):
         assert "pending: host at step 6" in report.to_text().splitlines()[-1]
         assert report.data["policies"] == [row]
@@ -262,16 +267,7 @@ def test_get_takes_several_keys_in_the_order_asked_and_prints_bools_as_set_takes
             for key, value, allowed in (("comm.grad_sync", "ring", "builtin | ring"),
                                         ("memory.reshard_after_forward", False, "true | false"),
                                         ("comm.bucket_mb", 25, "[1, 1024]"))]
-
-    class Client:
-        def __init__(self, run_dir):
-            pass
-
-        def request(self, method, path):
-            return {"policies": rows}
-
-    monkeypatch.setattr(commands, "_run", lambda run: None)
-    monkeypatch.setattr(commands, "ControlClient", Client)
+    serve_policies(monkeypatch, rows)
     args = build_parser().parse_args(["get", "r", "comm.bucket_mb", "memory.reshard_after_forward"])
     report = args.func(args)
     assert [r["key"] for r in report.data["policies"]] == ["comm.bucket_mb", "memory.reshard_after_forward"]
